@@ -3,4 +3,10 @@
 //! The binary (`src/main.rs`) is a thin shell over these modules; each one
 //! owns one concern and says in its own doc what it must not touch.
 
+pub mod broker;
 pub mod celery;
+pub mod config;
+pub mod events;
+pub mod offliner;
+pub mod runner;
+pub mod worker;

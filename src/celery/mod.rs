@@ -2,3 +2,27 @@
 //! encoding events, `rpc://` results and Python `repr` strings.
 //!
 //! Owns bytes-in, bytes-out conversions only; it never opens a connection.
+//!
+//! - [`task`]: task messages (protocol v1 and v2) → [`TaskRequest`];
+//! - [`event`]: worker and task events for the `celeryev` exchange;
+//! - [`result`]: `rpc://` results and Python-style exceptions;
+//! - [`control`]: pidbox requests and replies;
+//! - [`repr`]: Python `repr` of JSON values, as `ast.literal_eval` reads it;
+//! - [`iso8601`]: the date-time strings Celery reads and writes.
+
+pub mod control;
+pub mod event;
+pub mod iso8601;
+mod printable;
+pub mod repr;
+pub mod result;
+pub mod task;
+
+pub use control::{ControlDecodeError, ControlRequest, ReplyTo, decode_control, encode_control_reply};
+pub use event::{
+    EncodedEvent, EventKind, Identity, LamportClock, WorkerStats, encode_event, event_properties,
+    now_timestamp, utcoffset_now,
+};
+pub use repr::{repr_str, to_repr};
+pub use result::{ExceptionInfo, TaskState, encode_rpc_result};
+pub use task::{DecodeError, DecodeErrorKind, Protocol, TaskRequest, TimeLimit, decode};

@@ -1,0 +1,310 @@
+//! Remote-control (pidbox) requests and replies (SPEC §6).
+//!
+//! `celery inspect`/`celery control` and Flower broadcast a JSON request
+//! `{method, arguments, destination, pattern, matcher, ticket, reply_to}` on
+//! the `celery.pidbox` fanout exchange. A node answers when `destination` is
+//! null or names it (or, without a destination, when `pattern` matches its
+//! name with the `glob` matcher), by publishing `{"<node>": reply}` with
+//! header `ticket` to `reply_to.exchange` with `reply_to.routing_key`.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use serde_json::{Map, Value};
+
+/// Where a control reply goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// Usually `reply.celery.pidbox` (direct).
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// One remote-control request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlRequest {
+    /// e.g. `ping`, `revoke`, `stats`.
+    pub method: String,
+    pub arguments: Map<String, Value>,
+    /// Node names the request is for; `None` means every node.
+    pub destination: Option<Vec<String>>,
+    /// Node-name pattern, used when there is no destination.
+    pub pattern: Option<String>,
+    /// How `pattern` matches: `glob` (supported) or `pcre` (not).
+    pub matcher: Option<String>,
+    pub ticket: Option<String>,
+    /// Absent for casts that want no reply.
+    pub reply_to: Option<ReplyTo>,
+}
+
+impl ControlRequest {
+    /// Whether this node must run the request, as kombu's `Node` decides.
+    /// A `pcre` pattern is never matched (no regex engine here).
+    pub fn is_for(&self, hostname: &str) -> bool {
+        match (&self.destination, &self.pattern, &self.matcher) {
+            (Some(destination), _, _) if !destination.is_empty() => {
+                destination.iter().any(|d| d == hostname)
+            }
+            (_, Some(pattern), Some(matcher)) if !pattern.is_empty() && !matcher.is_empty() => {
+                matcher == "glob" && glob_match(pattern, hostname)
+            }
+            _ => true,
+        }
+    }
+}
+
+/// A control message that can't be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ControlDecodeError {
+    #[error("control message is not valid UTF-8 (first bad byte at offset {valid_up_to})")]
+    NotUtf8 { valid_up_to: usize },
+    #[error("control message is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("control message field `{field}` has the wrong shape: expected {expected}")]
+    WrongShape {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("control message has no `method`")]
+    MissingMethod,
+}
+
+/// Decodes a pidbox request body (JSON).
+pub fn decode_control(body: &[u8]) -> Result<ControlRequest, ControlDecodeError> {
+    let text = std::str::from_utf8(body).map_err(|e| ControlDecodeError::NotUtf8 {
+        valid_up_to: e.valid_up_to(),
+    })?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ControlDecodeError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut fields) = value else {
+        return Err(shape("body", "an object"));
+    };
+    let method = match fields.remove("method") {
+        None | Some(Value::Null) => return Err(ControlDecodeError::MissingMethod),
+        Some(Value::String(m)) if m.is_empty() => return Err(ControlDecodeError::MissingMethod),
+        Some(Value::String(m)) => m,
+        Some(_) => return Err(shape("method", "a string")),
+    };
+    let arguments = match fields.remove("arguments") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(arguments)) => arguments,
+        Some(_) => return Err(shape("arguments", "an object or null")),
+    };
+    let destination = match fields.remove("destination") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(one)) => Some(vec![one]),
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(s) => Ok(s),
+                    _ => Err(shape("destination", "a list of node names")),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Some(_) => return Err(shape("destination", "a list of node names or null")),
+    };
+    let reply_to = match fields.remove("reply_to") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(mut reply_to)) => {
+            match (reply_to.remove("exchange"), reply_to.remove("routing_key")) {
+                (Some(Value::String(exchange)), Some(Value::String(routing_key))) => {
+                    Some(ReplyTo {
+                        exchange,
+                        routing_key,
+                    })
+                }
+                _ => return Err(shape("reply_to", "{\"exchange\": str, \"routing_key\": str}")),
+            }
+        }
+        Some(_) => return Err(shape("reply_to", "an object or null")),
+    };
+    Ok(ControlRequest {
+        method,
+        arguments,
+        destination,
+        pattern: opt_string(fields.remove("pattern"), "pattern")?,
+        matcher: opt_string(fields.remove("matcher"), "matcher")?,
+        ticket: opt_string(fields.remove("ticket"), "ticket")?,
+        reply_to,
+    })
+}
+
+/// The body and properties of a reply: `{"<hostname>": reply}`, header
+/// `ticket`, JSON, transient.
+pub fn encode_control_reply(
+    hostname: &str,
+    reply: &Value,
+    ticket: &str,
+) -> (Vec<u8>, BasicProperties) {
+    let mut body = Map::new();
+    body.insert(hostname.to_owned(), reply.clone());
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("ticket"),
+        AMQPValue::LongString(LongString::from(ticket)),
+    );
+    let properties = BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_content_encoding(ShortString::from("utf-8"))
+        .with_delivery_mode(1)
+        .with_headers(headers);
+    // Serializing a `Value` map can't fail: keys are strings.
+    let body = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+    (body, properties)
+}
+
+fn opt_string(value: Option<Value>, field: &'static str) -> Result<Option<String>, ControlDecodeError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(shape(field, "a string or null")),
+    }
+}
+
+fn shape(field: &'static str, expected: &'static str) -> ControlDecodeError {
+    ControlDecodeError::WrongShape { field, expected }
+}
+
+/// Shell-style `*` and `?` matching (what `fnmatch` does for node names),
+/// iterative so it can't blow the stack.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let name: Vec<char> = name.chars().collect();
+    let (mut p, mut n) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                backtrack = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == '?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match backtrack {
+                Some((star, matched)) => {
+                    p = star + 1;
+                    n = matched + 1;
+                    backtrack = Some((star, matched + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn decodes_celery_inspect_request() {
+        let body = json!({
+            "method": "ping", "arguments": {}, "destination": null,
+            "pattern": null, "matcher": null, "ticket": "t-1",
+            "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "oid-1"},
+        });
+        let request = decode_control(body.to_string().as_bytes()).expect("valid request");
+        assert_eq!(
+            request,
+            ControlRequest {
+                method: "ping".into(),
+                arguments: Map::new(),
+                destination: None,
+                pattern: None,
+                matcher: None,
+                ticket: Some("t-1".into()),
+                reply_to: Some(ReplyTo {
+                    exchange: "reply.celery.pidbox".into(),
+                    routing_key: "oid-1".into(),
+                }),
+            }
+        );
+        assert!(request.is_for("alice@node1"));
+    }
+
+    #[test]
+    fn decodes_revoke_cast() {
+        let body = json!({
+            "method": "revoke",
+            "arguments": {"task_id": "abc", "terminate": true, "signal": "SIGTERM"},
+            "destination": ["alice@node1"],
+        });
+        let request = decode_control(body.to_string().as_bytes()).expect("valid request");
+        assert_eq!(request.method, "revoke");
+        assert_eq!(request.arguments["task_id"], json!("abc"));
+        assert_eq!(request.reply_to, None);
+        assert!(request.is_for("alice@node1"));
+        assert!(!request.is_for("bob@node2"));
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        let cases: [(&[u8], ControlDecodeError); 8] = [
+            (b"\xff", ControlDecodeError::NotUtf8 { valid_up_to: 0 }),
+            (b"[1]", shape("body", "an object")),
+            (b"{}", ControlDecodeError::MissingMethod),
+            (b"{\"method\": \"\"}", ControlDecodeError::MissingMethod),
+            (b"{\"method\": 1}", shape("method", "a string")),
+            (
+                b"{\"method\": \"ping\", \"arguments\": []}",
+                shape("arguments", "an object or null"),
+            ),
+            (
+                b"{\"method\": \"ping\", \"destination\": [1]}",
+                shape("destination", "a list of node names"),
+            ),
+            (
+                b"{\"method\": \"ping\", \"reply_to\": {\"exchange\": \"x\"}}",
+                shape("reply_to", "{\"exchange\": str, \"routing_key\": str}"),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(decode_control(body), Err(expected), "{body:?}");
+        }
+        assert!(matches!(
+            decode_control(b"{"),
+            Err(ControlDecodeError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn pattern_matching() {
+        let request = |pattern: &str, matcher: &str| ControlRequest {
+            method: "ping".into(),
+            arguments: Map::new(),
+            destination: None,
+            pattern: Some(pattern.into()),
+            matcher: Some(matcher.into()),
+            ticket: None,
+            reply_to: None,
+        };
+        assert!(request("alice@*", "glob").is_for("alice@node1"));
+        assert!(request("*@node?", "glob").is_for("alice@node1"));
+        assert!(!request("bob@*", "glob").is_for("alice@node1"));
+        assert!(!request("alice@.*", "pcre").is_for("alice@node1"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("*", ""));
+    }
+
+    #[test]
+    fn encodes_reply() {
+        let (body, props) = encode_control_reply("alice@node1", &json!({"ok": "pong"}), "t-1");
+        let value: Value = serde_json::from_slice(&body).expect("reply is JSON");
+        assert_eq!(value, json!({"alice@node1": {"ok": "pong"}}));
+        let headers = props.headers().as_ref().expect("headers are set");
+        assert_eq!(
+            headers.inner().get("ticket"),
+            Some(&AMQPValue::LongString("t-1".into()))
+        );
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*props.delivery_mode(), Some(1));
+    }
+}

@@ -1,0 +1,858 @@
+//! Tests of task message decoding: real Celery 5 messages (v2 and v1),
+//! every AMQP header type, bad content, bad shapes, and a property test that
+//! `decode` never panics.
+
+use super::*;
+use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString, ShortString};
+use proptest::prelude::*;
+use serde_json::json;
+
+const ID: &str = "6f1c9a0b2d3e4f5a6b7c8d9e";
+
+fn s(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text))
+}
+
+fn table(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert(ShortString::from(key), value);
+    }
+    table
+}
+
+fn array(items: Vec<AMQPValue>) -> AMQPValue {
+    AMQPValue::FieldArray(FieldArray::from(items))
+}
+
+fn utc(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .expect("valid fixture")
+        .with_timezone(&Utc)
+}
+
+const KWARGS_REPR: &str = "{'flags': {'mwUrl': 'https://en.wikipedia.org', 'adminEmail': 'x@y.z', \
+     'verbose': True}, 'image': {'name': 'openzim/mwoffliner', 'tag': '1.11'}, \
+     'warehouse_path': '/wikipedia'}";
+
+/// Headers of `app.send_task('offliner.mwoffliner', kwargs=..., expires=3600,
+/// time_limit=7200)` from Celery 5.7 with `backend='rpc://'`, typed as
+/// py-amqp writes them (str → S, None → V, int → I, bool → t, list → A,
+/// dict → F).
+fn celery5_headers() -> Vec<(&'static str, AMQPValue)> {
+    vec![
+        ("lang", s("py")),
+        ("task", s("offliner.mwoffliner")),
+        ("id", s(ID)),
+        ("shadow", AMQPValue::Void),
+        ("eta", AMQPValue::Void),
+        ("expires", s("2026-11-28T06:04:58.545784+00:00")),
+        ("group", AMQPValue::Void),
+        ("group_index", AMQPValue::Void),
+        ("retries", AMQPValue::LongInt(0)),
+        (
+            "timelimit",
+            array(vec![AMQPValue::LongInt(7200), AMQPValue::Void]),
+        ),
+        ("root_id", s(ID)),
+        ("parent_id", AMQPValue::Void),
+        ("argsrepr", s("()")),
+        ("kwargsrepr", s(KWARGS_REPR)),
+        ("origin", s("gen12809@vm")),
+        ("ignore_result", AMQPValue::Boolean(false)),
+        ("replaced_task_nesting", AMQPValue::LongInt(0)),
+        ("stamped_headers", AMQPValue::Void),
+        ("stamps", AMQPValue::FieldTable(FieldTable::default())),
+    ]
+}
+
+const CELERY5_BODY: &str = r#"[[], {"flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "x@y.z", "verbose": true}, "image": {"name": "openzim/mwoffliner", "tag": "1.11"}, "warehouse_path": "/wikipedia"}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
+
+fn json_props() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_content_encoding(ShortString::from("utf-8"))
+        .with_delivery_mode(2)
+        .with_priority(0)
+}
+
+fn v2_props(headers: Vec<(&str, AMQPValue)>) -> BasicProperties {
+    json_props()
+        .with_correlation_id(ShortString::from(ID))
+        .with_reply_to(ShortString::from("c6a1e5d0-0b9f-3b1e-9c4e-aa11bb22cc33"))
+        .with_headers(table(headers))
+}
+
+/// The Celery 5 headers with `name` replaced (or removed with `None`).
+fn v2_with(name: &str, value: Option<AMQPValue>) -> BasicProperties {
+    let mut headers: Vec<_> = celery5_headers()
+        .into_iter()
+        .filter(|(key, _)| *key != name)
+        .collect();
+    if let Some(value) = value {
+        headers.push((name, value));
+    }
+    v2_props(headers)
+}
+
+fn decode_v2_header(name: &str, value: Option<AMQPValue>) -> Result<TaskRequest, DecodeError> {
+    decode(&v2_with(name, value), CELERY5_BODY.as_bytes())
+}
+
+fn kind_of(result: Result<TaskRequest, DecodeError>) -> DecodeErrorKind {
+    match result {
+        Ok(request) => panic!("expected an error, decoded {request:?}"),
+        Err(error) => error.kind,
+    }
+}
+
+#[test]
+fn decodes_celery5_send_task_v2() {
+    let request = decode(&v2_props(celery5_headers()), CELERY5_BODY.as_bytes())
+        .expect("a real Celery 5 message decodes");
+    let kwargs = json!({
+        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "x@y.z", "verbose": true},
+        "image": {"name": "openzim/mwoffliner", "tag": "1.11"},
+        "warehouse_path": "/wikipedia",
+    });
+    assert_eq!(
+        request,
+        TaskRequest {
+            id: ID.into(),
+            name: "offliner.mwoffliner".into(),
+            args: vec![],
+            kwargs: kwargs.as_object().cloned().unwrap_or_default(),
+            retries: 0,
+            eta: None,
+            expires: Some(utc("2026-11-28T06:04:58.545784Z")),
+            time_limit: TimeLimit {
+                hard: Some(7200.0),
+                soft: None,
+            },
+            root_id: Some(ID.into()),
+            parent_id: None,
+            argsrepr: "()".into(),
+            kwargsrepr: KWARGS_REPR.into(),
+            origin: Some("gen12809@vm".into()),
+            reply_to: Some("c6a1e5d0-0b9f-3b1e-9c4e-aa11bb22cc33".into()),
+            correlation_id: Some(ID.into()),
+            protocol: Protocol::V2,
+        }
+    );
+}
+
+/// Body of `as_task_v1('abc123', 'offliner.youtube', args=[{'a': 1}],
+/// kwargs={'x': 'y'}, countdown=10)` with `task_protocol = 1`: no headers,
+/// `reply_to` empty.
+#[test]
+fn decodes_celery5_protocol_v1() {
+    let body = r#"{"task": "offliner.youtube", "id": "abc123", "args": [{"a": 1}], "kwargs": {"x": "y"}, "group": null, "group_index": null, "retries": 0, "eta": "2026-11-28T05:05:08.551310+00:00", "expires": null, "utc": true, "callbacks": null, "errbacks": null, "timelimit": [null, null], "taskset": null, "chord": null}"#;
+    let props = json_props()
+        .with_correlation_id(ShortString::from("abc123"))
+        .with_reply_to(ShortString::from(""))
+        .with_headers(FieldTable::default());
+    let request = decode(&props, body.as_bytes()).expect("a real v1 message decodes");
+    assert_eq!(
+        request,
+        TaskRequest {
+            id: "abc123".into(),
+            name: "offliner.youtube".into(),
+            args: vec![json!({"a": 1})],
+            kwargs: json!({"x": "y"}).as_object().cloned().unwrap_or_default(),
+            retries: 0,
+            eta: Some(utc("2026-11-28T05:05:08.551310Z")),
+            expires: None,
+            time_limit: TimeLimit::default(),
+            root_id: None,
+            parent_id: None,
+            argsrepr: "[{'a': 1}]".into(),
+            kwargsrepr: "{'x': 'y'}".into(),
+            origin: None,
+            reply_to: None,
+            correlation_id: Some("abc123".into()),
+            protocol: Protocol::V1,
+        }
+    );
+}
+
+#[test]
+fn v1_minimal_and_without_headers() {
+    let body = br#"{"task": "t", "id": "i", "retries": 3, "timelimit": [10, 5.5], "expires": "2024-05-01T12:00:00"}"#;
+    let request = decode(&BasicProperties::default(), body).expect("minimal v1 decodes");
+    assert_eq!(request.args, Vec::<Value>::new());
+    assert!(request.kwargs.is_empty());
+    assert_eq!(request.argsrepr, "[]");
+    assert_eq!(request.kwargsrepr, "{}");
+    assert_eq!(request.retries, 3);
+    assert_eq!(
+        request.time_limit,
+        TimeLimit {
+            hard: Some(10.0),
+            soft: Some(5.5)
+        }
+    );
+    assert_eq!(request.expires, Some(utc("2024-05-01T12:00:00Z")));
+    assert_eq!(request.reply_to, None);
+    assert_eq!(request.protocol, Protocol::V1);
+}
+
+#[test]
+fn v2_body_without_embed_and_null_args() {
+    let request = decode(&v2_props(celery5_headers()), br#"[null, null]"#).expect("decodes");
+    assert!(request.args.is_empty());
+    assert!(request.kwargs.is_empty());
+    let request = decode(&v2_props(celery5_headers()), br#"[[1, "a"], {}, null]"#).expect("decodes");
+    assert_eq!(request.args, vec![json!(1), json!("a")]);
+}
+
+#[test]
+fn v2_reprs_are_computed_when_headers_are_missing_or_void() {
+    let mut headers: Vec<_> = celery5_headers()
+        .into_iter()
+        .filter(|(key, _)| *key != "argsrepr" && *key != "kwargsrepr")
+        .collect();
+    headers.push(("kwargsrepr", AMQPValue::Void));
+    let request = decode(&v2_props(headers), br#"[["it's"], {"n": 1.0}]"#).expect("decodes");
+    assert_eq!(request.argsrepr, "[\"it's\"]");
+    assert_eq!(request.kwargsrepr, "{'n': 1.0}");
+}
+
+#[test]
+fn retries_of_every_integer_width() {
+    let cases = [
+        (AMQPValue::ShortShortInt(-3), -3),
+        (AMQPValue::ShortShortUInt(200), 200),
+        (AMQPValue::ShortInt(-300), -300),
+        (AMQPValue::ShortUInt(60000), 60000),
+        (AMQPValue::LongInt(5), 5),
+        (AMQPValue::LongUInt(4_000_000_000), 4_000_000_000),
+        (AMQPValue::LongLongInt(i64::MAX), i64::MAX),
+        (AMQPValue::Timestamp(7), 7),
+        (AMQPValue::Void, 0),
+    ];
+    for (value, expected) in cases {
+        let request = decode_v2_header("retries", Some(value.clone())).expect("decodes");
+        assert_eq!(request.retries, expected, "{value:?}");
+    }
+    let request = decode_v2_header("retries", None).expect("decodes without retries");
+    assert_eq!(request.retries, 0);
+}
+
+#[test]
+fn retries_of_wrong_type() {
+    let cases = [
+        (AMQPValue::Double(1.5), "a float"),
+        (AMQPValue::Float(2.0), "a float"),
+        (
+            AMQPValue::DecimalValue(DecimalValue { scale: 1, value: 15 }),
+            "a float",
+        ),
+        (AMQPValue::Boolean(true), "a boolean"),
+        (s("3"), "a string"),
+        (array(vec![]), "a list"),
+        (AMQPValue::FieldTable(FieldTable::default()), "an object"),
+    ];
+    for (value, found) in cases {
+        assert_eq!(
+            kind_of(decode_v2_header("retries", Some(value.clone()))),
+            DecodeErrorKind::WrongShape {
+                field: "headers.retries".into(),
+                expected: "an integer",
+                found,
+            },
+            "{value:?}"
+        );
+    }
+    assert!(matches!(
+        kind_of(decode_v2_header("retries", Some(AMQPValue::Timestamp(u64::MAX)))),
+        DecodeErrorKind::InvalidValue { field, .. } if field == "headers.retries"
+    ));
+}
+
+#[test]
+fn timelimit_variants() {
+    let limit = |hard: Option<f64>, soft: Option<f64>| TimeLimit { hard, soft };
+    let cases = [
+        (None, limit(None, None)),
+        (Some(AMQPValue::Void), limit(None, None)),
+        (Some(array(vec![])), limit(None, None)),
+        (
+            Some(array(vec![AMQPValue::Void, AMQPValue::Void])),
+            limit(None, None),
+        ),
+        (
+            Some(array(vec![AMQPValue::LongLongInt(60), AMQPValue::Double(30.5)])),
+            limit(Some(60.0), Some(30.5)),
+        ),
+        (
+            Some(array(vec![AMQPValue::Float(1.5)])),
+            limit(Some(1.5), None),
+        ),
+        (
+            Some(array(vec![
+                AMQPValue::Void,
+                AMQPValue::DecimalValue(DecimalValue { scale: 1, value: 15 }),
+            ])),
+            limit(None, Some(1.5)),
+        ),
+        (
+            Some(array(vec![AMQPValue::ShortUInt(0), AMQPValue::Double(0.0)])),
+            limit(None, None),
+        ),
+    ];
+    for (value, expected) in cases {
+        let request = decode_v2_header("timelimit", value.clone()).expect("decodes");
+        assert_eq!(request.time_limit, expected, "{value:?}");
+    }
+}
+
+#[test]
+fn timelimit_errors() {
+    let wrong = |field: &str, expected: &'static str, found: &'static str| {
+        DecodeErrorKind::WrongShape {
+            field: field.into(),
+            expected,
+            found,
+        }
+    };
+    let cases = [
+        (s("60"), wrong("headers.timelimit", "a list [hard, soft]", "a string")),
+        (
+            AMQPValue::LongInt(60),
+            wrong("headers.timelimit", "a list [hard, soft]", "an integer"),
+        ),
+        (
+            AMQPValue::FieldTable(FieldTable::default()),
+            wrong("headers.timelimit", "a list [hard, soft]", "an object"),
+        ),
+        (
+            array(vec![AMQPValue::Void, AMQPValue::Void, AMQPValue::Void]),
+            wrong("headers.timelimit", "a list [hard, soft]", "a list"),
+        ),
+        (
+            array(vec![s("60")]),
+            wrong(
+                "headers.timelimit[0]",
+                "a number of seconds or null",
+                "a string",
+            ),
+        ),
+        (
+            array(vec![AMQPValue::Void, AMQPValue::Boolean(true)]),
+            wrong(
+                "headers.timelimit[1]",
+                "a number of seconds or null",
+                "a boolean",
+            ),
+        ),
+    ];
+    for (value, expected) in cases {
+        assert_eq!(
+            kind_of(decode_v2_header("timelimit", Some(value.clone()))),
+            expected,
+            "{value:?}"
+        );
+    }
+    for value in [
+        array(vec![AMQPValue::LongInt(-1)]),
+        array(vec![AMQPValue::Double(f64::NAN)]),
+        array(vec![AMQPValue::Void, AMQPValue::Float(f32::INFINITY)]),
+    ] {
+        assert!(
+            matches!(
+                kind_of(decode_v2_header("timelimit", Some(value.clone()))),
+                DecodeErrorKind::InvalidValue { field, .. } if field.starts_with("headers.timelimit[")
+            ),
+            "{value:?}"
+        );
+    }
+}
+
+#[test]
+fn eta_and_expires_variants() {
+    let at = utc("2024-05-01T12:00:00Z");
+    let cases = [
+        (s("2024-05-01T12:00:00+00:00"), Some(at)),
+        (s("2024-05-01T14:00:00+02:00"), Some(at)),
+        (s("2024-05-01T12:00:00"), Some(at)),
+        (
+            AMQPValue::ShortString(ShortString::from("2024-05-01T12:00:00Z")),
+            Some(at),
+        ),
+        (
+            AMQPValue::ByteArray(ByteArray::from(b"2024-05-01T12:00:00Z".as_slice())),
+            Some(at),
+        ),
+        (AMQPValue::Timestamp(1_714_564_800), Some(at)),
+        (s(""), None),
+        (AMQPValue::Void, None),
+    ];
+    for name in ["eta", "expires"] {
+        for (value, expected) in &cases {
+            let request = decode_v2_header(name, Some(value.clone())).expect("decodes");
+            let got = if name == "eta" {
+                request.eta
+            } else {
+                request.expires
+            };
+            assert_eq!(got, *expected, "{name} = {value:?}");
+        }
+    }
+}
+
+#[test]
+fn eta_errors() {
+    assert_eq!(
+        kind_of(decode_v2_header("eta", Some(s("tomorrow")))),
+        DecodeErrorKind::BadDateTime {
+            field: "headers.eta".into(),
+            value: "\"tomorrow\"".into(),
+        }
+    );
+    assert_eq!(
+        kind_of(decode_v2_header("expires", Some(AMQPValue::Double(1.7e9)))),
+        DecodeErrorKind::WrongShape {
+            field: "headers.expires".into(),
+            expected: "an ISO-8601 string or null",
+            found: "a float",
+        }
+    );
+    assert!(matches!(
+        kind_of(decode_v2_header("eta", Some(AMQPValue::Timestamp(u64::MAX)))),
+        DecodeErrorKind::InvalidValue { field, .. } if field == "headers.eta"
+    ));
+    let body = br#"{"task": "t", "id": "i", "eta": 1700000000}"#;
+    assert_eq!(
+        kind_of(decode(&BasicProperties::default(), body)),
+        DecodeErrorKind::WrongShape {
+            field: "body.eta".into(),
+            expected: "an ISO-8601 string or null",
+            found: "an integer",
+        }
+    );
+    // A long bad value is cut short in the message.
+    let long = format!("x{}", "y".repeat(1000));
+    match kind_of(decode_v2_header("eta", Some(s(&long)))) {
+        DecodeErrorKind::BadDateTime { value, .. } => assert!(value.len() < 100, "{value}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn non_utf8_headers_are_named() {
+    let bad = AMQPValue::LongString(LongString::from(b"caf\xe9".to_vec()));
+    for name in ["id", "task", "eta", "argsrepr", "origin"] {
+        let error = decode_v2_header(name, Some(bad.clone())).expect_err("non-UTF-8 header");
+        assert_eq!(
+            error.kind,
+            DecodeErrorKind::HeaderNotUtf8 {
+                header: format!("headers.{name}"),
+            }
+        );
+        assert_eq!(error.task_id.is_some(), name != "id", "{name}");
+    }
+    let nested = array(vec![AMQPValue::Void, bad.clone()]);
+    assert_eq!(
+        kind_of(decode_v2_header("timelimit", Some(nested))),
+        DecodeErrorKind::HeaderNotUtf8 {
+            header: "headers.timelimit[1]".into(),
+        }
+    );
+    // Headers that aren't read don't matter.
+    let request = decode_v2_header("stamps", Some(table_value(vec![("x", bad)])))
+        .expect("unread headers are ignored");
+    assert_eq!(request.id, ID);
+}
+
+fn table_value(entries: Vec<(&str, AMQPValue)>) -> AMQPValue {
+    AMQPValue::FieldTable(table(entries))
+}
+
+#[test]
+fn string_headers_of_wrong_type() {
+    assert_eq!(
+        kind_of(decode_v2_header("origin", Some(AMQPValue::LongInt(1)))),
+        DecodeErrorKind::WrongShape {
+            field: "headers.origin".into(),
+            expected: "a string or null",
+            found: "an integer",
+        }
+    );
+    assert_eq!(
+        kind_of(decode_v2_header("argsrepr", Some(array(vec![])))),
+        DecodeErrorKind::WrongShape {
+            field: "headers.argsrepr".into(),
+            expected: "a string or null",
+            found: "a list",
+        }
+    );
+    let deep = (0..100).fold(AMQPValue::Void, |inner, _| array(vec![inner]));
+    assert!(matches!(
+        kind_of(decode_v2_header("root_id", Some(deep))),
+        DecodeErrorKind::TooDeep { .. }
+    ));
+}
+
+#[test]
+fn id_and_task_rules() {
+    let error = decode_v2_header("id", None).expect_err("missing id");
+    assert_eq!(error.task_id, None);
+    assert_eq!(error.kind, DecodeErrorKind::Missing("headers.id".into()));
+
+    let error = decode_v2_header("id", Some(AMQPValue::Void)).expect_err("void id");
+    assert_eq!(error.kind, DecodeErrorKind::Missing("headers.id".into()));
+
+    let error = decode_v2_header("id", Some(s(""))).expect_err("empty id");
+    assert!(matches!(error.kind, DecodeErrorKind::InvalidValue { field, .. } if field == "headers.id"));
+
+    let error = decode_v2_header("id", Some(AMQPValue::LongInt(42))).expect_err("int id");
+    assert_eq!(error.task_id, None);
+    assert!(matches!(error.kind, DecodeErrorKind::WrongShape { .. }));
+
+    // A `task` key makes it v2, even when void.
+    let error = decode_v2_header("task", Some(AMQPValue::Void)).expect_err("void task");
+    assert_eq!(error.task_id.as_deref(), Some(ID));
+    assert_eq!(error.kind, DecodeErrorKind::Missing("headers.task".into()));
+
+    let error = decode(&BasicProperties::default(), br#"{"task": "t"}"#).expect_err("no id");
+    assert_eq!(error.kind, DecodeErrorKind::Missing("body.id".into()));
+
+    let error = decode(&BasicProperties::default(), br#"{"id": "i"}"#).expect_err("no task");
+    assert_eq!(error.task_id.as_deref(), Some("i"));
+    assert_eq!(error.kind, DecodeErrorKind::Missing("body.task".into()));
+}
+
+#[test]
+fn content_type_and_encoding() {
+    let body = CELERY5_BODY.as_bytes();
+    let with = |content_type: Option<&str>, encoding: Option<&str>| {
+        let mut props = BasicProperties::default().with_headers(table(celery5_headers()));
+        if let Some(ct) = content_type {
+            props = props.with_content_type(ShortString::from(ct));
+        }
+        if let Some(enc) = encoding {
+            props = props.with_content_encoding(ShortString::from(enc));
+        }
+        decode(&props, body)
+    };
+    for (ct, enc) in [
+        (None, None),
+        (Some("application/json"), Some("utf-8")),
+        (Some("APPLICATION/JSON"), Some("UTF-8")),
+        (Some("application/json; charset=utf-8"), Some("utf8")),
+        (Some("application/x-json"), Some("binary")),
+        (Some(""), Some("")),
+    ] {
+        assert!(with(ct, enc).is_ok(), "{ct:?} {enc:?}");
+    }
+    for ct in [
+        "application/x-python-serialize",
+        "application/x-yaml",
+        "application/x-msgpack",
+        "text/plain",
+    ] {
+        let error = with(Some(ct), None).expect_err("unsupported type");
+        assert_eq!(error.kind, DecodeErrorKind::UnsupportedContentType(ct.into()));
+        assert_eq!(error.task_id.as_deref(), Some(ID), "v2 errors carry the id");
+    }
+    for enc in ["gzip", "latin-1", "utf-16"] {
+        assert_eq!(
+            kind_of(with(Some("application/json"), Some(enc))),
+            DecodeErrorKind::UnsupportedContentEncoding(enc.into())
+        );
+    }
+    let mut headers = celery5_headers();
+    headers.push(("compression", s("application/x-gzip")));
+    assert_eq!(
+        kind_of(decode(&v2_props(headers), body)),
+        DecodeErrorKind::Compressed("\"application/x-gzip\"".into())
+    );
+    let v1 = BasicProperties::default()
+        .with_content_type(ShortString::from("application/x-python-serialize"));
+    let error = decode(&v1, b"\x80\x04").expect_err("pickle");
+    assert_eq!(error.task_id, None);
+}
+
+#[test]
+fn non_utf8_and_invalid_json_bodies() {
+    let error = decode(&v2_props(celery5_headers()), b"[[], {\"a\": \"\xff\"}]").expect_err("bad body");
+    assert_eq!(error.kind, DecodeErrorKind::BodyNotUtf8 { valid_up_to: 12 });
+    assert_eq!(error.task_id.as_deref(), Some(ID));
+
+    let error = decode(&BasicProperties::default(), b"\xfe\xff").expect_err("bad body");
+    assert_eq!(error.kind, DecodeErrorKind::BodyNotUtf8 { valid_up_to: 0 });
+    assert_eq!(error.task_id, None);
+
+    for body in [&b""[..], b"[[], {}", b"{'task': 'x'}", b"nope"] {
+        assert!(
+            matches!(
+                kind_of(decode(&v2_props(celery5_headers()), body)),
+                DecodeErrorKind::InvalidJson(_)
+            ),
+            "{body:?}"
+        );
+    }
+    // binary content encoding still wants UTF-8 JSON.
+    let props = v2_props(celery5_headers()).with_content_encoding(ShortString::from("binary"));
+    assert!(matches!(
+        kind_of(decode(&props, b"\x00\xff")),
+        DecodeErrorKind::BodyNotUtf8 { .. }
+    ));
+}
+
+#[test]
+fn wrong_body_shapes() {
+    let v2 = |body: &str| kind_of(decode(&v2_props(celery5_headers()), body.as_bytes()));
+    let wrong = |field: &str, expected: &'static str, found: &'static str| {
+        DecodeErrorKind::WrongShape {
+            field: field.into(),
+            expected,
+            found,
+        }
+    };
+    assert_eq!(
+        v2(r#"{"args": []}"#),
+        wrong("body", "a list [args, kwargs, embed]", "an object")
+    );
+    assert_eq!(
+        v2(r#"[[]]"#),
+        wrong("body", "a list [args, kwargs, embed]", "a list")
+    );
+    assert_eq!(
+        v2(r#"[[], {}, {}, {}]"#),
+        wrong("body", "a list [args, kwargs, embed]", "a list")
+    );
+    assert_eq!(
+        v2(r#"[{}, {}, {}]"#),
+        wrong("body[0] (args)", "a list or null", "an object")
+    );
+    assert_eq!(
+        v2(r#"[[], [], {}]"#),
+        wrong("body[1] (kwargs)", "an object or null", "a list")
+    );
+    assert_eq!(
+        v2(r#"[[], {}, "x"]"#),
+        wrong("body[2] (embed)", "an object or null", "a string")
+    );
+
+    let v1 = |body: &str| kind_of(decode(&BasicProperties::default(), body.as_bytes()));
+    assert_eq!(
+        v1(r#"[[], {}, {}]"#),
+        wrong(
+            "body",
+            "a `task` header (protocol v2) or a JSON object (protocol v1)",
+            "a list"
+        )
+    );
+    assert_eq!(
+        v1(r#"{"task": "t", "id": "i", "args": "x"}"#),
+        wrong("body.args", "a list or null", "a string")
+    );
+    assert_eq!(
+        v1(r#"{"task": "t", "id": "i", "kwargs": [1]}"#),
+        wrong("body.kwargs", "an object or null", "a list")
+    );
+    assert_eq!(
+        v1(r#"{"task": 5, "id": "i"}"#),
+        wrong("body.task", "a string", "an integer")
+    );
+    assert_eq!(
+        v1(r#"{"task": "t", "id": "i", "retries": "1"}"#),
+        wrong("body.retries", "an integer", "a string")
+    );
+    assert_eq!(
+        v1(r#"{"task": "t", "id": "i", "timelimit": {"hard": 1}}"#),
+        wrong("body.timelimit", "a list [hard, soft]", "an object")
+    );
+    assert_eq!(
+        v1(r#"{"task": "t", "id": "i", "root_id": 1}"#),
+        wrong("body.root_id", "a string or null", "an integer")
+    );
+}
+
+#[test]
+fn error_messages_say_what_failed() {
+    let error = decode_v2_header("eta", Some(s("soon"))).expect_err("bad eta");
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot decode task message (task id \"{ID}\"): `headers.eta` is not an ISO-8601 \
+             date-time: \"soon\""
+        )
+    );
+    let error = decode(&BasicProperties::default(), b"{}").expect_err("no id");
+    assert_eq!(error.to_string(), "cannot decode task message: `body.id` is missing");
+}
+
+// ---- decode never panics ---------------------------------------------------
+
+const HEADER_NAMES: &[&str] = &[
+    "task",
+    "id",
+    "retries",
+    "eta",
+    "expires",
+    "timelimit",
+    "argsrepr",
+    "kwargsrepr",
+    "origin",
+    "root_id",
+    "parent_id",
+    "compression",
+    "stamps",
+];
+
+fn amqp_leaf() -> impl Strategy<Value = AMQPValue> {
+    prop_oneof![
+        any::<bool>().prop_map(AMQPValue::Boolean),
+        any::<i8>().prop_map(AMQPValue::ShortShortInt),
+        any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+        any::<i16>().prop_map(AMQPValue::ShortInt),
+        any::<u16>().prop_map(AMQPValue::ShortUInt),
+        any::<i32>().prop_map(AMQPValue::LongInt),
+        any::<u32>().prop_map(AMQPValue::LongUInt),
+        any::<i64>().prop_map(AMQPValue::LongLongInt),
+        any::<f32>().prop_map(AMQPValue::Float),
+        any::<f64>().prop_map(AMQPValue::Double),
+        (any::<u8>(), any::<u32>())
+            .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+        "[ -~]{0,40}".prop_map(|t| AMQPValue::ShortString(ShortString::from(t))),
+        any::<String>().prop_map(|t| AMQPValue::LongString(LongString::from(t))),
+        "[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}(:[0-9]{2}(:[0-9]{2}([.,][0-9]{0,12})?)?)?)?([Zz]|[+-][0-9]{2}:?[0-9]{0,2})?"
+            .prop_map(|t| AMQPValue::LongString(LongString::from(t))),
+        proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+        proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| AMQPValue::ByteArray(ByteArray::from(b))),
+        any::<u64>().prop_map(AMQPValue::Timestamp),
+        Just(AMQPValue::Void),
+    ]
+}
+
+fn amqp_value() -> impl Strategy<Value = AMQPValue> {
+    amqp_leaf().prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4)
+                .prop_map(|items| AMQPValue::FieldArray(FieldArray::from(items))),
+            proptest::collection::btree_map("[a-z_]{1,12}", inner, 0..4).prop_map(|entries| {
+                let mut table = FieldTable::default();
+                for (key, value) in entries {
+                    table.insert(ShortString::from(key), value);
+                }
+                AMQPValue::FieldTable(table)
+            }),
+        ]
+    })
+}
+
+fn header_table() -> impl Strategy<Value = FieldTable> {
+    let key = prop_oneof![
+        proptest::sample::select(HEADER_NAMES).prop_map(str::to_owned),
+        "[a-z_]{1,12}",
+    ];
+    proptest::collection::btree_map(key, amqp_value(), 0..10).prop_map(|entries| {
+        let mut table = FieldTable::default();
+        for (key, value) in entries {
+            table.insert(ShortString::from(key), value);
+        }
+        table
+    })
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        any::<String>().prop_map(Value::String),
+        "20[0-9]{2}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z_]{1,10}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Bodies: random bytes, random JSON, and v1/v2-shaped JSON with random parts.
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    let v1_key = proptest::sample::select(&[
+        "task", "id", "args", "kwargs", "retries", "eta", "expires", "timelimit", "utc",
+        "root_id", "parent_id",
+    ][..]);
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64),
+        json_value().prop_map(|v| v.to_string().into_bytes()),
+        proptest::collection::vec(json_value(), 0..5)
+            .prop_map(|parts| Value::Array(parts).to_string().into_bytes()),
+        proptest::collection::btree_map(v1_key, json_value(), 0..11).prop_map(|m| {
+            let map: Map<String, Value> = m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            Value::Object(map).to_string().into_bytes()
+        }),
+    ]
+}
+
+fn properties() -> impl Strategy<Value = BasicProperties> {
+    let content_type = proptest::option::of(proptest::sample::select(&[
+        "application/json",
+        "application/x-python-serialize",
+        "",
+        "Application/Json; x=y",
+    ][..]));
+    let encoding = proptest::option::of(proptest::sample::select(&["utf-8", "binary", "gzip", ""][..]));
+    (
+        proptest::option::of(header_table()),
+        content_type,
+        encoding,
+        proptest::option::of("[ -~]{0,30}"),
+    )
+        .prop_map(|(headers, content_type, encoding, reply_to)| {
+            let mut props = BasicProperties::default();
+            if let Some(headers) = headers {
+                props = props.with_headers(headers);
+            }
+            if let Some(ct) = content_type {
+                props = props.with_content_type(ShortString::from(ct));
+            }
+            if let Some(enc) = encoding {
+                props = props.with_content_encoding(ShortString::from(enc));
+            }
+            if let Some(reply_to) = reply_to {
+                props = props.with_reply_to(ShortString::from(reply_to));
+            }
+            props
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn decode_never_panics(props in properties(), body in body()) {
+        match decode(&props, &body) {
+            Ok(request) => {
+                prop_assert!(!request.id.is_empty());
+                prop_assert!(!request.name.is_empty());
+            }
+            Err(error) => {
+                // The message must render, and an id is only given when valid.
+                prop_assert!(!error.to_string().is_empty());
+                if let Some(id) = error.task_id {
+                    prop_assert!(!id.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn v2_headers_with_a_valid_body_never_panic(headers in header_table(), body in body()) {
+        let mut headers = headers;
+        headers.insert(ShortString::from("task"), s("offliner.phet"));
+        let props = BasicProperties::default().with_headers(headers);
+        let _ = decode(&props, &body);
+        let _ = decode(&props, CELERY5_BODY.as_bytes());
+    }
+}

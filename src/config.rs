@@ -1,0 +1,700 @@
+//! Configuration: the environment read once into a typed, validated [`Config`].
+//!
+//! Owns the names of every environment variable, their defaults and their
+//! validation, and the redaction of secrets. It must not touch the network:
+//! everything here is checked before the first connection, so a typo costs
+//! the operator one clear line and exit code 2, not a crash loop.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
+use serde::Deserialize;
+
+/// The exit code for a configuration error, as documented in the README.
+pub const EXIT_CONFIG: i32 = 2;
+
+/// A secret string (password, token, key material). It cannot be printed:
+/// `Debug` and `Display` both show `***`. Use [`Secret::expose`] at the one
+/// place that really needs the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret value, for the one call that sends it somewhere.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The broker URL. It embeds the password, so it is redacted like a
+/// [`Secret`]; `Display` shows the URL with the password as `***`.
+#[derive(Clone)]
+pub struct BrokerUrl(AMQPUri);
+
+impl BrokerUrl {
+    /// The parsed URI, to connect with.
+    pub fn uri(&self) -> &AMQPUri {
+        &self.0
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.0.scheme == AMQPScheme::AMQPS
+    }
+
+    pub fn vhost(&self) -> &str {
+        &self.0.vhost
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let uri = &self.0;
+        let scheme = match uri.scheme {
+            AMQPScheme::AMQP => "amqp",
+            AMQPScheme::AMQPS => "amqps",
+        };
+        write!(
+            f,
+            "{scheme}://{}:***@{}:{}/{}",
+            uri.authority.userinfo.username,
+            uri.authority.host,
+            uri.authority.port,
+            uri.vhost
+        )
+    }
+}
+
+impl fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrl({self})")
+    }
+}
+
+/// The queues a worker may consume (SPEC §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueName {
+    Default,
+    Small,
+    Medium,
+    Large,
+    Debug,
+}
+
+impl QueueName {
+    pub const ALL: [QueueName; 5] = [
+        QueueName::Default,
+        QueueName::Small,
+        QueueName::Medium,
+        QueueName::Large,
+        QueueName::Debug,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueName::Default => "default",
+            QueueName::Small => "small",
+            QueueName::Medium => "medium",
+            QueueName::Large => "large",
+            QueueName::Debug => "debug",
+        }
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for QueueName {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        QueueName::ALL
+            .into_iter()
+            .find(|q| q.as_str() == s)
+            .ok_or(())
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What runs a task once it has been accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerKind {
+    /// Simulates a task without Docker: sleeps, fails or succeeds as the
+    /// task's flags ask. For tests, benchmarks and trying the worker out.
+    Simulate,
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub username: String,
+    pub password: Secret,
+    /// The working dir's path on the host, for bind mounts of containers.
+    pub working_dir: PathBuf,
+    /// Where the working dir is seen by this process.
+    pub zim_dir: PathBuf,
+    pub node_name: String,
+    pub concurrency: usize,
+    pub queues: Vec<QueueName>,
+    pub dispatcher_url: String,
+    pub broker_url: BrokerUrl,
+    /// Extra CA certificate (PEM) trusted for `amqps://` brokers.
+    pub broker_ca_file: Option<PathBuf>,
+    pub warehouse_host: String,
+    pub warehouse_port: u16,
+    pub ssh_key: PathBuf,
+    /// How long SIGTERM waits for events to be flushed before exiting.
+    pub shutdown_grace: Duration,
+    /// Largest task message accepted; larger ones are dropped with an error.
+    pub max_message_bytes: usize,
+    pub log_format: LogFormat,
+    pub runner: RunnerKind,
+}
+
+impl Config {
+    /// The Celery hostname: `USERNAME@NODE_NAME`.
+    pub fn hostname(&self) -> String {
+        format!("{}@{}", self.username, self.node_name)
+    }
+
+    /// Reads and validates the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars_os())
+    }
+
+    /// Reads and validates the given variables (the environment, in tests).
+    pub fn from_vars<I>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (OsString, OsString)>,
+    {
+        let mut utf8 = Vec::new();
+        for (key, value) in vars {
+            let Some(key) = key.to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !RawEnv::NAMES.contains(&key.as_str()) {
+                continue;
+            }
+            match value.into_string() {
+                Ok(value) => utf8.push((key, value)),
+                Err(_) => return Err(ConfigError::new(leak_name(&key), "is not valid UTF-8")),
+            }
+        }
+        let raw: RawEnv = envy::from_iter(utf8).map_err(|e| ConfigError {
+            var: "environment",
+            problem: e.to_string(),
+        })?;
+        raw.validate()
+    }
+}
+
+/// The one place a variable name from the environment becomes `&'static`:
+/// only names of [`RawEnv::NAMES`] get here.
+fn leak_name(key: &str) -> &'static str {
+    RawEnv::NAMES
+        .iter()
+        .copied()
+        .find(|n| *n == key)
+        .unwrap_or("environment")
+}
+
+/// A configuration error: which variable, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error: {var} {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The variables as strings, before validation. Every field is optional
+/// here; [`RawEnv::validate`] says which are required.
+/// (envy matches variables to fields case-insensitively, by lower case.)
+#[derive(Deserialize, Default)]
+struct RawEnv {
+    username: Option<String>,
+    password: Option<String>,
+    working_dir: Option<String>,
+    node_name: Option<String>,
+    concurrency: Option<String>,
+    queues: Option<String>,
+    dispatcher_url: Option<String>,
+    broker_url: Option<String>,
+    dispatcher_host: Option<String>,
+    rabbit_port: Option<String>,
+    broker_ca_file: Option<String>,
+    warehouse_host: Option<String>,
+    warehouse_port: Option<String>,
+    ssh_key: Option<String>,
+    zim_dir: Option<String>,
+    shutdown_grace: Option<String>,
+    max_message_bytes: Option<String>,
+    log_format: Option<String>,
+    task_runner: Option<String>,
+}
+
+pub const DEFAULT_DISPATCHER_URL: &str = "https://farm.openzim.org/api";
+pub const DEFAULT_DISPATCHER_HOST: &str = "farm.openzim.org";
+pub const DEFAULT_RABBIT_PORT: u16 = 5671;
+pub const DEFAULT_WAREHOUSE_HOST: &str = "warehouse.farm.openzim.org";
+pub const DEFAULT_WAREHOUSE_PORT: u16 = 1522;
+pub const DEFAULT_SSH_KEY: &str = "/usr/src/.ssh/id_rsa";
+pub const DEFAULT_ZIM_DIR: &str = "/zim_files";
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 8;
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+impl RawEnv {
+    const NAMES: [&'static str; 19] = [
+        "USERNAME",
+        "PASSWORD",
+        "WORKING_DIR",
+        "NODE_NAME",
+        "CONCURRENCY",
+        "QUEUES",
+        "DISPATCHER_URL",
+        "BROKER_URL",
+        "DISPATCHER_HOST",
+        "RABBIT_PORT",
+        "BROKER_CA_FILE",
+        "WAREHOUSE_HOST",
+        "WAREHOUSE_PORT",
+        "SSH_KEY",
+        "ZIM_DIR",
+        "SHUTDOWN_GRACE",
+        "MAX_MESSAGE_BYTES",
+        "LOG_FORMAT",
+        "TASK_RUNNER",
+    ];
+
+    fn validate(self) -> Result<Config, ConfigError> {
+        let username = required("USERNAME", self.username)?;
+        if username.chars().any(|c| c.is_whitespace() || c.is_control() || c == '@') {
+            return Err(ConfigError::new(
+                "USERNAME",
+                "must not contain spaces, control characters or '@'",
+            ));
+        }
+        let password = Secret::new(required_raw("PASSWORD", self.password)?);
+        let working_dir = absolute_path("WORKING_DIR", required("WORKING_DIR", self.working_dir)?)?;
+        let node_name = node_name(required("NODE_NAME", self.node_name)?)?;
+        let concurrency = match non_empty(self.concurrency) {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(v) => parse_bounded("CONCURRENCY", &v, 1, 1024)? as usize,
+        };
+        let queues = queues(required("QUEUES", self.queues)?)?;
+
+        let dispatcher_url = match non_empty(self.dispatcher_url) {
+            None => DEFAULT_DISPATCHER_URL.to_owned(),
+            Some(url) => http_url("DISPATCHER_URL", url)?,
+        };
+        let broker_url = match non_empty(self.broker_url) {
+            Some(url) => broker_url(&url)?,
+            None => {
+                let host = non_empty(self.dispatcher_host)
+                    .unwrap_or_else(|| DEFAULT_DISPATCHER_HOST.to_owned());
+                host_name("DISPATCHER_HOST", &host)?;
+                let port = match non_empty(self.rabbit_port) {
+                    None => DEFAULT_RABBIT_PORT,
+                    Some(p) => port("RABBIT_PORT", &p)?,
+                };
+                BrokerUrl(AMQPUri {
+                    scheme: AMQPScheme::AMQPS,
+                    authority: AMQPAuthority {
+                        userinfo: AMQPUserInfo {
+                            username: username.clone(),
+                            password: password.expose().to_owned(),
+                        },
+                        host,
+                        port,
+                    },
+                    vhost: "zimfarm".to_owned(),
+                    query: Default::default(),
+                })
+            }
+        };
+        let broker_ca_file = match non_empty(self.broker_ca_file) {
+            None => None,
+            Some(p) => Some(absolute_path("BROKER_CA_FILE", p)?),
+        };
+
+        let warehouse_host =
+            non_empty(self.warehouse_host).unwrap_or_else(|| DEFAULT_WAREHOUSE_HOST.to_owned());
+        host_name("WAREHOUSE_HOST", &warehouse_host)?;
+        let warehouse_port = match non_empty(self.warehouse_port) {
+            None => DEFAULT_WAREHOUSE_PORT,
+            Some(p) => port("WAREHOUSE_PORT", &p)?,
+        };
+        let ssh_key = absolute_path(
+            "SSH_KEY",
+            non_empty(self.ssh_key).unwrap_or_else(|| DEFAULT_SSH_KEY.to_owned()),
+        )?;
+        let zim_dir = absolute_path(
+            "ZIM_DIR",
+            non_empty(self.zim_dir).unwrap_or_else(|| DEFAULT_ZIM_DIR.to_owned()),
+        )?;
+        let shutdown_grace = match non_empty(self.shutdown_grace) {
+            None => Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
+            Some(v) => Duration::from_secs(parse_bounded("SHUTDOWN_GRACE", &v, 0, 3600)?),
+        };
+        let max_message_bytes = match non_empty(self.max_message_bytes) {
+            None => DEFAULT_MAX_MESSAGE_BYTES,
+            Some(v) => parse_bounded("MAX_MESSAGE_BYTES", &v, 1024, 512 * 1024 * 1024)? as usize,
+        };
+        let log_format = match non_empty(self.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "LOG_FORMAT",
+                    format!("is {other:?}; use \"text\" or \"json\""),
+                ));
+            }
+        };
+        let runner = match non_empty(self.task_runner).as_deref() {
+            Some("simulate") => RunnerKind::Simulate,
+            None => {
+                return Err(ConfigError::new(
+                    "TASK_RUNNER",
+                    "is not set: this build has no Docker pipeline yet; \
+                     set TASK_RUNNER=simulate to run simulated tasks",
+                ));
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "TASK_RUNNER",
+                    format!("is {other:?}; the only runner in this build is \"simulate\""),
+                ));
+            }
+        };
+
+        Ok(Config {
+            username,
+            password,
+            working_dir,
+            zim_dir,
+            node_name,
+            concurrency,
+            queues,
+            dispatcher_url,
+            broker_url,
+            broker_ca_file,
+            warehouse_host,
+            warehouse_port,
+            ssh_key,
+            shutdown_grace,
+            max_message_bytes,
+            log_format,
+            runner,
+        })
+    }
+}
+
+/// `None` for unset and for empty values: an empty variable means "default".
+fn non_empty(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn required(var: &'static str, value: Option<String>) -> Result<String, ConfigError> {
+    non_empty(value).ok_or_else(|| ConfigError::new(var, "is required but not set"))
+}
+
+/// Like [`required`] but keeps the value untrimmed (passwords may have spaces).
+fn required_raw(var: &'static str, value: Option<String>) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(ConfigError::new(var, "is required but not set")),
+    }
+}
+
+fn parse_bounded(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match value.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError::new(
+            var,
+            format!("is {value:?}; expected a whole number from {min} to {max}"),
+        )),
+    }
+}
+
+fn port(var: &'static str, value: &str) -> Result<u16, ConfigError> {
+    parse_bounded(var, value, 1, 65535).map(|p| p as u16)
+}
+
+fn absolute_path(var: &'static str, value: String) -> Result<PathBuf, ConfigError> {
+    if value.contains('\0') {
+        return Err(ConfigError::new(var, "contains a NUL character"));
+    }
+    let path = PathBuf::from(&value);
+    if !path.is_absolute() {
+        return Err(ConfigError::new(
+            var,
+            format!("is {value:?}; expected an absolute path (starting with /)"),
+        ));
+    }
+    Ok(path)
+}
+
+fn host_name(var: &'static str, value: &str) -> Result<(), ConfigError> {
+    let ok = value.len() <= 253
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            var,
+            format!("is {value:?}; expected a host name or IP address"),
+        ))
+    }
+}
+
+/// Node names become part of the Celery hostname, pidbox queue names and
+/// container names, so they are held to Docker's container-name alphabet.
+fn node_name(value: String) -> Result<String, ConfigError> {
+    if value == "default_node_name" {
+        return Err(ConfigError::new(
+            "NODE_NAME",
+            "is still \"default_node_name\" from the README example; \
+             choose a name for this machine (e.g. its host name)",
+        ));
+    }
+    let mut chars = value.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok || value.len() > 63 {
+        return Err(ConfigError::new(
+            "NODE_NAME",
+            format!(
+                "is {value:?}; use 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+fn queues(value: String) -> Result<Vec<QueueName>, ConfigError> {
+    let mut out = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        if part.is_empty() {
+            continue;
+        }
+        let queue = part.parse::<QueueName>().map_err(|()| {
+            ConfigError::new(
+                "QUEUES",
+                format!(
+                    "has unknown queue {part:?}; choose from default, small, medium, large, debug"
+                ),
+            )
+        })?;
+        if !out.contains(&queue) {
+            out.push(queue);
+        }
+    }
+    if out.is_empty() {
+        return Err(ConfigError::new(
+            "QUEUES",
+            "names no queue; e.g. QUEUES=default,small",
+        ));
+    }
+    Ok(out)
+}
+
+fn http_url(var: &'static str, value: String) -> Result<String, ConfigError> {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !value.contains(char::is_whitespace) => {
+            Ok(value.trim_end_matches('/').to_owned())
+        }
+        _ => Err(ConfigError::new(
+            var,
+            format!("is {value:?}; expected an http:// or https:// URL"),
+        )),
+    }
+}
+
+fn broker_url(value: &str) -> Result<BrokerUrl, ConfigError> {
+    if !(value.starts_with("amqp://") || value.starts_with("amqps://")) {
+        return Err(ConfigError::new(
+            "BROKER_URL",
+            "must start with amqp:// or amqps://",
+        ));
+    }
+    // The parser's message may quote the URL, password included: say only
+    // that it is malformed.
+    let uri = AMQPUri::from_str(value).map_err(|_| {
+        ConfigError::new(
+            "BROKER_URL",
+            "is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost, \
+             with special characters percent-encoded)",
+        )
+    })?;
+    if uri.authority.host.is_empty() {
+        return Err(ConfigError::new("BROKER_URL", "has no host"));
+    }
+    Ok(BrokerUrl(uri))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("USERNAME", "alice"),
+            ("PASSWORD", "s3cr3t pass"),
+            ("WORKING_DIR", "/srv/zim"),
+            ("NODE_NAME", "node1"),
+            ("QUEUES", "default, small"),
+            ("TASK_RUNNER", "simulate"),
+        ]
+    }
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(
+            vars.iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
+    }
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut vars: Vec<_> = base()
+            .into_iter()
+            .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+            .collect();
+        vars.extend_from_slice(extra);
+        vars
+    }
+
+    #[test]
+    fn seed_variables_with_defaults() {
+        let c = load(&base()).unwrap();
+        assert_eq!(c.hostname(), "alice@node1");
+        assert_eq!(c.queues, vec![QueueName::Default, QueueName::Small]);
+        assert_eq!(c.zim_dir, PathBuf::from("/zim_files"));
+        assert_eq!(c.dispatcher_url, DEFAULT_DISPATCHER_URL);
+        assert!(c.concurrency >= 1);
+        let uri = c.broker_url.uri();
+        assert_eq!(uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(uri.authority.host, "farm.openzim.org");
+        assert_eq!(uri.authority.port, 5671);
+        assert_eq!(uri.authority.userinfo.password, "s3cr3t pass");
+        assert_eq!(uri.vhost, "zimfarm");
+        assert_eq!(c.warehouse_port, 1522);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = load(&base()).unwrap();
+        let shown = format!("{c:?} {}", c.broker_url);
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("***"));
+    }
+
+    #[test]
+    fn missing_required_names_the_variable() {
+        for var in ["USERNAME", "PASSWORD", "WORKING_DIR", "NODE_NAME", "QUEUES"] {
+            let vars: Vec<_> = base().into_iter().filter(|(k, _)| *k != var).collect();
+            let err = load(&vars).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases: &[(&'static str, &'static str)] = &[
+            ("NODE_NAME", "default_node_name"),
+            ("NODE_NAME", "bad name"),
+            ("NODE_NAME", "-x"),
+            ("CONCURRENCY", "0"),
+            ("CONCURRENCY", "two"),
+            ("QUEUES", "huge"),
+            ("QUEUES", " , "),
+            ("WORKING_DIR", "relative/dir"),
+            ("ZIM_DIR", "zim"),
+            ("BROKER_URL", "http://x"),
+            ("BROKER_URL", "amqp://u:p@host:notaport/v"),
+            ("DISPATCHER_URL", "ftp://x"),
+            ("RABBIT_PORT", "70000"),
+            ("WAREHOUSE_PORT", "0"),
+            ("WAREHOUSE_HOST", "bad host"),
+            ("LOG_FORMAT", "xml"),
+            ("TASK_RUNNER", "docker"),
+            ("SHUTDOWN_GRACE", "-1"),
+            ("USERNAME", "a@b"),
+        ];
+        for (var, value) in cases {
+            let err = load(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(&err.var, var, "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn broker_url_overrides_and_keeps_password_out_of_errors() {
+        let c = load(&with(&[("BROKER_URL", "amqp://bob:p%40ss@127.0.0.1:5672/test")])).unwrap();
+        assert_eq!(c.broker_url.uri().authority.userinfo.password, "p@ss");
+        assert_eq!(c.broker_url.vhost(), "test");
+        assert!(!c.broker_url.is_tls());
+        let err = load(&with(&[("BROKER_URL", "amqp://bob:topsecret@h:99999/v")])).unwrap_err();
+        assert!(!err.to_string().contains("topsecret"));
+    }
+
+    #[test]
+    fn queues_are_deduplicated() {
+        let c = load(&with(&[("QUEUES", "small,small,debug")])).unwrap();
+        assert_eq!(c.queues, vec![QueueName::Small, QueueName::Debug]);
+    }
+
+    #[test]
+    fn non_utf8_value_is_an_error() {
+        use std::os::unix::ffi::OsStringExt;
+        let mut vars: Vec<(OsString, OsString)> = base()
+            .into_iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        vars.push((OsString::from("NODE_NAME"), OsString::from_vec(vec![0xff, 0xfe])));
+        let err = Config::from_vars(vars).unwrap_err();
+        assert_eq!(err.var, "NODE_NAME");
+    }
+}

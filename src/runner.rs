@@ -1,0 +1,154 @@
+//! The seam between the worker and what a task actually does.
+//!
+//! The worker accepts, schedules, reports and acks tasks; a [`Runner`] runs
+//! one. This module owns that contract (what a runner gets, what it returns)
+//! and the [`SimulateRunner`], which stands in for the Docker pipeline in
+//! tests and benchmarks. It must not touch the broker or events directly:
+//! a runner reports through [`TaskContext`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::celery::{EventKind, TaskRequest};
+use crate::events::EventSink;
+
+/// One file a task produced (and, with the warehouse, uploaded).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct TaskFile {
+    pub name: String,
+    pub size: u64,
+}
+
+/// Why a task failed, in the shape Celery reports exceptions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct TaskError {
+    /// The Python exception type name clients see (`RuntimeError`, ...).
+    pub kind: String,
+    /// The Python module of that type (`builtins`, `celery.exceptions`).
+    pub module: String,
+    pub message: String,
+    /// Extra detail for the `traceback` field (e.g. a log tail).
+    pub detail: String,
+}
+
+impl TaskError {
+    /// A plain failure, reported as Python's `RuntimeError`.
+    pub fn runtime(message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            kind: "RuntimeError".to_owned(),
+            module: "builtins".to_owned(),
+            detail: message.clone(),
+            message,
+        }
+    }
+}
+
+/// How a run ended, short of success.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    /// The cancel token fired and the runner stopped what it had started.
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Failed(#[from] TaskError),
+}
+
+/// What a runner gets besides the request.
+#[derive(Clone)]
+pub struct TaskContext {
+    /// Fires on revoke, time limit and shutdown. A runner stops what it
+    /// started (containers...) and returns [`RunError::Cancelled`].
+    pub cancel: CancellationToken,
+    pub task_id: String,
+    events: Arc<EventSink>,
+}
+
+impl TaskContext {
+    pub fn new(task_id: String, cancel: CancellationToken, events: Arc<EventSink>) -> Self {
+        Self {
+            cancel,
+            task_id,
+            events,
+        }
+    }
+
+    /// Sends a task event of the runner's own (`task-container_started`...).
+    pub fn emit(&self, event_type: &str, fields: serde_json::Map<String, Value>) {
+        let _ = self.events.emit(&EventKind::Custom {
+            event_type: event_type.to_owned(),
+            uuid: self.task_id.clone(),
+            fields,
+        });
+    }
+}
+
+/// Runs one task. The worker runs the returned future in its own tokio task
+/// and always awaits it to the end, so a runner can clean up after
+/// cancellation before returning.
+pub trait Runner: Send + Sync + 'static {
+    fn run(
+        &self,
+        request: Arc<TaskRequest>,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static;
+}
+
+/// What a simulated task does, from the message's `simulate` kwarg:
+/// `{"sleep": 1.5, "fail": "message", "panic": false, "files": [{"name", "size"}]}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Simulation {
+    sleep: f64,
+    fail: Option<String>,
+    panic: bool,
+    files: Option<Vec<TaskFile>>,
+}
+
+/// Simulates tasks without Docker, for tests, benchmarks and demos:
+/// sleeps (cancellably), then fails, panics or returns files as the task's
+/// `simulate` kwarg asks. Without it, returns one file named after the task.
+#[derive(Debug, Default, Clone)]
+pub struct SimulateRunner;
+
+impl Runner for SimulateRunner {
+    fn run(
+        &self,
+        request: Arc<TaskRequest>,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
+        async move {
+            let sim = match request.kwargs.get("simulate") {
+                None | Some(Value::Null) => Simulation::default(),
+                Some(v) => Simulation::deserialize(v).map_err(|e| {
+                    TaskError::runtime(format!("invalid simulate parameters: {e}"))
+                })?,
+            };
+            if sim.sleep.is_finite() && sim.sleep > 0.0 {
+                let nap = Duration::from_secs_f64(sim.sleep.min(86_400.0));
+                tokio::select! {
+                    _ = tokio::time::sleep(nap) => {}
+                    _ = ctx.cancel.cancelled() => return Err(RunError::Cancelled),
+                }
+            }
+            if sim.panic {
+                panic!("simulated panic requested by task {}", ctx.task_id);
+            }
+            if let Some(message) = sim.fail {
+                return Err(TaskError::runtime(message).into());
+            }
+            Ok(sim.files.unwrap_or_else(|| {
+                vec![TaskFile {
+                    name: format!("simulated_{}.zim", ctx.task_id),
+                    size: 1024,
+                }]
+            }))
+        }
+    }
+}

@@ -1,0 +1,771 @@
+//! The worker: CONCURRENCY slots, the registry of tasks held or running
+//! here, the broker session loop (connect, consume, reconnect), heartbeats
+//! and shutdown.
+//!
+//! Owns the life of each task from delivery to ack. It must not parse wire
+//! formats (the `celery` module does) nor know what a task does (a
+//! [`Runner`] does): it decides *when*, never *how*.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::Acker;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use serde_json::Value;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::{Backoff, Broker, Outbox, Session, run_publisher};
+use crate::celery::{
+    self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
+};
+use crate::config::Config;
+use crate::events::EventSink;
+use crate::offliner::Offliner;
+use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
+
+/// Seconds between `worker-heartbeat` events (SPEC §5).
+pub const HEARTBEAT_SECS: f64 = 2.0;
+/// Events kept while the broker is away, before non-final ones are dropped.
+const OUTBOX_CAPACITY: usize = 10_000;
+/// Ended tasks remembered for de-duplicating late redeliveries.
+const ENDED_MEMORY: usize = 10_000;
+
+/// Errors that stop the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+}
+
+/// Why a task's cancel token fired.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CancelReason {
+    Revoked { signum: Option<i32> },
+    TimeLimit { hard: f64 },
+    Shutdown,
+}
+
+/// Where a task is in its life here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Held until its `eta`.
+    Scheduled,
+    /// Waiting for a free slot.
+    Reserved,
+    Running,
+    /// Its final event is queued; acked once the broker confirmed it.
+    Ending,
+}
+
+struct TaskEntry {
+    request: Arc<TaskRequest>,
+    phase: Phase,
+    cancel: CancellationToken,
+    reason: Option<CancelReason>,
+    /// Acks of redeliveries of this same task, done when it ends.
+    extra_acks: Vec<Acker>,
+    started: Option<f64>,
+}
+
+/// The ended tasks remembered (id → final event), oldest forgotten first.
+#[derive(Default)]
+struct Ended {
+    order: VecDeque<String>,
+    events: HashMap<String, EventKind>,
+}
+
+impl Ended {
+    fn insert(&mut self, id: String, event: EventKind) {
+        if self.events.insert(id.clone(), event).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > ENDED_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.events.remove(&old);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<String, TaskEntry>,
+    ended: Ended,
+}
+
+/// Counters reported in heartbeats.
+#[derive(Default)]
+struct Counters {
+    processed: AtomicU64,
+    /// Tasks held for their `eta`: each one gets an extra prefetch slot.
+    scheduled: AtomicUsize,
+}
+
+/// The running worker. Cheap to clone (an `Arc` inside).
+pub struct Worker<R: Runner> {
+    inner: Arc<Inner<R>>,
+}
+
+impl<R: Runner> Clone for Worker<R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<R> {
+    config: Config,
+    broker: Broker,
+    runner: R,
+    events: Arc<EventSink>,
+    outbox: Arc<Outbox>,
+    state: Mutex<State>,
+    slots: Arc<Semaphore>,
+    counters: Counters,
+    prefetch: watch::Sender<u16>,
+    tasks: TaskTracker,
+    started_at: Instant,
+}
+
+impl<R: Runner> Worker<R> {
+    pub fn new(config: Config, runner: R) -> Result<Self, WorkerError> {
+        let broker = Broker::new(&config)?;
+        let outbox = Outbox::new(OUTBOX_CAPACITY);
+        let identity = Identity {
+            hostname: config.hostname(),
+            pid: std::process::id(),
+            sw_ident: "zimfarm-worker".to_owned(),
+            sw_ver: env!("CARGO_PKG_VERSION").to_owned(),
+            sw_sys: std::env::consts::OS.to_owned(),
+        };
+        let events = Arc::new(EventSink::new(identity, outbox.clone()));
+        let (prefetch, _) = watch::channel(prefetch_count(config.concurrency, 0));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                slots: Arc::new(Semaphore::new(config.concurrency)),
+                config,
+                broker,
+                runner,
+                events,
+                outbox,
+                state: Mutex::new(State::default()),
+                counters: Counters::default(),
+                prefetch,
+                tasks: TaskTracker::new(),
+                started_at: Instant::now(),
+            }),
+        })
+    }
+
+    /// Runs until `shutdown` fires, then shuts down as SPEC §8 says:
+    /// stops consuming, stops the tasks (their messages stay unacked and go
+    /// back to the broker), sends `worker-offline` and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let inner = self.inner;
+        let (channel_tx, channel_rx) = watch::channel(None);
+        let publisher_stop = CancellationToken::new();
+        let publisher = tokio::spawn(run_publisher(
+            inner.outbox.clone(),
+            channel_rx,
+            publisher_stop.clone(),
+        ));
+        let heartbeat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(inner.clone().heartbeats(heartbeat_stop.clone()));
+
+        let session = inner.session_loop(&channel_tx, &shutdown).await;
+
+        // Shutdown: stop consuming (the session loop has returned), stop
+        // every task, then say goodbye while the connection is still up.
+        let deadline = tokio::time::Instant::now() + inner.config.shutdown_grace;
+        heartbeat_stop.cancel();
+        let _ = heartbeat.await;
+        inner.cancel_all(CancelReason::Shutdown);
+        inner.tasks.close();
+        if tokio::time::timeout_at(deadline, inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("tasks did not stop within SHUTDOWN_GRACE; exiting anyway");
+        }
+        let _ = inner.events.emit(&EventKind::WorkerOffline(inner.stats()));
+        if !inner.outbox.drained(deadline).await {
+            tracing::warn!(
+                pending = inner.outbox.len(),
+                "could not publish every event before SHUTDOWN_GRACE ran out"
+            );
+        }
+        publisher_stop.cancel();
+        let _ = publisher.await;
+        if let Some(session) = session {
+            session.close().await;
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+fn prefetch_count(concurrency: usize, scheduled: usize) -> u16 {
+    u16::try_from(concurrency + scheduled).unwrap_or(u16::MAX)
+}
+
+impl<R: Runner> Inner<R> {
+    /// Connects (with backoff), consumes, and reconnects on loss until
+    /// `shutdown` fires. Returns the live session, if any, for the goodbye.
+    async fn session_loop(
+        self: &Arc<Self>,
+        channels: &watch::Sender<Option<lapin::Channel>>,
+        shutdown: &CancellationToken,
+    ) -> Option<Session> {
+        let mut backoff = new_backoff();
+        let mut first = true;
+        loop {
+            let prefetch = *self.prefetch.borrow();
+            let session = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                s = self.broker.connect(prefetch) => s,
+            };
+            let mut session = match session {
+                Ok(s) => s,
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(%error, retry_in = ?delay, "broker unreachable");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            backoff = new_backoff();
+            let _ = channels.send(Some(session.publish_channel.clone()));
+            tracing::info!(
+                broker = %self.broker.display_url(),
+                queues = ?self.config.queues.iter().map(|q| q.as_str()).collect::<Vec<_>>(),
+                concurrency = self.config.concurrency,
+                startup_ms = if first { self.started_at.elapsed().as_millis() } else { 0 },
+                "connected to the broker; consuming"
+            );
+            first = false;
+            let _ = self.events.emit(&EventKind::WorkerOnline(self.stats()));
+
+            let mut prefetch_rx = self.prefetch.subscribe();
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Some(session),
+                    delivery = session.deliveries.next() => match delivery {
+                        Some(Ok(delivery)) => self.on_delivery(delivery),
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "lost the broker connection; reconnecting");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("the broker closed the consumer; reconnecting");
+                            break;
+                        }
+                    },
+                    changed = prefetch_rx.changed() => {
+                        if changed.is_ok() {
+                            let n = *prefetch_rx.borrow_and_update();
+                            if let Err(error) = session.set_prefetch(n).await {
+                                tracing::warn!(%error, "could not change prefetch; reconnecting");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            let _ = channels.send(None);
+            session.close().await;
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn stats(&self) -> WorkerStats {
+        let active = self
+            .lock()
+            .tasks
+            .values()
+            .filter(|t| t.phase == Phase::Running)
+            .count();
+        WorkerStats {
+            freq: HEARTBEAT_SECS,
+            active,
+            processed: self.counters.processed.load(Ordering::Relaxed),
+            loadavg: loadavg(),
+        }
+    }
+
+    async fn heartbeats(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_SECS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    // A heartbeat queued while the broker is away would only
+                    // be stale when it finally leaves.
+                    if self.outbox.is_connected() {
+                        let _ = self.events.emit(&EventKind::WorkerHeartbeat(self.stats()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cancel_all(&self, reason: CancelReason) {
+        let mut state = self.lock();
+        for entry in state.tasks.values_mut() {
+            if entry.phase != Phase::Ending && entry.reason.is_none() {
+                entry.reason = Some(reason);
+                entry.cancel.cancel();
+            }
+        }
+    }
+
+    /// Looks at one delivery and decides what becomes of it. Never blocks:
+    /// acks and task runs are spawned.
+    fn on_delivery(self: &Arc<Self>, delivery: Delivery) {
+        let Delivery {
+            data,
+            properties,
+            acker,
+            routing_key,
+            ..
+        } = delivery;
+        if data.len() > self.config.max_message_bytes {
+            tracing::error!(
+                bytes = data.len(),
+                limit = self.config.max_message_bytes,
+                routing_key = %routing_key,
+                "dropping a task message larger than MAX_MESSAGE_BYTES"
+            );
+            self.spawn_ack(acker, None);
+            return;
+        }
+        let request = match celery::decode(&properties, &data) {
+            Ok(r) => Arc::new(r),
+            Err(error) => {
+                tracing::error!(task_id = ?error.task_id, %error, "dropping an undecodable task message");
+                let confirmed = error.task_id.as_ref().map(|id| {
+                    self.events.emit(&EventKind::TaskFailed {
+                        uuid: id.clone(),
+                        exception: ExceptionInfo {
+                            exc_type: "DecodeError".to_owned(),
+                            exc_module: "builtins".to_owned(),
+                            message: error.to_string(),
+                            traceback: String::new(),
+                        }
+                        .repr(),
+                        traceback: String::new(),
+                    })
+                });
+                self.spawn_ack(acker, confirmed);
+                return;
+            }
+        };
+        drop(data);
+
+        if Offliner::from_task_name(&request.name).is_none() {
+            tracing::error!(task_id = %request.id, task = %request.name, "received an unregistered task; rejecting it");
+            let info = ExceptionInfo {
+                exc_type: "NotRegistered".to_owned(),
+                exc_module: "celery.exceptions".to_owned(),
+                message: request.name.clone(),
+                traceback: String::new(),
+            };
+            let _ = self.events.emit(&EventKind::TaskFailed {
+                uuid: request.id.clone(),
+                exception: info.repr(),
+                traceback: String::new(),
+            });
+            let confirmed = request
+                .reply_to
+                .as_deref()
+                .map(|to| self.events.publish_result(to, &request.id, &TaskState::Failure(info)));
+            let this = self.clone();
+            self.tasks.spawn(async move {
+                if let Some(c) = confirmed {
+                    let _ = c.await;
+                }
+                drop(this);
+                if let Err(error) = acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                {
+                    tracing::debug!(%error, "reject failed; the broker will redeliver");
+                }
+            });
+            return;
+        }
+
+        let span = tracing::info_span!("task", task_id = %request.id, stage = "received");
+        let _enter = span.enter();
+        let mut state = self.lock();
+        if let Some(entry) = state.tasks.get_mut(&request.id) {
+            tracing::info!(phase = ?entry.phase, "redelivered message for a task already here; acking it when that run ends");
+            entry.extra_acks.push(acker);
+            return;
+        }
+        if let Some(event) = state.ended.events.get(&request.id).cloned() {
+            drop(state);
+            tracing::info!("redelivered message for a task that already ended here; sending its final event again");
+            let confirmed = self.events.emit(&event);
+            self.spawn_ack(acker, Some(confirmed));
+            return;
+        }
+        if request.expires.is_some_and(|e| e <= chrono::Utc::now()) {
+            let event = EventKind::TaskRevoked {
+                uuid: request.id.clone(),
+                terminated: false,
+                signum: None,
+                expired: true,
+            };
+            state.ended.insert(request.id.clone(), event.clone());
+            drop(state);
+            tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
+            let mut confirmed = self.events.emit(&event);
+            if let Some(to) = request.reply_to.as_deref() {
+                confirmed = self.events.publish_result(
+                    to,
+                    &request.id,
+                    &TaskState::Revoked {
+                        reason: "expired".to_owned(),
+                    },
+                );
+            }
+            self.counters.processed.fetch_add(1, Ordering::Relaxed);
+            self.spawn_ack(acker, Some(confirmed));
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let scheduled = request.eta.is_some_and(|eta| eta > chrono::Utc::now());
+        state.tasks.insert(
+            request.id.clone(),
+            TaskEntry {
+                request: request.clone(),
+                phase: if scheduled {
+                    Phase::Scheduled
+                } else {
+                    Phase::Reserved
+                },
+                cancel: cancel.clone(),
+                reason: None,
+                extra_acks: Vec::new(),
+                started: None,
+            },
+        );
+        drop(state);
+        let _ = self.events.emit(&EventKind::TaskReceived {
+            uuid: request.id.clone(),
+            name: request.name.clone(),
+            args: request.argsrepr.clone(),
+            kwargs: request.kwargsrepr.clone(),
+            root_id: request.root_id.clone(),
+            parent_id: request.parent_id.clone(),
+            retries: request.retries,
+            eta: request.eta.as_ref().map(celery::iso8601::format),
+            expires: request.expires.as_ref().map(celery::iso8601::format),
+        });
+        tracing::info!(task = %request.name, "task received");
+        drop(_enter);
+        self.tasks.spawn(
+            self.clone()
+                .task_life(request, acker, cancel)
+                .instrument(span.clone()),
+        );
+    }
+
+    /// Acks once `confirmed` resolves (the final event reached the broker).
+    fn spawn_ack(&self, acker: Acker, confirmed: Option<crate::events::Confirmed>) {
+        self.tasks.spawn(async move {
+            if let Some(c) = confirmed {
+                let _ = c.await;
+            }
+            ack(&acker).await;
+        });
+    }
+
+    fn set_phase(&self, id: &str, phase: Phase) {
+        if let Some(entry) = self.lock().tasks.get_mut(id) {
+            entry.phase = phase;
+            if phase == Phase::Running {
+                entry.started = Some(celery::now_timestamp());
+            }
+        }
+    }
+
+    fn adjust_scheduled(&self, delta: isize) {
+        let n = if delta >= 0 {
+            self.counters.scheduled.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.counters.scheduled.fetch_sub(1, Ordering::SeqCst) - 1
+        };
+        let _ = self
+            .prefetch
+            .send(prefetch_count(self.config.concurrency, n));
+    }
+
+    /// One task from acceptance to ack: eta hold, slot, run, final event.
+    async fn task_life(self: Arc<Self>, request: Arc<TaskRequest>, acker: Acker, cancel: CancellationToken) {
+        if let Some(eta) = request.eta {
+            let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
+            if !wait.is_zero() {
+                tracing::info!(eta = %eta, "holding the task until its eta");
+                self.adjust_scheduled(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => {}
+                }
+                self.adjust_scheduled(-1);
+                self.set_phase(&request.id, Phase::Reserved);
+            }
+        }
+        let permit = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => permit.ok(),
+            _ = cancel.cancelled() => None,
+        };
+        let outcome = match permit {
+            None => Err(RunError::Cancelled),
+            Some(permit) => {
+                self.set_phase(&request.id, Phase::Running);
+                tracing::Span::current().record("stage", "running");
+                let _ = self.events.emit(&EventKind::TaskStarted {
+                    uuid: request.id.clone(),
+                });
+                tracing::info!("task started");
+                let outcome = self.run_guarded(&request, &cancel).await;
+                drop(permit);
+                outcome
+            }
+        };
+        self.finish(&request, outcome, acker).await;
+    }
+
+    /// Runs the runner in its own tokio task (a panic fails the task, not the
+    /// worker), with the message's hard time limit.
+    async fn run_guarded(
+        &self,
+        request: &Arc<TaskRequest>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<TaskFile>, RunError> {
+        let ctx = TaskContext::new(request.id.clone(), cancel.clone(), self.events.clone());
+        let mut handle = tokio::spawn(self.runner.run(request.clone(), ctx));
+        let hard = request
+            .time_limit
+            .hard
+            .filter(|h| h.is_finite() && *h > 0.0);
+        let limit = async {
+            match hard {
+                Some(h) => tokio::time::sleep(Duration::from_secs_f64(h.min(1e9))).await,
+                None => std::future::pending().await,
+            }
+        };
+        let joined = tokio::select! {
+            joined = &mut handle => joined,
+            _ = limit => {
+                let h = hard.unwrap_or_default();
+                tracing::warn!(hard_limit = h, "task hit its hard time limit; stopping it");
+                if let Some(entry) = self.lock().tasks.get_mut(&request.id)
+                    && entry.reason.is_none()
+                {
+                    entry.reason = Some(CancelReason::TimeLimit { hard: h });
+                }
+                cancel.cancel();
+                handle.await
+            }
+        };
+        match joined {
+            Ok(outcome) => outcome,
+            Err(join) => {
+                let message = if join.is_panic() {
+                    let panic = join.into_panic();
+                    let text = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    format!("the task panicked: {text}")
+                } else {
+                    "the task was aborted".to_owned()
+                };
+                tracing::error!("{message}");
+                Err(TaskError::runtime(message).into())
+            }
+        }
+    }
+
+    /// Reports how the task ended, then acks its message(s) once the broker
+    /// confirmed the report. A task stopped by shutdown is not acked: its
+    /// message goes back to the queue for another worker.
+    async fn finish(&self, request: &TaskRequest, outcome: Result<Vec<TaskFile>, RunError>, acker: Acker) {
+        let id = request.id.clone();
+        let (reason, started) = {
+            let mut state = self.lock();
+            match state.tasks.get_mut(&id) {
+                Some(entry) => {
+                    entry.phase = Phase::Ending;
+                    (entry.reason, entry.started)
+                }
+                None => (None, None),
+            }
+        };
+        let runtime = started.map_or(0.0, |s| (celery::now_timestamp() - s).max(0.0));
+        let (event, state) = match outcome {
+            Ok(files) => {
+                let value = serde_json::to_value(&files).unwrap_or(Value::Null);
+                tracing::info!(files = files.len(), runtime, "task succeeded");
+                (
+                    EventKind::TaskSucceeded {
+                        uuid: id.clone(),
+                        result: to_repr(&value),
+                        runtime,
+                    },
+                    TaskState::Success(value),
+                )
+            }
+            Err(RunError::Failed(error)) => {
+                tracing::error!(%error, "task failed");
+                failure(&id, error)
+            }
+            Err(RunError::Cancelled) => match reason {
+                Some(CancelReason::Revoked { signum }) => {
+                    tracing::warn!("task revoked");
+                    (
+                        EventKind::TaskRevoked {
+                            uuid: id.clone(),
+                            terminated: true,
+                            signum,
+                            expired: false,
+                        },
+                        TaskState::Revoked {
+                            reason: "revoked".to_owned(),
+                        },
+                    )
+                }
+                Some(CancelReason::TimeLimit { hard }) => failure(
+                    &id,
+                    TaskError {
+                        kind: "TimeLimitExceeded".to_owned(),
+                        module: "celery.exceptions".to_owned(),
+                        message: format!("{hard}"),
+                        detail: format!("the task ran past its hard time limit of {hard} s"),
+                    },
+                ),
+                Some(CancelReason::Shutdown) | None => {
+                    tracing::info!("task stopped by shutdown; its message goes back to the queue");
+                    self.lock().tasks.remove(&id);
+                    return;
+                }
+            },
+        };
+        let mut confirmed = self.events.emit(&event);
+        if let Some(to) = request.reply_to.as_deref() {
+            confirmed = self.events.publish_result(to, &id, &state);
+        }
+        // Ack only once the final event is safely with the broker: if the
+        // connection drops first, the redelivery finds the task in `ended`
+        // and sends its final event again.
+        let _ = confirmed.await;
+        let extra = {
+            let mut state = self.lock();
+            let extra = state
+                .tasks
+                .remove(&id)
+                .map(|e| e.extra_acks)
+                .unwrap_or_default();
+            state.ended.insert(id.clone(), event);
+            extra
+        };
+        self.counters.processed.fetch_add(1, Ordering::Relaxed);
+        ack(&acker).await;
+        for acker in &extra {
+            ack(acker).await;
+        }
+    }
+}
+
+fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
+    let info = ExceptionInfo {
+        exc_type: error.kind,
+        exc_module: error.module,
+        message: error.message,
+        traceback: error.detail,
+    };
+    (
+        EventKind::TaskFailed {
+            uuid: id.to_owned(),
+            exception: info.repr(),
+            traceback: info.traceback.clone(),
+        },
+        TaskState::Failure(info),
+    )
+}
+
+fn new_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
+}
+
+async fn ack(acker: &Acker) {
+    if let Err(error) = acker.ack(BasicAckOptions::default()).await {
+        // The channel it came on is gone; the broker redelivers the message
+        // and the `ended` record answers it.
+        tracing::debug!(%error, "ack failed; the message will be redelivered");
+    }
+}
+
+/// The 1, 5 and 15 minute load averages, as Celery reports them.
+fn loadavg() -> [f64; 3] {
+    // /proc/loadavg is a kernel buffer: reading it never blocks on I/O.
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut out = [0.0; 3];
+    for (slot, part) in out.iter_mut().zip(text.split_whitespace()) {
+        *slot = (part.parse::<f64>().unwrap_or(0.0) * 100.0).round() / 100.0;
+    }
+    out
+}
+
+impl<R: Runner> Worker<R> {
+    /// Stops a task held or running here: its runner is cancelled and the
+    /// task ends with `task-revoked` (`terminated: true`). Returns whether
+    /// the task was here.
+    pub fn revoke(&self, task_id: &str, signum: Option<i32>) -> bool {
+        let mut state = self.inner.lock();
+        match state.tasks.get_mut(task_id) {
+            Some(entry) if entry.phase != Phase::Ending => {
+                if entry.reason.is_none() {
+                    entry.reason = Some(CancelReason::Revoked { signum });
+                }
+                entry.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ids of the tasks running now.
+    pub fn active(&self) -> Vec<Arc<TaskRequest>> {
+        self.inner
+            .lock()
+            .tasks
+            .values()
+            .filter(|t| t.phase == Phase::Running)
+            .map(|t| t.request.clone())
+            .collect()
+    }
+}

@@ -1,0 +1,423 @@
+//! Fixtures for the integration tests: a RabbitMQ vhost of their own, the
+//! worker binary as a child process, and the Python Celery client
+//! (`tests/py/celery_client.py`) as the dispatcher and the event monitor.
+//!
+//! Every test gets its own vhost and temp dir, so tests run in parallel
+//! without seeing each other. The services themselves are started by
+//! `scripts/test-env.sh`; the addresses come from the environment that
+//! `scripts/test.sh` exports, with the same values as defaults.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn python() -> String {
+    std::env::var("ZIMFARM_TEST_PYTHON")
+        .unwrap_or_else(|_| repo_root().join(".venv/bin/python").display().to_string())
+}
+
+fn amqp_base() -> String {
+    std::env::var("ZIMFARM_TEST_AMQP")
+        .unwrap_or_else(|_| "amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672".to_owned())
+}
+
+fn rabbit_api() -> String {
+    std::env::var("ZIMFARM_TEST_RABBIT_API")
+        .unwrap_or_else(|_| "http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api".to_owned())
+}
+
+/// A 24-hex-character task id, as the dispatcher makes them.
+pub fn task_id() -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    u[..24].to_owned()
+}
+
+/// Calls the RabbitMQ management API with curl; returns the parsed JSON body
+/// (or Null for an empty one).
+pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
+    let url = format!("{}{}", rabbit_api(), path);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--fail-with-body", "-X", method, "-H", "content-type: application/json"]);
+    if let Some(b) = body {
+        cmd.args(["-d", b]);
+    }
+    cmd.arg(&url);
+    let out = cmd.output().expect("curl runs");
+    assert!(
+        out.status.success(),
+        "RabbitMQ API {method} {path} failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}
+
+static VHOST_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A RabbitMQ vhost of this test's own, deleted when dropped.
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Vhost {
+    pub fn new(label: &str) -> Self {
+        let name = format!(
+            "zwt-{label}-{}-{}",
+            std::process::id(),
+            VHOST_SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        rabbit_api_call("PUT", &format!("/vhosts/{name}"), Some("{}"));
+        rabbit_api_call(
+            "PUT",
+            &format!("/permissions/{name}/zimfarm-test"),
+            Some(r#"{"configure":".*","write":".*","read":".*"}"#),
+        );
+        Self { name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", amqp_base(), self.name)
+    }
+
+    /// Messages in a queue: (ready, unacked).
+    pub fn queue_depth(&self, queue: &str) -> (u64, u64) {
+        // The management API's counters lag by up to a few seconds; ask for
+        // fresh figures by listing with `disable_stats` off and retrying.
+        let v = rabbit_api_call("GET", &format!("/queues/{}/{queue}", self.name), None);
+        (
+            v["messages_ready"].as_u64().unwrap_or(0),
+            v["messages_unacknowledged"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Waits until the queue holds `ready` ready and `unacked` unacked
+    /// messages (the management API's figures refresh every few seconds).
+    pub fn wait_queue_depth(&self, queue: &str, ready: u64, unacked: u64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let depth = self.queue_depth(queue);
+            if depth == (ready, unacked) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "queue {queue}: expected (ready, unacked) = ({ready}, {unacked}), got {depth:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Closes every client connection to this vhost (the fault test).
+    pub fn close_all_connections(&self) {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "close_all_connections",
+                "-p",
+                &self.name,
+                "test: connection cut",
+            ])
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl close_all_connections failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("curl")
+            .args(["-sS", "-X", "DELETE"])
+            .arg(format!("{}/vhosts/{}", rabbit_api(), self.name))
+            .output();
+    }
+}
+
+/// The worker binary running as a child process, its log in a file.
+pub struct WorkerProc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub node: String,
+    pub dir: PathBuf,
+}
+
+pub fn worker_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_zimfarm-worker")
+}
+
+/// The environment a test worker needs, with `extra` overriding it.
+pub fn worker_env(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("USERNAME", "tester"),
+        ("PASSWORD", "not-used-by-the-test-broker"),
+        ("NODE_NAME", node),
+        ("QUEUES", "small"),
+        ("CONCURRENCY", "2"),
+        ("TASK_RUNNER", "simulate"),
+        ("SHUTDOWN_GRACE", "5"),
+        ("LOG_LEVEL", "info,zimfarm_worker=debug"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.push(("BROKER_URL".into(), vhost.url()));
+    env.push(("WORKING_DIR".into(), dir.display().to_string()));
+    env.push(("ZIM_DIR".into(), dir.display().to_string()));
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    }
+    env
+}
+
+impl WorkerProc {
+    pub fn start(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)]) -> Self {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let log = dir.join(format!("worker-{node}-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(worker_binary())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(worker_env(vhost, dir, node, extra))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("worker starts");
+        Self {
+            child,
+            log,
+            node: node.to_owned(),
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log_text().contains(needle) {
+            assert!(
+                start.elapsed() < timeout,
+                "worker log never showed {needle:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_connected(&self) {
+        self.wait_log("consuming", Duration::from_secs(20));
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "worker did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- worker {} log ----\n{}", self.node, self.log_text());
+        }
+    }
+}
+
+/// Runs `celery_client.py` with the given arguments and returns its output.
+pub fn celery_client(vhost: &Vhost, args: &[&str]) -> Output {
+    let script = repo_root().join("tests/py/celery_client.py");
+    let mut cmd = Command::new(python());
+    cmd.arg(script).arg(args[0]).args(["--broker", &vhost.url()]);
+    cmd.args(&args[1..]);
+    let out = cmd.output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "celery_client.py {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Sends a task with Celery exactly as the 2019 dispatcher did.
+pub fn send_task(vhost: &Vhost, name: &str, id: &str, kwargs: &Value, extra: &[&str]) -> Value {
+    let kwargs = kwargs.to_string();
+    let mut args = vec![
+        "send",
+        "--name",
+        name,
+        "--task-id",
+        id,
+        "--kwargs",
+        &kwargs,
+        "--exchange",
+        "offliner",
+        "--routing-key",
+        "small",
+    ];
+    args.extend_from_slice(extra);
+    let out = celery_client(vhost, &args);
+    last_json_line(&out.stdout)
+}
+
+pub fn last_json_line(stdout: &[u8]) -> Value {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// A Celery `EventReceiver` (Python) listening on the vhost; every event it
+/// gets is kept here, in arrival order.
+pub struct EventsProc {
+    child: Child,
+    lines: Arc<(Mutex<Vec<Value>>, Condvar)>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventsProc {
+    pub fn start(vhost: &Vhost, seconds: u64) -> Self {
+        let script = repo_root().join("tests/py/celery_client.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .args(["events", "--broker", &vhost.url(), "--seconds", &seconds.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines: Arc<(Mutex<Vec<Value>>, Condvar)> = Arc::default();
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let (lock, cv) = &*sink;
+                    lock.lock().unwrap().push(v);
+                    cv.notify_all();
+                }
+            }
+        });
+        let this = Self {
+            child,
+            lines,
+            reader: Some(reader),
+        };
+        this.wait_for(|v| v["ready"] == true, Duration::from_secs(30), "receiver ready");
+        this
+    }
+
+    /// Waits for a line matching `pred` and returns it.
+    pub fn wait_for(&self, pred: impl Fn(&Value) -> bool, timeout: Duration, what: &str) -> Value {
+        let (lock, cv) = &*self.lines;
+        let start = Instant::now();
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some(v) = lines.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            let left = timeout.checked_sub(start.elapsed()).unwrap_or_else(|| {
+                panic!(
+                    "no {what} within {timeout:?}; events so far:\n{}",
+                    lines.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+                )
+            });
+            lines = cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Waits for the event of `event_type` about task `uuid`.
+    pub fn wait_task_event(&self, event_type: &str, uuid: &str, timeout: Duration) -> Value {
+        self.wait_for(
+            |v| v["type"] == event_type && v["uuid"] == uuid,
+            timeout,
+            &format!("{event_type} for {uuid}"),
+        )
+    }
+
+    /// Every event line so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.lines.0.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, event_type: &str, uuid: &str) -> usize {
+        self.events()
+            .iter()
+            .filter(|v| v["type"] == event_type && v["uuid"] == uuid)
+            .count()
+    }
+
+    /// Waits for the receiver to exit by itself and returns its summary line.
+    pub fn finish(mut self) -> Value {
+        let _ = self.child.wait();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.events()
+            .into_iter()
+            .rev()
+            .find(|v| v.get("summary").is_some())
+            .unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for EventsProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

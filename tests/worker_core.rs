@@ -1,0 +1,415 @@
+//! The worker core against a real RabbitMQ and real Python Celery 5:
+//! interop (protocol 2 and 1, events, `rpc://`), bad input, `expires`,
+//! `eta`, time limits, faults (connection cut, kill -9) and shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+
+fn kwargs(simulate: Value) -> Value {
+    json!({
+        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c", "format": ["nopic", "novid"]},
+        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
+        "warehouse_path": "/wikipedia",
+        "simulate": simulate,
+    })
+}
+
+fn setup(label: &str) -> (Vhost, tempfile::TempDir) {
+    (Vhost::new(label), tempfile::tempdir().expect("temp dir"))
+}
+
+/// Python's `ast.literal_eval` of a repr string, as JSON.
+fn literal_eval(repr: &str) -> Value {
+    let out = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import ast, json, sys; print(json.dumps(ast.literal_eval(sys.argv[1])))",
+            repr,
+        ])
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "literal_eval({repr:?}) failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn celery_send_task_runs_and_reports_every_event() {
+    let (vh, dir) = setup("interop");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "interop", &[]);
+    worker.wait_connected();
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@interop",
+        T,
+        "worker-online",
+    );
+    let id = task_id();
+    let files = json!([{"name": "wikipedia_en_all.zim", "size": 123456789}, {"name": "it's \"quoted\".zim", "size": 0}]);
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 0.3, "files": files})), &[]);
+
+    let received = events.wait_task_event("task-received", &id, T);
+    assert_eq!(received["name"], "offliner.mwoffliner");
+    assert_eq!(received["hostname"], "tester@interop");
+    assert!(received["kwargs"].as_str().unwrap().contains("'warehouse_path': '/wikipedia'"), "{received}");
+    events.wait_task_event("task-started", &id, T);
+    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    assert_eq!(literal_eval(succeeded["result"].as_str().unwrap()), files);
+    assert!(succeeded["runtime"].as_f64().unwrap() >= 0.3);
+    for e in ["task-received", "task-started", "task-succeeded"] {
+        assert_eq!(events.count(e, &id), 1, "{e} once");
+    }
+    // A heartbeat every 2 s, with a Lamport clock that only goes forward.
+    events.wait_for(|v| v["type"] == "worker-heartbeat" && v["processed"] == 1, T, "heartbeat after the task");
+    let clocks: Vec<u64> = events
+        .events()
+        .iter()
+        .filter(|v| v["hostname"] == "tester@interop")
+        .filter_map(|v| v["clock"].as_u64())
+        .collect();
+    assert!(clocks.windows(2).all(|w| w[0] < w[1]), "clock goes forward: {clocks:?}");
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn celery_state_sees_worker_alive_and_task_succeeded() {
+    let (vh, dir) = setup("state");
+    let events = EventsProc::start(&vh, 12);
+    let worker = WorkerProc::start(&vh, dir.path(), "state", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &id, T);
+    let summary = events.finish();
+    assert_eq!(summary["summary"]["workers"]["tester@state"]["alive"], true, "{summary}");
+    assert_eq!(summary["summary"]["tasks"][&id]["state"], "SUCCESS", "{summary}");
+    let text = summary.to_string();
+    assert!(!text.contains("drift"), "no clock-drift warning: {text}");
+}
+
+#[test]
+fn protocol_1_message_is_consumed() {
+    let (vh, dir) = setup("proto1");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "proto1", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.youtube", &id, &kwargs(Value::Null), &["--protocol", "1"]);
+    let received = events.wait_task_event("task-received", &id, T);
+    assert_eq!(received["name"], "offliner.youtube");
+    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    assert_eq!(
+        literal_eval(succeeded["result"].as_str().unwrap()),
+        json!([{"name": format!("simulated_{id}.zim"), "size": 1024}])
+    );
+}
+
+#[test]
+fn rpc_backend_result_reaches_async_result_get() {
+    let (vh, dir) = setup("rpc");
+    let worker = WorkerProc::start(&vh, dir.path(), "rpc", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    let reply = send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &["--rpc", "--wait", "30"]);
+    assert_eq!(reply["status"], "SUCCESS", "{reply}");
+    assert_eq!(reply["result"], json!([{"name": format!("simulated_{id}.zim"), "size": 1024}]));
+
+    let id = task_id();
+    let reply = send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"fail": "scraper exited with code 3"})),
+        &["--rpc", "--wait", "30"],
+    );
+    assert_eq!(reply["status"], "FAILURE", "{reply}");
+    assert_eq!(reply["exc_type"], "RuntimeError", "{reply}");
+    assert!(reply["exc"].as_str().unwrap().contains("scraper exited with code 3"), "{reply}");
+}
+
+#[test]
+fn failing_and_panicking_tasks_fail_and_the_worker_goes_on() {
+    let (vh, dir) = setup("fail");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "fail", &[]);
+    worker.wait_connected();
+    let failing = task_id();
+    send_task(&vh, "offliner.mwoffliner", &failing, &kwargs(json!({"fail": "exit code 1: 'boom'"})), &[]);
+    let failed = events.wait_task_event("task-failed", &failing, T);
+    assert_eq!(failed["exception"], r#"RuntimeError("exit code 1: 'boom'")"#, "{failed}");
+
+    let panicking = task_id();
+    send_task(&vh, "offliner.mwoffliner", &panicking, &kwargs(json!({"panic": true})), &[]);
+    let failed = events.wait_task_event("task-failed", &panicking, T);
+    assert!(failed["exception"].as_str().unwrap().contains("panicked"), "{failed}");
+
+    let fine = task_id();
+    send_task(&vh, "offliner.mwoffliner", &fine, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &fine, T);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn unknown_task_is_rejected_with_task_failed() {
+    let (vh, dir) = setup("unknown");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "unknown", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.nosuchthing", &id, &kwargs(Value::Null), &[]);
+    let failed = events.wait_task_event("task-failed", &id, T);
+    assert!(failed["exception"].as_str().unwrap().starts_with("NotRegistered("), "{failed}");
+    assert_eq!(events.count("task-started", &id), 0);
+    // Rejected without requeue: gone from the queue, not redelivered.
+    let next = task_id();
+    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &next, T);
+    vh.wait_queue_depth("small", 0, 0, T);
+    assert_eq!(events.count("task-failed", &id), 1);
+}
+
+/// Publishes raw bytes to the `offliner` exchange, routing key `small`.
+fn publish_raw(vh: &Vhost, dir: &std::path::Path, body: &[u8], extra: &[&str]) {
+    let file = dir.join(format!("body-{}", task_id()));
+    std::fs::write(&file, body).unwrap();
+    let file = file.display().to_string();
+    let mut args = vec!["publish-raw", "--exchange", "offliner", "--routing-key", "small", "--body-file", &file];
+    args.extend_from_slice(extra);
+    celery_client(vh, &args);
+}
+
+#[test]
+fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
+    let (vh, dir) = setup("bad");
+    let events = EventsProc::start(&vh, 120);
+    let worker = WorkerProc::start(&vh, dir.path(), "bad", &[]);
+    worker.wait_connected();
+    let d = dir.path();
+    let v2 = |id: &str| json!({"task": "offliner.mwoffliner", "id": id, "lang": "py"}).to_string();
+    let wrong_shape_id = task_id();
+
+    // Invalid JSON, as protocol 2 (headers) and as protocol 1 (body only).
+    publish_raw(&vh, d, b"[[], {\"flags\": ", &["--headers", &v2(&task_id()), "--content-type", "application/json"]);
+    publish_raw(&vh, d, b"{not json", &["--content-type", "application/json"]);
+    // A body of the wrong shape.
+    publish_raw(&vh, d, br#"{"args": "nope"}"#, &["--headers", &v2(&wrong_shape_id), "--content-type", "application/json"]);
+    publish_raw(&vh, d, b"[1, 2, 3]", &["--content-type", "application/json"]);
+    // Non-UTF-8 bytes.
+    publish_raw(&vh, d, b"[[], {\"a\": \"\xff\xfe\"}, {}]", &["--headers", &v2(&task_id()), "--content-type", "application/json"]);
+    // A pickle, which must never be loaded.
+    publish_raw(&vh, d, b"\x80\x04\x95", &["--headers", &v2(&task_id()), "--content-type", "application/x-python-serialize"]);
+    // 50 MB.
+    let mut big = b"[[], {\"flags\": {\"x\": \"".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 50 * 1024 * 1024));
+    big.extend_from_slice(b"\"}}, {}]");
+    publish_raw(&vh, d, &big, &["--headers", &v2(&task_id()), "--content-type", "application/json"]);
+    drop(big);
+
+    let next = task_id();
+    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &next, Duration::from_secs(60));
+    vh.wait_queue_depth("small", 0, 0, T);
+    // The decode failure of a message whose id was readable is reported.
+    events.wait_task_event("task-failed", &wrong_shape_id, T);
+    let log = worker.log_text();
+    assert!(log.contains("dropping an undecodable task message"), "{log}");
+    assert!(log.contains("larger than MAX_MESSAGE_BYTES"), "{log}");
+    assert!(worker.rss_kib() < 200 * 1024, "RSS after a 50 MB message: {} KiB", worker.rss_kib());
+    assert_eq!(events.events().iter().filter(|v| v["type"] == "task-started").count(), 1);
+}
+
+#[test]
+fn expired_task_is_revoked_not_run() {
+    let (vh, dir) = setup("expires");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "expires", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &["--expires", "-60"]);
+    let revoked = events.wait_task_event("task-revoked", &id, T);
+    assert_eq!(revoked["expired"], true, "{revoked}");
+    assert_eq!(revoked["terminated"], false, "{revoked}");
+    let next = task_id();
+    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &next, T);
+    assert_eq!(events.count("task-started", &id), 0);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn eta_task_is_held_without_blocking_others() {
+    let (vh, dir) = setup("eta");
+    let events = EventsProc::start(&vh, 60);
+    // One slot only: a held eta task must not take it.
+    let worker = WorkerProc::start(&vh, dir.path(), "eta", &[("CONCURRENCY", "1")]);
+    worker.wait_connected();
+    let later = task_id();
+    let sent_at = Instant::now();
+    send_task(&vh, "offliner.mwoffliner", &later, &kwargs(Value::Null), &["--countdown", "3"]);
+    events.wait_task_event("task-received", &later, T);
+    let now_id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &now_id, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &now_id, T);
+    assert_eq!(events.count("task-started", &later), 0, "eta task must not start early");
+    events.wait_task_event("task-started", &later, T);
+    assert!(sent_at.elapsed() >= Duration::from_millis(2900));
+    events.wait_task_event("task-succeeded", &later, T);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn hard_time_limit_stops_the_task() {
+    let (vh, dir) = setup("timelimit");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "timelimit", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    let start = Instant::now();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 60})), &["--time-limit", "1"]);
+    let failed = events.wait_task_event("task-failed", &id, T);
+    assert!(start.elapsed() < Duration::from_secs(15));
+    assert!(failed["exception"].as_str().unwrap().starts_with("TimeLimitExceeded("), "{failed}");
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn concurrency_bounds_running_tasks() {
+    let (vh, dir) = setup("slots");
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(&vh, dir.path(), "slots", &[("CONCURRENCY", "2")]);
+    worker.wait_connected();
+    let ids: Vec<String> = (0..4).map(|_| task_id()).collect();
+    for id in &ids {
+        send_task(&vh, "offliner.mwoffliner", id, &kwargs(json!({"sleep": 1.0})), &[]);
+    }
+    for id in &ids {
+        events.wait_task_event("task-succeeded", id, T);
+    }
+    // Replay the events: never more than two started-but-not-ended.
+    let mut running = 0i32;
+    let mut peak = 0;
+    for e in events.events() {
+        match e["type"].as_str() {
+            Some("task-started") => running += 1,
+            Some("task-succeeded") => running -= 1,
+            _ => {}
+        }
+        peak = peak.max(running);
+    }
+    assert_eq!(peak, 2, "CONCURRENCY=2 runs two at once");
+}
+
+#[test]
+fn connection_cut_mid_task_completes_exactly_once() {
+    let (vh, dir) = setup("cut");
+    let events = EventsProc::start(&vh, 90);
+    let worker = WorkerProc::start(&vh, dir.path(), "cut", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 6.0})), &[]);
+    events.wait_task_event("task-started", &id, T);
+    vh.close_all_connections();
+    worker.wait_log("reconnecting", T);
+    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    assert!(succeeded["runtime"].as_f64().unwrap() >= 6.0);
+    let next = task_id();
+    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &next, T);
+    // The redelivered copy was acked with the run, not run again.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(events.count("task-started", &id), 1);
+    assert_eq!(events.count("task-succeeded", &id), 1);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn kill_9_mid_task_redelivers_to_a_new_worker() {
+    let (vh, dir) = setup("kill9");
+    let events = EventsProc::start(&vh, 90);
+    let mut first = WorkerProc::start(&vh, dir.path(), "kill9", &[]);
+    first.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 2.0})), &[]);
+    events.wait_task_event("task-started", &id, T);
+    first.signal("KILL");
+    first.wait_exit(T);
+    let second = WorkerProc::start(&vh, dir.path(), "kill9", &[]);
+    second.wait_connected();
+    events.wait_task_event("task-succeeded", &id, T);
+    assert_eq!(events.count("task-started", &id), 2, "started by the first, then by the new worker");
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn sigterm_requeues_unfinished_tasks_and_says_offline() {
+    let (vh, dir) = setup("term");
+    let events = EventsProc::start(&vh, 90);
+    let mut worker = WorkerProc::start(&vh, dir.path(), "term", &[]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 30.0})), &[]);
+    events.wait_task_event("task-started", &id, T);
+    let start = Instant::now();
+    worker.signal("TERM");
+    let status = worker.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
+    assert!(start.elapsed() < Duration::from_secs(8), "within the grace period");
+    events.wait_for(|v| v["type"] == "worker-offline" && v["hostname"] == "tester@term", T, "worker-offline");
+    assert_eq!(events.count("task-succeeded", &id), 0);
+    assert_eq!(events.count("task-failed", &id), 0);
+    // The message went back to the queue, whole.
+    vh.wait_queue_depth("small", 1, 0, T);
+}
+
+#[test]
+fn bad_environment_exits_2_with_one_clear_line() {
+    let vh = Vhost::new("env");
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        ("NODE_NAME", Some("default_node_name"), "NODE_NAME"),
+        ("QUEUES", Some("default,gigantic"), "QUEUES"),
+        ("CONCURRENCY", Some("-3"), "CONCURRENCY"),
+        ("USERNAME", None, "USERNAME"),
+        ("BROKER_URL", Some("amqp://u:hunter2@host:notaport/v"), "BROKER_URL"),
+    ];
+    for (var, value, named) in cases {
+        let mut env = worker_env(&vh, dir.path(), "envtest", &[]);
+        env.retain(|(k, _)| k != var);
+        if let Some(v) = value {
+            env.push((var.to_string(), v.to_string()));
+        }
+        let out = std::process::Command::new(worker_binary())
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "no password in errors: {stderr}");
+    }
+}
+
+#[test]
+fn broker_down_at_start_is_retried_until_it_answers() {
+    // A port where nothing listens: the worker keeps retrying, with backoff,
+    // and exits cleanly on SIGTERM meanwhile.
+    let vh = Vhost::new("down");
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "down",
+        &[("BROKER_URL", "amqp://zimfarm-test:zimfarm-test@127.0.0.1:1/x")],
+    );
+    worker.wait_log("broker unreachable", T);
+    worker.signal("TERM");
+    assert!(worker.wait_exit(T).success());
+    assert!(!worker.log_text().contains("zimfarm-test:zimfarm-test"), "password redacted");
+}

@@ -40,7 +40,10 @@ fn main() {
     let ours = rt.block_on(run("zimfarm-worker (Rust)", Kind::Ours));
     let celery = rt.block_on(run("celery 5 (Python, prefork)", Kind::Celery));
     println!();
-    println!("{:<28} {:>12} {:>10} {:>10} {:>12} {:>14}", "worker", "tasks/s", "p50 ms", "p99 ms", "online ms", "idle RSS MiB");
+    println!(
+        "{:<28} {:>12} {:>10} {:>10} {:>12} {:>14}",
+        "worker", "tasks/s", "p50 ms", "p99 ms", "online ms", "idle RSS MiB"
+    );
     for f in [&ours, &celery] {
         println!(
             "{:<28} {:>12.0} {:>10.1} {:>10.1} {:>12.0} {:>14.1}",
@@ -76,7 +79,14 @@ fn spawn(kind: &Kind, vh: &Vhost, dir: &std::path::Path) -> Child {
             .expect("worker starts"),
         Kind::Celery => Command::new(python())
             .arg(repo_root().join("tests/py/noop_celery_worker.py"))
-            .args(["--broker", &vh.url(), "--concurrency", "2", "--hostname", "tester@bench"])
+            .args([
+                "--broker",
+                &vh.url(),
+                "--concurrency",
+                "2",
+                "--hostname",
+                "tester@bench",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -91,29 +101,72 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     for ex in ["celeryev", "offliner"] {
-        ch.exchange_declare(ex.into(), ExchangeKind::Topic, durable, FieldTable::default())
-            .await
-            .expect("exchange");
+        ch.exchange_declare(
+            ex.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
     }
-    ch.queue_declare("small".into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-        .await
-        .expect("queue");
-    ch.queue_bind("small".into(), "offliner".into(), "small".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .expect("bind");
+    ch.queue_declare(
+        "small".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("queue");
+    ch.queue_bind(
+        "small".into(),
+        "offliner".into(),
+        "small".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
     let events = ch
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .expect("event queue");
     for key in ["task.succeeded", "worker.online"] {
-        ch.queue_bind(events.name().clone(), "celeryev".into(), key.into(), QueueBindOptions::default(), FieldTable::default())
-            .await
-            .expect("bind events");
+        ch.queue_bind(
+            events.name().clone(),
+            "celeryev".into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind events");
     }
     let mut consumer = ch
-        .basic_consume(events.name().clone(), "bench".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .basic_consume(
+            events.name().clone(),
+            "bench".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
 
@@ -134,7 +187,10 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let pub_ch = conn.create_channel().await.expect("channel");
-    pub_ch.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    pub_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
     let mut sent = HashMap::with_capacity(TASKS);
     let start = Instant::now();
     let mut confirms = Vec::with_capacity(TASKS);
@@ -150,7 +206,13 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
             .with_headers(headers);
         confirms.push(
             pub_ch
-                .basic_publish("offliner".into(), "small".into(), BasicPublishOptions::default(), &body, props)
+                .basic_publish(
+                    "offliner".into(),
+                    "small".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
                 .await
                 .expect("publish"),
         );
@@ -160,7 +222,12 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
     while latencies.len() < TASKS {
         let d = tokio::time::timeout(Duration::from_secs(120), consumer.next())
             .await
-            .unwrap_or_else(|_| panic!("{name}: only {} of {TASKS} tasks succeeded within 120 s", latencies.len()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name}: only {} of {TASKS} tasks succeeded within 120 s",
+                    latencies.len()
+                )
+            })
             .expect("stream")
             .expect("delivery");
         let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
@@ -216,7 +283,10 @@ fn task_message(id: &str) -> (FieldTable, Vec<u8>) {
         AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Void, AMQPValue::Void])),
     );
     h.insert("argsrepr".into(), s("()"));
-    h.insert("kwargsrepr".into(), s("{'flags': {}, 'warehouse_path': '/bench'}"));
+    h.insert(
+        "kwargsrepr".into(),
+        s("{'flags': {}, 'warehouse_path': '/bench'}"),
+    );
     h.insert("origin".into(), s("bench@localhost"));
     let body = br#"[[], {"flags": {}, "warehouse_path": "/bench"}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#;
     (h, body.to_vec())
@@ -227,10 +297,16 @@ fn tree_rss_kib(root: u32) -> u64 {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // Field 4 is the parent pid; the command name (field 2) may hold spaces.
-            let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok());
             if let Some(ppid) = ppid {
                 children.entry(ppid).or_default().push(pid);
             }

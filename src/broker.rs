@@ -39,19 +39,13 @@ pub enum BrokerError {
         source: std::io::Error,
     },
     #[error("cannot connect to the broker at {url}: {source}")]
-    Connect {
-        url: String,
-        source: lapin::Error,
-    },
+    Connect { url: String, source: lapin::Error },
     #[error(
         "the broker at {url} did not answer within {secs} s; check the host, port and firewall"
     )]
     ConnectTimeout { url: String, secs: u64 },
     #[error("broker refused {what}: {source}")]
-    Setup {
-        what: String,
-        source: lapin::Error,
-    },
+    Setup { what: String, source: lapin::Error },
 }
 
 /// How to reach the broker and what to declare there.
@@ -71,12 +65,14 @@ impl Broker {
     pub fn new(config: &Config) -> Result<Self, BrokerError> {
         let tls = match &config.broker_ca_file {
             None => None,
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|source| {
-                BrokerError::CaFile {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?),
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| BrokerError::CaFile {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
         };
         Ok(Self {
             url: config.broker_url.clone(),
@@ -140,9 +136,17 @@ impl Broker {
             durable: true,
             ..Default::default()
         };
-        for (name, what) in [(TASK_EXCHANGE, "exchange offliner"), (EVENT_EXCHANGE, "exchange celeryev")] {
+        for (name, what) in [
+            (TASK_EXCHANGE, "exchange offliner"),
+            (EVENT_EXCHANGE, "exchange celeryev"),
+        ] {
             consume_channel
-                .exchange_declare(name.into(), ExchangeKind::Topic, durable, FieldTable::default())
+                .exchange_declare(
+                    name.into(),
+                    ExchangeKind::Topic,
+                    durable,
+                    FieldTable::default(),
+                )
                 .await
                 .map_err(setup(what))?;
         }
@@ -219,7 +223,10 @@ impl Session {
 
     /// Closes the connection; unacked deliveries go back to their queues.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "worker shutting down".into()).await;
+        let _ = self
+            .connection
+            .close(200, "worker shutting down".into())
+            .await;
     }
 }
 
@@ -305,7 +312,11 @@ impl Outbox {
     }
 
     pub fn len(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).items.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -76,10 +76,7 @@ impl fmt::Display for BrokerUrl {
         write!(
             f,
             "{scheme}://{}:***@{}:{}/{}",
-            uri.authority.userinfo.username,
-            uri.authority.host,
-            uri.authority.port,
-            uri.vhost
+            uri.authority.userinfo.username, uri.authority.host, uri.authority.port, uri.vhost
         )
     }
 }
@@ -304,7 +301,10 @@ impl RawEnv {
 
     fn validate(self) -> Result<Config, ConfigError> {
         let username = required("USERNAME", self.username)?;
-        if username.chars().any(|c| c.is_whitespace() || c.is_control() || c == '@') {
+        if username
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '@')
+        {
             return Err(ConfigError::new(
                 "USERNAME",
                 "must not contain spaces, control characters or '@'",
@@ -427,9 +427,7 @@ impl RawEnv {
 
 /// `None` for unset and for empty values: an empty variable means "default".
 fn non_empty(value: Option<String>) -> Option<String> {
-    value
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
 fn required(var: &'static str, value: Option<String>) -> Result<String, ConfigError> {
@@ -543,7 +541,11 @@ fn http_url(var: &'static str, value: String) -> Result<String, ConfigError> {
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"));
     match rest {
-        Some(rest) if !rest.is_empty() && !rest.starts_with('/') && !value.contains(char::is_whitespace) => {
+        Some(rest)
+            if !rest.is_empty()
+                && !rest.starts_with('/')
+                && !value.contains(char::is_whitespace) =>
+        {
             Ok(value.trim_end_matches('/').to_owned())
         }
         _ => Err(ConfigError::new(
@@ -672,7 +674,11 @@ mod tests {
 
     #[test]
     fn broker_url_overrides_and_keeps_password_out_of_errors() {
-        let c = load(&with(&[("BROKER_URL", "amqp://bob:p%40ss@127.0.0.1:5672/test")])).unwrap();
+        let c = load(&with(&[(
+            "BROKER_URL",
+            "amqp://bob:p%40ss@127.0.0.1:5672/test",
+        )]))
+        .unwrap();
         assert_eq!(c.broker_url.uri().authority.userinfo.password, "p@ss");
         assert_eq!(c.broker_url.vhost(), "test");
         assert!(!c.broker_url.is_tls());
@@ -693,7 +699,10 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)))
             .collect();
-        vars.push((OsString::from("NODE_NAME"), OsString::from_vec(vec![0xff, 0xfe])));
+        vars.push((
+            OsString::from("NODE_NAME"),
+            OsString::from_vec(vec![0xff, 0xfe]),
+        ));
         let err = Config::from_vars(vars).unwrap_err();
         assert_eq!(err.var, "NODE_NAME");
     }

@@ -50,14 +50,26 @@ impl EventSink {
         self.enabled.store(enabled, Ordering::Relaxed);
     }
 
+    /// Queues one event, fire and forget.
+    pub fn emit(&self, kind: &EventKind) {
+        self.queue(kind, None);
+    }
+
     /// Queues one event. The returned receiver resolves once the broker has
     /// confirmed it.
-    pub fn emit(&self, kind: &EventKind) -> Confirmed {
+    pub fn emit_confirmed(&self, kind: &EventKind) -> Confirmed {
         let (tx, rx) = oneshot::channel();
+        self.queue(kind, Some(tx));
+        rx
+    }
+
+    fn queue(&self, kind: &EventKind, confirmed: Option<oneshot::Sender<()>>) {
         let is_worker_event = kind.task_id().is_none();
         if !kind.is_final() && !is_worker_event && !self.enabled.load(Ordering::Relaxed) {
-            let _ = tx.send(());
-            return rx;
+            if let Some(tx) = confirmed {
+                let _ = tx.send(());
+            }
+            return;
         }
         let clock = self.clock.forward();
         let encoded = encode_event(
@@ -74,9 +86,8 @@ impl EventSink {
             body: encoded.body,
             properties: event_properties(&self.identity.hostname),
             keep: encoded.is_final,
-            confirmed: Some(tx),
+            confirmed,
         });
-        rx
     }
 
     /// Queues an `rpc://` result for a client waiting on `reply_to`.

@@ -81,7 +81,7 @@ impl TaskContext {
 
     /// Sends a task event of the runner's own (`task-container_started`...).
     pub fn emit(&self, event_type: &str, fields: serde_json::Map<String, Value>) {
-        let _ = self.events.emit(&EventKind::Custom {
+        self.events.emit(&EventKind::Custom {
             event_type: event_type.to_owned(),
             uuid: self.task_id.clone(),
             fields,
@@ -118,6 +118,9 @@ struct Simulation {
 pub struct SimulateRunner;
 
 impl Runner for SimulateRunner {
+    // Not an `async fn`: the future must be 'static (it runs in its own
+    // tokio task), so it must not borrow `self`.
+    #[allow(clippy::manual_async_fn)]
     fn run(
         &self,
         request: Arc<TaskRequest>,
@@ -126,9 +129,8 @@ impl Runner for SimulateRunner {
         async move {
             let sim = match request.kwargs.get("simulate") {
                 None | Some(Value::Null) => Simulation::default(),
-                Some(v) => Simulation::deserialize(v).map_err(|e| {
-                    TaskError::runtime(format!("invalid simulate parameters: {e}"))
-                })?,
+                Some(v) => Simulation::deserialize(v)
+                    .map_err(|e| TaskError::runtime(format!("invalid simulate parameters: {e}")))?,
             };
             if sim.sleep.is_finite() && sim.sleep > 0.0 {
                 let nap = Duration::from_secs_f64(sim.sleep.min(86_400.0));

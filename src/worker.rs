@@ -195,7 +195,7 @@ impl<R: Runner> Worker<R> {
         {
             tracing::warn!("tasks did not stop within SHUTDOWN_GRACE; exiting anyway");
         }
-        let _ = inner.events.emit(&EventKind::WorkerOffline(inner.stats()));
+        inner.events.emit(&EventKind::WorkerOffline(inner.stats()));
         if !inner.outbox.drained(deadline).await {
             tracing::warn!(
                 pending = inner.outbox.len(),
@@ -253,7 +253,7 @@ impl<R: Runner> Inner<R> {
                 "connected to the broker; consuming"
             );
             first = false;
-            let _ = self.events.emit(&EventKind::WorkerOnline(self.stats()));
+            self.events.emit(&EventKind::WorkerOnline(self.stats()));
 
             let mut prefetch_rx = self.prefetch.subscribe();
             loop {
@@ -317,7 +317,7 @@ impl<R: Runner> Inner<R> {
                     // A heartbeat queued while the broker is away would only
                     // be stale when it finally leaves.
                     if self.outbox.is_connected() {
-                        let _ = self.events.emit(&EventKind::WorkerHeartbeat(self.stats()));
+                        self.events.emit(&EventKind::WorkerHeartbeat(self.stats()));
                     }
                 }
             }
@@ -363,7 +363,7 @@ impl<R: Runner> Inner<R> {
             Err(error) => {
                 tracing::error!(task_id = ?error.task_id, %error, "dropping an undecodable task message");
                 let confirmed = error.task_id.as_ref().map(|id| {
-                    self.events.emit(&EventKind::TaskFailed {
+                    self.events.emit_confirmed(&EventKind::TaskFailed {
                         uuid: id.clone(),
                         exception: ExceptionInfo {
                             exc_type: "DecodeError".to_owned(),
@@ -389,25 +389,22 @@ impl<R: Runner> Inner<R> {
                 message: request.name.clone(),
                 traceback: String::new(),
             };
-            let _ = self.events.emit(&EventKind::TaskFailed {
+            self.events.emit(&EventKind::TaskFailed {
                 uuid: request.id.clone(),
                 exception: info.repr(),
                 traceback: String::new(),
             });
-            let confirmed = request
-                .reply_to
-                .as_deref()
-                .map(|to| self.events.publish_result(to, &request.id, &TaskState::Failure(info)));
+            let confirmed = request.reply_to.as_deref().map(|to| {
+                self.events
+                    .publish_result(to, &request.id, &TaskState::Failure(info))
+            });
             let this = self.clone();
             self.tasks.spawn(async move {
                 if let Some(c) = confirmed {
                     let _ = c.await;
                 }
                 drop(this);
-                if let Err(error) = acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                {
+                if let Err(error) = acker.reject(BasicRejectOptions { requeue: false }).await {
                     tracing::debug!(%error, "reject failed; the broker will redeliver");
                 }
             });
@@ -424,8 +421,10 @@ impl<R: Runner> Inner<R> {
         }
         if let Some(event) = state.ended.events.get(&request.id).cloned() {
             drop(state);
-            tracing::info!("redelivered message for a task that already ended here; sending its final event again");
-            let confirmed = self.events.emit(&event);
+            tracing::info!(
+                "redelivered message for a task that already ended here; sending its final event again"
+            );
+            let confirmed = self.events.emit_confirmed(&event);
             self.spawn_ack(acker, Some(confirmed));
             return;
         }
@@ -439,7 +438,7 @@ impl<R: Runner> Inner<R> {
             state.ended.insert(request.id.clone(), event.clone());
             drop(state);
             tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
-            let mut confirmed = self.events.emit(&event);
+            let mut confirmed = self.events.emit_confirmed(&event);
             if let Some(to) = request.reply_to.as_deref() {
                 confirmed = self.events.publish_result(
                     to,
@@ -471,7 +470,7 @@ impl<R: Runner> Inner<R> {
             },
         );
         drop(state);
-        let _ = self.events.emit(&EventKind::TaskReceived {
+        self.events.emit(&EventKind::TaskReceived {
             uuid: request.id.clone(),
             name: request.name.clone(),
             args: request.argsrepr.clone(),
@@ -522,7 +521,12 @@ impl<R: Runner> Inner<R> {
     }
 
     /// One task from acceptance to ack: eta hold, slot, run, final event.
-    async fn task_life(self: Arc<Self>, request: Arc<TaskRequest>, acker: Acker, cancel: CancellationToken) {
+    async fn task_life(
+        self: Arc<Self>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        cancel: CancellationToken,
+    ) {
         if let Some(eta) = request.eta {
             let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
             if !wait.is_zero() {
@@ -545,7 +549,7 @@ impl<R: Runner> Inner<R> {
             Some(permit) => {
                 self.set_phase(&request.id, Phase::Running);
                 tracing::Span::current().record("stage", "running");
-                let _ = self.events.emit(&EventKind::TaskStarted {
+                self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
                 tracing::info!("task started");
@@ -613,7 +617,12 @@ impl<R: Runner> Inner<R> {
     /// Reports how the task ended, then acks its message(s) once the broker
     /// confirmed the report. A task stopped by shutdown is not acked: its
     /// message goes back to the queue for another worker.
-    async fn finish(&self, request: &TaskRequest, outcome: Result<Vec<TaskFile>, RunError>, acker: Acker) {
+    async fn finish(
+        &self,
+        request: &TaskRequest,
+        outcome: Result<Vec<TaskFile>, RunError>,
+        acker: Acker,
+    ) {
         let id = request.id.clone();
         let (reason, started) = {
             let mut state = self.lock();
@@ -674,7 +683,7 @@ impl<R: Runner> Inner<R> {
                 }
             },
         };
-        let mut confirmed = self.events.emit(&event);
+        let mut confirmed = self.events.emit_confirmed(&event);
         if let Some(to) = request.reply_to.as_deref() {
             confirmed = self.events.publish_result(to, &id, &state);
         }

@@ -34,7 +34,11 @@ fn literal_eval(repr: &str) -> Value {
         ])
         .output()
         .expect("python runs");
-    assert!(out.status.success(), "literal_eval({repr:?}) failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "literal_eval({repr:?}) failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
@@ -51,12 +55,24 @@ fn celery_send_task_runs_and_reports_every_event() {
     );
     let id = task_id();
     let files = json!([{"name": "wikipedia_en_all.zim", "size": 123456789}, {"name": "it's \"quoted\".zim", "size": 0}]);
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 0.3, "files": files})), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"sleep": 0.3, "files": files})),
+        &[],
+    );
 
     let received = events.wait_task_event("task-received", &id, T);
     assert_eq!(received["name"], "offliner.mwoffliner");
     assert_eq!(received["hostname"], "tester@interop");
-    assert!(received["kwargs"].as_str().unwrap().contains("'warehouse_path': '/wikipedia'"), "{received}");
+    assert!(
+        received["kwargs"]
+            .as_str()
+            .unwrap()
+            .contains("'warehouse_path': '/wikipedia'"),
+        "{received}"
+    );
     events.wait_task_event("task-started", &id, T);
     let succeeded = events.wait_task_event("task-succeeded", &id, T);
     assert_eq!(literal_eval(succeeded["result"].as_str().unwrap()), files);
@@ -65,14 +81,21 @@ fn celery_send_task_runs_and_reports_every_event() {
         assert_eq!(events.count(e, &id), 1, "{e} once");
     }
     // A heartbeat every 2 s, with a Lamport clock that only goes forward.
-    events.wait_for(|v| v["type"] == "worker-heartbeat" && v["processed"] == 1, T, "heartbeat after the task");
+    events.wait_for(
+        |v| v["type"] == "worker-heartbeat" && v["processed"] == 1,
+        T,
+        "heartbeat after the task",
+    );
     let clocks: Vec<u64> = events
         .events()
         .iter()
         .filter(|v| v["hostname"] == "tester@interop")
         .filter_map(|v| v["clock"].as_u64())
         .collect();
-    assert!(clocks.windows(2).all(|w| w[0] < w[1]), "clock goes forward: {clocks:?}");
+    assert!(
+        clocks.windows(2).all(|w| w[0] < w[1]),
+        "clock goes forward: {clocks:?}"
+    );
     vh.wait_queue_depth("small", 0, 0, T);
 }
 
@@ -86,8 +109,14 @@ fn celery_state_sees_worker_alive_and_task_succeeded() {
     send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &[]);
     events.wait_task_event("task-succeeded", &id, T);
     let summary = events.finish();
-    assert_eq!(summary["summary"]["workers"]["tester@state"]["alive"], true, "{summary}");
-    assert_eq!(summary["summary"]["tasks"][&id]["state"], "SUCCESS", "{summary}");
+    assert_eq!(
+        summary["summary"]["workers"]["tester@state"]["alive"], true,
+        "{summary}"
+    );
+    assert_eq!(
+        summary["summary"]["tasks"][&id]["state"], "SUCCESS",
+        "{summary}"
+    );
     let text = summary.to_string();
     assert!(!text.contains("drift"), "no clock-drift warning: {text}");
 }
@@ -99,7 +128,13 @@ fn protocol_1_message_is_consumed() {
     let worker = WorkerProc::start(&vh, dir.path(), "proto1", &[]);
     worker.wait_connected();
     let id = task_id();
-    send_task(&vh, "offliner.youtube", &id, &kwargs(Value::Null), &["--protocol", "1"]);
+    send_task(
+        &vh,
+        "offliner.youtube",
+        &id,
+        &kwargs(Value::Null),
+        &["--protocol", "1"],
+    );
     let received = events.wait_task_event("task-received", &id, T);
     assert_eq!(received["name"], "offliner.youtube");
     let succeeded = events.wait_task_event("task-succeeded", &id, T);
@@ -115,9 +150,18 @@ fn rpc_backend_result_reaches_async_result_get() {
     let worker = WorkerProc::start(&vh, dir.path(), "rpc", &[]);
     worker.wait_connected();
     let id = task_id();
-    let reply = send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &["--rpc", "--wait", "30"]);
+    let reply = send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(Value::Null),
+        &["--rpc", "--wait", "30"],
+    );
     assert_eq!(reply["status"], "SUCCESS", "{reply}");
-    assert_eq!(reply["result"], json!([{"name": format!("simulated_{id}.zim"), "size": 1024}]));
+    assert_eq!(
+        reply["result"],
+        json!([{"name": format!("simulated_{id}.zim"), "size": 1024}])
+    );
 
     let id = task_id();
     let reply = send_task(
@@ -129,7 +173,13 @@ fn rpc_backend_result_reaches_async_result_get() {
     );
     assert_eq!(reply["status"], "FAILURE", "{reply}");
     assert_eq!(reply["exc_type"], "RuntimeError", "{reply}");
-    assert!(reply["exc"].as_str().unwrap().contains("scraper exited with code 3"), "{reply}");
+    assert!(
+        reply["exc"]
+            .as_str()
+            .unwrap()
+            .contains("scraper exited with code 3"),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -139,14 +189,32 @@ fn failing_and_panicking_tasks_fail_and_the_worker_goes_on() {
     let worker = WorkerProc::start(&vh, dir.path(), "fail", &[]);
     worker.wait_connected();
     let failing = task_id();
-    send_task(&vh, "offliner.mwoffliner", &failing, &kwargs(json!({"fail": "exit code 1: 'boom'"})), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &failing,
+        &kwargs(json!({"fail": "exit code 1: 'boom'"})),
+        &[],
+    );
     let failed = events.wait_task_event("task-failed", &failing, T);
-    assert_eq!(failed["exception"], r#"RuntimeError("exit code 1: 'boom'")"#, "{failed}");
+    assert_eq!(
+        failed["exception"], r#"RuntimeError("exit code 1: 'boom'")"#,
+        "{failed}"
+    );
 
     let panicking = task_id();
-    send_task(&vh, "offliner.mwoffliner", &panicking, &kwargs(json!({"panic": true})), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &panicking,
+        &kwargs(json!({"panic": true})),
+        &[],
+    );
     let failed = events.wait_task_event("task-failed", &panicking, T);
-    assert!(failed["exception"].as_str().unwrap().contains("panicked"), "{failed}");
+    assert!(
+        failed["exception"].as_str().unwrap().contains("panicked"),
+        "{failed}"
+    );
 
     let fine = task_id();
     send_task(&vh, "offliner.mwoffliner", &fine, &kwargs(Value::Null), &[]);
@@ -163,7 +231,13 @@ fn unknown_task_is_rejected_with_task_failed() {
     let id = task_id();
     send_task(&vh, "offliner.nosuchthing", &id, &kwargs(Value::Null), &[]);
     let failed = events.wait_task_event("task-failed", &id, T);
-    assert!(failed["exception"].as_str().unwrap().starts_with("NotRegistered("), "{failed}");
+    assert!(
+        failed["exception"]
+            .as_str()
+            .unwrap()
+            .starts_with("NotRegistered("),
+        "{failed}"
+    );
     assert_eq!(events.count("task-started", &id), 0);
     // Rejected without requeue: gone from the queue, not redelivered.
     let next = task_id();
@@ -178,7 +252,15 @@ fn publish_raw(vh: &Vhost, dir: &std::path::Path, body: &[u8], extra: &[&str]) {
     let file = dir.join(format!("body-{}", task_id()));
     std::fs::write(&file, body).unwrap();
     let file = file.display().to_string();
-    let mut args = vec!["publish-raw", "--exchange", "offliner", "--routing-key", "small", "--body-file", &file];
+    let mut args = vec![
+        "publish-raw",
+        "--exchange",
+        "offliner",
+        "--routing-key",
+        "small",
+        "--body-file",
+        &file,
+    ];
     args.extend_from_slice(extra);
     celery_client(vh, &args);
 }
@@ -194,20 +276,80 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
     let wrong_shape_id = task_id();
 
     // Invalid JSON, as protocol 2 (headers) and as protocol 1 (body only).
-    publish_raw(&vh, d, b"[[], {\"flags\": ", &["--headers", &v2(&task_id()), "--content-type", "application/json"]);
-    publish_raw(&vh, d, b"{not json", &["--content-type", "application/json"]);
+    publish_raw(
+        &vh,
+        d,
+        b"[[], {\"flags\": ",
+        &[
+            "--headers",
+            &v2(&task_id()),
+            "--content-type",
+            "application/json",
+        ],
+    );
+    publish_raw(
+        &vh,
+        d,
+        b"{not json",
+        &["--content-type", "application/json"],
+    );
     // A body of the wrong shape.
-    publish_raw(&vh, d, br#"{"args": "nope"}"#, &["--headers", &v2(&wrong_shape_id), "--content-type", "application/json"]);
-    publish_raw(&vh, d, b"[1, 2, 3]", &["--content-type", "application/json"]);
+    publish_raw(
+        &vh,
+        d,
+        br#"{"args": "nope"}"#,
+        &[
+            "--headers",
+            &v2(&wrong_shape_id),
+            "--content-type",
+            "application/json",
+        ],
+    );
+    publish_raw(
+        &vh,
+        d,
+        b"[1, 2, 3]",
+        &["--content-type", "application/json"],
+    );
     // Non-UTF-8 bytes.
-    publish_raw(&vh, d, b"[[], {\"a\": \"\xff\xfe\"}, {}]", &["--headers", &v2(&task_id()), "--content-type", "application/json"]);
+    publish_raw(
+        &vh,
+        d,
+        b"[[], {\"a\": \"\xff\xfe\"}, {}]",
+        &[
+            "--headers",
+            &v2(&task_id()),
+            "--content-type",
+            "application/json",
+        ],
+    );
     // A pickle, which must never be loaded.
-    publish_raw(&vh, d, b"\x80\x04\x95", &["--headers", &v2(&task_id()), "--content-type", "application/x-python-serialize"]);
+    publish_raw(
+        &vh,
+        d,
+        b"\x80\x04\x95",
+        &[
+            "--headers",
+            &v2(&task_id()),
+            "--content-type",
+            "application/x-python-serialize",
+        ],
+    );
     // 50 MB.
     let mut big = b"[[], {\"flags\": {\"x\": \"".to_vec();
     big.extend(std::iter::repeat_n(b'a', 50 * 1024 * 1024));
     big.extend_from_slice(b"\"}}, {}]");
-    publish_raw(&vh, d, &big, &["--headers", &v2(&task_id()), "--content-type", "application/json"]);
+    publish_raw(
+        &vh,
+        d,
+        &big,
+        &[
+            "--headers",
+            &v2(&task_id()),
+            "--content-type",
+            "application/json",
+        ],
+    );
     drop(big);
 
     let next = task_id();
@@ -217,10 +359,24 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
     // The decode failure of a message whose id was readable is reported.
     events.wait_task_event("task-failed", &wrong_shape_id, T);
     let log = worker.log_text();
-    assert!(log.contains("dropping an undecodable task message"), "{log}");
+    assert!(
+        log.contains("dropping an undecodable task message"),
+        "{log}"
+    );
     assert!(log.contains("larger than MAX_MESSAGE_BYTES"), "{log}");
-    assert!(worker.rss_kib() < 200 * 1024, "RSS after a 50 MB message: {} KiB", worker.rss_kib());
-    assert_eq!(events.events().iter().filter(|v| v["type"] == "task-started").count(), 1);
+    assert!(
+        worker.rss_kib() < 200 * 1024,
+        "RSS after a 50 MB message: {} KiB",
+        worker.rss_kib()
+    );
+    assert_eq!(
+        events
+            .events()
+            .iter()
+            .filter(|v| v["type"] == "task-started")
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -230,7 +386,13 @@ fn expired_task_is_revoked_not_run() {
     let worker = WorkerProc::start(&vh, dir.path(), "expires", &[]);
     worker.wait_connected();
     let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &["--expires", "-60"]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(Value::Null),
+        &["--expires", "-60"],
+    );
     let revoked = events.wait_task_event("task-revoked", &id, T);
     assert_eq!(revoked["expired"], true, "{revoked}");
     assert_eq!(revoked["terminated"], false, "{revoked}");
@@ -250,12 +412,28 @@ fn eta_task_is_held_without_blocking_others() {
     worker.wait_connected();
     let later = task_id();
     let sent_at = Instant::now();
-    send_task(&vh, "offliner.mwoffliner", &later, &kwargs(Value::Null), &["--countdown", "3"]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &later,
+        &kwargs(Value::Null),
+        &["--countdown", "3"],
+    );
     events.wait_task_event("task-received", &later, T);
     let now_id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &now_id, &kwargs(Value::Null), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &now_id,
+        &kwargs(Value::Null),
+        &[],
+    );
     events.wait_task_event("task-succeeded", &now_id, T);
-    assert_eq!(events.count("task-started", &later), 0, "eta task must not start early");
+    assert_eq!(
+        events.count("task-started", &later),
+        0,
+        "eta task must not start early"
+    );
     events.wait_task_event("task-started", &later, T);
     assert!(sent_at.elapsed() >= Duration::from_millis(2900));
     events.wait_task_event("task-succeeded", &later, T);
@@ -270,10 +448,22 @@ fn hard_time_limit_stops_the_task() {
     worker.wait_connected();
     let id = task_id();
     let start = Instant::now();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 60})), &["--time-limit", "1"]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"sleep": 60})),
+        &["--time-limit", "1"],
+    );
     let failed = events.wait_task_event("task-failed", &id, T);
     assert!(start.elapsed() < Duration::from_secs(15));
-    assert!(failed["exception"].as_str().unwrap().starts_with("TimeLimitExceeded("), "{failed}");
+    assert!(
+        failed["exception"]
+            .as_str()
+            .unwrap()
+            .starts_with("TimeLimitExceeded("),
+        "{failed}"
+    );
     vh.wait_queue_depth("small", 0, 0, T);
 }
 
@@ -285,7 +475,13 @@ fn concurrency_bounds_running_tasks() {
     worker.wait_connected();
     let ids: Vec<String> = (0..4).map(|_| task_id()).collect();
     for id in &ids {
-        send_task(&vh, "offliner.mwoffliner", id, &kwargs(json!({"sleep": 1.0})), &[]);
+        send_task(
+            &vh,
+            "offliner.mwoffliner",
+            id,
+            &kwargs(json!({"sleep": 1.0})),
+            &[],
+        );
     }
     for id in &ids {
         events.wait_task_event("task-succeeded", id, T);
@@ -311,7 +507,13 @@ fn connection_cut_mid_task_completes_exactly_once() {
     let worker = WorkerProc::start(&vh, dir.path(), "cut", &[]);
     worker.wait_connected();
     let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 6.0})), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"sleep": 6.0})),
+        &[],
+    );
     events.wait_task_event("task-started", &id, T);
     vh.close_all_connections();
     worker.wait_log("reconnecting", T);
@@ -321,6 +523,12 @@ fn connection_cut_mid_task_completes_exactly_once() {
     send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
     events.wait_task_event("task-succeeded", &next, T);
     // The redelivered copy was acked with the run, not run again.
+    assert!(
+        worker
+            .log_text()
+            .contains("redelivered message for a task already here"),
+        "the broker redelivered the unacked message after the cut"
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(events.count("task-started", &id), 1);
     assert_eq!(events.count("task-succeeded", &id), 1);
@@ -334,14 +542,24 @@ fn kill_9_mid_task_redelivers_to_a_new_worker() {
     let mut first = WorkerProc::start(&vh, dir.path(), "kill9", &[]);
     first.wait_connected();
     let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 2.0})), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"sleep": 2.0})),
+        &[],
+    );
     events.wait_task_event("task-started", &id, T);
     first.signal("KILL");
     first.wait_exit(T);
     let second = WorkerProc::start(&vh, dir.path(), "kill9", &[]);
     second.wait_connected();
     events.wait_task_event("task-succeeded", &id, T);
-    assert_eq!(events.count("task-started", &id), 2, "started by the first, then by the new worker");
+    assert_eq!(
+        events.count("task-started", &id),
+        2,
+        "started by the first, then by the new worker"
+    );
     vh.wait_queue_depth("small", 0, 0, T);
 }
 
@@ -352,14 +570,27 @@ fn sigterm_requeues_unfinished_tasks_and_says_offline() {
     let mut worker = WorkerProc::start(&vh, dir.path(), "term", &[]);
     worker.wait_connected();
     let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(json!({"sleep": 30.0})), &[]);
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"sleep": 30.0})),
+        &[],
+    );
     events.wait_task_event("task-started", &id, T);
     let start = Instant::now();
     worker.signal("TERM");
     let status = worker.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit 0 on SIGTERM, got {status}");
-    assert!(start.elapsed() < Duration::from_secs(8), "within the grace period");
-    events.wait_for(|v| v["type"] == "worker-offline" && v["hostname"] == "tester@term", T, "worker-offline");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "within the grace period"
+    );
+    events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@term",
+        T,
+        "worker-offline",
+    );
     assert_eq!(events.count("task-succeeded", &id), 0);
     assert_eq!(events.count("task-failed", &id), 0);
     // The message went back to the queue, whole.
@@ -375,7 +606,11 @@ fn bad_environment_exits_2_with_one_clear_line() {
         ("QUEUES", Some("default,gigantic"), "QUEUES"),
         ("CONCURRENCY", Some("-3"), "CONCURRENCY"),
         ("USERNAME", None, "USERNAME"),
-        ("BROKER_URL", Some("amqp://u:hunter2@host:notaport/v"), "BROKER_URL"),
+        (
+            "BROKER_URL",
+            Some("amqp://u:hunter2@host:notaport/v"),
+            "BROKER_URL",
+        ),
     ];
     for (var, value, named) in cases {
         let mut env = worker_env(&vh, dir.path(), "envtest", &[]);
@@ -392,7 +627,10 @@ fn bad_environment_exits_2_with_one_clear_line() {
         assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(named), "{stderr}");
-        assert!(!stderr.contains("hunter2"), "no password in errors: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "no password in errors: {stderr}"
+        );
     }
 }
 
@@ -406,10 +644,16 @@ fn broker_down_at_start_is_retried_until_it_answers() {
         &vh,
         dir.path(),
         "down",
-        &[("BROKER_URL", "amqp://zimfarm-test:zimfarm-test@127.0.0.1:1/x")],
+        &[(
+            "BROKER_URL",
+            "amqp://zimfarm-test:zimfarm-test@127.0.0.1:1/x",
+        )],
     );
     worker.wait_log("broker unreachable", T);
     worker.signal("TERM");
     assert!(worker.wait_exit(T).success());
-    assert!(!worker.log_text().contains("zimfarm-test:zimfarm-test"), "password redacted");
+    assert!(
+        !worker.log_text().contains("zimfarm-test:zimfarm-test"),
+        "password redacted"
+    );
 }

@@ -113,7 +113,12 @@ pub fn decode_control(body: &[u8]) -> Result<ControlRequest, ControlDecodeError>
                         routing_key,
                     })
                 }
-                _ => return Err(shape("reply_to", "{\"exchange\": str, \"routing_key\": str}")),
+                _ => {
+                    return Err(shape(
+                        "reply_to",
+                        "{\"exchange\": str, \"routing_key\": str}",
+                    ));
+                }
             }
         }
         Some(_) => return Err(shape("reply_to", "an object or null")),
@@ -153,7 +158,10 @@ pub fn encode_control_reply(
     (body, properties)
 }
 
-fn opt_string(value: Option<Value>, field: &'static str) -> Result<Option<String>, ControlDecodeError> {
+fn opt_string(
+    value: Option<Value>,
+    field: &'static str,
+) -> Result<Option<String>, ControlDecodeError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),

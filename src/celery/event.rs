@@ -363,13 +363,21 @@ mod tests {
     #[test]
     fn worker_events() {
         let cases = [
-            (EventKind::WorkerOnline(stats()), "worker-online", "worker.online"),
+            (
+                EventKind::WorkerOnline(stats()),
+                "worker-online",
+                "worker.online",
+            ),
             (
                 EventKind::WorkerHeartbeat(stats()),
                 "worker-heartbeat",
                 "worker.heartbeat",
             ),
-            (EventKind::WorkerOffline(stats()), "worker-offline", "worker.offline"),
+            (
+                EventKind::WorkerOffline(stats()),
+                "worker-offline",
+                "worker.offline",
+            ),
         ];
         for (kind, event_type, routing_key) in cases {
             let (encoded, value) = body(&kind);

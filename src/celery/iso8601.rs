@@ -6,13 +6,15 @@
 //! [`parse`] accepts that family: a date, optionally a time (`T`, `t` or
 //! space separated, minutes, seconds and a fraction optional) and optionally
 //! an offset (`Z`, `+HH`, `+HHMM`, `+HH:MM`). A value without an offset is
-//! taken as UTC. [`format`] writes what Python's `isoformat()` writes for an
+//! taken as UTC. [`format()`] writes what Python's `isoformat()` writes for an
 //! aware UTC datetime, for events and results.
 //!
 //! Hand-written because chrono's parsers each accept only one layout and
 //! the accepted set here must be exactly the one documented above.
 
-use chrono::{DateTime, Datelike as _, FixedOffset, NaiveDate, NaiveTime, TimeZone as _, Timelike as _, Utc};
+use chrono::{
+    DateTime, Datelike as _, FixedOffset, NaiveDate, NaiveTime, TimeZone as _, Timelike as _, Utc,
+};
 
 /// Parses an ISO-8601 date-time; `None` when `s` is not one.
 pub fn parse(s: &str) -> Option<DateTime<Utc>> {
@@ -171,7 +173,10 @@ mod tests {
     fn parses_python_isoformat() {
         let cases = [
             ("2024-05-01T12:00:00+00:00", "2024-05-01T12:00:00Z"),
-            ("2024-05-01T12:00:00.123456+00:00", "2024-05-01T12:00:00.123456Z"),
+            (
+                "2024-05-01T12:00:00.123456+00:00",
+                "2024-05-01T12:00:00.123456Z",
+            ),
             ("2024-05-01T12:00:00.123456", "2024-05-01T12:00:00.123456Z"),
             ("2024-05-01T14:00:00+02:00", "2024-05-01T12:00:00Z"),
             ("2024-05-01T07:30:00-0430", "2024-05-01T12:00:00Z"),
@@ -181,7 +186,10 @@ mod tests {
             ("2024-05-01T12", "2024-05-01T12:00:00Z"),
             ("2024-05-01", "2024-05-01T00:00:00Z"),
             ("2024-05-01T12:00:00,5", "2024-05-01T12:00:00.5Z"),
-            ("2024-05-01T12:00:00.1234567891234", "2024-05-01T12:00:00.123456789Z"),
+            (
+                "2024-05-01T12:00:00.1234567891234",
+                "2024-05-01T12:00:00.123456789Z",
+            ),
         ];
         for (input, expected) in cases {
             assert_eq!(parse(input), Some(utc(expected)), "{input}");

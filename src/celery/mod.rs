@@ -18,7 +18,9 @@ pub mod repr;
 pub mod result;
 pub mod task;
 
-pub use control::{ControlDecodeError, ControlRequest, ReplyTo, decode_control, encode_control_reply};
+pub use control::{
+    ControlDecodeError, ControlRequest, ReplyTo, decode_control, encode_control_reply,
+};
 pub use event::{
     EncodedEvent, EventKind, Identity, LamportClock, WorkerStats, encode_event, event_properties,
     now_timestamp, utcoffset_now,

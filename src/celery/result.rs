@@ -26,7 +26,9 @@ pub enum TaskState {
     Failure(ExceptionInfo),
     /// Revoked before or while running; `reason` is Celery's wording:
     /// `revoked`, `terminated` or `expired`.
-    Revoked { reason: String },
+    Revoked {
+        reason: String,
+    },
 }
 
 /// A Python exception: class name, module, message and traceback text.

@@ -173,7 +173,10 @@ fn decode_v2_fields(
     let parent_id = opt_string(header(headers, "parent_id")?.as_ref(), "headers.parent_id")?;
     let origin = opt_string(header(headers, "origin")?.as_ref(), "headers.origin")?;
     let argsrepr = opt_string(header(headers, "argsrepr")?.as_ref(), "headers.argsrepr")?;
-    let kwargsrepr = opt_string(header(headers, "kwargsrepr")?.as_ref(), "headers.kwargsrepr")?;
+    let kwargsrepr = opt_string(
+        header(headers, "kwargsrepr")?.as_ref(),
+        "headers.kwargsrepr",
+    )?;
 
     let body = parse_body(body)?;
     let parts = match body {
@@ -228,7 +231,7 @@ fn decode_v1(properties: &BasicProperties, body: &[u8]) -> Result<TaskRequest, D
     };
     let id = non_empty_string(fields.get("id"), "body.id");
     let known_id = id.as_ref().ok().cloned();
-    decode_v1_fields(properties, &fields, id).map_err(|kind| DecodeError {
+    decode_v1_fields(properties, fields, id).map_err(|kind| DecodeError {
         task_id: known_id,
         kind,
     })
@@ -236,13 +239,13 @@ fn decode_v1(properties: &BasicProperties, body: &[u8]) -> Result<TaskRequest, D
 
 fn decode_v1_fields(
     properties: &BasicProperties,
-    fields: &Map<String, Value>,
+    mut fields: Map<String, Value>,
     id: Result<String, DecodeErrorKind>,
 ) -> Result<TaskRequest, DecodeErrorKind> {
     let id = id?;
     let name = non_empty_string(fields.get("task"), "body.task")?;
-    let args = list_or_null(fields.get("args").cloned(), "body.args")?;
-    let kwargs = object_or_null(fields.get("kwargs").cloned(), "body.kwargs")?;
+    let args = list_or_null(fields.remove("args"), "body.args")?;
+    let kwargs = object_or_null(fields.remove("kwargs"), "body.kwargs")?;
     Ok(TaskRequest {
         retries: retries(fields.get("retries"), "body.retries")?,
         eta: datetime(fields.get("eta"), "body.eta")?,
@@ -266,17 +269,26 @@ fn decode_v1_fields(
 /// Refuses anything but (possibly unlabelled) uncompressed UTF-8 JSON.
 fn check_content(properties: &BasicProperties) -> Result<(), DecodeErrorKind> {
     if let Some(content_type) = properties.content_type() {
-        let media = content_type.as_str().split(';').next().unwrap_or_default().trim();
+        let media = content_type
+            .as_str()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim();
         let json = ["application/json", "application/x-json"];
         if !media.is_empty() && !json.iter().any(|j| media.eq_ignore_ascii_case(j)) {
-            return Err(DecodeErrorKind::UnsupportedContentType(content_type.to_string()));
+            return Err(DecodeErrorKind::UnsupportedContentType(
+                content_type.to_string(),
+            ));
         }
     }
     if let Some(encoding) = properties.content_encoding() {
         let encoding = encoding.as_str().trim();
         let accepted = ["utf-8", "utf8", "binary"];
         if !encoding.is_empty() && !accepted.iter().any(|a| encoding.eq_ignore_ascii_case(a)) {
-            return Err(DecodeErrorKind::UnsupportedContentEncoding(encoding.to_owned()));
+            return Err(DecodeErrorKind::UnsupportedContentEncoding(
+                encoding.to_owned(),
+            ));
         }
     }
     let compression = properties
@@ -289,10 +301,14 @@ fn check_content(properties: &BasicProperties) -> Result<(), DecodeErrorKind> {
             "{:?}",
             preview(&String::from_utf8_lossy(s.as_bytes()))
         ))),
-        Some(AMQPValue::ShortString(s)) => {
-            Err(DecodeErrorKind::Compressed(format!("{:?}", preview(s.as_str()))))
-        }
-        Some(other) => Err(DecodeErrorKind::Compressed(format!("{:?}", other.get_type()))),
+        Some(AMQPValue::ShortString(s)) => Err(DecodeErrorKind::Compressed(format!(
+            "{:?}",
+            preview(s.as_str())
+        ))),
+        Some(other) => Err(DecodeErrorKind::Compressed(format!(
+            "{:?}",
+            other.get_type()
+        ))),
     }
 }
 
@@ -331,7 +347,10 @@ fn header(headers: &FieldTable, name: &str) -> Result<Option<Value>, DecodeError
 }
 
 /// `eta`/`expires` from a header: an AMQP timestamp or an ISO-8601 string.
-fn header_datetime(headers: &FieldTable, name: &str) -> Result<Option<DateTime<Utc>>, DecodeErrorKind> {
+fn header_datetime(
+    headers: &FieldTable,
+    name: &str,
+) -> Result<Option<DateTime<Utc>>, DecodeErrorKind> {
     let field = format!("headers.{name}");
     match headers.inner().get(name) {
         Some(AMQPValue::Timestamp(seconds)) => i64::try_from(*seconds)
@@ -463,18 +482,19 @@ fn time_limit(value: Option<&Value>, field: &str) -> Result<TimeLimit, DecodeErr
         let field = format!("{field}[{i}]");
         match limits.get(i) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => match n.as_f64() {
-                Some(s) if s < 0.0 => Err(DecodeErrorKind::InvalidValue {
-                    field,
-                    reason: format!("{n} seconds is negative"),
-                }),
-                Some(s) if s == 0.0 => Ok(None),
-                Some(s) => Ok(Some(s)),
-                None => Err(DecodeErrorKind::InvalidValue {
-                    field,
-                    reason: format!("{n} is not a number of seconds"),
-                }),
-            },
+            Some(Value::Number(n)) => {
+                let seconds = n.as_f64().unwrap_or(f64::NAN);
+                if seconds.is_nan() || seconds < 0.0 {
+                    Err(DecodeErrorKind::InvalidValue {
+                        field,
+                        reason: format!("{n} is not a non-negative number of seconds"),
+                    })
+                } else if seconds == 0.0 {
+                    Ok(None)
+                } else {
+                    Ok(Some(seconds))
+                }
+            }
             Some(other) => Err(wrong_shape(&field, "a number of seconds or null", other)),
         }
     };
@@ -508,7 +528,10 @@ fn list_or_null(value: Option<Value>, field: &str) -> Result<Vec<Value>, DecodeE
     }
 }
 
-fn object_or_null(value: Option<Value>, field: &str) -> Result<Map<String, Value>, DecodeErrorKind> {
+fn object_or_null(
+    value: Option<Value>,
+    field: &str,
+) -> Result<Map<String, Value>, DecodeErrorKind> {
     match value {
         None | Some(Value::Null) => Ok(Map::new()),
         Some(Value::Object(items)) => Ok(items),

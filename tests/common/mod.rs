@@ -47,7 +47,14 @@ pub fn task_id() -> String {
 pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
     let url = format!("{}{}", rabbit_api(), path);
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--fail-with-body", "-X", method, "-H", "content-type: application/json"]);
+    cmd.args([
+        "-sS",
+        "--fail-with-body",
+        "-X",
+        method,
+        "-H",
+        "content-type: application/json",
+    ]);
     if let Some(b) = body {
         cmd.args(["-d", b]);
     }
@@ -162,7 +169,12 @@ pub fn worker_binary() -> &'static str {
 }
 
 /// The environment a test worker needs, with `extra` overriding it.
-pub fn worker_env(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+pub fn worker_env(
+    vhost: &Vhost,
+    dir: &Path,
+    node: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("USERNAME", "tester"),
         ("PASSWORD", "not-used-by-the-test-broker"),
@@ -189,7 +201,10 @@ pub fn worker_env(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)])
 impl WorkerProc {
     pub fn start(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)]) -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let log = dir.join(format!("worker-{node}-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
+        let log = dir.join(format!(
+            "worker-{node}-{}.log",
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(worker_binary())
             .env_clear()
@@ -279,7 +294,9 @@ impl Drop for WorkerProc {
 pub fn celery_client(vhost: &Vhost, args: &[&str]) -> Output {
     let script = repo_root().join("tests/py/celery_client.py");
     let mut cmd = Command::new(python());
-    cmd.arg(script).arg(args[0]).args(["--broker", &vhost.url()]);
+    cmd.arg(script)
+        .arg(args[0])
+        .args(["--broker", &vhost.url()]);
     cmd.args(&args[1..]);
     let out = cmd.output().expect("python runs");
     assert!(
@@ -333,7 +350,13 @@ impl EventsProc {
         let script = repo_root().join("tests/py/celery_client.py");
         let mut child = Command::new(python())
             .arg(script)
-            .args(["events", "--broker", &vhost.url(), "--seconds", &seconds.to_string()])
+            .args([
+                "events",
+                "--broker",
+                &vhost.url(),
+                "--seconds",
+                &seconds.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -357,7 +380,11 @@ impl EventsProc {
             lines,
             reader: Some(reader),
         };
-        this.wait_for(|v| v["ready"] == true, Duration::from_secs(30), "receiver ready");
+        this.wait_for(
+            |v| v["ready"] == true,
+            Duration::from_secs(30),
+            "receiver ready",
+        );
         this
     }
 
@@ -373,7 +400,11 @@ impl EventsProc {
             let left = timeout.checked_sub(start.elapsed()).unwrap_or_else(|| {
                 panic!(
                     "no {what} within {timeout:?}; events so far:\n{}",
-                    lines.iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+                    lines
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 )
             });
             lines = cv.wait_timeout(lines, left).unwrap().0;

@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Prepare this machine for the test suite (scripts/test.sh runs it first).
+#
+# What it makes sure of, in order:
+#   1. Debian packages the tests use are installed (apt-get update only when
+#      one is missing).
+#   2. RabbitMQ runs, listening on 127.0.0.1 only (AMQP 5672, management API
+#      15672), with an administrator user zimfarm-test/zimfarm-test.
+#   3. The Docker engine answers (dockerd is started if it does not).
+#   4. <repo>/.venv holds the Python packages of tests/py/requirements.txt
+#      (rebuilt only when that file changes).
+#
+# Idempotent and quick when everything is already there. Exports nothing.
+# Needs root only for what it has to change (install, configure, start).
+set -euo pipefail
+
+REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+VENV="$REPO/.venv"
+REQUIREMENTS="$REPO/tests/py/requirements.txt"
+VENV_STAMP="$VENV/.requirements.sha256"
+# Debian's interpreter, not whatever python3 comes first on PATH: the venv
+# must be reproducible on any Debian 12 machine.
+BASE_PYTHON=/usr/bin/python3
+
+RABBIT_USER=zimfarm-test
+RABBIT_PASS=zimfarm-test
+RABBIT_CONF=/etc/rabbitmq/rabbitmq.conf
+RABBIT_PLUGINS=/etc/rabbitmq/enabled_plugins
+RABBIT_API=http://127.0.0.1:15672/api
+RABBIT_START_LOG=/tmp/rabbitmq-start.log
+DOCKERD_LOG=/tmp/dockerd.log
+# Seconds to wait for a service to come up before giving up.
+STARTUP_TIMEOUT=90
+
+PACKAGES=(rabbitmq-server openssh-server busybox-static redis-server
+    python3-venv curl shellcheck)
+
+log() { printf 'test-env: %s\n' "$*" >&2; }
+die() {
+    printf 'test-env: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+require_root() {
+    [ "$(id -u)" -eq 0 ] || die "must run as root to $1"
+}
+
+# ---------------------------------------------------------------- packages
+
+install_packages() {
+    local missing=() pkg status
+    for pkg in "${PACKAGES[@]}"; do
+        status=$(dpkg-query -W -f='${db:Status-Abbrev}' "$pkg" 2>/dev/null || true)
+        [ "${status:0:2}" = ii ] || missing+=("$pkg")
+    done
+    # Docker comes with this kind of machine; on a bare Debian take Debian's.
+    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    [ "${#missing[@]}" -eq 0 ] && return 0
+
+    require_root "install ${missing[*]}"
+    log "installing ${missing[*]}"
+    apt-get update -q || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" \
+        || die "apt-get install ${missing[*]} failed"
+}
+
+# ---------------------------------------------------------------- RabbitMQ
+
+# Sets RABBIT_CHANGED=1 when the broker's configuration changed, so that a
+# running broker is restarted to pick it up.
+RABBIT_CHANGED=0
+
+configure_rabbitmq() {
+    local wanted
+    wanted=$(cat <<'EOF'
+# Written by zimfarm-worker scripts/test-env.sh: loopback only.
+listeners.tcp.default = 127.0.0.1:5672
+management.tcp.ip = 127.0.0.1
+management.tcp.port = 15672
+EOF
+)
+    if [ "$(cat "$RABBIT_CONF" 2>/dev/null || true)" != "$wanted" ]; then
+        require_root "write $RABBIT_CONF"
+        log "writing $RABBIT_CONF"
+        mkdir -p "$(dirname "$RABBIT_CONF")"
+        printf '%s\n' "$wanted" >"$RABBIT_CONF"
+        RABBIT_CHANGED=1
+    fi
+    if ! grep -qs 'rabbitmq_management[],]' "$RABBIT_PLUGINS"; then
+        require_root "enable rabbitmq_management"
+        log "enabling the rabbitmq_management plugin"
+        rabbitmq-plugins enable --offline rabbitmq_management >/dev/null \
+            || die "rabbitmq-plugins enable rabbitmq_management failed"
+        RABBIT_CHANGED=1
+    fi
+}
+
+# HTTP status of an authenticated management API call ("000": no answer).
+rabbit_api_status() {
+    curl -s -o /dev/null -w '%{http_code}' -m 5 \
+        -u "$RABBIT_USER:$RABBIT_PASS" "$RABBIT_API/$1" || true
+}
+
+amqp_port_open() {
+    (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null
+}
+
+# The warm path: broker up, our user can log in as administrator and has
+# its permissions on "/". Only curl calls, no Erlang VM start (~1 s each).
+rabbitmq_ready() {
+    local me
+    [ "$RABBIT_CHANGED" -eq 0 ] || return 1
+    amqp_port_open || return 1
+    me=$(curl -fs -m 5 -u "$RABBIT_USER:$RABBIT_PASS" "$RABBIT_API/whoami") || return 1
+    [[ $me == *'"administrator"'* ]] || return 1
+    [ "$(rabbit_api_status 'permissions/%2F/'"$RABBIT_USER")" = 200 ]
+}
+
+rabbit_diagnostics() {
+    local f
+    for f in "$RABBIT_START_LOG" /var/log/rabbitmq/startup_err \
+        /var/log/rabbitmq/startup_log "/var/log/rabbitmq/rabbit@$(hostname -s).log"; do
+        [ -s "$f" ] || continue
+        printf -- '--- last lines of %s\n' "$f" >&2
+        tail -n 20 "$f" >&2
+    done
+}
+
+start_rabbitmq() {
+    # Output goes to a file: a daemon must not inherit our stdout, or a
+    # caller reading it through a pipe would wait for it forever.
+    if command -v service >/dev/null 2>&1 && [ -x /etc/init.d/rabbitmq-server ]; then
+        timeout "$STARTUP_TIMEOUT" service rabbitmq-server start \
+            </dev/null >>"$RABBIT_START_LOG" 2>&1
+    else
+        rabbitmq-server -detached </dev/null >>"$RABBIT_START_LOG" 2>&1
+    fi
+}
+
+# Waits until AMQP and the management API answer (any HTTP status).
+wait_for_rabbitmq() {
+    local deadline=$((SECONDS + STARTUP_TIMEOUT))
+    until amqp_port_open && [ "$(rabbit_api_status overview)" != 000 ]; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            rabbit_diagnostics
+            die "RabbitMQ did not open 127.0.0.1:5672 and its management API within ${STARTUP_TIMEOUT}s"
+        fi
+        sleep 0.2
+    done
+}
+
+# (Re)makes the test user with the wanted password, tag and permissions.
+# Each rabbitmqctl call starts an Erlang VM (~1 s), hence only when needed.
+ensure_rabbit_user() {
+    timeout "$STARTUP_TIMEOUT" rabbitmqctl -q await_startup >/dev/null \
+        || die "RabbitMQ answers on its ports but rabbitmqctl cannot reach it"
+    if ! rabbitmqctl -q add_user "$RABBIT_USER" "$RABBIT_PASS" >/dev/null 2>&1; then
+        rabbitmqctl -q change_password "$RABBIT_USER" "$RABBIT_PASS" >/dev/null \
+            || die "could not create or update the RabbitMQ user $RABBIT_USER"
+    fi
+    rabbitmqctl -q set_user_tags "$RABBIT_USER" administrator >/dev/null \
+        || die "could not tag the RabbitMQ user $RABBIT_USER as administrator"
+    rabbitmqctl -q set_permissions -p / "$RABBIT_USER" '.*' '.*' '.*' >/dev/null \
+        || die "could not set the permissions of $RABBIT_USER on the vhost /"
+}
+
+ensure_rabbitmq() {
+    configure_rabbitmq
+    if rabbitmq_ready; then
+        return 0
+    fi
+    require_root "start and configure RabbitMQ"
+
+    if amqp_port_open; then
+        if [ "$RABBIT_CHANGED" -eq 1 ]; then
+            log "restarting RabbitMQ to apply its new configuration"
+            rabbitmqctl -q shutdown >/dev/null \
+                || die "could not stop RabbitMQ to apply its new configuration"
+            start_rabbitmq || true
+        fi
+    else
+        log "starting RabbitMQ (log: $RABBIT_START_LOG)"
+        start_rabbitmq || true
+    fi
+    wait_for_rabbitmq
+    RABBIT_CHANGED=0
+
+    if ! rabbitmq_ready; then
+        log "setting up the RabbitMQ user $RABBIT_USER"
+        ensure_rabbit_user
+        local deadline=$((SECONDS + 10))
+        until rabbitmq_ready; do
+            if [ "$SECONDS" -ge "$deadline" ]; then
+                rabbit_diagnostics
+                die "the management API on $RABBIT_API does not accept $RABBIT_USER as an administrator of /"
+            fi
+            sleep 0.2
+        done
+    fi
+    log "RabbitMQ ready on 127.0.0.1:5672 (management API on 127.0.0.1:15672)"
+}
+
+# ------------------------------------------------------------------ Docker
+
+ensure_docker() {
+    docker info >/dev/null 2>&1 && return 0
+    require_root "start dockerd"
+    log "starting dockerd (log: $DOCKERD_LOG)"
+    # setsid: dockerd must outlive this script and its process group.
+    setsid dockerd </dev/null >>"$DOCKERD_LOG" 2>&1 &
+    local deadline=$((SECONDS + STARTUP_TIMEOUT))
+    until docker info >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            tail -n 20 "$DOCKERD_LOG" >&2 || true
+            die "the Docker engine did not answer within ${STARTUP_TIMEOUT}s (see $DOCKERD_LOG)"
+        fi
+        sleep 0.5
+    done
+    log "Docker engine ready"
+}
+
+# ------------------------------------------------------------------ Python
+
+ensure_venv() {
+    [ -r "$REQUIREMENTS" ] || die "missing $REQUIREMENTS"
+    local wanted
+    wanted=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
+    if [ "$(cat "$VENV_STAMP" 2>/dev/null || true)" = "$wanted" ] \
+        && "$VENV/bin/python" -c '' 2>/dev/null; then
+        return 0
+    fi
+    log "building the Python venv $VENV from $REQUIREMENTS"
+    rm -rf -- "$VENV"
+    "$BASE_PYTHON" -m venv "$VENV" || die "could not create the venv $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -r "$REQUIREMENTS" || die "pip install -r $REQUIREMENTS failed"
+    printf '%s\n' "$wanted" >"$VENV_STAMP"
+    log "Python venv ready: $("$VENV/bin/python" -m pip list --format=freeze 2>/dev/null \
+        | grep -iE '^(celery|kombu|flower)==' | tr '\n' ' ')"
+}
+
+main() {
+    install_packages
+    ensure_rabbitmq
+    ensure_docker
+    ensure_venv
+}
+
+main "$@"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the whole test suite: prepare the machine (scripts/test-env.sh), then
+# `cargo test --locked` with the services' addresses in the environment.
+# Extra arguments go to cargo test, e.g. `scripts/test.sh -- --list`.
+set -euo pipefail
+
+REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+
+bash "$REPO/scripts/test-env.sh"
+
+# Read by the integration tests (tests/common/); set them to point the
+# tests elsewhere.
+export ZIMFARM_TEST_PYTHON="${ZIMFARM_TEST_PYTHON:-$REPO/.venv/bin/python}"
+export ZIMFARM_TEST_AMQP="${ZIMFARM_TEST_AMQP:-amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672}"
+export ZIMFARM_TEST_RABBIT_API="${ZIMFARM_TEST_RABBIT_API:-http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api}"
+
+cd "$REPO"
+exec cargo test --locked "$@"

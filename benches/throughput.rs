@@ -23,8 +23,33 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
-const TASKS: usize = 2000;
-const IDLE: Duration = Duration::from_secs(30);
+/// Tasks per run and idle seconds before RSS is read; `BENCH_TASKS` and
+/// `BENCH_IDLE_SECS` override them for a quick look.
+fn tasks() -> usize {
+    std::env::var("BENCH_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
+fn idle() -> Duration {
+    Duration::from_secs(
+        std::env::var("BENCH_IDLE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    )
+}
+
+/// Kills the worker under test however the run ends.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 struct Figures {
     name: &'static str,
@@ -37,7 +62,15 @@ struct Figures {
 
 fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only == "celery" {
+        rt.block_on(run("celery 5 (Python, prefork)", Kind::Celery));
+        return;
+    }
     let ours = rt.block_on(run("zimfarm-worker (Rust)", Kind::Ours));
+    if only == "ours" {
+        return;
+    }
     let celery = rt.block_on(run("celery 5 (Python, prefork)", Kind::Celery));
     println!();
     println!(
@@ -72,7 +105,15 @@ fn spawn(kind: &Kind, vh: &Vhost, dir: &std::path::Path) -> Child {
     match kind {
         Kind::Ours => Command::new(worker_binary())
             .env_clear()
-            .envs(worker_env(vh, dir, "bench", &[("LOG_LEVEL", "warn")]))
+            .envs(worker_env(
+                vh,
+                dir,
+                "bench",
+                &[(
+                    "LOG_LEVEL",
+                    std::env::var("BENCH_LOG").as_deref().unwrap_or("warn"),
+                )],
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -146,7 +187,8 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
         )
         .await
         .expect("event queue");
-    for key in ["task.succeeded", "worker.online"] {
+    // Celery 5 batches task events into lists under `task.multi`.
+    for key in ["task.succeeded", "task.multi", "worker.online"] {
         ch.queue_bind(
             events.name().clone(),
             "celeryev".into(),
@@ -171,7 +213,8 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
         .expect("consume");
 
     let spawned = Instant::now();
-    let mut child = spawn(&kind, &vh, dir.path());
+    let child = Reap(spawn(&kind, &vh, dir.path()));
+    let tasks = tasks();
     let online = loop {
         let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
             .await
@@ -191,10 +234,10 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    let mut sent = HashMap::with_capacity(TASKS);
+    let mut sent = HashMap::with_capacity(tasks);
     let start = Instant::now();
-    let mut confirms = Vec::with_capacity(TASKS);
-    for i in 0..TASKS {
+    let mut confirms = Vec::with_capacity(tasks);
+    for i in 0..tasks {
         let id = format!("{:024x}", i + 1);
         let (headers, body) = task_message(&id);
         sent.insert(id.clone(), Instant::now());
@@ -217,25 +260,32 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
                 .expect("publish"),
         );
     }
-    let mut latencies = Vec::with_capacity(TASKS);
+    let published = start.elapsed();
+    let mut latencies = Vec::with_capacity(tasks);
     let mut last = start;
-    while latencies.len() < TASKS {
+    while latencies.len() < tasks {
         let d = tokio::time::timeout(Duration::from_secs(120), consumer.next())
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "{name}: only {} of {TASKS} tasks succeeded within 120 s",
+                    "{name}: only {} of {tasks} tasks succeeded within 120 s",
                     latencies.len()
                 )
             })
             .expect("stream")
             .expect("delivery");
         let v: serde_json::Value = serde_json::from_slice(&d.data).unwrap_or_default();
-        if v["type"] == "task-succeeded"
-            && let Some(t) = v["uuid"].as_str().and_then(|id| sent.remove(id))
-        {
-            last = Instant::now();
-            latencies.push(last - t);
+        let batch = match v {
+            serde_json::Value::Array(list) => list,
+            one => vec![one],
+        };
+        for v in batch {
+            if v["type"] == "task-succeeded"
+                && let Some(t) = v["uuid"].as_str().and_then(|id| sent.remove(id))
+            {
+                last = Instant::now();
+                latencies.push(last - t);
+            }
         }
     }
     for c in confirms {
@@ -244,21 +294,21 @@ async fn run(name: &'static str, kind: Kind) -> Figures {
     let elapsed = last - start;
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    tokio::time::sleep(IDLE).await;
-    let idle_rss_kib = tree_rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    tokio::time::sleep(idle()).await;
+    let idle_rss_kib = tree_rss_kib(child.0.id());
+    drop(child);
     let f = Figures {
         name,
         online,
-        throughput: TASKS as f64 / elapsed.as_secs_f64(),
+        throughput: tasks as f64 / elapsed.as_secs_f64(),
         p50: pct(0.50),
         p99: pct(0.99),
         idle_rss_kib,
     };
     println!(
-        "{name}: {TASKS} tasks in {:.2} s; online after {:.0} ms; idle RSS {} KiB",
+        "{name}: {tasks} tasks in {:.2} s (published in {:.2} s); online after {:.0} ms; idle RSS {} KiB",
         elapsed.as_secs_f64(),
+        published.as_secs_f64(),
         online.as_secs_f64() * 1e3,
         idle_rss_kib
     );

@@ -213,14 +213,6 @@ pub struct Session {
 }
 
 impl Session {
-    /// Changes the channel's prefetch (one message per free slot, plus one
-    /// per task held for its `eta`).
-    pub async fn set_prefetch(&self, prefetch: u16) -> Result<(), lapin::Error> {
-        self.consume_channel
-            .basic_qos(prefetch, BasicQosOptions { global: true })
-            .await
-    }
-
     /// Closes the connection; unacked deliveries go back to their queues.
     pub async fn close(&self) {
         let _ = self
@@ -228,6 +220,14 @@ impl Session {
             .close(200, "worker shutting down".into())
             .await;
     }
+}
+
+/// Changes a consuming channel's prefetch (one message per free slot, plus
+/// one per unacked message that holds no slot).
+pub async fn set_prefetch(channel: &Channel, prefetch: u16) -> Result<(), lapin::Error> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: true })
+        .await
 }
 
 /// Capped exponential backoff for reconnecting.

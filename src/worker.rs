@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{Backoff, Broker, Outbox, Session, run_publisher};
+use crate::broker::{Backoff, Broker, Outbox, Session, run_publisher, set_prefetch};
 use crate::celery::{
     self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
 };
@@ -104,8 +104,11 @@ struct State {
 #[derive(Default)]
 struct Counters {
     processed: AtomicU64,
-    /// Tasks held for their `eta`: each one gets an extra prefetch slot.
-    scheduled: AtomicUsize,
+    /// Messages held unacked that occupy no slot: tasks waiting for their
+    /// `eta`, and ended tasks waiting for the broker to confirm their final
+    /// event. Each gets an extra prefetch, so that prefetch stays "one
+    /// message per free slot" and a free slot is refilled at once.
+    unslotted: AtomicUsize,
 }
 
 /// The running worker. Cheap to clone (an `Arc` inside).
@@ -212,8 +215,8 @@ impl<R: Runner> Worker<R> {
     }
 }
 
-fn prefetch_count(concurrency: usize, scheduled: usize) -> u16 {
-    u16::try_from(concurrency + scheduled).unwrap_or(u16::MAX)
+fn prefetch_count(concurrency: usize, unslotted: usize) -> u16 {
+    u16::try_from(concurrency + unslotted).unwrap_or(u16::MAX)
 }
 
 impl<R: Runner> Inner<R> {
@@ -255,7 +258,13 @@ impl<R: Runner> Inner<R> {
             first = false;
             self.events.emit(&EventKind::WorkerOnline(self.stats()));
 
-            let mut prefetch_rx = self.prefetch.subscribe();
+            let session_over = CancellationToken::new();
+            tokio::spawn(apply_prefetch(
+                session.consume_channel.clone(),
+                self.prefetch.subscribe(),
+                session_over.clone(),
+            ));
+            let _session_guard = session_over.drop_guard();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Some(session),
@@ -270,15 +279,6 @@ impl<R: Runner> Inner<R> {
                             break;
                         }
                     },
-                    changed = prefetch_rx.changed() => {
-                        if changed.is_ok() {
-                            let n = *prefetch_rx.borrow_and_update();
-                            if let Err(error) = session.set_prefetch(n).await {
-                                tracing::warn!(%error, "could not change prefetch; reconnecting");
-                                break;
-                            }
-                        }
-                    }
                 }
             }
             let _ = channels.send(None);
@@ -509,11 +509,12 @@ impl<R: Runner> Inner<R> {
         }
     }
 
-    fn adjust_scheduled(&self, delta: isize) {
-        let n = if delta >= 0 {
-            self.counters.scheduled.fetch_add(1, Ordering::SeqCst) + 1
+    /// One more (`true`) or one fewer unacked message that holds no slot.
+    fn adjust_unslotted(&self, more: bool) {
+        let n = if more {
+            self.counters.unslotted.fetch_add(1, Ordering::SeqCst) + 1
         } else {
-            self.counters.scheduled.fetch_sub(1, Ordering::SeqCst) - 1
+            self.counters.unslotted.fetch_sub(1, Ordering::SeqCst) - 1
         };
         let _ = self
             .prefetch
@@ -531,12 +532,12 @@ impl<R: Runner> Inner<R> {
             let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
             if !wait.is_zero() {
                 tracing::info!(eta = %eta, "holding the task until its eta");
-                self.adjust_scheduled(1);
+                self.adjust_unslotted(true);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => {}
                 }
-                self.adjust_scheduled(-1);
+                self.adjust_unslotted(false);
                 self.set_phase(&request.id, Phase::Reserved);
             }
         }
@@ -683,6 +684,9 @@ impl<R: Runner> Inner<R> {
                 }
             },
         };
+        // The slot is free already; let the broker send the next message
+        // while this one waits for its confirm.
+        self.adjust_unslotted(true);
         let mut confirmed = self.events.emit_confirmed(&event);
         if let Some(to) = request.reply_to.as_deref() {
             confirmed = self.events.publish_result(to, &id, &state);
@@ -706,6 +710,7 @@ impl<R: Runner> Inner<R> {
         for acker in &extra {
             ack(acker).await;
         }
+        self.adjust_unslotted(false);
     }
 }
 
@@ -724,6 +729,27 @@ fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
         },
         TaskState::Failure(info),
     )
+}
+
+/// Applies prefetch changes to the session's consuming channel, latest value
+/// first (changes made while one is in flight coalesce), off the delivery
+/// loop, until `over` fires.
+async fn apply_prefetch(
+    channel: lapin::Channel,
+    mut prefetch: watch::Receiver<u16>,
+    over: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = over.cancelled() => return,
+            changed = prefetch.changed() => if changed.is_err() { return },
+        }
+        let wanted = *prefetch.borrow_and_update();
+        if let Err(error) = set_prefetch(&channel, wanted).await {
+            tracing::debug!(%error, "could not change prefetch; the session is ending");
+            return;
+        }
+    }
 }
 
 fn new_backoff() -> Backoff {

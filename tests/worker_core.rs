@@ -391,7 +391,7 @@ fn expired_task_is_revoked_not_run() {
         "offliner.mwoffliner",
         &id,
         &kwargs(Value::Null),
-        &["--expires", "-60"],
+        &["--expires", "-60", "--no-message-ttl"],
     );
     let revoked = events.wait_task_event("task-revoked", &id, T);
     assert_eq!(revoked["expired"], true, "{revoked}");
@@ -656,4 +656,43 @@ fn broker_down_at_start_is_retried_until_it_answers() {
         !worker.log_text().contains("zimfarm-test:zimfarm-test"),
         "password redacted"
     );
+}
+
+#[test]
+fn events_produced_while_the_broker_is_away_are_published_after_reconnecting() {
+    let (vh, dir) = setup("outage");
+    let events = EventsProc::start(&vh, 90);
+    let proxy = FaultProxy::start("127.0.0.1:5672");
+    let url = proxy.url(&vh);
+    let worker = WorkerProc::start(&vh, dir.path(), "outage", &[("BROKER_URL", &url)]);
+    worker.wait_connected();
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &kwargs(json!({"sleep": 1.5})),
+        &[],
+    );
+    events.wait_task_event("task-started", &id, T);
+    proxy.cut();
+    // The task ends while the worker cannot reach the broker.
+    worker.wait_log("task succeeded", T);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        events.count("task-succeeded", &id),
+        0,
+        "nothing can leave during the outage"
+    );
+    worker.wait_log("broker unreachable", T);
+    proxy.restore();
+    let succeeded = events.wait_task_event("task-succeeded", &id, Duration::from_secs(60));
+    assert!(succeeded["runtime"].as_f64().unwrap() >= 1.5);
+    // Acked after the reconnection (through the redelivered copy), run once.
+    vh.wait_queue_depth("small", 0, 0, T);
+    let next = task_id();
+    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &next, T);
+    assert_eq!(events.count("task-started", &id), 1);
+    assert_eq!(events.count("task-succeeded", &id), 1);
 }

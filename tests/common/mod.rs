@@ -452,3 +452,78 @@ impl Drop for EventsProc {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP proxy in front of RabbitMQ that a test can cut (every connection
+/// closed, new ones refused) and restore: a broker outage for one worker,
+/// without disturbing other tests or the event monitor.
+pub struct FaultProxy {
+    pub port: u16,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    open: bool,
+    streams: Vec<std::net::TcpStream>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(ProxyState {
+            open: true,
+            streams: Vec::new(),
+        }));
+        let shared = state.clone();
+        let upstream = upstream.to_owned();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let mut st = shared.lock().unwrap();
+                if !st.open {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                st.streams.push(client.try_clone().unwrap());
+                st.streams.push(server.try_clone().unwrap());
+                drop(st);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, state }
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        let mut st = self.state.lock().unwrap();
+        st.open = false;
+        for s in st.streams.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state.lock().unwrap().open = true;
+    }
+
+    /// The vhost's AMQP URL, through this proxy.
+    pub fn url(&self, vhost: &Vhost) -> String {
+        format!(
+            "amqp://zimfarm-test:zimfarm-test@127.0.0.1:{}/{}",
+            self.port, vhost.name
+        )
+    }
+}

@@ -11,12 +11,23 @@ test can read them while the command still runs.
   events       listen to the worker's events on the celeryev exchange, as
                the dispatcher's monitor and Flower do, and sum them up
   publish-raw  publish arbitrary bytes, for malformed-message tests
+
+Lines that `events` writes besides the events themselves (each printed as
+published, plus `local_received`):
+  {"ready": true}           consuming: events sent from now on arrive here
+  {"disconnected": "..."}   the connection was lost; it reconnects by itself
+  {"reconnected": n}        consuming again after the n-th reconnection
+  {"warning": "...", ...}   a warning logged by Celery (e.g. clock drift)
+  {"summary": {...}}        last line: Celery's State of workers and tasks
+It ends after --seconds, after the --until-* event (+ --count-after-until),
+or on SIGTERM/SIGINT, always with the summary and exit code 0.
 """
 
 import argparse
 import datetime
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -166,6 +177,10 @@ class EventListener:
     def finished(self):
         return time.monotonic() >= self.deadline
 
+    def stop(self, *_):
+        """Signal handler: end the run at the next check, summary included."""
+        self.deadline = time.monotonic()
+
     def on_consuming(self):
         self.connections += 1
         if self.connections == 1:
@@ -209,6 +224,7 @@ class EventListener:
                         app=self.app,
                         node_id=self.node_id,
                         queue_durable=self.durable,
+                        queue_exclusive=not self.durable,
                         listener=self,
                     )
                     for _ in receiver.consume(safety_interval=0.2, wakeup=self.wakeup):
@@ -246,6 +262,8 @@ def cmd_events(opts):
 
     app = Celery(broker=opts.broker)
     listener = EventListener(app, opts)
+    signal.signal(signal.SIGTERM, listener.stop)
+    signal.signal(signal.SIGINT, listener.stop)
     try:
         listener.run()
     finally:

@@ -14,6 +14,9 @@ use std::time::Duration;
 use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
 use serde::Deserialize;
 
+pub use crate::docker::PullPolicy;
+use crate::offliner::AllowList;
+
 /// The exit code for a configuration error, as documented in the README.
 pub const EXIT_CONFIG: i32 = 2;
 
@@ -144,9 +147,30 @@ pub enum LogFormat {
 /// What runs a task once it has been accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunnerKind {
+    /// The real pipeline: offliner containers through the Docker engine.
+    Docker,
     /// Simulates a task without Docker: sleeps, fails or succeeds as the
-    /// task's flags ask. For tests, benchmarks and trying the worker out.
+    /// task's `simulate` kwarg asks. For tests, benchmarks and demos.
     Simulate,
+}
+
+/// Everything the Docker pipeline needs, also on its own (`run-task`).
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// The working dir's path on the host, for bind mounts of containers.
+    pub working_dir: PathBuf,
+    /// Where the working dir is seen by this process.
+    pub zim_dir: PathBuf,
+    pub node_name: String,
+    pub pull_policy: PullPolicy,
+    /// A container printing nothing for this long is killed.
+    pub idle_timeout: Duration,
+    /// A task does not start with less free space than this in ZIM_DIR.
+    pub min_free_disk: u64,
+    pub container_memory: Option<i64>,
+    pub container_nano_cpus: Option<i64>,
+    pub image_allowlist: AllowList,
+    pub redis_image: String,
 }
 
 /// The whole configuration, validated.
@@ -154,10 +178,6 @@ pub enum RunnerKind {
 pub struct Config {
     pub username: String,
     pub password: Secret,
-    /// The working dir's path on the host, for bind mounts of containers.
-    pub working_dir: PathBuf,
-    /// Where the working dir is seen by this process.
-    pub zim_dir: PathBuf,
     pub node_name: String,
     pub concurrency: usize,
     pub queues: Vec<QueueName>,
@@ -174,6 +194,14 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub log_format: LogFormat,
     pub runner: RunnerKind,
+    pub pipeline: PipelineSettings,
+}
+
+impl PipelineSettings {
+    /// Reads only what the pipeline needs (for `run-task`).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        RawEnv::from_vars(std::env::vars_os())?.pipeline()
+    }
 }
 
 impl Config {
@@ -192,6 +220,15 @@ impl Config {
     where
         I: IntoIterator<Item = (OsString, OsString)>,
     {
+        RawEnv::from_vars(vars)?.validate()
+    }
+}
+
+impl RawEnv {
+    fn from_vars<I>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (OsString, OsString)>,
+    {
         let mut utf8 = Vec::new();
         for (key, value) in vars {
             let Some(key) = key.to_str().map(str::to_owned) else {
@@ -205,11 +242,10 @@ impl Config {
                 Err(_) => return Err(ConfigError::new(leak_name(&key), "is not valid UTF-8")),
             }
         }
-        let raw: RawEnv = envy::from_iter(utf8).map_err(|e| ConfigError {
+        envy::from_iter(utf8).map_err(|e| ConfigError {
             var: "environment",
             problem: e.to_string(),
-        })?;
-        raw.validate()
+        })
     }
 }
 
@@ -243,7 +279,7 @@ impl ConfigError {
 /// The variables as strings, before validation. Every field is optional
 /// here; [`RawEnv::validate`] says which are required.
 /// (envy matches variables to fields case-insensitively, by lower case.)
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 struct RawEnv {
     username: Option<String>,
     password: Option<String>,
@@ -264,6 +300,13 @@ struct RawEnv {
     max_message_bytes: Option<String>,
     log_format: Option<String>,
     task_runner: Option<String>,
+    pull_policy: Option<String>,
+    idle_timeout: Option<String>,
+    min_free_disk_mb: Option<String>,
+    container_memory_mb: Option<String>,
+    container_cpus: Option<String>,
+    image_allowlist: Option<String>,
+    redis_image: Option<String>,
 }
 
 pub const DEFAULT_DISPATCHER_URL: &str = "https://farm.openzim.org/api";
@@ -275,9 +318,12 @@ pub const DEFAULT_SSH_KEY: &str = "/usr/src/.ssh/id_rsa";
 pub const DEFAULT_ZIM_DIR: &str = "/zim_files";
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 8;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 7200;
+pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
+pub const DEFAULT_REDIS_IMAGE: &str = "redis:7";
 
 impl RawEnv {
-    const NAMES: [&'static str; 19] = [
+    const NAMES: [&'static str; 26] = [
         "USERNAME",
         "PASSWORD",
         "WORKING_DIR",
@@ -297,9 +343,95 @@ impl RawEnv {
         "MAX_MESSAGE_BYTES",
         "LOG_FORMAT",
         "TASK_RUNNER",
+        "PULL_POLICY",
+        "IDLE_TIMEOUT",
+        "MIN_FREE_DISK_MB",
+        "CONTAINER_MEMORY_MB",
+        "CONTAINER_CPUS",
+        "IMAGE_ALLOWLIST",
+        "REDIS_IMAGE",
     ];
 
+    /// The pipeline's settings (also read alone by `run-task`).
+    fn pipeline(&self) -> Result<PipelineSettings, ConfigError> {
+        let working_dir = absolute_path(
+            "WORKING_DIR",
+            required("WORKING_DIR", self.working_dir.clone())?,
+        )?;
+        let node_name = node_name(required("NODE_NAME", self.node_name.clone())?)?;
+        let zim_dir = absolute_path(
+            "ZIM_DIR",
+            non_empty(self.zim_dir.clone()).unwrap_or_else(|| DEFAULT_ZIM_DIR.to_owned()),
+        )?;
+        let pull_policy = match non_empty(self.pull_policy.clone()).as_deref() {
+            None | Some("always") => PullPolicy::Always,
+            Some("if-missing") => PullPolicy::IfMissing,
+            Some("never") => PullPolicy::Never,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "PULL_POLICY",
+                    format!("is {other:?}; use always, if-missing or never"),
+                ));
+            }
+        };
+        let idle_timeout = match non_empty(self.idle_timeout.clone()) {
+            None => Duration::from_secs(DEFAULT_IDLE_TIMEOUT_SECS),
+            Some(v) => Duration::from_secs(parse_bounded("IDLE_TIMEOUT", &v, 1, 30 * 86_400)?),
+        };
+        let min_free_disk = match non_empty(self.min_free_disk_mb.clone()) {
+            None => DEFAULT_MIN_FREE_DISK_MB,
+            Some(v) => parse_bounded("MIN_FREE_DISK_MB", &v, 0, u64::MAX / (1 << 20))?,
+        } << 20;
+        let container_memory = match non_empty(self.container_memory_mb.clone()) {
+            None => None,
+            Some(v) => Some((parse_bounded("CONTAINER_MEMORY_MB", &v, 6, 1 << 30)? << 20) as i64),
+        };
+        let container_nano_cpus = match non_empty(self.container_cpus.clone()) {
+            None => None,
+            Some(v) => match v.parse::<f64>() {
+                Ok(c) if c.is_finite() && (0.01..=1024.0).contains(&c) => {
+                    Some((c * 1e9).round() as i64)
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        "CONTAINER_CPUS",
+                        format!("is {v:?}; expected a number of CPUs such as 2 or 1.5"),
+                    ));
+                }
+            },
+        };
+        let image_allowlist = match non_empty(self.image_allowlist.clone()) {
+            None => AllowList::default_openzim(),
+            Some(v) => AllowList::parse(&v)
+                .map_err(|e| ConfigError::new("IMAGE_ALLOWLIST", format!("is {v:?}: {e}")))?,
+        };
+        let redis_image =
+            non_empty(self.redis_image.clone()).unwrap_or_else(|| DEFAULT_REDIS_IMAGE.to_owned());
+        if redis_image
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ConfigError::new(
+                "REDIS_IMAGE",
+                format!("is {redis_image:?}; expected an image name such as redis:7"),
+            ));
+        }
+        Ok(PipelineSettings {
+            working_dir,
+            zim_dir,
+            node_name,
+            pull_policy,
+            idle_timeout,
+            min_free_disk,
+            container_memory,
+            container_nano_cpus,
+            image_allowlist,
+            redis_image,
+        })
+    }
+
     fn validate(self) -> Result<Config, ConfigError> {
+        let pipeline = self.pipeline()?;
         let username = required("USERNAME", self.username)?;
         if username
             .chars()
@@ -311,8 +443,7 @@ impl RawEnv {
             ));
         }
         let password = Secret::new(required_raw("PASSWORD", self.password)?);
-        let working_dir = absolute_path("WORKING_DIR", required("WORKING_DIR", self.working_dir)?)?;
-        let node_name = node_name(required("NODE_NAME", self.node_name)?)?;
+        let node_name = pipeline.node_name.clone();
         let concurrency = match non_empty(self.concurrency) {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(v) => parse_bounded("CONCURRENCY", &v, 1, 1024)? as usize,
@@ -364,10 +495,6 @@ impl RawEnv {
             "SSH_KEY",
             non_empty(self.ssh_key).unwrap_or_else(|| DEFAULT_SSH_KEY.to_owned()),
         )?;
-        let zim_dir = absolute_path(
-            "ZIM_DIR",
-            non_empty(self.zim_dir).unwrap_or_else(|| DEFAULT_ZIM_DIR.to_owned()),
-        )?;
         let shutdown_grace = match non_empty(self.shutdown_grace) {
             None => Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             Some(v) => Duration::from_secs(parse_bounded("SHUTDOWN_GRACE", &v, 0, 3600)?),
@@ -387,18 +514,12 @@ impl RawEnv {
             }
         };
         let runner = match non_empty(self.task_runner).as_deref() {
+            None | Some("docker") => RunnerKind::Docker,
             Some("simulate") => RunnerKind::Simulate,
-            None => {
-                return Err(ConfigError::new(
-                    "TASK_RUNNER",
-                    "is not set: this build has no Docker pipeline yet; \
-                     set TASK_RUNNER=simulate to run simulated tasks",
-                ));
-            }
             Some(other) => {
                 return Err(ConfigError::new(
                     "TASK_RUNNER",
-                    format!("is {other:?}; the only runner in this build is \"simulate\""),
+                    format!("is {other:?}; use docker or simulate"),
                 ));
             }
         };
@@ -406,8 +527,6 @@ impl RawEnv {
         Ok(Config {
             username,
             password,
-            working_dir,
-            zim_dir,
             node_name,
             concurrency,
             queues,
@@ -421,6 +540,7 @@ impl RawEnv {
             max_message_bytes,
             log_format,
             runner,
+            pipeline,
         })
     }
 }
@@ -613,7 +733,11 @@ mod tests {
         let c = load(&base()).unwrap();
         assert_eq!(c.hostname(), "alice@node1");
         assert_eq!(c.queues, vec![QueueName::Default, QueueName::Small]);
-        assert_eq!(c.zim_dir, PathBuf::from("/zim_files"));
+        assert_eq!(c.pipeline.zim_dir, PathBuf::from("/zim_files"));
+        assert_eq!(c.pipeline.working_dir, PathBuf::from("/srv/zim"));
+        assert_eq!(c.runner, RunnerKind::Simulate);
+        assert_eq!(c.pipeline.pull_policy, PullPolicy::Always);
+        assert_eq!(c.pipeline.idle_timeout, Duration::from_secs(7200));
         assert_eq!(c.dispatcher_url, DEFAULT_DISPATCHER_URL);
         assert!(c.concurrency >= 1);
         let uri = c.broker_url.uri();
@@ -662,7 +786,13 @@ mod tests {
             ("WAREHOUSE_PORT", "0"),
             ("WAREHOUSE_HOST", "bad host"),
             ("LOG_FORMAT", "xml"),
-            ("TASK_RUNNER", "docker"),
+            ("TASK_RUNNER", "podman"),
+            ("PULL_POLICY", "sometimes"),
+            ("IDLE_TIMEOUT", "0"),
+            ("MIN_FREE_DISK_MB", "lots"),
+            ("CONTAINER_MEMORY_MB", "1"),
+            ("CONTAINER_CPUS", "-1"),
+            ("IMAGE_ALLOWLIST", " , "),
             ("SHUTDOWN_GRACE", "-1"),
             ("USERNAME", "a@b"),
         ];

@@ -6,7 +6,9 @@
 pub mod broker;
 pub mod celery;
 pub mod config;
+pub mod docker;
 pub mod events;
 pub mod offliner;
+pub mod pipeline;
 pub mod runner;
 pub mod worker;

@@ -4,9 +4,14 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use zimfarm_worker::config::{Config, EXIT_CONFIG, LogFormat, RunnerKind};
-use zimfarm_worker::runner::SimulateRunner;
+
+use tracing::Instrument;
+use zimfarm_worker::celery::EventKind;
+use zimfarm_worker::config::{Config, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind};
+use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
+use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
 use zimfarm_worker::worker::Worker;
 
 /// The openZIM Zimfarm worker: runs scraper tasks sent by the Zimfarm
@@ -23,10 +28,22 @@ struct Cli {
 enum Command {
     /// Run the worker (the default).
     Run,
+    /// Run one task from a JSON file through the Docker pipeline, without a
+    /// broker, printing its progress: {"task": "offliner.mwoffliner",
+    /// "id": "...", "kwargs": {"flags": {...}, "image": {...},
+    /// "warehouse_path": "/..."}}. Needs WORKING_DIR and NODE_NAME (and
+    /// ZIM_DIR when it differs).
+    RunTask {
+        /// The task file.
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::RunTask { file }) = cli.command {
+        return run_task_command(&file);
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(error) => {
@@ -35,21 +52,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("zimfarm-worker: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
-    let result = runtime.block_on(async {
-        match cli.command.unwrap_or(Command::Run) {
-            Command::Run => run(config).await,
-        }
-    });
+    let result = runtime.block_on(run(config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -60,16 +66,123 @@ fn main() -> ExitCode {
     }
 }
 
+/// One thread: the worker waits on the network and the Docker engine, and
+/// lapin runs its own I/O thread. CPU-heavy work goes to `spawn_blocking`.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(error) => {
+            eprintln!("zimfarm-worker: cannot start the async runtime: {error}");
+            None
+        }
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     match config.runner {
+        RunnerKind::Docker => {
+            let runner = DockerRunner::new(config.pipeline.clone()).await?;
+            let version = runner.docker().version().await?;
+            tracing::info!(docker = %version, "Docker engine reachable");
+            let removed = runner.remove_orphans().await?;
+            if removed > 0 {
+                tracing::warn!(
+                    removed,
+                    "removed containers left by an earlier run of this node"
+                );
+            }
+            Worker::new(config, runner)?.run(shutdown).await?;
+        }
         RunnerKind::Simulate => {
             tracing::warn!("TASK_RUNNER=simulate: tasks are simulated, no container runs");
             Worker::new(config, SimulateRunner)?.run(shutdown).await?;
         }
     }
     Ok(())
+}
+
+/// `run-task FILE`: one task through the pipeline, no broker.
+fn run_task_command(file: &std::path::Path) -> ExitCode {
+    let settings = match PipelineSettings::from_env() {
+        Ok(s) => s,
+        Err(error) => {
+            eprintln!("zimfarm-worker: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    init_logging(LogFormat::Text);
+    let request = match std::fs::read_to_string(file)
+        .map_err(|e| e.to_string())
+        .and_then(|text| request_from_json(&text))
+    {
+        Ok(r) => r,
+        Err(error) => {
+            eprintln!(
+                "zimfarm-worker: cannot read the task file {}: {error}",
+                file.display()
+            );
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async move {
+        let runner = match DockerRunner::new(settings).await {
+            Ok(r) => r,
+            Err(error) => {
+                eprintln!("zimfarm-worker: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let cancel = CancellationToken::new();
+        tokio::spawn(watch_signals(cancel.clone()));
+        let ctx = TaskContext::new(request.id.clone(), cancel, Arc::new(PrintEvents));
+        let request = Arc::new(request);
+        let span = tracing::info_span!("task", task_id = %request.id, stage = "received");
+        match runner.run(request, ctx).instrument(span).await {
+            Ok(files) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"status": "SUCCESS", "files": files})
+                );
+                ExitCode::SUCCESS
+            }
+            Err(RunError::Cancelled) => {
+                println!("{}", serde_json::json!({"status": "REVOKED"}));
+                ExitCode::from(130)
+            }
+            Err(RunError::Failed(error)) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"status": "FAILURE", "error": error.to_string(), "detail": error.detail})
+                );
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Prints a task's events as JSON lines (for `run-task`).
+struct PrintEvents;
+
+impl TaskEvents for PrintEvents {
+    fn emit(&self, event: EventKind) {
+        if let EventKind::Custom {
+            event_type, fields, ..
+        } = event
+        {
+            println!(
+                "{}",
+                serde_json::json!({"event": event_type, "fields": fields})
+            );
+        }
+    }
 }
 
 /// Fires `shutdown` on SIGTERM or SIGINT.

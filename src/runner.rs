@@ -60,6 +60,18 @@ pub enum RunError {
     Failed(#[from] TaskError),
 }
 
+/// Where a runner's own task events go: the broker's event stream in the
+/// worker, the terminal in `run-task`.
+pub trait TaskEvents: Send + Sync + 'static {
+    fn emit(&self, event: EventKind);
+}
+
+impl TaskEvents for EventSink {
+    fn emit(&self, event: EventKind) {
+        EventSink::emit(self, &event);
+    }
+}
+
 /// What a runner gets besides the request.
 #[derive(Clone)]
 pub struct TaskContext {
@@ -67,11 +79,11 @@ pub struct TaskContext {
     /// started (containers...) and returns [`RunError::Cancelled`].
     pub cancel: CancellationToken,
     pub task_id: String,
-    events: Arc<EventSink>,
+    events: Arc<dyn TaskEvents>,
 }
 
 impl TaskContext {
-    pub fn new(task_id: String, cancel: CancellationToken, events: Arc<EventSink>) -> Self {
+    pub fn new(task_id: String, cancel: CancellationToken, events: Arc<dyn TaskEvents>) -> Self {
         Self {
             cancel,
             task_id,
@@ -81,7 +93,7 @@ impl TaskContext {
 
     /// Sends a task event of the runner's own (`task-container_started`...).
     pub fn emit(&self, event_type: &str, fields: serde_json::Map<String, Value>) {
-        self.events.emit(&EventKind::Custom {
+        self.events.emit(EventKind::Custom {
             event_type: event_type.to_owned(),
             uuid: self.task_id.clone(),
             fields,

@@ -570,7 +570,8 @@ impl<R: Runner> Inner<R> {
         cancel: &CancellationToken,
     ) -> Result<Vec<TaskFile>, RunError> {
         let ctx = TaskContext::new(request.id.clone(), cancel.clone(), self.events.clone());
-        let mut handle = tokio::spawn(self.runner.run(request.clone(), ctx));
+        let mut handle =
+            tokio::spawn(self.runner.run(request.clone(), ctx).instrument(tracing::Span::current()));
         let hard = request
             .time_limit
             .hard

@@ -1,0 +1,360 @@
+//! The Docker engine, through bollard: images (with the pull policy and
+//! progress), containers (create, start, follow logs, wait, kill, remove),
+//! and clean-up of this node's containers by label.
+//!
+//! Owns every call to the Docker API. It must not know about Celery, tasks'
+//! meaning or the warehouse: it runs what the pipeline describes in a
+//! [`ContainerSpec`].
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, WaitContainerOptions,
+};
+use futures_util::{Stream, StreamExt};
+
+/// Label naming the worker (Celery hostname) a container belongs to.
+pub const LABEL_NODE: &str = "org.openzim.zimfarm.node";
+/// Label naming the task a container belongs to.
+pub const LABEL_TASK: &str = "org.openzim.zimfarm.task";
+/// Label naming a container's role (`offliner`, `redis`).
+pub const LABEL_ROLE: &str = "org.openzim.zimfarm.role";
+
+/// When to pull an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull every time (a local copy is used, with a warning, when the
+    /// registry cannot be reached).
+    Always,
+    /// Pull only when no local copy exists.
+    IfMissing,
+    /// Never pull: the image must be present.
+    Never,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error(
+        "cannot reach the Docker engine ({0}); is /var/run/docker.sock mounted and readable, or DOCKER_HOST set?"
+    )]
+    Connect(#[source] bollard::errors::Error),
+    #[error("image {image} is not present and PULL_POLICY=never forbids pulling it")]
+    ImageMissing { image: String },
+    #[error("cannot pull image {image}: {reason}")]
+    Pull { image: String, reason: String },
+    #[error("Docker refused to {action} container {name}: {source}")]
+    Container {
+        action: &'static str,
+        name: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("Docker API error while {action}: {source}")]
+    Api {
+        action: &'static str,
+        #[source]
+        source: bollard::errors::Error,
+    },
+}
+
+/// What to run: everything the pipeline decides about one container.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// The command as argv; empty runs the image's own command.
+    pub cmd: Vec<String>,
+    pub labels: HashMap<String, String>,
+    /// `host_path:container_path[:ro]`.
+    pub binds: Vec<String>,
+    /// No network at all (helpers).
+    pub no_network: bool,
+    /// Memory limit in bytes.
+    pub memory: Option<i64>,
+    /// CPU limit in billionths of a CPU.
+    pub nano_cpus: Option<i64>,
+}
+
+/// A connected Docker engine.
+#[derive(Clone)]
+pub struct DockerClient {
+    docker: Docker,
+}
+
+/// bollard's "not found" and "not modified / conflict" are normal while
+/// cleaning up (the container is already gone or already stopped).
+fn is_gone_or_stopped(error: &bollard::errors::Error) -> bool {
+    matches!(
+        error,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 304 | 404 | 409,
+            ..
+        }
+    )
+}
+
+impl DockerClient {
+    /// Connects with the usual defaults (`DOCKER_HOST`, else the local
+    /// socket) and negotiates the API version with the engine.
+    pub async fn connect() -> Result<Self, DockerError> {
+        let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(DockerError::Connect)?;
+        Ok(Self { docker })
+    }
+
+    /// The engine's version and API version, e.g. `20.10.24 (API 1.41)`.
+    pub async fn version(&self) -> Result<String, DockerError> {
+        let v = self.docker.version().await.map_err(DockerError::Connect)?;
+        Ok(format!(
+            "{} (API {})",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        ))
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(false),
+            Err(source) => Err(DockerError::Api {
+                action: "inspecting an image",
+                source,
+            }),
+        }
+    }
+
+    /// Makes sure `image` (`name:tag`) is present, pulling per `policy`.
+    pub async fn ensure_image(&self, image: &str, policy: PullPolicy) -> Result<(), DockerError> {
+        let present = self.image_present(image).await?;
+        match policy {
+            PullPolicy::Never if present => return Ok(()),
+            PullPolicy::Never => {
+                return Err(DockerError::ImageMissing {
+                    image: image.to_owned(),
+                });
+            }
+            PullPolicy::IfMissing if present => return Ok(()),
+            PullPolicy::IfMissing | PullPolicy::Always => {}
+        }
+        match self.pull(image).await {
+            Ok(()) => Ok(()),
+            Err(error) if present => {
+                tracing::warn!(%image, %error, "pull failed; using the local copy of the image");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Pulls an image, logging progress (layers, bytes) every few seconds.
+    async fn pull(&self, image: &str) -> Result<(), DockerError> {
+        let (name, tag) = match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (image, "latest"),
+        };
+        let options = CreateImageOptions {
+            from_image: Some(name.to_owned()),
+            tag: Some(tag.to_owned()),
+            ..Default::default()
+        };
+        tracing::info!(%image, "pulling image");
+        let mut stream = self.docker.create_image(Some(options), None, None);
+        let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut last_report = Instant::now();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| DockerError::Pull {
+                image: image.to_owned(),
+                reason: e.to_string(),
+            })?;
+            if let Some(detail) = info.error_detail {
+                return Err(DockerError::Pull {
+                    image: image.to_owned(),
+                    reason: detail.message.unwrap_or_default(),
+                });
+            }
+            if let (Some(id), Some(progress)) = (info.id, info.progress_detail) {
+                let entry = layers.entry(id).or_default();
+                entry.0 = progress.current.unwrap_or(entry.0);
+                entry.1 = progress.total.unwrap_or(entry.1);
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = Instant::now();
+                let (done, total) = layers
+                    .values()
+                    .fold((0, 0), |(d, t), (c, tt)| (d + c, t + tt));
+                tracing::info!(%image, layers = layers.len(), bytes = done, total, "pulling image");
+            }
+        }
+        tracing::info!(%image, layers = layers.len(), "image pulled");
+        Ok(())
+    }
+
+    /// Creates and starts a container.
+    pub async fn start(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
+        let err = |action, source| DockerError::Container {
+            action,
+            name: spec.name.clone(),
+            source,
+        };
+        let host_config = HostConfig {
+            binds: Some(spec.binds.clone()),
+            privileged: Some(false),
+            security_opt: Some(vec!["no-new-privileges".to_owned()]),
+            cap_add: Some(Vec::new()),
+            network_mode: spec.no_network.then(|| "none".to_owned()),
+            memory: spec.memory,
+            nano_cpus: spec.nano_cpus,
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
+            labels: Some(spec.labels.clone()),
+            network_disabled: spec.no_network.then_some(true),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(spec.name.clone()),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| err("create", e))?;
+        self.docker
+            .start_container(&spec.name, None)
+            .await
+            .map_err(|e| err("start", e))?;
+        Ok(())
+    }
+
+    /// Follows a container's stdout and stderr from its start.
+    pub fn follow_logs(
+        &self,
+        name: &str,
+    ) -> impl Stream<Item = Result<LogOutput, bollard::errors::Error>> + use<> {
+        self.docker.logs(
+            name,
+            Some(LogsOptions {
+                follow: true,
+                stdout: true,
+                stderr: true,
+                tail: "all".to_owned(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    /// Waits for a container to exit; returns its exit code.
+    pub async fn wait(&self, name: &str) -> Result<i64, DockerError> {
+        let mut stream = self.docker.wait_container(
+            name,
+            Some(WaitContainerOptions {
+                condition: "not-running".to_owned(),
+            }),
+        );
+        match stream.next().await {
+            Some(Ok(response)) => Ok(response.status_code),
+            // bollard reports a non-zero exit as this error.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(source)) => Err(DockerError::Container {
+                action: "wait for",
+                name: name.to_owned(),
+                source,
+            }),
+            None => Err(DockerError::Container {
+                action: "wait for",
+                name: name.to_owned(),
+                source: bollard::errors::Error::DockerStreamError {
+                    error: "the wait stream ended without a status".to_owned(),
+                },
+            }),
+        }
+    }
+
+    /// Kills (SIGKILL) and removes a container; a container already
+    /// stopped or gone is fine.
+    pub async fn kill_and_remove(&self, name: &str) -> Result<(), DockerError> {
+        if let Err(source) = self
+            .docker
+            .kill_container(
+                name,
+                Some(KillContainerOptions {
+                    signal: "SIGKILL".to_owned(),
+                }),
+            )
+            .await
+            && !is_gone_or_stopped(&source)
+        {
+            tracing::warn!(container = name, error = %source, "kill failed; removing anyway");
+        }
+        match self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(source) if is_gone_or_stopped(&source) => Ok(()),
+            Err(source) => Err(DockerError::Container {
+                action: "remove",
+                name: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Names of the containers (running or not) carrying every given label.
+    pub async fn containers_labelled(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        )]);
+        let list = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|source| DockerError::Api {
+                action: "listing containers",
+                source,
+            })?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| c.names.and_then(|n| n.into_iter().next()))
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .collect())
+    }
+
+    /// Removes every container carrying the labels; returns how many.
+    pub async fn remove_labelled(&self, labels: &[(&str, &str)]) -> Result<usize, DockerError> {
+        let names = self.containers_labelled(labels).await?;
+        for name in &names {
+            self.kill_and_remove(name).await?;
+        }
+        Ok(names.len())
+    }
+}

@@ -1,0 +1,244 @@
+//! The offliners this worker knows, and the plan for running one task.
+//!
+//! Owns the task table of SPEC §3 (task name → image, command, output
+//! directory) and turns a decoded [`TaskRequest`] into a validated,
+//! allow-listed [`TaskPlan`]: the task id, the image, the container's argv
+//! and the warehouse path, each checked before anything uses them. It is
+//! pure: it must not call Docker, touch the filesystem or decode messages.
+//!
+//! - [`ImageRef`], [`AllowList`]: image references and the image allow-list;
+//! - [`flags_to_argv`]: task flags → command-line arguments;
+//! - parameter reading (named, positional and the older `offliner` form) is
+//!   described in `params.rs`.
+//!
+//! Decisions where the contract is silent:
+//!
+//! - `offliner.gutenberg` runs a fixed command and `offliner.phet` its
+//!   image's own command: their flags are shape-checked (an object or
+//!   null) and otherwise ignored;
+//! - flags that would override what the worker sets itself are refused:
+//!   `outputDirectory`, `output-directory` (yargs reads it as the same
+//!   option) and `redis` for mwoffliner, `output` for youtube. The worker's
+//!   own arguments come last, and argparse (youtube2zim) keeps the last
+//!   value, so an abbreviation such as `--out` can't redirect the output;
+//! - checks run in this order, the first failure wins: task id, task name,
+//!   parameter shapes, warehouse path, image and allow-list, flags.
+
+mod error;
+mod flags;
+mod image;
+mod params;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+pub use error::PlanError;
+pub use flags::flags_to_argv;
+pub use image::{AllowList, ImageRef};
+
+use crate::celery::TaskRequest;
+use error::shown;
+use params::Params;
+
+/// Longest task id, in characters.
+const MAX_TASK_ID_LEN: usize = 64;
+
+/// Where the offliner writes its files, for all but phet.
+const OUTPUT_DIR: &str = "/output";
+
+/// Where phet's build writes its files.
+const PHET_OUTPUT_DIR: &str = "/phet/dist";
+
+/// One registered task (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offliner {
+    Mwoffliner,
+    Youtube,
+    Gutenberg,
+    Phet,
+}
+
+impl Offliner {
+    pub const ALL: [Offliner; 4] = [
+        Offliner::Mwoffliner,
+        Offliner::Youtube,
+        Offliner::Gutenberg,
+        Offliner::Phet,
+    ];
+
+    /// The Celery task name, as the dispatcher sends it.
+    pub fn task_name(self) -> &'static str {
+        match self {
+            Offliner::Mwoffliner => "offliner.mwoffliner",
+            Offliner::Youtube => "offliner.youtube",
+            Offliner::Gutenberg => "offliner.gutenberg",
+            Offliner::Phet => "offliner.phet",
+        }
+    }
+
+    /// The offliner for a task name, or `None` for a task not registered here.
+    pub fn from_task_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.task_name() == name)
+    }
+
+    /// The image name used when the task names none.
+    pub fn default_image_name(self) -> &'static str {
+        match self {
+            Offliner::Mwoffliner => "openzim/mwoffliner",
+            Offliner::Youtube => "openzim/youtube",
+            Offliner::Gutenberg => "openzim/gutenberg",
+            Offliner::Phet => "openzim/phet",
+        }
+    }
+
+    /// Where the offliner writes its files inside its container.
+    pub fn output_dir(self) -> &'static str {
+        match self {
+            Offliner::Phet => PHET_OUTPUT_DIR,
+            Offliner::Mwoffliner | Offliner::Youtube | Offliner::Gutenberg => OUTPUT_DIR,
+        }
+    }
+
+    /// Whether the offliner needs a per-task redis.
+    pub fn needs_redis(self) -> bool {
+        self == Offliner::Mwoffliner
+    }
+
+    /// Flags the worker sets itself, which a task may not give.
+    fn reserved_flags(self) -> &'static [&'static str] {
+        match self {
+            Offliner::Mwoffliner => &["outputDirectory", "output-directory", "redis"],
+            Offliner::Youtube => &["output"],
+            Offliner::Gutenberg | Offliner::Phet => &[],
+        }
+    }
+}
+
+impl fmt::Display for Offliner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.task_name())
+    }
+}
+
+/// Everything needed to run one task, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPlan {
+    /// The task id, checked by [`validate_task_id`]: safe as a directory
+    /// name and a container-name component.
+    pub task_id: String,
+    pub offliner: Offliner,
+    /// The image to run, allowed by the allow-list.
+    pub image: ImageRef,
+    /// The container command in argv form; empty means the image's own
+    /// default command (phet).
+    pub argv: Vec<String>,
+    /// Where the offliner writes its files in the container: `/output`, or
+    /// `/phet/dist` for phet.
+    pub output_dir: &'static str,
+    /// Warehouse directory, normalised: starts with `/`, no trailing `/`,
+    /// e.g. `/wikipedia`. Files go to `/zim<warehouse_path>/<name>`.
+    pub warehouse_path: String,
+    /// Whether the task needs a per-task redis (mwoffliner only).
+    pub needs_redis: bool,
+}
+
+/// Checks that a task id is 1 to 64 characters of `[A-Za-z0-9_-]`: the
+/// dispatcher sends 24 hex digits and Celery uuids have `-`. The id becomes
+/// a directory name and a container-name component, so nothing else passes.
+pub fn validate_task_id(id: &str) -> Result<(), PlanError> {
+    let valid = (1..=MAX_TASK_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(PlanError::InvalidTaskId { id: shown(id) })
+    }
+}
+
+/// Turns a decoded task into a validated, allow-listed plan.
+///
+/// `redis_url` is the worker's own address of the task's redis, passed to
+/// mwoffliner as `--redis=<redis_url>` (ignored for other offliners).
+pub fn plan(
+    request: &TaskRequest,
+    allow: &AllowList,
+    redis_url: &str,
+) -> Result<TaskPlan, PlanError> {
+    validate_task_id(&request.id)?;
+    let offliner =
+        Offliner::from_task_name(&request.name).ok_or_else(|| PlanError::UnknownTask {
+            name: shown(&request.name),
+        })?;
+    let params = Params::from_request(request)?;
+
+    let image = ImageRef::from_parts(
+        params.image.name.unwrap_or(offliner.default_image_name()),
+        params.image.tag.unwrap_or("latest"),
+    )?;
+    if !allow.allows(&image) {
+        return Err(PlanError::ImageNotAllowed {
+            image: image.to_string(),
+            allow_list: allow.to_string(),
+        });
+    }
+
+    let flags = || -> Result<Vec<String>, PlanError> {
+        let Some(flags) = params.flags else {
+            return Ok(Vec::new());
+        };
+        if let Some(key) = flags
+            .keys()
+            .find(|key| offliner.reserved_flags().contains(&key.as_str()))
+        {
+            return Err(PlanError::ReservedFlag {
+                key: shown(key),
+                task: offliner.task_name(),
+            });
+        }
+        flags_to_argv(flags)
+    };
+    let argv = match offliner {
+        Offliner::Mwoffliner => {
+            if redis_url.is_empty() || redis_url.chars().any(char::is_control) {
+                return Err(PlanError::InvalidRedisUrl {
+                    url: shown(redis_url),
+                });
+            }
+            let mut argv = vec!["mwoffliner".to_owned()];
+            argv.extend(flags()?);
+            argv.push(format!("--outputDirectory={OUTPUT_DIR}"));
+            argv.push(format!("--redis={redis_url}"));
+            argv
+        }
+        Offliner::Youtube => {
+            let mut argv = vec!["youtube2zim".to_owned()];
+            argv.extend(flags()?);
+            argv.push(format!("--output={OUTPUT_DIR}"));
+            argv
+        }
+        Offliner::Gutenberg => [
+            "gutenberg2zim",
+            "--complete",
+            "--formats",
+            "all",
+            "--one-language-one-zim",
+            OUTPUT_DIR,
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        Offliner::Phet => Vec::new(),
+    };
+
+    Ok(TaskPlan {
+        task_id: request.id.clone(),
+        offliner,
+        image,
+        argv,
+        output_dir: offliner.output_dir(),
+        warehouse_path: params.warehouse_path,
+        needs_redis: offliner.needs_redis(),
+    })
+}

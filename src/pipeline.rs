@@ -1,0 +1,643 @@
+//! The stages of one task on the Docker engine: **prepare** (task dir, free
+//! disk, images, the redis helper), **generate** (the offliner container,
+//! its log, idle timeout, exit code) and **cleanup** (every container of the
+//! task removed on every path, panics included).
+//!
+//! Owns the task dir and the task's containers. It must not decode messages
+//! or publish anything itself: it works from a [`TaskPlan`] and reports
+//! through the runner's [`TaskContext`].
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::celery::TaskRequest;
+use crate::config::PipelineSettings;
+use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK};
+use crate::offliner::{TaskPlan, plan};
+use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
+
+/// Where the redis helper's socket is, inside both containers.
+pub const REDIS_SOCKET_DIR: &str = "/run/redis";
+/// The socket's path inside both containers.
+pub const REDIS_SOCKET: &str = "/run/redis/redis.sock";
+/// How long the redis helper may take to answer PING.
+const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of stdout and stderr kept for `task-container_finished`.
+const TAIL_LINES: usize = 100;
+/// Longest line kept in a tail (longer ones are cut).
+const TAIL_LINE_MAX: usize = 2000;
+/// Name of the directory (in ZIM_DIR) holding the per-task sockets dirs.
+const SOCKETS_DIR: &str = ".sockets";
+
+/// The Docker pipeline as a [`Runner`].
+#[derive(Clone)]
+pub struct DockerRunner {
+    docker: DockerClient,
+    settings: Arc<PipelineSettings>,
+}
+
+/// A task's paths, as the host sees them (for bind mounts) and as this
+/// process sees them.
+struct TaskDirs {
+    host_task: PathBuf,
+    local_task: PathBuf,
+    host_sockets: PathBuf,
+    local_sockets: PathBuf,
+}
+
+impl TaskDirs {
+    fn new(settings: &PipelineSettings, task_id: &str) -> Self {
+        Self {
+            host_task: settings.working_dir.join(task_id),
+            local_task: settings.zim_dir.join(task_id),
+            host_sockets: settings.working_dir.join(SOCKETS_DIR).join(task_id),
+            local_sockets: settings.zim_dir.join(SOCKETS_DIR).join(task_id),
+        }
+    }
+}
+
+fn failed(message: impl Into<String>) -> RunError {
+    RunError::Failed(TaskError::runtime(message))
+}
+
+impl DockerRunner {
+    pub async fn new(settings: PipelineSettings) -> Result<Self, crate::docker::DockerError> {
+        let docker = DockerClient::connect().await?;
+        Ok(Self {
+            docker,
+            settings: Arc::new(settings),
+        })
+    }
+
+    pub fn docker(&self) -> &DockerClient {
+        &self.docker
+    }
+
+    /// Removes the containers an earlier run of this node left behind (a
+    /// crash or kill -9): their tasks come back from the broker and would
+    /// otherwise hit a name conflict.
+    pub async fn remove_orphans(&self) -> Result<usize, crate::docker::DockerError> {
+        self.docker
+            .remove_labelled(&[(LABEL_NODE, &self.settings.node_name)])
+            .await
+    }
+
+    fn container_name(&self, task_id: &str, role: &str) -> String {
+        format!("zimfarm_{}_{}_{}", self.settings.node_name, task_id, role)
+    }
+
+    fn labels(&self, task_id: &str, role: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_NODE.to_owned(), self.settings.node_name.clone()),
+            (LABEL_TASK.to_owned(), task_id.to_owned()),
+            (LABEL_ROLE.to_owned(), role.to_owned()),
+        ])
+    }
+
+    /// One task, start to end; containers are removed whatever happens.
+    async fn run_task(
+        self,
+        request: Arc<TaskRequest>,
+        ctx: TaskContext,
+    ) -> Result<Vec<TaskFile>, RunError> {
+        let plan = plan(&request, &self.settings.image_allowlist, REDIS_SOCKET).map_err(|e| {
+            RunError::Failed(TaskError {
+                kind: "ValueError".to_owned(),
+                module: "builtins".to_owned(),
+                message: e.to_string(),
+                detail: "the task was refused before anything ran".to_owned(),
+            })
+        })?;
+        let dirs = TaskDirs::new(&self.settings, &plan.task_id);
+        let mut containers = Containers {
+            docker: self.docker.clone(),
+            names: Vec::new(),
+        };
+        let outcome = self.stages(&plan, &dirs, &mut containers, &ctx).await;
+        containers.remove_all().await;
+        let _ = tokio::fs::remove_dir_all(&dirs.local_sockets).await;
+        if outcome.is_err() {
+            // Nothing of a failed or stopped scrape is worth keeping.
+            let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+        }
+        outcome
+    }
+
+    async fn stages(
+        &self,
+        plan: &TaskPlan,
+        dirs: &TaskDirs,
+        containers: &mut Containers,
+        ctx: &TaskContext,
+    ) -> Result<Vec<TaskFile>, RunError> {
+        let cancel = &ctx.cancel;
+
+        // prepare
+        tracing::Span::current().record("stage", "prepare");
+        self.prepare_dirs(dirs).await?;
+        cancellable(cancel, self.image(&plan.image.to_string())).await??;
+        if plan.needs_redis {
+            cancellable(cancel, self.image(&self.settings.redis_image)).await??;
+            let name = self.container_name(&plan.task_id, "redis");
+            containers.names.push(name.clone());
+            let spec = ContainerSpec {
+                name,
+                image: self.settings.redis_image.clone(),
+                cmd: [
+                    "--port",
+                    "0",
+                    "--unixsocket",
+                    REDIS_SOCKET,
+                    "--unixsocketperm",
+                    "777",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+                labels: self.labels(&plan.task_id, "redis"),
+                binds: vec![format!(
+                    "{}:{REDIS_SOCKET_DIR}",
+                    dirs.host_sockets.display()
+                )],
+                no_network: true,
+                ..Default::default()
+            };
+            cancellable(cancel, self.docker.start(&spec))
+                .await?
+                .map_err(docker_failed)?;
+            cancellable(
+                cancel,
+                wait_for_redis(&dirs.local_sockets.join("redis.sock")),
+            )
+            .await??;
+            tracing::info!("redis helper ready");
+        }
+
+        // generate
+        tracing::Span::current().record("stage", "generate");
+        let name = self.container_name(&plan.task_id, "offliner");
+        containers.names.push(name.clone());
+        let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];
+        if plan.needs_redis {
+            binds.push(format!(
+                "{}:{REDIS_SOCKET_DIR}",
+                dirs.host_sockets.display()
+            ));
+        }
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: plan.image.to_string(),
+            cmd: plan.argv.clone(),
+            labels: self.labels(&plan.task_id, "offliner"),
+            binds,
+            no_network: false,
+            memory: self.settings.container_memory,
+            nano_cpus: self.settings.container_nano_cpus,
+        };
+        cancellable(cancel, self.docker.start(&spec))
+            .await?
+            .map_err(docker_failed)?;
+        tracing::info!(container = %name, image = %spec.image, "offliner started");
+        let mut fields = serde_json::Map::new();
+        fields.insert("image".into(), json!(spec.image));
+        fields.insert("command".into(), json!(plan.argv.join(" ")));
+        ctx.emit("task-container_started", fields);
+
+        let log_name = format!("{name}.log");
+        let run = self
+            .follow(&name, &dirs.local_task.join(&log_name), ctx)
+            .await?;
+        let log_file = compress_log(dirs.local_task.join(&log_name)).await;
+        let mut fields = serde_json::Map::new();
+        fields.insert("exit_code".into(), json!(run.exit_code));
+        fields.insert("stdout".into(), json!(run.stdout.joined()));
+        fields.insert("stderr".into(), json!(run.stderr.joined()));
+        fields.insert("log".into(), json!(log_file));
+        ctx.emit("task-container_finished", fields);
+        if run.exit_code != 0 {
+            let tail: Vec<&str> = run
+                .stderr
+                .lines
+                .iter()
+                .chain(run.stdout.lines.iter())
+                .rev()
+                .take(20)
+                .map(String::as_str)
+                .collect();
+            return Err(RunError::Failed(TaskError {
+                kind: "RuntimeError".to_owned(),
+                module: "builtins".to_owned(),
+                message: format!("the offliner exited with code {}", run.exit_code),
+                detail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            }));
+        }
+        let files = produced_files(&dirs.local_task, &log_file).await?;
+        tracing::info!(files = files.len(), "offliner finished");
+        Ok(files)
+    }
+
+    async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<(), RunError> {
+        // A task dir left by an earlier, interrupted run of this task holds
+        // partial output: start afresh.
+        if tokio::fs::try_exists(&dirs.local_task)
+            .await
+            .unwrap_or(false)
+        {
+            tracing::warn!(dir = %dirs.local_task.display(), "removing the output of an earlier, interrupted run");
+            let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+        }
+        for dir in [&dirs.local_task, &dirs.local_sockets] {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                failed(format!(
+                    "cannot create {}: {e}; check ZIM_DIR",
+                    dir.display()
+                ))
+            })?;
+        }
+        let zim_dir = self.settings.zim_dir.clone();
+        let free = tokio::task::spawn_blocking(move || {
+            rustix::fs::statvfs(&zim_dir).map(|s| s.f_bavail * s.f_frsize)
+        })
+        .await
+        .map_err(|e| failed(format!("free-disk check failed: {e}")))?
+        .map_err(|e| failed(format!("cannot read free disk of ZIM_DIR: {e}")))?;
+        if free < self.settings.min_free_disk {
+            return Err(failed(format!(
+                "only {} MiB free in ZIM_DIR, below MIN_FREE_DISK_MB={}; free some space",
+                free >> 20,
+                self.settings.min_free_disk >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    async fn image(&self, image: &str) -> Result<(), RunError> {
+        self.docker
+            .ensure_image(image, self.settings.pull_policy)
+            .await
+            .map_err(docker_failed)
+    }
+
+    /// Streams the container's output to the log file until it exits,
+    /// keeping the tails; kills it when it is silent for the idle timeout.
+    async fn follow(
+        &self,
+        name: &str,
+        log_path: &Path,
+        ctx: &TaskContext,
+    ) -> Result<ContainerRun, RunError> {
+        let file = tokio::fs::File::create(log_path)
+            .await
+            .map_err(|e| failed(format!("cannot write the log {}: {e}", log_path.display())))?;
+        let mut log = tokio::io::BufWriter::with_capacity(64 * 1024, file);
+        let mut stdout = Tail::default();
+        let mut stderr = Tail::default();
+        let mut logs = Box::pin(self.docker.follow_logs(name));
+        let idle = self.settings.idle_timeout;
+        loop {
+            let next = tokio::select! {
+                _ = ctx.cancel.cancelled() => return Err(RunError::Cancelled),
+                next = tokio::time::timeout(idle, logs.next()) => next,
+            };
+            match next {
+                Err(_) => {
+                    tracing::warn!(
+                        idle_secs = idle.as_secs(),
+                        "no output for IDLE_TIMEOUT; killing the offliner"
+                    );
+                    let _ = self.docker.kill_and_remove(name).await;
+                    let mut fields = serde_json::Map::new();
+                    fields.insert("timeout".into(), json!(idle.as_secs()));
+                    ctx.emit("task-container_killed", fields);
+                    let _ = log.flush().await;
+                    return Err(failed(format!(
+                        "the offliner printed nothing for {} s (IDLE_TIMEOUT) and was killed",
+                        idle.as_secs()
+                    )));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, "lost the container's log stream; waiting for it to exit");
+                    break;
+                }
+                Ok(Some(Ok(chunk))) => {
+                    let (bytes, tail) = match &chunk {
+                        LogOutput::StdErr { message } => (message, &mut stderr),
+                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                            (message, &mut stdout)
+                        }
+                        LogOutput::StdIn { .. } => continue,
+                    };
+                    tail.push(bytes);
+                    log.write_all(bytes).await.map_err(|e| {
+                        failed(format!("cannot write the log {}: {e}", log_path.display()))
+                    })?;
+                }
+            }
+        }
+        log.flush()
+            .await
+            .map_err(|e| failed(format!("cannot write the log: {e}")))?;
+        let exit_code = cancellable(&ctx.cancel, self.docker.wait(name))
+            .await?
+            .map_err(docker_failed)?;
+        stdout.finish();
+        stderr.finish();
+        Ok(ContainerRun {
+            exit_code,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+impl Runner for DockerRunner {
+    // Not an `async fn`: the future must be 'static (it runs in its own
+    // tokio task), so it owns a clone of the runner.
+    #[allow(clippy::manual_async_fn)]
+    fn run(
+        &self,
+        request: Arc<TaskRequest>,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
+        let this = self.clone();
+        async move { this.run_task(request, ctx).await }
+    }
+}
+
+fn docker_failed(error: crate::docker::DockerError) -> RunError {
+    failed(error.to_string())
+}
+
+/// Runs `fut` unless the task is cancelled first.
+async fn cancellable<T>(
+    cancel: &tokio_util::sync::CancellationToken,
+    fut: impl Future<Output = T>,
+) -> Result<T, RunError> {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(RunError::Cancelled),
+        out = fut => Ok(out),
+    }
+}
+
+/// The task's containers; removed on every path. If the task's future is
+/// dropped (a panic), `Drop` still removes them in the background.
+struct Containers {
+    docker: DockerClient,
+    names: Vec<String>,
+}
+
+impl Containers {
+    async fn remove_all(&mut self) {
+        for name in std::mem::take(&mut self.names).iter().rev() {
+            if let Err(error) = self.docker.kill_and_remove(name).await {
+                tracing::error!(%error, "could not remove a task container");
+            }
+        }
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        if self.names.is_empty() {
+            return;
+        }
+        let docker = self.docker.clone();
+        let names = std::mem::take(&mut self.names);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                for name in names.iter().rev() {
+                    let _ = docker.kill_and_remove(name).await;
+                }
+            });
+        }
+    }
+}
+
+struct ContainerRun {
+    exit_code: i64,
+    stdout: Tail,
+    stderr: Tail,
+}
+
+/// The last lines of a stream, bounded in count and length.
+#[derive(Default)]
+struct Tail {
+    lines: VecDeque<String>,
+    partial: String,
+}
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let mut parts = text.split('\n').peekable();
+        while let Some(part) = parts.next() {
+            if self.partial.len() < TAIL_LINE_MAX {
+                let room = TAIL_LINE_MAX - self.partial.len();
+                let cut = floor_char_boundary(part, room);
+                self.partial.push_str(&part[..cut]);
+            }
+            if parts.peek().is_some() {
+                self.end_line();
+            }
+        }
+    }
+
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.partial);
+        self.lines.push_back(line.trim_end_matches('\r').to_owned());
+        if self.lines.len() > TAIL_LINES {
+            self.lines.pop_front();
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            self.end_line();
+        }
+    }
+
+    fn joined(&self) -> String {
+        self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if max >= s.len() {
+        return s.len();
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Waits until the redis helper answers PING on its unix socket.
+async fn wait_for_redis(socket: &Path) -> Result<(), RunError> {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + REDIS_READY_TIMEOUT;
+    loop {
+        if let Ok(mut stream) = tokio::net::UnixStream::connect(socket).await {
+            let mut reply = [0u8; 7];
+            if stream.write_all(b"PING\r\n").await.is_ok()
+                && tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                && &reply == b"+PONG\r\n"
+            {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(failed(format!(
+                "the redis helper did not answer on {} within {} s",
+                socket.display(),
+                REDIS_READY_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Gzips the log next to itself and removes the plain one; returns the
+/// name of the file kept.
+async fn compress_log(path: PathBuf) -> String {
+    let plain_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let gz_path = path.with_extension("log.gz");
+        let mut input = std::fs::File::open(&path)?;
+        let output = std::fs::File::create(&gz_path)?;
+        let mut encoder = flate2::write::GzEncoder::new(output, flate2::Compression::default());
+        std::io::copy(&mut input, &mut encoder)?;
+        encoder.finish()?.flush()?;
+        std::fs::remove_file(&path)?;
+        Ok(gz_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default())
+    })
+    .await;
+    match result {
+        Ok(Ok(name)) => name,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not compress the container log; keeping it plain");
+            plain_name
+        }
+        Err(_) => plain_name,
+    }
+}
+
+/// The files the offliner produced: regular files at the top of the task
+/// dir, the container log excepted.
+async fn produced_files(dir: &Path, log_file: &str) -> Result<Vec<TaskFile>, RunError> {
+    let mut entries = tokio::fs::read_dir(dir)
+        .await
+        .map_err(|e| failed(format!("cannot list {}: {e}", dir.display())))?;
+    let mut files = Vec::new();
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| failed(format!("cannot list {}: {e}", dir.display())))?
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = entry.metadata().await else {
+            continue;
+        };
+        if !meta.is_file() || name == log_file {
+            continue;
+        }
+        files.push(TaskFile {
+            name,
+            size: meta.len(),
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// A task's JSON for `run-task`: `{"task": "offliner.mwoffliner", "id":
+/// "...", "kwargs": {...}, "args": [...]}`.
+pub fn request_from_json(text: &str) -> Result<TaskRequest, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        task: String,
+        id: String,
+        #[serde(default)]
+        args: Vec<Value>,
+        #[serde(default)]
+        kwargs: serde_json::Map<String, Value>,
+    }
+    let f: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(TaskRequest {
+        argsrepr: crate::celery::to_repr(&Value::Array(f.args.clone())),
+        kwargsrepr: crate::celery::to_repr(&Value::Object(f.kwargs.clone())),
+        id: f.id,
+        name: f.task,
+        args: f.args,
+        kwargs: f.kwargs,
+        retries: 0,
+        eta: None,
+        expires: None,
+        time_limit: crate::celery::TimeLimit {
+            hard: None,
+            soft: None,
+        },
+        root_id: None,
+        parent_id: None,
+        origin: None,
+        reply_to: None,
+        correlation_id: None,
+        protocol: crate::celery::Protocol::V2,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines_bounded() {
+        let mut t = Tail::default();
+        for i in 0..250 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        t.push(b"partial");
+        t.push(b" end");
+        t.finish();
+        assert_eq!(t.lines.len(), TAIL_LINES);
+        assert_eq!(t.lines.back().unwrap(), "partial end");
+        assert_eq!(t.lines.front().unwrap(), "line 151");
+        let mut t = Tail::default();
+        t.push(&vec![b'x'; 10 * TAIL_LINE_MAX]);
+        t.push(b"\n");
+        assert_eq!(t.lines[0].len(), TAIL_LINE_MAX);
+    }
+
+    #[test]
+    fn run_task_json_is_read() {
+        let r = request_from_json(
+            r#"{"task": "offliner.youtube", "id": "abc", "kwargs": {"warehouse_path": "/x"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.name, "offliner.youtube");
+        assert!(request_from_json(r#"{"task": "x"}"#).is_err());
+        assert!(request_from_json(r#"{"task": "x", "id": "y", "extra": 1}"#).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+#!/bin/sh
+# Stand-in for an openZIM scraper ("offliner") in the zimfarm-worker tests.
+#
+# Installed in the test images as mwoffliner, youtube2zim, gutenberg2zim and
+# phet2zim; what it is called picks its output flag and default ZIM name.
+# It never touches a network. Flags are `--key=value` or `--key`; unknown
+# ones are ignored, as a real scraper's own flags would be. The reference is
+# tests/images/README.md; in short, in the order they act:
+#
+#   --stderr=TEXT      print TEXT on stderr (each occurrence, in order)
+#   --argvDump         write every argument (not the program name), each
+#                      followed by a NUL byte, to OUTPUT/argv.bin
+#   --redis=TARGET     (mwoffliner only) a unix socket path, which must be a
+#                      socket, or a redis:// URL; redis-cli PINGs it and
+#                      anything but PONG within 5 s exits 3
+#   --spam=MB          print about MB megabytes (decimal allowed) of log lines
+#   --sleep=SECONDS    print a progress line every 0.5 s for SECONDS
+#   --silent=SECONDS   sleep SECONDS without printing anything
+#   --exit=CODE        if CODE is not 0: last line on stderr, exit CODE, no ZIM
+#   --zims=N           write N ZIMs NAME_1.zim .. NAME_N.zim (default: one,
+#                      NAME.zim; 0: none)
+#   --name=NAME        ZIM name (default per program, see below)
+#   --ignoreTerm       ignore SIGTERM/SIGINT (default: exit 143/130 at once)
+#
+# The first line printed is "<program> stand-in starting", the last one on
+# success is "done". Bad flag values exit 2.
+# shellcheck shell=sh
+set -u
+
+prog=${0##*/}
+ZIM=/opt/zims/demo.zim
+echo "$prog stand-in starting"
+
+fail() { # CODE MESSAGE
+    printf '%s stand-in: %s\n' "$prog" "$2" >&2
+    exit "$1"
+}
+
+out_flag=output
+out=/output
+redis_ok=0
+case $prog in
+mwoffliner)
+    out_flag=outputDirectory
+    name=wikipedia_en_test
+    redis_ok=1
+    ;;
+youtube2zim) name=youtube_test ;;
+gutenberg2zim) name=gutenberg_test ;; # its output dir is its last positional argument
+phet2zim)
+    name=phet_test
+    out=/phet/dist
+    ;;
+*) fail 2 "unknown stand-in name (expected mwoffliner, youtube2zim, gutenberg2zim or phet2zim)" ;;
+esac
+
+is_uint() { case $1 in '' | *[!0-9]*) return 1 ;; esac }
+is_number() { case $1 in '' | . | *[!0-9.]* | *.*.*) return 1 ;; esac }
+
+# ---------------------------------------------------------------- signals
+
+sleep_pid=''
+on_signal() { # SIGNAL CODE
+    [ -n "$sleep_pid" ] && kill "$sleep_pid" 2>/dev/null
+    printf '%s stand-in: got SIG%s, exiting\n' "$prog" "$1" >&2
+    exit "$2"
+}
+trap 'on_signal TERM 143' TERM
+trap 'on_signal INT 130' INT
+
+# Sleeps in a child and waits for it, so that a signal is handled at once
+# even while sleeping (a shell runs its traps only between commands).
+pause() {
+    sleep "$1" &
+    sleep_pid=$!
+    wait "$sleep_pid"
+    sleep_pid=''
+}
+
+# ------------------------------------------------------------------- flags
+
+argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' exit_code=0 redis='' positional=''
+for arg do
+    case $arg in
+    --*=*)
+        key=${arg%%=*}
+        key=${key#--}
+        val=${arg#*=}
+        ;;
+    --*)
+        key=${arg#--}
+        val=''
+        ;;
+    *)
+        positional=$arg
+        continue
+        ;;
+    esac
+    case $key in
+    "$out_flag") out=$val ;;
+    name) name=$val ;;
+    zims) zims=$val ;;
+    argvDump) argv_dump=1 ;;
+    sleep) sleep_s=$val ;;
+    silent) silent_s=$val ;;
+    spam) spam_mb=$val ;;
+    exit) exit_code=$val ;;
+    stderr) printf '%s\n' "$val" >&2 ;;
+    ignoreTerm) trap '' TERM INT ;;
+    redis) [ "$redis_ok" -eq 1 ] && redis=$val ;;
+    esac
+done
+if [ "$prog" = gutenberg2zim ] && [ -n "$positional" ]; then
+    out=$positional
+fi
+
+[ -n "$out" ] || fail 2 "empty output directory"
+[ -n "$name" ] || fail 2 "empty --name"
+[ -z "$zims" ] || is_uint "$zims" || fail 2 "--zims wants a whole number, not '$zims'"
+[ -z "$sleep_s" ] || is_number "$sleep_s" || fail 2 "--sleep wants seconds, not '$sleep_s'"
+[ -z "$silent_s" ] || is_number "$silent_s" || fail 2 "--silent wants seconds, not '$silent_s'"
+[ -z "$spam_mb" ] || is_number "$spam_mb" || fail 2 "--spam wants megabytes, not '$spam_mb'"
+{ is_uint "$exit_code" && [ "$exit_code" -le 255 ]; } \
+    || fail 2 "--exit wants a code from 0 to 255, not '$exit_code'"
+
+mkdir -p -- "$out" || fail 1 "cannot create the output directory $out"
+
+# ------------------------------------------------------------------ actions
+
+if [ "$argv_dump" -eq 1 ]; then
+    printf '%s\0' "$@" >"$out/argv.bin" || fail 1 "cannot write $out/argv.bin"
+    echo "wrote $out/argv.bin ($# arguments)"
+fi
+
+if [ -n "$redis" ]; then
+    case $redis in
+    redis://* | rediss://*) set -- -u "$redis" ;;
+    *)
+        [ -S "$redis" ] || fail 3 "redis: $redis is not a unix socket"
+        set -- -s "$redis"
+        ;;
+    esac
+    command -v redis-cli >/dev/null 2>&1 || fail 3 "redis: no redis-cli in this image"
+    reply=$(timeout 5 redis-cli "$@" ping 2>&1)
+    [ "$reply" = PONG ] || fail 3 "redis at $redis does not answer PING (got: $reply)"
+    echo "redis at $redis answers PING"
+fi
+
+if [ -n "$spam_mb" ]; then
+    bytes=$(awk -v mb="$spam_mb" 'BEGIN { printf "%d", mb * 1048576 }')
+    yes "$prog stand-in log spam: lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod" \
+        | head -c "$bytes"
+    echo
+    echo "spammed $bytes bytes"
+fi
+
+if [ -n "$sleep_s" ]; then
+    steps=$(awk -v s="$sleep_s" 'BEGIN { n = s * 2; printf "%d", (n == int(n)) ? n : int(n) + 1 }')
+    i=1
+    while [ "$i" -le "$steps" ]; do
+        echo "progress $i/$steps"
+        pause 0.5
+        i=$((i + 1))
+    done
+fi
+
+[ -z "$silent_s" ] || pause "$silent_s"
+
+if [ "$exit_code" -ne 0 ]; then
+    fail "$exit_code" "exiting with code $exit_code as asked (--exit)"
+fi
+
+write_zim() { # NAME
+    cp -- "$ZIM" "$out/$1.zim" || fail 1 "cannot write $out/$1.zim"
+    echo "wrote $out/$1.zim"
+}
+if [ -z "$zims" ]; then
+    write_zim "$name"
+else
+    i=1
+    while [ "$i" -le "$zims" ]; do
+        write_zim "${name}_$i"
+        i=$((i + 1))
+    done
+fi
+echo "done"

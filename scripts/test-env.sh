@@ -9,6 +9,8 @@
 #   3. The Docker engine answers (dockerd is started if it does not).
 #   4. <repo>/.venv holds the Python packages of tests/py/requirements.txt
 #      (rebuilt only when that file changes).
+#   5. The local test images of tests/images/build.sh exist and are up to
+#      date (each rebuilt only when its inputs change).
 #
 # Idempotent and quick when everything is already there. Exports nothing.
 # Needs root only for what it has to change (install, configure, start).
@@ -239,11 +241,21 @@ ensure_venv() {
         | grep -iE '^(celery|kombu|flower)==' | tr '\n' ' ')"
 }
 
+# ------------------------------------------------------------------ images
+
+# The local images the offliner tests run (tests/images/README.md). Needs
+# Docker, busybox-static, redis-server and the venv's libzim; each image is
+# rebuilt only when its inputs changed (under a second when none did).
+ensure_test_images() {
+    bash "$REPO/tests/images/build.sh" || die "building the test images failed"
+}
+
 main() {
     install_packages
     ensure_rabbitmq
     ensure_docker
     ensure_venv
+    ensure_test_images
 }
 
 main "$@"

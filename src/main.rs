@@ -144,7 +144,7 @@ fn run_task_command(file: &std::path::Path) -> ExitCode {
         tokio::spawn(watch_signals(cancel.clone()));
         let ctx = TaskContext::new(request.id.clone(), cancel, Arc::new(PrintEvents));
         let request = Arc::new(request);
-        let span = tracing::info_span!("task", task_id = %request.id, stage = "received");
+        let span = tracing::info_span!("task", task_id = %request.id);
         match runner.run(request, ctx).instrument(span).await {
             Ok(files) => {
                 println!(

@@ -18,6 +18,7 @@ use bollard::container::LogOutput;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
 
 use crate::celery::TaskRequest;
 use crate::config::PipelineSettings;
@@ -139,10 +140,23 @@ impl DockerRunner {
         containers: &mut Containers,
         ctx: &TaskContext,
     ) -> Result<Vec<TaskFile>, RunError> {
-        let cancel = &ctx.cancel;
+        self.prepare(plan, dirs, containers, ctx)
+            .instrument(tracing::info_span!("stage", stage = "prepare"))
+            .await?;
+        self.generate(plan, dirs, containers, ctx)
+            .instrument(tracing::info_span!("stage", stage = "generate"))
+            .await
+    }
 
-        // prepare
-        tracing::Span::current().record("stage", "prepare");
+    /// Task dir, free disk, images, the redis helper.
+    async fn prepare(
+        &self,
+        plan: &TaskPlan,
+        dirs: &TaskDirs,
+        containers: &mut Containers,
+        ctx: &TaskContext,
+    ) -> Result<(), RunError> {
+        let cancel = &ctx.cancel;
         self.prepare_dirs(dirs).await?;
         cancellable(cancel, self.image(&plan.image.to_string())).await??;
         if plan.needs_redis {
@@ -184,9 +198,18 @@ impl DockerRunner {
             .await??;
             tracing::info!("redis helper ready");
         }
+        Ok(())
+    }
 
-        // generate
-        tracing::Span::current().record("stage", "generate");
+    /// The offliner container, its log, its exit code, its files.
+    async fn generate(
+        &self,
+        plan: &TaskPlan,
+        dirs: &TaskDirs,
+        containers: &mut Containers,
+        ctx: &TaskContext,
+    ) -> Result<Vec<TaskFile>, RunError> {
+        let cancel = &ctx.cancel;
         let name = self.container_name(&plan.task_id, "offliner");
         containers.names.push(name.clone());
         let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];

@@ -411,7 +411,7 @@ impl<R: Runner> Inner<R> {
             return;
         }
 
-        let span = tracing::info_span!("task", task_id = %request.id, stage = "received");
+        let span = tracing::info_span!("task", task_id = %request.id);
         let _enter = span.enter();
         let mut state = self.lock();
         if let Some(entry) = state.tasks.get_mut(&request.id) {
@@ -549,7 +549,6 @@ impl<R: Runner> Inner<R> {
             None => Err(RunError::Cancelled),
             Some(permit) => {
                 self.set_phase(&request.id, Phase::Running);
-                tracing::Span::current().record("stage", "running");
                 self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
@@ -570,8 +569,11 @@ impl<R: Runner> Inner<R> {
         cancel: &CancellationToken,
     ) -> Result<Vec<TaskFile>, RunError> {
         let ctx = TaskContext::new(request.id.clone(), cancel.clone(), self.events.clone());
-        let mut handle =
-            tokio::spawn(self.runner.run(request.clone(), ctx).instrument(tracing::Span::current()));
+        let mut handle = tokio::spawn(
+            self.runner
+                .run(request.clone(), ctx)
+                .instrument(tracing::Span::current()),
+        );
         let hard = request
             .time_limit
             .hard

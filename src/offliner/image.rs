@@ -396,7 +396,6 @@ mod tests {
             "openzim/-mwoffliner",
             "openzim/mwoffliner_",
             "openzim/mwöffliner",
-            "localhost:5000",
             "localhost:/x",
             "localhost:123456/x",
             "localhost:port/x",
@@ -412,6 +411,13 @@ mod tests {
                 "{bad:?} gave {err:?}"
             );
         }
+        // Alone, "localhost:5000" is the image "localhost" with tag "5000";
+        // as a name, a registry must be followed by a repository.
+        assert_eq!(image("localhost:5000").to_string(), "localhost:5000");
+        assert!(matches!(
+            ImageRef::from_parts("localhost:5000", "latest"),
+            Err(PlanError::InvalidImageName { .. })
+        ));
         let long = format!("openzim/{}", "a".repeat(MAX_NAME_LEN));
         assert!(matches!(
             ImageRef::parse(&long),

@@ -179,7 +179,6 @@ pub(crate) fn normalise_warehouse_path(value: &Value) -> Result<String, PlanErro
             "it must start with '/', e.g. \"/wikipedia\"".to_owned(),
         ));
     };
-    let relative = relative.strip_suffix('/').unwrap_or(relative);
     if relative.is_empty() {
         return Err(invalid(
             "it names the warehouse root, where only directories belong: name a \
@@ -187,6 +186,7 @@ pub(crate) fn normalise_warehouse_path(value: &Value) -> Result<String, PlanErro
                 .to_owned(),
         ));
     }
+    let relative = relative.strip_suffix('/').unwrap_or(relative);
     for component in relative.split('/') {
         if component.is_empty() {
             return Err(invalid("it has an empty component ('//')".to_owned()));

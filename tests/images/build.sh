@@ -115,7 +115,10 @@ inputs_hash() {
                 fi
                 ;;
         esac
-        sha256sum -- "${files[@]}"
+        # Contents, and the names relative to the repository: a clone in
+        # another folder finds its images up to date.
+        printf 'file %s\n' "${files[@]#"$REPO/"}"
+        sha256sum -- "${files[@]}" | cut -d' ' -f1
     } | sha256sum | cut -d' ' -f1
 }
 

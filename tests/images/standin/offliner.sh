@@ -19,17 +19,21 @@
 #   --exit=CODE        if CODE is not 0: last line on stderr, exit CODE, no ZIM
 #   --zims=N           write N ZIMs NAME_1.zim .. NAME_N.zim (default: one,
 #                      NAME.zim; 0: none)
-#   --name=NAME        ZIM name (default per program, see below)
+#   --name=NAME        ZIM name (default: wikipedia_en_test, youtube_test,
+#                      gutenberg_test, phet_test)
 #   --ignoreTerm       ignore SIGTERM/SIGINT (default: exit 143/130 at once)
 #
+# OUTPUT is --outputDirectory=DIR for mwoffliner, --output=DIR for the
+# others, and for gutenberg2zim its last positional argument too; it is
+# created if missing and defaults to /output (/phet/dist for phet2zim).
+#
 # The first line printed is "<program> stand-in starting", the last one on
-# success is "done". Bad flag values exit 2.
+# success is "done". Bad flag values exit 2, a failed write 1.
 # shellcheck shell=sh
 set -u
 
 prog=${0##*/}
 ZIM=/opt/zims/demo.zim
-echo "$prog stand-in starting"
 
 fail() { # CODE MESSAGE
     printf '%s stand-in: %s\n' "$prog" "$2" >&2
@@ -53,6 +57,7 @@ phet2zim)
     ;;
 *) fail 2 "unknown stand-in name (expected mwoffliner, youtube2zim, gutenberg2zim or phet2zim)" ;;
 esac
+echo "$prog stand-in starting"
 
 is_uint() { case $1 in '' | *[!0-9]*) return 1 ;; esac }
 is_number() { case $1 in '' | . | *[!0-9.]* | *.*.*) return 1 ;; esac }
@@ -142,7 +147,8 @@ if [ -n "$redis" ]; then
     esac
     command -v redis-cli >/dev/null 2>&1 || fail 3 "redis: no redis-cli in this image"
     reply=$(timeout 5 redis-cli "$@" ping 2>&1)
-    [ "$reply" = PONG ] || fail 3 "redis at $redis does not answer PING (got: $reply)"
+    [ -n "$reply" ] || reply="no answer within 5 s"
+    [ "$reply" = PONG ] || fail 3 "redis at $redis does not answer PING ($reply)"
     echo "redis at $redis answers PING"
 fi
 

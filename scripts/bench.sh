@@ -8,4 +8,5 @@ bash scripts/test-env.sh
 export ZIMFARM_TEST_PYTHON="$repo/.venv/bin/python"
 export ZIMFARM_TEST_AMQP="amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672"
 export ZIMFARM_TEST_RABBIT_API="http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api"
-exec cargo bench --bench throughput
+cargo bench --bench throughput
+exec cargo bench --bench pipeline

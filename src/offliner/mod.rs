@@ -185,21 +185,6 @@ pub fn plan(
         });
     }
 
-    let flags = || -> Result<Vec<String>, PlanError> {
-        let Some(flags) = params.flags else {
-            return Ok(Vec::new());
-        };
-        if let Some(key) = flags
-            .keys()
-            .find(|key| offliner.reserved_flags().contains(&key.as_str()))
-        {
-            return Err(PlanError::ReservedFlag {
-                key: shown(key),
-                task: offliner.task_name(),
-            });
-        }
-        flags_to_argv(flags)
-    };
     let argv = match offliner {
         Offliner::Mwoffliner => {
             if redis_url.is_empty() || redis_url.chars().any(char::is_control) {
@@ -208,14 +193,14 @@ pub fn plan(
                 });
             }
             let mut argv = vec!["mwoffliner".to_owned()];
-            argv.extend(flags()?);
+            argv.extend(task_flags(offliner, params.flags)?);
             argv.push(format!("--outputDirectory={OUTPUT_DIR}"));
             argv.push(format!("--redis={redis_url}"));
             argv
         }
         Offliner::Youtube => {
             let mut argv = vec!["youtube2zim".to_owned()];
-            argv.extend(flags()?);
+            argv.extend(task_flags(offliner, params.flags)?);
             argv.push(format!("--output={OUTPUT_DIR}"));
             argv
         }
@@ -227,8 +212,9 @@ pub fn plan(
             "--one-language-one-zim",
             OUTPUT_DIR,
         ]
+        .into_iter()
         .map(str::to_owned)
-        .to_vec(),
+        .collect(),
         Offliner::Phet => Vec::new(),
     };
 
@@ -241,4 +227,24 @@ pub fn plan(
         warehouse_path: params.warehouse_path,
         needs_redis: offliner.needs_redis(),
     })
+}
+
+/// The task's flags as arguments, refusing those the worker sets itself.
+fn task_flags(
+    offliner: Offliner,
+    flags: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<Vec<String>, PlanError> {
+    let Some(flags) = flags else {
+        return Ok(Vec::new());
+    };
+    if let Some(key) = flags
+        .keys()
+        .find(|key| offliner.reserved_flags().contains(&key.as_str()))
+    {
+        return Err(PlanError::ReservedFlag {
+            key: shown(key),
+            task: offliner.task_name(),
+        });
+    }
+    flags_to_argv(flags)
 }

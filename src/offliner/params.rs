@@ -137,8 +137,11 @@ fn image_param(value: &Value) -> Result<ImageParam<'_>, PlanError> {
     })
 }
 
+/// The flags (if any) and the image a task asks for.
+type FlagsAndImage<'a> = (Option<&'a Map<String, Value>>, ImageParam<'a>);
+
 /// `offliner` = `{"image_tag": ..., "flags": ...}`, both optional.
-fn older_form(value: &Value) -> Result<(Option<&Map<String, Value>>, ImageParam<'_>), PlanError> {
+fn older_form(value: &Value) -> Result<FlagsAndImage<'_>, PlanError> {
     let older = value
         .as_object()
         .ok_or_else(|| wrong_type("offliner", "an object {\"image_tag\", \"flags\"}", value))?;

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The main job: a real local farm on this machine. Starts the services
-# (RabbitMQ & co., via test-env.sh), builds and starts the worker, sends a
-# demo task with real Python Celery exactly as the dispatcher does, and
-# prints the worker's Celery events as they arrive.
-#
-# Until the Docker pipeline and the warehouse upload land, the worker runs
-# with TASK_RUNNER=simulate: the task goes through the real broker, events and
-# result path, but no container runs and nothing is uploaded.
+# (RabbitMQ, Docker, the locally built stand-in offliner images, via
+# test-env.sh), builds and starts the worker, sends a demo task with real
+# Python Celery exactly as the dispatcher does, and prints the worker's
+# Celery events as they arrive. The task runs through prepare (a redis
+# helper on a unix socket) and generate (the stand-in mwoffliner container,
+# which writes a real ZIM file); the upload stage is not built yet, so the
+# ZIM stays in the working dir, whose path is printed.
 #
 # Usage: scripts/farm.sh [--once]
 #   --once   exit after the demo task ended (default: keep the farm running
@@ -58,7 +58,7 @@ for line in sys.stdin:
     t = e.get("type")
     if t is None or t == "worker-heartbeat":
         continue
-    extra = {k: e[k] for k in ("uuid", "name", "result", "exception", "runtime", "expired") if k in e}
+    extra = {k: e[k] for k in ("uuid", "name", "image", "command", "exit_code", "result", "exception", "runtime", "expired") if k in e}
     host = e.get("hostname", "")
     print(f"    event {t:<16} {host} {json.dumps(extra)}", flush=True)
 ' &
@@ -67,7 +67,8 @@ pids+=($!)
 echo "==> starting the worker as demo@farm"
 touch "$work/worker.log"
 USERNAME=demo PASSWORD=demo NODE_NAME=farm QUEUES=small CONCURRENCY=2 \
-  WORKING_DIR="$work" ZIM_DIR="$work" BROKER_URL="$broker" TASK_RUNNER=simulate \
+  WORKING_DIR="$work" ZIM_DIR="$work" BROKER_URL="$broker" TASK_RUNNER=docker \
+  PULL_POLICY=never REDIS_IMAGE=zimfarm/redis:test MIN_FREE_DISK_MB=100 \
   target/release/zimfarm-worker 2> "$work/worker.log" &
 pids+=($!)
 for _ in $(seq 200); do grep -q "consuming" "$work/worker.log" && break; sleep 0.05; done
@@ -77,9 +78,11 @@ task_id="$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 echo "==> sending task $task_id with Celery (send_task offliner.mwoffliner, exchange offliner, routing key small)"
 .venv/bin/python tests/py/celery_client.py send --broker "$broker" --name offliner.mwoffliner \
   --task-id "$task_id" --exchange offliner --routing-key small --rpc --wait 60 \
-  --kwargs '{"flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "demo@example.org", "articleList": "Kiwix"}, "image": {"name": "openzim/mwoffliner", "tag": "latest"}, "warehouse_path": "/wikipedia", "simulate": {"sleep": 2, "files": [{"name": "wikipedia_en_kiwix.zim", "size": 4096}]}}' \
+  --kwargs '{"flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "demo@example.org", "articleList": "Kiwix", "name": "wikipedia_en_kiwix", "sleep": 2}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/wikipedia"}' \
   | sed 's/^/    AsyncResult.get() -> /'
 sleep 0.5
+echo "==> the ZIM and the container log, in $work/$task_id (removed when the farm stops):"
+ls -l "$work/$task_id"
 
 if $once; then
   exit 0

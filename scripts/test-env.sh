@@ -35,7 +35,7 @@ DOCKERD_LOG=/tmp/dockerd.log
 STARTUP_TIMEOUT=90
 
 PACKAGES=(rabbitmq-server openssh-server busybox-static redis-server
-    python3-venv curl shellcheck)
+    python3-venv curl shellcheck openssl)
 
 log() { printf 'test-env: %s\n' "$*" >&2; }
 die() {
@@ -72,11 +72,50 @@ install_packages() {
 # running broker is restarted to pick it up.
 RABBIT_CHANGED=0
 
+# A private CA and a server certificate (localhost, 127.0.0.1) for the
+# broker's TLS listener on 127.0.0.1:5671, which the amqps tests use.
+TLS_DIR=/etc/rabbitmq/zimfarm-test-tls
+
+ensure_tls_certificates() {
+    [ -s "$TLS_DIR/ca.pem" ] && [ -s "$TLS_DIR/server.pem" ] && [ -s "$TLS_DIR/server.key" ] && return 0
+    require_root "create test TLS certificates in $TLS_DIR"
+    log "creating a test CA and a broker certificate in $TLS_DIR"
+    mkdir -p "$TLS_DIR"
+    local ext
+    ext=$(mktemp)
+    printf '%s\n' \
+        'basicConstraints = critical, CA:FALSE' \
+        'keyUsage = critical, digitalSignature, keyEncipherment' \
+        'extendedKeyUsage = serverAuth' \
+        'subjectAltName = DNS:localhost, IP:127.0.0.1' >"$ext"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj '/CN=zimfarm-worker test CA' \
+        -addext 'basicConstraints = critical, CA:TRUE' \
+        -addext 'keyUsage = critical, keyCertSign, cRLSign' \
+        -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null \
+        || die "openssl could not create the test CA"
+    openssl req -newkey rsa:2048 -nodes -subj '/CN=localhost' \
+        -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null \
+        || die "openssl could not create the broker's key"
+    openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+        -CAcreateserial -days 3650 -extfile "$ext" -out "$TLS_DIR/server.pem" 2>/dev/null \
+        || die "openssl could not sign the broker's certificate"
+    rm -f "$ext" "$TLS_DIR/server.csr"
+    chown -R rabbitmq:rabbitmq "$TLS_DIR" 2>/dev/null || true
+    chmod 0644 "$TLS_DIR/ca.pem" "$TLS_DIR/server.pem" "$TLS_DIR/server.key"
+}
+
 configure_rabbitmq() {
+    ensure_tls_certificates
     local wanted
-    wanted=$(cat <<'EOF'
+    wanted=$(cat <<EOF
 # Written by zimfarm-worker scripts/test-env.sh: loopback only.
 listeners.tcp.default = 127.0.0.1:5672
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
 management.tcp.ip = 127.0.0.1
 management.tcp.port = 15672
 EOF
@@ -168,7 +207,7 @@ ensure_rabbit_user() {
 
 ensure_rabbitmq() {
     configure_rabbitmq
-    if rabbitmq_ready; then
+    if [ "$RABBIT_CHANGED" -eq 0 ] && rabbitmq_ready; then
         return 0
     fi
     require_root "start and configure RabbitMQ"

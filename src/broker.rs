@@ -38,8 +38,13 @@ pub enum BrokerError {
         path: String,
         source: std::io::Error,
     },
-    #[error("cannot connect to the broker at {url}: {source}")]
-    Connect { url: String, source: lapin::Error },
+    #[error("cannot connect to the broker at {url}: {source}{hint}")]
+    Connect {
+        url: String,
+        source: lapin::Error,
+        /// What to do, when the error says it (e.g. an untrusted certificate).
+        hint: &'static str,
+    },
     #[error(
         "the broker at {url} did not answer within {secs} s; check the host, port and firewall"
     )]
@@ -113,7 +118,15 @@ impl Broker {
                 url: url.clone(),
                 secs: CONNECT_TIMEOUT.as_secs(),
             })?
-            .map_err(|source| BrokerError::Connect { url, source })?;
+            .map_err(|source| {
+                let hint = if source.to_string().contains("certificate") {
+                    "; the broker's TLS certificate is not trusted: if it comes from a \
+                     private CA, set BROKER_CA_FILE to that CA's PEM file"
+                } else {
+                    ""
+                };
+                BrokerError::Connect { url, source, hint }
+            })?;
 
         let setup = |what: &str| {
             let what = what.to_owned();

@@ -66,11 +66,8 @@ fn task_dir_gone(dir: &Path, id: &str) -> bool {
 
 #[test]
 fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
-    let (vh, dir) = (Vhost::new("pipe"), tempfile::tempdir().unwrap());
     let node = "pipe";
-    let events = EventsProc::start(&vh, 90);
-    let worker = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
-    worker.wait_connected();
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&[]));
     let id = task_id();
     let tricky =
         "a b ; $(touch /tmp/pwned) `id` 'single' \"double\"\nnewline \u{e9}\u{1F389} --not-a-flag";
@@ -131,11 +128,8 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
 
 #[test]
 fn refused_before_anything_runs() {
-    let (vh, dir) = (Vhost::new("refuse"), tempfile::tempdir().unwrap());
     let node = "refuse";
-    let events = EventsProc::start(&vh, 90);
-    let worker = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
-    worker.wait_connected();
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&[]));
     let cases = [
         json!({"flags": {}, "image": {"name": "evil/miner", "tag": "latest"}, "warehouse_path": "/x"}),
         json!({"flags": {}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/../etc"}),
@@ -166,11 +160,8 @@ fn refused_before_anything_runs() {
 
 #[test]
 fn non_zero_exit_and_idle_timeout_fail_the_task() {
-    let (vh, dir) = (Vhost::new("exit"), tempfile::tempdir().unwrap());
     let node = "exit";
-    let events = EventsProc::start(&vh, 90);
-    let worker = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[("IDLE_TIMEOUT", "2")]));
-    worker.wait_connected();
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&[("IDLE_TIMEOUT", "2")]));
     let failing = task_id();
     send_task(
         &vh,
@@ -222,11 +213,8 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
 
 #[test]
 fn hard_time_limit_kills_the_offliner() {
-    let (vh, dir) = (Vhost::new("hard"), tempfile::tempdir().unwrap());
     let node = "hard";
-    let events = EventsProc::start(&vh, 90);
-    let worker = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
-    worker.wait_connected();
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&[]));
     let id = task_id();
     send_task(
         &vh,
@@ -250,11 +238,8 @@ fn hard_time_limit_kills_the_offliner() {
 
 #[test]
 fn large_container_output_keeps_the_worker_small() {
-    let (vh, dir) = (Vhost::new("spam"), tempfile::tempdir().unwrap());
     let node = "spam";
-    let events = EventsProc::start(&vh, 120);
-    let worker = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
-    worker.wait_connected();
+    let (vh, _dir, events, worker) = stack(node, &docker_env(&[]));
     let id = task_id();
     send_task(
         &vh,
@@ -309,11 +294,8 @@ fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
 
 #[test]
 fn sigterm_stops_the_task_containers() {
-    let (vh, dir) = (Vhost::new("termdocker"), tempfile::tempdir().unwrap());
     let node = "termdocker";
-    let events = EventsProc::start(&vh, 90);
-    let mut worker = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
-    worker.wait_connected();
+    let (vh, dir, events, mut worker) = stack(node, &docker_env(&[]));
     let id = task_id();
     send_task(
         &vh,
@@ -419,4 +401,60 @@ async fn too_little_free_disk_fails_before_anything_runs() {
     }
     assert!(containers_of(node).is_empty());
     assert!(task_dir_gone(dir.path(), &id));
+}
+
+#[test]
+fn run_task_runs_one_task_from_a_file_without_a_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.json");
+    let id = task_id();
+    std::fs::write(
+        &file,
+        json!({"task": "offliner.youtube", "id": id, "kwargs": {"flags": {"id": "x", "zims": 2}, "image": {"name": "openzim/youtube", "tag": "test"}, "warehouse_path": "/videos"}}).to_string(),
+    )
+    .unwrap();
+    let run = |file: &Path| {
+        Command::new(worker_binary())
+            .arg("run-task")
+            .arg(file)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WORKING_DIR", dir.path())
+            .env("ZIM_DIR", dir.path())
+            .env("NODE_NAME", "runtask")
+            .env("PULL_POLICY", "never")
+            .env("MIN_FREE_DISK_MB", "10")
+            .output()
+            .unwrap()
+    };
+    let out = run(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = last_json_line(&out.stdout);
+    assert_eq!(last["status"], "SUCCESS", "{last}");
+    assert_eq!(last["files"].as_array().unwrap().len(), 2, "{last}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("task-container_started") && stdout.contains("task-container_finished")
+    );
+    assert!(containers_of("runtask").is_empty());
+
+    // A task file that is not a task: exit 2 with a line naming the file.
+    std::fs::write(&file, "{\"task\": 1}").unwrap();
+    let out = run(&file);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("task.json"));
+    // A task the pipeline refuses: exit 1, the reason on the last line.
+    std::fs::write(&file, json!({"task": "offliner.youtube", "id": task_id(), "kwargs": {"image": {"name": "someone/else"}, "warehouse_path": "/v"}}).to_string()).unwrap();
+    let out = run(&file);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        last_json_line(&out.stdout)["error"]
+            .as_str()
+            .unwrap()
+            .contains("IMAGE_ALLOWLIST")
+    );
 }

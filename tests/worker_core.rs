@@ -44,10 +44,7 @@ fn literal_eval(repr: &str) -> Value {
 
 #[test]
 fn celery_send_task_runs_and_reports_every_event() {
-    let (vh, dir) = setup("interop");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "interop", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("interop", &[]);
     events.wait_for(
         |v| v["type"] == "worker-online" && v["hostname"] == "tester@interop",
         T,
@@ -101,10 +98,7 @@ fn celery_send_task_runs_and_reports_every_event() {
 
 #[test]
 fn celery_state_sees_worker_alive_and_task_succeeded() {
-    let (vh, dir) = setup("state");
-    let events = EventsProc::start(&vh, 12);
-    let worker = WorkerProc::start(&vh, dir.path(), "state", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("state", &[]);
     let id = task_id();
     send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &[]);
     events.wait_task_event("task-succeeded", &id, T);
@@ -123,10 +117,7 @@ fn celery_state_sees_worker_alive_and_task_succeeded() {
 
 #[test]
 fn protocol_1_message_is_consumed() {
-    let (vh, dir) = setup("proto1");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "proto1", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("proto1", &[]);
     let id = task_id();
     send_task(
         &vh,
@@ -184,10 +175,7 @@ fn rpc_backend_result_reaches_async_result_get() {
 
 #[test]
 fn failing_and_panicking_tasks_fail_and_the_worker_goes_on() {
-    let (vh, dir) = setup("fail");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "fail", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("fail", &[]);
     let failing = task_id();
     send_task(
         &vh,
@@ -224,10 +212,7 @@ fn failing_and_panicking_tasks_fail_and_the_worker_goes_on() {
 
 #[test]
 fn unknown_task_is_rejected_with_task_failed() {
-    let (vh, dir) = setup("unknown");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "unknown", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("unknown", &[]);
     let id = task_id();
     send_task(&vh, "offliner.nosuchthing", &id, &kwargs(Value::Null), &[]);
     let failed = events.wait_task_event("task-failed", &id, T);
@@ -267,10 +252,7 @@ fn publish_raw(vh: &Vhost, dir: &std::path::Path, body: &[u8], extra: &[&str]) {
 
 #[test]
 fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
-    let (vh, dir) = setup("bad");
-    let events = EventsProc::start(&vh, 120);
-    let worker = WorkerProc::start(&vh, dir.path(), "bad", &[]);
-    worker.wait_connected();
+    let (vh, dir, events, worker) = stack("bad", &[]);
     let d = dir.path();
     let v2 = |id: &str| json!({"task": "offliner.mwoffliner", "id": id, "lang": "py"}).to_string();
     let wrong_shape_id = task_id();
@@ -381,10 +363,7 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
 
 #[test]
 fn expired_task_is_revoked_not_run() {
-    let (vh, dir) = setup("expires");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "expires", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("expires", &[]);
     let id = task_id();
     send_task(
         &vh,
@@ -442,10 +421,7 @@ fn eta_task_is_held_without_blocking_others() {
 
 #[test]
 fn hard_time_limit_stops_the_task() {
-    let (vh, dir) = setup("timelimit");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "timelimit", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("timelimit", &[]);
     let id = task_id();
     let start = Instant::now();
     send_task(
@@ -469,10 +445,7 @@ fn hard_time_limit_stops_the_task() {
 
 #[test]
 fn concurrency_bounds_running_tasks() {
-    let (vh, dir) = setup("slots");
-    let events = EventsProc::start(&vh, 60);
-    let worker = WorkerProc::start(&vh, dir.path(), "slots", &[("CONCURRENCY", "2")]);
-    worker.wait_connected();
+    let (vh, _dir, events, _worker) = stack("slots", &[("CONCURRENCY", "2")]);
     let ids: Vec<String> = (0..4).map(|_| task_id()).collect();
     for id in &ids {
         send_task(
@@ -502,10 +475,7 @@ fn concurrency_bounds_running_tasks() {
 
 #[test]
 fn connection_cut_mid_task_completes_exactly_once() {
-    let (vh, dir) = setup("cut");
-    let events = EventsProc::start(&vh, 90);
-    let worker = WorkerProc::start(&vh, dir.path(), "cut", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, worker) = stack("cut", &[]);
     let id = task_id();
     send_task(
         &vh,
@@ -565,10 +535,7 @@ fn kill_9_mid_task_redelivers_to_a_new_worker() {
 
 #[test]
 fn sigterm_requeues_unfinished_tasks_and_says_offline() {
-    let (vh, dir) = setup("term");
-    let events = EventsProc::start(&vh, 90);
-    let mut worker = WorkerProc::start(&vh, dir.path(), "term", &[]);
-    worker.wait_connected();
+    let (vh, _dir, events, mut worker) = stack("term", &[]);
     let id = task_id();
     send_task(
         &vh,
@@ -695,4 +662,58 @@ fn events_produced_while_the_broker_is_away_are_published_after_reconnecting() {
     events.wait_task_event("task-succeeded", &next, T);
     assert_eq!(events.count("task-started", &id), 1);
     assert_eq!(events.count("task-succeeded", &id), 1);
+}
+
+#[test]
+fn amqps_verifies_the_broker_certificate() {
+    let (vh, dir) = setup("tls");
+    let ca = std::env::var("ZIMFARM_TEST_TLS_CA")
+        .unwrap_or_else(|_| "/etc/rabbitmq/zimfarm-test-tls/ca.pem".to_owned());
+    let url = format!(
+        "amqps://zimfarm-test:zimfarm-test@127.0.0.1:5671/{}",
+        vh.name
+    );
+
+    // A private CA the worker was not told about: refused, and retried.
+    let mut untrusted = WorkerProc::start(&vh, dir.path(), "tlsbad", &[("BROKER_URL", &url)]);
+    untrusted.wait_log("broker unreachable", T);
+    let log = untrusted.log_text().to_lowercase();
+    assert!(
+        log.contains("certificate") || log.contains("issuer"),
+        "says why: {log}"
+    );
+    untrusted.signal("TERM");
+    assert!(untrusted.wait_exit(T).success());
+
+    // A CA file that is not there: a clear error at start.
+    let mut missing = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "tlsmissing",
+        &[
+            ("BROKER_URL", &url),
+            ("BROKER_CA_FILE", "/nonexistent/ca.pem"),
+        ],
+    );
+    assert!(!missing.wait_exit(T).success());
+    assert!(
+        missing
+            .log_text()
+            .contains("BROKER_CA_FILE /nonexistent/ca.pem"),
+        "{}",
+        missing.log_text()
+    );
+
+    // With BROKER_CA_FILE: verified, connected, serving.
+    let events = EventsProc::start(&vh, 60);
+    let worker = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "tlsok",
+        &[("BROKER_URL", &url), ("BROKER_CA_FILE", &ca)],
+    );
+    worker.wait_connected();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &[]);
+    events.wait_task_event("task-succeeded", &id, T);
 }

@@ -432,8 +432,12 @@ impl EventsProc {
             .count()
     }
 
-    /// Waits for the receiver to exit by itself and returns its summary line.
+    /// Stops the receiver (SIGTERM: it prints its summary and exits) and
+    /// returns its summary line.
     pub fn finish(mut self) -> Value {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -526,4 +530,19 @@ impl FaultProxy {
             self.port, vhost.name
         )
     }
+}
+
+/// The usual stack of a test: its own vhost and temp dir, a Celery event
+/// receiver listening, and a connected worker named `label` with `extra`
+/// environment.
+pub fn stack(
+    label: &str,
+    extra: &[(&str, &str)],
+) -> (Vhost, tempfile::TempDir, EventsProc, WorkerProc) {
+    let vh = Vhost::new(label);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let events = EventsProc::start(&vh, 180);
+    let worker = WorkerProc::start(&vh, dir.path(), label, extra);
+    worker.wait_connected();
+    (vh, dir, events, worker)
 }

@@ -62,6 +62,9 @@ pub struct Broker {
     queues: Vec<QueueName>,
 }
 
+/// The AMQP frame size asked for, unless BROKER_URL says `?frame_max=`.
+const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -98,17 +101,21 @@ impl Broker {
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.connection_name.clone()));
         let url = self.display_url();
+        let mut uri = self.url.uri().clone();
+        // lapin keeps two buffers of 32 frames each: with RabbitMQ's default
+        // 128 KiB frames that is 8 MiB of resident memory for messages that
+        // are a few hundred bytes. Larger messages just take more frames.
+        uri.query.frame_max = uri.query.frame_max.or(Some(DEFAULT_FRAME_MAX));
         let connect = async {
             match &self.tls {
-                None => Connection::connect_uri(self.url.uri().clone(), props).await,
+                None => Connection::connect_uri(uri.clone(), props).await,
                 Some(pem) => {
                     let runtime = lapin::runtime::default_runtime()?;
                     let tls = OwnedTLSConfig {
                         identity: None,
                         cert_chain: Some(pem.clone()),
                     };
-                    Connection::connect_uri_with_config(self.url.uri().clone(), props, tls, runtime)
-                        .await
+                    Connection::connect_uri_with_config(uri.clone(), props, tls, runtime).await
                 }
             }
         };

@@ -389,21 +389,20 @@ impl<R: Runner> Inner<R> {
                 message: request.name.clone(),
                 traceback: String::new(),
             };
-            self.events.emit(&EventKind::TaskFailed {
+            // Like every final outcome: reported (and confirmed) first, then
+            // the message goes.
+            let mut confirmed = self.events.emit_confirmed(&EventKind::TaskFailed {
                 uuid: request.id.clone(),
                 exception: info.repr(),
                 traceback: String::new(),
             });
-            let confirmed = request.reply_to.as_deref().map(|to| {
-                self.events
-                    .publish_result(to, &request.id, &TaskState::Failure(info))
-            });
-            let this = self.clone();
+            if let Some(to) = request.reply_to.as_deref() {
+                confirmed = self
+                    .events
+                    .publish_result(to, &request.id, &TaskState::Failure(info));
+            }
             self.tasks.spawn(async move {
-                if let Some(c) = confirmed {
-                    let _ = c.await;
-                }
-                drop(this);
+                let _ = confirmed.await;
                 if let Err(error) = acker.reject(BasicRejectOptions { requeue: false }).await {
                     tracing::debug!(%error, "reject failed; the broker will redeliver");
                 }

@@ -11,6 +11,11 @@
 #      (rebuilt only when that file changes).
 #   5. The local test images of tests/images/build.sh exist and are up to
 #      date (each rebuilt only when its inputs change).
+#   6. What the tests' own sshd instances (tests/common/sshd.rs, one per
+#      test, on 127.0.0.1) need: the system user zimfarm-sftp (no password
+#      but not locked, no shell), sshd's privilege-separation dir
+#      /run/sshd, and the root-owned base dir /srv/zimfarm-test-sftp of
+#      their chroots. The system-wide sshd is not started.
 #
 # Idempotent and quick when everything is already there. Exports nothing.
 # Needs root only for what it has to change (install, configure, start).
@@ -31,6 +36,10 @@ RABBIT_PLUGINS=/etc/rabbitmq/enabled_plugins
 RABBIT_API=http://127.0.0.1:15672/api
 RABBIT_START_LOG=/tmp/rabbitmq-start.log
 DOCKERD_LOG=/tmp/dockerd.log
+# The SFTP warehouse of the upload tests (tests/common/sshd.rs).
+SFTP_USER=zimfarm-sftp
+SFTP_BASE=/srv/zimfarm-test-sftp
+SSHD_PRIVSEP_DIR=/run/sshd
 # Seconds to wait for a service to come up before giving up.
 STARTUP_TIMEOUT=90
 
@@ -289,12 +298,47 @@ ensure_test_images() {
     bash "$REPO/tests/images/build.sh" || die "building the test images failed"
 }
 
+# ------------------------------------------------------------------- sshd
+
+# ChrootDirectory wants every component of the chroot path root-owned and
+# not writable by group or others, hence a base dir outside /tmp.
+ensure_sftp_warehouse() {
+    if ! id -u "$SFTP_USER" >/dev/null 2>&1; then
+        require_root "create the user $SFTP_USER"
+        log "creating the system user $SFTP_USER"
+        useradd --system --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin "$SFTP_USER" \
+            || die "useradd $SFTP_USER failed"
+    fi
+    # "*": no password can match, but not "locked" ("!", useradd's default),
+    # which sshd refuses even for a public key when UsePAM is off. Only root
+    # can read the shadow file, and the fixture needs root anyway.
+    if [ "$(id -u)" -eq 0 ] && [ "$(getent shadow "$SFTP_USER" | cut -d: -f2)" != '*' ]; then
+        require_root "unlock the user $SFTP_USER"
+        log "setting the password of $SFTP_USER to '*' (none, not locked)"
+        usermod -p '*' "$SFTP_USER" || die "usermod -p '*' $SFTP_USER failed"
+    fi
+    if [ ! -d "$SSHD_PRIVSEP_DIR" ]; then
+        require_root "create $SSHD_PRIVSEP_DIR"
+        log "creating sshd's privilege-separation dir $SSHD_PRIVSEP_DIR"
+        install -d -o root -g root -m 0755 "$SSHD_PRIVSEP_DIR" \
+            || die "could not create $SSHD_PRIVSEP_DIR"
+    fi
+    if [ "$(stat -c '%U %a' "$SFTP_BASE" 2>/dev/null || true)" != 'root 755' ]; then
+        require_root "create $SFTP_BASE"
+        log "creating the chroots' base dir $SFTP_BASE"
+        install -d -o root -g root -m 0755 "$SFTP_BASE" \
+            || die "could not create $SFTP_BASE"
+    fi
+}
+
 main() {
     install_packages
     ensure_rabbitmq
     ensure_docker
     ensure_venv
     ensure_test_images
+    ensure_sftp_warehouse
 }
 
 main "$@"

@@ -8,6 +8,8 @@
 //! `scripts/test.sh` exports, with the same values as defaults.
 #![allow(dead_code)]
 
+pub mod sshd;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -529,6 +531,286 @@ impl FaultProxy {
             "amqp://zimfarm-test:zimfarm-test@127.0.0.1:{}/{}",
             self.port, vhost.name
         )
+    }
+}
+
+/// A TCP proxy for the upload tests: forwards 127.0.0.1:<port> to an
+/// upstream address (an [`sshd::Sshd`]), with a rate limit on the
+/// client→server direction (shared by all its connections), counters of the
+/// bytes forwarded, and faults: [`ThrottleProxy::cut`] drops every current
+/// connection at once (new ones are accepted), [`ThrottleProxy::block`]
+/// also refuses new ones until [`ThrottleProxy::restore`].
+pub struct ThrottleProxy {
+    port: u16,
+    shared: Arc<ThrottleShared>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+struct ThrottleShared {
+    upstream: String,
+    /// Client→server bytes per second; 0: unlimited.
+    rate: std::sync::atomic::AtomicU64,
+    /// When the rate limiter's next byte may go.
+    next_free: Mutex<Instant>,
+    up_bytes: std::sync::atomic::AtomicU64,
+    down_bytes: std::sync::atomic::AtomicU64,
+    accepted: AtomicUsize,
+    state: Mutex<ThrottleState>,
+    shutdown: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct ThrottleState {
+    blocked: bool,
+    next_id: u64,
+    /// id -> (client, upstream, directions still running)
+    conns: std::collections::HashMap<u64, (std::net::TcpStream, std::net::TcpStream, u8)>,
+}
+
+impl ThrottleShared {
+    fn close(conns: impl IntoIterator<Item = (std::net::TcpStream, std::net::TcpStream, u8)>) {
+        for (c, s, _) in conns {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Waits until `n` more client→server bytes may go at the current rate.
+    fn throttle(&self, n: usize) {
+        let rate = self.rate.load(Ordering::SeqCst);
+        if rate == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(n as f64 / rate as f64);
+        let until = {
+            let mut next = self.next_free.lock().unwrap();
+            // Up to 50 ms of credit for time lost (scheduling, a slow
+            // client), so that the average holds; a longer pause does not
+            // allow a longer burst.
+            let now = Instant::now();
+            let floor = now.checked_sub(Duration::from_millis(50)).unwrap_or(now);
+            let start = (*next).max(floor);
+            *next = start + cost;
+            *next
+        };
+        if let Some(wait) = until.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// Copies one direction of connection `id` until EOF or error.
+    fn pump(&self, id: u64, mut from: std::net::TcpStream, mut to: std::net::TcpStream, up: bool) {
+        use std::io::{Read, Write};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // About 50 slices a second at the rate limit: smooth enough to
+            // cut a transfer at a chosen point.
+            let rate = self.rate.load(Ordering::SeqCst) as usize;
+            let chunk = if up && rate > 0 {
+                (rate / 50).clamp(1024, buf.len())
+            } else {
+                buf.len()
+            };
+            let n = match from.read(&mut buf[..chunk]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if up {
+                self.throttle(n);
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let counter = if up { &self.up_bytes } else { &self.down_bytes };
+            counter.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        // Pass the EOF on; the connection is forgotten when both directions
+        // are done.
+        let _ = to.shutdown(std::net::Shutdown::Write);
+        let _ = from.shutdown(std::net::Shutdown::Read);
+        let mut st = self.state.lock().unwrap();
+        let done = match st.conns.get_mut(&id) {
+            Some(entry) => {
+                entry.2 -= 1;
+                entry.2 == 0
+            }
+            None => false,
+        };
+        if done {
+            let conn = st.conns.remove(&id);
+            drop(st);
+            Self::close(conn);
+        }
+    }
+}
+
+impl ThrottleProxy {
+    /// A proxy to `upstream` (`host:port`), without a rate limit.
+    pub fn start(upstream: &str) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(ThrottleShared {
+            upstream: upstream.to_owned(),
+            rate: 0.into(),
+            next_free: Mutex::new(Instant::now()),
+            up_bytes: 0.into(),
+            down_bytes: 0.into(),
+            accepted: AtomicUsize::new(0),
+            state: Mutex::default(),
+            shutdown: false.into(),
+        });
+        let sh = shared.clone();
+        let acceptor = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if sh.shutdown.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                if sh.state.lock().unwrap().blocked {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&sh.upstream) else {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
+                    client.try_clone(),
+                    server.try_clone(),
+                    client.try_clone(),
+                    server.try_clone(),
+                ) else {
+                    continue;
+                };
+                let id = {
+                    let mut st = sh.state.lock().unwrap();
+                    if st.blocked {
+                        drop(st);
+                        ThrottleShared::close([(client, server, 0)]);
+                        continue;
+                    }
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    st.conns.insert(id, (c3, s3, 2));
+                    id
+                };
+                sh.accepted.fetch_add(1, Ordering::SeqCst);
+                let up = sh.clone();
+                std::thread::spawn(move || up.pump(id, client, server, true));
+                let down = sh.clone();
+                std::thread::spawn(move || down.pump(id, s2, c2, false));
+            }
+        });
+        Self {
+            port,
+            shared,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// A proxy to `upstream` whose client→server traffic is limited to
+    /// `bytes_per_sec`.
+    pub fn with_rate(upstream: &str, bytes_per_sec: u64) -> Self {
+        let p = Self::start(upstream);
+        p.set_rate(bytes_per_sec);
+        p
+    }
+
+    /// Sets the client→server limit in bytes/s (0: unlimited); applies to
+    /// the transfers under way too.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.shared.rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:<port>`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Client→server bytes forwarded (written to the upstream) since the
+    /// start or the last reset.
+    pub fn bytes_up(&self) -> u64 {
+        self.shared.up_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Server→client bytes forwarded since the start or the last reset.
+    pub fn bytes_down(&self) -> u64 {
+        self.shared.down_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Sets both byte counters to zero; returns the client→server count.
+    pub fn reset_bytes(&self) -> u64 {
+        self.shared.down_bytes.store(0, Ordering::SeqCst);
+        self.shared.up_bytes.swap(0, Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` client→server bytes have been forwarded.
+    pub fn wait_bytes_up(&self, n: u64, timeout: Duration) {
+        let start = Instant::now();
+        while self.bytes_up() < n {
+            assert!(
+                start.elapsed() < timeout,
+                "proxy forwarded only {} of {n} bytes within {timeout:?}",
+                self.bytes_up()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Connections accepted (and forwarded) so far.
+    pub fn connections(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open right now.
+    pub fn active_connections(&self) -> usize {
+        self.shared.state.lock().unwrap().conns.len()
+    }
+
+    /// Closes every current connection at once (both sides see it end);
+    /// new connections are still accepted.
+    pub fn cut(&self) {
+        let conns: Vec<_> = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .conns
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        ThrottleShared::close(conns);
+    }
+
+    /// Closes every current connection and refuses new ones (accepted, then
+    /// closed at once) until [`ThrottleProxy::restore`].
+    pub fn block(&self) {
+        self.shared.state.lock().unwrap().blocked = true;
+        self.cut();
+    }
+
+    /// Accepts new connections again after [`ThrottleProxy::block`].
+    pub fn restore(&self) {
+        self.shared.state.lock().unwrap().blocked = false;
+    }
+}
+
+impl Drop for ThrottleProxy {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        // Wake the acceptor up so that it sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        self.cut();
     }
 }
 

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod celery;
 pub mod config;
 pub mod docker;
+pub mod ended;
 pub mod events;
 pub mod offliner;
 pub mod pipeline;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use zimfarm_worker::celery::EventKind;
 use zimfarm_worker::config::{Config, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind};
+use zimfarm_worker::ended::{EndedError, EndedLog};
 use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
 use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
 use zimfarm_worker::worker::Worker;
@@ -58,6 +59,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<EndedError>() => {
+            // Like a bad variable: one line, exit 2, nothing connected.
+            eprintln!("zimfarm-worker: ZIM_DIR: {error}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("zimfarm-worker: {error:#}");
@@ -81,7 +87,10 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// Opens the record of ended tasks in ZIM_DIR (an [`EndedError`] if it
+/// can't), then runs the worker until SIGTERM/SIGINT.
 async fn run(config: Config) -> anyhow::Result<()> {
+    let ended = EndedLog::open(&config.pipeline.zim_dir).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     match config.runner {
@@ -96,11 +105,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     "removed containers left by an earlier run of this node"
                 );
             }
-            Worker::new(config, runner)?.run(shutdown).await?;
+            Worker::new(config, runner, ended)?.run(shutdown).await?;
         }
         RunnerKind::Simulate => {
             tracing::warn!("TASK_RUNNER=simulate: tasks are simulated, no container runs");
-            Worker::new(config, SimulateRunner)?.run(shutdown).await?;
+            Worker::new(config, SimulateRunner, ended)?
+                .run(shutdown)
+                .await?;
         }
     }
     Ok(())

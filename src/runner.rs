@@ -110,6 +110,24 @@ pub trait Runner: Send + Sync + 'static {
         request: Arc<TaskRequest>,
         ctx: TaskContext,
     ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static;
+
+    /// Lets go of what a **successful or revoked** task left behind. The
+    /// worker calls it only once that end is recorded on disk (in the
+    /// working dir's record of ended tasks, see [`crate::ended`]), so a
+    /// redelivery of the task is answered from that record and never needs
+    /// the files again; and again when such a redelivery comes (the worker
+    /// may have died between the record and the release), so it must be
+    /// idempotent and may find nothing to do. It runs beside the final event
+    /// and the ack, in its own tokio task; shutdown waits for it up to
+    /// `SHUTDOWN_GRACE`. A failed task is not released: its files may be
+    /// what an upload that failed for good left for the operator.
+    ///
+    /// The Docker pipeline removes the task dir here. The default does
+    /// nothing.
+    fn release(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let _ = task_id;
+        std::future::ready(())
+    }
 }
 
 /// What a simulated task does, from the message's `simulate` kwarg:

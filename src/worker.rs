@@ -6,7 +6,7 @@
 //! formats (the `celery` module does) nor know what a task does (a
 //! [`Runner`] does): it decides *when*, never *how*.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use crate::celery::{
     self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
 };
 use crate::config::Config;
+use crate::ended::EndedLog;
 use crate::events::EventSink;
 use crate::offliner::Offliner;
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
@@ -34,8 +35,6 @@ use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 pub const HEARTBEAT_SECS: f64 = 2.0;
 /// Events kept while the broker is away, before non-final ones are dropped.
 const OUTBOX_CAPACITY: usize = 10_000;
-/// Ended tasks remembered for de-duplicating late redeliveries.
-const ENDED_MEMORY: usize = 10_000;
 
 /// Errors that stop the worker.
 #[derive(Debug, thiserror::Error)]
@@ -74,30 +73,9 @@ struct TaskEntry {
     started: Option<f64>,
 }
 
-/// The ended tasks remembered (id → final event), oldest forgotten first.
-#[derive(Default)]
-struct Ended {
-    order: VecDeque<String>,
-    events: HashMap<String, EventKind>,
-}
-
-impl Ended {
-    fn insert(&mut self, id: String, event: EventKind) {
-        if self.events.insert(id.clone(), event).is_none() {
-            self.order.push_back(id);
-        }
-        while self.order.len() > ENDED_MEMORY {
-            if let Some(old) = self.order.pop_front() {
-                self.events.remove(&old);
-            }
-        }
-    }
-}
-
 #[derive(Default)]
 struct State {
     tasks: HashMap<String, TaskEntry>,
-    ended: Ended,
 }
 
 /// Counters reported in heartbeats.
@@ -128,6 +106,10 @@ struct Inner<R> {
     config: Config,
     broker: Broker,
     runner: R,
+    /// Tasks that ended here, on disk. An ending task is recorded here
+    /// before it leaves `state.tasks`, so a redelivery always finds it in
+    /// one or the other.
+    ended: EndedLog,
     events: Arc<EventSink>,
     outbox: Arc<Outbox>,
     state: Mutex<State>,
@@ -139,7 +121,9 @@ struct Inner<R> {
 }
 
 impl<R: Runner> Worker<R> {
-    pub fn new(config: Config, runner: R) -> Result<Self, WorkerError> {
+    /// A worker running tasks with `runner`; `ended` is the record of tasks
+    /// that ended here, opened in ZIM_DIR (see [`EndedLog::open`]).
+    pub fn new(config: Config, runner: R, ended: EndedLog) -> Result<Self, WorkerError> {
         let broker = Broker::new(&config)?;
         let outbox = Outbox::new(OUTBOX_CAPACITY);
         let identity = Identity {
@@ -157,6 +141,7 @@ impl<R: Runner> Worker<R> {
                 config,
                 broker,
                 runner,
+                ended,
                 events,
                 outbox,
                 state: Mutex::new(State::default()),
@@ -418,37 +403,56 @@ impl<R: Runner> Inner<R> {
             entry.extra_acks.push(acker);
             return;
         }
-        if let Some(event) = state.ended.events.get(&request.id).cloned() {
+        if let Some(event) = self.ended.get(&request.id) {
             drop(state);
             tracing::info!(
+                event = event.event_type(),
                 "redelivered message for a task that already ended here; sending its final event again"
             );
             let confirmed = self.events.emit_confirmed(&event);
+            if releasable(&event) {
+                // The worker may have died between the record and the
+                // release: release again (it is idempotent).
+                self.tasks
+                    .spawn(self.runner.release(&request.id).instrument(span.clone()));
+            }
             self.spawn_ack(acker, Some(confirmed));
             return;
         }
         if request.expires.is_some_and(|e| e <= chrono::Utc::now()) {
+            drop(state);
+            tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
             let event = EventKind::TaskRevoked {
                 uuid: request.id.clone(),
                 terminated: false,
                 signum: None,
                 expired: true,
             };
-            state.ended.insert(request.id.clone(), event.clone());
-            drop(state);
-            tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
-            let mut confirmed = self.events.emit_confirmed(&event);
-            if let Some(to) = request.reply_to.as_deref() {
-                confirmed = self.events.publish_result(
-                    to,
-                    &request.id,
-                    &TaskState::Revoked {
-                        reason: "expired".to_owned(),
-                    },
-                );
-            }
+            // Visible to the next delivery at once; on disk before the event
+            // leaves, like every outcome (see `finish`).
+            let recorded = self.ended.record(&request.id, &event);
             self.counters.processed.fetch_add(1, Ordering::Relaxed);
-            self.spawn_ack(acker, Some(confirmed));
+            let this = self.clone();
+            self.tasks.spawn(
+                async move {
+                    if let Err(error) = recorded.await {
+                        record_failed(&error);
+                    }
+                    let mut confirmed = this.events.emit_confirmed(&event);
+                    if let Some(to) = request.reply_to.as_deref() {
+                        confirmed = this.events.publish_result(
+                            to,
+                            &request.id,
+                            &TaskState::Revoked {
+                                reason: "expired".to_owned(),
+                            },
+                        );
+                    }
+                    let _ = confirmed.await;
+                    ack(&acker).await;
+                }
+                .instrument(span.clone()),
+            );
             return;
         }
         let cancel = CancellationToken::new();
@@ -687,8 +691,31 @@ impl<R: Runner> Inner<R> {
             },
         };
         // The slot is free already; let the broker send the next message
-        // while this one waits for its confirm.
+        // while this one waits for its record and confirm.
         self.adjust_unslotted(true);
+        // On disk before the event leaves: if the worker dies after sending
+        // it but before the ack, the redelivery (here or after a restart)
+        // finds the record and re-sends the event instead of running the
+        // task again. A failed write still lets the outcome go out.
+        let succeeded = matches!(event, EventKind::TaskSucceeded { .. });
+        match self.ended.record(&id, &event).await {
+            Ok(()) if releasable(&event) => {
+                self.tasks.spawn(
+                    self.runner
+                        .release(&id)
+                        .instrument(tracing::Span::current()),
+                );
+            }
+            Ok(()) => {}
+            Err(error) => {
+                record_failed(&error);
+                if succeeded {
+                    tracing::warn!(
+                        "keeping the task's files: without the record, a redelivery after a restart would need them"
+                    );
+                }
+            }
+        }
         let mut confirmed = self.events.emit_confirmed(&event);
         if let Some(to) = request.reply_to.as_deref() {
             confirmed = self.events.publish_result(to, &id, &state);
@@ -697,16 +724,12 @@ impl<R: Runner> Inner<R> {
         // connection drops first, the redelivery finds the task in `ended`
         // and sends its final event again.
         let _ = confirmed.await;
-        let extra = {
-            let mut state = self.lock();
-            let extra = state
-                .tasks
-                .remove(&id)
-                .map(|e| e.extra_acks)
-                .unwrap_or_default();
-            state.ended.insert(id.clone(), event);
-            extra
-        };
+        let extra = self
+            .lock()
+            .tasks
+            .remove(&id)
+            .map(|e| e.extra_acks)
+            .unwrap_or_default();
         self.counters.processed.fetch_add(1, Ordering::Relaxed);
         ack(&acker).await;
         for acker in &extra {
@@ -714,6 +737,24 @@ impl<R: Runner> Inner<R> {
         }
         self.adjust_unslotted(false);
     }
+}
+
+/// A task's end could not be written to the record of ended tasks.
+fn record_failed(error: &crate::ended::EndedError) {
+    tracing::error!(
+        %error,
+        "could not record the task's end on disk; sending its outcome anyway (a redelivery after a restart would run it again)"
+    );
+}
+
+/// Whether what a task left behind can go once its end is recorded: its
+/// files are uploaded (success), or nobody wants them any more (revoked).
+/// A failed task's files stay: an upload that failed for good keeps them.
+fn releasable(event: &EventKind) -> bool {
+    matches!(
+        event,
+        EventKind::TaskSucceeded { .. } | EventKind::TaskRevoked { .. }
+    )
 }
 
 fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {

@@ -533,6 +533,111 @@ fn kill_9_mid_task_redelivers_to_a_new_worker() {
     vh.wait_queue_depth("small", 0, 0, T);
 }
 
+/// Waits until `events` holds `n` events of `event_type` about `uuid`.
+fn wait_count(events: &EventsProc, event_type: &str, uuid: &str, n: usize) {
+    let start = Instant::now();
+    while events.count(event_type, uuid) < n {
+        assert!(
+            start.elapsed() < T,
+            "{event_type} for {uuid}: {} of {n} within {T:?}; events:\n{}",
+            events.count(event_type, uuid),
+            events
+                .events()
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_task_that_ended_is_answered_from_the_disk_record_after_a_restart() {
+    let (vh, dir) = setup("ended");
+    let events = EventsProc::start(&vh, 120);
+    let mut first = WorkerProc::start(&vh, dir.path(), "ended", &[]);
+    first.wait_connected();
+    let ok = task_id();
+    let failing = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &ok,
+        &kwargs(json!({"files": [{"name": "first_run.zim", "size": 7}]})),
+        &[],
+    );
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &failing,
+        &kwargs(json!({"fail": "first run failed"})),
+        &[],
+    );
+    let succeeded = events.wait_task_event("task-succeeded", &ok, T);
+    let failed = events.wait_task_event("task-failed", &failing, T);
+    vh.wait_queue_depth("small", 0, 0, T);
+    assert!(
+        dir.path().join(".zimfarm-ended.jsonl").exists(),
+        "the record is in ZIM_DIR"
+    );
+    // kill -9: no clean shutdown, the record must already be on disk.
+    first.signal("KILL");
+    first.wait_exit(T);
+
+    let second = WorkerProc::start(&vh, dir.path(), "ended", &[]);
+    second.wait_connected();
+    // The same task ids again, as a redelivery after a lost ack brings them.
+    // Running them now would give another outcome.
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &ok,
+        &kwargs(json!({"fail": "ran a second time"})),
+        &[],
+    );
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &failing,
+        &kwargs(json!({"files": [{"name": "second_run.zim", "size": 9}]})),
+        &[],
+    );
+    wait_count(&events, "task-succeeded", &ok, 2);
+    wait_count(&events, "task-failed", &failing, 2);
+    // Acked: nothing ready, nothing unacked.
+    vh.wait_queue_depth("small", 0, 0, T);
+
+    let last = |event_type: &str, uuid: &str| {
+        events
+            .events()
+            .into_iter()
+            .rev()
+            .find(|v| v["type"] == event_type && v["uuid"] == uuid)
+            .expect("event")
+    };
+    let again = last("task-succeeded", &ok);
+    assert_eq!(again["result"], succeeded["result"], "{again}");
+    assert_eq!(again["pid"], second.child.id(), "sent by the new worker");
+    let again = last("task-failed", &failing);
+    assert_eq!(again["exception"], failed["exception"], "{again}");
+    assert_eq!(again["pid"], second.child.id(), "sent by the new worker");
+
+    // Not run again: no second start, no other outcome.
+    std::thread::sleep(Duration::from_secs(1));
+    for id in [&ok, &failing] {
+        assert_eq!(events.count("task-started", id), 1, "{id} started once");
+        assert_eq!(events.count("task-received", id), 1, "{id} received once");
+    }
+    assert_eq!(events.count("task-failed", &ok), 0);
+    assert_eq!(events.count("task-succeeded", &failing), 0);
+    assert!(
+        second.log_text().contains("already ended here"),
+        "{}",
+        second.log_text()
+    );
+}
+
 #[test]
 fn sigterm_requeues_unfinished_tasks_and_says_offline() {
     let (vh, _dir, events, mut worker) = stack("term", &[]);
@@ -597,6 +702,34 @@ fn bad_environment_exits_2_with_one_clear_line() {
         assert!(
             !stderr.contains("hunter2"),
             "no password in errors: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn unusable_zim_dir_exits_2_with_one_line_naming_it() {
+    let vh = Vhost::new("zimdir");
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("a-file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    for zim_dir in [dir.path().join("missing"), not_a_dir] {
+        let zim_dir = zim_dir.display().to_string();
+        let env = worker_env(&vh, dir.path(), "zimdir", &[("ZIM_DIR", &zim_dir)]);
+        let start = Instant::now();
+        let out = std::process::Command::new(worker_binary())
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{zim_dir}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains("ZIM_DIR"), "{stderr}");
+        assert!(stderr.contains(&zim_dir), "{stderr}");
+        assert!(stderr.contains("must exist and be writable"), "{stderr}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "before connecting"
         );
     }
 }

@@ -3,10 +3,12 @@
 # (RabbitMQ, Docker, the locally built stand-in offliner images, via
 # test-env.sh), builds and starts the worker, sends a demo task with real
 # Python Celery exactly as the dispatcher does, and prints the worker's
-# Celery events as they arrive. The task runs through prepare (a redis
-# helper on a unix socket) and generate (the stand-in mwoffliner container,
-# which writes a real ZIM file); the upload stage is not built yet, so the
-# ZIM stays in the working dir, whose path is printed.
+# Celery events as they arrive. An OpenSSH SFTP warehouse on 127.0.0.1
+# (chrooted, key login only) is started too. The task runs through prepare
+# (a redis helper on a unix socket), generate (the stand-in mwoffliner
+# container, which writes a real ZIM file) and upload (SFTP, the ZIM's MD5
+# checksum verified on the way); the script then shows where the ZIM and
+# the container log landed in the warehouse and opens the ZIM with libzim.
 #
 # Usage: scripts/farm.sh [--once]
 #   --once   exit after the demo task ended (default: keep the farm running
@@ -33,15 +35,50 @@ curl -fsS -X PUT -H 'content-type: application/json' \
 echo "==> building the worker (release)"
 cargo build --release --locked --quiet
 work="$(mktemp -d /tmp/zimfarm-farm.XXXXXX)"
+# The warehouse's chroot: sshd wants every component of it root-owned and
+# not writable by others, which /tmp is not (test-env.sh made this base).
+warehouse="$(mktemp -d /srv/zimfarm-test-sftp/farm.XXXXXX)"
+chmod 755 "$warehouse"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  rm -rf "$work" "$warehouse"
   echo "==> farm stopped (RabbitMQ and Docker keep running)"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+echo "==> starting the SFTP warehouse (OpenSSH sshd on 127.0.0.1, chrooted, key login only)"
+install -d -o zimfarm-sftp -m 755 "$warehouse/zim" "$warehouse/logs"
+ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
+ssh-keygen -q -t ed25519 -N '' -C demo@farm -f "$work/id_ed25519"
+cp "$work/id_ed25519.pub" "$work/authorized_keys"
+# sshd reads authorized_keys as the SFTP user.
+chmod 755 "$work"
+sftp_port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+printf '%s\n' \
+  "ListenAddress 127.0.0.1:$sftp_port" \
+  "HostKey $work/host_key" \
+  "PidFile $work/sshd.pid" \
+  "AuthorizedKeysFile $work/authorized_keys" \
+  "StrictModes no" \
+  "PubkeyAuthentication yes" \
+  "PasswordAuthentication no" \
+  "KbdInteractiveAuthentication no" \
+  "UsePAM no" \
+  "AllowUsers zimfarm-sftp" \
+  "Subsystem sftp internal-sftp" \
+  "ForceCommand internal-sftp" \
+  "ChrootDirectory $warehouse" > "$work/sshd_config"
+/usr/sbin/sshd -D -e -f "$work/sshd_config" 2> "$work/sshd.log" &
+pids+=($!)
+echo "[127.0.0.1]:$sftp_port $(cut -d' ' -f1,2 "$work/host_key.pub")" > "$work/known_hosts"
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$sftp_port") 2>/dev/null && break
+  sleep 0.05
+done
+echo "    warehouse at 127.0.0.1:$sftp_port, its files in $warehouse"
 
 echo "==> starting the event monitor (Celery EventReceiver)"
 .venv/bin/python tests/py/celery_client.py events --broker "$broker" --seconds 86400 \
@@ -64,11 +101,14 @@ for line in sys.stdin:
 ' &
 pids+=($!)
 
-echo "==> starting the worker as demo@farm"
+echo "==> starting the worker as zimfarm-sftp@farm"
 touch "$work/worker.log"
-USERNAME=demo PASSWORD=demo NODE_NAME=farm QUEUES=small CONCURRENCY=2 \
-  WORKING_DIR="$work" ZIM_DIR="$work" BROKER_URL="$broker" TASK_RUNNER=docker \
-  PULL_POLICY=never REDIS_IMAGE=zimfarm/redis:test MIN_FREE_DISK_MB=100 \
+mkdir -p "$work/zim_files"
+USERNAME=zimfarm-sftp PASSWORD=demo NODE_NAME=farm QUEUES=small CONCURRENCY=2 \
+  WORKING_DIR="$work/zim_files" ZIM_DIR="$work/zim_files" BROKER_URL="$broker" \
+  TASK_RUNNER=docker PULL_POLICY=never REDIS_IMAGE=zimfarm/redis:test MIN_FREE_DISK_MB=100 \
+  WAREHOUSE_HOST=127.0.0.1 WAREHOUSE_PORT="$sftp_port" SSH_KEY="$work/id_ed25519" \
+  WAREHOUSE_KNOWN_HOSTS="$work/known_hosts" \
   target/release/zimfarm-worker 2> "$work/worker.log" &
 pids+=($!)
 for _ in $(seq 200); do grep -q "consuming" "$work/worker.log" && break; sleep 0.05; done
@@ -81,8 +121,22 @@ echo "==> sending task $task_id with Celery (send_task offliner.mwoffliner, exch
   --kwargs '{"flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "demo@example.org", "articleList": "Kiwix", "name": "wikipedia_en_kiwix", "sleep": 2}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/wikipedia"}' \
   | sed 's/^/    AsyncResult.get() -> /'
 sleep 0.5
-echo "==> the ZIM and the container log, in $work/$task_id (removed when the farm stops):"
-ls -l "$work/$task_id"
+echo "==> the worker's log lines about the upload:"
+grep -E "upload|warehouse|task dir" "$work/worker.log" | sed 's/^/    /'
+echo "==> in the warehouse ($warehouse, removed when the farm stops):"
+(cd "$warehouse" && find zim logs -type f -exec ls -l {} + | sed 's/^/    /')
+.venv/bin/python -c '
+import sys
+from libzim.reader import Archive
+a = Archive(sys.argv[1])
+assert a.check(), "libzim says the ZIM is corrupt"
+print(f"    libzim opens it: {a.entry_count} entries, checksum OK")
+' "$warehouse/zim/wikipedia/wikipedia_en_kiwix.zim"
+if [ -e "$work/zim_files/$task_id" ]; then
+  echo "    the task dir $work/zim_files/$task_id is still there"
+else
+  echo "    the task dir was removed once the upload was confirmed"
+fi
 
 if $once; then
   exit 0

@@ -173,6 +173,25 @@ pub struct PipelineSettings {
     pub redis_image: String,
 }
 
+/// The SFTP warehouse: where ZIM files go, and how the worker proves who
+/// it is and checks who the server is.
+#[derive(Debug, Clone)]
+pub struct WarehouseSettings {
+    pub host: String,
+    pub port: u16,
+    /// The SFTP login (the Zimfarm USERNAME).
+    pub username: String,
+    /// The private key file (SSH_KEY).
+    pub ssh_key: PathBuf,
+    /// A known_hosts file consulted for the warehouse's host key.
+    pub known_hosts: PathBuf,
+    /// Host-key fingerprints (`SHA256:...`) trusted besides known_hosts.
+    pub host_key_pins: Vec<String>,
+    /// Attempts in a row that make no progress before an upload fails for
+    /// good (each waits longer before the next).
+    pub upload_retries: u32,
+}
+
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -185,9 +204,7 @@ pub struct Config {
     pub broker_url: BrokerUrl,
     /// Extra CA certificate (PEM) trusted for `amqps://` brokers.
     pub broker_ca_file: Option<PathBuf>,
-    pub warehouse_host: String,
-    pub warehouse_port: u16,
-    pub ssh_key: PathBuf,
+    pub warehouse: WarehouseSettings,
     /// How long SIGTERM waits for events to be flushed before exiting.
     pub shutdown_grace: Duration,
     /// Largest task message accepted; larger ones are dropped with an error.
@@ -201,6 +218,15 @@ impl PipelineSettings {
     /// Reads only what the pipeline needs (for `run-task`).
     pub fn from_env() -> Result<Self, ConfigError> {
         RawEnv::from_vars(std::env::vars_os())?.pipeline()
+    }
+}
+
+impl WarehouseSettings {
+    /// Reads only what the upload needs (for `run-task`).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let raw = RawEnv::from_vars(std::env::vars_os())?;
+        let username = username(raw.username.clone())?;
+        raw.warehouse(username)
     }
 }
 
@@ -295,6 +321,9 @@ struct RawEnv {
     warehouse_host: Option<String>,
     warehouse_port: Option<String>,
     ssh_key: Option<String>,
+    warehouse_known_hosts: Option<String>,
+    warehouse_host_key: Option<String>,
+    upload_retries: Option<String>,
     zim_dir: Option<String>,
     shutdown_grace: Option<String>,
     max_message_bytes: Option<String>,
@@ -315,6 +344,8 @@ pub const DEFAULT_RABBIT_PORT: u16 = 5671;
 pub const DEFAULT_WAREHOUSE_HOST: &str = "warehouse.farm.openzim.org";
 pub const DEFAULT_WAREHOUSE_PORT: u16 = 1522;
 pub const DEFAULT_SSH_KEY: &str = "/usr/src/.ssh/id_rsa";
+pub const DEFAULT_WAREHOUSE_KNOWN_HOSTS: &str = "/usr/src/.ssh/known_hosts";
+pub const DEFAULT_UPLOAD_RETRIES: u32 = 10;
 pub const DEFAULT_ZIM_DIR: &str = "/zim_files";
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 8;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -323,7 +354,7 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7";
 
 impl RawEnv {
-    const NAMES: [&'static str; 26] = [
+    const NAMES: [&'static str; 29] = [
         "USERNAME",
         "PASSWORD",
         "WORKING_DIR",
@@ -338,6 +369,9 @@ impl RawEnv {
         "WAREHOUSE_HOST",
         "WAREHOUSE_PORT",
         "SSH_KEY",
+        "WAREHOUSE_KNOWN_HOSTS",
+        "WAREHOUSE_HOST_KEY",
+        "UPLOAD_RETRIES",
         "ZIM_DIR",
         "SHUTDOWN_GRACE",
         "MAX_MESSAGE_BYTES",
@@ -430,18 +464,47 @@ impl RawEnv {
         })
     }
 
+    /// The warehouse's settings (also read alone by `run-task`).
+    fn warehouse(&self, username: String) -> Result<WarehouseSettings, ConfigError> {
+        let host = non_empty(self.warehouse_host.clone())
+            .unwrap_or_else(|| DEFAULT_WAREHOUSE_HOST.to_owned());
+        host_name("WAREHOUSE_HOST", &host)?;
+        let port = match non_empty(self.warehouse_port.clone()) {
+            None => DEFAULT_WAREHOUSE_PORT,
+            Some(p) => port("WAREHOUSE_PORT", &p)?,
+        };
+        let ssh_key = absolute_path(
+            "SSH_KEY",
+            non_empty(self.ssh_key.clone()).unwrap_or_else(|| DEFAULT_SSH_KEY.to_owned()),
+        )?;
+        let known_hosts = absolute_path(
+            "WAREHOUSE_KNOWN_HOSTS",
+            non_empty(self.warehouse_known_hosts.clone())
+                .unwrap_or_else(|| DEFAULT_WAREHOUSE_KNOWN_HOSTS.to_owned()),
+        )?;
+        let host_key_pins = match non_empty(self.warehouse_host_key.clone()) {
+            None => Vec::new(),
+            Some(v) => host_key_pins(&v)?,
+        };
+        let upload_retries = match non_empty(self.upload_retries.clone()) {
+            None => DEFAULT_UPLOAD_RETRIES,
+            Some(v) => parse_bounded("UPLOAD_RETRIES", &v, 0, 1000)? as u32,
+        };
+        Ok(WarehouseSettings {
+            host,
+            port,
+            username,
+            ssh_key,
+            known_hosts,
+            host_key_pins,
+            upload_retries,
+        })
+    }
+
     fn validate(self) -> Result<Config, ConfigError> {
         let pipeline = self.pipeline()?;
-        let username = required("USERNAME", self.username)?;
-        if username
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '@')
-        {
-            return Err(ConfigError::new(
-                "USERNAME",
-                "must not contain spaces, control characters or '@'",
-            ));
-        }
+        let username = username(self.username.clone())?;
+        let warehouse = self.warehouse(username.clone())?;
         let password = Secret::new(required_raw("PASSWORD", self.password)?);
         let node_name = pipeline.node_name.clone();
         let concurrency = match non_empty(self.concurrency) {
@@ -484,17 +547,6 @@ impl RawEnv {
             Some(p) => Some(absolute_path("BROKER_CA_FILE", p)?),
         };
 
-        let warehouse_host =
-            non_empty(self.warehouse_host).unwrap_or_else(|| DEFAULT_WAREHOUSE_HOST.to_owned());
-        host_name("WAREHOUSE_HOST", &warehouse_host)?;
-        let warehouse_port = match non_empty(self.warehouse_port) {
-            None => DEFAULT_WAREHOUSE_PORT,
-            Some(p) => port("WAREHOUSE_PORT", &p)?,
-        };
-        let ssh_key = absolute_path(
-            "SSH_KEY",
-            non_empty(self.ssh_key).unwrap_or_else(|| DEFAULT_SSH_KEY.to_owned()),
-        )?;
         let shutdown_grace = match non_empty(self.shutdown_grace) {
             None => Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
             Some(v) => Duration::from_secs(parse_bounded("SHUTDOWN_GRACE", &v, 0, 3600)?),
@@ -533,9 +585,7 @@ impl RawEnv {
             dispatcher_url,
             broker_url,
             broker_ca_file,
-            warehouse_host,
-            warehouse_port,
-            ssh_key,
+            warehouse,
             shutdown_grace,
             max_message_bytes,
             log_format,
@@ -543,6 +593,46 @@ impl RawEnv {
             pipeline,
         })
     }
+}
+
+fn username(value: Option<String>) -> Result<String, ConfigError> {
+    let username = required("USERNAME", value)?;
+    if username
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '@')
+    {
+        return Err(ConfigError::new(
+            "USERNAME",
+            "must not contain spaces, control characters or '@'",
+        ));
+    }
+    Ok(username)
+}
+
+/// `SHA256:<43 base64 chars>` fingerprints, as `ssh-keygen -lf` prints them,
+/// separated by commas.
+fn host_key_pins(value: &str) -> Result<Vec<String>, ConfigError> {
+    let mut pins = Vec::new();
+    for pin in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ok = pin.strip_prefix("SHA256:").is_some_and(|b64| {
+            b64.len() == 43
+                && b64
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        });
+        if !ok {
+            return Err(ConfigError::new(
+                "WAREHOUSE_HOST_KEY",
+                format!(
+                    "has {pin:?}; expected SHA256 fingerprints such as \
+                     SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s (what `ssh-keygen -lf` prints), \
+                     separated by commas"
+                ),
+            ));
+        }
+        pins.push(pin.to_owned());
+    }
+    Ok(pins)
 }
 
 /// `None` for unset and for empty values: an empty variable means "default".
@@ -746,7 +836,48 @@ mod tests {
         assert_eq!(uri.authority.port, 5671);
         assert_eq!(uri.authority.userinfo.password, "s3cr3t pass");
         assert_eq!(uri.vhost, "zimfarm");
-        assert_eq!(c.warehouse_port, 1522);
+        assert_eq!(c.warehouse.port, 1522);
+        assert_eq!(c.warehouse.host, DEFAULT_WAREHOUSE_HOST);
+        assert_eq!(c.warehouse.username, "alice");
+        assert_eq!(c.warehouse.ssh_key, PathBuf::from(DEFAULT_SSH_KEY));
+        assert_eq!(
+            c.warehouse.known_hosts,
+            PathBuf::from(DEFAULT_WAREHOUSE_KNOWN_HOSTS)
+        );
+        assert!(c.warehouse.host_key_pins.is_empty());
+        assert_eq!(c.warehouse.upload_retries, DEFAULT_UPLOAD_RETRIES);
+    }
+
+    #[test]
+    fn warehouse_variables() {
+        let pin = "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s";
+        let pins = format!("{pin}, SHA256:{}", "A".repeat(43));
+        let mut vars = base();
+        vars.extend([
+            ("WAREHOUSE_HOST", "127.0.0.1"),
+            ("WAREHOUSE_PORT", "2222"),
+            ("WAREHOUSE_KNOWN_HOSTS", "/etc/kh"),
+            ("WAREHOUSE_HOST_KEY", pins.as_str()),
+            ("UPLOAD_RETRIES", "0"),
+        ]);
+        let c = load(&vars).unwrap();
+        assert_eq!(c.warehouse.port, 2222);
+        assert_eq!(c.warehouse.known_hosts, PathBuf::from("/etc/kh"));
+        assert_eq!(c.warehouse.host_key_pins.len(), 2);
+        assert_eq!(c.warehouse.host_key_pins[0], pin);
+        assert_eq!(c.warehouse.upload_retries, 0);
+        for (var, value) in [
+            ("WAREHOUSE_HOST_KEY", "MD5:aa:bb"),
+            ("WAREHOUSE_HOST_KEY", "SHA256:short"),
+            ("WAREHOUSE_KNOWN_HOSTS", "relative/kh"),
+            ("UPLOAD_RETRIES", "-1"),
+            ("UPLOAD_RETRIES", "many"),
+        ] {
+            let mut vars = base();
+            vars.push((var, value));
+            let e = load(&vars).unwrap_err();
+            assert_eq!(e.var, var, "{value}: {e}");
+        }
     }
 
     #[test]

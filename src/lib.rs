@@ -12,4 +12,5 @@ pub mod events;
 pub mod offliner;
 pub mod pipeline;
 pub mod runner;
+pub mod warehouse;
 pub mod worker;

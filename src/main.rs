@@ -9,10 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 use zimfarm_worker::celery::EventKind;
-use zimfarm_worker::config::{Config, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind};
+use zimfarm_worker::config::{
+    Config, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind, WarehouseSettings,
+};
 use zimfarm_worker::ended::{EndedError, EndedLog};
 use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
 use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
+use zimfarm_worker::warehouse::{KeyError, Warehouse, WarehouseError};
 use zimfarm_worker::worker::Worker;
 
 /// The openZIM Zimfarm worker: runs scraper tasks sent by the Zimfarm
@@ -37,13 +40,17 @@ enum Command {
     RunTask {
         /// The task file.
         file: std::path::PathBuf,
+        /// Keep the files in ZIM_DIR/<id> instead of uploading them (then
+        /// USERNAME and the warehouse variables are not needed).
+        #[arg(long)]
+        no_upload: bool,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::RunTask { file }) = cli.command {
-        return run_task_command(&file);
+    if let Some(Command::RunTask { file, no_upload }) = cli.command {
+        return run_task_command(&file, !no_upload);
     }
     let config = match Config::from_env() {
         Ok(c) => c,
@@ -62,6 +69,17 @@ fn main() -> ExitCode {
         Err(error) if error.is::<EndedError>() => {
             // Like a bad variable: one line, exit 2, nothing connected.
             eprintln!("zimfarm-worker: ZIM_DIR: {error}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+        Err(error)
+            if error.is::<KeyError>()
+                || error
+                    .downcast_ref::<WarehouseError>()
+                    .is_some_and(WarehouseError::is_permanent) =>
+        {
+            // SSH_KEY, the host key or the login: configuration to fix.
+            tracing::error!("{error}");
+            eprintln!("zimfarm-worker: {error}");
             ExitCode::from(EXIT_CONFIG as u8)
         }
         Err(error) => {
@@ -95,7 +113,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(watch_signals(shutdown.clone()));
     match config.runner {
         RunnerKind::Docker => {
-            let runner = DockerRunner::new(config.pipeline.clone()).await?;
+            let warehouse = Warehouse::new(config.warehouse.clone()).await?;
+            check_warehouse(&warehouse).await?;
+            let runner = DockerRunner::new(config.pipeline.clone(), Some(warehouse)).await?;
             let version = runner.docker().version().await?;
             tracing::info!(docker = %version, "Docker engine reachable");
             let removed = runner.remove_orphans().await?;
@@ -117,14 +137,49 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Connects to the warehouse once at start-up, so that an untrusted host
+/// key or a refused SSH key stops the worker now rather than after a
+/// two-day scrape. A warehouse that is merely unreachable is only a
+/// warning: uploads retry when tasks get there.
+async fn check_warehouse(warehouse: &Warehouse) -> Result<(), WarehouseError> {
+    let settings = warehouse.settings();
+    match warehouse.probe().await {
+        Ok(()) => {
+            tracing::info!(
+                host = %settings.host,
+                port = settings.port,
+                key = %warehouse.key().sha256_fingerprint(),
+                "warehouse reachable: host key verified, SSH key accepted"
+            );
+            Ok(())
+        }
+        Err(error) if error.is_permanent() => Err(error),
+        Err(error) => {
+            tracing::warn!(%error, "warehouse not reachable now; uploads will retry when tasks get there");
+            Ok(())
+        }
+    }
+}
+
 /// `run-task FILE`: one task through the pipeline, no broker.
-fn run_task_command(file: &std::path::Path) -> ExitCode {
+fn run_task_command(file: &std::path::Path, upload: bool) -> ExitCode {
     let settings = match PipelineSettings::from_env() {
         Ok(s) => s,
         Err(error) => {
             eprintln!("zimfarm-worker: {error}");
             return ExitCode::from(EXIT_CONFIG as u8);
         }
+    };
+    let warehouse_settings = if upload {
+        match WarehouseSettings::from_env() {
+            Ok(s) => Some(s),
+            Err(error) => {
+                eprintln!("zimfarm-worker: {error} (or pass --no-upload)");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        }
+    } else {
+        None
     };
     init_logging(LogFormat::Text);
     let request = match std::fs::read_to_string(file)
@@ -144,7 +199,17 @@ fn run_task_command(file: &std::path::Path) -> ExitCode {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
-        let runner = match DockerRunner::new(settings).await {
+        let warehouse = match warehouse_settings {
+            None => None,
+            Some(s) => match Warehouse::new(s).await {
+                Ok(w) => Some(w),
+                Err(error) => {
+                    eprintln!("zimfarm-worker: {error}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            },
+        };
+        let runner = match DockerRunner::new(settings, warehouse).await {
             Ok(r) => r,
             Err(error) => {
                 eprintln!("zimfarm-worker: {error}");
@@ -156,8 +221,10 @@ fn run_task_command(file: &std::path::Path) -> ExitCode {
         let ctx = TaskContext::new(request.id.clone(), cancel, Arc::new(PrintEvents));
         let request = Arc::new(request);
         let span = tracing::info_span!("task", task_id = %request.id);
-        match runner.run(request, ctx).instrument(span).await {
+        match runner.run(request.clone(), ctx).instrument(span).await {
             Ok(files) => {
+                // Uploaded (or kept, with --no-upload): the task dir can go.
+                runner.release(&request.id).await;
                 println!(
                     "{}",
                     serde_json::json!({"status": "SUCCESS", "files": files})

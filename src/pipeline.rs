@@ -1,7 +1,11 @@
 //! The stages of one task on the Docker engine: **prepare** (task dir, free
 //! disk, images, the redis helper), **generate** (the offliner container,
-//! its log, idle timeout, exit code) and **cleanup** (every container of the
-//! task removed on every path, panics included).
+//! its log, idle timeout, exit code), **upload** (the files and the log to
+//! the warehouse) and **cleanup** (every container of the task removed on
+//! every path, panics included; the task dir once its files are uploaded).
+//!
+//! A marker written in the task dir when generate succeeded lets a
+//! redelivered task go straight to upload instead of scraping again.
 //!
 //! Owns the task dir and the task's containers. It must not decode messages
 //! or publish anything itself: it works from a [`TaskPlan`] and reports
@@ -25,6 +29,7 @@ use crate::config::PipelineSettings;
 use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK};
 use crate::offliner::{TaskPlan, plan};
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
+use crate::warehouse::{UploadItem, Warehouse, WarehouseError};
 
 /// Where the redis helper's socket is, inside both containers.
 pub const REDIS_SOCKET_DIR: &str = "/run/redis";
@@ -38,12 +43,25 @@ const TAIL_LINES: usize = 100;
 const TAIL_LINE_MAX: usize = 2000;
 /// Name of the directory (in ZIM_DIR) holding the per-task sockets dirs.
 const SOCKETS_DIR: &str = ".sockets";
+/// The marker, in the task dir, of a generate stage that succeeded.
+pub const GENERATED_MARKER: &str = ".zimfarm-generated.json";
+
+/// What generate produced, as the marker records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Generated {
+    /// The offliner's output files (top level of the task dir).
+    pub files: Vec<TaskFile>,
+    /// The container log's file name in the task dir, if it was kept.
+    pub log: Option<String>,
+}
 
 /// The Docker pipeline as a [`Runner`].
 #[derive(Clone)]
 pub struct DockerRunner {
     docker: DockerClient,
     settings: Arc<PipelineSettings>,
+    /// `None`: no upload (`run-task --no-upload`); files stay in the task dir.
+    warehouse: Option<Warehouse>,
 }
 
 /// A task's paths, as the host sees them (for bind mounts) and as this
@@ -71,12 +89,33 @@ fn failed(message: impl Into<String>) -> RunError {
 }
 
 impl DockerRunner {
-    pub async fn new(settings: PipelineSettings) -> Result<Self, crate::docker::DockerError> {
+    pub async fn new(
+        settings: PipelineSettings,
+        warehouse: Option<Warehouse>,
+    ) -> Result<Self, crate::docker::DockerError> {
         let docker = DockerClient::connect().await?;
         Ok(Self {
             docker,
             settings: Arc::new(settings),
+            warehouse,
         })
+    }
+
+    /// Removes a task's dir once its end is recorded: its files are
+    /// uploaded, or the task was revoked. Keeps it when there is no
+    /// warehouse to upload to (`run-task --no-upload`).
+    pub async fn remove_task_dir(&self, task_id: &str) {
+        if self.warehouse.is_none() || crate::offliner::validate_task_id(task_id).is_err() {
+            return;
+        }
+        let dir = self.settings.zim_dir.join(task_id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => tracing::info!(dir = %dir.display(), "task dir removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the task dir")
+            }
+        }
     }
 
     pub fn docker(&self) -> &DockerClient {
@@ -119,18 +158,97 @@ impl DockerRunner {
             })
         })?;
         let dirs = TaskDirs::new(&self.settings, &plan.task_id);
-        let mut containers = Containers {
-            docker: self.docker.clone(),
-            names: Vec::new(),
+        let generated = match read_marker(&dirs.local_task).await {
+            Some(generated) => {
+                tracing::info!(
+                    files = generated.files.len(),
+                    "an earlier run of this task generated its files already; going straight to upload"
+                );
+                generated
+            }
+            None => {
+                let mut containers = Containers {
+                    docker: self.docker.clone(),
+                    names: Vec::new(),
+                };
+                let outcome = self.stages(&plan, &dirs, &mut containers, &ctx).await;
+                containers.remove_all().await;
+                let _ = tokio::fs::remove_dir_all(&dirs.local_sockets).await;
+                match outcome {
+                    Ok(generated) => {
+                        write_marker(&dirs.local_task, &generated).await;
+                        generated
+                    }
+                    Err(e) => {
+                        // Nothing of a failed or stopped scrape is worth keeping.
+                        let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+                        return Err(e);
+                    }
+                }
+            }
         };
-        let outcome = self.stages(&plan, &dirs, &mut containers, &ctx).await;
-        containers.remove_all().await;
-        let _ = tokio::fs::remove_dir_all(&dirs.local_sockets).await;
-        if outcome.is_err() {
-            // Nothing of a failed or stopped scrape is worth keeping.
-            let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+        if let Some(warehouse) = &self.warehouse {
+            self.upload(warehouse, &plan, &dirs, &generated, &ctx)
+                .instrument(tracing::info_span!("stage", stage = "upload"))
+                .await?;
         }
-        outcome
+        Ok(generated.files)
+    }
+
+    /// Every output file, then the log, to the warehouse. The files stay
+    /// in the task dir whatever happens here: they go only once uploaded.
+    async fn upload(
+        &self,
+        warehouse: &Warehouse,
+        plan: &TaskPlan,
+        dirs: &TaskDirs,
+        generated: &Generated,
+        ctx: &TaskContext,
+    ) -> Result<(), RunError> {
+        let mut items: Vec<UploadItem> = generated
+            .files
+            .iter()
+            .map(|f| {
+                UploadItem::output(dirs.local_task.join(&f.name), &plan.warehouse_path, &f.name)
+            })
+            .collect();
+        if let Some(log) = &generated.log {
+            let path = dirs.local_task.join(log);
+            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                items.push(UploadItem::log(path, log));
+            }
+        }
+        let bytes: u64 = generated.files.iter().map(|f| f.size).sum();
+        tracing::info!(files = items.len(), bytes, "uploading to the warehouse");
+        let started = std::time::Instant::now();
+        match warehouse.upload(&items, &ctx.cancel).await {
+            Ok(reports) => {
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    files = reports.len(),
+                    skipped = reports.iter().filter(|r| r.skipped).count(),
+                    seconds = secs,
+                    "upload done"
+                );
+                Ok(())
+            }
+            Err(WarehouseError::Cancelled) => {
+                tracing::warn!(dir = %dirs.local_task.display(), "upload stopped; the files are kept for the next run of this task");
+                Err(RunError::Cancelled)
+            }
+            Err(error) => {
+                tracing::error!(%error, dir = %dirs.local_task.display(), "upload failed; the files are kept");
+                Err(RunError::Failed(TaskError {
+                    kind: "RuntimeError".to_owned(),
+                    module: "builtins".to_owned(),
+                    message: format!("upload to the warehouse failed: {error}"),
+                    detail: format!(
+                        "the generated files are kept in {} on the worker host",
+                        dirs.host_task.display()
+                    ),
+                }))
+            }
+        }
     }
 
     async fn stages(
@@ -139,7 +257,7 @@ impl DockerRunner {
         dirs: &TaskDirs,
         containers: &mut Containers,
         ctx: &TaskContext,
-    ) -> Result<Vec<TaskFile>, RunError> {
+    ) -> Result<Generated, RunError> {
         self.prepare(plan, dirs, containers, ctx)
             .instrument(tracing::info_span!("stage", stage = "prepare"))
             .await?;
@@ -208,7 +326,7 @@ impl DockerRunner {
         dirs: &TaskDirs,
         containers: &mut Containers,
         ctx: &TaskContext,
-    ) -> Result<Vec<TaskFile>, RunError> {
+    ) -> Result<Generated, RunError> {
         let cancel = &ctx.cancel;
         let name = self.container_name(&plan.task_id, "offliner");
         containers.names.push(name.clone());
@@ -268,7 +386,13 @@ impl DockerRunner {
         }
         let files = produced_files(&dirs.local_task, &log_file).await?;
         tracing::info!(files = files.len(), "offliner finished");
-        Ok(files)
+        let log_kept = tokio::fs::try_exists(dirs.local_task.join(&log_file))
+            .await
+            .unwrap_or(false);
+        Ok(Generated {
+            files,
+            log: log_kept.then_some(log_file),
+        })
     }
 
     async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<(), RunError> {
@@ -397,6 +521,57 @@ impl Runner for DockerRunner {
     ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
         let this = self.clone();
         async move { this.run_task(request, ctx).await }
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn release(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        let task_id = task_id.to_owned();
+        async move { this.remove_task_dir(&task_id).await }
+    }
+}
+
+/// The marker of an earlier successful generate, if it is there and every
+/// file it lists is still there with its size; `None` otherwise (the task
+/// then starts afresh).
+async fn read_marker(task_dir: &Path) -> Option<Generated> {
+    let text = tokio::fs::read(task_dir.join(GENERATED_MARKER))
+        .await
+        .ok()?;
+    let generated: Generated = match serde_json::from_slice(&text) {
+        Ok(g) => g,
+        Err(error) => {
+            tracing::warn!(%error, "unreadable generate marker; generating again");
+            return None;
+        }
+    };
+    for file in &generated.files {
+        let plain_name = !file.name.contains('/') && file.name != "." && file.name != "..";
+        let ok = plain_name
+            && tokio::fs::metadata(task_dir.join(&file.name))
+                .await
+                .is_ok_and(|m| m.is_file() && m.len() == file.size);
+        if !ok {
+            tracing::warn!(file = %file.name, "a file the generate marker lists is missing or changed; generating again");
+            return None;
+        }
+    }
+    Some(generated)
+}
+
+/// Records a successful generate. Without it a redelivery scrapes again,
+/// which is slow but not wrong, so a failure here is only logged.
+async fn write_marker(task_dir: &Path, generated: &Generated) {
+    let path = task_dir.join(GENERATED_MARKER);
+    let tmp = task_dir.join(format!("{GENERATED_MARKER}.tmp"));
+    let text = serde_json::to_vec(generated).unwrap_or_default();
+    let result = async {
+        tokio::fs::write(&tmp, &text).await?;
+        tokio::fs::rename(&tmp, &path).await
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, path = %path.display(), "could not write the generate marker");
     }
 }
 
@@ -578,11 +753,22 @@ async fn produced_files(dir: &Path, log_file: &str) -> Result<Vec<TaskFile>, Run
         .await
         .map_err(|e| failed(format!("cannot list {}: {e}", dir.display())))?
     {
-        let name = entry.file_name().to_string_lossy().into_owned();
         let Ok(meta) = entry.metadata().await else {
             continue;
         };
-        if !meta.is_file() || name == log_file {
+        if !meta.is_file() {
+            continue;
+        }
+        let name = match entry.file_name().into_string() {
+            Ok(name) => name,
+            Err(raw) => {
+                return Err(failed(format!(
+                    "the offliner wrote a file whose name is not UTF-8 ({}); the warehouse needs UTF-8 names",
+                    raw.to_string_lossy()
+                )));
+            }
+        };
+        if name == log_file || name.starts_with(".zimfarm-") {
             continue;
         }
         files.push(TaskFile {

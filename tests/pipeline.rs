@@ -1,9 +1,13 @@
 //! The Docker pipeline against the real Docker engine, with the local
-//! stand-in images of `tests/images/` (no registry): a Celery-sent task runs
-//! the stand-in mwoffliner through prepare and generate; flags reach the
-//! container as argv exactly; refusals happen before anything runs; idle
-//! timeout, non-zero exit and hard time limit; orphans after kill -9;
-//! revoke. After every test no container and no task dir is left behind.
+//! stand-in images of `tests/images/` (no registry), and a real OpenSSH
+//! sshd as the warehouse (`tests/common/sshd.rs`): a Celery-sent task runs
+//! the stand-in mwoffliner through prepare, generate and upload; flags
+//! reach the container as argv exactly; refusals happen before anything
+//! runs; idle timeout, non-zero exit and hard time limit; orphans after
+//! kill -9; revoke; a failed upload keeps the files; a task stopped during
+//! its upload goes straight to upload when it comes back; a warehouse the
+//! worker cannot trust or log in to stops it at start. After every test no
+//! container and no task dir is left behind, unless the test keeps one.
 
 mod common;
 
@@ -11,20 +15,57 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::sshd::{KeyKind, Sshd};
 use common::*;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
 
-fn docker_env(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// The variables that point a worker at `sshd` as its warehouse, reached
+/// through `port` (sshd's own, or a proxy's).
+fn warehouse_env(sshd: &Sshd, port: u16) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("USERNAME", sshd.user()),
+        ("WAREHOUSE_HOST", "127.0.0.1"),
+        ("WAREHOUSE_PORT", leak(port.to_string())),
+        (
+            "SSH_KEY",
+            leak(sshd.user_key(KeyKind::Ed25519).display().to_string()),
+        ),
+        (
+            "WAREHOUSE_KNOWN_HOSTS",
+            leak(sshd.known_hosts_file_for_port(port).display().to_string()),
+        ),
+        ("UPLOAD_RETRIES", "2"),
+    ]
+}
+
+fn docker_env(
+    sshd: &Sshd,
+    extra: &[(&'static str, &'static str)],
+) -> Vec<(&'static str, &'static str)> {
     let mut env = vec![
         ("TASK_RUNNER", "docker"),
         ("PULL_POLICY", "never"),
         ("REDIS_IMAGE", "zimfarm/redis:test"),
         ("MIN_FREE_DISK_MB", "10"),
     ];
+    env.extend(warehouse_env(sshd, sshd.port()));
     env.extend_from_slice(extra);
     env
+}
+
+/// Waits until `path` is gone (the task dir goes after the final event).
+fn wait_gone(path: &Path) {
+    let start = std::time::Instant::now();
+    while path.exists() {
+        assert!(start.elapsed() < T, "{} is still there", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn mw_kwargs(flags: Value) -> Value {
@@ -66,8 +107,9 @@ fn task_dir_gone(dir: &Path, id: &str) -> bool {
 
 #[test]
 fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
+    let sshd = Sshd::start();
     let node = "pipe";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&[]));
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
     let id = task_id();
     let tricky =
         "a b ; $(touch /tmp/pwned) `id` 'single' \"double\"\nnewline \u{e9}\u{1F389} --not-a-flag";
@@ -95,13 +137,20 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
     assert!(finished["log"].as_str().unwrap().ends_with(".log.gz"));
     let succeeded = events.wait_task_event("task-succeeded", &id, T);
     let result = succeeded["result"].as_str().unwrap();
+    let zim_size = std::fs::metadata(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
+        .expect("the ZIM is in the warehouse")
+        .len();
+    assert!(zim_size > 1000);
     assert!(
-        result.contains("'name': 'wikipedia_en_test.zim'"),
+        result.contains(&format!(
+            "{{'name': 'wikipedia_en_test.zim', 'size': {zim_size}}}"
+        )),
         "{result}"
     );
 
-    // Flags arrived as argv, byte for byte, with no shell in between.
-    let argv = std::fs::read(dir.path().join(&id).join("argv.bin")).expect("argv dump");
+    // Flags arrived as argv, byte for byte, with no shell in between (the
+    // dump is an output file too, so it went to the warehouse).
+    let argv = std::fs::read(sshd.chroot().join("zim/wikipedia/argv.bin")).expect("argv dump");
     let argv: Vec<String> = argv
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
@@ -120,16 +169,39 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
     assert!(argv.contains(&"--outputDirectory=/output".to_owned()));
     assert!(argv.iter().any(|a| a.starts_with("--redis=")));
     assert!(!Path::new("/tmp/pwned").exists());
-    let zim = std::fs::metadata(dir.path().join(&id).join("wikipedia_en_test.zim")).unwrap();
-    assert!(zim.len() > 1000);
+    // The container log went to /logs/, and the ZIM is a real one.
+    let log = sshd
+        .chroot()
+        .join(format!("logs/zimfarm_{node}_{id}_offliner.log.gz"));
+    assert!(log.exists(), "no log at {}", log.display());
+    let check = Command::new(python())
+        .arg("-c")
+        .arg("import sys; from libzim.reader import Archive; a = Archive(sys.argv[1]); assert a.check(); print(a.entry_count)")
+        .arg(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Uploaded and recorded: the task dir is gone, no partial file remains.
+    wait_gone(&dir.path().join(&id));
+    assert!(
+        !sshd
+            .chroot()
+            .join("zim/wikipedia/wikipedia_en_test.zim.tmp")
+            .exists()
+    );
     wait_no_containers(node);
     vh.wait_queue_depth("small", 0, 0, T);
 }
 
 #[test]
 fn refused_before_anything_runs() {
+    let sshd = Sshd::start();
     let node = "refuse";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&[]));
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
     let cases = [
         json!({"flags": {}, "image": {"name": "evil/miner", "tag": "latest"}, "warehouse_path": "/x"}),
         json!({"flags": {}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/../etc"}),
@@ -160,8 +232,9 @@ fn refused_before_anything_runs() {
 
 #[test]
 fn non_zero_exit_and_idle_timeout_fail_the_task() {
+    let sshd = Sshd::start();
     let node = "exit";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&[("IDLE_TIMEOUT", "2")]));
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[("IDLE_TIMEOUT", "2")]));
     let failing = task_id();
     send_task(
         &vh,
@@ -213,8 +286,9 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
 
 #[test]
 fn hard_time_limit_kills_the_offliner() {
+    let sshd = Sshd::start();
     let node = "hard";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&[]));
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
     let id = task_id();
     send_task(
         &vh,
@@ -238,8 +312,9 @@ fn hard_time_limit_kills_the_offliner() {
 
 #[test]
 fn large_container_output_keeps_the_worker_small() {
+    let sshd = Sshd::start();
     let node = "spam";
-    let (vh, _dir, events, worker) = stack(node, &docker_env(&[]));
+    let (vh, _dir, events, worker) = stack(node, &docker_env(&sshd, &[]));
     let id = task_id();
     send_task(
         &vh,
@@ -265,10 +340,11 @@ fn large_container_output_keeps_the_worker_small() {
 
 #[test]
 fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
+    let sshd = Sshd::start();
     let (vh, dir) = (Vhost::new("orphan"), tempfile::tempdir().unwrap());
     let node = "orphan";
     let events = EventsProc::start(&vh, 120);
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
+    let mut first = WorkerProc::start(&vh, dir.path(), node, &docker_env(&sshd, &[]));
     first.wait_connected();
     let id = task_id();
     send_task(
@@ -282,7 +358,7 @@ fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
     first.signal("KILL");
     first.wait_exit(T);
     assert!(!containers_of(node).is_empty(), "the orphan is still there");
-    let second = WorkerProc::start(&vh, dir.path(), node, &docker_env(&[]));
+    let second = WorkerProc::start(&vh, dir.path(), node, &docker_env(&sshd, &[]));
     second.wait_connected();
     second.wait_log("removed containers left by an earlier run", T);
     events.wait_task_event("task-succeeded", &id, T);
@@ -294,8 +370,9 @@ fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
 
 #[test]
 fn sigterm_stops_the_task_containers() {
+    let sshd = Sshd::start();
     let node = "termdocker";
-    let (vh, dir, events, mut worker) = stack(node, &docker_env(&[]));
+    let (vh, dir, events, mut worker) = stack(node, &docker_env(&sshd, &[]));
     let id = task_id();
     send_task(
         &vh,
@@ -351,7 +428,7 @@ async fn revoke_stops_every_container_of_the_task() {
     use zimfarm_worker::runner::{RunError, Runner, TaskContext};
     let dir = tempfile::tempdir().unwrap();
     let node = "revokelib";
-    let runner = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10))
+    let runner = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
         .await
         .expect("docker");
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -386,9 +463,10 @@ async fn too_little_free_disk_fails_before_anything_runs() {
     use zimfarm_worker::runner::{RunError, Runner, TaskContext};
     let dir = tempfile::tempdir().unwrap();
     let node = "diskfull";
-    let runner = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 1 << 40))
-        .await
-        .expect("docker");
+    let runner =
+        zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 1 << 40), None)
+            .await
+            .expect("docker");
     let id = task_id();
     let ctx = TaskContext::new(
         id.clone(),
@@ -404,6 +482,139 @@ async fn too_little_free_disk_fails_before_anything_runs() {
 }
 
 #[test]
+fn a_failed_upload_fails_the_task_and_keeps_the_files() {
+    let sshd = Sshd::start();
+    let node = "upfail";
+    let (vh, dir, events, worker) = stack(node, &docker_env(&sshd, &[("UPLOAD_RETRIES", "1")]));
+    worker.wait_log("warehouse reachable", T);
+    sshd.stop();
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    let failed = events.wait_task_event("task-failed", &id, T);
+    let exception = failed["exception"].as_str().unwrap();
+    assert!(
+        exception.contains("upload to the warehouse failed")
+            && exception.contains("cannot reach the warehouse"),
+        "{failed}"
+    );
+    assert!(
+        failed["traceback"].as_str().unwrap().contains("kept"),
+        "{failed}"
+    );
+    // Two days of scraping are not thrown away.
+    let task_dir = dir.path().join(&id);
+    assert!(task_dir.join("wikipedia_en_test.zim").exists());
+    assert!(task_dir.join(".zimfarm-generated.json").exists());
+    wait_no_containers(node);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back() {
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::start(&sshd.addr());
+    let node = "resumetask";
+    let (vh, dir) = (Vhost::new(node), tempfile::tempdir().unwrap());
+    let events = EventsProc::start(&vh, 180);
+    let mut env = docker_env(&sshd, &[]);
+    env.extend(warehouse_env(&sshd, proxy.port()));
+    let mut first = WorkerProc::start(&vh, dir.path(), node, &env);
+    first.wait_connected();
+    // 4 kB/s from now on: the 36 kB ZIM takes about 9 s to upload.
+    proxy.set_rate(4000);
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    events.wait_task_event("task-container_finished", &id, T);
+    first.wait_log("uploading to the warehouse", T);
+    std::thread::sleep(Duration::from_secs(3));
+    first.signal("TERM");
+    assert!(first.wait_exit(Duration::from_secs(15)).success());
+    assert_eq!(events.count("task-succeeded", &id), 0);
+    vh.wait_queue_depth("small", 1, 0, T);
+    let task_dir = dir.path().join(&id);
+    let local_zim = task_dir.join("wikipedia_en_test.zim");
+    let want = std::fs::read(&local_zim).expect("the ZIM is kept for the next run");
+    assert!(task_dir.join(".zimfarm-generated.json").exists());
+
+    proxy.set_rate(0);
+    let second = WorkerProc::start(&vh, dir.path(), node, &env);
+    second.wait_connected();
+    events.wait_task_event("task-succeeded", &id, T);
+    second.wait_log("going straight to upload", T);
+    // ...and picked up the partial file the first one left.
+    second.wait_log("resuming a partial upload", T);
+    // The offliner ran once, in the first worker only.
+    assert_eq!(events.count("task-container_started", &id), 1);
+    assert_eq!(events.count("task-started", &id), 2);
+    let got = std::fs::read(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim")).unwrap();
+    assert!(
+        got == want,
+        "the uploaded ZIM differs from the generated one"
+    );
+    wait_gone(&task_dir);
+    wait_no_containers(node);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn a_warehouse_the_worker_cannot_trust_or_log_in_to_stops_it_at_start() {
+    let sshd = Sshd::start();
+    let vh = Vhost::new("untrusted");
+    let dir = tempfile::tempdir().unwrap();
+    let unauthorized = leak(sshd.unauthorized_key().display().to_string());
+    let encrypted = leak(
+        sshd.user_key(KeyKind::EncryptedEd25519)
+            .display()
+            .to_string(),
+    );
+    let fingerprint = sshd.host_key_fingerprint().to_owned();
+    let cases: [(&str, &str, String); 4] = [
+        (
+            "WAREHOUSE_KNOWN_HOSTS",
+            "/nonexistent/known_hosts",
+            format!("WAREHOUSE_HOST_KEY={fingerprint}"),
+        ),
+        (
+            "WAREHOUSE_KNOWN_HOSTS",
+            leak(sshd.wrong_known_hosts_file().display().to_string()),
+            "NOT the key recorded at line 1".to_owned(),
+        ),
+        ("SSH_KEY", unauthorized, "refused the SSH key".to_owned()),
+        ("SSH_KEY", encrypted, "passphrase".to_owned()),
+    ];
+    for (var, value, expected) in cases {
+        let mut worker = WorkerProc::start(
+            &vh,
+            dir.path(),
+            "untrusted",
+            &docker_env(&sshd, &[(var, value)]),
+        );
+        let status = worker.wait_exit(T);
+        let log = worker.log_text();
+        assert_eq!(status.code(), Some(2), "{var}={value}: {log}");
+        assert!(
+            log.contains(&expected),
+            "{var}={value}: expected {expected:?} in:\n{log}"
+        );
+    }
+    // Pinning the fingerprint it showed is enough to start.
+    let worker = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "untrusted",
+        &docker_env(
+            &sshd,
+            &[
+                ("WAREHOUSE_KNOWN_HOSTS", "/nonexistent/known_hosts"),
+                ("WAREHOUSE_HOST_KEY", leak(fingerprint)),
+            ],
+        ),
+    );
+    worker.wait_connected();
+    worker.wait_log("warehouse reachable", T);
+}
+
+#[test]
 fn run_task_runs_one_task_from_a_file_without_a_broker() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("task.json");
@@ -413,10 +624,12 @@ fn run_task_runs_one_task_from_a_file_without_a_broker() {
         json!({"task": "offliner.youtube", "id": id, "kwargs": {"flags": {"id": "x", "zims": 2}, "image": {"name": "openzim/youtube", "tag": "test"}, "warehouse_path": "/videos"}}).to_string(),
     )
     .unwrap();
-    let run = |file: &Path| {
+    let sshd = Sshd::start();
+    let run_with = |file: &Path, extra: &[&str]| {
         Command::new(worker_binary())
             .arg("run-task")
             .arg(file)
+            .args(extra)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WORKING_DIR", dir.path())
@@ -424,9 +637,11 @@ fn run_task_runs_one_task_from_a_file_without_a_broker() {
             .env("NODE_NAME", "runtask")
             .env("PULL_POLICY", "never")
             .env("MIN_FREE_DISK_MB", "10")
+            .envs(warehouse_env(&sshd, sshd.port()))
             .output()
             .unwrap()
     };
+    let run = |file: &Path| run_with(file, &[]);
     let out = run(&file);
     assert!(
         out.status.success(),
@@ -441,6 +656,51 @@ fn run_task_runs_one_task_from_a_file_without_a_broker() {
         stdout.contains("task-container_started") && stdout.contains("task-container_finished")
     );
     assert!(containers_of("runtask").is_empty());
+    // Uploaded, then the task dir removed.
+    for n in 1..=2 {
+        let zim = sshd
+            .chroot()
+            .join(format!("zim/videos/youtube_test_{n}.zim"));
+        assert!(zim.exists(), "{} is not in the warehouse", zim.display());
+    }
+    assert!(task_dir_gone(dir.path(), &id));
+
+    // --no-upload keeps the files where they are, and needs no USERNAME.
+    let kept = task_id();
+    std::fs::write(
+        &file,
+        json!({"task": "offliner.youtube", "id": kept, "kwargs": {"flags": {"id": "x"}, "image": {"name": "openzim/youtube", "tag": "test"}, "warehouse_path": "/videos"}}).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(worker_binary())
+        .args(["run-task", "--no-upload"])
+        .arg(&file)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("WORKING_DIR", dir.path())
+        .env("ZIM_DIR", dir.path())
+        .env("NODE_NAME", "runtask")
+        .env("PULL_POLICY", "never")
+        .env("MIN_FREE_DISK_MB", "10")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join(&kept).read_dir().unwrap().count() >= 1);
+    // Without --no-upload, USERNAME is needed: exit 2 naming it.
+    let out = Command::new(worker_binary())
+        .arg("run-task")
+        .arg(&file)
+        .env_clear()
+        .env("WORKING_DIR", dir.path())
+        .env("NODE_NAME", "runtask")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("USERNAME"));
 
     // A task file that is not a task: exit 2 with a line naming the file.
     std::fs::write(&file, "{\"task\": 1}").unwrap();
@@ -449,7 +709,7 @@ fn run_task_runs_one_task_from_a_file_without_a_broker() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("task.json"));
     // A task the pipeline refuses: exit 1, the reason on the last line.
     std::fs::write(&file, json!({"task": "offliner.youtube", "id": task_id(), "kwargs": {"image": {"name": "someone/else"}, "warehouse_path": "/v"}}).to_string()).unwrap();
-    let out = run(&file);
+    let out = run_with(&file, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         last_json_line(&out.stdout)["error"]

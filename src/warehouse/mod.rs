@@ -1,0 +1,257 @@
+//! The SFTP warehouse: one SSH connection (russh) per upload batch, the
+//! warehouse's host key verified, files written as `<name>.tmp`, resumed
+//! from the remote size after a cut, checked (ZIM MD5, remote size) and
+//! renamed; retried with backoff while attempts make progress.
+//!
+//! Owns the connection and the remote file layout (`/zim<warehouse_path>`,
+//! `/logs`). It must not know about Docker, Celery or the task dir: it is
+//! given local paths and remote names and reports what it did.
+
+mod keys;
+mod known_hosts;
+mod session;
+mod upload;
+pub mod zim;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+pub use keys::{ClientKey, HostKeyError, HostKeyTrust, KeyError, parse_public_key_line};
+pub use upload::{UploadItem, UploadReport};
+pub use zim::ZimError;
+
+use crate::config::WarehouseSettings;
+use session::Connection;
+use upload::{Progress, upload_one};
+
+/// Where ZIM files go: `/zim<warehouse_path>`.
+pub const ZIM_ROOT: &str = "/zim";
+/// Where container logs go.
+pub const LOGS_DIR: &str = "/logs";
+/// Suffix of a file being written.
+pub const TMP_SUFFIX: &str = ".tmp";
+/// First wait after a failed attempt; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What went wrong talking to the warehouse.
+#[derive(Debug, Error)]
+pub enum WarehouseError {
+    #[error(
+        "cannot reach the warehouse at {addr}: {detail}; check WAREHOUSE_HOST, \
+         WAREHOUSE_PORT and this host's network"
+    )]
+    Connect { addr: String, detail: String },
+    #[error(transparent)]
+    HostKey(#[from] HostKeyError),
+    #[error(
+        "the warehouse refused the SSH key {key_path} ({algorithm} {fingerprint}) for user \
+         {user}: register its public key with the Zimfarm for that user (see the README), \
+         or check USERNAME and SSH_KEY"
+    )]
+    AuthRejected {
+        user: String,
+        key_path: String,
+        algorithm: String,
+        fingerprint: String,
+    },
+    #[error("SSH with the warehouse failed while {context}: {detail}")]
+    Ssh {
+        context: &'static str,
+        detail: String,
+    },
+    #[error("SFTP {operation} of {path} failed on the warehouse: {detail}")]
+    Sftp {
+        operation: &'static str,
+        path: String,
+        detail: String,
+    },
+    #[error("cannot read {path} for the upload: {detail}")]
+    Local { path: PathBuf, detail: String },
+    #[error("{name} {source}; it was not kept in the warehouse")]
+    Corrupt {
+        name: String,
+        #[source]
+        source: ZimError,
+    },
+    #[error(
+        "{path} already exists in the warehouse with {remote_size} bytes, but the file here has \
+         {local_size}; the warehouse never overwrites: ask the Zimfarm admins to remove it"
+    )]
+    Conflict {
+        path: String,
+        remote_size: u64,
+        local_size: u64,
+    },
+    #[error("{path} has {remote_size} bytes in the warehouse after the upload, not {local_size}")]
+    SizeMismatch {
+        path: String,
+        remote_size: u64,
+        local_size: u64,
+    },
+    #[error("refusing to upload {what} {value:?}: {reason}")]
+    InvalidPath {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("the upload was cancelled")]
+    Cancelled,
+    #[error(
+        "giving up on the upload after {attempts} attempts without progress; last error: {last}"
+    )]
+    GaveUp {
+        attempts: u32,
+        #[source]
+        last: Box<WarehouseError>,
+    },
+}
+
+impl WarehouseError {
+    /// An error that another attempt cannot cure: fail at once.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::HostKey(_)
+                | Self::AuthRejected { .. }
+                | Self::Local { .. }
+                | Self::Corrupt { .. }
+                | Self::Conflict { .. }
+                | Self::InvalidPath { .. }
+                | Self::Cancelled
+                | Self::GaveUp { .. }
+        )
+    }
+}
+
+/// The warehouse client: settings, the key (loaded once, at start-up) and
+/// the host-key trust. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Warehouse {
+    settings: Arc<WarehouseSettings>,
+    key: ClientKey,
+    trust: Arc<HostKeyTrust>,
+    first_backoff: Duration,
+}
+
+impl Warehouse {
+    /// Loads SSH_KEY: a missing, encrypted or unsupported key is an error
+    /// now, not after a two-day scrape.
+    pub async fn new(settings: WarehouseSettings) -> Result<Self, KeyError> {
+        let key = ClientKey::load(&settings.ssh_key).await?;
+        let trust = HostKeyTrust::new(
+            &settings.host,
+            settings.port,
+            &settings.known_hosts,
+            &settings.host_key_pins,
+        );
+        Ok(Self {
+            settings: Arc::new(settings),
+            key,
+            trust: Arc::new(trust),
+            first_backoff: FIRST_BACKOFF,
+        })
+    }
+
+    /// Shortens the wait between attempts (tests, benchmarks).
+    pub fn with_first_backoff(mut self, backoff: Duration) -> Self {
+        self.first_backoff = backoff;
+        self
+    }
+
+    pub fn key(&self) -> &ClientKey {
+        &self.key
+    }
+
+    pub fn settings(&self) -> &WarehouseSettings {
+        &self.settings
+    }
+
+    /// Connects, checks the host key, logs in and starts SFTP, then says
+    /// goodbye: the start-up check that the warehouse will take our files.
+    pub async fn probe(&self) -> Result<(), WarehouseError> {
+        let conn = Connection::open(&self.settings, &self.key, &self.trust).await?;
+        conn.close().await;
+        Ok(())
+    }
+
+    /// Uploads every item, in order, over one connection; reconnects and
+    /// resumes after a failure. Gives up after UPLOAD_RETRIES attempts in a
+    /// row that made no progress, or at once on a permanent error.
+    pub async fn upload(
+        &self,
+        items: &[UploadItem],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<UploadReport>, WarehouseError> {
+        for item in items {
+            item.validate()?;
+        }
+        let total: u64 = {
+            let mut total = 0;
+            for item in items {
+                total += tokio::fs::metadata(&item.local)
+                    .await
+                    .map_err(|e| WarehouseError::Local {
+                        path: item.local.clone(),
+                        detail: e.to_string(),
+                    })?
+                    .len();
+            }
+            total
+        };
+        let mut progress = Progress::new(total);
+        let mut reports: Vec<UploadReport> = Vec::with_capacity(items.len());
+        let mut failures = 0u32;
+        let mut backoff = self.first_backoff;
+        loop {
+            let before = (reports.len(), progress.sent());
+            let attempt = async {
+                let conn = Connection::open(&self.settings, &self.key, &self.trust).await?;
+                while reports.len() < items.len() {
+                    let item = &items[reports.len()];
+                    let report = upload_one(conn.sftp(), item, &mut progress).await?;
+                    reports.push(report);
+                }
+                conn.close().await;
+                Ok::<_, WarehouseError>(())
+            };
+            let result = tokio::select! {
+                r = attempt => r,
+                _ = cancel.cancelled() => Err(WarehouseError::Cancelled),
+            };
+            let error = match result {
+                Ok(()) => return Ok(reports),
+                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) => e,
+            };
+            if (reports.len(), progress.sent()) != before {
+                // This attempt got somewhere: the link works, it just broke.
+                failures = 0;
+                backoff = self.first_backoff;
+            }
+            failures += 1;
+            if failures > self.settings.upload_retries {
+                return Err(WarehouseError::GaveUp {
+                    attempts: failures,
+                    last: Box::new(error),
+                });
+            }
+            tracing::warn!(
+                %error,
+                attempt = failures,
+                of = self.settings.upload_retries + 1,
+                retry_in = ?backoff,
+                "upload attempt failed; reconnecting and resuming"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = cancel.cancelled() => return Err(WarehouseError::Cancelled),
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}

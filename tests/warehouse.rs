@@ -1,0 +1,509 @@
+//! The warehouse uploader against a real OpenSSH sshd on 127.0.0.1 (one per
+//! test, chrooted, pubkey only; see `tests/common/sshd.rs`): key formats,
+//! host-key trust, content identity, resume after a cut, ZIM integrity,
+//! skips, conflicts and refusals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::ThrottleProxy;
+use common::sshd::{KeyKind, Sshd};
+use tokio_util::sync::CancellationToken;
+use zimfarm_worker::config::WarehouseSettings;
+use zimfarm_worker::warehouse::{
+    HostKeyError, KeyError, UploadItem, UploadReport, Warehouse, WarehouseError,
+};
+
+fn settings(sshd: &Sshd, key: PathBuf, port: u16, known_hosts: PathBuf) -> WarehouseSettings {
+    WarehouseSettings {
+        host: "127.0.0.1".to_owned(),
+        port,
+        username: sshd.user().to_owned(),
+        ssh_key: key,
+        known_hosts,
+        host_key_pins: Vec::new(),
+        upload_retries: 3,
+    }
+}
+
+/// A warehouse client for `sshd` (through `port`, which may be a proxy's)
+/// that trusts the server's real host key.
+async fn client(sshd: &Sshd, port: u16) -> Warehouse {
+    let mut s = settings(
+        sshd,
+        sshd.user_key(KeyKind::Ed25519),
+        port,
+        sshd.known_hosts_file_for_port(port),
+    );
+    // 0.2 + 0.4 + ... + 6.4 s: rides out a restart of a few seconds.
+    s.upload_retries = 6;
+    Warehouse::new(s)
+        .await
+        .unwrap()
+        .with_first_backoff(Duration::from_millis(200))
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A file of `size` bytes that does not compress (an xorshift stream).
+fn write_noise(path: &Path, size: u64, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut left = size;
+    let mut buf = [0u8; 8];
+    while left > 0 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        buf.copy_from_slice(&x.to_le_bytes());
+        let n = left.min(8) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+/// A real ZIM file made by libzim (the venv's), with its MD5 checksum.
+fn make_zim(path: &Path) {
+    let script = common::repo_root().join("tests/images/make_zim.py");
+    let out = Command::new(common::python())
+        .arg(&script)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "make_zim.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every file under the chroot whose name ends with `.tmp`.
+fn tmp_files(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().ends_with(".tmp") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+async fn upload(w: &Warehouse, items: &[UploadItem]) -> Result<Vec<UploadReport>, WarehouseError> {
+    w.upload(items, &CancellationToken::new()).await
+}
+
+#[tokio::test]
+async fn every_supported_key_format_logs_in() {
+    let sshd = Sshd::start();
+    for kind in [
+        KeyKind::Ed25519,
+        KeyKind::RsaOpenssh,
+        KeyKind::RsaPem,
+        KeyKind::RsaPkcs8,
+    ] {
+        let s = settings(
+            &sshd,
+            sshd.user_key(kind),
+            sshd.port(),
+            sshd.known_hosts_file(),
+        );
+        let w = Warehouse::new(s)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        w.probe().await.unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+    }
+    // The RSA logins were signed with SHA-2, which OpenSSH 8.8+ requires.
+    let log = sshd.log_text();
+    assert!(
+        log.contains("RSA SHA256:") || log.contains("rsa-sha2-"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn encrypted_and_missing_keys_fail_at_load() {
+    let sshd = Sshd::start();
+    let s = settings(
+        &sshd,
+        sshd.user_key(KeyKind::EncryptedEd25519),
+        sshd.port(),
+        sshd.known_hosts_file(),
+    );
+    let e = Warehouse::new(s).await.unwrap_err();
+    assert!(matches!(e, KeyError::Encrypted { .. }), "{e}");
+    assert!(e.to_string().contains("passphrase"), "{e}");
+
+    let s = settings(
+        &sshd,
+        PathBuf::from("/nonexistent/id_rsa"),
+        sshd.port(),
+        sshd.known_hosts_file(),
+    );
+    let e = Warehouse::new(s).await.unwrap_err();
+    assert!(matches!(e, KeyError::Missing { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn unknown_changed_and_pinned_host_keys() {
+    let sshd = Sshd::start();
+    let key = sshd.user_key(KeyKind::Ed25519);
+    let fp = sshd.host_key_fingerprint().to_owned();
+
+    // No known_hosts at all: refused, showing the fingerprint and the fix.
+    let s = settings(
+        &sshd,
+        key.clone(),
+        sshd.port(),
+        PathBuf::from("/nonexistent/kh"),
+    );
+    let e = Warehouse::new(s).await.unwrap().probe().await.unwrap_err();
+    assert!(e.is_permanent());
+    match &e {
+        WarehouseError::HostKey(HostKeyError::Unknown { fingerprint, .. }) => {
+            assert_eq!(*fingerprint, fp)
+        }
+        other => panic!("expected an unknown host key, got {other}"),
+    }
+    assert!(
+        e.to_string().contains(&format!("WAREHOUSE_HOST_KEY={fp}")),
+        "{e}"
+    );
+
+    // known_hosts records another key for this host: refused as changed.
+    let s = settings(
+        &sshd,
+        key.clone(),
+        sshd.port(),
+        sshd.wrong_known_hosts_file(),
+    );
+    let e = Warehouse::new(s).await.unwrap().probe().await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            WarehouseError::HostKey(HostKeyError::Changed { line: 1, .. })
+        ),
+        "{e}"
+    );
+
+    // Pinned by fingerprint: accepted without any known_hosts.
+    let mut s = settings(
+        &sshd,
+        key.clone(),
+        sshd.port(),
+        PathBuf::from("/nonexistent/kh"),
+    );
+    s.host_key_pins = vec![fp.clone()];
+    Warehouse::new(s).await.unwrap().probe().await.unwrap();
+
+    // A wrong pin does not help.
+    let mut s = settings(&sshd, key, sshd.port(), PathBuf::from("/nonexistent/kh"));
+    s.host_key_pins = vec![format!("SHA256:{}", "A".repeat(43))];
+    let e = Warehouse::new(s).await.unwrap().probe().await.unwrap_err();
+    assert!(matches!(e, WarehouseError::HostKey(_)), "{e}");
+}
+
+#[tokio::test]
+async fn a_key_the_server_does_not_accept_is_a_clear_error() {
+    let sshd = Sshd::start();
+    let s = settings(
+        &sshd,
+        sshd.unauthorized_key(),
+        sshd.port(),
+        sshd.known_hosts_file(),
+    );
+    let w = Warehouse::new(s).await.unwrap();
+    let e = w.probe().await.unwrap_err();
+    assert!(e.is_permanent());
+    let text = e.to_string();
+    assert!(
+        matches!(e, WarehouseError::AuthRejected { .. })
+            && text.contains("zimfarm-sftp")
+            && text.contains(&w.key().sha256_fingerprint()),
+        "{text}"
+    );
+    // An upload gives up at once on it, without retrying.
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("a.bin");
+    write_noise(&local, 10, 1);
+    let started = Instant::now();
+    let e = upload(&w, &[UploadItem::output(local, "/t", "a.bin")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WarehouseError::AuthRejected { .. }), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn content_arrives_identical_empty_large_and_unicode_names() {
+    let sshd = Sshd::start();
+    let w = client(&sshd, sshd.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        ("empty.zimfarm", 0u64),
+        ("big file with spaces.bin", 200 * 1000 * 1000),
+        ("ünïcødé 文字 ☃.txt", 123_457),
+    ];
+    let mut items = Vec::new();
+    for (i, (name, size)) in files.iter().enumerate() {
+        let local = dir.path().join(name);
+        write_noise(&local, *size, i as u64 + 7);
+        items.push(UploadItem::output(local, "/deep/er path", name));
+    }
+    let reports = upload(&w, &items).await.unwrap();
+    assert_eq!(reports.len(), 3);
+    for (item, report) in items.iter().zip(&reports) {
+        let remote = sshd.chroot().join("zim/deep/er path").join(&item.name);
+        assert_eq!(sha256(&remote), sha256(&item.local), "{}", item.name);
+        assert!(!report.skipped);
+        assert_eq!(report.resumed_from, 0);
+        assert_eq!(report.bytes_sent, report.size);
+        assert_eq!(
+            report.remote_path,
+            format!("/zim/deep/er path/{}", item.name)
+        );
+    }
+    assert!(tmp_files(sshd.chroot()).is_empty());
+}
+
+#[tokio::test]
+async fn same_size_is_skipped_other_size_is_a_conflict() {
+    let sshd = Sshd::start();
+    let w = client(&sshd, sshd.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("a.bin");
+    write_noise(&local, 100_000, 3);
+    let item = UploadItem::output(local.clone(), "/w", "a.bin");
+    let first = upload(&w, std::slice::from_ref(&item)).await.unwrap();
+    assert!(!first[0].skipped);
+    let again = upload(&w, std::slice::from_ref(&item)).await.unwrap();
+    assert!(again[0].skipped, "{again:?}");
+    assert_eq!(again[0].bytes_sent, 0);
+
+    write_noise(&local, 99_999, 4);
+    let e = upload(&w, &[item]).await.unwrap_err();
+    assert!(matches!(e, WarehouseError::Conflict { .. }), "{e}");
+    assert!(e.is_permanent());
+    assert!(e.to_string().contains("never overwrites"), "{e}");
+    // The warehouse copy is untouched.
+    let remote = sshd.chroot().join("zim/w/a.bin");
+    assert_eq!(std::fs::metadata(remote).unwrap().len(), 100_000);
+}
+
+#[tokio::test]
+async fn real_zims_pass_and_a_flipped_byte_never_lands() {
+    let sshd = Sshd::start();
+    let w = client(&sshd, sshd.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.zim");
+    make_zim(&good);
+    let reports = upload(&w, &[UploadItem::output(good.clone(), "/zims", "good.zim")])
+        .await
+        .unwrap();
+    assert!(reports[0].zim_verified);
+    assert_eq!(
+        sha256(&sshd.chroot().join("zim/zims/good.zim")),
+        sha256(&good)
+    );
+
+    let mut bytes = std::fs::read(&good).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    let bad = dir.path().join("bad.zim");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = upload(&w, &[UploadItem::output(bad, "/zims", "bad.zim")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WarehouseError::Corrupt { .. }), "{e}");
+    assert!(e.is_permanent());
+    assert!(e.to_string().contains("checksum"), "{e}");
+    assert!(!sshd.chroot().join("zim/zims/bad.zim").exists());
+    assert!(
+        tmp_files(sshd.chroot()).is_empty(),
+        "the partial upload stays"
+    );
+}
+
+/// Uploads a 200 MB file through a proxy limited to 40 MB/s, breaks the
+/// connection with `cut` once 60 MB went through, and checks the upload
+/// resumed (not restarted) and the file is identical.
+async fn resume_after(cut: impl FnOnce(&Sshd, &ThrottleProxy) + Send + 'static) {
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::with_rate(&sshd.addr(), 40_000_000);
+    let w = client(&sshd, proxy.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("resume me.bin");
+    let size = 200 * 1000 * 1000;
+    write_noise(&local, size, 11);
+    let item = UploadItem::output(local.clone(), "/resume", "resume me.bin");
+    let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
+
+    // The fixtures block: run them off the runtime.
+    let (sshd, proxy) = tokio::task::spawn_blocking(move || {
+        proxy.wait_bytes_up(60_000_000, Duration::from_secs(30));
+        let before = proxy.reset_bytes();
+        assert!(before < size, "the upload finished before the cut");
+        cut(&sshd, &proxy);
+        (sshd, proxy)
+    })
+    .await
+    .unwrap();
+
+    let reports = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the upload did not finish")
+        .unwrap()
+        .unwrap();
+    let report = &reports[0];
+    assert!(
+        report.resumed_from >= 40_000_000,
+        "did not resume: {report:?}"
+    );
+    assert_eq!(report.bytes_sent, size - report.resumed_from);
+    let after = proxy.bytes_up();
+    assert!(
+        after < size - 40_000_000,
+        "{after} bytes went up after the cut: the upload started over"
+    );
+    let remote = sshd.chroot().join("zim/resume/resume me.bin");
+    assert_eq!(sha256(&remote), sha256(&local));
+    assert!(tmp_files(sshd.chroot()).is_empty());
+}
+
+#[tokio::test]
+async fn resumes_after_the_sshd_session_is_killed() {
+    resume_after(|sshd, _| {
+        assert!(sshd.kill_sessions() > 0, "no session to kill");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn resumes_after_sshd_restarts() {
+    resume_after(|sshd, _| {
+        sshd.stop();
+        std::thread::sleep(Duration::from_millis(1500));
+        sshd.start_again();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn resumes_after_the_network_drops() {
+    resume_after(|_, proxy| proxy.cut()).await;
+}
+
+#[tokio::test]
+async fn names_that_could_escape_are_refused_before_connecting() {
+    let sshd = Sshd::start();
+    // A port nobody listens on: a refusal must come before any connection.
+    let mut s = settings(
+        &sshd,
+        sshd.user_key(KeyKind::Ed25519),
+        1,
+        sshd.known_hosts_file(),
+    );
+    s.upload_retries = 0;
+    let w = Warehouse::new(s).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("x.zim");
+    write_noise(&local, 10, 1);
+    for name in ["a/b.zim", "..", "../x.zim", "."] {
+        let e = upload(&w, &[UploadItem::output(local.clone(), "/w", name)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, WarehouseError::InvalidPath { .. }),
+            "{name}: {e}"
+        );
+    }
+    let e = upload(&w, &[UploadItem::output(local, "/../etc", "x.zim")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WarehouseError::InvalidPath { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn an_unreachable_warehouse_is_retried_then_given_up() {
+    let sshd = Sshd::start();
+    let port = sshd.port();
+    sshd.stop();
+    let mut s = settings(
+        &sshd,
+        sshd.user_key(KeyKind::Ed25519),
+        port,
+        sshd.known_hosts_file(),
+    );
+    s.upload_retries = 2;
+    let w = Warehouse::new(s)
+        .await
+        .unwrap()
+        .with_first_backoff(Duration::from_millis(100));
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("x.bin");
+    write_noise(&local, 10, 1);
+    let started = Instant::now();
+    let e = upload(&w, &[UploadItem::output(local, "/w", "x.bin")])
+        .await
+        .unwrap_err();
+    match &e {
+        WarehouseError::GaveUp { attempts: 3, last } => {
+            assert!(matches!(**last, WarehouseError::Connect { .. }), "{last}")
+        }
+        other => panic!("expected GaveUp after 3 attempts, got {other}"),
+    }
+    assert!(e.to_string().contains("WAREHOUSE_HOST"), "{e}");
+    // 100 ms + 200 ms of backoff between the three attempts.
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn a_cancelled_upload_stops_and_keeps_the_partial_file() {
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::with_rate(&sshd.addr(), 20_000_000);
+    let w = client(&sshd, proxy.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("c.bin");
+    write_noise(&local, 100_000_000, 5);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        let item = UploadItem::output(local, "/c", "c.bin");
+        async move { w.upload(&[item], &cancel).await }
+    });
+    let proxy = tokio::task::spawn_blocking(move || {
+        proxy.wait_bytes_up(10_000_000, Duration::from_secs(30));
+        proxy
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    cancel.cancel();
+    let e = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("cancel was not prompt")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, WarehouseError::Cancelled), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(proxy);
+    assert!(!sshd.chroot().join("zim/c/c.bin").exists());
+}

@@ -8,6 +8,7 @@
 //! `scripts/test.sh` exports, with the same values as defaults.
 #![allow(dead_code)]
 
+pub mod dispatcher;
 pub mod sshd;
 
 use std::io::{BufRead, BufReader};

@@ -5,6 +5,12 @@
 //! Owns AMQP connections and channels. It must not run tasks or decide what
 //! a message means: deliveries go to the worker as they are, and the worker
 //! hands back bytes to publish.
+//!
+//! Remote control (SPEC §6) has its own channel per session: the node's
+//! pidbox queue `<node>.celery.pidbox` (exclusive, so a second worker with
+//! the same node name is refused with [`BrokerError::NodeInUse`] before it
+//! consumes any task), consumed without acks as kombu's pidbox does, and the
+//! replies published on that same channel.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,11 +20,12 @@ use std::time::Duration;
 
 use futures_util::stream::SelectAll;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +36,19 @@ use crate::config::{BrokerUrl, Config, QueueName};
 pub const TASK_EXCHANGE: &str = "offliner";
 /// The exchange Celery events go to (SPEC §5).
 pub const EVENT_EXCHANGE: &str = "celeryev";
+/// The fanout exchange remote-control requests are broadcast on (SPEC §6).
+pub const CONTROL_EXCHANGE: &str = "celery.pidbox";
+/// Celery's `control_queue_ttl`: a request left unread in a node's pidbox
+/// queue is dropped after this long (ms).
+pub const CONTROL_QUEUE_TTL_MS: i32 = 300_000;
+/// Celery's `control_queue_expires`: a node's pidbox queue is deleted this
+/// long (ms) after its last consumer left.
+pub const CONTROL_QUEUE_EXPIRES_MS: i32 = 10_000;
+
+/// The name of a node's own pidbox queue, as kombu's `Mailbox` names it.
+pub fn control_queue_name(node: &str) -> String {
+    format!("{node}.celery.pidbox")
+}
 
 /// Everything that can go wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +71,66 @@ pub enum BrokerError {
     ConnectTimeout { url: String, secs: u64 },
     #[error("broker refused {what}: {source}")]
     Setup { what: String, source: lapin::Error },
+    /// The node's pidbox queue is held by another connection (405
+    /// RESOURCE_LOCKED on the exclusive queue): another worker runs with the
+    /// same node name.
+    #[error(
+        "another worker named {node} is already connected to the broker (its remote-control \
+         queue {queue} is locked by another connection); each worker needs its own NODE_NAME: \
+         stop the other worker or change NODE_NAME",
+        queue = control_queue_name(node)
+    )]
+    NodeInUse { node: String },
+}
+
+/// Whether the broker refused an exclusive queue held by another connection.
+fn is_resource_locked(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED))
+    )
+}
+
+/// A task queue to consume and the exchange it is bound to: the part of
+/// kombu's `Queue` this worker uses. Queues and exchanges are durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskQueue {
+    pub name: String,
+    /// The exchange it is bound to; empty: the default exchange only.
+    pub exchange: String,
+    /// `direct`, `topic`, `fanout` or `headers`.
+    pub exchange_type: String,
+    pub routing_key: String,
+}
+
+impl TaskQueue {
+    /// A Zimfarm queue: bound to the `offliner` topic exchange with routing
+    /// key = its name (SPEC §2).
+    pub fn zimfarm(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            exchange: TASK_EXCHANGE.to_owned(),
+            exchange_type: "topic".to_owned(),
+            routing_key: name.to_owned(),
+        }
+    }
+
+    fn exchange_kind(&self) -> ExchangeKind {
+        match self.exchange_type.as_str() {
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "headers" => ExchangeKind::Headers,
+            "topic" => ExchangeKind::Topic,
+            other => ExchangeKind::Custom(other.to_owned()),
+        }
+    }
+}
+
+/// The node's remote-control channel and the consumer of its pidbox queue.
+pub struct ControlChannel {
+    pub channel: Channel,
+    pub consumer: Consumer,
 }
 
 /// How to reach the broker and what to declare there.
@@ -60,13 +140,15 @@ pub struct Broker {
     tls: Option<String>,
     connection_name: String,
     queues: Vec<QueueName>,
+    /// The Celery node name, `USERNAME@NODE_NAME`.
+    node: String,
 }
 
 /// The AMQP frame size asked for, unless BROKER_URL says `?frame_max=`.
 const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
 /// How long one connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Broker {
     /// Reads the CA file (if any) now, so a bad path fails at start-up.
@@ -87,6 +169,7 @@ impl Broker {
             tls,
             connection_name: format!("zimfarm-worker {}", config.hostname()),
             queues: config.queues.clone(),
+            node: config.hostname(),
         })
     }
 
@@ -95,9 +178,59 @@ impl Broker {
         self.url.to_string()
     }
 
-    /// Connects, declares the topology and opens the two channels a session
-    /// needs: one consuming tasks, one publishing (in confirm mode).
+    /// Connects, declares the topology and opens the channels a session
+    /// needs: one consuming the configured task queues and one publishing
+    /// (in confirm mode); no remote control (see [`Broker::connect_with`]),
+    /// so it works beside a running worker of this node.
     pub async fn connect(&self, prefetch: u16) -> Result<Session, BrokerError> {
+        let queues: Vec<TaskQueue> = self
+            .queues
+            .iter()
+            .map(|q| TaskQueue::zimfarm(q.as_str()))
+            .collect();
+        self.open_session(prefetch, &queues, false).await
+    }
+
+    /// For `check`: connects and declares the exchanges and the task
+    /// queues (so the vhost's permissions are exercised), then closes,
+    /// having consumed nothing and without the control queue, which a
+    /// running worker of this node holds exclusively.
+    pub async fn check(&self) -> Result<(), BrokerError> {
+        let session = self.open_session(1, &[], false).await?;
+        let mut result = Ok(());
+        for queue in &self.queues {
+            result = self
+                .declare_queue(
+                    &session.consume_channel,
+                    &TaskQueue::zimfarm(queue.as_str()),
+                )
+                .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        session.close().await;
+        result
+    }
+
+    /// The worker's session: [`Broker::connect`] consuming `queues`, plus
+    /// the remote-control channel. The node's pidbox queue is declared
+    /// before any task queue is consumed, so a worker whose node name is
+    /// taken ([`BrokerError::NodeInUse`]) never takes a task.
+    pub async fn connect_with(
+        &self,
+        prefetch: u16,
+        queues: &[TaskQueue],
+    ) -> Result<Session, BrokerError> {
+        self.open_session(prefetch, queues, true).await
+    }
+
+    async fn open_session(
+        &self,
+        prefetch: u16,
+        queues: &[TaskQueue],
+        control: bool,
+    ) -> Result<Session, BrokerError> {
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.connection_name.clone()));
         let url = self.display_url();
@@ -135,10 +268,6 @@ impl Broker {
                 BrokerError::Connect { url, source, hint }
             })?;
 
-        let setup = |what: &str| {
-            let what = what.to_owned();
-            move |source| BrokerError::Setup { what, source }
-        };
         let consume_channel = connection
             .create_channel()
             .await
@@ -170,29 +299,13 @@ impl Broker {
                 .await
                 .map_err(setup(what))?;
         }
-        for queue in &self.queues {
-            let name = queue.as_str();
-            consume_channel
-                .queue_declare(
-                    name.into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(setup(&format!("queue {name}")))?;
-            consume_channel
-                .queue_bind(
-                    name.into(),
-                    TASK_EXCHANGE.into(),
-                    name.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(setup(&format!("binding of queue {name}")))?;
+        let control = if control {
+            Some(self.open_control(&connection).await?)
+        } else {
+            None
+        };
+        for queue in queues {
+            self.declare_queue(&consume_channel, queue).await?;
         }
         // Global QoS: RabbitMQ applies it to the whole channel and lets it
         // change while consuming (per-consumer QoS only affects new
@@ -202,34 +315,210 @@ impl Broker {
             .await
             .map_err(setup("prefetch settings"))?;
         let mut deliveries = SelectAll::new();
-        for queue in &self.queues {
-            let consumer: Consumer = consume_channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    format!("{}.{}", self.connection_name.replace(' ', "-"), queue).into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(setup(&format!("consuming queue {queue}")))?;
-            deliveries.push(consumer);
+        for queue in queues {
+            deliveries.push(self.consume_queue(&consume_channel, &queue.name).await?);
         }
         Ok(Session {
-            connection,
+            connection: Arc::new(connection),
             consume_channel,
             publish_channel,
             deliveries,
+            control,
         })
     }
+
+    /// Opens the remote-control channel: declares the `celery.pidbox`
+    /// fanout exchange and this node's pidbox queue (exclusive, auto-delete,
+    /// with Celery's message TTL and expiry) bound to it, and consumes it
+    /// without acks, as kombu's pidbox `Node` does.
+    pub async fn open_control(
+        &self,
+        connection: &Connection,
+    ) -> Result<ControlChannel, BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(setup("a channel"))?;
+        channel
+            .exchange_declare(
+                CONTROL_EXCHANGE.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup("exchange celery.pidbox"))?;
+        let queue = control_queue_name(&self.node);
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongInt(CONTROL_QUEUE_TTL_MS),
+        );
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongInt(CONTROL_QUEUE_EXPIRES_MS),
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(queue.as_str().into(), options, arguments)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_resource_locked(&e) => {
+                return Err(BrokerError::NodeInUse {
+                    node: self.node.clone(),
+                });
+            }
+            Err(e) => return Err(setup(&format!("queue {queue}"))(e)),
+        }
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                CONTROL_EXCHANGE.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup(&format!("binding of queue {queue}")))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                self.consumer_tag(&queue).into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup(&format!("consuming queue {queue}")))?;
+        Ok(ControlChannel { channel, consumer })
+    }
+
+    /// Declares a task queue and its exchange, and binds them, on `channel`
+    /// (a refusal closes that channel: see [`Broker::declare_queue_apart`]).
+    pub async fn declare_queue(
+        &self,
+        channel: &Channel,
+        queue: &TaskQueue,
+    ) -> Result<(), BrokerError> {
+        let name = queue.name.as_str();
+        if !queue.exchange.is_empty() {
+            channel
+                .exchange_declare(
+                    queue.exchange.as_str().into(),
+                    queue.exchange_kind(),
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(setup(&format!("exchange {}", queue.exchange)))?;
+        }
+        channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup(&format!("queue {name}")))?;
+        if !queue.exchange.is_empty() {
+            channel
+                .queue_bind(
+                    name.into(),
+                    queue.exchange.as_str().into(),
+                    queue.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(setup(&format!("binding of queue {name}")))?;
+        }
+        Ok(())
+    }
+
+    /// [`Broker::declare_queue`] on a channel of its own, closed afterwards:
+    /// a queue the broker refuses (declared elsewhere with other arguments,
+    /// exclusive to another connection...) then costs that channel only,
+    /// not the one consuming tasks.
+    pub async fn declare_queue_apart(
+        &self,
+        connection: &Connection,
+        queue: &TaskQueue,
+    ) -> Result<(), BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(setup("a channel"))?;
+        let declared = self.declare_queue(&channel, queue).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "queue declared".into()).await;
+        }
+        declared
+    }
+
+    /// Starts consuming a (declared) task queue on `channel`, with acks.
+    pub async fn consume_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+    ) -> Result<Consumer, BrokerError> {
+        channel
+            .basic_consume(
+                queue.into(),
+                self.consumer_tag(queue).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup(&format!("consuming queue {queue}")))
+    }
+
+    /// Stops consuming a task queue on `channel`; its consumer's stream
+    /// ends. Unacked messages stay with this worker until acked.
+    pub async fn cancel_queue(&self, channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+        channel
+            .basic_cancel(
+                self.consumer_tag(queue).into(),
+                BasicCancelOptions::default(),
+            )
+            .await
+            .map_err(setup(&format!("cancelling the consumer of queue {queue}")))
+    }
+
+    /// The consumer tag of a queue: the connection name and the queue name.
+    fn consumer_tag(&self, queue: &str) -> String {
+        format!("{}.{}", self.connection_name.replace(' ', "-"), queue)
+    }
+}
+
+/// Maps a lapin error to [`BrokerError::Setup`] about `what`.
+fn setup(what: &str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    let what = what.to_owned();
+    move |source| BrokerError::Setup { what, source }
 }
 
 /// One live connection with its channels.
 pub struct Session {
-    pub connection: Connection,
+    /// Shared with remote control, which opens channels of its own on it.
+    pub connection: Arc<Connection>,
     pub consume_channel: Channel,
     pub publish_channel: Channel,
     /// Deliveries from every task queue, merged.
     pub deliveries: SelectAll<Consumer>,
+    /// The pidbox consumer, until the worker takes it for remote control.
+    pub control: Option<ControlChannel>,
 }
 
 impl Session {
@@ -240,6 +529,40 @@ impl Session {
             .close(200, "worker shutting down".into())
             .await;
     }
+}
+
+/// Publishes a remote-control reply on the control channel, declaring its
+/// exchange first as kombu does (direct, transient) unless `declared` says
+/// it was declared on this channel already.
+pub async fn publish_reply(
+    channel: &Channel,
+    declared: &mut std::collections::HashSet<String>,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), lapin::Error> {
+    if !exchange.is_empty() && !declared.contains(exchange) {
+        channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        declared.insert(exchange.to_owned());
+    }
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await?;
+    Ok(())
 }
 
 /// Changes a consuming channel's prefetch (one message per free slot, plus

@@ -50,6 +50,22 @@ impl EventSink {
         self.enabled.store(enabled, Ordering::Relaxed);
     }
 
+    /// Whether task events are on.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The Lamport clock every event carries; remote control merges the
+    /// clocks of the requests it gets into it, as Celery does.
+    pub fn clock(&self) -> &LamportClock {
+        &self.clock
+    }
+
+    /// Who sends the events.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
     /// Queues one event, fire and forget.
     pub fn emit(&self, kind: &EventKind) {
         self.queue(kind, None);

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod celery;
 pub mod config;
+pub mod control;
 pub mod dispatcher;
 pub mod docker;
 pub mod ended;

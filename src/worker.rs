@@ -5,27 +5,36 @@
 //! Owns the life of each task from delivery to ack. It must not parse wire
 //! formats (the `celery` module does) nor know what a task does (a
 //! [`Runner`] does): it decides *when*, never *how*.
+//!
+//! Remote control ([`crate::control`]) runs beside the session loop, in its
+//! own task per session, and acts on the worker through the
+//! [`Panel`] this module implements: revoke, the task listings, the queues
+//! consumed, shutdown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::{Acker, Channel, Connection, Consumer};
 use serde_json::Value;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{Backoff, Broker, Outbox, Session, run_publisher, set_prefetch};
+use crate::broker::{
+    Backoff, Broker, BrokerError, Outbox, Session, TaskQueue, run_publisher, set_prefetch,
+};
+use crate::celery::control::DeliveryInfo;
 use crate::celery::{
     self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
 };
 use crate::config::Config;
+use crate::control::{ControlSession, Panel, RevokedSet, TaskPhase, TaskSnapshot, WorkerFacts};
 use crate::ended::EndedLog;
 use crate::events::EventSink;
 use crate::offliner::Offliner;
@@ -35,19 +44,39 @@ use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 pub const HEARTBEAT_SECS: f64 = 2.0;
 /// Events kept while the broker is away, before non-final ones are dropped.
 const OUTBOX_CAPACITY: usize = 10_000;
+/// How long a reconnecting worker keeps finding its node's pidbox queue
+/// locked before it concludes another worker took its name: the broker
+/// drops a dead connection (and its exclusive queue) within about two
+/// heartbeat intervals.
+const NODE_LOCK_PATIENCE: Duration = Duration::from_secs(180);
 
 /// Errors that stop the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    /// Another worker with the same node name holds this node's pidbox
+    /// queue (RabbitMQ's 405 RESOURCE_LOCKED): two workers must not share
+    /// an identity (SPEC §2).
+    #[error(
+        "another worker named {node} is already connected to the broker (its remote-control \
+         queue {node}.celery.pidbox is locked); each worker needs its own NODE_NAME: stop the \
+         other worker or change NODE_NAME"
+    )]
+    NodeInUse { node: String },
 }
 
 /// Why a task's cancel token fired.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum CancelReason {
-    Revoked { signum: Option<i32> },
-    TimeLimit { hard: f64 },
+    /// Revoked by remote control: `terminated` when it was running.
+    Revoked {
+        terminated: bool,
+        signum: Option<i32>,
+    },
+    TimeLimit {
+        hard: f64,
+    },
     Shutdown,
 }
 
@@ -71,6 +100,8 @@ struct TaskEntry {
     /// Acks of redeliveries of this same task, done when it ends.
     extra_acks: Vec<Acker>,
     started: Option<f64>,
+    /// Where its message came from (`inspect active`).
+    delivery: DeliveryInfo,
 }
 
 #[derive(Default)]
@@ -118,6 +149,33 @@ struct Inner<R> {
     prefetch: watch::Sender<u16>,
     tasks: TaskTracker,
     started_at: Instant,
+    /// Task ids revoked by remote control (Celery's `revoked`).
+    revoked: Mutex<RevokedSet>,
+    /// Tasks started, by name (`inspect stats` `total`).
+    totals: Mutex<BTreeMap<String, u64>>,
+    /// The queues consumed and the live session they are consumed on.
+    topology: Mutex<Topology>,
+    /// Fired by remote control's `shutdown` (and by `run`'s own token).
+    stop: CancellationToken,
+    /// Why the worker stops on its own, if it does.
+    fatal: Mutex<Option<WorkerError>>,
+}
+
+/// The task queues to consume (QUEUES, then `add_consumer` /
+/// `cancel_consumer`), and the session consuming them now.
+struct Topology {
+    queues: Vec<TaskQueue>,
+    live: Option<LiveSession>,
+}
+
+/// What remote control needs of the current session to change the queues
+/// consumed.
+#[derive(Clone)]
+struct LiveSession {
+    connection: Arc<Connection>,
+    consume_channel: Channel,
+    /// New consumers, merged into the session's deliveries.
+    consumers: mpsc::UnboundedSender<Consumer>,
 }
 
 impl<R: Runner> Worker<R> {
@@ -135,6 +193,11 @@ impl<R: Runner> Worker<R> {
         };
         let events = Arc::new(EventSink::new(identity, outbox.clone()));
         let (prefetch, _) = watch::channel(prefetch_count(config.concurrency, 0));
+        let queues = config
+            .queues
+            .iter()
+            .map(|q| TaskQueue::zimfarm(q.as_str()))
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 slots: Arc::new(Semaphore::new(config.concurrency)),
@@ -149,13 +212,20 @@ impl<R: Runner> Worker<R> {
                 prefetch,
                 tasks: TaskTracker::new(),
                 started_at: Instant::now(),
+                revoked: Mutex::new(RevokedSet::default()),
+                totals: Mutex::new(BTreeMap::new()),
+                topology: Mutex::new(Topology { queues, live: None }),
+                stop: CancellationToken::new(),
+                fatal: Mutex::new(None),
             }),
         })
     }
 
-    /// Runs until `shutdown` fires, then shuts down as SPEC §8 says:
-    /// stops consuming, stops the tasks (their messages stay unacked and go
-    /// back to the broker), sends `worker-offline` and returns.
+    /// Runs until `shutdown` fires (or remote control's `shutdown`), then
+    /// shuts down as SPEC §8 says: stops consuming, stops the tasks (their
+    /// messages stay unacked and go back to the broker), sends
+    /// `worker-offline` and returns. Returns [`WorkerError::NodeInUse`]
+    /// when another worker holds this node's name.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let inner = self.inner;
         let (channel_tx, channel_rx) = watch::channel(None);
@@ -168,7 +238,24 @@ impl<R: Runner> Worker<R> {
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(inner.clone().heartbeats(heartbeat_stop.clone()));
 
-        let session = inner.session_loop(&channel_tx, &shutdown).await;
+        let session = {
+            let session_loop = inner.session_loop(&channel_tx, &inner.stop);
+            tokio::pin!(session_loop);
+            tokio::select! {
+                session = &mut session_loop => session,
+                _ = shutdown.cancelled() => {
+                    inner.stop.cancel();
+                    session_loop.await
+                }
+            }
+        };
+        let session = match session {
+            Ok(session) => session,
+            Err(error) => {
+                inner.set_fatal(error);
+                None
+            }
+        };
 
         // Shutdown: stop consuming (the session loop has returned), stop
         // every task, then say goodbye while the connection is still up.
@@ -184,7 +271,9 @@ impl<R: Runner> Worker<R> {
             tracing::warn!("tasks did not stop within SHUTDOWN_GRACE; exiting anyway");
         }
         inner.events.emit(&EventKind::WorkerOffline(inner.stats()));
-        if !inner.outbox.drained(deadline).await {
+        // Without a session the publisher has no channel: nothing more can
+        // leave.
+        if session.is_some() && !inner.outbox.drained(deadline).await {
             tracing::warn!(
                 pending = inner.outbox.len(),
                 "could not publish every event before SHUTDOWN_GRACE ran out"
@@ -195,8 +284,14 @@ impl<R: Runner> Worker<R> {
         if let Some(session) = session {
             session.close().await;
         }
-        tracing::info!("worker stopped");
-        Ok(())
+        let fatal = inner.fatal.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match fatal {
+            Some(error) => Err(error),
+            None => {
+                tracing::info!("worker stopped");
+                Ok(())
+            }
+        }
     }
 }
 
@@ -206,36 +301,63 @@ fn prefetch_count(concurrency: usize, unslotted: usize) -> u16 {
 
 impl<R: Runner> Inner<R> {
     /// Connects (with backoff), consumes, and reconnects on loss until
-    /// `shutdown` fires. Returns the live session, if any, for the goodbye.
+    /// `shutdown` fires. Returns the live session, if any, for the goodbye;
+    /// [`WorkerError::NodeInUse`] when another worker holds this node's
+    /// name.
     async fn session_loop(
         self: &Arc<Self>,
         channels: &watch::Sender<Option<lapin::Channel>>,
         shutdown: &CancellationToken,
-    ) -> Option<Session> {
+    ) -> Result<Option<Session>, WorkerError> {
         let mut backoff = new_backoff();
         let mut first = true;
+        let mut locked_since: Option<Instant> = None;
         loop {
             let prefetch = *self.prefetch.borrow();
+            let queues = self.topology().queues.clone();
             let session = tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                s = self.broker.connect(prefetch) => s,
+                _ = shutdown.cancelled() => return Ok(None),
+                s = self.broker.connect_with(prefetch, &queues) => s,
             };
             let mut session = match session {
                 Ok(s) => s,
+                Err(BrokerError::NodeInUse { node }) => {
+                    // At start: another worker has this name. After a
+                    // connection loss: maybe our own old connection, which
+                    // the broker has not dropped yet; wait for it a while.
+                    let since = *locked_since.get_or_insert_with(Instant::now);
+                    if first || since.elapsed() >= NODE_LOCK_PATIENCE {
+                        return Err(WorkerError::NodeInUse { node });
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        node = %node,
+                        retry_in = ?delay,
+                        "this node's remote-control queue is still locked, probably by this \
+                         worker's previous connection; retrying"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::error!(%error, retry_in = ?delay, "broker unreachable");
                     tokio::select! {
-                        _ = shutdown.cancelled() => return None,
+                        _ = shutdown.cancelled() => return Ok(None),
                         _ = tokio::time::sleep(delay) => continue,
                     }
                 }
             };
             backoff = new_backoff();
+            locked_since = None;
+            let (consumers_tx, mut consumers) = mpsc::unbounded_channel();
+            self.go_live(&mut session, &queues, consumers_tx).await;
             let _ = channels.send(Some(session.publish_channel.clone()));
             tracing::info!(
                 broker = %self.broker.display_url(),
-                queues = ?self.config.queues.iter().map(|q| q.as_str()).collect::<Vec<_>>(),
+                queues = ?self.topology().queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
                 concurrency = self.config.concurrency,
                 startup_ms = if first { self.started_at.elapsed().as_millis() } else { 0 },
                 "connected to the broker; consuming"
@@ -249,30 +371,129 @@ impl<R: Runner> Inner<R> {
                 self.prefetch.subscribe(),
                 session_over.clone(),
             ));
-            let _session_guard = session_over.drop_guard();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Some(session),
-                    delivery = session.deliveries.next() => match delivery {
-                        Some(Ok(delivery)) => self.on_delivery(delivery),
-                        Some(Err(error)) => {
-                            tracing::warn!(%error, "lost the broker connection; reconnecting");
-                            break;
-                        }
-                        None => {
-                            tracing::warn!("the broker closed the consumer; reconnecting");
-                            break;
-                        }
+            let control = session.control.take().map(|control| {
+                tokio::spawn(crate::control::serve(
+                    Worker {
+                        inner: self.clone(),
                     },
+                    ControlSession {
+                        broker: self.broker.clone(),
+                        connection: session.connection.clone(),
+                        control,
+                    },
+                    session_over.clone(),
+                ))
+            });
+            let session_guard = session_over.clone().drop_guard();
+            let shut = loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break true,
+                    Some(consumer) = consumers.recv() => session.deliveries.push(consumer),
+                    delivery = session.deliveries.next(), if !session.deliveries.is_empty() => {
+                        match delivery {
+                            Some(Ok(delivery)) => self.on_delivery(delivery),
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, "lost the broker connection; reconnecting");
+                                break false;
+                            }
+                            // Every consumer was cancelled on purpose
+                            // (`cancel_consumer`): consume nothing until
+                            // `add_consumer`.
+                            None if self.topology().queues.is_empty() => {
+                                tracing::warn!("consuming no queue now (every queue was cancelled by remote control)");
+                            }
+                            None => {
+                                tracing::warn!("the broker closed the consumer; reconnecting");
+                                break false;
+                            }
+                        }
+                    }
                 }
+            };
+            // The session is over: remote control stops with it.
+            self.topology().live = None;
+            drop(session_guard);
+            if let Some(control) = control {
+                let _ = control.await;
+            }
+            if shut {
+                return Ok(Some(session));
             }
             let _ = channels.send(None);
             session.close().await;
             let delay = backoff.next_delay();
             tokio::select! {
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+
+    /// Makes a new session the one remote control acts on, and brings its
+    /// consumers in line with the queues wanted now: `add_consumer` and
+    /// `cancel_consumer` may have run between the connect (which consumed
+    /// `consumed`) and this moment.
+    async fn go_live(
+        &self,
+        session: &mut Session,
+        consumed: &[TaskQueue],
+        consumers: mpsc::UnboundedSender<Consumer>,
+    ) {
+        let (missing, extra): (Vec<TaskQueue>, Vec<TaskQueue>) = {
+            let mut topology = self.topology();
+            topology.live = Some(LiveSession {
+                connection: session.connection.clone(),
+                consume_channel: session.consume_channel.clone(),
+                consumers,
+            });
+            (
+                topology
+                    .queues
+                    .iter()
+                    .filter(|q| !consumed.contains(q))
+                    .cloned()
+                    .collect(),
+                consumed
+                    .iter()
+                    .filter(|q| !topology.queues.contains(q))
+                    .cloned()
+                    .collect(),
+            )
+        };
+        for queue in missing {
+            let consumer = async {
+                self.broker
+                    .declare_queue_apart(&session.connection, &queue)
+                    .await?;
+                self.broker
+                    .consume_queue(&session.consume_channel, &queue.name)
+                    .await
+            };
+            match consumer.await {
+                Ok(consumer) => session.deliveries.push(consumer),
+                Err(error) => tracing::warn!(queue = %queue.name, %error, "cannot consume a queue"),
+            }
+        }
+        for queue in extra {
+            if let Err(error) = self
+                .broker
+                .cancel_queue(&session.consume_channel, &queue.name)
+                .await
+            {
+                tracing::warn!(queue = %queue.name, %error, "cannot stop consuming a queue");
+            }
+        }
+    }
+
+    fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
+        self.topology.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records why the worker stops on its own (the first reason wins).
+    fn set_fatal(&self, error: WorkerError) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_none() {
+            *fatal = Some(error);
         }
     }
 
@@ -331,6 +552,8 @@ impl<R: Runner> Inner<R> {
             properties,
             acker,
             routing_key,
+            exchange,
+            redelivered,
             ..
         } = delivery;
         if data.len() > self.config.max_message_bytes {
@@ -419,14 +642,19 @@ impl<R: Runner> Inner<R> {
             self.spawn_ack(acker, Some(confirmed));
             return;
         }
-        if request.expires.is_some_and(|e| e <= chrono::Utc::now()) {
+        let expired = request.expires.is_some_and(|e| e <= chrono::Utc::now());
+        if expired || self.is_revoked(&request.id) {
             drop(state);
-            tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
+            if expired {
+                tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
+            } else {
+                tracing::warn!("task was revoked before it arrived; not running it");
+            }
             let event = EventKind::TaskRevoked {
                 uuid: request.id.clone(),
                 terminated: false,
                 signum: None,
-                expired: true,
+                expired,
             };
             // Visible to the next delivery at once; on disk before the event
             // leaves, like every outcome (see `finish`).
@@ -444,7 +672,7 @@ impl<R: Runner> Inner<R> {
                             to,
                             &request.id,
                             &TaskState::Revoked {
-                                reason: "expired".to_owned(),
+                                reason: if expired { "expired" } else { "revoked" }.to_owned(),
                             },
                         );
                     }
@@ -470,6 +698,12 @@ impl<R: Runner> Inner<R> {
                 reason: None,
                 extra_acks: Vec::new(),
                 started: None,
+                delivery: DeliveryInfo {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    priority: *properties.priority(),
+                    redelivered,
+                },
             },
         );
         drop(state);
@@ -548,20 +782,27 @@ impl<R: Runner> Inner<R> {
             permit = self.slots.clone().acquire_owned() => permit.ok(),
             _ = cancel.cancelled() => None,
         };
-        let outcome = match permit {
-            None => Err(RunError::Cancelled),
+        let (outcome, slot) = match permit {
+            // Cancelled while waiting (a revoke, or shutdown): it never ran.
+            _ if cancel.is_cancelled() => (Err(RunError::Cancelled), None),
+            None => (Err(RunError::Cancelled), None),
             Some(permit) => {
                 self.set_phase(&request.id, Phase::Running);
+                *self
+                    .totals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(request.name.clone())
+                    .or_default() += 1;
                 self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
                 tracing::info!("task started");
                 let outcome = self.run_guarded(&request, &cancel).await;
-                drop(permit);
-                outcome
+                (outcome, Some(permit))
             }
         };
-        self.finish(&request, outcome, acker).await;
+        self.finish(&request, outcome, slot, acker).await;
     }
 
     /// Runs the runner in its own tokio task (a panic fails the task, not the
@@ -628,6 +869,7 @@ impl<R: Runner> Inner<R> {
         &self,
         request: &TaskRequest,
         outcome: Result<Vec<TaskFile>, RunError>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
         acker: Acker,
     ) {
         let id = request.id.clone();
@@ -660,12 +902,12 @@ impl<R: Runner> Inner<R> {
                 failure(&id, error)
             }
             Err(RunError::Cancelled) => match reason {
-                Some(CancelReason::Revoked { signum }) => {
-                    tracing::warn!("task revoked");
+                Some(CancelReason::Revoked { terminated, signum }) => {
+                    tracing::warn!(terminated, "task revoked");
                     (
                         EventKind::TaskRevoked {
                             uuid: id.clone(),
-                            terminated: true,
+                            terminated,
                             signum,
                             expired: false,
                         },
@@ -690,9 +932,6 @@ impl<R: Runner> Inner<R> {
                 }
             },
         };
-        // The slot is free already; let the broker send the next message
-        // while this one waits for its record and confirm.
-        self.adjust_unslotted(true);
         // On disk before the event leaves: if the worker dies after sending
         // it but before the ack, the redelivery (here or after a restart)
         // finds the record and re-sends the event instead of running the
@@ -720,6 +959,11 @@ impl<R: Runner> Inner<R> {
         if let Some(to) = request.reply_to.as_deref() {
             confirmed = self.events.publish_result(to, &id, &state);
         }
+        // The task is over for whoever watches the events: free its slot,
+        // and let the broker send the next message while this one waits
+        // for its confirm (it then holds no slot, but is still unacked).
+        drop(slot);
+        self.adjust_unslotted(true);
         // Ack only once the final event is safely with the broker: if the
         // connection drops first, the redelivery finds the task in `ended`
         // and sends its final event again.
@@ -818,25 +1062,66 @@ fn loadavg() -> [f64; 3] {
     out
 }
 
-impl<R: Runner> Worker<R> {
-    /// Stops a task held or running here: its runner is cancelled and the
-    /// task ends with `task-revoked` (`terminated: true`). Returns whether
-    /// the task was here.
-    pub fn revoke(&self, task_id: &str, signum: Option<i32>) -> bool {
-        let mut state = self.inner.lock();
-        match state.tasks.get_mut(task_id) {
-            Some(entry) if entry.phase != Phase::Ending => {
-                if entry.reason.is_none() {
-                    entry.reason = Some(CancelReason::Revoked { signum });
-                }
-                entry.cancel.cancel();
-                true
-            }
-            _ => false,
-        }
+impl<R: Runner> Inner<R> {
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id, Instant::now())
     }
 
-    /// Ids of the tasks running now.
+    /// See [`Panel::revoke`].
+    fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            for id in ids {
+                revoked.insert(id, now);
+            }
+        }
+        let mut found = Vec::new();
+        let mut state = self.lock();
+        for id in ids {
+            let Some(entry) = state.tasks.get_mut(id) else {
+                continue;
+            };
+            if entry.phase == Phase::Ending || entry.reason.is_some() {
+                continue;
+            }
+            let reason = match (entry.phase, terminate) {
+                (Phase::Running, Some(signum)) => CancelReason::Revoked {
+                    terminated: true,
+                    signum: Some(signum),
+                },
+                // As Celery: without `terminate`, a running task goes on.
+                (Phase::Running, None) => continue,
+                _ => CancelReason::Revoked {
+                    terminated: false,
+                    signum: None,
+                },
+            };
+            tracing::warn!(task_id = %id, phase = ?entry.phase, ?terminate, "revoking the task");
+            entry.reason = Some(reason);
+            entry.cancel.cancel();
+            found.push(id.clone());
+        }
+        found
+    }
+}
+
+impl<R: Runner> Worker<R> {
+    /// Stops a task held or running here: its runner is cancelled and the
+    /// task ends with `task-revoked` (`terminated: true` with `signum` if
+    /// it was running). Its id is remembered as revoked. Returns whether
+    /// the task was here.
+    pub fn revoke(&self, task_id: &str, signum: Option<i32>) -> bool {
+        !self
+            .inner
+            .revoke(&[task_id.to_owned()], Some(signum.unwrap_or(15)))
+            .is_empty()
+    }
+
+    /// The tasks running now.
     pub fn active(&self) -> Vec<Arc<TaskRequest>> {
         self.inner
             .lock()
@@ -845,5 +1130,157 @@ impl<R: Runner> Worker<R> {
             .filter(|t| t.phase == Phase::Running)
             .map(|t| t.request.clone())
             .collect()
+    }
+}
+
+impl<R: Runner> Panel for Worker<R> {
+    fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    fn events(&self) -> &EventSink {
+        &self.inner.events
+    }
+
+    fn facts(&self) -> WorkerFacts {
+        let heartbeat = self
+            .inner
+            .topology()
+            .live
+            .as_ref()
+            .map(|live| live.connection.configuration().heartbeat());
+        WorkerFacts {
+            pid: std::process::id(),
+            uptime: self.inner.started_at.elapsed(),
+            prefetch_count: *self.inner.prefetch.borrow(),
+            total: self
+                .inner
+                .totals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            heartbeat,
+        }
+    }
+
+    fn tasks(&self) -> Vec<TaskSnapshot> {
+        self.inner
+            .lock()
+            .tasks
+            .values()
+            .map(|entry| TaskSnapshot {
+                request: entry.request.clone(),
+                phase: match entry.phase {
+                    Phase::Scheduled => TaskPhase::Scheduled,
+                    Phase::Reserved => TaskPhase::Reserved,
+                    Phase::Running => TaskPhase::Active,
+                    Phase::Ending => TaskPhase::Ending,
+                },
+                time_start: entry.started,
+                delivery: entry.delivery.clone(),
+            })
+            .collect()
+    }
+
+    fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
+        self.inner.revoke(ids, terminate)
+    }
+
+    fn revoked(&self) -> Vec<String> {
+        self.inner
+            .revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids(Instant::now())
+    }
+
+    fn merge_revoked(&self, ids: &[String]) {
+        let mut revoked = self.inner.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for id in ids {
+            revoked.insert(id, now);
+        }
+    }
+
+    fn queues(&self) -> Vec<TaskQueue> {
+        self.inner.topology().queues.clone()
+    }
+
+    async fn add_queue(&self, queue: TaskQueue) -> Result<bool, BrokerError> {
+        let live = {
+            let mut topology = self.inner.topology();
+            if topology.queues.iter().any(|q| q.name == queue.name) {
+                return Ok(false);
+            }
+            // Listed first: a session that starts meanwhile consumes it.
+            topology.queues.push(queue.clone());
+            topology.live.clone()
+        };
+        let Some(live) = live else {
+            return Ok(true);
+        };
+        let consumed = async {
+            // Declared on a channel of its own: a refusal must not close
+            // the channel consuming the tasks.
+            self.inner
+                .broker
+                .declare_queue_apart(&live.connection, &queue)
+                .await?;
+            self.inner
+                .broker
+                .consume_queue(&live.consume_channel, &queue.name)
+                .await
+        };
+        match consumed.await {
+            Ok(consumer) => {
+                // A session that ended meanwhile took its consumers along;
+                // the next one consumes every listed queue.
+                let _ = live.consumers.send(consumer);
+                Ok(true)
+            }
+            Err(error) => {
+                self.inner
+                    .topology()
+                    .queues
+                    .retain(|q| q.name != queue.name);
+                Err(error)
+            }
+        }
+    }
+
+    async fn cancel_queue(&self, name: &str) -> Result<bool, BrokerError> {
+        let live = {
+            let mut topology = self.inner.topology();
+            let before = topology.queues.len();
+            topology.queues.retain(|q| q.name != name);
+            if topology.queues.len() == before {
+                return Ok(false);
+            }
+            topology.live.clone()
+        };
+        if let Some(live) = live {
+            self.inner
+                .broker
+                .cancel_queue(&live.consume_channel, name)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    fn heartbeat(&self) {
+        self.inner
+            .events
+            .emit(&EventKind::WorkerHeartbeat(self.inner.stats()));
+    }
+
+    fn shutdown(&self) {
+        self.inner.stop.cancel();
+    }
+
+    fn node_in_use(&self) {
+        self.inner.set_fatal(WorkerError::NodeInUse {
+            node: self.inner.config.hostname(),
+        });
+        self.inner.stop.cancel();
     }
 }

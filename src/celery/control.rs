@@ -6,10 +6,18 @@
 //! null or names it (or, without a destination, when `pattern` matches its
 //! name with the `glob` matcher), by publishing `{"<node>": reply}` with
 //! header `ticket` to `reply_to.exchange` with `reply_to.routing_key`.
+//!
+//! The reply types below are the shapes Celery 5's `celery/worker/control.py`
+//! gives and Flower 2 reads (field names and order as Celery sends them).
+
+use std::collections::BTreeMap;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use super::repr_str;
 
 /// Where a control reply goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,12 +142,14 @@ pub fn decode_control(body: &[u8]) -> Result<ControlRequest, ControlDecodeError>
     })
 }
 
-/// The body and properties of a reply: `{"<hostname>": reply}`, header
-/// `ticket`, JSON, transient.
+/// The body and properties of a reply: `{"<hostname>": reply}`, headers
+/// `ticket` and `clock` (the node's Lamport clock, as kombu sends it), JSON,
+/// transient.
 pub fn encode_control_reply(
     hostname: &str,
     reply: &Value,
     ticket: &str,
+    clock: u64,
 ) -> (Vec<u8>, BasicProperties) {
     let mut body = Map::new();
     body.insert(hostname.to_owned(), reply.clone());
@@ -147,6 +157,10 @@ pub fn encode_control_reply(
     headers.insert(
         ShortString::from("ticket"),
         AMQPValue::LongString(LongString::from(ticket)),
+    );
+    headers.insert(
+        ShortString::from("clock"),
+        AMQPValue::LongLongInt(i64::try_from(clock).unwrap_or(i64::MAX)),
     );
     let properties = BasicProperties::default()
         .with_content_type(ShortString::from("application/json"))
@@ -156,6 +170,224 @@ pub fn encode_control_reply(
     // Serializing a `Value` map can't fail: keys are strings.
     let body = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
     (body, properties)
+}
+
+/// Celery's `ok(value)`: `{"ok": value}`.
+pub fn ok(value: impl Into<String>) -> Value {
+    json!({"ok": value.into()})
+}
+
+/// Celery's `nok(value)`: `{"error": value}`.
+pub fn nok(value: impl Into<String>) -> Value {
+    json!({"error": value.into()})
+}
+
+/// What kombu replies when a command raised: `{"error": "KeyError('x')"}`
+/// (the Python `repr` of the exception).
+pub fn exception(kind: &str, message: &str) -> Value {
+    nok(format!("{kind}({})", repr_str(message)))
+}
+
+/// A request's `delivery_info`, as `Request.info()` gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeliveryInfo {
+    pub exchange: String,
+    pub routing_key: String,
+    pub priority: Option<u8>,
+    pub redelivered: bool,
+}
+
+/// One task request, as Celery's `Request.info()`: the items of `inspect
+/// active` and `inspect reserved`, and the `request` of `inspect scheduled`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestInfo {
+    pub id: String,
+    pub name: String,
+    /// The args as a list, or their repr string with `safe=True` (Flower).
+    pub args: Value,
+    /// The kwargs as an object, or their repr string with `safe=True`.
+    pub kwargs: Value,
+    /// The task name again (Celery's `Request._type`).
+    #[serde(rename = "type")]
+    pub task_type: String,
+    pub hostname: String,
+    /// Epoch seconds when the task started; null until then.
+    pub time_start: Option<f64>,
+    /// Always false here: messages are acked when their task ends.
+    pub acknowledged: bool,
+    pub delivery_info: DeliveryInfo,
+    /// The process running the task; null until it starts.
+    pub worker_pid: Option<u32>,
+}
+
+/// One item of `inspect scheduled`: a task held for its `eta`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ScheduledInfo {
+    /// ISO-8601.
+    pub eta: Option<String>,
+    /// The timer priority Celery's strategy gives eta tasks (6).
+    pub priority: u8,
+    pub request: RequestInfo,
+}
+
+/// An exchange, as kombu's `Exchange.as_dict()`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExchangeInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub exchange_type: String,
+    pub arguments: Option<Map<String, Value>>,
+    pub durable: bool,
+    pub passive: bool,
+    pub auto_delete: bool,
+    pub delivery_mode: Option<u8>,
+    pub no_declare: bool,
+}
+
+/// A queue, as kombu's `Queue.as_dict(recurse=True)`: the items of
+/// `inspect active_queues` and of the `task_queues` setting.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueInfo {
+    pub name: String,
+    pub exchange: ExchangeInfo,
+    pub routing_key: String,
+    pub queue_arguments: Option<Map<String, Value>>,
+    pub binding_arguments: Option<Map<String, Value>>,
+    pub consumer_arguments: Option<Map<String, Value>>,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub no_ack: bool,
+    pub alias: Option<String>,
+    pub bindings: Vec<Value>,
+    pub no_declare: Option<bool>,
+    pub expires: Option<f64>,
+    pub message_ttl: Option<f64>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub max_priority: Option<u8>,
+}
+
+impl QueueInfo {
+    /// A durable task queue bound to a durable exchange, consumed with acks.
+    pub fn durable(name: &str, exchange: &str, exchange_type: &str, routing_key: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            exchange: ExchangeInfo {
+                name: exchange.to_owned(),
+                exchange_type: exchange_type.to_owned(),
+                arguments: None,
+                durable: true,
+                passive: false,
+                auto_delete: false,
+                delivery_mode: None,
+                no_declare: false,
+            },
+            routing_key: routing_key.to_owned(),
+            queue_arguments: None,
+            binding_arguments: None,
+            consumer_arguments: None,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            no_ack: false,
+            alias: None,
+            bindings: Vec::new(),
+            no_declare: None,
+            expires: None,
+            message_ttl: None,
+            max_length: None,
+            max_length_bytes: None,
+            max_priority: None,
+        }
+    }
+}
+
+/// `inspect stats`, as Celery 5's `WorkController.stats()`. Flower's worker
+/// page reads `pool`, `pid`, `prefetch_count`, `broker`, `total` and
+/// `rusage`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Tasks started since the worker started, by task name.
+    pub total: BTreeMap<String, u64>,
+    pub pid: u32,
+    /// The Lamport clock, as a string (Celery's `str(app.clock)`).
+    pub clock: String,
+    /// Whole seconds since the worker started.
+    pub uptime: u64,
+    pub pool: PoolInfo,
+    pub broker: BrokerInfo,
+    pub prefetch_count: u16,
+    pub rusage: Rusage,
+}
+
+/// The `pool` part of [`Stats`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolInfo {
+    pub implementation: String,
+    #[serde(rename = "max-concurrency")]
+    pub max_concurrency: usize,
+    /// Tasks run in this one process.
+    pub processes: Vec<u32>,
+    #[serde(rename = "max-tasks-per-child")]
+    pub max_tasks_per_child: String,
+    #[serde(rename = "put-guarded-by-semaphore")]
+    pub put_guarded_by_semaphore: bool,
+    /// Soft and hard pool-wide time limits (0: none; limits come with each
+    /// task message).
+    pub timeouts: [u32; 2],
+}
+
+/// The `broker` part of [`Stats`], as kombu's `Connection.info()`; never the
+/// password.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerInfo {
+    pub hostname: String,
+    pub userid: String,
+    pub virtual_host: String,
+    pub port: u16,
+    pub insist: bool,
+    pub ssl: bool,
+    pub transport: String,
+    pub connect_timeout: u64,
+    pub transport_options: Map<String, Value>,
+    pub login_method: String,
+    pub uri_prefix: Option<String>,
+    /// The heartbeat negotiated with the broker, seconds.
+    pub heartbeat: Option<f64>,
+    pub failover_strategy: String,
+    pub alternates: Vec<String>,
+    pub credential_provider: Option<String>,
+}
+
+/// The `rusage` part of [`Stats`], as Python's `resource.getrusage()`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Rusage {
+    pub utime: f64,
+    pub stime: f64,
+    /// KiB.
+    pub maxrss: u64,
+    pub ixrss: u64,
+    pub idrss: u64,
+    pub isrss: u64,
+    pub minflt: u64,
+    pub majflt: u64,
+    pub nswap: u64,
+    pub inblock: u64,
+    pub oublock: u64,
+    pub msgsnd: u64,
+    pub msgrcv: u64,
+    pub nsignals: u64,
+    pub nvcsw: u64,
+    pub nivcsw: u64,
+}
+
+/// The reply to mingle's `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HelloReply {
+    /// Revoked task ids, oldest first.
+    pub revoked: Vec<String>,
+    pub clock: u64,
 }
 
 fn opt_string(
@@ -206,7 +438,6 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn decodes_celery_inspect_request() {
@@ -301,7 +532,7 @@ mod tests {
 
     #[test]
     fn encodes_reply() {
-        let (body, props) = encode_control_reply("alice@node1", &json!({"ok": "pong"}), "t-1");
+        let (body, props) = encode_control_reply("alice@node1", &json!({"ok": "pong"}), "t-1", 7);
         let value: Value = serde_json::from_slice(&body).expect("reply is JSON");
         assert_eq!(value, json!({"alice@node1": {"ok": "pong"}}));
         let headers = props.headers().as_ref().expect("headers are set");
@@ -310,9 +541,45 @@ mod tests {
             Some(&AMQPValue::LongString("t-1".into()))
         );
         assert_eq!(
+            headers.inner().get("clock"),
+            Some(&AMQPValue::LongLongInt(7))
+        );
+        assert_eq!(
             props.content_type().as_ref().map(|s| s.as_str()),
             Some("application/json")
         );
         assert_eq!(*props.delivery_mode(), Some(1));
+    }
+
+    #[test]
+    fn queue_info_is_kombu_as_dict() {
+        // What Celery 5.7 answers to `inspect active_queues` for QUEUES=small.
+        let celery = json!({
+            "name": "small",
+            "exchange": {"name": "offliner", "type": "topic", "arguments": null, "durable": true,
+                         "passive": false, "auto_delete": false, "delivery_mode": null,
+                         "no_declare": false},
+            "routing_key": "small", "queue_arguments": null, "binding_arguments": null,
+            "consumer_arguments": null, "durable": true, "exclusive": false,
+            "auto_delete": false, "no_ack": false, "alias": null, "bindings": [],
+            "no_declare": null, "expires": null, "message_ttl": null, "max_length": null,
+            "max_length_bytes": null, "max_priority": null,
+        });
+        let ours = QueueInfo::durable("small", "offliner", "topic", "small");
+        assert_eq!(serde_json::to_value(&ours).expect("serializes"), celery);
+    }
+
+    #[test]
+    fn error_replies_are_python_exception_reprs() {
+        assert_eq!(
+            exception("KeyError", "foo"),
+            json!({"error": "KeyError('foo')"})
+        );
+        assert_eq!(
+            exception("ValueError", "it's"),
+            json!({"error": "ValueError(\"it's\")"})
+        );
+        assert_eq!(ok("pong"), json!({"ok": "pong"}));
+        assert_eq!(nok("no"), json!({"error": "no"}));
     }
 }

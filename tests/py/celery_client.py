@@ -11,6 +11,10 @@ test can read them while the command still runs.
   events       listen to the worker's events on the celeryev exchange, as
                the dispatcher's monitor and Flower do, and sum them up
   publish-raw  publish arbitrary bytes, for malformed-message tests
+  control      broadcast a remote-control command with app.control.broadcast()
+               and print the replies: {"replies": [{node: reply}, ...]}
+  revoke       revoke task(s) with app.control.revoke(), as the dispatcher
+               does, and print the replies (with --reply)
 
 Lines that `events` writes besides the events themselves (each printed as
 published, plus `local_received`):
@@ -300,6 +304,33 @@ def cmd_publish_raw(opts):
     return 0
 
 
+# ------------------------------------------------------------ remote control
+
+
+def cmd_control(opts):
+    app = Celery(broker=opts.broker)
+    replies = app.control.broadcast(
+        opts.method,
+        arguments=opts.arguments or {},
+        destination=opts.destination,
+        reply=not opts.no_reply,
+        timeout=opts.timeout,
+    )
+    print_json({"replies": replies})
+    return 0
+
+
+def cmd_revoke(opts):
+    app = Celery(broker=opts.broker)
+    task_id = opts.task_id[0] if len(opts.task_id) == 1 else opts.task_id
+    kwargs = {"terminate": opts.terminate, "reply": opts.reply, "timeout": opts.timeout}
+    if opts.signal is not None:
+        kwargs["signal"] = opts.signal
+    replies = app.control.revoke(task_id, destination=opts.destination, **kwargs)
+    print_json({"replies": replies})
+    return 0
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -369,6 +400,25 @@ def parse_args(argv):
         help="JSON object of message properties (delivery_mode, reply_to, correlation_id, ...)",
     )
     raw.set_defaults(run=cmd_publish_raw)
+
+    control = command("control", "broadcast a remote-control command")
+    control.add_argument("--method", required=True, help="e.g. ping, stats, add_consumer")
+    control.add_argument("--arguments", type=json_arg, help="JSON object of keyword arguments")
+    control.add_argument(
+        "--destination", action="append", help="node name (repeat for more); default: all"
+    )
+    control.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for replies")
+    control.add_argument("--no-reply", action="store_true", help="send it as a cast")
+    control.set_defaults(run=cmd_control)
+
+    revoke = command("revoke", "revoke tasks with app.control.revoke()")
+    revoke.add_argument("--task-id", action="append", required=True, help="repeat for more")
+    revoke.add_argument("--terminate", action="store_true")
+    revoke.add_argument("--signal", help="e.g. SIGKILL (Celery's default: SIGTERM)")
+    revoke.add_argument("--destination", action="append", help="node name; default: all")
+    revoke.add_argument("--reply", action="store_true", help="wait for the replies")
+    revoke.add_argument("--timeout", type=float, default=2.0)
+    revoke.set_defaults(run=cmd_revoke)
 
     opts = parser.parse_args(argv)
     if opts.command == "send" and opts.wait is not None and not opts.rpc:

@@ -1,0 +1,857 @@
+//! Remote control (SPEC §6) with the real clients: the `celery` command
+//! line (`inspect`, `control`, `status`, `events`), `app.control` from
+//! Python, and Flower 2, against the worker binary and a real RabbitMQ.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+
+fn kwargs(simulate: Value) -> Value {
+    json!({
+        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
+        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
+        "warehouse_path": "/wikipedia",
+        "simulate": simulate,
+    })
+}
+
+/// Runs the `celery` command line of the test venv against the vhost.
+fn celery_cli(vh: &Vhost, args: &[&str]) -> Output {
+    Command::new(python())
+        .args(["-m", "celery", "-b", &vh.url()])
+        .args(args)
+        .output()
+        .expect("python runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `celery inspect <method> -j -d <node>`: the node's reply.
+fn inspect(vh: &Vhost, node: &str, method: &str) -> Value {
+    let out = celery_cli(vh, &["inspect", method, "-j", "-d", node, "-t", "5"]);
+    assert!(
+        out.status.success(),
+        "celery inspect {method} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "inspect {method} -j is not JSON ({e}): {}",
+            text(&out.stdout)
+        )
+    });
+    all[node].clone()
+}
+
+/// `app.control.broadcast(method, arguments, reply=True)` to one node:
+/// that node's reply.
+fn broadcast(vh: &Vhost, node: &str, method: &str, arguments: Value) -> Value {
+    let arguments = arguments.to_string();
+    let out = celery_client(
+        vh,
+        &[
+            "control",
+            "--method",
+            method,
+            "--arguments",
+            &arguments,
+            "--destination",
+            node,
+        ],
+    );
+    let replies = last_json_line(&out.stdout);
+    replies["replies"]
+        .as_array()
+        .and_then(|r| r.iter().find_map(|reply| reply.get(node).cloned()))
+        .unwrap_or_else(|| panic!("no reply from {node} to {method}: {replies}"))
+}
+
+/// Sends a task to `routing_key` on the `offliner` exchange.
+fn send_to(vh: &Vhost, id: &str, routing_key: &str, simulate: Value) {
+    let kwargs = kwargs(simulate).to_string();
+    celery_client(
+        vh,
+        &[
+            "send",
+            "--name",
+            "offliner.mwoffliner",
+            "--task-id",
+            id,
+            "--kwargs",
+            &kwargs,
+            "--exchange",
+            "offliner",
+            "--routing-key",
+            routing_key,
+        ],
+    );
+}
+
+fn no_drift_warning(events: &EventsProc) {
+    let warnings: Vec<Value> = events
+        .events()
+        .into_iter()
+        .filter(|v| v.get("warning").is_some())
+        .collect();
+    assert!(
+        !warnings.iter().any(|w| w.to_string().contains("drift")),
+        "clock drift warnings: {warnings:?}"
+    );
+}
+
+#[test]
+fn celery_inspect_ping_status_and_the_listings_answer() {
+    let (vh, _dir, events, worker) = stack("inspect", &[("CONCURRENCY", "1")]);
+    let node = "tester@inspect";
+
+    let out = celery_cli(&vh, &["inspect", "ping", "-d", node]);
+    assert!(
+        out.status.success(),
+        "inspect ping: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("pong"), "{}", text(&out.stdout));
+
+    let out = celery_cli(&vh, &["status"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "status: {stdout}{}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("{node}: OK")), "{stdout}");
+    assert!(stdout.contains("1 node online"), "{stdout}");
+
+    // One task held for its eta (it takes no slot), one running. (With one
+    // message prefetched per free slot, no task waits here for a slot.)
+    let running = task_id();
+    let later = task_id();
+    let kw = kwargs(Value::Null).to_string();
+    celery_client(
+        &vh,
+        &[
+            "send",
+            "--name",
+            "offliner.youtube",
+            "--task-id",
+            &later,
+            "--kwargs",
+            &kw,
+            "--countdown",
+            "600",
+        ],
+    );
+    events.wait_task_event("task-received", &later, T);
+    send_to(&vh, &running, "small", json!({"sleep": 30}));
+    events.wait_task_event("task-started", &running, T);
+
+    let active = inspect(&vh, node, "active");
+    assert_eq!(active.as_array().map(Vec::len), Some(1), "{active}");
+    let request = &active[0];
+    assert_eq!(request["id"], running.as_str());
+    assert_eq!(request["name"], "offliner.mwoffliner");
+    assert_eq!(request["type"], "offliner.mwoffliner");
+    assert_eq!(request["hostname"], node);
+    assert_eq!(request["acknowledged"], false);
+    assert_eq!(request["kwargs"]["warehouse_path"], "/wikipedia");
+    assert!(request["time_start"].as_f64().is_some(), "{request}");
+    assert!(request["worker_pid"].as_u64().is_some(), "{request}");
+    assert_eq!(
+        request["delivery_info"],
+        json!({"exchange": "offliner", "routing_key": "small", "priority": 0, "redelivered": false})
+    );
+
+    assert_eq!(inspect(&vh, node, "reserved"), json!([]));
+    let scheduled = inspect(&vh, node, "scheduled");
+    assert_eq!(scheduled[0]["request"]["id"], later.as_str(), "{scheduled}");
+    assert_eq!(scheduled[0]["priority"], 6);
+    assert!(scheduled[0]["eta"].as_str().is_some(), "{scheduled}");
+    assert_eq!(scheduled[0]["request"]["time_start"], Value::Null);
+    assert_eq!(scheduled[0]["request"]["worker_pid"], Value::Null);
+
+    let stats = inspect(&vh, node, "stats");
+    assert_eq!(stats["total"], json!({"offliner.mwoffliner": 1}), "{stats}");
+    assert_eq!(stats["pid"], worker.child.id());
+    assert_eq!(stats["pool"]["max-concurrency"], 1);
+    assert_eq!(stats["broker"]["virtual_host"], vh.name.as_str());
+    assert_eq!(stats["broker"]["userid"], "zimfarm-test");
+    assert_eq!(stats["broker"]["transport"], "amqp");
+    assert!(stats["prefetch_count"].as_u64().is_some(), "{stats}");
+    assert!(stats["uptime"].as_u64().is_some(), "{stats}");
+    assert!(
+        stats["rusage"]["maxrss"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert!(!stats.to_string().contains("zimfarm-test@"), "{stats}");
+
+    let registered = inspect(&vh, node, "registered");
+    assert_eq!(
+        registered,
+        json!([
+            "offliner.gutenberg",
+            "offliner.mwoffliner",
+            "offliner.phet",
+            "offliner.youtube"
+        ])
+    );
+    let queues = inspect(&vh, node, "active_queues");
+    assert_eq!(
+        queues,
+        json!([{
+            "name": "small",
+            "exchange": {"name": "offliner", "type": "topic", "arguments": null, "durable": true,
+                         "passive": false, "auto_delete": false, "delivery_mode": null,
+                         "no_declare": false},
+            "routing_key": "small", "queue_arguments": null, "binding_arguments": null,
+            "consumer_arguments": null, "durable": true, "exclusive": false,
+            "auto_delete": false, "no_ack": false, "alias": null, "bindings": [],
+            "no_declare": null, "expires": null, "message_ttl": null, "max_length": null,
+            "max_length_bytes": null, "max_priority": null,
+        }])
+    );
+    assert_eq!(inspect(&vh, node, "revoked"), json!([]));
+    let conf = inspect(&vh, node, "conf");
+    assert_eq!(conf["task_acks_late"], true, "{conf}");
+    assert!(
+        !conf.to_string().contains("zimfarm-test@"),
+        "no password in conf: {conf}"
+    );
+
+    // The pidbox queue is Celery's: exclusive, auto-delete, with its TTLs.
+    let pidbox = rabbit_api_call(
+        "GET",
+        &format!("/queues/{}/{node}.celery.pidbox", vh.name),
+        None,
+    );
+    assert_eq!(pidbox["exclusive"], true, "{pidbox}");
+    assert_eq!(pidbox["auto_delete"], true, "{pidbox}");
+    assert_eq!(pidbox["durable"], false, "{pidbox}");
+    assert_eq!(
+        pidbox["arguments"],
+        json!({"x-expires": 10000, "x-message-ttl": 300000})
+    );
+    no_drift_warning(&events);
+}
+
+#[test]
+fn revoke_terminate_kills_a_running_task_within_seconds() {
+    let (vh, _dir, events, _worker) = stack("revokerun", &[]);
+    let id = task_id();
+    send_to(&vh, &id, "small", json!({"sleep": 120}));
+    events.wait_task_event("task-started", &id, T);
+    let start = Instant::now();
+    let out = celery_client(
+        &vh,
+        &[
+            "revoke",
+            "--task-id",
+            &id,
+            "--terminate",
+            "--signal",
+            "SIGKILL",
+            "--reply",
+        ],
+    );
+    let replies = last_json_line(&out.stdout);
+    assert_eq!(
+        replies["replies"],
+        json!([{"tester@revokerun": {"ok": format!("terminate: {id}")}}])
+    );
+    let revoked = events.wait_task_event("task-revoked", &id, Duration::from_secs(10));
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_eq!(revoked["terminated"], true, "{revoked}");
+    assert_eq!(revoked["signum"], 9, "{revoked}");
+    assert_eq!(revoked["expired"], false, "{revoked}");
+    vh.wait_queue_depth("small", 0, 0, T);
+    assert_eq!(events.count("task-succeeded", &id), 0);
+    assert_eq!(events.count("task-failed", &id), 0);
+    // Remembered: `inspect revoked` lists it.
+    let listed = inspect(&vh, "tester@revokerun", "revoked");
+    assert_eq!(listed, json!([id]));
+}
+
+#[test]
+fn revoked_before_it_is_sent_the_task_never_runs() {
+    let (vh, _dir, events, _worker) = stack("revokefirst", &[("CONCURRENCY", "1")]);
+    let early = task_id();
+    celery_client(&vh, &["revoke", "--task-id", &early]);
+    // The cast has no reply: wait until the worker has it.
+    let start = Instant::now();
+    while inspect(&vh, "tester@revokefirst", "revoked") != json!([early]) {
+        assert!(start.elapsed() < T, "the revoke never arrived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    send_to(&vh, &early, "small", Value::Null);
+    let revoked = events.wait_task_event("task-revoked", &early, T);
+    assert_eq!(revoked["terminated"], false, "{revoked}");
+    assert_eq!(revoked["expired"], false, "{revoked}");
+    vh.wait_queue_depth("small", 0, 0, T);
+
+    // Held here for its eta when revoked (without terminate): it never
+    // starts; the running task, revoked too, goes on (as in Celery, only
+    // `terminate` stops a running task).
+    let running = task_id();
+    let waiting = task_id();
+    let kw = kwargs(Value::Null).to_string();
+    celery_client(
+        &vh,
+        &[
+            "send",
+            "--name",
+            "offliner.mwoffliner",
+            "--task-id",
+            &waiting,
+            "--kwargs",
+            &kw,
+            "--countdown",
+            "600",
+        ],
+    );
+    events.wait_task_event("task-received", &waiting, T);
+    send_to(&vh, &running, "small", json!({"sleep": 2}));
+    events.wait_task_event("task-started", &running, T);
+    let reply = broadcast(
+        &vh,
+        "tester@revokefirst",
+        "revoke",
+        json!({"task_id": [waiting.clone(), running.clone()]}),
+    );
+    let message = reply["ok"].as_str().unwrap_or_default().to_owned();
+    assert!(message.ends_with("flagged as revoked"), "{reply}");
+    assert!(message.contains(&format!("'{waiting}'")), "{reply}");
+    let revoked = events.wait_task_event("task-revoked", &waiting, T);
+    assert_eq!(revoked["terminated"], false, "{revoked}");
+    events.wait_task_event("task-succeeded", &running, T);
+    vh.wait_queue_depth("small", 0, 0, T);
+    for id in [&early, &waiting] {
+        assert_eq!(events.count("task-started", id), 0, "{id} never started");
+    }
+    assert_eq!(events.count("task-received", &early), 0);
+    no_drift_warning(&events);
+}
+
+#[test]
+fn unknown_and_malformed_control_messages_do_no_harm() {
+    let (vh, dir, events, worker) = stack("badctl", &[]);
+    let node = "tester@badctl";
+    assert_eq!(
+        broadcast(&vh, node, "no_such_command", json!({})),
+        json!({"error": "KeyError('no_such_command')"})
+    );
+    for body in [&b"\xff\xfe not json"[..], b"[1, 2]", b"{\"method\": 7}"] {
+        let file = dir.path().join(format!("ctl-{}", task_id()));
+        std::fs::write(&file, body).unwrap();
+        celery_client(
+            &vh,
+            &[
+                "publish-raw",
+                "--exchange",
+                "celery.pidbox",
+                "--routing-key",
+                "",
+                "--body-file",
+                &file.display().to_string(),
+            ],
+        );
+    }
+    assert_eq!(
+        broadcast(&vh, node, "ping", json!({})),
+        json!({"ok": "pong"})
+    );
+    // Not for this node: no reply.
+    let out = celery_client(
+        &vh,
+        &[
+            "control",
+            "--method",
+            "ping",
+            "--destination",
+            "someone@else",
+            "--timeout",
+            "1",
+        ],
+    );
+    assert_eq!(last_json_line(&out.stdout), json!({"replies": []}));
+    worker.wait_log("ignoring a malformed remote-control message", T);
+
+    // A reply to an exchange the broker refuses to redeclare (the durable
+    // topic `offliner`) closes the control channel: it is reopened, and the
+    // task channel never notices.
+    let file = dir.path().join("bad-reply-to");
+    let request = json!({
+        "method": "ping", "arguments": {}, "destination": null, "ticket": "t-1",
+        "reply_to": {"exchange": "offliner", "routing_key": "nobody"},
+    });
+    std::fs::write(&file, request.to_string()).unwrap();
+    celery_client(
+        &vh,
+        &[
+            "publish-raw",
+            "--exchange",
+            "celery.pidbox",
+            "--routing-key",
+            "",
+            "--body-file",
+            &file.display().to_string(),
+        ],
+    );
+    worker.wait_log("remote-control channel reopened", T);
+    assert_eq!(
+        broadcast(&vh, node, "ping", json!({})),
+        json!({"ok": "pong"})
+    );
+    let id = task_id();
+    send_to(&vh, &id, "small", Value::Null);
+    events.wait_task_event("task-succeeded", &id, T);
+    assert!(
+        !worker.log_text().contains("reconnecting"),
+        "{}",
+        worker.log_text()
+    );
+}
+
+#[test]
+fn remote_control_comes_back_after_the_connection_is_lost() {
+    let (vh, _dir, events, worker) = stack("ctlreconnect", &[]);
+    let node = "tester@ctlreconnect";
+    assert_eq!(
+        broadcast(&vh, node, "ping", json!({})),
+        json!({"ok": "pong"})
+    );
+    vh.close_all_connections();
+    let start = Instant::now();
+    while worker.log_text().matches("consuming").count() < 2 {
+        assert!(
+            start.elapsed() < T,
+            "no reconnection: {}",
+            worker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The event receiver reconnects by itself; the worker's pidbox queue
+    // is its own again.
+    assert_eq!(
+        broadcast(&vh, node, "ping", json!({})),
+        json!({"ok": "pong"})
+    );
+    let id = task_id();
+    send_to(&vh, &id, "small", Value::Null);
+    events.wait_task_event("task-succeeded", &id, T);
+}
+
+#[test]
+fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
+    let (vh, _dir, events, worker) = stack("queues", &[]);
+    let node = "tester@queues";
+
+    let out = celery_cli(&vh, &["control", "add_consumer", "medium", "-d", node]);
+    assert!(
+        out.status.success(),
+        "add_consumer: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("add consumer medium"),
+        "{}",
+        text(&out.stdout)
+    );
+    let names = |queues: &Value| -> Vec<String> {
+        queues
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(
+        names(&inspect(&vh, node, "active_queues")),
+        ["small", "medium"]
+    );
+    let id = task_id();
+    send_to(&vh, &id, "medium", Value::Null);
+    let done = events.wait_task_event("task-succeeded", &id, T);
+    assert_eq!(done["hostname"], node);
+    vh.wait_queue_depth("medium", 0, 0, T);
+
+    // A queue of another name: its own direct exchange, as Celery does.
+    let reply = broadcast(&vh, node, "add_consumer", json!({"queue": "zimit"}));
+    assert_eq!(reply, json!({"ok": "add consumer zimit"}));
+    let queues = inspect(&vh, node, "active_queues");
+    assert_eq!(queues[2]["exchange"]["name"], "zimit", "{queues}");
+    assert_eq!(queues[2]["exchange"]["type"], "direct", "{queues}");
+
+    let out = celery_cli(&vh, &["control", "cancel_consumer", "medium", "-d", node]);
+    assert!(
+        text(&out.stdout).contains("no longer consuming from medium"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        names(&inspect(&vh, node, "active_queues")),
+        ["small", "zimit"]
+    );
+    let parked = task_id();
+    send_to(&vh, &parked, "medium", Value::Null);
+    vh.wait_queue_depth("medium", 1, 0, T);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(events.count("task-received", &parked), 0);
+
+    // Every queue cancelled: nothing consumed, the worker stays up; adding
+    // one back resumes.
+    for queue in ["small", "zimit"] {
+        broadcast(&vh, node, "cancel_consumer", json!({"queue": queue}));
+    }
+    assert_eq!(inspect(&vh, node, "active_queues"), json!([]));
+    let small = task_id();
+    send_to(&vh, &small, "small", Value::Null);
+    vh.wait_queue_depth("small", 1, 0, T);
+    broadcast(&vh, node, "add_consumer", json!({"queue": "small"}));
+    events.wait_task_event("task-succeeded", &small, T);
+    assert!(
+        !worker.log_text().contains("reconnecting"),
+        "{}",
+        worker.log_text()
+    );
+}
+
+#[test]
+fn disable_events_and_enable_events_toggle_task_events() {
+    let (vh, _dir, events, _worker) = stack("evtoggle", &[]);
+    let node = "tester@evtoggle";
+    let out = celery_cli(&vh, &["control", "disable_events", "-d", node]);
+    assert!(
+        text(&out.stdout).contains("task events disabled"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let quiet = task_id();
+    send_to(&vh, &quiet, "small", Value::Null);
+    // The final event still goes: the dispatcher depends on it.
+    events.wait_task_event("task-succeeded", &quiet, T);
+    assert_eq!(events.count("task-received", &quiet), 0);
+    assert_eq!(events.count("task-started", &quiet), 0);
+
+    let out = celery_cli(&vh, &["control", "enable_events", "-d", node]);
+    assert!(
+        text(&out.stdout).contains("task events enabled"),
+        "{}",
+        text(&out.stdout)
+    );
+    let loud = task_id();
+    send_to(&vh, &loud, "small", Value::Null);
+    events.wait_task_event("task-succeeded", &loud, T);
+    assert_eq!(events.count("task-received", &loud), 1);
+    assert_eq!(events.count("task-started", &loud), 1);
+
+    // `heartbeat`: Celery replies None and sends a worker-heartbeat.
+    let asked = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    let reply = broadcast(&vh, node, "heartbeat", json!({}));
+    assert_eq!(reply, Value::Null);
+    events.wait_for(
+        |v| {
+            v["type"] == "worker-heartbeat"
+                && v["local_received"].as_f64().is_some_and(|t| t >= asked)
+        },
+        Duration::from_secs(5),
+        "a heartbeat",
+    );
+}
+
+#[test]
+fn shutdown_by_remote_control_stops_the_worker_with_exit_0() {
+    let (vh, _dir, events, mut worker) = stack("remoteshut", &[]);
+    let out = celery_cli(&vh, &["control", "shutdown", "-d", "tester@remoteshut"]);
+    assert!(
+        text(&out.stdout).contains("shutting down"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let status = worker.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+    events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@remoteshut",
+        T,
+        "worker-offline",
+    );
+}
+
+#[test]
+fn a_second_worker_with_the_same_node_name_exits_with_a_clear_error() {
+    let (vh, _dir, events, first) = stack("dup", &[]);
+    let other_dir = tempfile::tempdir().expect("temp dir");
+    let mut second = WorkerProc::start(&vh, other_dir.path(), "dup", &[]);
+    let status = second.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "the second worker must fail: {status:?}");
+    let log = second.log_text();
+    assert!(
+        log.contains("another worker named tester@dup is already connected"),
+        "{log}"
+    );
+    assert!(!log.contains("consuming"), "it never consumed: {log}");
+
+    // The first one goes on, remote control included.
+    let id = task_id();
+    send_to(&vh, &id, "small", Value::Null);
+    events.wait_task_event("task-succeeded", &id, T);
+    assert_eq!(
+        broadcast(&vh, "tester@dup", "ping", json!({})),
+        json!({"ok": "pong"})
+    );
+    assert!(!first.log_text().contains("reconnecting"));
+}
+
+#[test]
+fn celery_events_dump_shows_worker_and_task_events() {
+    let (vh, _dir, _events, _worker) = stack("dump", &[]);
+    let mut dump = Command::new(python())
+        .args(["-m", "celery", "-b", &vh.url(), "events", "--dump"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("celery events runs");
+    // Its queue is bound once it runs; then a task and a few heartbeats.
+    std::thread::sleep(Duration::from_secs(3));
+    let id = task_id();
+    send_to(&vh, &id, "small", json!({"sleep": 0.5}));
+    std::thread::sleep(Duration::from_secs(5));
+    let _ = Command::new("kill")
+        .args(["-INT", &dump.id().to_string()])
+        .status();
+    let out = wait_output(&mut dump, Duration::from_secs(10));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(stdout.contains("tester@dump"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("heartbeat"), "{stdout}");
+    for event in ["received", "started", "succeeded"] {
+        assert!(
+            stdout.contains(&format!("task {event}")) && stdout.contains(&id),
+            "task {event}: {stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains("drift") && !stderr.contains("drift"),
+        "{stdout}\n{stderr}"
+    );
+}
+
+fn wait_output(child: &mut Child, timeout: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut out = Output {
+        status: child.wait().expect("wait"),
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    use std::io::Read;
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_end(&mut out.stdout);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_end(&mut out.stderr);
+    }
+    out
+}
+
+/// Flower 2 as a child process, on a free port of 127.0.0.1.
+struct Flower {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Flower {
+    fn start(vh: &Vhost, dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let log = dir.join("flower.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(python())
+            .args(["-m", "celery", "-b", &vh.url(), "flower"])
+            .arg(format!("--port={port}"))
+            .arg("--address=127.0.0.1")
+            .env("FLOWER_UNAUTHENTICATED_API", "true")
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("flower starts");
+        let flower = Self { child, port, log };
+        let start = Instant::now();
+        while flower.get("/healthcheck").0 != 200 {
+            assert!(
+                start.elapsed() < T,
+                "flower never answered: {}",
+                flower.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        flower
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path`: (HTTP status, body).
+    fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path)
+    }
+
+    /// `method` `path` without a body: (HTTP status, body).
+    fn request(&self, method: &str, path: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-m",
+                "20",
+                "-X",
+                method,
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(format!("http://127.0.0.1:{}{path}", self.port))
+            .output()
+            .expect("curl runs");
+        let body = text(&out.stdout);
+        let (body, code) = body.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Polls `path` until `ok` holds for its JSON body.
+    fn wait_json(&self, path: &str, ok: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (code, body) = self.get(path);
+            if code == 200
+                && let Ok(value) = serde_json::from_str::<Value>(&body)
+                && ok(&value)
+            {
+                return value;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what}: GET {path} gave {code} {body}\nflower log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Flower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn flower_shows_the_worker_its_queues_and_tasks() {
+    let (vh, dir, events, _worker) = stack("flower", &[]);
+    let node = "tester@flower";
+    let flower = Flower::start(&vh, dir.path());
+
+    // Online, from the events (Flower's own receiver wakes the worker up
+    // with a `heartbeat` broadcast).
+    flower.wait_json(
+        "/api/workers?status=true",
+        |v| v[node] == true,
+        "worker online",
+    );
+    // Inspected: Flower's worker record holds every inspect reply.
+    let workers = flower.wait_json(
+        &format!("/api/workers?refresh=true&workername={node}"),
+        |v| v[node]["stats"]["broker"].is_object() && v[node]["active_queues"].is_array(),
+        "worker inspected",
+    );
+    let worker = &workers[node];
+    assert_eq!(worker["active_queues"][0]["name"], "small", "{worker}");
+    assert_eq!(
+        worker["registered"].as_array().map(Vec::len),
+        Some(4),
+        "{worker}"
+    );
+    assert!(worker["stats"]["total"].is_object(), "{worker}");
+    assert!(
+        worker["stats"]["pool"]["max-concurrency"].is_number(),
+        "{worker}"
+    );
+    for method in ["conf", "active", "reserved", "scheduled", "revoked"] {
+        assert!(worker.get(method).is_some(), "{method} in {worker}");
+    }
+    assert!(
+        !flower.log_text().contains("failed"),
+        "flower log: {}",
+        flower.log_text()
+    );
+
+    let (code, page) = flower.get(&format!("/worker/{node}"));
+    assert_eq!(code, 200, "{page}\n{}", flower.log_text());
+    assert!(page.contains(node), "{page}");
+    assert!(
+        page.contains("<td>small</td>"),
+        "queues tab lists small: {page}"
+    );
+    assert!(page.contains("offliner.mwoffliner"), "{page}");
+    let (code, page) = flower.get("/workers");
+    assert_eq!(code, 200, "{page}");
+
+    let id = task_id();
+    send_to(&vh, &id, "small", json!({"sleep": 0.3}));
+    events.wait_task_event("task-succeeded", &id, T);
+    let tasks = flower.wait_json(
+        "/api/tasks",
+        |v| v[&id]["state"] == "SUCCESS",
+        "task succeeded in flower",
+    );
+    assert_eq!(tasks[&id]["name"], "offliner.mwoffliner", "{tasks}");
+    assert_eq!(tasks[&id]["worker"], node, "{tasks}");
+    let (code, page) = flower.get(&format!("/task/{id}"));
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("SUCCESS"), "{page}");
+
+    // Flower's revoke button (its API): terminate a running task.
+    let long = task_id();
+    send_to(&vh, &long, "small", json!({"sleep": 120}));
+    events.wait_task_event("task-started", &long, T);
+    let (code, body) = flower.request(
+        "POST",
+        &format!("/api/task/revoke/{long}?terminate=true&signal=SIGKILL"),
+    );
+    assert_eq!(code, 200, "{body}");
+    let revoked = events.wait_task_event("task-revoked", &long, Duration::from_secs(10));
+    assert_eq!(revoked["terminated"], true, "{revoked}");
+    assert_eq!(revoked["signum"], 9, "{revoked}");
+    flower.wait_json(
+        "/api/tasks",
+        |v| v[&long]["state"] == "REVOKED",
+        "task revoked in flower",
+    );
+    no_drift_warning(&events);
+}

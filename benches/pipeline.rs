@@ -99,6 +99,8 @@ struct Setup {
     _vh: Vhost,
     _dir: tempfile::TempDir,
     _worker: Reap,
+    /// The warehouse; dropped after the worker.
+    _sshd: common::sshd::Sshd,
     publish: Channel,
     events: Consumer,
 }
@@ -157,6 +159,16 @@ async fn setup(concurrency: &str) -> Setup {
         )
         .await
         .unwrap();
+    // The upload stage is part of every task: a real sshd warehouse, with
+    // the key registered at the (stand-in) dispatcher.
+    let sshd = common::sshd::Sshd::start();
+    let key = sshd.user_key(common::sshd::KeyKind::Ed25519);
+    common::register_at_shared_dispatcher(sshd.user(), &key);
+    let (port, key, known_hosts) = (
+        sshd.port().to_string(),
+        key.display().to_string(),
+        sshd.known_hosts_file().display().to_string(),
+    );
     let env = worker_env(
         &vh,
         dir.path(),
@@ -167,6 +179,11 @@ async fn setup(concurrency: &str) -> Setup {
             ("MIN_FREE_DISK_MB", "10"),
             ("CONCURRENCY", concurrency),
             ("LOG_LEVEL", "warn"),
+            ("USERNAME", sshd.user()),
+            ("WAREHOUSE_HOST", "127.0.0.1"),
+            ("WAREHOUSE_PORT", &port),
+            ("SSH_KEY", &key),
+            ("WAREHOUSE_KNOWN_HOSTS", &known_hosts),
         ],
     );
     let worker = Reap(
@@ -193,6 +210,7 @@ async fn setup(concurrency: &str) -> Setup {
         _vh: vh,
         _dir: dir,
         _worker: worker,
+        _sshd: sshd,
         publish,
         events,
     }

@@ -4,7 +4,9 @@
 # test-env.sh), builds and starts the worker, sends a demo task with real
 # Python Celery exactly as the dispatcher does, and prints the worker's
 # Celery events as they arrive. An OpenSSH SFTP warehouse on 127.0.0.1
-# (chrooted, key login only) is started too. The task runs through prepare
+# (chrooted, key login only) and a dispatcher stand-in (OAuth2, SSH keys
+# API; the worker logs in and checks its key is registered) are started
+# too. The task runs through prepare
 # (a redis helper on a unix socket), generate (the stand-in mwoffliner
 # container, which writes a real ZIM file) and upload (SFTP, the ZIM's MD5
 # checksum verified on the way); the script then shows where the ZIM and
@@ -32,8 +34,8 @@ curl -fsS -X PUT -H 'content-type: application/json' -d '{}' "$api/vhosts/$vhost
 curl -fsS -X PUT -H 'content-type: application/json' \
   -d '{"configure":".*","write":".*","read":".*"}' "$api/permissions/$vhost/zimfarm-test" >/dev/null
 
-echo "==> building the worker (release)"
-cargo build --release --locked --quiet
+echo "==> building the worker and the dispatcher stand-in (release)"
+cargo build --release --locked --quiet --bin zimfarm-worker --example dispatcher_standin
 work="$(mktemp -d /tmp/zimfarm-farm.XXXXXX)"
 # The warehouse's chroot: sshd wants every component of it root-owned and
 # not writable by others, which /tmp is not (test-env.sh made this base).
@@ -80,6 +82,15 @@ for _ in $(seq 100); do
 done
 echo "    warehouse at 127.0.0.1:$sftp_port, its files in $warehouse"
 
+echo "==> starting the dispatcher stand-in (OAuth2 and the SSH keys API, SPEC §7) with the worker's key registered"
+target/release/examples/dispatcher_standin --user zimfarm-sftp --password demo \
+  --public-key "$work/id_ed25519.pub" > "$work/dispatcher.out" 2> "$work/dispatcher.log" &
+pids+=($!)
+for _ in $(seq 100); do grep -q '^DISPATCHER_URL=' "$work/dispatcher.out" 2>/dev/null && break; sleep 0.05; done
+dispatcher_url="$(sed -n 's/^DISPATCHER_URL=//p' "$work/dispatcher.out")"
+[ -n "$dispatcher_url" ] || { cat "$work/dispatcher.log"; exit 1; }
+echo "    dispatcher at $dispatcher_url"
+
 echo "==> starting the event monitor (Celery EventReceiver)"
 .venv/bin/python tests/py/celery_client.py events --broker "$broker" --seconds 86400 \
   > "$work/events.jsonl" &
@@ -108,7 +119,7 @@ USERNAME=zimfarm-sftp PASSWORD=demo NODE_NAME=farm QUEUES=small CONCURRENCY=2 \
   WORKING_DIR="$work/zim_files" ZIM_DIR="$work/zim_files" BROKER_URL="$broker" \
   TASK_RUNNER=docker PULL_POLICY=never REDIS_IMAGE=zimfarm/redis:test MIN_FREE_DISK_MB=100 \
   WAREHOUSE_HOST=127.0.0.1 WAREHOUSE_PORT="$sftp_port" SSH_KEY="$work/id_ed25519" \
-  WAREHOUSE_KNOWN_HOSTS="$work/known_hosts" \
+  WAREHOUSE_KNOWN_HOSTS="$work/known_hosts" DISPATCHER_URL="$dispatcher_url" \
   target/release/zimfarm-worker 2> "$work/worker.log" &
 pids+=($!)
 for _ in $(seq 200); do grep -q "consuming" "$work/worker.log" && break; sleep 0.05; done
@@ -122,7 +133,7 @@ echo "==> sending task $task_id with Celery (send_task offliner.mwoffliner, exch
   | sed 's/^/    AsyncResult.get() -> /'
 sleep 0.5
 echo "==> the worker's log lines about the upload:"
-grep -E "upload|warehouse|task dir" "$work/worker.log" | sed 's/^/    /'
+grep -E "dispatcher|upload|warehouse|task dir" "$work/worker.log" | sed 's/^/    /'
 echo "==> in the warehouse ($warehouse, removed when the farm stops):"
 (cd "$warehouse" && find zim logs -type f -exec ls -l {} + | sed 's/^/    /')
 .venv/bin/python -c '

@@ -192,6 +192,15 @@ pub struct WarehouseSettings {
     pub upload_retries: u32,
 }
 
+/// The Zimfarm dispatcher's API and the account to log in with.
+#[derive(Debug, Clone)]
+pub struct DispatcherSettings {
+    /// API base, without a trailing `/`.
+    pub url: String,
+    pub username: String,
+    pub password: Secret,
+}
+
 /// The whole configuration, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -218,6 +227,24 @@ impl PipelineSettings {
     /// Reads only what the pipeline needs (for `run-task`).
     pub fn from_env() -> Result<Self, ConfigError> {
         RawEnv::from_vars(std::env::vars_os())?.pipeline()
+    }
+}
+
+impl DispatcherSettings {
+    /// Reads only what talking to the dispatcher needs (`register-key`).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        RawEnv::from_vars(std::env::vars_os())?.dispatcher()
+    }
+}
+
+impl Config {
+    /// The dispatcher part of the configuration.
+    pub fn dispatcher(&self) -> DispatcherSettings {
+        DispatcherSettings {
+            url: self.dispatcher_url.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+        }
     }
 }
 
@@ -461,6 +488,21 @@ impl RawEnv {
             container_nano_cpus,
             image_allowlist,
             redis_image,
+        })
+    }
+
+    /// The dispatcher's settings (also read alone by `register-key`).
+    fn dispatcher(&self) -> Result<DispatcherSettings, ConfigError> {
+        let username = username(self.username.clone())?;
+        let password = Secret::new(required_raw("PASSWORD", self.password.clone())?);
+        let url = match non_empty(self.dispatcher_url.clone()) {
+            None => DEFAULT_DISPATCHER_URL.to_owned(),
+            Some(url) => http_url("DISPATCHER_URL", url)?,
+        };
+        Ok(DispatcherSettings {
+            url,
+            username,
+            password,
         })
     }
 

@@ -12,6 +12,7 @@ pub mod docker;
 pub mod ended;
 pub mod events;
 pub mod offliner;
+pub mod ops;
 pub mod pipeline;
 pub mod runner;
 pub mod warehouse;

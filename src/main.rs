@@ -10,12 +10,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use zimfarm_worker::celery::EventKind;
 use zimfarm_worker::config::{
-    Config, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind, WarehouseSettings,
+    Config, DispatcherSettings, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind,
+    WarehouseSettings,
 };
+use zimfarm_worker::dispatcher::{Dispatcher, DispatcherError};
 use zimfarm_worker::ended::{EndedError, EndedLog};
+use zimfarm_worker::ops::{self, KeyNotRegistered};
 use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
 use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
-use zimfarm_worker::warehouse::{KeyError, Warehouse, WarehouseError};
+use zimfarm_worker::warehouse::{ClientKey, KeyError, Warehouse, WarehouseError};
 use zimfarm_worker::worker::Worker;
 
 /// The openZIM Zimfarm worker: runs scraper tasks sent by the Zimfarm
@@ -45,12 +48,28 @@ enum Command {
         #[arg(long)]
         no_upload: bool,
     },
+    /// Check that this host is ready to be a worker: one line per check
+    /// (configuration, dispatcher login, SSH key registered, broker, Docker,
+    /// warehouse, free disk). The exit code is the number of failed checks.
+    Check,
+    /// Register the public key of SSH_KEY for USERNAME at the dispatcher
+    /// (log in, upload it, confirm it is listed). Needs USERNAME, PASSWORD,
+    /// SSH_KEY and DISPATCHER_URL when it is not the default.
+    RegisterKey {
+        /// The name the key is listed under (default: NODE_NAME, or
+        /// "zimfarm-worker").
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::RunTask { file, no_upload }) = cli.command {
-        return run_task_command(&file, !no_upload);
+    match cli.command {
+        Some(Command::RunTask { file, no_upload }) => return run_task_command(&file, !no_upload),
+        Some(Command::Check) => return check_command(),
+        Some(Command::RegisterKey { name }) => return register_key_command(name),
+        Some(Command::Run) | None => {}
     }
     let config = match Config::from_env() {
         Ok(c) => c,
@@ -73,11 +92,15 @@ fn main() -> ExitCode {
         }
         Err(error)
             if error.is::<KeyError>()
+                || error.is::<KeyNotRegistered>()
                 || error
                     .downcast_ref::<WarehouseError>()
-                    .is_some_and(WarehouseError::is_permanent) =>
+                    .is_some_and(WarehouseError::is_permanent)
+                || error
+                    .downcast_ref::<DispatcherError>()
+                    .is_some_and(|e| !e.is_transient()) =>
         {
-            // SSH_KEY, the host key or the login: configuration to fix.
+            // Credentials, SSH_KEY, the host key: configuration to fix.
             tracing::error!("{error}");
             eprintln!("zimfarm-worker: {error}");
             ExitCode::from(EXIT_CONFIG as u8)
@@ -111,9 +134,48 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let ended = EndedLog::open(&config.pipeline.zim_dir).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    let dispatcher = login(&config).await?;
+    let keeper = dispatcher.spawn_keeper(shutdown.clone());
+    let result = serve(config, dispatcher, ended, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = keeper.await;
+    result
+}
+
+/// Logs in to the dispatcher. Refused credentials end the process; a
+/// dispatcher that is down is a warning (the token keeper retries, and
+/// tasks are served meanwhile).
+async fn login(config: &Config) -> anyhow::Result<Dispatcher> {
+    let d = Dispatcher::new(
+        &config.dispatcher_url,
+        &config.username,
+        config.password.clone(),
+    )?;
+    match d.login().await {
+        // The dispatcher module logs the login itself.
+        Ok(()) => {}
+        Err(error) if error.is_transient() => tracing::warn!(
+            %error,
+            "dispatcher not reachable now; logging in again in the background, serving tasks meanwhile"
+        ),
+        Err(error) => return Err(error.into()),
+    }
+    Ok(d)
+}
+
+/// Runs the worker with its runner until shutdown.
+async fn serve(
+    config: Config,
+    dispatcher: Dispatcher,
+    ended: EndedLog,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match config.runner {
         RunnerKind::Docker => {
             let warehouse = Warehouse::new(config.warehouse.clone()).await?;
+            if dispatcher.is_logged_in() {
+                check_key_registered(&dispatcher, warehouse.key(), &config.username).await?;
+            }
             check_warehouse(&warehouse).await?;
             let runner = DockerRunner::new(config.pipeline.clone(), Some(warehouse)).await?;
             let version = runner.docker().version().await?;
@@ -135,6 +197,121 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The SSH key must be registered at the dispatcher, or the warehouse will
+/// refuse every upload: stop now with the command that fixes it.
+async fn check_key_registered(
+    dispatcher: &Dispatcher,
+    key: &ClientKey,
+    username: &str,
+) -> anyhow::Result<()> {
+    match ops::key_status(dispatcher, key).await {
+        ops::KeyStatus::Registered => {
+            tracing::info!(
+                key = %key.path().display(),
+                md5 = %key.md5_fingerprint(),
+                "the SSH key is registered at the dispatcher"
+            );
+            Ok(())
+        }
+        ops::KeyStatus::NotRegistered => {
+            Err(KeyNotRegistered(ops::unregistered_message(key, username)).into())
+        }
+        ops::KeyStatus::Unknown(error) => {
+            tracing::warn!(%error, "cannot check that the SSH key is registered");
+            Ok(())
+        }
+    }
+}
+
+/// `check`: prints one line per check; exits with the number of failures.
+fn check_command() -> ExitCode {
+    init_logging_to_stderr_quietly();
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let failed = runtime.block_on(ops::check(Config::from_env(), |line| println!("{line}")));
+    ExitCode::from(failed.min(255) as u8)
+}
+
+/// `register-key`: the seed README's three curl steps.
+fn register_key_command(name: Option<String>) -> ExitCode {
+    let settings = match DispatcherSettings::from_env() {
+        Ok(s) => s,
+        Err(error) => {
+            eprintln!("zimfarm-worker: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let ssh_key = match WarehouseSettings::from_env() {
+        Ok(s) => s.ssh_key,
+        Err(error) => {
+            eprintln!("zimfarm-worker: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let name = name
+        .or_else(|| {
+            std::env::var("NODE_NAME")
+                .ok()
+                .filter(|n| !n.trim().is_empty())
+        })
+        .unwrap_or_else(|| "zimfarm-worker".to_owned());
+    init_logging_to_stderr_quietly();
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    if let Ok(key) = runtime.block_on(ClientKey::load(&ssh_key))
+        && !key.is_rsa()
+    {
+        eprintln!(
+            "zimfarm-worker: note: {} is an {} key; the Zimfarm dispatcher has accepted only RSA keys, \
+             so if it refuses this one, make an RSA key (ssh-keygen -t rsa -b 4096) and point SSH_KEY at it",
+            ssh_key.display(),
+            key.algorithm()
+        );
+    }
+    match runtime.block_on(ops::register_key(&settings, &ssh_key, &name)) {
+        Ok(ops::Registered::Added { fingerprint }) => {
+            println!(
+                "registered {} (MD5 {fingerprint}) as {name:?} for {}; it is listed by the dispatcher",
+                ssh_key.display(),
+                settings.username
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(ops::Registered::AlreadyThere { fingerprint }) => {
+            println!(
+                "{} (MD5 {fingerprint}) is registered for {} already; nothing to do",
+                ssh_key.display(),
+                settings.username
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("zimfarm-worker: {error}");
+            match error {
+                ops::RegisterError::Key(_) => ExitCode::from(EXIT_CONFIG as u8),
+                ops::RegisterError::Dispatcher(e) if !e.is_transient() => {
+                    ExitCode::from(EXIT_CONFIG as u8)
+                }
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// The operator commands print their own lines; the log says only what
+/// went wrong, on stderr.
+fn init_logging_to_stderr_quietly() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
 }
 
 /// Connects to the warehouse once at start-up, so that an untrusted host

@@ -26,8 +26,10 @@ fn leak(s: String) -> &'static str {
 }
 
 /// The variables that point a worker at `sshd` as its warehouse, reached
-/// through `port` (sshd's own, or a proxy's).
+/// through `port` (sshd's own, or a proxy's), with its key registered at
+/// the (shared) dispatcher stand-in.
 fn warehouse_env(sshd: &Sshd, port: u16) -> Vec<(&'static str, &'static str)> {
+    register_at_shared_dispatcher(sshd.user(), &sshd.user_key(KeyKind::Ed25519));
     vec![
         ("USERNAME", sshd.user()),
         ("WAREHOUSE_HOST", "127.0.0.1"),
@@ -392,6 +394,51 @@ fn sigterm_stops_the_task_containers() {
     vh.wait_queue_depth("small", 1, 0, T);
 }
 
+#[test]
+fn celery_revoke_with_terminate_stops_the_offliner_and_its_helper() {
+    let sshd = Sshd::start();
+    let node = "revokedocker";
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &mw_kwargs(json!({"sleep": 120, "ignoreTerm": true})),
+        &[],
+    );
+    events.wait_task_event("task-container_started", &id, T);
+    assert_eq!(
+        containers_of(node).len(),
+        2,
+        "offliner and redis helper run"
+    );
+    let started = std::time::Instant::now();
+    celery_client(
+        &vh,
+        &[
+            "revoke",
+            "--task-id",
+            &id,
+            "--terminate",
+            "--signal",
+            "SIGKILL",
+        ],
+    );
+    let revoked = events.wait_task_event("task-revoked", &id, T);
+    assert_eq!(revoked["terminated"], true, "{revoked}");
+    assert_eq!(revoked["signum"], 9, "{revoked}");
+    wait_no_containers(node);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "revoke took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(events.count("task-succeeded", &id), 0);
+    wait_gone(&dir.path().join(&id));
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
 /// Records a runner's task events (the library-level tests' sink).
 #[derive(Default)]
 struct Recorder(std::sync::Mutex<Vec<String>>);
@@ -557,18 +604,23 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
 }
 
 #[test]
-fn a_warehouse_the_worker_cannot_trust_or_log_in_to_stops_it_at_start() {
+fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
     let sshd = Sshd::start();
     let vh = Vhost::new("untrusted");
     let dir = tempfile::tempdir().unwrap();
+    // Registered at the dispatcher, but not in sshd's authorized_keys: the
+    // warehouse itself refuses it.
+    register_at_shared_dispatcher(sshd.user(), &sshd.unauthorized_key());
     let unauthorized = leak(sshd.unauthorized_key().display().to_string());
+    // Accepted by sshd, but not registered at the dispatcher.
+    let unregistered = leak(sshd.user_key(KeyKind::RsaPem).display().to_string());
     let encrypted = leak(
         sshd.user_key(KeyKind::EncryptedEd25519)
             .display()
             .to_string(),
     );
     let fingerprint = sshd.host_key_fingerprint().to_owned();
-    let cases: [(&str, &str, String); 4] = [
+    let cases: [(&str, &str, String); 5] = [
         (
             "WAREHOUSE_KNOWN_HOSTS",
             "/nonexistent/known_hosts",
@@ -581,6 +633,11 @@ fn a_warehouse_the_worker_cannot_trust_or_log_in_to_stops_it_at_start() {
         ),
         ("SSH_KEY", unauthorized, "refused the SSH key".to_owned()),
         ("SSH_KEY", encrypted, "passphrase".to_owned()),
+        (
+            "SSH_KEY",
+            unregistered,
+            "is not registered for zimfarm-sftp at the dispatcher".to_owned(),
+        ),
     ];
     for (var, value, expected) in cases {
         let mut worker = WorkerProc::start(

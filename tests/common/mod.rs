@@ -171,6 +171,33 @@ pub fn worker_binary() -> &'static str {
     env!("CARGO_BIN_EXE_zimfarm-worker")
 }
 
+/// The password every test worker logs in with (the test broker takes any).
+pub const TEST_PASSWORD: &str = "not-used-by-the-test-broker";
+
+/// One dispatcher stand-in for the whole test process, serving from its
+/// first use, which knows the test users `tester` and `zimfarm-sftp` (the
+/// warehouse's SFTP user) with [`TEST_PASSWORD`]. Tests that need a
+/// dispatcher of their own (down, other users) start their own.
+pub fn shared_dispatcher() -> &'static dispatcher::DispatcherStandin {
+    static SHARED: std::sync::OnceLock<dispatcher::DispatcherStandin> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| {
+        let standin = dispatcher::DispatcherStandin::spawn();
+        for user in ["tester", sshd::SFTP_USER] {
+            standin.add_user(user, TEST_PASSWORD);
+        }
+        standin
+    })
+}
+
+/// Registers the public key next to `private_key` (`<path>.pub`) for
+/// `user` at the shared dispatcher; a key registered already is fine.
+pub fn register_at_shared_dispatcher(user: &str, private_key: &Path) {
+    let public = std::fs::read_to_string(private_key.with_extension("pub"))
+        .or_else(|_| std::fs::read_to_string(format!("{}.pub", private_key.display())))
+        .expect("the key's .pub file");
+    let _ = shared_dispatcher().register_key(user, "test key", public.trim());
+}
+
 /// The environment a test worker needs, with `extra` overriding it.
 pub fn worker_env(
     vhost: &Vhost,
@@ -180,7 +207,7 @@ pub fn worker_env(
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("USERNAME", "tester"),
-        ("PASSWORD", "not-used-by-the-test-broker"),
+        ("PASSWORD", TEST_PASSWORD),
         ("NODE_NAME", node),
         ("QUEUES", "small"),
         ("CONCURRENCY", "2"),
@@ -192,6 +219,7 @@ pub fn worker_env(
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
     env.push(("BROKER_URL".into(), vhost.url()));
+    env.push(("DISPATCHER_URL".into(), shared_dispatcher().url()));
     env.push(("WORKING_DIR".into(), dir.display().to_string()));
     env.push(("ZIM_DIR".into(), dir.display().to_string()));
     for (k, v) in extra {
@@ -253,6 +281,11 @@ impl WorkerProc {
             .status()
             .expect("kill runs");
         assert!(status.success());
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for the process to exit, up to `timeout`.

@@ -1,0 +1,321 @@
+//! The operator commands: `check` (is this host ready to be a worker?) and
+//! `register-key` (the seed README's three curl steps in one command).
+//!
+//! Owns what those commands print and their exit codes. It must not run
+//! tasks or keep connections open: every check connects, looks, and leaves.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::broker::Broker;
+use crate::config::{Config, ConfigError, DispatcherSettings, WarehouseSettings};
+use crate::dispatcher::{Dispatcher, DispatcherError};
+use crate::docker::DockerClient;
+use crate::warehouse::{ClientKey, Warehouse};
+
+/// How long one check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The verdict of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Ok(String),
+    Failed(String),
+    /// Not run: something it needs failed first.
+    Skipped(String),
+}
+
+/// One line of `check`'s report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckLine {
+    pub name: &'static str,
+    pub verdict: Verdict,
+}
+
+impl fmt::Display for CheckLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (tag, text) = match &self.verdict {
+            Verdict::Ok(t) => ("ok  ", t),
+            Verdict::Failed(t) => ("FAIL", t),
+            Verdict::Skipped(t) => ("skip", t),
+        };
+        write!(f, "{tag}  {:<16} {text}", self.name)
+    }
+}
+
+/// Runs `check`: one line per check, printed as it completes; returns the
+/// number of failed checks (the exit code).
+pub async fn check(
+    config: Result<Config, ConfigError>,
+    mut print: impl FnMut(&CheckLine),
+) -> usize {
+    let mut failed = 0;
+    let mut report = |name: &'static str, verdict: Verdict| {
+        if matches!(verdict, Verdict::Failed(_)) {
+            failed += 1;
+        }
+        print(&CheckLine { name, verdict });
+    };
+    let config = match config {
+        Ok(c) => {
+            report(
+                "config",
+                Verdict::Ok(format!(
+                    "{} consuming {} with {} slot(s)",
+                    c.hostname(),
+                    c.queues
+                        .iter()
+                        .map(|q| q.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    c.concurrency
+                )),
+            );
+            c
+        }
+        Err(e) => {
+            report("config", Verdict::Failed(e.to_string()));
+            for name in [
+                "dispatcher login",
+                "key registered",
+                "broker",
+                "docker",
+                "warehouse",
+                "disk",
+            ] {
+                report(
+                    name,
+                    Verdict::Skipped("needs a valid configuration".to_owned()),
+                );
+            }
+            return failed;
+        }
+    };
+
+    // The SSH key is needed by two checks; read it once.
+    let key = ClientKey::load(&config.warehouse.ssh_key).await;
+
+    let dispatcher = dispatcher_login(&config.dispatcher()).await;
+    match &dispatcher {
+        Ok(_) => report(
+            "dispatcher login",
+            Verdict::Ok(format!("{} as {}", config.dispatcher_url, config.username)),
+        ),
+        Err(e) => report("dispatcher login", Verdict::Failed(e.to_string())),
+    }
+    match (&dispatcher, &key) {
+        (Err(_), _) => report(
+            "key registered",
+            Verdict::Skipped("needs the dispatcher login".to_owned()),
+        ),
+        (_, Err(e)) => report("key registered", Verdict::Failed(e.to_string())),
+        (Ok(d), Ok(key)) => report(
+            "key registered",
+            key_registered(d, key, &config.username).await,
+        ),
+    }
+
+    report("broker", timed(broker_check(&config)).await);
+    report("docker", timed(docker_check()).await);
+    match &key {
+        Err(e) => report("warehouse", Verdict::Failed(e.to_string())),
+        Ok(_) => report(
+            "warehouse",
+            timed(warehouse_check(config.warehouse.clone())).await,
+        ),
+    }
+    report(
+        "disk",
+        disk_check(&config.pipeline.zim_dir, config.pipeline.min_free_disk).await,
+    );
+    failed
+}
+
+async fn timed(check: impl Future<Output = Verdict>) -> Verdict {
+    match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+        Ok(v) => v,
+        Err(_) => Verdict::Failed(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())),
+    }
+}
+
+async fn dispatcher_login(settings: &DispatcherSettings) -> Result<Dispatcher, DispatcherError> {
+    let d = Dispatcher::new(&settings.url, &settings.username, settings.password.clone())?;
+    match tokio::time::timeout(CHECK_TIMEOUT, d.login()).await {
+        Ok(r) => r.map(|()| d),
+        Err(_) => Err(DispatcherError::Unreachable {
+            url: settings.url.clone(),
+            detail: format!("no answer within {} s", CHECK_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// Whether the SSH key is registered for the user at the dispatcher.
+#[derive(Debug)]
+pub enum KeyStatus {
+    Registered,
+    NotRegistered,
+    /// The dispatcher could not say.
+    Unknown(DispatcherError),
+}
+
+/// Looks `key`'s MD5 fingerprint up among the user's registered keys.
+pub async fn key_status(d: &Dispatcher, key: &ClientKey) -> KeyStatus {
+    let fingerprint = key.md5_fingerprint();
+    match d.keys().await {
+        Ok(keys) if keys.iter().any(|k| k.matches_fingerprint(&fingerprint)) => {
+            KeyStatus::Registered
+        }
+        Ok(_) => KeyStatus::NotRegistered,
+        Err(e) => KeyStatus::Unknown(e),
+    }
+}
+
+async fn key_registered(d: &Dispatcher, key: &ClientKey, username: &str) -> Verdict {
+    match key_status(d, key).await {
+        KeyStatus::Registered => Verdict::Ok(format!(
+            "{} (MD5 {}) is registered for {username}",
+            key.path().display(),
+            key.md5_fingerprint()
+        )),
+        KeyStatus::NotRegistered => Verdict::Failed(unregistered_message(key, username)),
+        KeyStatus::Unknown(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+/// What to say when the SSH key is not registered, with the fix.
+pub fn unregistered_message(key: &ClientKey, username: &str) -> String {
+    format!(
+        "the SSH key {} (MD5 {}) is not registered for {username} at the dispatcher, so the \
+         warehouse will refuse uploads; register it with: zimfarm-worker register-key \
+         (same USERNAME, PASSWORD and SSH_KEY)",
+        key.path().display(),
+        key.md5_fingerprint()
+    )
+}
+
+async fn broker_check(config: &Config) -> Verdict {
+    let broker = match Broker::new(config) {
+        Ok(b) => b,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    match broker.check().await {
+        Ok(()) => Verdict::Ok(format!(
+            "{}: connected, exchanges and queues declared",
+            broker.display_url()
+        )),
+        Err(e) => Verdict::Failed(format!("{}: {e}", broker.display_url())),
+    }
+}
+
+async fn docker_check() -> Verdict {
+    let docker = match DockerClient::connect().await {
+        Ok(d) => d,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    match docker.version().await {
+        Ok(v) => Verdict::Ok(v),
+        Err(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+async fn warehouse_check(settings: WarehouseSettings) -> Verdict {
+    let addr = format!("{}:{}", settings.host, settings.port);
+    let warehouse = match Warehouse::new(settings).await {
+        Ok(w) => w,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    match warehouse.probe().await {
+        Ok(()) => Verdict::Ok(format!(
+            "{addr}: host key verified, SSH key {} accepted",
+            warehouse.key().sha256_fingerprint()
+        )),
+        Err(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+async fn disk_check(dir: &Path, min_free: u64) -> Verdict {
+    let path = dir.to_owned();
+    let free = tokio::task::spawn_blocking(move || {
+        rustix::fs::statvfs(&path).map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    })
+    .await;
+    match free {
+        Ok(Ok(free)) if free >= min_free => Verdict::Ok(format!(
+            "{} MiB free in {} (MIN_FREE_DISK_MB={})",
+            free >> 20,
+            dir.display(),
+            min_free >> 20
+        )),
+        Ok(Ok(free)) => Verdict::Failed(format!(
+            "only {} MiB free in {}, below MIN_FREE_DISK_MB={}: free some space",
+            free >> 20,
+            dir.display(),
+            min_free >> 20
+        )),
+        Ok(Err(e)) => Verdict::Failed(format!(
+            "cannot read {}: {e}; is ZIM_DIR mounted?",
+            dir.display()
+        )),
+        Err(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+/// The SSH key is not registered at the dispatcher (start-up check).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyNotRegistered(pub String);
+
+/// Why `register-key` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error(transparent)]
+    Key(#[from] crate::warehouse::KeyError),
+    #[error(transparent)]
+    Dispatcher(#[from] DispatcherError),
+    #[error(
+        "the dispatcher accepted the key but does not list MD5 {fingerprint} for {username}; \
+         check with the Zimfarm admins"
+    )]
+    NotListed {
+        fingerprint: String,
+        username: String,
+    },
+}
+
+/// What `register-key` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registered {
+    /// The key was uploaded, then found in the list.
+    Added { fingerprint: String },
+    /// It was registered already; nothing was uploaded.
+    AlreadyThere { fingerprint: String },
+}
+
+/// `register-key`: log in, upload the public key of SSH_KEY under `name`,
+/// confirm it is listed. Does nothing when it is registered already.
+pub async fn register_key(
+    settings: &DispatcherSettings,
+    ssh_key: &Path,
+    name: &str,
+) -> Result<Registered, RegisterError> {
+    let key = ClientKey::load(ssh_key).await?;
+    let fingerprint = key.md5_fingerprint();
+    let d = Dispatcher::new(&settings.url, &settings.username, settings.password.clone())?;
+    d.login().await?;
+    let listed = |keys: &[crate::dispatcher::RegisteredKey]| {
+        keys.iter().any(|k| k.matches_fingerprint(&fingerprint))
+    };
+    if listed(&d.keys().await?) {
+        return Ok(Registered::AlreadyThere { fingerprint });
+    }
+    d.add_key(name, &key.public_key_base64()).await?;
+    if listed(&d.keys().await?) {
+        Ok(Registered::Added { fingerprint })
+    } else {
+        Err(RegisterError::NotListed {
+            fingerprint,
+            username: settings.username.clone(),
+        })
+    }
+}

@@ -1,0 +1,310 @@
+//! The operator's side: `--version`, `check`, `register-key`, and how the
+//! worker starts against the dispatcher (a stand-in that follows SPEC §7):
+//! refused credentials, an unregistered key, a dispatcher down at start or
+//! later, and the token kept fresh with refresh grants.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::dispatcher::DispatcherStandin;
+use common::sshd::{KeyKind, Sshd};
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+fn run(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(worker_binary())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn public_key(private: &Path) -> String {
+    std::fs::read_to_string(private.with_extension("pub")).unwrap()
+}
+
+/// `ssh-keygen -l -E md5` of a public key file, as the dispatcher lists it.
+fn md5_of(private: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .args(["-l", "-E", "md5", "-f"])
+        .arg(private.with_extension("pub"))
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("MD5:")
+        .replace(':', "")
+}
+
+/// A whole healthy stack for `check`: a dispatcher stand-in that knows the
+/// user and the key, a broker vhost (through a cuttable proxy), Docker, an
+/// sshd warehouse, a working dir.
+struct Stack {
+    _vhost: Vhost,
+    proxy: FaultProxy,
+    dispatcher: DispatcherStandin,
+    _sshd: Sshd,
+    _dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+}
+
+fn healthy_stack(label: &str) -> Stack {
+    let vhost = Vhost::new(label);
+    let proxy = FaultProxy::start("127.0.0.1:5672");
+    let dir = tempfile::tempdir().unwrap();
+    let sshd = Sshd::start();
+    let key = sshd.user_key(KeyKind::RsaOpenssh);
+    let dispatcher = DispatcherStandin::spawn();
+    dispatcher.add_user(sshd.user(), "s3cret");
+    dispatcher
+        .register_key(sshd.user(), "worker", public_key(&key).trim())
+        .unwrap();
+    let mut env = worker_env(&vhost, dir.path(), label, &[]);
+    for (k, v) in [
+        ("USERNAME", sshd.user().to_owned()),
+        ("PASSWORD", "s3cret".to_owned()),
+        ("BROKER_URL", proxy.url(&vhost)),
+        ("DISPATCHER_URL", dispatcher.url()),
+        ("TASK_RUNNER", "docker".to_owned()),
+        ("MIN_FREE_DISK_MB", "10".to_owned()),
+        ("WAREHOUSE_HOST", "127.0.0.1".to_owned()),
+        ("WAREHOUSE_PORT", sshd.port().to_string()),
+        ("SSH_KEY", key.display().to_string()),
+        (
+            "WAREHOUSE_KNOWN_HOSTS",
+            sshd.known_hosts_file().display().to_string(),
+        ),
+    ] {
+        env.retain(|(name, _)| name != k);
+        env.push((k.to_owned(), v));
+    }
+    Stack {
+        _vhost: vhost,
+        proxy,
+        dispatcher,
+        _sshd: sshd,
+        _dir: dir,
+        env,
+    }
+}
+
+#[test]
+fn version_flag() {
+    let out = run(&["--version"], &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("zimfarm-worker {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
+    let stack = healthy_stack("check");
+    let out = run(&["check"], &stack.env);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 7, "{report}");
+    for (line, name) in lines.iter().zip([
+        "config",
+        "dispatcher login",
+        "key registered",
+        "broker",
+        "docker",
+        "warehouse",
+        "disk",
+    ]) {
+        assert!(line.starts_with("ok") && line.contains(name), "{report}");
+    }
+    assert!(
+        report.contains("API"),
+        "docker line shows the API version: {report}"
+    );
+    assert!(!report.contains("s3cret"), "{report}");
+
+    // The broker stops: that one line fails, and the exit code is 1.
+    stack.proxy.cut();
+    let out = run(&["check"], &stack.env);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let failed: Vec<&str> = report.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(failed.len(), 1, "{report}");
+    assert!(failed[0].contains("broker"), "{report}");
+    stack.proxy.restore();
+
+    // The dispatcher refuses the password: the login fails, the key check
+    // is skipped (it needs the login), the rest still pass.
+    let mut env = stack.env.clone();
+    env.retain(|(k, _)| k != "PASSWORD");
+    env.push(("PASSWORD".into(), "wrong".into()));
+    let out = run(&["check"], &env);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("USERNAME/PASSWORD")),
+        "{report}"
+    );
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("skip") && l.contains("key registered")),
+        "{report}"
+    );
+
+    // A broken configuration: one failure, the rest skipped.
+    let out = run(&["check"], &[("NODE_NAME".into(), "x".into())]);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(report.starts_with("FAIL  config"), "{report}");
+    drop(stack.dispatcher);
+}
+
+#[test]
+fn register_key_uploads_the_public_key_and_confirms_it() {
+    let dispatcher = DispatcherStandin::spawn();
+    dispatcher.add_user("alice", "pw");
+    let sshd = Sshd::start();
+    let key = sshd.user_key(KeyKind::RsaPem);
+    let env = vec![
+        ("USERNAME".to_owned(), "alice".to_owned()),
+        ("PASSWORD".to_owned(), "pw".to_owned()),
+        ("DISPATCHER_URL".to_owned(), dispatcher.url()),
+        ("SSH_KEY".to_owned(), key.display().to_string()),
+        ("NODE_NAME".to_owned(), "node7".to_owned()),
+    ];
+    let out = run(&["register-key"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("registered"), "{}", text(&out));
+    let keys = dispatcher.keys("alice");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].name, "node7");
+    assert_eq!(keys[0].fingerprint, md5_of(&key));
+    let blob = public_key(&key)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(keys[0].key, blob, "only the base64 blob is sent");
+
+    // Again: nothing to do.
+    let out = run(&["register-key", "--name", "other"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("already"), "{}", text(&out));
+    assert_eq!(dispatcher.keys("alice").len(), 1);
+
+    // Refused credentials: exit 2, and the line says so.
+    let mut bad = env.clone();
+    bad[1].1 = "nope".into();
+    let out = run(&["register-key"], &bad);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("USERNAME/PASSWORD"), "{}", text(&out));
+    // A missing key file: exit 2 naming SSH_KEY.
+    let mut bad = env.clone();
+    bad[3].1 = "/nonexistent/id_rsa".into();
+    let out = run(&["register-key"], &bad);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("SSH_KEY"), "{}", text(&out));
+}
+
+#[test]
+fn refused_credentials_stop_the_worker_with_a_line_naming_them() {
+    let vh = Vhost::new("badpass");
+    let dir = tempfile::tempdir().unwrap();
+    let mut worker = WorkerProc::start(&vh, dir.path(), "badpass", &[("PASSWORD", "wrong")]);
+    let status = worker.wait_exit(T);
+    let log = worker.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("USERNAME/PASSWORD"), "{log}");
+    assert!(
+        !log.contains("wrong"),
+        "the password is never printed: {log}"
+    );
+}
+
+#[test]
+fn a_dispatcher_down_at_start_and_later_does_not_stop_the_work() {
+    let dispatcher = DispatcherStandin::new(); // not serving yet
+    dispatcher.add_user("tester", TEST_PASSWORD);
+    let url = dispatcher.url();
+    let (vh, _dir, events, mut worker) = stack("nodispatcher", &[("DISPATCHER_URL", url.as_str())]);
+    worker.wait_log("dispatcher not reachable now", T);
+    // Tasks are served meanwhile.
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &json!({"simulate": {}}),
+        &[],
+    );
+    events.wait_task_event("task-succeeded", &id, T);
+
+    // It comes up: the worker logs in by itself.
+    dispatcher.start();
+    let start = Instant::now();
+    while dispatcher.counters().password_grants == 0 {
+        assert!(
+            start.elapsed() < T,
+            "never logged in: {}",
+            worker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // It goes down again: still no crash, tasks still served.
+    dispatcher.stop();
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &json!({"simulate": {}}),
+        &[],
+    );
+    events.wait_task_event("task-succeeded", &id, T);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(worker.is_running(), "{}", worker.log_text());
+}
+
+#[test]
+fn the_token_is_kept_fresh_with_refresh_grants_not_new_logins() {
+    let dispatcher = DispatcherStandin::spawn();
+    dispatcher.add_user("tester", TEST_PASSWORD);
+    dispatcher.set_expires_in(5);
+    let url = dispatcher.url();
+    let (_vh, _dir, _events, worker) = stack("refresh", &[("DISPATCHER_URL", url.as_str())]);
+    std::thread::sleep(Duration::from_secs(20));
+    let c = dispatcher.counters();
+    assert_eq!(c.password_grants, 1, "{c:?}\n{}", worker.log_text());
+    assert!(
+        (3..=6).contains(&c.refresh_grants),
+        "{c:?}\n{}",
+        worker.log_text()
+    );
+    assert_eq!(c.refused_refreshes, 0, "{c:?}");
+    let log = worker.log_text();
+    for token in dispatcher.issued_tokens() {
+        assert!(!log.contains(&token), "a token reached the log");
+    }
+}

@@ -221,8 +221,12 @@ async fn remote_size(sftp: &SftpSession, path: &str) -> Result<Option<u64>, Ware
     }
 }
 
-/// `mkdir -p`, one component at a time.
+/// `mkdir -p`: one round trip when the directory exists (the usual case),
+/// else one component at a time.
 async fn ensure_dir(sftp: &SftpSession, dir: &str) -> Result<(), WarehouseError> {
+    if sftp.metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
     let mut path = String::new();
     for component in dir.split('/').filter(|c| !c.is_empty()) {
         path.push('/');
@@ -378,7 +382,10 @@ pub(super) async fn upload_one(
     };
 
     ensure_dir(sftp, &item.remote_dir).await?;
-    match remote_size(sftp, &final_path).await? {
+    // Both asked at once: over the internet every round trip counts.
+    let (final_size, tmp_size) =
+        tokio::join!(remote_size(sftp, &final_path), remote_size(sftp, &tmp_path));
+    match final_size? {
         Some(remote) if remote == size => {
             // Uploaded before (a redelivered task). A ZIM still has to be
             // intact here to count as uploaded.
@@ -401,7 +408,7 @@ pub(super) async fn upload_one(
         None => {}
     }
 
-    let offset = match remote_size(sftp, &tmp_path).await? {
+    let offset = match tmp_size? {
         Some(partial) if partial <= size => partial,
         Some(partial) => {
             tracing::warn!(file = %item.name, partial, size, "a longer partial upload is there; starting over");

@@ -545,9 +545,12 @@ impl RawEnv {
 
     fn validate(self) -> Result<Config, ConfigError> {
         let pipeline = self.pipeline()?;
-        let username = username(self.username.clone())?;
+        let DispatcherSettings {
+            url: dispatcher_url,
+            username,
+            password,
+        } = self.dispatcher()?;
         let warehouse = self.warehouse(username.clone())?;
-        let password = Secret::new(required_raw("PASSWORD", self.password)?);
         let node_name = pipeline.node_name.clone();
         let concurrency = match non_empty(self.concurrency) {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -555,10 +558,6 @@ impl RawEnv {
         };
         let queues = queues(required("QUEUES", self.queues)?)?;
 
-        let dispatcher_url = match non_empty(self.dispatcher_url) {
-            None => DEFAULT_DISPATCHER_URL.to_owned(),
-            Some(url) => http_url("DISPATCHER_URL", url)?,
-        };
         let broker_url = match non_empty(self.broker_url) {
             Some(url) => broker_url(&url)?,
             None => {

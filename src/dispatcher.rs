@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Backoff;
-use crate::config::Secret;
+use crate::config::{DispatcherSettings, Secret};
 
 /// Every request gives up after this long (connecting included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -219,6 +219,11 @@ enum RefreshError {
 impl Dispatcher {
     /// A client for the dispatcher API at `base_url` (e.g.
     /// `https://farm.openzim.org/api`). Does not connect.
+    /// A client for the configured dispatcher and account.
+    pub fn from_settings(settings: &DispatcherSettings) -> Result<Self, DispatcherError> {
+        Self::new(&settings.url, &settings.username, settings.password.clone())
+    }
+
     pub fn new(base_url: &str, username: &str, password: Secret) -> Result<Self, DispatcherError> {
         let base = base_url.trim_end_matches('/').to_owned();
         let invalid = |detail: &str| DispatcherError::InvalidUrl {

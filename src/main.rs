@@ -146,11 +146,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 /// dispatcher that is down is a warning (the token keeper retries, and
 /// tasks are served meanwhile).
 async fn login(config: &Config) -> anyhow::Result<Dispatcher> {
-    let d = Dispatcher::new(
-        &config.dispatcher_url,
-        &config.username,
-        config.password.clone(),
-    )?;
+    let d = Dispatcher::from_settings(&config.dispatcher())?;
     match d.login().await {
         // The dispatcher module logs the login itself.
         Ok(()) => {}

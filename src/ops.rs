@@ -140,7 +140,7 @@ async fn timed(check: impl Future<Output = Verdict>) -> Verdict {
 }
 
 async fn dispatcher_login(settings: &DispatcherSettings) -> Result<Dispatcher, DispatcherError> {
-    let d = Dispatcher::new(&settings.url, &settings.username, settings.password.clone())?;
+    let d = Dispatcher::from_settings(settings)?;
     match tokio::time::timeout(CHECK_TIMEOUT, d.login()).await {
         Ok(r) => r.map(|()| d),
         Err(_) => Err(DispatcherError::Unreachable {
@@ -301,7 +301,7 @@ pub async fn register_key(
 ) -> Result<Registered, RegisterError> {
     let key = ClientKey::load(ssh_key).await?;
     let fingerprint = key.md5_fingerprint();
-    let d = Dispatcher::new(&settings.url, &settings.username, settings.password.clone())?;
+    let d = Dispatcher::from_settings(settings)?;
     d.login().await?;
     let listed = |keys: &[crate::dispatcher::RegisteredKey]| {
         keys.iter().any(|k| k.matches_fingerprint(&fingerprint))

@@ -194,16 +194,12 @@ impl Progress {
     }
 }
 
-fn sftp_error(operation: &'static str, path: &str) -> impl Fn(SftpError) -> WarehouseError {
-    let path = path.to_owned();
-    move |e| WarehouseError::Sftp {
-        operation,
-        path: path.clone(),
-        detail: e.to_string(),
-    }
-}
-
-fn io_error(operation: &'static str, path: &str) -> impl Fn(std::io::Error) -> WarehouseError {
+/// Maps an SFTP failure (a status from the server, or the file handle's
+/// I/O error) of `operation` on `path` to a [`WarehouseError`].
+fn remote_error<E: std::fmt::Display>(
+    operation: &'static str,
+    path: &str,
+) -> impl Fn(E) -> WarehouseError {
     let path = path.to_owned();
     move |e| WarehouseError::Sftp {
         operation,
@@ -217,7 +213,7 @@ async fn remote_size(sftp: &SftpSession, path: &str) -> Result<Option<u64>, Ware
     match sftp.metadata(path).await {
         Ok(meta) => Ok(Some(meta.size.unwrap_or(0))),
         Err(SftpError::Status(s)) if s.status_code == StatusCode::NoSuchFile => Ok(None),
-        Err(e) => Err(sftp_error("stat", path)(e)),
+        Err(e) => Err(remote_error("stat", path)(e)),
     }
 }
 
@@ -245,7 +241,7 @@ async fn ensure_dir(sftp: &SftpSession, dir: &str) -> Result<(), WarehouseError>
         if let Err(e) = sftp.create_dir(path.as_str()).await {
             // Someone else may have made it meanwhile.
             if !sftp.metadata(path.as_str()).await.is_ok_and(|m| m.is_dir()) {
-                return Err(sftp_error("mkdir", &path)(e));
+                return Err(remote_error("mkdir", &path)(e));
             }
         }
     }
@@ -424,11 +420,11 @@ pub(super) async fn upload_one(
     let mut file = sftp
         .open_with_flags(tmp_path.as_str(), flags)
         .await
-        .map_err(sftp_error("open", &tmp_path))?;
+        .map_err(remote_error("open", &tmp_path))?;
     if offset > 0 {
         file.seek(SeekFrom::Start(offset))
             .await
-            .map_err(io_error("seek", &tmp_path))?;
+            .map_err(remote_error("seek", &tmp_path))?;
         tracing::info!(file = %item.name, offset, size, "resuming a partial upload");
     }
     report.resumed_from = offset;
@@ -441,7 +437,7 @@ pub(super) async fn upload_one(
             Piece::Data(buf) => {
                 file.write_all(&buf)
                     .await
-                    .map_err(io_error("write", &tmp_path))?;
+                    .map_err(remote_error("write", &tmp_path))?;
                 report.bytes_sent += buf.len() as u64;
                 progress.add(&item.name, buf.len() as u64);
             }
@@ -475,7 +471,7 @@ pub(super) async fn upload_one(
     // surfaces here, not silently in a drop.
     file.shutdown()
         .await
-        .map_err(io_error("write", &tmp_path))?;
+        .map_err(remote_error("write", &tmp_path))?;
 
     if let Some(Err(source)) = zim_verdict {
         tracing::error!(file = %item.name, %source, "corrupt ZIM; removing its partial upload");
@@ -491,7 +487,7 @@ pub(super) async fn upload_one(
 
     sftp.rename(tmp_path.as_str(), final_path.as_str())
         .await
-        .map_err(sftp_error("rename", &tmp_path))?;
+        .map_err(remote_error("rename", &tmp_path))?;
     let remote = remote_size(sftp, &final_path).await?;
     if remote != Some(size) {
         return Err(WarehouseError::SizeMismatch {

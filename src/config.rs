@@ -7,6 +7,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -221,6 +222,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub runner: RunnerKind,
     pub pipeline: PipelineSettings,
+    /// Where the metrics and health listener binds (`METRICS_ADDR`); off
+    /// when unset.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl PipelineSettings {
@@ -228,6 +232,12 @@ impl PipelineSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
         RawEnv::from_vars(std::env::vars_os())?.pipeline()
     }
+}
+
+/// `METRICS_ADDR` alone (for the `healthcheck` command, which needs
+/// nothing else): `None` when it is unset or empty.
+pub fn metrics_addr_from_env() -> Result<Option<SocketAddr>, ConfigError> {
+    RawEnv::from_vars(std::env::vars_os())?.metrics_addr()
 }
 
 impl DispatcherSettings {
@@ -363,6 +373,7 @@ struct RawEnv {
     container_cpus: Option<String>,
     image_allowlist: Option<String>,
     redis_image: Option<String>,
+    metrics_addr: Option<String>,
 }
 
 pub const DEFAULT_DISPATCHER_URL: &str = "https://farm.openzim.org/api";
@@ -381,7 +392,7 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7";
 
 impl RawEnv {
-    const NAMES: [&'static str; 29] = [
+    const NAMES: [&'static str; 30] = [
         "USERNAME",
         "PASSWORD",
         "WORKING_DIR",
@@ -411,6 +422,7 @@ impl RawEnv {
         "CONTAINER_CPUS",
         "IMAGE_ALLOWLIST",
         "REDIS_IMAGE",
+        "METRICS_ADDR",
     ];
 
     /// The pipeline's settings (also read alone by `run-task`).
@@ -543,8 +555,24 @@ impl RawEnv {
         })
     }
 
+    fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(value) = non_empty(self.metrics_addr.clone()) else {
+            return Ok(None);
+        };
+        value.parse::<SocketAddr>().map(Some).map_err(|_| {
+            ConfigError::new(
+                "METRICS_ADDR",
+                format!(
+                    "is {value:?}; expected an IP address and port to listen on, such as \
+                     0.0.0.0:9090 or 127.0.0.1:9090 (unset it to turn the listener off)"
+                ),
+            )
+        })
+    }
+
     fn validate(self) -> Result<Config, ConfigError> {
         let pipeline = self.pipeline()?;
+        let metrics_addr = self.metrics_addr()?;
         let DispatcherSettings {
             url: dispatcher_url,
             username,
@@ -632,6 +660,7 @@ impl RawEnv {
             log_format,
             runner,
             pipeline,
+            metrics_addr,
         })
     }
 }
@@ -967,6 +996,9 @@ mod tests {
             ("IMAGE_ALLOWLIST", " , "),
             ("SHUTDOWN_GRACE", "-1"),
             ("USERNAME", "a@b"),
+            ("METRICS_ADDR", "localhost:9090"),
+            ("METRICS_ADDR", "0.0.0.0"),
+            ("METRICS_ADDR", "0.0.0.0:99999"),
         ];
         for (var, value) in cases {
             let err = load(&with(&[(var, value)])).unwrap_err();
@@ -986,6 +1018,15 @@ mod tests {
         assert!(!c.broker_url.is_tls());
         let err = load(&with(&[("BROKER_URL", "amqp://bob:topsecret@h:99999/v")])).unwrap_err();
         assert!(!err.to_string().contains("topsecret"));
+    }
+
+    #[test]
+    fn metrics_addr_is_optional() {
+        assert_eq!(load(&base()).unwrap().metrics_addr, None);
+        let c = load(&with(&[("METRICS_ADDR", "127.0.0.1:9090")])).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9090".parse().unwrap()));
+        let c = load(&with(&[("METRICS_ADDR", "[::]:9100")])).unwrap();
+        assert_eq!(c.metrics_addr, Some("[::]:9100".parse().unwrap()));
     }
 
     #[test]

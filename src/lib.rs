@@ -11,6 +11,8 @@ pub mod dispatcher;
 pub mod docker;
 pub mod ended;
 pub mod events;
+pub mod metrics;
+pub mod monitor;
 pub mod offliner;
 pub mod ops;
 pub mod pipeline;

@@ -15,6 +15,8 @@ use zimfarm_worker::config::{
 };
 use zimfarm_worker::dispatcher::{Dispatcher, DispatcherError};
 use zimfarm_worker::ended::{EndedError, EndedLog};
+use zimfarm_worker::metrics;
+use zimfarm_worker::monitor::{self, MonitorError};
 use zimfarm_worker::ops::{self, KeyNotRegistered};
 use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
 use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
@@ -61,6 +63,10 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Ask the running worker's /healthz (at METRICS_ADDR) whether it is
+    /// healthy: exit 0 if it is, 1 if not. With METRICS_ADDR unset there is
+    /// nothing to ask: exit 0. The Docker image's HEALTHCHECK runs this.
+    Healthcheck,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +75,7 @@ fn main() -> ExitCode {
         Some(Command::RunTask { file, no_upload }) => return run_task_command(&file, !no_upload),
         Some(Command::Check) => return check_command(),
         Some(Command::RegisterKey { name }) => return register_key_command(name),
+        Some(Command::Healthcheck) => return healthcheck_command(),
         Some(Command::Run) | None => {}
     }
     let config = match Config::from_env() {
@@ -85,6 +92,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<MonitorError>() => {
+            eprintln!("zimfarm-worker: {error}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
         Err(error) if error.is::<EndedError>() => {
             // Like a bad variable: one line, exit 2, nothing connected.
             eprintln!("zimfarm-worker: ZIM_DIR: {error}");
@@ -134,11 +145,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let ended = EndedLog::open(&config.pipeline.zim_dir).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    metrics::global().set_info(&config.node_name);
+    let monitor = match config.metrics_addr {
+        Some(addr) => {
+            let listener = monitor::bind(addr).await?;
+            Some(tokio::spawn(monitor::serve(listener, shutdown.clone())))
+        }
+        None => None,
+    };
     let dispatcher = login(&config).await?;
     let keeper = dispatcher.spawn_keeper(shutdown.clone());
     let result = serve(config, dispatcher, ended, shutdown.clone()).await;
     shutdown.cancel();
     let _ = keeper.await;
+    if let Some(monitor) = monitor {
+        let _ = monitor.await;
+    }
     result
 }
 
@@ -334,6 +356,46 @@ async fn check_warehouse(warehouse: &Warehouse) -> Result<(), WarehouseError> {
     }
 }
 
+/// `healthcheck`: the running worker's `/healthz`, as an exit code.
+fn healthcheck_command() -> ExitCode {
+    let addr = match zimfarm_worker::config::metrics_addr_from_env() {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            println!(
+                "METRICS_ADDR is not set: the worker serves no health endpoint; nothing to check"
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("zimfarm-worker: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    match runtime.block_on(monitor::probe(addr)) {
+        Ok(health) if health.healthy => {
+            println!(
+                "healthy: {}",
+                serde_json::to_string(&health).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(health) => {
+            println!(
+                "unhealthy: {}",
+                health.problem.as_deref().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            println!("unhealthy: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `run-task FILE`: one task through the pipeline, no broker.
 fn run_task_command(file: &std::path::Path, upload: bool) -> ExitCode {
     let settings = match PipelineSettings::from_env() {
@@ -462,6 +524,13 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // One object per line: the event's fields at the top level, and the
+        // spans (`task` with `task_id`, `stage` with `stage`) under "spans".
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
     }
 }

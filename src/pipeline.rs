@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::celery::TaskRequest;
 use crate::config::PipelineSettings;
 use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK};
+use crate::metrics::{self, Stage};
 use crate::offliner::{TaskPlan, plan};
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 use crate::warehouse::{UploadItem, Warehouse, WarehouseError};
@@ -188,9 +189,11 @@ impl DockerRunner {
             }
         };
         if let Some(warehouse) = &self.warehouse {
-            self.upload(warehouse, &plan, &dirs, &generated, &ctx)
-                .instrument(tracing::info_span!("stage", stage = "upload"))
-                .await?;
+            timed(
+                Stage::Upload,
+                self.upload(warehouse, &plan, &dirs, &generated, &ctx),
+            )
+            .await?;
         }
         Ok(generated.files)
     }
@@ -258,12 +261,8 @@ impl DockerRunner {
         containers: &mut Containers,
         ctx: &TaskContext,
     ) -> Result<Generated, RunError> {
-        self.prepare(plan, dirs, containers, ctx)
-            .instrument(tracing::info_span!("stage", stage = "prepare"))
-            .await?;
-        self.generate(plan, dirs, containers, ctx)
-            .instrument(tracing::info_span!("stage", stage = "generate"))
-            .await
+        timed(Stage::Prepare, self.prepare(plan, dirs, containers, ctx)).await?;
+        timed(Stage::Generate, self.generate(plan, dirs, containers, ctx)).await
     }
 
     /// Task dir, free disk, images, the redis helper.
@@ -576,7 +575,19 @@ async fn write_marker(task_dir: &Path, generated: &Generated) {
 }
 
 fn docker_failed(error: crate::docker::DockerError) -> RunError {
+    metrics::global().docker_error();
     failed(error.to_string())
+}
+
+/// Runs one stage in its span (every log line in it carries the stage) and
+/// records how long it took.
+async fn timed<T>(stage: Stage, fut: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = fut
+        .instrument(tracing::info_span!("stage", stage = stage.label()))
+        .await;
+    metrics::global().stage_done(stage, started.elapsed().as_secs_f64());
+    out
 }
 
 /// Runs `fut` unless the task is cancelled first.
@@ -601,6 +612,7 @@ impl Containers {
     async fn remove_all(&mut self) {
         for name in std::mem::take(&mut self.names).iter().rev() {
             if let Err(error) = self.docker.kill_and_remove(name).await {
+                metrics::global().docker_error();
                 tracing::error!(%error, "could not remove a task container");
             }
         }

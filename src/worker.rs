@@ -37,6 +37,7 @@ use crate::config::Config;
 use crate::control::{ControlSession, Panel, RevokedSet, TaskPhase, TaskSnapshot, WorkerFacts};
 use crate::ended::EndedLog;
 use crate::events::EventSink;
+use crate::metrics::{self, Outcome};
 use crate::offliner::Offliner;
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 
@@ -362,8 +363,12 @@ impl<R: Runner> Inner<R> {
                 startup_ms = if first { self.started_at.elapsed().as_millis() } else { 0 },
                 "connected to the broker; consuming"
             );
+            metrics::global().broker_up(!first);
             first = false;
-            self.events.emit(&EventKind::WorkerOnline(self.stats()));
+            let online = self
+                .events
+                .emit_confirmed(&EventKind::WorkerOnline(self.stats()));
+            self.tasks.spawn(heartbeat_confirmed(online));
 
             let session_over = CancellationToken::new();
             tokio::spawn(apply_prefetch(
@@ -411,6 +416,7 @@ impl<R: Runner> Inner<R> {
                 }
             };
             // The session is over: remote control stops with it.
+            metrics::global().broker_down();
             self.topology().live = None;
             drop(session_guard);
             if let Some(control) = control {
@@ -516,14 +522,22 @@ impl<R: Runner> Inner<R> {
         let mut tick = tokio::time::interval(Duration::from_secs_f64(HEARTBEAT_SECS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         tick.tick().await;
+        // The last heartbeat sent, until the broker confirms it (health).
+        let mut pending: Option<crate::events::Confirmed> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                confirmed = async { pending.as_mut().expect("guarded").await }, if pending.is_some() => {
+                    pending = None;
+                    if confirmed.is_ok() {
+                        metrics::global().heartbeat_confirmed();
+                    }
+                }
                 _ = tick.tick() => {
                     // A heartbeat queued while the broker is away would only
                     // be stale when it finally leaves.
                     if self.outbox.is_connected() {
-                        self.events.emit(&EventKind::WorkerHeartbeat(self.stats()));
+                        pending = Some(self.events.emit_confirmed(&EventKind::WorkerHeartbeat(self.stats())));
                     }
                 }
             }
@@ -563,6 +577,7 @@ impl<R: Runner> Inner<R> {
                 routing_key = %routing_key,
                 "dropping a task message larger than MAX_MESSAGE_BYTES"
             );
+            metrics::global().task_ended("", Outcome::Rejected);
             self.spawn_ack(acker, None);
             return;
         }
@@ -570,6 +585,7 @@ impl<R: Runner> Inner<R> {
             Ok(r) => Arc::new(r),
             Err(error) => {
                 tracing::error!(task_id = ?error.task_id, %error, "dropping an undecodable task message");
+                metrics::global().task_ended("", Outcome::Rejected);
                 let confirmed = error.task_id.as_ref().map(|id| {
                     self.events.emit_confirmed(&EventKind::TaskFailed {
                         uuid: id.clone(),
@@ -591,6 +607,7 @@ impl<R: Runner> Inner<R> {
 
         if Offliner::from_task_name(&request.name).is_none() {
             tracing::error!(task_id = %request.id, task = %request.name, "received an unregistered task; rejecting it");
+            metrics::global().task_ended(&request.name, Outcome::Rejected);
             let info = ExceptionInfo {
                 exc_type: "NotRegistered".to_owned(),
                 exc_module: "celery.exceptions".to_owned(),
@@ -660,6 +677,7 @@ impl<R: Runner> Inner<R> {
             // leaves, like every outcome (see `finish`).
             let recorded = self.ended.record(&request.id, &event);
             self.counters.processed.fetch_add(1, Ordering::Relaxed);
+            metrics::global().task_ended(&request.name, Outcome::Revoked);
             let this = self.clone();
             self.tasks.spawn(
                 async move {
@@ -798,7 +816,9 @@ impl<R: Runner> Inner<R> {
                     uuid: request.id.clone(),
                 });
                 tracing::info!("task started");
+                let active = metrics::global().task_running();
                 let outcome = self.run_guarded(&request, &cancel).await;
+                drop(active);
                 (outcome, Some(permit))
             }
         };
@@ -937,6 +957,14 @@ impl<R: Runner> Inner<R> {
         // finds the record and re-sends the event instead of running the
         // task again. A failed write still lets the outcome go out.
         let succeeded = matches!(event, EventKind::TaskSucceeded { .. });
+        metrics::global().task_ended(
+            &request.name,
+            match &event {
+                EventKind::TaskSucceeded { .. } => Outcome::Succeeded,
+                EventKind::TaskRevoked { .. } => Outcome::Revoked,
+                _ => Outcome::Failed,
+            },
+        );
         match self.ended.record(&id, &event).await {
             Ok(()) if releasable(&event) => {
                 self.tasks.spawn(
@@ -980,6 +1008,13 @@ impl<R: Runner> Inner<R> {
             ack(acker).await;
         }
         self.adjust_unslotted(false);
+    }
+}
+
+/// Marks the worker as beating once the broker confirms `worker-online`.
+async fn heartbeat_confirmed(confirmed: crate::events::Confirmed) {
+    if confirmed.await.is_ok() {
+        metrics::global().heartbeat_confirmed();
     }
 }
 

@@ -529,6 +529,87 @@ async fn too_little_free_disk_fails_before_anything_runs() {
 }
 
 #[test]
+fn json_logs_and_metrics_follow_a_task_through_its_stages() {
+    let sshd = Sshd::start();
+    let node = "jsonlogs";
+    let addr = free_addr();
+    let extra = [("LOG_FORMAT", "json"), ("METRICS_ADDR", leak(addr.clone()))];
+    let (vh, _dir, events, worker) = stack(node, &docker_env(&sshd, &extra));
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    events.wait_task_event("task-succeeded", &id, T);
+    let zim_size = std::fs::metadata(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
+        .expect("the ZIM is in the warehouse")
+        .len();
+
+    // Every line is one JSON object; each line logged for the task carries
+    // its id, and each line inside a stage carries the stage too.
+    let mut stages_seen = std::collections::BTreeSet::new();
+    let mut task_lines = 0;
+    for line in worker.log_text().lines() {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        assert!(v["message"].is_string(), "{line}");
+        let spans = v["spans"].as_array().cloned().unwrap_or_default();
+        let task = spans.iter().find(|s| s["name"] == "task");
+        let stage = spans.iter().find(|s| s["name"] == "stage");
+        if let Some(stage) = stage {
+            let task = task.unwrap_or_else(|| panic!("a stage line without its task: {line}"));
+            assert_eq!(task["task_id"], id.as_str(), "{line}");
+            stages_seen.insert(stage["stage"].as_str().unwrap().to_owned());
+        }
+        if task.is_some_and(|t| t["task_id"] == id.as_str()) {
+            task_lines += 1;
+        }
+    }
+    assert_eq!(
+        stages_seen.into_iter().collect::<Vec<_>>(),
+        ["generate", "prepare", "upload"]
+    );
+    assert!(task_lines >= 8, "{task_lines} lines for the task");
+
+    // The stages' durations and the bytes uploaded are in the metrics.
+    let m = scrape(&addr);
+    assert_eq!(
+        m["families"]["zimfarm_worker_stage_duration_seconds"],
+        "histogram"
+    );
+    for stage in ["prepare", "generate", "upload"] {
+        let count = "zimfarm_worker_stage_duration_seconds_count";
+        assert_eq!(
+            sample(&m, count, &[("stage", stage)]),
+            Some(1.0),
+            "{stage}: {m}"
+        );
+        let sum = sample(
+            &m,
+            "zimfarm_worker_stage_duration_seconds_sum",
+            &[("stage", stage)],
+        );
+        assert!(sum.unwrap() > 0.0, "{stage}");
+    }
+    let uploaded = sample(&m, "zimfarm_worker_uploaded_bytes_total", &[]).unwrap();
+    assert!(uploaded >= zim_size as f64, "{uploaded} < {zim_size}");
+    assert_eq!(
+        sample(
+            &m,
+            "zimfarm_worker_tasks_total",
+            &[("task", "offliner.mwoffliner"), ("outcome", "succeeded")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "zimfarm_worker_docker_errors_total", &[]),
+        Some(0.0)
+    );
+    wait_no_containers(node);
+}
+
+#[test]
 fn a_failed_upload_fails_the_task_and_keeps_the_files() {
     let sshd = Sshd::start();
     let node = "upfail";

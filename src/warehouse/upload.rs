@@ -163,6 +163,7 @@ impl Progress {
     fn add(&mut self, name: &str, n: u64) {
         self.current += n;
         self.sent += n;
+        crate::metrics::global().uploaded(n);
         if self.last_log.elapsed() >= PROGRESS_EVERY {
             self.last_log = Instant::now();
             let done = self.finished + self.current;

@@ -862,3 +862,39 @@ pub fn stack(
     worker.wait_connected();
     (vh, dir, events, worker)
 }
+
+/// An address on 127.0.0.1 free now (for `METRICS_ADDR`).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// `/metrics` through `tests/py/metrics.py` (both parsers must accept it).
+pub fn scrape(addr: &str) -> Value {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/py/metrics.py"))
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "metrics.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    last_json_line(&out.stdout)
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+pub fn sample(scraped: &Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scraped["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["name"] == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s["labels"][*k].as_str() == Some(*v))
+        })
+        .map(|s| s["value"].as_f64().unwrap())
+}

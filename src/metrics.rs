@@ -1,0 +1,386 @@
+//! The worker's Prometheus metrics and its health verdict: what is counted,
+//! under which names and labels, and when the worker counts as healthy.
+//!
+//! One process-wide [`Metrics`] ([`global`]): the worker, the pipeline and
+//! the uploader record into it with cheap atomic updates. It must not do
+//! I/O or decide anything about tasks; serving it over HTTP is the
+//! `monitor` module's job.
+
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::offliner::Offliner;
+
+/// Every metric name starts with this.
+pub const PREFIX: &str = "zimfarm_worker";
+
+/// The worker sends a heartbeat every 2 s; with none confirmed by the
+/// broker for this long, the worker is unhealthy.
+pub const HEARTBEAT_STALE_SECS: f64 = 10.0;
+
+/// Stage durations: from half a second (a task refused in prepare) to four
+/// days (a full Wikipedia).
+const STAGE_BUCKETS: [f64; 15] = [
+    0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 10800.0, 21600.0, 43200.0, 86400.0,
+    172800.0, 345600.0,
+];
+
+/// How a task ended here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    Revoked,
+    /// Never run: an unregistered task, or a message that could not be
+    /// read or was too large.
+    Rejected,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Revoked => "revoked",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// The pipeline's stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Prepare,
+    Generate,
+    Upload,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Prepare => "prepare",
+            Self::Generate => "generate",
+            Self::Upload => "upload",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    version: &'static str,
+    node: String,
+}
+
+fn stage_histogram() -> Histogram {
+    Histogram::new(STAGE_BUCKETS)
+}
+
+/// The worker's metrics.
+pub struct Metrics {
+    registry: Registry,
+    info: Family<InfoLabels, Gauge>,
+    tasks: Family<TaskLabels, Counter>,
+    stages: Family<StageLabels, Histogram, fn() -> Histogram>,
+    uploaded_bytes: Counter,
+    active_tasks: Gauge,
+    broker_connected: Gauge,
+    broker_reconnects: Counter,
+    docker_errors: Counter,
+    last_heartbeat: Gauge<f64, AtomicU64>,
+}
+
+static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    &GLOBAL
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let info = Family::<InfoLabels, Gauge>::default();
+        let tasks = Family::<TaskLabels, Counter>::default();
+        let stages: Family<StageLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(stage_histogram);
+        let uploaded_bytes = Counter::default();
+        let active_tasks = Gauge::default();
+        let broker_connected = Gauge::default();
+        let broker_reconnects = Counter::default();
+        let docker_errors = Counter::default();
+        let last_heartbeat = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "info",
+            "The worker's version and node name (always 1)",
+            info.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tasks ended here, by task name and outcome (succeeded, failed, revoked, rejected)",
+            tasks.clone(),
+        );
+        registry.register(
+            "stage_duration_seconds",
+            "Time spent in each pipeline stage (prepare, generate, upload), whatever its outcome",
+            stages.clone(),
+        );
+        registry.register(
+            "uploaded_bytes",
+            "Bytes written to the warehouse, over every attempt",
+            uploaded_bytes.clone(),
+        );
+        registry.register(
+            "active_tasks",
+            "Tasks running now (holding a slot)",
+            active_tasks.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while the worker holds a live broker session, else 0",
+            broker_connected.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "Broker sessions opened again after a loss",
+            broker_reconnects.clone(),
+        );
+        registry.register(
+            "docker_errors",
+            "Docker engine calls that failed (a task failed by it, or a cleanup that did not work)",
+            docker_errors.clone(),
+        );
+        registry.register(
+            "last_heartbeat_timestamp_seconds",
+            "When the broker last confirmed a worker heartbeat (Unix time; 0 before the first)",
+            last_heartbeat.clone(),
+        );
+        Self {
+            registry,
+            info,
+            tasks,
+            stages,
+            uploaded_bytes,
+            active_tasks,
+            broker_connected,
+            broker_reconnects,
+            docker_errors,
+            last_heartbeat,
+        }
+    }
+
+    /// The `info` series: this build's version and the node name.
+    pub fn set_info(&self, node: &str) {
+        self.info
+            .get_or_create(&InfoLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                node: node.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// A task ended. Unregistered names are counted as `unknown`, so a
+    /// stream of junk messages cannot grow the label set.
+    pub fn task_ended(&self, task: &str, outcome: Outcome) {
+        let task = Offliner::from_task_name(task).map_or("unknown", |o| o.task_name());
+        self.tasks
+            .get_or_create(&TaskLabels {
+                task,
+                outcome: outcome.label(),
+            })
+            .inc();
+    }
+
+    /// A stage took `seconds`.
+    pub fn stage_done(&self, stage: Stage, seconds: f64) {
+        self.stages
+            .get_or_create(&StageLabels {
+                stage: stage.label(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.inc_by(bytes);
+    }
+
+    /// A task took a slot; it counts as active until the guard is dropped.
+    pub fn task_running(&self) -> ActiveTask<'_> {
+        self.active_tasks.inc();
+        ActiveTask { metrics: self }
+    }
+
+    /// A broker session is live; `reconnect` when it replaces a lost one.
+    pub fn broker_up(&self, reconnect: bool) {
+        self.broker_connected.set(1);
+        if reconnect {
+            self.broker_reconnects.inc();
+        }
+    }
+
+    pub fn broker_down(&self) {
+        self.broker_connected.set(0);
+    }
+
+    pub fn docker_error(&self) {
+        self.docker_errors.inc();
+    }
+
+    /// The broker confirmed a worker heartbeat (or `worker-online`).
+    pub fn heartbeat_confirmed(&self) {
+        self.last_heartbeat.set(unix_now());
+    }
+
+    /// The metrics in the OpenMetrics text format (which Prometheus
+    /// scrapes, and whose lines are valid Prometheus text).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Healthy while the broker session is up and heartbeats reach it.
+    pub fn health(&self) -> Health {
+        let last = self.last_heartbeat.get();
+        let heartbeat_age = (last > 0.0).then(|| (unix_now() - last).max(0.0));
+        Health::judge(self.broker_connected.get() == 1, heartbeat_age)
+    }
+}
+
+/// Decrements the active-task gauge when dropped.
+pub struct ActiveTask<'a> {
+    metrics: &'a Metrics,
+}
+
+impl Drop for ActiveTask<'_> {
+    fn drop(&mut self) {
+        self.metrics.active_tasks.dec();
+    }
+}
+
+/// The answer of `/healthz`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Health {
+    pub healthy: bool,
+    pub broker_connected: bool,
+    /// Seconds since the broker last confirmed a heartbeat; `None` before
+    /// the first.
+    pub heartbeat_age_seconds: Option<f64>,
+    /// Why it is unhealthy; `None` when healthy.
+    pub problem: Option<String>,
+}
+
+impl Health {
+    pub fn judge(broker_connected: bool, heartbeat_age: Option<f64>) -> Self {
+        let problem = if !broker_connected {
+            Some("no broker connection; the worker is reconnecting (see its log)".to_owned())
+        } else {
+            match heartbeat_age {
+                None => Some("no heartbeat confirmed by the broker yet".to_owned()),
+                Some(age) if age > HEARTBEAT_STALE_SECS => Some(format!(
+                    "the broker has confirmed no heartbeat for {age:.0} s"
+                )),
+                Some(_) => None,
+            }
+        };
+        Self {
+            healthy: problem.is_none(),
+            broker_connected,
+            heartbeat_age_seconds: heartbeat_age.map(|a| (a * 10.0).round() / 10.0),
+            problem,
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_the_broker_and_fresh_heartbeats() {
+        assert!(Health::judge(true, Some(1.0)).healthy);
+        let down = Health::judge(false, Some(1.0));
+        assert!(!down.healthy);
+        assert!(down.problem.unwrap().contains("broker"));
+        assert!(!Health::judge(true, None).healthy);
+        let stale = Health::judge(true, Some(HEARTBEAT_STALE_SECS + 5.0));
+        assert!(!stale.healthy);
+        assert!(stale.problem.unwrap().contains("15 s"));
+    }
+
+    #[test]
+    fn a_fresh_registry_is_unhealthy_until_connected_and_beating() {
+        let m = Metrics::new();
+        assert!(!m.health().healthy);
+        m.broker_up(false);
+        assert!(!m.health().healthy);
+        m.heartbeat_confirmed();
+        assert!(m.health().healthy);
+        m.broker_down();
+        assert!(!m.health().healthy);
+    }
+
+    #[test]
+    fn encoding_names_every_metric_with_its_labels() {
+        let m = Metrics::new();
+        m.set_info("node1");
+        m.task_ended("offliner.mwoffliner", Outcome::Succeeded);
+        m.task_ended("offliner.mwoffliner", Outcome::Succeeded);
+        m.task_ended("evil.task.with.a.long.name", Outcome::Rejected);
+        m.stage_done(Stage::Upload, 2.0);
+        m.uploaded(1234);
+        m.broker_up(true);
+        m.docker_error();
+        {
+            let _a = m.task_running();
+            assert!(m.encode().contains("zimfarm_worker_active_tasks 1\n"));
+        }
+        let text = m.encode();
+        for line in [
+            "zimfarm_worker_tasks_total{task=\"offliner.mwoffliner\",outcome=\"succeeded\"} 2",
+            "zimfarm_worker_tasks_total{task=\"unknown\",outcome=\"rejected\"} 1",
+            "zimfarm_worker_stage_duration_seconds_count{stage=\"upload\"} 1",
+            "zimfarm_worker_stage_duration_seconds_bucket{le=\"5.0\",stage=\"upload\"} 1",
+            "zimfarm_worker_uploaded_bytes_total 1234",
+            "zimfarm_worker_active_tasks 0",
+            "zimfarm_worker_broker_connected 1",
+            "zimfarm_worker_broker_reconnects_total 1",
+            "zimfarm_worker_docker_errors_total 1",
+            "zimfarm_worker_info{version=\"",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

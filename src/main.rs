@@ -198,13 +198,6 @@ async fn serve(
             let runner = DockerRunner::new(config.pipeline.clone(), Some(warehouse)).await?;
             let version = runner.docker().version().await?;
             tracing::info!(docker = %version, "Docker engine reachable");
-            let removed = runner.remove_orphans().await?;
-            if removed > 0 {
-                tracing::warn!(
-                    removed,
-                    "removed containers left by an earlier run of this node"
-                );
-            }
             Worker::new(config, runner, ended)?.run(shutdown).await?;
         }
         RunnerKind::Simulate => {

@@ -384,6 +384,20 @@ impl DockerRunner {
             }));
         }
         let files = produced_files(&dirs.local_task, &log_file).await?;
+        if files.is_empty() {
+            return Err(RunError::Failed(TaskError {
+                kind: "RuntimeError".to_owned(),
+                module: "builtins".to_owned(),
+                message: "the offliner exited with code 0 but wrote no file".to_owned(),
+                detail: format!(
+                    "nothing in {} (the host's {}); if WORKING_DIR is not the host path of the \
+                     directory mounted at ZIM_DIR, the offliner's files went to another place \
+                     on the host",
+                    dirs.local_task.display(),
+                    dirs.host_task.display()
+                ),
+            }));
+        }
         tracing::info!(files = files.len(), "offliner finished");
         let log_kept = tokio::fs::try_exists(dirs.local_task.join(&log_file))
             .await
@@ -527,6 +541,20 @@ impl Runner for DockerRunner {
         let this = self.clone();
         let task_id = task_id.to_owned();
         async move { this.remove_task_dir(&task_id).await }
+    }
+
+    async fn claim_node(&self) {
+        match self.remove_orphans().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::warn!(
+                removed,
+                "removed containers left by an earlier run of this node"
+            ),
+            Err(error) => {
+                metrics::global().docker_error();
+                tracing::error!(%error, "could not remove the containers left by an earlier run of this node");
+            }
+        }
     }
 }
 

@@ -128,6 +128,18 @@ pub trait Runner: Send + Sync + 'static {
         let _ = task_id;
         std::future::ready(())
     }
+
+    /// Called once, when the worker first holds its node's name (the
+    /// broker granted it the node's exclusive remote-control queue) and
+    /// before it takes any task: the runner cleans up what an earlier run
+    /// of this node left behind. Not sooner: a second worker started by
+    /// mistake with a name in use must not touch the first one's work.
+    ///
+    /// The Docker pipeline removes the containers labelled for this node.
+    /// The default does nothing.
+    fn claim_node(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// What a simulated task does, from the message's `simulate` kwarg:

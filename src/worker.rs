@@ -353,6 +353,11 @@ impl<R: Runner> Inner<R> {
             };
             backoff = new_backoff();
             locked_since = None;
+            if first {
+                // The node's name is ours now: what an earlier run of it
+                // left can go, before any task of this run starts.
+                self.runner.claim_node().await;
+            }
             let (consumers_tx, mut consumers) = mpsc::unbounded_channel();
             self.go_live(&mut session, &queues, consumers_tx).await;
             let _ = channels.send(Some(session.publish_channel.clone()));

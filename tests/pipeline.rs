@@ -371,6 +371,66 @@ fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
 }
 
 #[test]
+fn a_second_worker_with_the_same_node_name_leaves_the_first_ones_containers_alone() {
+    let sshd = Sshd::start();
+    let node = "samenode";
+    let (vh, dir, events, _first) = stack(node, &docker_env(&sshd, &[]));
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &mw_kwargs(json!({"sleep": 3})),
+        &[],
+    );
+    events.wait_task_event("task-container_started", &id, T);
+    let running = containers_of(node);
+    assert_eq!(running.len(), 2, "offliner and redis: {running:?}");
+    // Started by mistake with the same name: it must stop without touching
+    // the first worker's containers (they carry this node's label).
+    let mut second = WorkerProc::start(&vh, dir.path(), node, &docker_env(&sshd, &[]));
+    let status = second.wait_exit(T);
+    assert!(!status.success());
+    assert!(
+        second.log_text().contains(node),
+        "names the node: {}",
+        second.log_text()
+    );
+    assert!(!second.log_text().contains("removed containers"));
+    let finished = events.wait_task_event("task-container_finished", &id, T);
+    assert_eq!(finished["exit_code"], 0, "{finished}");
+    events.wait_task_event("task-succeeded", &id, T);
+    wait_no_containers(node);
+}
+
+#[test]
+fn an_offliner_that_writes_nothing_fails_the_task() {
+    let sshd = Sshd::start();
+    let node = "nofiles";
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &mw_kwargs(json!({"zims": 0})),
+        &[],
+    );
+    let failed = events.wait_task_event("task-failed", &id, T);
+    let exception = failed["exception"].as_str().unwrap();
+    assert!(exception.contains("wrote no file"), "{failed}");
+    assert!(
+        failed["traceback"]
+            .as_str()
+            .unwrap()
+            .contains("WORKING_DIR"),
+        "{failed}"
+    );
+    assert!(task_dir_gone(dir.path(), &id));
+    wait_no_containers(node);
+}
+
+#[test]
 fn sigterm_stops_the_task_containers() {
     let sshd = Sshd::start();
     let node = "termdocker";

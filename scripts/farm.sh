@@ -12,9 +12,12 @@
 # checksum verified on the way); the script then shows where the ZIM and
 # the container log landed in the warehouse and opens the ZIM with libzim.
 #
-# Usage: scripts/farm.sh [--once]
+# Usage: scripts/farm.sh [--once]   (FARM_PROFILE=dev: a debug build)
 #   --once   exit after the demo task ended (default: keep the farm running
-#            until Ctrl-C, then stop the worker and the event monitor)
+#            until Ctrl-C)
+# On exit (Ctrl-C, or the end of --once) it stops what it started: the
+# worker, the warehouse, the dispatcher stand-in, the event monitor, and
+# RabbitMQ and dockerd if they were not running before.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -26,6 +29,23 @@ case "${1:-}" in
   *) echo "usage: scripts/farm.sh [--once]" >&2; exit 2 ;;
 esac
 
+# What runs already is left running on exit.
+rabbit_was_up=false
+(exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && rabbit_was_up=true
+docker_was_up=false
+docker info >/dev/null 2>&1 && docker_was_up=true
+stop_services() {
+  if ! $rabbit_was_up; then
+    echo "==> stopping RabbitMQ (this script started it)"
+    rabbitmqctl -q shutdown >/dev/null 2>&1 || true
+  fi
+  if ! $docker_was_up && [ -s /var/run/docker.pid ]; then
+    echo "==> stopping dockerd (this script started it)"
+    kill "$(cat /var/run/docker.pid)" 2>/dev/null || true
+  fi
+}
+trap stop_services EXIT
+trap 'exit 130' INT TERM
 bash scripts/test-env.sh
 api="http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api"
 vhost="zimfarm-demo"
@@ -34,8 +54,15 @@ curl -fsS -X PUT -H 'content-type: application/json' -d '{}' "$api/vhosts/$vhost
 curl -fsS -X PUT -H 'content-type: application/json' \
   -d '{"configure":".*","write":".*","read":".*"}' "$api/permissions/$vhost/zimfarm-test" >/dev/null
 
-echo "==> building the worker and the dispatcher stand-in (release)"
-cargo build --release --locked --quiet --bin zimfarm-worker --example dispatcher_standin
+# FARM_PROFILE=dev reuses the test build (CI runs the demo after the tests).
+profile="${FARM_PROFILE:-release}"
+case "$profile" in
+  release) bin=target/release ;;
+  dev) bin=target/debug ;;
+  *) echo "FARM_PROFILE is '$profile'; use release or dev" >&2; exit 2 ;;
+esac
+echo "==> building the worker and the dispatcher stand-in ($profile)"
+cargo build --profile "$profile" --locked --quiet --bin zimfarm-worker --example dispatcher_standin
 work="$(mktemp -d /tmp/zimfarm-farm.XXXXXX)"
 # The warehouse's chroot: sshd wants every component of it root-owned and
 # not writable by others, which /tmp is not (test-env.sh made this base).
@@ -46,7 +73,8 @@ cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work" "$warehouse"
-  echo "==> farm stopped (RabbitMQ and Docker keep running)"
+  stop_services
+  echo "==> farm stopped"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -83,7 +111,7 @@ done
 echo "    warehouse at 127.0.0.1:$sftp_port, its files in $warehouse"
 
 echo "==> starting the dispatcher stand-in (OAuth2 and the SSH keys API, SPEC §7) with the worker's key registered"
-target/release/examples/dispatcher_standin --user zimfarm-sftp --password demo \
+"$bin/examples/dispatcher_standin" --user zimfarm-sftp --password demo \
   --public-key "$work/id_ed25519.pub" > "$work/dispatcher.out" 2> "$work/dispatcher.log" &
 pids+=($!)
 for _ in $(seq 100); do grep -q '^DISPATCHER_URL=' "$work/dispatcher.out" 2>/dev/null && break; sleep 0.05; done
@@ -112,7 +140,8 @@ for line in sys.stdin:
 ' &
 pids+=($!)
 
-echo "==> starting the worker as zimfarm-sftp@farm"
+metrics_port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+echo "==> starting the worker as zimfarm-sftp@farm (metrics at http://127.0.0.1:$metrics_port/metrics)"
 touch "$work/worker.log"
 mkdir -p "$work/zim_files"
 USERNAME=zimfarm-sftp PASSWORD=demo NODE_NAME=farm QUEUES=small CONCURRENCY=2 \
@@ -120,7 +149,8 @@ USERNAME=zimfarm-sftp PASSWORD=demo NODE_NAME=farm QUEUES=small CONCURRENCY=2 \
   TASK_RUNNER=docker PULL_POLICY=never REDIS_IMAGE=zimfarm/redis:test MIN_FREE_DISK_MB=100 \
   WAREHOUSE_HOST=127.0.0.1 WAREHOUSE_PORT="$sftp_port" SSH_KEY="$work/id_ed25519" \
   WAREHOUSE_KNOWN_HOSTS="$work/known_hosts" DISPATCHER_URL="$dispatcher_url" \
-  target/release/zimfarm-worker 2> "$work/worker.log" &
+  METRICS_ADDR="127.0.0.1:$metrics_port" \
+  "$bin/zimfarm-worker" 2> "$work/worker.log" &
 pids+=($!)
 for _ in $(seq 200); do grep -q "consuming" "$work/worker.log" && break; sleep 0.05; done
 grep "consuming" "$work/worker.log" || { cat "$work/worker.log"; exit 1; }
@@ -148,6 +178,12 @@ if [ -e "$work/zim_files/$task_id" ]; then
 else
   echo "    the task dir was removed once the upload was confirmed"
 fi
+
+echo "==> the worker's health and metrics (http://127.0.0.1:$metrics_port):"
+echo "    /healthz: $(curl -fsS "http://127.0.0.1:$metrics_port/healthz")"
+curl -fsS "http://127.0.0.1:$metrics_port/metrics" \
+  | grep -E '^zimfarm_worker_(tasks_total|stage_duration_seconds_(sum|count)|uploaded_bytes_total|active_tasks|broker_connected)[{ ]' \
+  | sed 's/^/    /'
 
 if $once; then
   exit 0

@@ -23,7 +23,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -71,6 +71,14 @@ pub enum BrokerError {
     ConnectTimeout { url: String, secs: u64 },
     #[error("broker refused {what}: {source}")]
     Setup { what: String, source: lapin::Error },
+    /// The broker turned the login down (403 ACCESS_REFUSED) or does not
+    /// let this user into the vhost (530 NOT_ALLOWED): configuration, not
+    /// an outage.
+    #[error(
+        "the broker at {url} refused this worker: {reason}; check USERNAME and PASSWORD (or the \
+         user, password and vhost in BROKER_URL)"
+    )]
+    Refused { url: String, reason: String },
     /// The node's pidbox queue is held by another connection (405
     /// RESOURCE_LOCKED on the exclusive queue): another worker runs with the
     /// same node name.
@@ -81,6 +89,29 @@ pub enum BrokerError {
         queue = control_queue_name(node)
     )]
     NodeInUse { node: String },
+}
+
+impl BrokerError {
+    /// Whether retrying cannot help until the configuration changes.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused { .. } | Self::CaFile { .. })
+    }
+}
+
+/// The broker's reason when it refused the login or the vhost.
+fn refusal(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(
+                e.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+            ) =>
+        {
+            Some(e.get_message().to_string())
+        }
+        _ => None,
+    }
 }
 
 /// Whether the broker refused an exclusive queue held by another connection.
@@ -259,6 +290,12 @@ impl Broker {
                 secs: CONNECT_TIMEOUT.as_secs(),
             })?
             .map_err(|source| {
+                if let Some(reason) = refusal(&source) {
+                    return BrokerError::Refused {
+                        url: url.clone(),
+                        reason,
+                    };
+                }
                 let hint = if source.to_string().contains("certificate") {
                     "; the broker's TLS certificate is not trusted: if it comes from a \
                      private CA, set BROKER_CA_FILE to that CA's PEM file"

@@ -21,7 +21,7 @@ use zimfarm_worker::ops::{self, KeyNotRegistered};
 use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
 use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
 use zimfarm_worker::warehouse::{ClientKey, KeyError, Warehouse, WarehouseError};
-use zimfarm_worker::worker::Worker;
+use zimfarm_worker::worker::{Worker, WorkerError};
 
 /// The openZIM Zimfarm worker: runs scraper tasks sent by the Zimfarm
 /// dispatcher and uploads the ZIM files to the warehouse. Configured by
@@ -104,6 +104,9 @@ fn main() -> ExitCode {
         Err(error)
             if error.is::<KeyError>()
                 || error.is::<KeyNotRegistered>()
+                || error
+                    .downcast_ref::<WorkerError>()
+                    .is_some_and(WorkerError::is_configuration)
                 || error
                     .downcast_ref::<WarehouseError>()
                     .is_some_and(WarehouseError::is_permanent)

@@ -67,6 +67,18 @@ pub enum WorkerError {
     NodeInUse { node: String },
 }
 
+impl WorkerError {
+    /// Configuration to fix before starting again (exit code 2): a refused
+    /// broker login or vhost, an unreadable `BROKER_CA_FILE`, a node name in
+    /// use.
+    pub fn is_configuration(&self) -> bool {
+        match self {
+            Self::Broker(error) => error.is_refusal(),
+            Self::NodeInUse { .. } => true,
+        }
+    }
+}
+
 /// Why a task's cancel token fired.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum CancelReason {
@@ -342,6 +354,9 @@ impl<R: Runner> Inner<R> {
                         _ = tokio::time::sleep(delay) => continue,
                     }
                 }
+                // At start a refused login is configuration to fix; later
+                // it may be the broker's auth backend having a bad moment.
+                Err(error) if first && error.is_refusal() => return Err(error.into()),
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::error!(%error, retry_in = ?delay, "broker unreachable");

@@ -598,7 +598,11 @@ fn a_second_worker_with_the_same_node_name_exits_with_a_clear_error() {
     let other_dir = tempfile::tempdir().expect("temp dir");
     let mut second = WorkerProc::start(&vh, other_dir.path(), "dup", &[]);
     let status = second.wait_exit(Duration::from_secs(20));
-    assert!(!status.success(), "the second worker must fail: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "the second worker must fail: {status:?}"
+    );
     let log = second.log_text();
     assert!(
         log.contains("another worker named tester@dup is already connected"),

@@ -308,3 +308,31 @@ fn the_token_is_kept_fresh_with_refresh_grants_not_new_logins() {
         assert!(!log.contains(&token), "a token reached the log");
     }
 }
+
+#[test]
+fn a_broker_that_refuses_the_login_or_the_vhost_stops_the_worker_with_exit_2() {
+    let vh = Vhost::new("brokerrefuses");
+    let dir = tempfile::tempdir().unwrap();
+    let wrong_password = vh.url().replace("zimfarm-test@", "wrong-password@");
+    assert_ne!(wrong_password, vh.url());
+    let no_vhost = format!("{}-does-not-exist", vh.url());
+    for (url, reason) in [
+        (wrong_password.as_str(), "ACCESS_REFUSED"),
+        (no_vhost.as_str(), "NOT_ALLOWED"),
+    ] {
+        let mut worker =
+            WorkerProc::start(&vh, dir.path(), "brokerrefuses", &[("BROKER_URL", url)]);
+        let status = worker.wait_exit(T);
+        let log = worker.log_text();
+        assert_eq!(status.code(), Some(2), "{url}: {log}");
+        assert!(
+            log.contains("refused this worker") && log.contains(reason),
+            "{url}: {log}"
+        );
+        assert!(log.contains("USERNAME and PASSWORD"), "{log}");
+        assert!(
+            !log.contains("wrong-password"),
+            "no password in the log: {log}"
+        );
+    }
+}

@@ -44,6 +44,10 @@ const TAIL_LINES: usize = 100;
 const TAIL_LINE_MAX: usize = 2000;
 /// Name of the directory (in ZIM_DIR) holding the per-task sockets dirs.
 const SOCKETS_DIR: &str = ".sockets";
+/// How long a failed task waits for its log to reach the warehouse before
+/// it reports the failure anyway.
+const FAILED_LOG_UPLOAD_LIMIT: Duration = Duration::from_secs(60);
+
 /// The marker, in the task dir, of a generate stage that succeeded.
 pub const GENERATED_MARKER: &str = ".zimfarm-generated.json";
 
@@ -181,7 +185,11 @@ impl DockerRunner {
                         generated
                     }
                     Err(e) => {
-                        // Nothing of a failed or stopped scrape is worth keeping.
+                        // The log of a failed scrape is what its operator
+                        // needs; nothing else of it is worth keeping.
+                        if let (Some(warehouse), RunError::Failed(_)) = (&self.warehouse, &e) {
+                            self.upload_failed_log(warehouse, &plan, &dirs, &ctx).await;
+                        }
                         let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
                         return Err(e);
                     }
@@ -251,6 +259,38 @@ impl DockerRunner {
                     ),
                 }))
             }
+        }
+    }
+
+    /// Best effort, within [`FAILED_LOG_UPLOAD_LIMIT`]: the offliner's log
+    /// of a failed run to `/logs/`, so that the task's page can show it.
+    async fn upload_failed_log(
+        &self,
+        warehouse: &Warehouse,
+        plan: &TaskPlan,
+        dirs: &TaskDirs,
+        ctx: &TaskContext,
+    ) {
+        let container = self.container_name(&plan.task_id, "offliner");
+        let mut log = None;
+        for name in [format!("{container}.log.gz"), format!("{container}.log")] {
+            let path = dirs.local_task.join(&name);
+            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+                log = Some(UploadItem::log(path, &name));
+                break;
+            }
+        }
+        let Some(item) = log else { return };
+        let upload = warehouse.upload(std::slice::from_ref(&item), &ctx.cancel);
+        match tokio::time::timeout(FAILED_LOG_UPLOAD_LIMIT, upload).await {
+            Ok(Ok(_)) => tracing::info!(log = %item.remote_path(), "uploaded the failed run's log"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not upload the failed run's log")
+            }
+            Err(_) => tracing::warn!(
+                limit_s = FAILED_LOG_UPLOAD_LIMIT.as_secs(),
+                "gave up uploading the failed run's log"
+            ),
         }
     }
 

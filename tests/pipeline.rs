@@ -262,6 +262,16 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
     );
     let finished = events.wait_task_event("task-container_finished", &failing, T);
     assert_eq!(finished["exit_code"], 7);
+    // The failed run's log went to the warehouse for its operator.
+    let log = sshd
+        .chroot()
+        .join(format!("logs/zimfarm_{node}_{failing}_offliner.log.gz"));
+    let text = Command::new("zcat").arg(&log).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("fatal: wiki unreachable"),
+        "{}: {text:?}",
+        log.display()
+    );
 
     let silent = task_id();
     send_task(
@@ -280,6 +290,11 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
             .unwrap()
             .contains("IDLE_TIMEOUT"),
         "{failed}"
+    );
+    let log = format!("logs/zimfarm_{node}_{silent}_offliner.log");
+    assert!(
+        sshd.chroot().join(&log).exists() || sshd.chroot().join(format!("{log}.gz")).exists(),
+        "the idle run's log is in the warehouse"
     );
     wait_no_containers(node);
     assert!(task_dir_gone(dir.path(), &failing) && task_dir_gone(dir.path(), &silent));

@@ -14,6 +14,7 @@ use zimfarm_worker::config::{
     WarehouseSettings,
 };
 use zimfarm_worker::dispatcher::{Dispatcher, DispatcherError};
+use zimfarm_worker::docker::DockerError;
 use zimfarm_worker::ended::{EndedError, EndedLog};
 use zimfarm_worker::metrics;
 use zimfarm_worker::monitor::{self, MonitorError};
@@ -107,6 +108,9 @@ fn main() -> ExitCode {
                 || error
                     .downcast_ref::<WorkerError>()
                     .is_some_and(WorkerError::is_configuration)
+                || error
+                    .downcast_ref::<DockerError>()
+                    .is_some_and(|e| matches!(e, DockerError::Connect(_)))
                 || error
                     .downcast_ref::<WarehouseError>()
                     .is_some_and(WarehouseError::is_permanent)

@@ -828,6 +828,26 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
 }
 
 #[test]
+fn a_docker_engine_out_of_reach_stops_the_worker_at_start_with_exit_2() {
+    let sshd = Sshd::start();
+    let vh = Vhost::new("nodocker");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("no-docker.sock");
+    let host = leak(format!("unix://{}", socket.display()));
+    let mut worker = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "nodocker",
+        &docker_env(&sshd, &[("DOCKER_HOST", host)]),
+    );
+    let status = worker.wait_exit(T);
+    let log = worker.log_text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("cannot reach the Docker engine"), "{log}");
+    assert!(!log.contains("consuming"), "{log}");
+}
+
+#[test]
 fn run_task_runs_one_task_from_a_file_without_a_broker() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("task.json");

@@ -99,10 +99,11 @@ fn is_gone_or_stopped(error: &bollard::errors::Error) -> bool {
 }
 
 impl DockerClient {
-    /// Connects with the usual defaults (`DOCKER_HOST`, else the local
-    /// socket) and negotiates the API version with the engine.
+    /// Connects as the docker CLI does (`DOCKER_HOST`: `unix://` or plain
+    /// `tcp://`; else the local socket) and negotiates the API version with
+    /// the engine.
     pub async fn connect() -> Result<Self, DockerError> {
-        let docker = Docker::connect_with_local_defaults().map_err(DockerError::Connect)?;
+        let docker = Docker::connect_with_defaults().map_err(DockerError::Connect)?;
         let docker = docker
             .negotiate_version()
             .await

@@ -847,6 +847,92 @@ fn a_docker_engine_out_of_reach_stops_the_worker_at_start_with_exit_2() {
     assert!(!log.contains("consuming"), "{log}");
 }
 
+/// Forwards 127.0.0.1:<port> to the Docker engine's unix socket: the
+/// engine as `DOCKER_HOST=tcp://...` (as docker:dind serves it). Returns
+/// the port and a count of the connections made.
+fn docker_over_tcp() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                continue;
+            };
+            seen.fetch_add(1, Ordering::SeqCst);
+            let (mut c2, mut e2) = (client.try_clone().unwrap(), engine.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut e2);
+                let _ = e2.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut c, mut e) = (client, engine);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut e, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn docker_host_tcp_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("task.json");
+    let id = task_id();
+    std::fs::write(
+        &file,
+        json!({"task": "offliner.gutenberg", "id": id, "kwargs": {"flags": {}, "image": {"name": "openzim/gutenberg", "tag": "test"}, "warehouse_path": "/gutenberg"}}).to_string(),
+    )
+    .unwrap();
+    let (port, connections) = docker_over_tcp();
+    let out = Command::new(worker_binary())
+        .args(["run-task", "--no-upload"])
+        .arg(&file)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DOCKER_HOST", format!("tcp://127.0.0.1:{port}"))
+        .env("WORKING_DIR", dir.path())
+        .env("ZIM_DIR", dir.path())
+        .env("NODE_NAME", "dockertcp")
+        .env("PULL_POLICY", "never")
+        .env("MIN_FREE_DISK_MB", "10")
+        .output()
+        .unwrap();
+    let last = last_json_line(&out.stdout);
+    assert_eq!(
+        last["status"],
+        "SUCCESS",
+        "{last} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        connections.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the engine was reached through DOCKER_HOST"
+    );
+    assert!(containers_of("dockertcp").is_empty());
+
+    let out = Command::new(worker_binary())
+        .args(["run-task", "--no-upload"])
+        .arg(&file)
+        .env_clear()
+        .env("DOCKER_HOST", "ftp://127.0.0.1:1")
+        .env("WORKING_DIR", dir.path())
+        .env("ZIM_DIR", dir.path())
+        .env("NODE_NAME", "dockertcp")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot reach the Docker engine"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn run_task_runs_one_task_from_a_file_without_a_broker() {
     let dir = tempfile::tempdir().unwrap();

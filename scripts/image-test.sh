@@ -27,6 +27,8 @@
 #                   (CI builds debug for the tests; a release binary works too).
 #   The dispatcher stand-in is taken from <binary's dir>/examples/, else
 #   built with `cargo build --example dispatcher_standin`.
+#   IMAGE_TEST_BASE=IMAGE  use that base image (pulled if missing) instead of
+#                   building the debootstrap one.
 # Needs root (the warehouse's chroot), and what scripts/test-env.sh sets up
 # (it runs it first; quick when all is there).
 set -euo pipefail
@@ -36,7 +38,9 @@ REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
 BIN=${1:-${ZIMFARM_WORKER_BIN:-target/debug/zimfarm-worker}}
-BASE_IMAGE=zimfarm/debian-bookworm:local
+# IMAGE_TEST_BASE=debian:bookworm-slim (a host that can pull) skips the
+# debootstrap stand-in.
+BASE_IMAGE=${IMAGE_TEST_BASE:-zimfarm/debian-bookworm:local}
 RUNTIME_BASE=zimfarm/worker-base:local
 TEST_IMAGE=zimfarm/worker:image-test
 RABBIT_API=http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api
@@ -119,7 +123,11 @@ fi
 # ------------------------------------------------------------------ images
 
 start=$SECONDS
-bash tests/images/debian-base.sh
+if [ -z "${IMAGE_TEST_BASE:-}" ]; then
+    bash tests/images/debian-base.sh
+else
+    docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || docker pull -q "$BASE_IMAGE" >/dev/null
+fi
 log "base image $BASE_IMAGE ready ($((SECONDS - start))s)"
 
 # --network host: the RUN steps' apt-get reaches the mirror whatever the

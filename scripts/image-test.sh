@@ -130,22 +130,31 @@ else
 fi
 log "base image $BASE_IMAGE ready ($((SECONDS - start))s)"
 
+WORK=$(mktemp -d /tmp/zimfarm-image-test.XXXXXX)
+
+# docker build, its output (and the legacy builder's deprecation notice)
+# shown only when it fails.
+quiet_build() {
+    if ! docker build --quiet "$@" >"$WORK/build.log" 2>&1; then
+        cat "$WORK/build.log" >&2
+        die "docker build $* failed"
+    fi
+}
+
 # --network host: the RUN steps' apt-get reaches the mirror whatever the
 # bridge network allows (here both work; some CI hosts only have the host's).
 start=$SECONDS
-docker build --quiet --network host --target runtime-base \
+quiet_build --network host --target runtime-base \
     --build-arg RUNTIME_IMAGE="$BASE_IMAGE" --build-arg WAREHOUSE_KEYSCAN= \
-    -t "$RUNTIME_BASE" . >/dev/null
+    -t "$RUNTIME_BASE" .
 log "Dockerfile target runtime-base built as $RUNTIME_BASE ($((SECONDS - start))s)"
 
-WORK=$(mktemp -d /tmp/zimfarm-image-test.XXXXXX)
 mkdir "$WORK/context"
 cp -- "$BIN" "$WORK/context/zimfarm-worker"
+printf '%s\n' "FROM $RUNTIME_BASE" 'COPY zimfarm-worker /usr/local/bin/zimfarm-worker' \
+    >"$WORK/context/Dockerfile"
 start=$SECONDS
-docker build --quiet -t "$TEST_IMAGE" -f - "$WORK/context" >/dev/null <<EOF
-FROM $RUNTIME_BASE
-COPY zimfarm-worker /usr/local/bin/zimfarm-worker
-EOF
+quiet_build -t "$TEST_IMAGE" "$WORK/context"
 rm -rf -- "$WORK/context"
 log "test image $TEST_IMAGE built with $BIN ($((SECONDS - start))s): $(docker run --rm "$TEST_IMAGE" --version)"
 

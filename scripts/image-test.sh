@@ -29,6 +29,9 @@
 #   built with `cargo build --example dispatcher_standin`.
 #   IMAGE_TEST_BASE=IMAGE  use that base image (pulled if missing) instead of
 #                   building the debootstrap one.
+#   IMAGE_TEST_USER=UID:GID  run the container as that user, the non-root way
+#                   the Dockerfile documents (--user, --group-add of the
+#                   socket's group, working dir and key owned by UID).
 # Needs root (the warehouse's chroot), and what scripts/test-env.sh sets up
 # (it runs it first; quick when all is there).
 set -euo pipefail
@@ -38,6 +41,7 @@ REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
 BIN=${1:-${ZIMFARM_WORKER_BIN:-target/debug/zimfarm-worker}}
+RUN_USER=${IMAGE_TEST_USER:-}
 # IMAGE_TEST_BASE=debian:bookworm-slim (a host that can pull) skips the
 # debootstrap stand-in.
 BASE_IMAGE=${IMAGE_TEST_BASE:-zimfarm/debian-bookworm:local}
@@ -216,8 +220,16 @@ log "dispatcher stand-in at $dispatcher_url, the RSA key registered for $SFTP_US
 working_dir="$WORK/zim_files"
 mkdir "$working_dir"
 metrics_port=$(free_port)
-log "docker run $TEST_IMAGE as $SFTP_USER@$NODE_NAME (metrics on 127.0.0.1:$metrics_port)"
-docker run --detach \
+# The non-root run the Dockerfile documents: the working dir writable and
+# the key readable by that user, the socket's group added.
+run_as=()
+if [ -n "$RUN_USER" ]; then
+    chown "$RUN_USER" "$working_dir" "$WORK/id_rsa"
+    chmod 600 "$WORK/id_rsa"
+    run_as=(--user "$RUN_USER" --group-add "$(stat -c %g /var/run/docker.sock)")
+fi
+log "docker run $TEST_IMAGE as $SFTP_USER@$NODE_NAME, ${RUN_USER:+user $RUN_USER, }metrics on 127.0.0.1:$metrics_port"
+docker run --detach "${run_as[@]}" \
     -v /var/run/docker.sock:/var/run/docker.sock \
     -v "$WORK/id_rsa:/usr/src/.ssh/id_rsa" \
     -v "$working_dir:/zim_files" \

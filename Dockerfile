@@ -31,7 +31,8 @@
 # id, which no name in this image stands for). Note that access to the
 # Docker socket is root-equivalent on the host whichever user runs the
 # worker; running as uid 1000 protects against mistakes inside the worker's
-# own container, not against the socket.
+# own container, not against the socket. scripts/image-test.sh runs the image
+# both ways (IMAGE_TEST_USER=1000:1000 for this one).
 #
 # The warehouse's SSH host key: the worker refuses unknown host keys (no
 # trust on first use). This build runs ssh-keyscan against WAREHOUSE_KEYSCAN

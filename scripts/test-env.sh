@@ -43,8 +43,11 @@ SSHD_PRIVSEP_DIR=/run/sshd
 # Seconds to wait for a service to come up before giving up.
 STARTUP_TIMEOUT=90
 
+# debootstrap, debian-archive-keyring and docker-compose: the image test
+# (scripts/image-test.sh, tests/images/debian-base.sh) and the compose lint.
 PACKAGES=(rabbitmq-server openssh-server busybox-static redis-server
-    python3-venv curl shellcheck openssl)
+    python3-venv curl shellcheck openssl debootstrap debian-archive-keyring
+    docker-compose)
 
 log() { printf 'test-env: %s\n' "$*" >&2; }
 die() {

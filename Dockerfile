@@ -99,11 +99,13 @@ RUN apt-get update -q; \
 # The non-root user (see the top of this file); no home, no shell.
 RUN useradd --uid 1000 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin zimfarm; \
-    install -d -m 0755 /usr/src/.ssh /zim_files
+    install -d -m 0755 /usr/src/.ssh
 COPY --from=warehouse-host-keys /known_hosts /usr/src/.ssh/known_hosts
 # No VOLUME for /zim_files on purpose: an anonymous volume there would
 # silently split the worker's view of the task dirs from the host path the
 # scrapers get (WORKING_DIR); a forgotten bind mount must fail loudly instead.
+# Nor is /zim_files created: without the mount the worker finds no ZIM_DIR
+# and stops at start (exit 2) with a line saying so.
 ENV ZIM_DIR=/zim_files \
     METRICS_ADDR=0.0.0.0:9090
 # Prometheus metrics and /healthz (METRICS_ADDR; empty turns them off).

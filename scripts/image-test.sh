@@ -228,6 +228,23 @@ if [ -n "$RUN_USER" ]; then
     chmod 600 "$WORK/id_rsa"
     run_as=(--user "$RUN_USER" --group-add "$(stat -c %g /var/run/docker.sock)")
 fi
+# The mistake the image guards against: the working dir not mounted. The
+# worker must stop at once with exit 2 and a line naming ZIM_DIR, not scrape
+# into the container's own filesystem.
+set +e
+no_mount=$(docker run --rm "${run_as[@]}" \
+    -v "$WORK/id_rsa:/usr/src/.ssh/id_rsa" \
+    --env USERNAME="$SFTP_USER" --env PASSWORD="$PASSWORD" \
+    --env WORKING_DIR="$working_dir" --env NODE_NAME="$NODE_NAME" \
+    --env QUEUES='small' --network host \
+    "$TEST_IMAGE" 2>&1)
+no_mount_rc=$?
+set -e
+if [ "$no_mount_rc" -ne 2 ] || ! grep -q 'ZIM_DIR' <<<"$no_mount"; then
+    die "without the /zim_files mount the worker should exit 2 naming ZIM_DIR; it exited $no_mount_rc: $no_mount"
+fi
+log "without the /zim_files mount: exit 2, $(tail -n1 <<<"$no_mount")"
+
 log "docker run $TEST_IMAGE as $SFTP_USER@$NODE_NAME, ${RUN_USER:+user $RUN_USER, }metrics on 127.0.0.1:$metrics_port"
 docker run --detach "${run_as[@]}" \
     -v /var/run/docker.sock:/var/run/docker.sock \

@@ -56,6 +56,10 @@ current_hash() {
 # What the official slim image adds to a plain debootstrap.
 slim_like() {
     local root=$1
+    # Every path below is under $root: never let it be the host's /.
+    case $root in
+    '' | / | //*) die "refusing to trim the rootfs '$root'" ;;
+    esac
     rm -f -- "$root/etc/apt/sources.list"
     cat >"$root/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb

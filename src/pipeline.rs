@@ -188,7 +188,9 @@ impl DockerRunner {
                         // The log of a failed scrape is what its operator
                         // needs; nothing else of it is worth keeping.
                         if let (Some(warehouse), RunError::Failed(_)) = (&self.warehouse, &e) {
-                            self.upload_failed_log(warehouse, &plan, &dirs, &ctx).await;
+                            self.upload_failed_log(warehouse, &plan, &dirs, &ctx)
+                                .instrument(tracing::info_span!("stage", stage = "upload"))
+                                .await;
                         }
                         let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
                         return Err(e);

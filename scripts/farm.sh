@@ -47,12 +47,11 @@ stop_services() {
 trap stop_services EXIT
 trap 'exit 130' INT TERM
 bash scripts/test-env.sh
-api="http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api"
+# shellcheck source=scripts/lib/farm-services.sh
+source scripts/lib/farm-services.sh
 vhost="zimfarm-demo"
 broker="amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672/$vhost"
-curl -fsS -X PUT -H 'content-type: application/json' -d '{}' "$api/vhosts/$vhost" >/dev/null
-curl -fsS -X PUT -H 'content-type: application/json' \
-  -d '{"configure":".*","write":".*","read":".*"}' "$api/permissions/$vhost/zimfarm-test" >/dev/null
+farm_vhost "http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api" "$vhost" zimfarm-test
 
 # FARM_PROFILE=dev reuses the test build (CI runs the demo after the tests).
 profile="${FARM_PROFILE:-release}"
@@ -70,7 +69,7 @@ warehouse="$(mktemp -d /srv/zimfarm-test-sftp/farm.XXXXXX)"
 chmod 755 "$warehouse"
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}" "${FARM_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$work" "$warehouse"
   stop_services
@@ -80,49 +79,22 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "==> starting the SFTP warehouse (OpenSSH sshd on 127.0.0.1, chrooted, key login only)"
-install -d -o zimfarm-sftp -m 755 "$warehouse/zim" "$warehouse/logs"
-ssh-keygen -q -t ed25519 -N '' -f "$work/host_key"
 ssh-keygen -q -t ed25519 -N '' -C demo@farm -f "$work/id_ed25519"
-cp "$work/id_ed25519.pub" "$work/authorized_keys"
-# sshd reads authorized_keys as the SFTP user.
-chmod 755 "$work"
-sftp_port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-printf '%s\n' \
-  "ListenAddress 127.0.0.1:$sftp_port" \
-  "HostKey $work/host_key" \
-  "PidFile $work/sshd.pid" \
-  "AuthorizedKeysFile $work/authorized_keys" \
-  "StrictModes no" \
-  "PubkeyAuthentication yes" \
-  "PasswordAuthentication no" \
-  "KbdInteractiveAuthentication no" \
-  "UsePAM no" \
-  "AllowUsers zimfarm-sftp" \
-  "Subsystem sftp internal-sftp" \
-  "ForceCommand internal-sftp" \
-  "ChrootDirectory $warehouse" > "$work/sshd_config"
-/usr/sbin/sshd -D -e -f "$work/sshd_config" 2> "$work/sshd.log" &
-pids+=($!)
+farm_start_warehouse "$work" "$warehouse" zimfarm-sftp "$work/id_ed25519.pub"
+sftp_port=$FARM_SFTP_PORT
 echo "[127.0.0.1]:$sftp_port $(cut -d' ' -f1,2 "$work/host_key.pub")" > "$work/known_hosts"
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$sftp_port") 2>/dev/null && break
-  sleep 0.05
-done
 echo "    warehouse at 127.0.0.1:$sftp_port, its files in $warehouse"
 
 echo "==> starting the dispatcher stand-in (OAuth2 and the SSH keys API, SPEC §7) with the worker's key registered"
-"$bin/examples/dispatcher_standin" --user zimfarm-sftp --password demo \
-  --public-key "$work/id_ed25519.pub" > "$work/dispatcher.out" 2> "$work/dispatcher.log" &
-pids+=($!)
-for _ in $(seq 100); do grep -q '^DISPATCHER_URL=' "$work/dispatcher.out" 2>/dev/null && break; sleep 0.05; done
-dispatcher_url="$(sed -n 's/^DISPATCHER_URL=//p' "$work/dispatcher.out")"
-[ -n "$dispatcher_url" ] || { cat "$work/dispatcher.log"; exit 1; }
+farm_start_standin "$bin/examples/dispatcher_standin" "$work" zimfarm-sftp demo "$work/id_ed25519.pub"
+dispatcher_url=$FARM_DISPATCHER_URL
 echo "    dispatcher at $dispatcher_url"
 
 echo "==> starting the event monitor (Celery EventReceiver)"
 .venv/bin/python tests/py/celery_client.py events --broker "$broker" --seconds 86400 \
   > "$work/events.jsonl" &
-pids+=($!)
+events_pid=$!
+pids+=("$events_pid")
 for _ in $(seq 100); do grep -q '"ready"' "$work/events.jsonl" 2>/dev/null && break; sleep 0.1; done
 tail -n +1 -f "$work/events.jsonl" 2>/dev/null | .venv/bin/python -u -c '
 import json, sys
@@ -140,7 +112,7 @@ for line in sys.stdin:
 ' &
 pids+=($!)
 
-metrics_port="$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+metrics_port="$(farm_free_port)"
 echo "==> starting the worker as zimfarm-sftp@farm (metrics at http://127.0.0.1:$metrics_port/metrics)"
 touch "$work/worker.log"
 mkdir -p "$work/zim_files"
@@ -189,4 +161,4 @@ if $once; then
   exit 0
 fi
 echo "==> the farm is running; send more tasks with tests/py/celery_client.py send --broker $broker ...; Ctrl-C stops it"
-wait "${pids[2]}"
+wait "$events_pid"

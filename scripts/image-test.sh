@@ -68,7 +68,7 @@ die() {
 
 WORK=
 WAREHOUSE=
-PIDS=()
+FARM_PIDS=() # filled by scripts/lib/farm-services.sh
 cleanup() {
     local rc=$?
     set +e
@@ -82,8 +82,8 @@ cleanup() {
     # Task containers a failed run may have left (the worker removes them).
     docker ps -aq --filter "label=org.openzim.zimfarm.node=$NODE_NAME" | xargs -r docker rm -f >/dev/null 2>&1
     local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+    for pid in "${FARM_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${FARM_PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     curl -fsS -X DELETE "$RABBIT_API/vhosts/$VHOST" >/dev/null 2>&1
     docker image rm "$TEST_IMAGE" >/dev/null 2>&1
     [ -z "$WORK" ] || rm -rf -- "$WORK"
@@ -93,18 +93,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    .venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_for_port() {
-    local port=$1 _
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    return 1
-}
+# shellcheck source=scripts/lib/farm-services.sh
+source "$REPO/scripts/lib/farm-services.sh"
 
 container_state() {
     docker inspect -f '{{.State.Status}}' "$CONTAINER" 2>/dev/null || echo gone
@@ -164,50 +154,24 @@ log "test image $TEST_IMAGE built with $BIN ($((SECONDS - start))s): $(docker ru
 
 # ------------------------------------------------------------------ the farm
 
-curl -fsS -X PUT -H 'content-type: application/json' -d '{}' "$RABBIT_API/vhosts/$VHOST" >/dev/null
-curl -fsS -X PUT -H 'content-type: application/json' \
-    -d '{"configure":".*","write":".*","read":".*"}' "$RABBIT_API/permissions/$VHOST/zimfarm-test" >/dev/null
+farm_vhost "$RABBIT_API" "$VHOST" zimfarm-test
 
-# The warehouse, as scripts/farm.sh makes it: sshd wants every component of
-# the chroot root-owned and not writable by others (test-env.sh made the base).
+# The warehouse and the dispatcher stand-in, as scripts/farm.sh starts them.
+# The chroot: sshd wants every component of it root-owned and not writable
+# by others (test-env.sh made the base).
 WAREHOUSE=$(mktemp -d /srv/zimfarm-test-sftp/image-test.XXXXXX)
 chmod 755 "$WAREHOUSE"
-install -d -o "$SFTP_USER" -m 755 "$WAREHOUSE/zim" "$WAREHOUSE/logs"
-ssh-keygen -q -t ed25519 -N '' -f "$WORK/host_key"
 # The seed's key: RSA, PEM.
 ssh-keygen -q -t rsa -b 3072 -m PEM -N '' -C image-test@zimfarm -f "$WORK/id_rsa"
-cp "$WORK/id_rsa.pub" "$WORK/authorized_keys"
-chmod 755 "$WORK" # sshd reads authorized_keys as the SFTP user
-sftp_port=$(free_port)
-printf '%s\n' \
-    "ListenAddress 127.0.0.1:$sftp_port" \
-    "HostKey $WORK/host_key" \
-    "PidFile $WORK/sshd.pid" \
-    "AuthorizedKeysFile $WORK/authorized_keys" \
-    "StrictModes no" \
-    "PubkeyAuthentication yes" \
-    "PasswordAuthentication no" \
-    "KbdInteractiveAuthentication no" \
-    "UsePAM no" \
-    "AllowUsers $SFTP_USER" \
-    "Subsystem sftp internal-sftp" \
-    "ForceCommand internal-sftp" \
-    "ChrootDirectory $WAREHOUSE" >"$WORK/sshd_config"
-/usr/sbin/sshd -D -e -f "$WORK/sshd_config" 2>"$WORK/sshd.log" &
-PIDS+=($!)
-wait_for_port "$sftp_port" || { cat "$WORK/sshd.log" >&2; die "sshd did not listen on 127.0.0.1:$sftp_port"; }
+farm_start_warehouse "$WORK" "$WAREHOUSE" "$SFTP_USER" "$WORK/id_rsa.pub" \
+    || die "sshd did not listen on 127.0.0.1:$FARM_SFTP_PORT"
+sftp_port=$FARM_SFTP_PORT
 host_key_fp=$(ssh-keygen -l -f "$WORK/host_key.pub" | cut -d' ' -f2)
 log "warehouse (OpenSSH sftp) at 127.0.0.1:$sftp_port, host key $host_key_fp"
 
-"$STANDIN" --user "$SFTP_USER" --password "$PASSWORD" --public-key "$WORK/id_rsa.pub" \
-    >"$WORK/dispatcher.out" 2>"$WORK/dispatcher.log" &
-PIDS+=($!)
-for _ in $(seq 100); do
-    grep -q '^DISPATCHER_URL=' "$WORK/dispatcher.out" 2>/dev/null && break
-    sleep 0.05
-done
-dispatcher_url=$(sed -n 's/^DISPATCHER_URL=//p' "$WORK/dispatcher.out")
-[ -n "$dispatcher_url" ] || { cat "$WORK/dispatcher.log" >&2; die "the dispatcher stand-in did not start"; }
+farm_start_standin "$STANDIN" "$WORK" "$SFTP_USER" "$PASSWORD" "$WORK/id_rsa.pub" \
+    || die "the dispatcher stand-in did not start"
+dispatcher_url=$FARM_DISPATCHER_URL
 log "dispatcher stand-in at $dispatcher_url, the RSA key registered for $SFTP_USER"
 
 # ------------------------------------------------------------------ the worker
@@ -219,7 +183,7 @@ log "dispatcher stand-in at $dispatcher_url, the RSA key registered for $SFTP_US
 # interval (the image's HEALTHCHECK command is kept).
 working_dir="$WORK/zim_files"
 mkdir "$working_dir"
-metrics_port=$(free_port)
+metrics_port=$(farm_free_port)
 # The non-root run the Dockerfile documents: the working dir writable and
 # the key readable by that user, the socket's group added.
 run_as=()

@@ -47,20 +47,12 @@ fn wait_health(addr: &str, code: u16, timeout: Duration) -> Value {
 
 /// `zimfarm-worker healthcheck` with `METRICS_ADDR`: exit code and output.
 fn healthcheck(metrics_addr: Option<&str>) -> (i32, String) {
-    let mut cmd = Command::new(worker_binary());
-    cmd.arg("healthcheck").env_clear();
-    if let Some(addr) = metrics_addr {
-        cmd.env("METRICS_ADDR", addr);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let env: Vec<(String, String)> = metrics_addr
+        .map(|addr| ("METRICS_ADDR".to_owned(), addr.to_owned()))
+        .into_iter()
+        .collect();
+    let out = run_worker(&["healthcheck"], &env);
+    (out.status.code().unwrap_or(-1), output_text(&out))
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::dispatcher::DispatcherStandin;
@@ -15,24 +15,6 @@ use common::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
-
-fn run(args: &[&str], env: &[(String, String)]) -> Output {
-    Command::new(worker_binary())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn public_key(private: &Path) -> String {
     std::fs::read_to_string(private.with_extension("pub")).unwrap()
@@ -107,7 +89,7 @@ fn healthy_stack(label: &str) -> Stack {
 
 #[test]
 fn version_flag() {
-    let out = run(&["--version"], &[]);
+    let out = run_worker(&["--version"], &[]);
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
@@ -118,8 +100,8 @@ fn version_flag() {
 #[test]
 fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
     let stack = healthy_stack("check");
-    let out = run(&["check"], &stack.env);
-    let report = text(&out);
+    let out = run_worker(&["check"], &stack.env);
+    let report = output_text(&out);
     assert_eq!(out.status.code(), Some(0), "{report}");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = stdout.lines().collect();
@@ -143,8 +125,8 @@ fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
 
     // The broker stops: that one line fails, and the exit code is 1.
     stack.proxy.cut();
-    let out = run(&["check"], &stack.env);
-    let report = text(&out);
+    let out = run_worker(&["check"], &stack.env);
+    let report = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     let failed: Vec<&str> = report.lines().filter(|l| l.starts_with("FAIL")).collect();
     assert_eq!(failed.len(), 1, "{report}");
@@ -156,8 +138,8 @@ fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
     let mut env = stack.env.clone();
     env.retain(|(k, _)| k != "PASSWORD");
     env.push(("PASSWORD".into(), "wrong".into()));
-    let out = run(&["check"], &env);
-    let report = text(&out);
+    let out = run_worker(&["check"], &env);
+    let report = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(
         report
@@ -173,8 +155,8 @@ fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
     );
 
     // A broken configuration: one failure, the rest skipped.
-    let out = run(&["check"], &[("NODE_NAME".into(), "x".into())]);
-    let report = text(&out);
+    let out = run_worker(&["check"], &[("NODE_NAME".into(), "x".into())]);
+    let report = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{report}");
     assert!(report.starts_with("FAIL  config"), "{report}");
     drop(stack.dispatcher);
@@ -193,9 +175,13 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
         ("SSH_KEY".to_owned(), key.display().to_string()),
         ("NODE_NAME".to_owned(), "node7".to_owned()),
     ];
-    let out = run(&["register-key"], &env);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("registered"), "{}", text(&out));
+    let out = run_worker(&["register-key"], &env);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("registered"),
+        "{}",
+        output_text(&out)
+    );
     let keys = dispatcher.keys("alice");
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].name, "node7");
@@ -208,23 +194,35 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
     assert_eq!(keys[0].key, blob, "only the base64 blob is sent");
 
     // Again: nothing to do.
-    let out = run(&["register-key", "--name", "other"], &env);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("already"), "{}", text(&out));
+    let out = run_worker(&["register-key", "--name", "other"], &env);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("already"),
+        "{}",
+        output_text(&out)
+    );
     assert_eq!(dispatcher.keys("alice").len(), 1);
 
     // Refused credentials: exit 2, and the line says so.
     let mut bad = env.clone();
     bad[1].1 = "nope".into();
-    let out = run(&["register-key"], &bad);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("USERNAME/PASSWORD"), "{}", text(&out));
+    let out = run_worker(&["register-key"], &bad);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("USERNAME/PASSWORD"),
+        "{}",
+        output_text(&out)
+    );
     // A missing key file: exit 2 naming SSH_KEY.
     let mut bad = env.clone();
     bad[3].1 = "/nonexistent/id_rsa".into();
-    let out = run(&["register-key"], &bad);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("SSH_KEY"), "{}", text(&out));
+    let out = run_worker(&["register-key"], &bad);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("SSH_KEY"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 #[test]

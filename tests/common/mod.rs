@@ -898,3 +898,23 @@ pub fn sample(scraped: &Value, name: &str, labels: &[(&str, &str)]) -> Option<f6
         })
         .map(|s| s["value"].as_f64().unwrap())
 }
+
+/// Runs the worker binary with `args` and only `env` (and PATH).
+pub fn run_worker(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(worker_binary())
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout then stderr, as text.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

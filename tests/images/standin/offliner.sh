@@ -16,6 +16,11 @@
 #   --spam=MB          print about MB megabytes (decimal allowed) of log lines
 #   --sleep=SECONDS    print a progress line every 0.5 s for SECONDS
 #   --silent=SECONDS   sleep SECONDS without printing anything
+#   --eatMemory=MB     hold about MB megabytes of memory (a memory-limit or
+#                      OOM-killer test), then go on
+#   --fill=MB          write MB megabytes of zeros to OUTPUT/fill.bin (a
+#                      full-disk test: a failed write exits 1, as a real
+#                      scraper's would)
 #   --exit=CODE        if CODE is not 0: last line on stderr, exit CODE, no ZIM
 #   --zims=N           write N ZIMs NAME_1.zim .. NAME_N.zim (default: one,
 #                      NAME.zim; 0: none)
@@ -84,7 +89,7 @@ pause() {
 
 # ------------------------------------------------------------------- flags
 
-argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' exit_code=0 redis='' positional=''
+argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
 for arg do
     case $arg in
     --*=*)
@@ -109,6 +114,8 @@ for arg do
     sleep) sleep_s=$val ;;
     silent) silent_s=$val ;;
     spam) spam_mb=$val ;;
+    eatMemory) eat_mb=$val ;;
+    fill) fill_mb=$val ;;
     exit) exit_code=$val ;;
     stderr) printf '%s\n' "$val" >&2 ;;
     ignoreTerm) trap '' TERM INT ;;
@@ -125,6 +132,8 @@ fi
 [ -z "$sleep_s" ] || is_number "$sleep_s" || fail 2 "--sleep wants seconds, not '$sleep_s'"
 [ -z "$silent_s" ] || is_number "$silent_s" || fail 2 "--silent wants seconds, not '$silent_s'"
 [ -z "$spam_mb" ] || is_number "$spam_mb" || fail 2 "--spam wants megabytes, not '$spam_mb'"
+[ -z "$eat_mb" ] || is_uint "$eat_mb" || fail 2 "--eatMemory wants whole megabytes, not '$eat_mb'"
+[ -z "$fill_mb" ] || is_uint "$fill_mb" || fail 2 "--fill wants whole megabytes, not '$fill_mb'"
 { is_uint "$exit_code" && [ "$exit_code" -le 255 ]; } \
     || fail 2 "--exit wants a code from 0 to 255, not '$exit_code'"
 
@@ -171,6 +180,20 @@ if [ -n "$sleep_s" ]; then
 fi
 
 [ -z "$silent_s" ] || pause "$silent_s"
+
+if [ -n "$eat_mb" ]; then
+    echo "eating $eat_mb MiB of memory"
+    # The shell keeps a command substitution's output in its own memory.
+    hog=$(head -c "$((eat_mb * 1048576))" /dev/zero | tr '\0' x)
+    echo "holding ${#hog} bytes of memory"
+fi
+
+if [ -n "$fill_mb" ]; then
+    echo "writing $fill_mb MiB to $out/fill.bin"
+    dd if=/dev/zero of="$out/fill.bin" bs=1048576 count="$fill_mb" 2>/dev/null \
+        || fail 1 "cannot write $out/fill.bin: No space left on device?"
+    echo "wrote $out/fill.bin"
+fi
 
 if [ "$exit_code" -ne 0 ]; then
     fail "$exit_code" "exiting with code $exit_code as asked (--exit)"

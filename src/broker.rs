@@ -536,8 +536,24 @@ impl Broker {
 
     /// The consumer tag of a queue: the connection name and the queue name.
     fn consumer_tag(&self, queue: &str) -> String {
-        format!("{}.{}", self.connection_name.replace(' ', "-"), queue)
+        consumer_tag(&self.connection_name, queue)
     }
+}
+
+/// `<connection name>.<queue>`, the connection name cut so the tag fits
+/// the 255 bytes of an AMQP short string (lapin would corrupt the frame
+/// otherwise); the queue name, unique on the channel, is kept whole.
+fn consumer_tag(connection_name: &str, queue: &str) -> String {
+    const MAX: usize = 255;
+    if queue.len() >= MAX - 1 {
+        return queue.to_owned();
+    }
+    let prefix = connection_name.replace(' ', "-");
+    let mut cut = prefix.len().min(MAX - 1 - queue.len());
+    while !prefix.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}.{queue}", &prefix[..cut])
 }
 
 /// Maps a lapin error to [`BrokerError::Setup`] about `what`.
@@ -882,5 +898,25 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
         let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
         assert_eq!(d, [500, 1000, 2000, 2000]);
+    }
+
+    #[test]
+    fn consumer_tags_fit_an_amqp_short_string() {
+        let long_host = format!("zimfarm-worker {}@{}", "u".repeat(177), "p".repeat(63));
+        assert_eq!(
+            consumer_tag("zimfarm-worker a@b", "small"),
+            "zimfarm-worker-a@b.small"
+        );
+        for queue in [
+            "small".to_owned(),
+            control_queue_name(&long_host[15..]),
+            "q".repeat(254),
+            "q".repeat(255),
+        ] {
+            let tag = consumer_tag(&long_host, &queue);
+            assert!(tag.len() <= 255, "{} bytes", tag.len());
+            assert!(tag.ends_with(&queue));
+        }
+        assert!(consumer_tag(&"é".repeat(200), "small").len() <= 255);
     }
 }

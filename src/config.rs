@@ -427,12 +427,21 @@ impl RawEnv {
 
     /// The pipeline's settings (also read alone by `run-task`).
     fn pipeline(&self) -> Result<PipelineSettings, ConfigError> {
-        let working_dir = absolute_path(
+        let working_dir = dir_path(
             "WORKING_DIR",
             required("WORKING_DIR", self.working_dir.clone())?,
         )?;
+        if working_dir.to_string_lossy().contains(':') {
+            return Err(ConfigError::new(
+                "WORKING_DIR",
+                format!(
+                    "is {:?}; it must not contain ':', which separates the parts of a Docker bind mount",
+                    working_dir.display()
+                ),
+            ));
+        }
         let node_name = node_name(required("NODE_NAME", self.node_name.clone())?)?;
-        let zim_dir = absolute_path(
+        let zim_dir = dir_path(
             "ZIM_DIR",
             non_empty(self.zim_dir.clone()).unwrap_or_else(|| DEFAULT_ZIM_DIR.to_owned()),
         )?;
@@ -580,6 +589,19 @@ impl RawEnv {
         } = self.dispatcher()?;
         let warehouse = self.warehouse(username.clone())?;
         let node_name = pipeline.node_name.clone();
+        let pidbox_len = username.len() + 1 + node_name.len() + PIDBOX_SUFFIX.len();
+        if pidbox_len > AMQP_NAME_MAX {
+            return Err(ConfigError::new(
+                "USERNAME",
+                format!(
+                    "is {} bytes long; with NODE_NAME ({} bytes) the pidbox queue \
+                     USERNAME@NODE_NAME{PIDBOX_SUFFIX} would be {pidbox_len} bytes, over \
+                     the {AMQP_NAME_MAX} an AMQP queue name may have; use a shorter USERNAME or NODE_NAME",
+                    username.len(),
+                    node_name.len()
+                ),
+            ));
+        }
         let concurrency = match non_empty(self.concurrency) {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(v) => parse_bounded("CONCURRENCY", &v, 1, 1024)? as usize,
@@ -750,6 +772,35 @@ fn absolute_path(var: &'static str, value: String) -> Result<PathBuf, ConfigErro
     Ok(path)
 }
 
+/// Longest path the kernel takes (PATH_MAX, 4096, less its NUL).
+const PATH_MAX: usize = 4095;
+/// Longest path the worker appends to ZIM_DIR or WORKING_DIR: `/<task id,
+/// 64>/<a file name, 255>` (the sockets dir, the log and the markers are
+/// shorter).
+const LONGEST_SUFFIX: usize = 1 + 64 + 1 + 255;
+/// Longest ZIM_DIR or WORKING_DIR: every path below it still fits PATH_MAX.
+pub const MAX_DIR_LEN: usize = PATH_MAX - LONGEST_SUFFIX;
+/// AMQP short strings (queue names, consumer tags) hold 255 bytes.
+pub const AMQP_NAME_MAX: usize = 255;
+/// What kombu appends to the Celery hostname for a node's pidbox queue.
+const PIDBOX_SUFFIX: &str = ".celery.pidbox";
+
+/// An absolute dir path short enough for every path the worker makes in it.
+fn dir_path(var: &'static str, value: String) -> Result<PathBuf, ConfigError> {
+    let path = absolute_path(var, value)?;
+    let len = path.as_os_str().len();
+    if len > MAX_DIR_LEN {
+        return Err(ConfigError::new(
+            var,
+            format!(
+                "is {len} bytes long, over the {MAX_DIR_LEN} the worker can use \
+                 (PATH_MAX {PATH_MAX} less {LONGEST_SUFFIX} for a task's files); use a shorter path"
+            ),
+        ));
+    }
+    Ok(path)
+}
+
 fn host_name(var: &'static str, value: &str) -> Result<(), ConfigError> {
     let ok = value.len() <= 253
         && value
@@ -879,7 +930,7 @@ mod tests {
         )
     }
 
-    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
         let mut vars: Vec<_> = base()
             .into_iter()
             .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
@@ -999,6 +1050,7 @@ mod tests {
             ("METRICS_ADDR", "localhost:9090"),
             ("METRICS_ADDR", "0.0.0.0"),
             ("METRICS_ADDR", "0.0.0.0:99999"),
+            ("WORKING_DIR", "/srv/a:b"),
         ];
         for (var, value) in cases {
             let err = load(&with(&[(var, value)])).unwrap_err();
@@ -1048,5 +1100,37 @@ mod tests {
         ));
         let err = Config::from_vars(vars).unwrap_err();
         assert_eq!(err.var, "NODE_NAME");
+    }
+
+    #[test]
+    fn dir_lengths_up_to_the_limit_are_taken() {
+        let longest = format!("/{}", "d".repeat(MAX_DIR_LEN - 1));
+        let c = load(&with(&[("WORKING_DIR", &longest), ("ZIM_DIR", &longest)])).unwrap();
+        assert_eq!(c.pipeline.zim_dir.as_os_str().len(), MAX_DIR_LEN);
+        let over = format!("/{}", "d".repeat(MAX_DIR_LEN));
+        for var in ["WORKING_DIR", "ZIM_DIR"] {
+            let err = load(&with(&[(var, &over)])).unwrap_err();
+            assert_eq!(err.var, var);
+            let text = err.to_string();
+            assert!(
+                text.contains(&MAX_DIR_LEN.to_string()) && !text.contains('\n'),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn pidbox_queue_name_fits_an_amqp_short_string() {
+        let node = "p".repeat(63);
+        let fits = "u".repeat(AMQP_NAME_MAX - 1 - 63 - PIDBOX_SUFFIX.len());
+        let c = load(&with(&[("NODE_NAME", &node), ("USERNAME", &fits)])).unwrap();
+        assert_eq!(
+            crate::broker::control_queue_name(&c.hostname()).len(),
+            AMQP_NAME_MAX
+        );
+        let over = format!("{fits}u");
+        let err = load(&with(&[("NODE_NAME", &node), ("USERNAME", &over)])).unwrap_err();
+        assert_eq!(err.var, "USERNAME");
+        assert!(err.to_string().contains("255"), "{err}");
     }
 }

@@ -789,6 +789,16 @@ fn queue_for(args: &AddConsumerArgs) -> Result<TaskQueue, String> {
     if args.exchange.is_none() && name.parse::<QueueName>().is_ok() {
         return Ok(TaskQueue::zimfarm(name));
     }
+    for (what, value) in [
+        ("exchange", &args.exchange),
+        ("routing_key", &args.routing_key),
+    ] {
+        if value.as_ref().is_some_and(|v| v.len() > 255) {
+            return Err(format!(
+                "{what} must be at most 255 bytes (an AMQP short string)"
+            ));
+        }
+    }
     let exchange_type = args.exchange_type.as_deref().unwrap_or("direct");
     if !["direct", "topic", "fanout", "headers"].contains(&exchange_type) {
         return Err(format!(
@@ -1387,6 +1397,16 @@ mod tests {
             run(&panel, "cancel_consumer", json!({"queue": "small"})).await,
             json!({"ok": "no longer consuming from small"})
         );
+        assert_eq!(panel.queues().len(), 2);
+        let long = "x".repeat(256);
+        for args in [
+            json!({"queue": long}),
+            json!({"queue": "q", "exchange": long}),
+            json!({"queue": "q", "routing_key": long}),
+        ] {
+            let reply = run(&panel, "add_consumer", args).await;
+            assert!(reply["error"].as_str().unwrap().contains("255"), "{reply}");
+        }
         assert_eq!(panel.queues().len(), 2);
         assert_eq!(
             run(&panel, "add_consumer", json!({})).await["error"]

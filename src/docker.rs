@@ -1,6 +1,8 @@
 //! The Docker engine, through bollard: images (with the pull policy and
 //! progress), containers (create, start, follow logs, wait, kill, remove),
-//! and clean-up of this node's containers by label.
+//! and clean-up of this node's containers by label. A `DOCKER_HOST` socket
+//! path too long for a socket address is reached through its dir's
+//! descriptor.
 //!
 //! Owns every call to the Docker API. It must not know about Celery, tasks'
 //! meaning or the warehouse: it runs what the pipeline describes in a
@@ -43,6 +45,12 @@ pub enum DockerError {
         "cannot reach the Docker engine ({0}); is /var/run/docker.sock mounted and readable, or DOCKER_HOST set?"
     )]
     Connect(#[source] bollard::errors::Error),
+    #[error(
+        "cannot use DOCKER_HOST=unix://{path}: {problem}; a unix socket address holds {max} bytes, \
+         so point DOCKER_HOST at a shorter path (a symlink to the socket works)",
+        max = SUN_PATH_MAX
+    )]
+    SocketPath { path: String, problem: String },
     #[error("image {image} is not present and PULL_POLICY=never forbids pulling it")]
     ImageMissing { image: String },
     #[error("cannot pull image {image}: {reason}")]
@@ -80,10 +88,58 @@ pub struct ContainerSpec {
     pub nano_cpus: Option<i64>,
 }
 
+/// bollard's own default read/write timeout for every request.
+const DOCKER_TIMEOUT_SECS: u64 = 120;
+
+/// Longest path a unix socket address (`sun_path`, 108 bytes with its
+/// NUL) holds.
+pub const SUN_PATH_MAX: usize = 107;
+
 /// A connected Docker engine.
 #[derive(Clone)]
 pub struct DockerClient {
     docker: Docker,
+    /// The socket's dir, held open while the client lives when DOCKER_HOST
+    /// names a socket path too long for `sun_path`: bollard connects by
+    /// `/proc/self/fd/<this>/<socket name>` instead.
+    _socket_dir: Option<std::sync::Arc<rustix::fd::OwnedFd>>,
+}
+
+/// Opens the dir of a socket whose path is too long to connect to, and
+/// returns the short path through that dir's descriptor.
+fn short_socket_path(path: &str) -> Result<(String, rustix::fd::OwnedFd), DockerError> {
+    let refused = |problem: String| DockerError::SocketPath {
+        path: path.to_owned(),
+        problem,
+    };
+    let path_ref = std::path::Path::new(path);
+    let (Some(dir), Some(name)) = (path_ref.parent(), path_ref.file_name()) else {
+        return Err(refused("it names no socket file".to_owned()));
+    };
+    let fd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| {
+        refused(format!(
+            "cannot open {}: {}",
+            dir.display(),
+            std::io::Error::from(e)
+        ))
+    })?;
+    let short = format!(
+        "/proc/self/fd/{}/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        name.to_string_lossy()
+    );
+    if short.len() > SUN_PATH_MAX {
+        return Err(refused(format!(
+            "its path is {} bytes and its file name alone is too long to reach through its dir",
+            path.len()
+        )));
+    }
+    Ok((short, fd))
 }
 
 /// bollard's "not found" and "not modified / conflict" are normal while
@@ -102,13 +158,46 @@ impl DockerClient {
     /// Connects as the docker CLI does (`DOCKER_HOST`: `unix://` or plain
     /// `tcp://`; else the local socket) and negotiates the API version with
     /// the engine.
+    ///
+    /// A `unix://` path longer than a socket address holds is reached
+    /// through its dir's descriptor (see [`DockerClient`]).
     pub async fn connect() -> Result<Self, DockerError> {
-        let docker = Docker::connect_with_defaults().map_err(DockerError::Connect)?;
+        let long_path = std::env::var("DOCKER_HOST").ok().and_then(|host| {
+            host.strip_prefix("unix://")
+                .filter(|path| path.len() > SUN_PATH_MAX)
+                .map(str::to_owned)
+        });
+        let (docker, socket_dir) = match long_path {
+            None => (
+                Docker::connect_with_defaults().map_err(DockerError::Connect)?,
+                None,
+            ),
+            Some(path) => {
+                let shown = path.clone();
+                let (short, fd) = tokio::task::spawn_blocking(move || short_socket_path(&path))
+                    .await
+                    .map_err(|e| DockerError::SocketPath {
+                        path: shown,
+                        problem: e.to_string(),
+                    })??;
+                tracing::debug!(socket = %short, "DOCKER_HOST is too long for a socket address; connecting through its dir");
+                let docker = Docker::connect_with_unix(
+                    &short,
+                    DOCKER_TIMEOUT_SECS,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(DockerError::Connect)?;
+                (docker, Some(std::sync::Arc::new(fd)))
+            }
+        };
         let docker = docker
             .negotiate_version()
             .await
             .map_err(DockerError::Connect)?;
-        Ok(Self { docker })
+        Ok(Self {
+            docker,
+            _socket_dir: socket_dir,
+        })
     }
 
     /// The engine's version and API version, e.g. `20.10.24 (API 1.41)`.

@@ -531,6 +531,14 @@ mod tests {
     }
 
     #[test]
+    fn names_leave_room_for_the_tmp_suffix() {
+        // The warehouse's file names hold 255 bytes, `<name>.tmp` included.
+        assert!(item("/zim/w", &"n".repeat(251)).validate().is_ok());
+        let err = item("/zim/w", &"n".repeat(252)).validate().unwrap_err();
+        assert!(err.to_string().contains("251 bytes"), "{err}");
+    }
+
+    #[test]
     fn names_that_could_escape_are_refused() {
         for name in ["", ".", "..", "a/b.zim", "../x.zim", "a\nb", "a\0b"] {
             assert!(

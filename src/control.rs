@@ -319,7 +319,16 @@ async fn handle<P: Panel>(
     }
     let (reply, after) = dispatch(panel, &request.method, &request.arguments).await;
     tracing::debug!(method = %request.method, reply = %reply, "remote-control command");
-    if let Some(to) = &request.reply_to {
+    if let Some(to) = &request.reply_to
+        && (to.exchange.len() > 255 || to.routing_key.len() > 255)
+    {
+        // AMQP short strings hold 255 bytes: lapin cannot send such a
+        // reply (it would panic in debug builds and corrupt the frame).
+        tracing::warn!(
+            method = %request.method,
+            "remote-control reply_to names an exchange or routing key over 255 bytes; no reply sent"
+        );
+    } else if let Some(to) = &request.reply_to {
         let ticket = request.ticket.as_deref().unwrap_or_default();
         let (body, properties) =
             encode_control_reply(hostname, &reply, ticket, events.clock().forward());

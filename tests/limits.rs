@@ -254,3 +254,80 @@ fn start_refuses_what_no_path_or_name_can_hold_with_one_line() {
         assert!(text.contains(var) && text.contains(limit), "{var}: {text}");
     }
 }
+
+/// A remote-control call as `celery control` makes it; the reply of `node`.
+fn control(
+    vh: &Vhost,
+    node: &str,
+    method: &str,
+    arguments: serde_json::Value,
+) -> serde_json::Value {
+    let arguments = arguments.to_string();
+    let out = celery_client(
+        vh,
+        &[
+            "control",
+            "--method",
+            method,
+            "--arguments",
+            &arguments,
+            "--destination",
+            node,
+        ],
+    );
+    let replies = last_json_line(&out.stdout);
+    replies["replies"]
+        .as_array()
+        .and_then(|r| r.iter().find_map(|reply| reply.get(node).cloned()))
+        .unwrap_or_else(|| panic!("no reply from {node} to {method}: {replies}"))
+}
+
+#[test]
+fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answering() {
+    let (vh, dir, _events, mut worker) = stack("paths-amqp", &[]);
+    let node = "tester@paths-amqp";
+    let long = "x".repeat(300);
+    // A reply_to no AMQP frame can carry: no reply, and nothing breaks.
+    let file = dir.path().join("long-reply-to");
+    let request = json!({
+        "method": "ping", "arguments": {}, "destination": null, "ticket": "t-1",
+        "reply_to": {"exchange": "", "routing_key": long},
+    });
+    std::fs::write(&file, request.to_string()).unwrap();
+    celery_client(
+        &vh,
+        &[
+            "publish-raw",
+            "--exchange",
+            "celery.pidbox",
+            "--routing-key",
+            "",
+            "--body-file",
+            &file.display().to_string(),
+        ],
+    );
+    worker.wait_log("over 255 bytes; no reply sent", T);
+    // Queue, exchange and routing key over 255 bytes: an error reply.
+    for arguments in [
+        json!({"queue": long}),
+        json!({"queue": "paths-q", "exchange": long}),
+        json!({"queue": "paths-q", "routing_key": long}),
+    ] {
+        let reply = control(&vh, node, "add_consumer", arguments);
+        assert!(
+            reply["error"].as_str().unwrap_or_default().contains("255"),
+            "{reply}"
+        );
+    }
+    // A 250-byte queue: its consumer tag is cut to fit, and it is consumed.
+    let queue = "q".repeat(250);
+    let reply = control(&vh, node, "add_consumer", json!({"queue": queue}));
+    assert!(reply["ok"].as_str().is_some(), "{reply}");
+    assert_eq!(control(&vh, node, "ping", json!({})), json!({"ok": "pong"}));
+    assert!(worker.is_running(), "{}", worker.log_text());
+    assert!(
+        !worker.log_text().contains("reconnecting"),
+        "{}",
+        worker.log_text()
+    );
+}

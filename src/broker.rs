@@ -541,8 +541,9 @@ impl Broker {
 }
 
 /// `<connection name>.<queue>`, the connection name cut so the tag fits
-/// the 255 bytes of an AMQP short string (lapin would corrupt the frame
-/// otherwise); the queue name, unique on the channel, is kept whole.
+/// the 255 bytes of an AMQP short string (lapin's `ShortString::from`
+/// panics on longer ones, killing the worker); the queue name, unique on
+/// the channel, is kept whole.
 fn consumer_tag(connection_name: &str, queue: &str) -> String {
     const MAX: usize = 255;
     if queue.len() >= MAX - 1 {

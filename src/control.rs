@@ -322,8 +322,8 @@ async fn handle<P: Panel>(
     if let Some(to) = &request.reply_to
         && (to.exchange.len() > 255 || to.routing_key.len() > 255)
     {
-        // AMQP short strings hold 255 bytes: lapin cannot send such a
-        // reply (it would panic in debug builds and corrupt the frame).
+        // AMQP short strings hold 255 bytes; lapin's `ShortString::from`
+        // panics on longer ones, which killed the worker.
         tracing::warn!(
             method = %request.method,
             "remote-control reply_to names an exchange or routing key over 255 bytes; no reply sent"

@@ -108,9 +108,9 @@ fn main() -> ExitCode {
                 || error
                     .downcast_ref::<WorkerError>()
                     .is_some_and(WorkerError::is_configuration)
-                || error
-                    .downcast_ref::<DockerError>()
-                    .is_some_and(|e| matches!(e, DockerError::Connect(_)))
+                || error.downcast_ref::<DockerError>().is_some_and(|e| {
+                    matches!(e, DockerError::Connect(_) | DockerError::SocketPath { .. })
+                })
                 || error
                     .downcast_ref::<WarehouseError>()
                     .is_some_and(WarehouseError::is_permanent)

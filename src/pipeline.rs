@@ -900,6 +900,81 @@ pub fn request_from_json(text: &str) -> Result<TaskRequest, String> {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::config;
+    use proptest::prelude::*;
+
+    /// Log chunks: random bytes (invalid UTF-8 too), ASCII with `\n` and
+    /// `\r`, multi-byte text, and runs long enough to pass the line limit.
+    fn chunk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            ascii_chunk(),
+            "[a-zé€🎉\n\r]{0,40}".prop_map(String::into_bytes),
+            (any::<u8>(), 0..5000_usize).prop_map(|(b, n)| vec![b; n]),
+        ]
+    }
+
+    fn ascii_chunk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'\r'), b'a'..=b'z'], 0..64),
+            (b'a'..=b'z', 0..5000_usize).prop_map(|(b, n)| vec![b; n]),
+            (0..300_usize).prop_map(|n| b"l\n".repeat(n)),
+        ]
+    }
+
+    /// What the tail of ASCII `input` must be.
+    fn model(input: &[u8]) -> Vec<String> {
+        let text = String::from_utf8(input.to_vec()).expect("ASCII");
+        let mut parts: Vec<&str> = text.split('\n').collect();
+        if parts.last() == Some(&"") {
+            parts.pop();
+        }
+        let lines: Vec<String> = parts
+            .iter()
+            .map(|p| {
+                p[..p.len().min(TAIL_LINE_MAX)]
+                    .trim_end_matches('\r')
+                    .to_owned()
+            })
+            .collect();
+        lines[lines.len().saturating_sub(TAIL_LINES)..].to_vec()
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn tail_stays_bounded(chunks in proptest::collection::vec(chunk(), 0..12)) {
+            let mut tail = Tail::default();
+            for chunk in &chunks {
+                tail.push(chunk);
+                prop_assert!(tail.lines.len() <= TAIL_LINES);
+                prop_assert!(tail.partial.len() <= TAIL_LINE_MAX);
+            }
+            tail.finish();
+            prop_assert!(tail.lines.len() <= TAIL_LINES);
+            for line in &tail.lines {
+                prop_assert!(line.len() <= TAIL_LINE_MAX);
+                prop_assert!(!line.contains('\n'));
+            }
+        }
+
+        #[test]
+        fn tail_of_ascii_is_its_last_lines(chunks in proptest::collection::vec(ascii_chunk(), 0..12)) {
+            let mut tail = Tail::default();
+            for chunk in &chunks {
+                tail.push(chunk);
+            }
+            tail.finish();
+            let lines: Vec<String> = tail.lines.iter().cloned().collect();
+            prop_assert_eq!(lines, model(&chunks.concat()));
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

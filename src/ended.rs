@@ -525,7 +525,7 @@ mod proptests {
             let newest = content
                 .split(|b| *b == b'\n')
                 .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
-                .last();
+                .next_back();
             if let Some(record) = newest {
                 prop_assert_eq!(index.outcomes.get(&record.id), Some(&record.outcome));
             }

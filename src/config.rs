@@ -909,6 +909,111 @@ fn broker_url(value: &str) -> Result<BrokerUrl, ConfigError> {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, text};
+    use proptest::prelude::*;
+    use std::os::unix::ffi::OsStringExt as _;
+
+    /// A value: tricky text, numbers, paths, URLs, or bytes that are not UTF-8.
+    fn value() -> impl Strategy<Value = OsString> {
+        prop_oneof![
+            text().prop_map(OsString::from),
+            any::<i64>().prop_map(|n| OsString::from(n.to_string())),
+            any::<f64>().prop_map(|n| OsString::from(n.to_string())),
+            proptest::sample::select(vec![
+                "",
+                " ",
+                "0",
+                "-1",
+                "18446744073709551616",
+                "1e309",
+                "NaN",
+                "/",
+                "/srv/zim",
+                "relative",
+                "default",
+                "default,small",
+                "always",
+                "amqp://u:p@h:1/v",
+                "amqps://h",
+                "http://x",
+                "json",
+                "docker",
+                "simulate",
+                "openzim/*",
+                "127.0.0.1:0",
+                "[::1]:9",
+                "node1",
+                "default_node_name",
+            ])
+            .prop_map(OsString::from),
+            proptest::collection::vec(any::<u8>(), 0..16).prop_map(OsString::from_vec),
+        ]
+    }
+
+    /// Known names (as-is or in the wrong case) and unknown ones.
+    fn name() -> impl Strategy<Value = OsString> {
+        prop_oneof![
+            4 => proptest::sample::select(RawEnv::NAMES.to_vec()).prop_map(OsString::from),
+            1 => proptest::sample::select(RawEnv::NAMES.to_vec())
+                .prop_map(|n| OsString::from(n.to_lowercase())),
+            1 => proptest::collection::vec(any::<u8>(), 0..8).prop_map(OsString::from_vec),
+        ]
+    }
+
+    fn base() -> Vec<(OsString, OsString)> {
+        [
+            ("USERNAME", "alice"),
+            ("PASSWORD", "pass"),
+            ("WORKING_DIR", "/srv/zim"),
+            ("NODE_NAME", "node1"),
+            ("QUEUES", "default"),
+            ("TASK_RUNNER", "simulate"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect()
+    }
+
+    fn check(result: Result<Config, ConfigError>) -> Result<(), TestCaseError> {
+        if let Err(error) = result {
+            prop_assert!(
+                error.var == "environment" || RawEnv::NAMES.contains(&error.var),
+                "{}",
+                error
+            );
+            prop_assert!(!error.problem.is_empty());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_environment_gives_a_config_or_a_config_error(
+            vars in proptest::collection::vec((name(), value()), 0..12),
+        ) {
+            check(Config::from_vars(vars))?;
+        }
+
+        #[test]
+        fn any_value_of_a_valid_environment_gives_a_config_or_a_config_error(
+            extra in proptest::collection::vec(
+                (proptest::sample::select(RawEnv::NAMES.to_vec()), value()),
+                1..4,
+            ),
+        ) {
+            let mut vars = base();
+            vars.retain(|(k, _)| !extra.iter().any(|(e, _)| k == e));
+            vars.extend(extra.into_iter().map(|(k, v)| (OsString::from(k), v)));
+            check(Config::from_vars(vars))?;
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

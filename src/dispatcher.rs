@@ -729,6 +729,100 @@ fn truncate(text: &str, max_chars: usize) -> String {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, json, text};
+    use proptest::prelude::*;
+
+    const TOKEN_KEYS: &[&str] = &[
+        "access_token",
+        "token_type",
+        "expires_in",
+        "refresh_token",
+        "error",
+        "error_description",
+    ];
+    const KEY_KEYS: &[&str] = &["name", "fingerprint", "key", "type", "added", "last_used"];
+
+    /// Objects with the given keys, each present or not, of any type.
+    fn object(keys: &'static [&'static str]) -> impl Strategy<Value = Value> {
+        proptest::collection::vec((proptest::sample::select(keys), json(keys)), 0..8).prop_map(
+            |fields| Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
+        )
+    }
+
+    fn body(keys: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            json(keys).prop_map(|v| v.to_string().into_bytes()),
+            object(keys).prop_map(|v| v.to_string().into_bytes()),
+            proptest::collection::vec(object(keys), 0..4)
+                .prop_map(|v| Value::Array(v).to_string().into_bytes()),
+        ]
+    }
+
+    #[test]
+    fn negative_zero_expires_in_is_zero() {
+        let answer = TokenAnswer::parse(br#"{"access_token": "a", "expires_in": -0.0}"#)
+            .expect("-0.0 is in range");
+        assert_eq!(answer.expires_in, Duration::ZERO);
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn token_answers_never_panic_nor_quote_a_token(body in body(TOKEN_KEYS)) {
+            match TokenAnswer::parse(&body) {
+                Ok(answer) => {
+                    prop_assert!(!answer.access_token.expose().is_empty());
+                    prop_assert!(answer.expires_in < Duration::from_secs(1_000_000_000));
+                }
+                Err(message) => {
+                    // The message is one of the fixed texts: no value in it.
+                    prop_assert!(message.starts_with("the token answer"));
+                }
+            }
+            let error = oauth2_error(&body);
+            prop_assert!(error.chars().count() <= BODY_QUOTE_CHARS * 2 + 3);
+        }
+
+        #[test]
+        fn valid_token_answer_reads_back(
+            access in "[!-~]{1,64}",
+            refresh in proptest::option::of("[!-~]{1,64}"),
+            expires_in in 0..1_000_000_000_u64,
+            as_string in any::<bool>(),
+        ) {
+            let expires: Value = if as_string { expires_in.to_string().into() } else { expires_in.into() };
+            let body = serde_json::json!({
+                "access_token": access,
+                "token_type": "Bearer",
+                "expires_in": expires,
+                "refresh_token": refresh,
+            });
+            let answer = TokenAnswer::parse(body.to_string().as_bytes())
+                .map_err(TestCaseError::fail)?;
+            prop_assert_eq!(answer.access_token.expose(), access.as_str());
+            prop_assert_eq!(answer.refresh_token.as_ref().map(Secret::expose), refresh.as_deref());
+            prop_assert_eq!(answer.expires_in, Duration::from_secs(expires_in));
+        }
+
+        #[test]
+        fn key_lists_never_panic(body in body(KEY_KEYS), md5 in text()) {
+            if let Ok(keys) = serde_json::from_slice::<Vec<RegisteredKey>>(&body) {
+                for key in keys {
+                    let _ = key.matches_fingerprint(&md5);
+                    prop_assert!(key.matches_fingerprint(&key.fingerprint.clone()));
+                }
+            }
+            let quoted = quote_body(&body);
+            prop_assert!(quoted.chars().count() <= BODY_QUOTE_CHARS + 1);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -437,6 +437,115 @@ fn compact(path: &Path, text: String, count: usize, keep: usize, w: &mut Writer)
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, json, text};
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "id",
+        "event",
+        "result",
+        "runtime",
+        "exception",
+        "traceback",
+        "terminated",
+        "signum",
+        "expired",
+    ];
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            (
+                text(),
+                any::<f64>().prop_filter("finite", |f| f.is_finite())
+            )
+                .prop_map(|(result, runtime)| Outcome::Succeeded { result, runtime }),
+            (text(), text()).prop_map(|(exception, traceback)| Outcome::Failed {
+                exception,
+                traceback
+            }),
+            (
+                any::<bool>(),
+                proptest::option::of(any::<i32>()),
+                any::<bool>()
+            )
+                .prop_map(|(terminated, signum, expired)| Outcome::Revoked {
+                    terminated,
+                    signum,
+                    expired
+                }),
+        ]
+    }
+
+    /// A line of the file: a good record, a cut one, a record-shaped object
+    /// with fields of any type, any JSON, random bytes, or blank.
+    fn line() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            3 => ("[0-9a-f]{1,4}", outcome()).prop_map(|(id, o)| Record::line(&id, &o).into_bytes()),
+            1 => ("[0-9a-f]{1,4}", outcome(), any::<prop::sample::Index>()).prop_map(|(id, o, at)| {
+                let line = Record::line(&id, &o).into_bytes();
+                line[..at.index(line.len())].to_vec()
+            }),
+            1 => proptest::collection::vec((proptest::sample::select(KEYS), json(KEYS)), 0..6)
+                .prop_map(|fields| {
+                    let map: serde_json::Map<String, serde_json::Value> =
+                        fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                    format!("{}\n", serde_json::Value::Object(map)).into_bytes()
+                }),
+            1 => proptest::collection::vec(any::<u8>(), 0..40),
+            1 => Just(b" \t\n".to_vec()),
+        ]
+    }
+
+    fn index_of(index: &Index) -> Vec<(String, Outcome)> {
+        index
+            .order
+            .iter()
+            .map(|id| (id.clone(), index.outcomes[id].clone()))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_record_file_loads_bounded_and_keeps_the_newest(
+            lines in proptest::collection::vec(line(), 0..30),
+            keep in 1..20_usize,
+        ) {
+            // One dir for every case: a temp dir per case doubled the time.
+            static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+            let path = DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path().join(FILE_NAME);
+            let content = lines.concat();
+            std::fs::write(&path, &content).expect("write the record file");
+            let (index, _writer) = load(&path, keep).expect("load");
+            prop_assert!(index.order.len() <= keep);
+            prop_assert_eq!(index.order.len(), index.outcomes.len());
+            let newest = content
+                .split(|b| *b == b'\n')
+                .filter_map(|l| serde_json::from_slice::<Record>(l).ok())
+                .next_back();
+            if let Some(record) = newest {
+                prop_assert_eq!(index.outcomes.get(&record.id), Some(&record.outcome));
+            }
+            // Loading again (after a compaction, maybe) gives the same records.
+            let (again, _writer) = load(&path, keep).expect("load again");
+            prop_assert_eq!(index_of(&again), index_of(&index));
+        }
+
+        #[test]
+        fn a_record_line_reads_back(id in text(), outcome in outcome()) {
+            let line = Record::line(&id, &outcome);
+            prop_assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+            let record: Record = serde_json::from_str(&line).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(record.id, id);
+            prop_assert_eq!(record.outcome, outcome);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

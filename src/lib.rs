@@ -16,6 +16,8 @@ pub mod monitor;
 pub mod offliner;
 pub mod ops;
 pub mod pipeline;
+#[cfg(test)]
+pub(crate) mod proptest_config;
 pub mod runner;
 pub mod warehouse;
 pub mod worker;

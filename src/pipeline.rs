@@ -712,16 +712,26 @@ struct ContainerRun {
     stderr: Tail,
 }
 
-/// The last lines of a stream, bounded in count and length.
+/// The last lines of a stream, bounded in count and length. Invalid UTF-8
+/// becomes U+FFFD; a character split between two chunks is kept whole.
 #[derive(Default)]
 struct Tail {
     lines: VecDeque<String>,
     partial: String,
+    /// The start of a UTF-8 character the last chunk cut (at most 3 bytes).
+    split_char: Vec<u8>,
 }
 
 impl Tail {
     fn push(&mut self, bytes: &[u8]) {
-        let text = String::from_utf8_lossy(bytes);
+        let mut joined = std::mem::take(&mut self.split_char);
+        joined.extend_from_slice(bytes);
+        let cut = complete_utf8_len(&joined);
+        self.split_char = joined[cut..].to_vec();
+        self.push_text(&String::from_utf8_lossy(&joined[..cut]));
+    }
+
+    fn push_text(&mut self, text: &str) {
         let mut parts = text.split('\n').peekable();
         while let Some(part) = parts.next() {
             if self.partial.len() < TAIL_LINE_MAX {
@@ -744,6 +754,8 @@ impl Tail {
     }
 
     fn finish(&mut self) {
+        let rest = std::mem::take(&mut self.split_char);
+        self.push_text(&String::from_utf8_lossy(&rest));
         if !self.partial.is_empty() {
             self.end_line();
         }
@@ -752,6 +764,21 @@ impl Tail {
     fn joined(&self) -> String {
         self.lines.iter().cloned().collect::<Vec<_>>().join("\n")
     }
+}
+
+/// `bytes` without the unfinished UTF-8 character at its end, if any.
+fn complete_utf8_len(bytes: &[u8]) -> usize {
+    let tail_start = bytes.len().saturating_sub(3);
+    for start in (tail_start..bytes.len()).rev() {
+        if bytes[start] & 0xc0 != 0x80 {
+            // The last character's first byte: cut only if it is incomplete.
+            return match std::str::from_utf8(&bytes[start..]) {
+                Err(e) if e.error_len().is_none() => start,
+                _ => bytes.len(),
+            };
+        }
+    }
+    bytes.len()
 }
 
 fn floor_char_boundary(s: &str, max: usize) -> usize {
@@ -968,8 +995,116 @@ pub fn request_from_json(text: &str) -> Result<TaskRequest, String> {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::config;
+    use proptest::prelude::*;
+
+    /// Log chunks: random bytes (invalid UTF-8 too), ASCII with `\n` and
+    /// `\r`, multi-byte text, and runs long enough to pass the line limit.
+    fn chunk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            ascii_chunk(),
+            "[a-zé€🎉\n\r]{0,40}".prop_map(String::into_bytes),
+            (any::<u8>(), 0..5000_usize).prop_map(|(b, n)| vec![b; n]),
+        ]
+    }
+
+    fn ascii_chunk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'\r'), b'a'..=b'z'], 0..64),
+            (b'a'..=b'z', 0..5000_usize).prop_map(|(b, n)| vec![b; n]),
+            (0..300_usize).prop_map(|n| b"l\n".repeat(n)),
+        ]
+    }
+
+    /// What the tail of ASCII `input` must be.
+    fn model(input: &[u8]) -> Vec<String> {
+        let text = String::from_utf8(input.to_vec()).expect("ASCII");
+        let mut parts: Vec<&str> = text.split('\n').collect();
+        if parts.last() == Some(&"") {
+            parts.pop();
+        }
+        let lines: Vec<String> = parts
+            .iter()
+            .map(|p| {
+                p[..p.len().min(TAIL_LINE_MAX)]
+                    .trim_end_matches('\r')
+                    .to_owned()
+            })
+            .collect();
+        lines[lines.len().saturating_sub(TAIL_LINES)..].to_vec()
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn tail_stays_bounded(chunks in proptest::collection::vec(chunk(), 0..12)) {
+            let mut tail = Tail::default();
+            for chunk in &chunks {
+                tail.push(chunk);
+                prop_assert!(tail.lines.len() <= TAIL_LINES);
+                prop_assert!(tail.partial.len() <= TAIL_LINE_MAX);
+            }
+            tail.finish();
+            prop_assert!(tail.lines.len() <= TAIL_LINES);
+            for line in &tail.lines {
+                prop_assert!(line.len() <= TAIL_LINE_MAX);
+                prop_assert!(!line.contains('\n'));
+            }
+        }
+
+        #[test]
+        fn text_cut_anywhere_gives_the_same_tail(
+            text in "[a-zé€🎉\n\r]{0,200}",
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let bytes = text.as_bytes();
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            at.sort_unstable();
+            let (mut whole, mut pieces) = (Tail::default(), Tail::default());
+            whole.push(bytes);
+            whole.finish();
+            let mut from = 0;
+            for to in at.into_iter().chain([bytes.len()]) {
+                pieces.push(&bytes[from..to]);
+                from = to;
+            }
+            pieces.finish();
+            prop_assert_eq!(&pieces.lines, &whole.lines);
+            let clean = !pieces.joined().contains(char::REPLACEMENT_CHARACTER);
+            prop_assert!(clean);
+        }
+
+        #[test]
+        fn tail_of_ascii_is_its_last_lines(chunks in proptest::collection::vec(ascii_chunk(), 0..12)) {
+            let mut tail = Tail::default();
+            for chunk in &chunks {
+                tail.push(chunk);
+            }
+            tail.finish();
+            let lines: Vec<String> = tail.lines.iter().cloned().collect();
+            prop_assert_eq!(lines, model(&chunks.concat()));
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_character_split_between_chunks_is_kept_whole() {
+        let mut t = Tail::default();
+        t.push("é€".as_bytes().split_at(1).0);
+        t.push(&"é€".as_bytes()[1..4]);
+        t.push(&"é€".as_bytes()[4..]);
+        t.push(b"\xff\n\xe2\x82");
+        t.finish();
+        assert_eq!(t.joined(), "é€\u{fffd}\n\u{fffd}");
+    }
 
     #[test]
     fn tail_keeps_last_lines_bounded() {

@@ -436,6 +436,97 @@ fn glob_match(pattern: &str, name: &str) -> bool {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, json, text};
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "method",
+        "arguments",
+        "destination",
+        "pattern",
+        "matcher",
+        "ticket",
+        "reply_to",
+        "exchange",
+        "routing_key",
+        "task_id",
+    ];
+
+    /// Request-shaped objects: every field present or not, of any type.
+    fn request_json() -> impl Strategy<Value = Value> {
+        proptest::collection::vec((proptest::sample::select(KEYS), json(KEYS)), 0..8).prop_map(
+            |fields| Value::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            json(KEYS).prop_map(|v| v.to_string().into_bytes()),
+            request_json().prop_map(|v| v.to_string().into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn decode_control_gives_a_request_or_a_typed_error(body in body(), host in text()) {
+            match decode_control(&body) {
+                Ok(request) => {
+                    prop_assert!(!request.method.is_empty());
+                    let _ = request.is_for(&host);
+                }
+                Err(error) => prop_assert!(!error.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn valid_request_decodes_to_its_fields(
+            method in "[a-z_]{1,16}",
+            task_id in text(),
+            destination in proptest::option::of(proptest::collection::vec(text(), 0..3)),
+            pattern in proptest::option::of(text()),
+            ticket in proptest::option::of(text()),
+            routing_key in text(),
+        ) {
+            let body = json!({
+                "method": method,
+                "arguments": {"task_id": task_id},
+                "destination": destination,
+                "pattern": pattern,
+                "matcher": "glob",
+                "ticket": ticket,
+                "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": routing_key},
+            });
+            let request = decode_control(body.to_string().as_bytes())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&request.method, &method);
+            prop_assert_eq!(request.arguments.get("task_id"), Some(&Value::String(task_id)));
+            prop_assert_eq!(&request.destination, &destination);
+            prop_assert_eq!(&request.pattern, &pattern);
+            prop_assert_eq!(&request.ticket, &ticket);
+            prop_assert_eq!(
+                request.reply_to,
+                Some(ReplyTo { exchange: "reply.celery.pidbox".to_owned(), routing_key })
+            );
+        }
+
+        #[test]
+        fn glob_matches_itself_and_star(pattern in text(), name in text()) {
+            let _ = glob_match(&pattern, &name);
+            let literal = pattern.replace(['*', '?'], "");
+            prop_assert!(glob_match(&literal, &literal));
+            prop_assert!(glob_match("*", &name));
+            let (wild, padded) = (format!("*{literal}*"), format!("{name}{literal}{name}"));
+            prop_assert!(glob_match(&wild, &padded));
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

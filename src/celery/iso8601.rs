@@ -160,6 +160,132 @@ impl Cursor<'_> {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::config;
+    use chrono::{Duration, NaiveDateTime};
+    use proptest::prelude::*;
+
+    /// A valid value in one of the accepted layouts, and the instant it is.
+    fn valid() -> impl Strategy<Value = (String, DateTime<Utc>)> {
+        (
+            (0..=9999_i32, 1..=12_u32, 1..=31_u32),
+            (
+                0..=23_u32,
+                0..=59_u32,
+                0..=59_u32,
+                0..1_000_000_000_u32,
+                1..=12_usize,
+            ),
+            (
+                0..5_u8,
+                0..4_u8,
+                0..5_u8,
+                any::<bool>(),
+                0..=23_i64,
+                0..=59_i64,
+            ),
+        )
+            .prop_filter_map(
+                "a day of that month",
+                |((y, mo, d), (h, mi, s, nanos, digits), (time, sep, zone, neg, oh, om))| {
+                    let date = NaiveDate::from_ymd_opt(y, mo, d)?;
+                    let sep = ["T", "t", " ", "T"][usize::from(sep)];
+                    let frac_digits = format!("{nanos:09}{}", "0".repeat(digits.saturating_sub(9)));
+                    let frac = &frac_digits[..digits];
+                    let kept_nanos: u32 = format!("{:0<9}", &frac[..digits.min(9)]).parse().ok()?;
+                    let (text_time, naive_time) = match time {
+                        0 => (String::new(), NaiveTime::MIN),
+                        1 => (format!("{sep}{h:02}"), NaiveTime::from_hms_opt(h, 0, 0)?),
+                        2 => (
+                            format!("{sep}{h:02}:{mi:02}"),
+                            NaiveTime::from_hms_opt(h, mi, 0)?,
+                        ),
+                        3 => (
+                            format!("{sep}{h:02}:{mi:02}:{s:02}"),
+                            NaiveTime::from_hms_opt(h, mi, s)?,
+                        ),
+                        _ => (
+                            format!("{sep}{h:02}:{mi:02}:{s:02}.{frac}"),
+                            NaiveTime::from_hms_nano_opt(h, mi, s, kept_nanos)?,
+                        ),
+                    };
+                    let sign = if neg { '-' } else { '+' };
+                    let (text_zone, offset) = match zone {
+                        0 => (String::new(), 0),
+                        1 => ("Z".to_owned(), 0),
+                        2 => (format!("{sign}{oh:02}"), oh * 3600),
+                        3 => (format!("{sign}{oh:02}{om:02}"), oh * 3600 + om * 60),
+                        _ => (format!("{sign}{oh:02}:{om:02}"), oh * 3600 + om * 60),
+                    };
+                    let offset = if neg { -offset } else { offset };
+                    let local = NaiveDateTime::new(date, naive_time);
+                    let instant = (local - Duration::seconds(offset)).and_utc();
+                    Some((
+                        format!(
+                            "{date}{text_time}{text_zone}",
+                            date = date.format("%Y-%m-%d")
+                        ),
+                        instant,
+                    ))
+                },
+            )
+    }
+
+    /// A valid value with one byte replaced, inserted or removed.
+    fn near_valid() -> impl Strategy<Value = String> {
+        (
+            valid(),
+            any::<prop::sample::Index>(),
+            0..3_u8,
+            any::<char>(),
+        )
+            .prop_map(|((text, _), at, how, ch)| {
+                let mut chars: Vec<char> = text.chars().collect();
+                let i = at.index(chars.len() + 1);
+                match how {
+                    0 if i < chars.len() => chars[i] = ch,
+                    1 if i < chars.len() => {
+                        chars.remove(i);
+                    }
+                    _ => chars.insert(i, ch),
+                }
+                chars.into_iter().collect()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn every_accepted_layout_parses_to_its_instant((text, instant) in valid()) {
+            prop_assert_eq!(parse(&text), Some(instant), "{:?}", text);
+        }
+
+        #[test]
+        fn formatted_then_parsed_is_the_same_instant(
+            secs in -62_135_596_800_i64..253_402_300_799,
+            micros in 0..1_000_000_u32,
+        ) {
+            let instant = Utc.timestamp_opt(secs, micros * 1000).single().expect("in range");
+            prop_assert_eq!(parse(&format(&instant)), Some(instant));
+        }
+
+        #[test]
+        fn near_valid_and_arbitrary_text_never_panics(near in near_valid(), any_text in any::<String>()) {
+            // Whatever parses is an instant that formats and parses again.
+            for text in [near, any_text] {
+                if let Some(instant) = parse(&text) {
+                    let micros = instant.timestamp_subsec_micros() * 1000;
+                    let truncated = instant.with_nanosecond(micros).expect("valid nanos");
+                    prop_assert_eq!(parse(&format(&instant)), Some(truncated));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -177,6 +177,42 @@ pub fn is_printable(c: char) -> bool {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, json, text};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_json_has_a_repr(value in json(&["args", "kwargs", "name", "size"])) {
+            let repr = to_repr(&value);
+            prop_assert!(!repr.is_empty());
+        }
+
+        #[test]
+        fn strings_are_quoted_and_printable(s in text(), any_s in any::<String>()) {
+            for s in [s, any_s] {
+                let repr = repr_str(&s);
+                let quote = repr.chars().next();
+                prop_assert!(quote == Some('\'') || quote == Some('"'), "{}", repr);
+                prop_assert_eq!(repr.chars().last(), quote);
+                prop_assert!(repr.chars().all(|c| c == ' ' || is_printable(c) && !c.is_control()));
+            }
+        }
+
+        #[test]
+        fn finite_floats_read_back(f in any::<f64>()) {
+            let repr = repr_float(f);
+            if f.is_finite() {
+                prop_assert_eq!(repr.parse::<f64>().ok(), Some(f), "{}", repr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;

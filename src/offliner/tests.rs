@@ -767,6 +767,8 @@ fn any_key() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    #![proptest_config(crate::proptest_config::config())]
+
     #[test]
     fn plan_never_panics(
         task in prop::sample::select(vec![
@@ -808,5 +810,81 @@ proptest! {
         if let Ok(allow) = AllowList::parse(&spec) {
             let _ = plan(&req, &allow, REDIS);
         }
+    }
+}
+
+fn flag_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[A-Za-z0-9][A-Za-z0-9_-]{0,63}",
+        any_key(),
+        Just(String::new()),
+        Just("-x".to_owned()),
+        "[a-z]{65}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(crate::proptest_config::config())]
+
+    #[test]
+    fn flags_give_one_option_each_or_a_typed_error(
+        flags in prop::collection::vec((flag_key(), any_json()), 0..6),
+    ) {
+        let flags: Map<String, Value> = flags.into_iter().collect();
+        match flags_to_argv(&flags) {
+            Ok(argv) => {
+                for arg in &argv {
+                    let name = arg.strip_prefix("--").expect("an option");
+                    let name = name.split_once('=').map_or(name, |(name, _)| name);
+                    prop_assert!(flags.contains_key(name), "{}", arg);
+                    prop_assert!(!arg.contains('\0'));
+                }
+            }
+            Err(error) => prop_assert!(!error.to_string().is_empty()),
+        }
+    }
+
+    #[test]
+    fn string_flags_come_out_as_they_went_in(
+        flags in prop::collection::btree_map("[A-Za-z0-9][A-Za-z0-9_-]{0,63}", "[^\u{0}]{0,40}", 0..6),
+    ) {
+        let map: Map<String, Value> =
+            flags.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
+        let argv = flags_to_argv(&map).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let expected: Vec<String> = flags.iter().map(|(k, v)| format!("--{k}={v}")).collect();
+        prop_assert_eq!(argv, expected);
+    }
+
+    #[test]
+    fn image_refs_parse_or_fail_typed_and_display_round_trips(
+        s in prop_oneof![
+            any::<String>(),
+            "[a-z0-9./:@_-]{0,40}",
+            ("[a-z]{1,8}/[a-z0-9-]{1,12}", "[A-Za-z0-9._-]{1,20}").prop_map(|(n, t)| format!("{n}:{t}")),
+        ],
+    ) {
+        if let Ok(image) = ImageRef::parse(&s) {
+            prop_assert_eq!(ImageRef::parse(&image.to_string()), Ok(image.clone()));
+            prop_assert!(!image.name.is_empty() && !image.tag.is_empty());
+        }
+    }
+
+    #[test]
+    fn warehouse_paths_are_clean_or_refused(
+        path in prop_oneof![
+            any::<String>(),
+            "[/a-z._-]{0,30}",
+            prop::collection::vec(prop_oneof![Just(".."), Just("."), Just(""), Just("wikipedia"), Just("a-b_c.d")], 0..5)
+                .prop_map(|parts| format!("/{}", parts.join("/"))),
+        ],
+        other in any_json(),
+    ) {
+        if let Ok(clean) = params::normalise_warehouse_path(&Value::from(path.as_str())) {
+            prop_assert!(clean.starts_with('/') && clean.len() > 1);
+            prop_assert!(!clean.ends_with('/'));
+            prop_assert!(clean[1..].split('/').all(|c| !c.is_empty() && c != "." && c != ".."));
+            prop_assert_eq!(params::normalise_warehouse_path(&Value::from(clean.as_str())).ok(), Some(clean.clone()));
+        }
+        let _ = params::normalise_warehouse_path(&other);
     }
 }

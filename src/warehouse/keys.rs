@@ -326,6 +326,66 @@ pub fn parse_public_key_line(line: &str) -> Result<PublicKey, ssh_key::Error> {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, text};
+    use proptest::prelude::*;
+
+    /// Key-file-shaped text: PEM and OpenSSH armour around random or
+    /// base64 bodies, encryption markers, public key lines.
+    fn key_text() -> impl Strategy<Value = Vec<u8>> {
+        let armour = proptest::sample::select(vec![
+            "OPENSSH PRIVATE KEY",
+            "RSA PRIVATE KEY",
+            "PRIVATE KEY",
+            "EC PRIVATE KEY",
+            "ENCRYPTED PRIVATE KEY",
+            "DSA PRIVATE KEY",
+        ]);
+        let body = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300)
+                .prop_map(|b| data_encoding::BASE64.encode(&b)),
+            Just(
+                "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW".to_owned()
+            ),
+            text(),
+        ];
+        prop_oneof![
+            (armour, body, any::<bool>()).prop_map(|(armour, body, proc)| {
+                let proc = if proc {
+                    "Proc-Type: 4,ENCRYPTED\n\n"
+                } else {
+                    ""
+                };
+                format!("-----BEGIN {armour}-----\n{proc}{body}\n-----END {armour}-----\n")
+                    .into_bytes()
+            }),
+            text().prop_map(|t| format!("ssh-ed25519 {t}").into_bytes()),
+            proptest::collection::vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn key_files_give_a_key_or_a_typed_error(text in key_text()) {
+            match ClientKey::parse(&text, Path::new("/keys/id")) {
+                Ok(key) => prop_assert!(!key.md5_fingerprint().is_empty()),
+                Err(error) => prop_assert!(error.to_string().contains("/keys/id")),
+            }
+        }
+
+        #[test]
+        fn public_key_lines_never_panic(line in text(), blob in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let _ = parse_public_key_line(&line);
+            let _ = parse_public_key_line(&format!("ssh-ed25519 {}", data_encoding::BASE64.encode(&blob)));
+            let _ = parse_public_key_line(&format!("ssh-rsa {} c", data_encoding::BASE64.encode(&blob)));
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

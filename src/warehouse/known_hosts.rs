@@ -128,6 +128,96 @@ fn glob(pattern: &str, name: &str) -> bool {
 }
 
 #[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::proptest_config::{config, text};
+    use proptest::prelude::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGH7mOXPlEnj4y628qCsjzv1zJun1rgcahEJcYxuU3vU";
+
+    fn hashed(salt: &[u8], name: &str) -> String {
+        let mac = <Hmac<Sha1> as KeyInit>::new_from_slice(salt)
+            .expect("HMAC takes any key length")
+            .chain_update(name.as_bytes())
+            .finalize()
+            .into_bytes();
+        format!("|1|{}|{}", BASE64.encode(salt), BASE64.encode(&mac))
+    }
+
+    /// known_hosts-shaped lines: markers, plain/ported/wildcard/negated/
+    /// hashed host fields, good and bad key types and base64, comments.
+    fn line() -> impl Strategy<Value = String> {
+        let marker =
+            proptest::sample::select(vec!["", "", "@revoked ", "@cert-authority ", "@", "@x "]);
+        let host = prop_oneof![
+            Just("wh.example".to_owned()),
+            Just("[wh.example]:1522".to_owned()),
+            Just("*.example,!bad.example".to_owned()),
+            Just("|1|".to_owned()),
+            Just("|1|!!|??".to_owned()),
+            proptest::collection::vec(any::<u8>(), 0..40)
+                .prop_map(|salt| hashed(&salt, "[wh.example]:1522")),
+            text(),
+        ];
+        let key_type = proptest::sample::select(vec![
+            "ssh-ed25519",
+            "ssh-rsa",
+            "ecdsa-sha2-nistp256",
+            "",
+            "ssh-ed25519 ssh-ed25519",
+        ]);
+        let blob = prop_oneof![
+            Just(KEY.split(' ').nth(1).unwrap_or_default().to_owned()),
+            Just("AAAA".to_owned()),
+            Just("!!notbase64".to_owned()),
+            proptest::collection::vec(any::<u8>(), 0..80).prop_map(|b| BASE64.encode(&b)),
+            text(),
+        ];
+        let sep = proptest::sample::select(vec![" ", "\t", "  ", " \t "]);
+        (marker, host, sep.clone(), key_type, sep, blob, text()).prop_map(
+            |(marker, host, s1, key_type, s2, blob, comment)| {
+                format!("{marker}{host}{s1}{key_type}{s2}{blob} {comment}")
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn any_lines_give_keys_from_real_lines_only(
+            lines in proptest::collection::vec(prop_oneof![line(), text()], 0..8),
+            host in prop_oneof![Just("wh.example".to_owned()), text()],
+            port in prop_oneof![Just(22_u16), Just(1522), any::<u16>()],
+        ) {
+            let file = lines.join("\n");
+            let found = keys_for(&file, &host, port);
+            let count = file.lines().count();
+            prop_assert!(found.len() <= count);
+            for r in &found {
+                prop_assert!(r.line >= 1 && r.line <= count);
+            }
+        }
+
+        #[test]
+        fn a_hashed_entry_for_the_host_is_found(
+            salt in proptest::collection::vec(any::<u8>(), 1..64),
+            before in proptest::collection::vec(line(), 0..4),
+            revoked in any::<bool>(),
+        ) {
+            let marker = if revoked { "@revoked " } else { "" };
+            let entry = format!("{marker}{} {KEY}", hashed(&salt, "[wh.example]:1522"));
+            let prefix: String = before.iter().map(|l| format!("{l}\n")).collect();
+            let found = keys_for(&format!("{prefix}{entry}"), "wh.example", 1522);
+            let last = found.last().expect("the hashed entry is found");
+            prop_assert_eq!(last.line, prefix.lines().count() + 1);
+            prop_assert_eq!(last.revoked, revoked);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

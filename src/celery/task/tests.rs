@@ -1,6 +1,7 @@
 //! Tests of task message decoding: real Celery 5 messages (v2 and v1),
-//! every AMQP header type, bad content, bad shapes, and a property test that
-//! `decode` never panics.
+//! every AMQP header type, bad content, bad shapes, property tests that
+//! `decode` never panics and that valid v2 and v1 messages built from random
+//! fields decode to those fields.
 
 use super::*;
 use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString, ShortString};
@@ -957,7 +958,7 @@ fn check_decoded(result: Result<TaskRequest, DecodeError>) -> Result<(), TestCas
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #![proptest_config(crate::proptest_config::config())]
 
     #[test]
     fn decode_never_panics(seed in proptest::collection::vec(any::<u8>(), 0..1024)) {
@@ -974,5 +975,174 @@ proptest! {
         let body = entropy.body();
         check_decoded(decode(&props, &body))?;
         check_decoded(decode(&props, CELERY5_BODY.as_bytes()))?;
+    }
+}
+
+// ---- valid messages decode to their fields ---------------------------------
+
+/// The fields of a valid message, as a sender would choose them.
+#[derive(Debug, Clone)]
+struct Fields {
+    id: String,
+    name: String,
+    retries: i64,
+    eta: Option<DateTime<Utc>>,
+    expires: Option<DateTime<Utc>>,
+    hard: Option<u32>,
+    soft: Option<u32>,
+    root_id: Option<String>,
+    origin: Option<String>,
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+    reply_to: Option<String>,
+}
+
+fn non_empty_text() -> impl Strategy<Value = String> {
+    "[^\u{0}]{1,24}"
+}
+
+fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+    // Years 1..=9999, to the microsecond (what isoformat() writes).
+    (-62_135_596_800_i64..253_402_300_799, 0..1_000_000_u32).prop_map(|(secs, micros)| {
+        Utc.timestamp_opt(secs, micros * 1000)
+            .single()
+            .expect("in chrono's range")
+    })
+}
+
+fn leaf_json() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<String>().prop_map(Value::String),
+        prop::collection::vec(any::<i32>(), 0..4).prop_map(|v| json!(v)),
+    ]
+}
+
+fn fields() -> impl Strategy<Value = Fields> {
+    (
+        (
+            non_empty_text(),
+            non_empty_text(),
+            any::<i64>(),
+            prop::option::of(instant()),
+            prop::option::of(instant()),
+            prop::option::of(1..u32::MAX),
+            prop::option::of(1..u32::MAX),
+        ),
+        (
+            prop::option::of(any::<String>()),
+            prop::option::of(any::<String>()),
+            prop::collection::vec(leaf_json(), 0..4),
+            prop::collection::btree_map("[a-z_]{1,10}", leaf_json(), 0..4),
+            prop::option::of("[ -~]{1,40}"),
+        ),
+    )
+        .prop_map(
+            |((id, name, retries, eta, expires, hard, soft), rest)| Fields {
+                id,
+                name,
+                retries,
+                eta,
+                expires,
+                hard,
+                soft,
+                root_id: rest.0,
+                origin: rest.1,
+                args: rest.2,
+                kwargs: rest.3.into_iter().collect(),
+                reply_to: rest.4,
+            },
+        )
+}
+
+fn opt_header(value: Option<&String>) -> AMQPValue {
+    value.map_or(AMQPValue::Void, |v| s(v))
+}
+
+fn opt_seconds(value: Option<u32>) -> AMQPValue {
+    value.map_or(AMQPValue::Void, AMQPValue::LongUInt)
+}
+
+fn with_reply_to(props: BasicProperties, f: &Fields) -> BasicProperties {
+    match &f.reply_to {
+        Some(queue) => props.with_reply_to(ShortString::from(queue.as_str())),
+        None => props,
+    }
+}
+
+fn check_fields(request: &TaskRequest, f: &Fields) -> Result<(), TestCaseError> {
+    prop_assert_eq!(&request.id, &f.id);
+    prop_assert_eq!(&request.name, &f.name);
+    prop_assert_eq!(request.retries, f.retries);
+    prop_assert_eq!(request.eta, f.eta);
+    prop_assert_eq!(request.expires, f.expires);
+    prop_assert_eq!(request.time_limit.hard, f.hard.map(f64::from));
+    prop_assert_eq!(request.time_limit.soft, f.soft.map(f64::from));
+    prop_assert_eq!(&request.root_id, &f.root_id);
+    prop_assert_eq!(&request.args, &f.args);
+    prop_assert_eq!(&request.kwargs, &f.kwargs);
+    prop_assert_eq!(&request.reply_to, &f.reply_to);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(crate::proptest_config::config())]
+
+    #[test]
+    fn valid_v2_decodes_to_its_fields(f in fields(), stamp_eta in any::<bool>()) {
+        let eta = match f.eta {
+            // An AMQP timestamp is whole epoch seconds.
+            Some(eta) if stamp_eta && eta.timestamp() >= 0 => {
+                AMQPValue::Timestamp(eta.timestamp().unsigned_abs())
+            }
+            Some(eta) => s(&iso8601::format(&eta)),
+            None => AMQPValue::Void,
+        };
+        let headers = vec![
+            ("task", s(&f.name)),
+            ("id", s(&f.id)),
+            ("retries", AMQPValue::LongLongInt(f.retries)),
+            ("eta", eta.clone()),
+            ("expires", f.expires.map_or(AMQPValue::Void, |e| s(&iso8601::format(&e)))),
+            ("timelimit", array(vec![opt_seconds(f.hard), opt_seconds(f.soft)])),
+            ("root_id", opt_header(f.root_id.as_ref())),
+            ("origin", opt_header(f.origin.as_ref())),
+            ("argsrepr", s("()")),
+        ];
+        let props = with_reply_to(json_props().with_headers(table(headers)), &f);
+        let body = json!([f.args, f.kwargs, {"callbacks": null}]).to_string();
+        let request = decode(&props, body.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let mut expected = f.clone();
+        if let AMQPValue::Timestamp(secs) = eta {
+            expected.eta = Utc.timestamp_opt(i64::try_from(secs).unwrap_or_default(), 0).single();
+        }
+        check_fields(&request, &expected)?;
+        prop_assert_eq!(&request.origin, &f.origin);
+        prop_assert_eq!(request.argsrepr.as_str(), "()");
+        prop_assert_eq!(request.protocol, Protocol::V2);
+    }
+
+    #[test]
+    fn valid_v1_decodes_to_its_fields(f in fields(), utc_flag in any::<bool>()) {
+        let body = json!({
+            "task": f.name,
+            "id": f.id,
+            "args": f.args,
+            "kwargs": f.kwargs,
+            "retries": f.retries,
+            "eta": f.eta.map(|e| iso8601::format(&e)),
+            "expires": f.expires.map(|e| iso8601::format(&e)),
+            "timelimit": [f.hard, f.soft],
+            "root_id": f.root_id,
+            "utc": utc_flag,
+        })
+        .to_string();
+        let props = with_reply_to(json_props(), &f);
+        let request = decode(&props, body.as_bytes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        check_fields(&request, &f)?;
+        prop_assert_eq!(request.protocol, Protocol::V1);
     }
 }

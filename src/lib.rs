@@ -17,5 +17,6 @@ pub mod offliner;
 pub mod ops;
 pub mod pipeline;
 pub mod runner;
+pub mod sweep;
 pub mod warehouse;
 pub mod worker;

@@ -3,7 +3,8 @@
 //! swept by age at start and under disk pressure before a task would be
 //! refused, `check` lists them with their sizes, and a scrape that fills a
 //! small tmpfs fails saying so, leaves its dir removed and the record of
-//! ended tasks readable, and the next task (and the next worker) runs.
+//! ended tasks readable, and the next task (and the next worker) runs; a
+//! record cut by a full disk does not swallow the next one.
 //!
 //! The tmpfs tests mount one (they run as root); the worker's own log is
 //! kept outside it, in a temp dir, so only the working dir fills up.
@@ -400,4 +401,46 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!fs.path().join(&full).exists(), "it did not run again");
+}
+
+/// A record of an ended task cut by a full disk does not swallow the next
+/// one: after the space is back, the next record starts on a line of its
+/// own, and a reopen reads every whole record.
+#[tokio::test]
+async fn a_record_cut_by_a_full_disk_leaves_the_next_one_whole() {
+    use zimfarm_worker::celery::EventKind;
+    use zimfarm_worker::ended::{EndedLog, FILE_NAME};
+    let fs = Tmpfs::mount(1);
+    let failed = |id: &str| EventKind::TaskFailed {
+        uuid: id.to_owned(),
+        exception: "RuntimeError('x')".to_owned(),
+        traceback: "t".repeat(3000),
+    };
+    let log = EndedLog::open(fs.path()).await.unwrap();
+    log.record("first", &failed("first")).await.unwrap();
+    // Fill the disk: only the rest of the record's first page is left.
+    let hog = fs.path().join("hog");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", hog.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let error = log.record("cut", &failed("cut")).await.unwrap_err();
+    assert!(error.to_string().contains("free space"), "{error}");
+    let text = std::fs::read(fs.path().join(FILE_NAME)).unwrap();
+    assert!(!text.ends_with(b"\n"), "the disk did not cut the line");
+    std::fs::remove_file(&hog).unwrap();
+    log.record("third", &failed("third")).await.unwrap();
+    drop(log);
+
+    let text = std::fs::read_to_string(fs.path().join(FILE_NAME)).unwrap();
+    let whole: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(whole, ["first", "third"], "{} lines", text.lines().count());
+    let reopened = EndedLog::open(fs.path()).await.unwrap();
+    assert!(reopened.get("first").is_some() && reopened.get("third").is_some());
+    assert!(reopened.get("cut").is_none());
 }

@@ -7,6 +7,11 @@
 //! A marker written in the task dir when generate succeeded lets a
 //! redelivered task go straight to upload instead of scraping again.
 //!
+//! Free disk: before refusing a task for `MIN_FREE_DISK_MB` it has the
+//! [`Sweeper`] remove kept task dirs (a task's own dir is claimed for its
+//! whole run, so it is never swept); a scrape that fails with ZIM_DIR full
+//! is reported as the disk having filled up.
+//!
 //! Owns the task dir and the task's containers. It must not decode messages
 //! or publish anything itself: it works from a [`TaskPlan`] and reports
 //! through the runner's [`TaskContext`].

@@ -168,6 +168,9 @@ pub struct PipelineSettings {
     pub idle_timeout: Duration,
     /// A task does not start with less free space than this in ZIM_DIR.
     pub min_free_disk: u64,
+    /// A kept task dir (its upload failed) is swept once this old; `None`:
+    /// only under disk pressure.
+    pub kept_dir_max_age: Option<Duration>,
     pub container_memory: Option<i64>,
     pub container_nano_cpus: Option<i64>,
     pub image_allowlist: AllowList,
@@ -369,6 +372,7 @@ struct RawEnv {
     pull_policy: Option<String>,
     idle_timeout: Option<String>,
     min_free_disk_mb: Option<String>,
+    kept_dir_max_age: Option<String>,
     container_memory_mb: Option<String>,
     container_cpus: Option<String>,
     image_allowlist: Option<String>,
@@ -389,10 +393,12 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 8;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 7200;
 pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
+/// Hours a kept task dir stays before it is swept (7 days).
+pub const DEFAULT_KEPT_DIR_MAX_AGE_HOURS: u64 = 168;
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7";
 
 impl RawEnv {
-    const NAMES: [&'static str; 30] = [
+    const NAMES: [&'static str; 31] = [
         "USERNAME",
         "PASSWORD",
         "WORKING_DIR",
@@ -418,6 +424,7 @@ impl RawEnv {
         "PULL_POLICY",
         "IDLE_TIMEOUT",
         "MIN_FREE_DISK_MB",
+        "KEPT_DIR_MAX_AGE",
         "CONTAINER_MEMORY_MB",
         "CONTAINER_CPUS",
         "IMAGE_ALLOWLIST",
@@ -464,6 +471,17 @@ impl RawEnv {
             None => DEFAULT_MIN_FREE_DISK_MB,
             Some(v) => parse_bounded("MIN_FREE_DISK_MB", &v, 0, u64::MAX / (1 << 20))?,
         } << 20;
+        let kept_dir_max_age = match non_empty(self.kept_dir_max_age.clone()) {
+            None => DEFAULT_KEPT_DIR_MAX_AGE_HOURS,
+            Some(v) => parse_bounded("KEPT_DIR_MAX_AGE", &v, 0, 10 * 365 * 24).map_err(|e| {
+                ConfigError::new(
+                    "KEPT_DIR_MAX_AGE",
+                    format!("{} (hours; 0 sweeps only under disk pressure)", e.problem),
+                )
+            })?,
+        };
+        let kept_dir_max_age =
+            (kept_dir_max_age > 0).then(|| Duration::from_secs(kept_dir_max_age * 3600));
         let container_memory = match non_empty(self.container_memory_mb.clone()) {
             None => None,
             Some(v) => Some((parse_bounded("CONTAINER_MEMORY_MB", &v, 6, 1 << 30)? << 20) as i64),
@@ -505,6 +523,7 @@ impl RawEnv {
             pull_policy,
             idle_timeout,
             min_free_disk,
+            kept_dir_max_age,
             container_memory,
             container_nano_cpus,
             image_allowlist,
@@ -1147,6 +1166,7 @@ mod tests {
             ("PULL_POLICY", "sometimes"),
             ("IDLE_TIMEOUT", "0"),
             ("MIN_FREE_DISK_MB", "lots"),
+            ("KEPT_DIR_MAX_AGE", "a week"),
             ("CONTAINER_MEMORY_MB", "1"),
             ("CONTAINER_CPUS", "-1"),
             ("IMAGE_ALLOWLIST", " , "),

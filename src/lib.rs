@@ -19,5 +19,6 @@ pub mod pipeline;
 #[cfg(test)]
 pub(crate) mod proptest_config;
 pub mod runner;
+pub mod sweep;
 pub mod warehouse;
 pub mod worker;

@@ -73,6 +73,29 @@ impl Stage {
     }
 }
 
+/// Why a kept task dir was swept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepReason {
+    /// Older than `KEPT_DIR_MAX_AGE`.
+    Age,
+    /// A task needed the space (`MIN_FREE_DISK_MB`).
+    Pressure,
+}
+
+impl SweepReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Age => "age",
+            Self::Pressure => "pressure",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SweepLabels {
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: &'static str,
@@ -105,6 +128,8 @@ pub struct Metrics {
     broker_connected: Gauge,
     broker_reconnects: Counter,
     docker_errors: Counter,
+    kept_dirs_swept: Family<SweepLabels, Counter>,
+    kept_dirs_swept_bytes: Family<SweepLabels, Counter>,
     last_heartbeat: Gauge<f64, AtomicU64>,
 }
 
@@ -133,6 +158,8 @@ impl Metrics {
         let broker_connected = Gauge::default();
         let broker_reconnects = Counter::default();
         let docker_errors = Counter::default();
+        let kept_dirs_swept = Family::<SweepLabels, Counter>::default();
+        let kept_dirs_swept_bytes = Family::<SweepLabels, Counter>::default();
         let last_heartbeat = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "info",
@@ -175,6 +202,16 @@ impl Metrics {
             docker_errors.clone(),
         );
         registry.register(
+            "kept_dirs_swept",
+            "Kept task dirs removed by the sweep, by reason (age, pressure)",
+            kept_dirs_swept.clone(),
+        );
+        registry.register(
+            "kept_dirs_swept_bytes",
+            "Disk space freed by sweeping kept task dirs, by reason (age, pressure)",
+            kept_dirs_swept_bytes.clone(),
+        );
+        registry.register(
             "last_heartbeat_timestamp_seconds",
             "When the broker last confirmed a worker heartbeat (Unix time; 0 before the first)",
             last_heartbeat.clone(),
@@ -189,6 +226,8 @@ impl Metrics {
             broker_connected,
             broker_reconnects,
             docker_errors,
+            kept_dirs_swept,
+            kept_dirs_swept_bytes,
             last_heartbeat,
         }
     }
@@ -248,6 +287,17 @@ impl Metrics {
 
     pub fn docker_error(&self) {
         self.docker_errors.inc();
+    }
+
+    /// A kept task dir taking `bytes` was swept.
+    pub fn kept_dir_swept(&self, reason: SweepReason, bytes: u64) {
+        let labels = SweepLabels {
+            reason: reason.label(),
+        };
+        self.kept_dirs_swept.get_or_create(&labels).inc();
+        self.kept_dirs_swept_bytes
+            .get_or_create(&labels)
+            .inc_by(bytes);
     }
 
     /// The broker confirmed a worker heartbeat (or `worker-online`).
@@ -362,6 +412,7 @@ mod tests {
         m.uploaded(1234);
         m.broker_up(true);
         m.docker_error();
+        m.kept_dir_swept(SweepReason::Pressure, 4096);
         {
             let _a = m.task_running();
             assert!(m.encode().contains("zimfarm_worker_active_tasks 1\n"));
@@ -377,6 +428,8 @@ mod tests {
             "zimfarm_worker_broker_connected 1",
             "zimfarm_worker_broker_reconnects_total 1",
             "zimfarm_worker_docker_errors_total 1",
+            "zimfarm_worker_kept_dirs_swept_total{reason=\"pressure\"} 1",
+            "zimfarm_worker_kept_dirs_swept_bytes_total{reason=\"pressure\"} 4096",
             "zimfarm_worker_info{version=\"",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");

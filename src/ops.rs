@@ -234,24 +234,32 @@ async fn warehouse_check(settings: WarehouseSettings) -> Verdict {
     }
 }
 
+/// Kept task dirs listed by `check`; more are counted, not named.
+const KEPT_DIRS_LISTED: usize = 10;
+
 async fn disk_check(dir: &Path, min_free: u64) -> Verdict {
     let path = dir.to_owned();
-    let free = tokio::task::spawn_blocking(move || {
-        rustix::fs::statvfs(&path).map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    let found = tokio::task::spawn_blocking(move || {
+        let free = crate::sweep::free_bytes(&path)?;
+        let kept = crate::sweep::kept_dirs(&path, &Default::default())?;
+        Ok::<_, std::io::Error>((free, kept))
     })
     .await;
-    match free {
-        Ok(Ok(free)) if free >= min_free => Verdict::Ok(format!(
-            "{} MiB free in {} (MIN_FREE_DISK_MB={})",
+    match found {
+        Ok(Ok((free, kept))) if free >= min_free => Verdict::Ok(format!(
+            "{} MiB free in {} (MIN_FREE_DISK_MB={}); {}",
             free >> 20,
             dir.display(),
-            min_free >> 20
+            min_free >> 20,
+            kept_summary(&kept)
         )),
-        Ok(Ok(free)) => Verdict::Failed(format!(
-            "only {} MiB free in {}, below MIN_FREE_DISK_MB={}: free some space",
+        Ok(Ok((free, kept))) => Verdict::Failed(format!(
+            "only {} MiB free in {}, below MIN_FREE_DISK_MB={}: free some space \
+             (the worker sweeps kept task dirs, oldest first, before refusing a task); {}",
             free >> 20,
             dir.display(),
-            min_free >> 20
+            min_free >> 20,
+            kept_summary(&kept)
         )),
         Ok(Err(e)) => Verdict::Failed(format!(
             "cannot read {}: {e}; is ZIM_DIR mounted?",
@@ -259,6 +267,37 @@ async fn disk_check(dir: &Path, min_free: u64) -> Verdict {
         )),
         Err(e) => Verdict::Failed(e.to_string()),
     }
+}
+
+/// `2 task dirs kept (150 MiB): 6a1f… 100 MiB 30 h old, …`, oldest first.
+/// A running worker's own task dirs are listed too: `check` cannot tell.
+fn kept_summary(kept: &[crate::sweep::KeptDir]) -> String {
+    if kept.is_empty() {
+        return "no task dir kept".to_owned();
+    }
+    let total: u64 = kept.iter().map(|d| d.bytes).sum();
+    let mut text = format!(
+        "{} task dir(s) kept ({} MiB, swept after KEPT_DIR_MAX_AGE or under disk pressure): ",
+        kept.len(),
+        total >> 20
+    );
+    let named: Vec<String> = kept
+        .iter()
+        .take(KEPT_DIRS_LISTED)
+        .map(|d| {
+            format!(
+                "{} {} MiB {} h old",
+                d.task_id,
+                d.bytes >> 20,
+                d.age.as_secs() / 3600
+            )
+        })
+        .collect();
+    text.push_str(&named.join(", "));
+    if kept.len() > KEPT_DIRS_LISTED {
+        text.push_str(&format!(", and {} more", kept.len() - KEPT_DIRS_LISTED));
+    }
+    text
 }
 
 /// The SSH key is not registered at the dispatcher (start-up check).

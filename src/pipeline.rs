@@ -7,6 +7,11 @@
 //! A marker written in the task dir when generate succeeded lets a
 //! redelivered task go straight to upload instead of scraping again.
 //!
+//! Free disk: before refusing a task for `MIN_FREE_DISK_MB` it has the
+//! [`Sweeper`] remove kept task dirs (a task's own dir is claimed for its
+//! whole run, so it is never swept); a scrape that fails with ZIM_DIR full
+//! is reported as the disk having filled up.
+//!
 //! Owns the task dir and the task's containers. It must not decode messages
 //! or publish anything itself: it works from a [`TaskPlan`] and reports
 //! through the runner's [`TaskContext`].
@@ -30,6 +35,7 @@ use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_T
 use crate::metrics::{self, Stage};
 use crate::offliner::{TaskPlan, plan};
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
+use crate::sweep::{SWEEP_INTERVAL, Sweeper};
 use crate::warehouse::{UploadItem, Warehouse, WarehouseError};
 
 /// Where the redis helper's socket is, inside both containers.
@@ -47,6 +53,10 @@ const SOCKETS_DIR: &str = ".sockets";
 /// How long a failed task waits for its log to reach the warehouse before
 /// it reports the failure anyway.
 const FAILED_LOG_UPLOAD_LIMIT: Duration = Duration::from_secs(60);
+
+/// Free space in ZIM_DIR under which a failed scrape is reported as the
+/// disk having filled up.
+const FULL_DISK_BELOW: u64 = 1 << 20;
 
 /// The marker, in the task dir, of a generate stage that succeeded.
 pub const GENERATED_MARKER: &str = ".zimfarm-generated.json";
@@ -67,6 +77,8 @@ pub struct DockerRunner {
     settings: Arc<PipelineSettings>,
     /// `None`: no upload (`run-task --no-upload`); files stay in the task dir.
     warehouse: Option<Warehouse>,
+    /// Sweeps the task dirs kept in ZIM_DIR; knows which ones are in use.
+    sweeper: Sweeper,
 }
 
 /// A task's paths, as the host sees them (for bind mounts) and as this
@@ -99,10 +111,12 @@ impl DockerRunner {
         warehouse: Option<Warehouse>,
     ) -> Result<Self, crate::docker::DockerError> {
         let docker = DockerClient::connect().await?;
+        let sweeper = Sweeper::new(settings.zim_dir.clone(), settings.kept_dir_max_age);
         Ok(Self {
             docker,
             settings: Arc::new(settings),
             warehouse,
+            sweeper,
         })
     }
 
@@ -162,6 +176,8 @@ impl DockerRunner {
                 detail: "the task was refused before anything ran".to_owned(),
             })
         })?;
+        // The sweeper leaves this task's dir alone until the run ends.
+        let _claim = self.sweeper.claim(&plan.task_id).await;
         let dirs = TaskDirs::new(&self.settings, &plan.task_id);
         let generated = match read_marker(&dirs.local_task).await {
             Some(generated) => {
@@ -303,20 +319,60 @@ impl DockerRunner {
         containers: &mut Containers,
         ctx: &TaskContext,
     ) -> Result<Generated, RunError> {
-        timed(Stage::Prepare, self.prepare(plan, dirs, containers, ctx)).await?;
-        timed(Stage::Generate, self.generate(plan, dirs, containers, ctx)).await
+        let free_at_start =
+            timed(Stage::Prepare, self.prepare(plan, dirs, containers, ctx)).await?;
+        match timed(Stage::Generate, self.generate(plan, dirs, containers, ctx)).await {
+            Err(RunError::Failed(error)) => Err(RunError::Failed(
+                self.explain_full_disk(error, free_at_start).await,
+            )),
+            other => other,
+        }
     }
 
-    /// Task dir, free disk, images, the redis helper.
+    /// A scrape that failed with ZIM_DIR (nearly) full failed because of
+    /// it, whatever the offliner printed: say so, with the space free now
+    /// and at the start.
+    async fn explain_full_disk(&self, error: TaskError, free_at_start: u64) -> TaskError {
+        let zim_dir = self.settings.zim_dir.clone();
+        let free_now = tokio::task::spawn_blocking(move || crate::sweep::free_bytes(&zim_dir))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let enospc = |text: &str| text.contains("No space left on device");
+        let full = free_now.is_some_and(|free| free < FULL_DISK_BELOW)
+            || enospc(&error.message)
+            || enospc(&error.detail);
+        if !full {
+            return error;
+        }
+        let now = free_now.map_or_else(|| "unknown".to_owned(), |f| (f >> 20).to_string());
+        tracing::error!(
+            free_mib_now = %now,
+            free_mib_at_start = free_at_start >> 20,
+            "the disk of ZIM_DIR filled up during the scrape"
+        );
+        TaskError {
+            message: format!(
+                "the disk of ZIM_DIR filled up during the scrape ({now} MiB free now, {} MiB \
+                 at the start); give ZIM_DIR more space or run fewer tasks at once ({})",
+                free_at_start >> 20,
+                error.message
+            ),
+            ..error
+        }
+    }
+
+    /// Task dir, free disk, images, the redis helper; returns the bytes
+    /// free in ZIM_DIR.
     async fn prepare(
         &self,
         plan: &TaskPlan,
         dirs: &TaskDirs,
         containers: &mut Containers,
         ctx: &TaskContext,
-    ) -> Result<(), RunError> {
+    ) -> Result<u64, RunError> {
         let cancel = &ctx.cancel;
-        self.prepare_dirs(dirs).await?;
+        let free = self.prepare_dirs(dirs).await?;
         cancellable(cancel, self.image(&plan.image.to_string())).await??;
         if plan.needs_redis {
             cancellable(cancel, self.image(&self.settings.redis_image)).await??;
@@ -357,7 +413,7 @@ impl DockerRunner {
             .await??;
             tracing::info!("redis helper ready");
         }
-        Ok(())
+        Ok(free)
     }
 
     /// The offliner container, its log, its exit code, its files.
@@ -450,7 +506,10 @@ impl DockerRunner {
         })
     }
 
-    async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<(), RunError> {
+    /// The task dir, created empty; kept dirs swept by age, and under disk
+    /// pressure before refusing. Returns the bytes free in ZIM_DIR.
+    async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<u64, RunError> {
+        self.sweeper.sweep_old().await;
         // A task dir left by an earlier, interrupted run of this task holds
         // partial output: start afresh.
         if tokio::fs::try_exists(&dirs.local_task)
@@ -469,20 +528,31 @@ impl DockerRunner {
             })?;
         }
         let zim_dir = self.settings.zim_dir.clone();
-        let free = tokio::task::spawn_blocking(move || {
-            rustix::fs::statvfs(&zim_dir).map(|s| s.f_bavail * s.f_frsize)
-        })
-        .await
-        .map_err(|e| failed(format!("free-disk check failed: {e}")))?
-        .map_err(|e| failed(format!("cannot read free disk of ZIM_DIR: {e}")))?;
+        let mut free = tokio::task::spawn_blocking(move || crate::sweep::free_bytes(&zim_dir))
+            .await
+            .map_err(|e| failed(format!("free-disk check failed: {e}")))?
+            .map_err(|e| failed(format!("cannot read free disk of ZIM_DIR: {e}")))?;
+        if free < self.settings.min_free_disk {
+            tracing::warn!(
+                free_mib = free >> 20,
+                min_free_mib = self.settings.min_free_disk >> 20,
+                "ZIM_DIR is below MIN_FREE_DISK_MB; sweeping kept task dirs, oldest first"
+            );
+            free = self
+                .sweeper
+                .make_room(self.settings.min_free_disk)
+                .await
+                .map_err(|e| failed(format!("cannot read free disk of ZIM_DIR: {e}")))?;
+        }
         if free < self.settings.min_free_disk {
             return Err(failed(format!(
-                "only {} MiB free in ZIM_DIR, below MIN_FREE_DISK_MB={}; free some space",
+                "only {} MiB free in ZIM_DIR, below MIN_FREE_DISK_MB={}, and no kept task dir \
+                 is left to sweep; free some space",
                 free >> 20,
                 self.settings.min_free_disk >> 20
             )));
         }
-        Ok(())
+        Ok(free)
     }
 
     async fn image(&self, image: &str) -> Result<(), RunError> {
@@ -597,6 +667,18 @@ impl Runner for DockerRunner {
                 tracing::error!(%error, "could not remove the containers left by an earlier run of this node");
             }
         }
+        // Kept dirs too old to be worth an upload, at start and then every
+        // SWEEP_INTERVAL (and before every task).
+        self.sweeper.sweep_old().await;
+        let sweeper = self.sweeper.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                sweeper.sweep_old().await;
+            }
+        });
     }
 }
 
@@ -899,8 +981,13 @@ async fn compress_log(path: PathBuf) -> String {
         let mut input = std::fs::File::open(&path)?;
         let output = std::fs::File::create(&gz_path)?;
         let mut encoder = flate2::write::GzEncoder::new(output, flate2::Compression::default());
-        std::io::copy(&mut input, &mut encoder)?;
-        encoder.finish()?.flush()?;
+        let written =
+            std::io::copy(&mut input, &mut encoder).and_then(|_| encoder.finish()?.flush());
+        if let Err(error) = written {
+            // A full disk: no half-written .gz left beside the plain log.
+            let _ = std::fs::remove_file(&gz_path);
+            return Err(error);
+        }
         std::fs::remove_file(&path)?;
         Ok(gz_path
             .file_name()

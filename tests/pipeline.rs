@@ -532,6 +532,7 @@ fn settings(dir: &Path, node: &str, min_free_mb: u64) -> zimfarm_worker::config:
         pull_policy: zimfarm_worker::docker::PullPolicy::Never,
         idle_timeout: Duration::from_secs(60),
         min_free_disk: min_free_mb << 20,
+        kept_dir_max_age: None,
         container_memory: None,
         container_nano_cpus: None,
         image_allowlist: zimfarm_worker::offliner::AllowList::default_openzim(),

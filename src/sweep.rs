@@ -1,0 +1,299 @@
+//! The sweep of kept task dirs, so that the disk of ZIM_DIR stays bounded
+//! (SPEC §8).
+//!
+//! A task dir outlives its task when its upload failed (a redelivery then
+//! resumes at upload) or when `run-task --no-upload` left its files. This
+//! module removes such dirs once they are older than `KEPT_DIR_MAX_AGE`, and,
+//! under disk pressure, the oldest ones first until `MIN_FREE_DISK_MB` is
+//! free again, so that a task is refused only when nothing is left to sweep.
+//! Each removal is one log line (task id, age, bytes freed) and is counted
+//! in the metrics.
+//!
+//! Owns the set of task dirs in use: the pipeline claims its task's dir for
+//! the task's whole run ([`Sweeper::claim`]), and the sweeper never removes
+//! a claimed dir. It looks only at ZIM_DIR's direct subdirectories whose
+//! name is a valid task id (never `.sockets` nor the record of ended tasks)
+//! and judges their age by the dir's mtime (the last file created or
+//! removed in it). It must not touch anything else in ZIM_DIR.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use crate::metrics::{self, SweepReason};
+
+/// How often a running worker sweeps by age (it also does at start and
+/// before every task).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A task dir in ZIM_DIR that no task here is using.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptDir {
+    pub task_id: String,
+    pub path: PathBuf,
+    /// Space its files take on disk (allocated blocks, as `du` counts).
+    pub bytes: u64,
+    /// Since the dir last changed.
+    pub age: Duration,
+}
+
+/// The kept task dirs of `zim_dir`, oldest first, their sizes measured.
+/// Blocking: call it off the async runtime.
+pub fn kept_dirs(zim_dir: &Path, in_use: &HashSet<String>) -> io::Result<Vec<KeptDir>> {
+    let now = SystemTime::now();
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(zim_dir)? {
+        let entry = entry?;
+        let Ok(task_id) = entry.file_name().into_string() else {
+            continue;
+        };
+        if crate::offliner::validate_task_id(&task_id).is_err() || in_use.contains(&task_id) {
+            continue;
+        }
+        // `symlink_metadata`: a link is not a task dir, and is never followed.
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let age = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .unwrap_or_default();
+        dirs.push(KeptDir {
+            bytes: disk_usage(&entry.path()),
+            path: entry.path(),
+            task_id,
+            age,
+        });
+    }
+    dirs.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.task_id.cmp(&b.task_id)));
+    Ok(dirs)
+}
+
+/// Bytes allocated to the files under `path`, links not followed;
+/// what cannot be read counts as nothing.
+fn disk_usage(path: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+                continue;
+            };
+            total = total.saturating_add(meta.blocks().saturating_mul(512));
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// Free space for an unprivileged writer in `dir`, in bytes. Blocking.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    rustix::fs::statvfs(dir)
+        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+        .map_err(io::Error::from)
+}
+
+/// Sweeps ZIM_DIR's kept task dirs. Cheap to clone (shares the set of dirs
+/// in use).
+#[derive(Clone)]
+pub struct Sweeper {
+    zim_dir: PathBuf,
+    /// `None`: never by age, only under disk pressure.
+    max_age: Option<Duration>,
+    in_use: Arc<Mutex<HashSet<String>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A task's claim on its dir; dropped when the task's run ends.
+pub struct Claim {
+    in_use: Arc<Mutex<HashSet<String>>>,
+    task_id: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        lock(&self.in_use).remove(&self.task_id);
+    }
+}
+
+impl Sweeper {
+    pub fn new(zim_dir: PathBuf, max_age: Option<Duration>) -> Self {
+        Self {
+            zim_dir,
+            max_age,
+            in_use: Arc::default(),
+        }
+    }
+
+    /// Marks `task_id`'s dir in use until the returned claim is dropped.
+    /// Waits while the sweeper is removing that dir (a redelivery of a task
+    /// whose kept dir is being swept: it then starts afresh).
+    pub async fn claim(&self, task_id: &str) -> Claim {
+        loop {
+            if lock(&self.in_use).insert(task_id.to_owned()) {
+                return Claim {
+                    in_use: self.in_use.clone(),
+                    task_id: task_id.to_owned(),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Removes the kept dirs older than the maximum age; returns the bytes
+    /// freed.
+    pub async fn sweep_old(&self) -> u64 {
+        let Some(max_age) = self.max_age else {
+            return 0;
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.sweep_blocking(SweepReason::Age, |dir, _| dir.age > max_age)
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Removes kept dirs, oldest first, until `wanted` bytes are free in
+    /// ZIM_DIR or none is left; returns the bytes free then.
+    pub async fn make_room(&self, wanted: u64) -> io::Result<u64> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let zim_dir = this.zim_dir.clone();
+            this.sweep_blocking(SweepReason::Pressure, |_, zim_dir| {
+                free_bytes(zim_dir).is_ok_and(|free| free < wanted)
+            });
+            free_bytes(&zim_dir)
+        })
+        .await
+        .unwrap_or_else(|join| Err(io::Error::other(join.to_string())))
+    }
+
+    /// Removes, oldest first, each kept dir for which `sweep` says so.
+    fn sweep_blocking(&self, reason: SweepReason, sweep: impl Fn(&KeptDir, &Path) -> bool) -> u64 {
+        let in_use = lock(&self.in_use).clone();
+        let dirs = match kept_dirs(&self.zim_dir, &in_use) {
+            Ok(dirs) => dirs,
+            Err(error) => {
+                tracing::warn!(
+                    dir = %self.zim_dir.display(),
+                    %error,
+                    "cannot list ZIM_DIR to sweep its kept task dirs"
+                );
+                return 0;
+            }
+        };
+        let mut freed = 0;
+        for dir in dirs {
+            if !sweep(&dir, &self.zim_dir) {
+                continue;
+            }
+            // Claimed while it is removed: a task with this id waits.
+            if !lock(&self.in_use).insert(dir.task_id.clone()) {
+                continue;
+            }
+            let result = std::fs::remove_dir_all(&dir.path);
+            lock(&self.in_use).remove(&dir.task_id);
+            match result {
+                Ok(()) => {
+                    freed += dir.bytes;
+                    metrics::global().kept_dir_swept(reason, dir.bytes);
+                    tracing::info!(
+                        task_id = %dir.task_id,
+                        age_hours = dir.age.as_secs() / 3600,
+                        bytes_freed = dir.bytes,
+                        reason = reason.label(),
+                        "swept a kept task dir"
+                    );
+                }
+                Err(error) => tracing::warn!(
+                    dir = %dir.path.display(),
+                    %error,
+                    "could not sweep a kept task dir; remove it by hand"
+                ),
+            }
+        }
+        freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aged(path: &Path, age: Duration) {
+        let when = SystemTime::now() - age;
+        std::fs::File::open(path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_old_unclaimed_task_dirs_are_swept_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        for name in ["old1", "old2", "fresh", "claimed", ".sockets", "not a task"] {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::fs::write(path.join("x.zim"), vec![1u8; 10_000]).unwrap();
+            if name != "fresh" {
+                aged(&path, 10 * day);
+            }
+        }
+        std::fs::write(dir.path().join("old-file"), b"x").unwrap();
+        let sweeper = Sweeper::new(dir.path().to_owned(), Some(7 * day));
+        let claim = sweeper.claim("claimed").await;
+        let freed = sweeper.sweep_old().await;
+        assert!(freed >= 20_000, "freed {freed}");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".sockets", "claimed", "fresh", "not a task", "old-file"]
+        );
+        let claimed_bytes = disk_usage(&dir.path().join("claimed"));
+        assert!(claimed_bytes >= 10_000);
+        drop(claim);
+        assert_eq!(sweeper.sweep_old().await, claimed_bytes);
+        assert!(!dir.path().join("claimed").exists());
+        assert!(dir.path().join("fresh").exists());
+    }
+
+    #[tokio::test]
+    async fn no_age_sweeps_nothing_and_listing_is_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        for (name, hours) in [("b", 5), ("a", 50), ("c", 1)] {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            aged(&path, hours * hour);
+        }
+        let sweeper = Sweeper::new(dir.path().to_owned(), None);
+        assert_eq!(sweeper.sweep_old().await, 0);
+        let listed: Vec<String> = kept_dirs(dir.path(), &HashSet::new())
+            .unwrap()
+            .into_iter()
+            .map(|d| d.task_id)
+            .collect();
+        assert_eq!(listed, ["a", "b", "c"]);
+    }
+}

@@ -534,6 +534,7 @@ fn settings(dir: &Path, node: &str, min_free_mb: u64) -> zimfarm_worker::config:
         min_free_disk: min_free_mb << 20,
         container_memory: None,
         container_nano_cpus: None,
+        container_log_limit: None,
         image_allowlist: zimfarm_worker::offliner::AllowList::default_openzim(),
         redis_image: "zimfarm/redis:test".to_owned(),
     }

@@ -200,6 +200,11 @@ fn fifty_mib_of_output_arrives_whole_while_dockers_copy_stays_at_one_mb() {
         .cycle()
         .take(spam_bytes)
         .collect();
+    assert!(
+        log.len() >= spam_start + spam_bytes,
+        "the task's log holds {} bytes, less than the {spam_bytes} bytes of spam printed",
+        log.len()
+    );
     let spam = &log[spam_start..spam_start + spam_bytes];
     if spam != expected_spam.as_slice() {
         let at = spam.iter().zip(&expected_spam).position(|(a, b)| a != b);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
 use serde::Deserialize;
 
-pub use crate::docker::PullPolicy;
+pub use crate::docker::{LogLimit, PullPolicy};
 use crate::offliner::AllowList;
 
 /// The exit code for a configuration error, as documented in the README.
@@ -173,6 +173,9 @@ pub struct PipelineSettings {
     pub kept_dir_max_age: Option<Duration>,
     pub container_memory: Option<i64>,
     pub container_nano_cpus: Option<i64>,
+    /// Bound on Docker's own copy of each container's output; `None`
+    /// (CONTAINER_LOG_MAX_MB=0) keeps the engine's log config.
+    pub container_log_limit: Option<LogLimit>,
     pub image_allowlist: AllowList,
     pub redis_image: String,
 }
@@ -375,6 +378,7 @@ struct RawEnv {
     kept_dir_max_age: Option<String>,
     container_memory_mb: Option<String>,
     container_cpus: Option<String>,
+    container_log_max_mb: Option<String>,
     image_allowlist: Option<String>,
     redis_image: Option<String>,
     metrics_addr: Option<String>,
@@ -396,9 +400,17 @@ pub const DEFAULT_MIN_FREE_DISK_MB: u64 = 1024;
 /// Hours a kept task dir stays before it is swept (7 days).
 pub const DEFAULT_KEPT_DIR_MAX_AGE_HOURS: u64 = 168;
 pub const DEFAULT_REDIS_IMAGE: &str = "redis:7";
+/// Docker's own copy of a container's output, in all (MB). The worker keeps
+/// the full log itself (task dir, then the warehouse's /logs/), so Docker's
+/// copy only serves `docker logs` on a running task: the last few hundred
+/// thousand lines are plenty.
+pub const DEFAULT_CONTAINER_LOG_MAX_MB: u64 = 50;
+/// Docker's copy rotates over this many files (`max-file`), so the newest
+/// lines survive a rotation with 4/5 of the bound still on disk.
+pub const CONTAINER_LOG_FILES: u32 = 5;
 
 impl RawEnv {
-    const NAMES: [&'static str; 31] = [
+    const NAMES: [&'static str; 32] = [
         "USERNAME",
         "PASSWORD",
         "WORKING_DIR",
@@ -427,6 +439,7 @@ impl RawEnv {
         "KEPT_DIR_MAX_AGE",
         "CONTAINER_MEMORY_MB",
         "CONTAINER_CPUS",
+        "CONTAINER_LOG_MAX_MB",
         "IMAGE_ALLOWLIST",
         "REDIS_IMAGE",
         "METRICS_ADDR",
@@ -500,6 +513,12 @@ impl RawEnv {
                 }
             },
         };
+        let container_log_limit = match non_empty(self.container_log_max_mb.clone()) {
+            None => Some(DEFAULT_CONTAINER_LOG_MAX_MB),
+            Some(v) => Some(parse_bounded("CONTAINER_LOG_MAX_MB", &v, 0, 1 << 20)?),
+        }
+        .filter(|&mb| mb > 0)
+        .map(|mb| LogLimit::total(mb << 20, CONTAINER_LOG_FILES));
         let image_allowlist = match non_empty(self.image_allowlist.clone()) {
             None => AllowList::default_openzim(),
             Some(v) => AllowList::parse(&v)
@@ -526,6 +545,7 @@ impl RawEnv {
             kept_dir_max_age,
             container_memory,
             container_nano_cpus,
+            container_log_limit,
             image_allowlist,
             redis_image,
         })
@@ -1169,6 +1189,8 @@ mod tests {
             ("KEPT_DIR_MAX_AGE", "a week"),
             ("CONTAINER_MEMORY_MB", "1"),
             ("CONTAINER_CPUS", "-1"),
+            ("CONTAINER_LOG_MAX_MB", "-1"),
+            ("CONTAINER_LOG_MAX_MB", "2000000"),
             ("IMAGE_ALLOWLIST", " , "),
             ("SHUTDOWN_GRACE", "-1"),
             ("USERNAME", "a@b"),
@@ -1195,6 +1217,25 @@ mod tests {
         assert!(!c.broker_url.is_tls());
         let err = load(&with(&[("BROKER_URL", "amqp://bob:topsecret@h:99999/v")])).unwrap_err();
         assert!(!err.to_string().contains("topsecret"));
+    }
+
+    #[test]
+    fn docker_log_copy_is_bounded_unless_zero() {
+        let limit = |c: Config| c.pipeline.container_log_limit;
+        assert_eq!(
+            limit(load(&base()).unwrap()),
+            Some(LogLimit {
+                file_bytes: 10 << 20,
+                files: 5
+            })
+        );
+        let one = limit(load(&with(&[("CONTAINER_LOG_MAX_MB", "1")])).unwrap()).unwrap();
+        assert_eq!(one.files, 5);
+        assert!(one.file_bytes * 5 <= 1 << 20 && one.file_bytes > 200 << 10);
+        assert_eq!(
+            limit(load(&with(&[("CONTAINER_LOG_MAX_MB", "0")])).unwrap()),
+            None
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The stages of one task on the Docker engine: **prepare** (task dir, free
 //! disk, images, the redis helper), **generate** (the offliner container,
-//! its log, idle timeout, exit code), **upload** (the files and the log to
+//! its log, idle timeout, how it ended: a kill for memory or by SIGKILL is
+//! said as such), **upload** (the files and the log to
 //! the warehouse) and **cleanup** (every container of the task removed on
 //! every path, panics included; the task dir once its files are uploaded).
 //!
@@ -31,7 +32,9 @@ use tracing::Instrument;
 
 use crate::celery::TaskRequest;
 use crate::config::PipelineSettings;
-use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK};
+use crate::docker::{
+    ContainerExit, ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK,
+};
 use crate::metrics::{self, Stage};
 use crate::offliner::{TaskPlan, plan};
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
@@ -401,6 +404,7 @@ impl DockerRunner {
                     dirs.host_sockets.display()
                 )],
                 no_network: true,
+                log_limit: self.settings.container_log_limit,
                 ..Default::default()
             };
             cancellable(cancel, self.docker.start(&spec))
@@ -443,8 +447,9 @@ impl DockerRunner {
             no_network: false,
             memory: self.settings.container_memory,
             nano_cpus: self.settings.container_nano_cpus,
+            log_limit: self.settings.container_log_limit,
         };
-        cancellable(cancel, self.docker.start(&spec))
+        let output = cancellable(cancel, self.docker.start_attached(&spec))
             .await?
             .map_err(docker_failed)?;
         tracing::info!(container = %name, image = %spec.image, "offliner started");
@@ -455,16 +460,22 @@ impl DockerRunner {
 
         let log_name = format!("{name}.log");
         let run = self
-            .follow(&name, &dirs.local_task.join(&log_name), ctx)
+            .follow(&name, output, &dirs.local_task.join(&log_name), ctx)
             .await?;
         let log_file = compress_log(dirs.local_task.join(&log_name)).await;
         let mut fields = serde_json::Map::new();
-        fields.insert("exit_code".into(), json!(run.exit_code));
+        fields.insert("exit_code".into(), json!(run.exit.code));
         fields.insert("stdout".into(), json!(run.stdout.joined()));
         fields.insert("stderr".into(), json!(run.stderr.joined()));
         fields.insert("log".into(), json!(log_file));
         ctx.emit("task-container_finished", fields);
-        if run.exit_code != 0 {
+        if run.exit.oom_killed && run.exit.code == 0 {
+            tracing::warn!(
+                "a process of the offliner was killed for memory (Docker reports OOMKilled), \
+                 but the offliner exited with code 0"
+            );
+        }
+        if let Some(message) = exit_failure(run.exit, self.settings.container_memory) {
             let tail: Vec<&str> = run
                 .stderr
                 .lines
@@ -477,7 +488,7 @@ impl DockerRunner {
             return Err(RunError::Failed(TaskError {
                 kind: "RuntimeError".to_owned(),
                 module: "builtins".to_owned(),
-                message: format!("the offliner exited with code {}", run.exit_code),
+                message,
                 detail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
             }));
         }
@@ -567,6 +578,7 @@ impl DockerRunner {
     async fn follow(
         &self,
         name: &str,
+        mut logs: crate::docker::OutputStream,
         log_path: &Path,
         ctx: &TaskContext,
     ) -> Result<ContainerRun, RunError> {
@@ -576,7 +588,6 @@ impl DockerRunner {
         let mut log = tokio::io::BufWriter::with_capacity(64 * 1024, file);
         let mut stdout = Tail::default();
         let mut stderr = Tail::default();
-        let mut logs = Box::pin(self.docker.follow_logs(name));
         let idle = self.settings.idle_timeout;
         loop {
             let next = tokio::select! {
@@ -622,13 +633,13 @@ impl DockerRunner {
         log.flush()
             .await
             .map_err(|e| failed(format!("cannot write the log: {e}")))?;
-        let exit_code = cancellable(&ctx.cancel, self.docker.wait(name))
+        let exit = cancellable(&ctx.cancel, self.docker.wait(name))
             .await?
             .map_err(docker_failed)?;
         stdout.finish();
         stderr.finish();
         Ok(ContainerRun {
-            exit_code,
+            exit,
             stdout,
             stderr,
         })
@@ -726,6 +737,38 @@ async fn write_marker(task_dir: &Path, generated: &Generated) {
     }
 }
 
+/// Why an ended offliner failed the task, in words an operator can act on;
+/// `None` when it succeeded. `memory_limit` is CONTAINER_MEMORY_MB's bytes.
+fn exit_failure(exit: ContainerExit, memory_limit: Option<i64>) -> Option<String> {
+    match exit {
+        ContainerExit { code: 0, .. } => None,
+        ContainerExit {
+            code,
+            oom_killed: true,
+        } => Some(match memory_limit {
+            Some(bytes) => format!(
+                "the offliner was killed for using more than its memory limit \
+                 (CONTAINER_MEMORY_MB={}; Docker reports OOMKilled, exit code {code}) \
+                 — raise CONTAINER_MEMORY_MB or give the task less to do",
+                bytes >> 20
+            ),
+            None => format!(
+                "the offliner was killed for memory (Docker reports OOMKilled, exit code \
+                 {code}) although CONTAINER_MEMORY_MB is not set: the host (or the cgroup \
+                 Docker runs in) ran out of memory — run fewer tasks at once (CONCURRENCY) \
+                 or give the host more memory"
+            ),
+        }),
+        ContainerExit { code: 137, .. } => Some(
+            "the offliner was killed by SIGKILL (exit code 137) from outside the worker \
+             (docker kill, or the host's OOM killer: see dmesg); Docker does not report \
+             OOMKilled, so it was not CONTAINER_MEMORY_MB"
+                .to_owned(),
+        ),
+        ContainerExit { code, .. } => Some(format!("the offliner exited with code {code}")),
+    }
+}
+
 fn docker_failed(error: crate::docker::DockerError) -> RunError {
     metrics::global().docker_error();
     failed(error.to_string())
@@ -789,7 +832,7 @@ impl Drop for Containers {
 }
 
 struct ContainerRun {
-    exit_code: i64,
+    exit: ContainerExit,
     stdout: Tail,
     stderr: Tail,
 }
@@ -1191,6 +1234,33 @@ mod tests {
         t.push(b"\xff\n\xe2\x82");
         t.finish();
         assert_eq!(t.joined(), "é€\u{fffd}\n\u{fffd}");
+    }
+
+    #[test]
+    fn exit_failure_names_memory_and_sigkill() {
+        let exit = |code, oom_killed| ContainerExit { code, oom_killed };
+        assert_eq!(exit_failure(exit(0, false), Some(16 << 20)), None);
+        assert_eq!(exit_failure(exit(0, true), Some(16 << 20)), None);
+        let oom = exit_failure(exit(137, true), Some(16 << 20)).unwrap();
+        assert!(
+            oom.contains("memory limit (CONTAINER_MEMORY_MB=16;"),
+            "{oom}"
+        );
+        assert!(oom.contains("OOMKilled"), "{oom}");
+        let oom_no_limit = exit_failure(exit(1, true), None).unwrap();
+        assert!(
+            oom_no_limit.contains("CONTAINER_MEMORY_MB is not set"),
+            "{oom_no_limit}"
+        );
+        let killed = exit_failure(exit(137, false), Some(16 << 20)).unwrap();
+        assert!(
+            killed.contains("SIGKILL (exit code 137) from outside"),
+            "{killed}"
+        );
+        assert_eq!(
+            exit_failure(exit(3, false), None).unwrap(),
+            "the offliner exited with code 3"
+        );
     }
 
     #[test]

@@ -535,6 +535,7 @@ fn settings(dir: &Path, node: &str, min_free_mb: u64) -> zimfarm_worker::config:
         kept_dir_max_age: None,
         container_memory: None,
         container_nano_cpus: None,
+        container_log_limit: None,
         image_allowlist: zimfarm_worker::offliner::AllowList::default_openzim(),
         redis_image: "zimfarm/redis:test".to_owned(),
     }

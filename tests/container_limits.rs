@@ -56,18 +56,6 @@ fn event<'a>(lines: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {name} event in {lines:?}"))
 }
 
-fn containers_of(node: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
-        .arg(format!("label=org.openzim.zimfarm.node={node}"))
-        .output()
-        .expect("docker runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 fn docker_inspect(name: &str) -> Option<Value> {
     let out = Command::new("docker")
         .args(["inspect", name])

@@ -15,16 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::sshd::{KeyKind, Sshd};
+use common::sshd::Sshd;
 use common::*;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
-
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
-}
 
 /// A tmpfs of `mib` MiB mounted on a temp dir, unmounted when dropped.
 struct Tmpfs {
@@ -81,39 +77,12 @@ fn docker_worker(
     sshd: &Sshd,
     extra: &[(&str, &str)],
 ) -> WorkerProc {
-    register_at_shared_dispatcher(sshd.user(), &sshd.user_key(KeyKind::Ed25519));
-    let mut env: Vec<(&str, &str)> = vec![
-        ("TASK_RUNNER", "docker"),
-        ("PULL_POLICY", "never"),
-        ("REDIS_IMAGE", "zimfarm/redis:test"),
-        ("MIN_FREE_DISK_MB", "10"),
-        ("USERNAME", sshd.user()),
-        ("WAREHOUSE_HOST", "127.0.0.1"),
-        ("WAREHOUSE_PORT", leak(sshd.port().to_string())),
-        (
-            "SSH_KEY",
-            leak(sshd.user_key(KeyKind::Ed25519).display().to_string()),
-        ),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            leak(sshd.known_hosts_file().display().to_string()),
-        ),
-        ("UPLOAD_RETRIES", "2"),
-        ("WORKING_DIR", leak(work.display().to_string())),
-        ("ZIM_DIR", leak(work.display().to_string())),
-    ];
+    let work = leak(work.display().to_string());
+    let mut env: Vec<(&str, &str)> = docker_env(sshd, &[("WORKING_DIR", work), ("ZIM_DIR", work)]);
     env.extend_from_slice(extra);
     let worker = WorkerProc::start(vh, logs, node, &env);
     worker.wait_connected();
     worker
-}
-
-fn mw_kwargs(flags: Value) -> Value {
-    json!({
-        "flags": flags,
-        "image": {"name": "openzim/mwoffliner", "tag": "test"},
-        "warehouse_path": "/wikipedia",
-    })
 }
 
 /// A task dir as a failed upload leaves it: a ZIM of `mib` MiB and the

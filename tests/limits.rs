@@ -10,18 +10,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use common::sshd::{KeyKind, Sshd};
+use common::sshd::Sshd;
 use common::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(90);
-
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
-}
 
 /// A dir exactly `len` bytes long below `root`, made of nested dirs of at
 /// most 50 characters.
@@ -45,52 +40,6 @@ fn deep_dir(root: &Path, len: usize) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     assert_eq!(dir.as_os_str().len(), len, "{}", dir.display());
     dir
-}
-
-/// The Docker pipeline's variables with `sshd` as the warehouse (as in
-/// tests/pipeline.rs).
-fn docker_env(
-    sshd: &Sshd,
-    extra: &[(&'static str, &'static str)],
-) -> Vec<(&'static str, &'static str)> {
-    register_at_shared_dispatcher(sshd.user(), &sshd.user_key(KeyKind::Ed25519));
-    let mut env = vec![
-        ("TASK_RUNNER", "docker"),
-        ("PULL_POLICY", "never"),
-        ("REDIS_IMAGE", "zimfarm/redis:test"),
-        ("MIN_FREE_DISK_MB", "10"),
-        ("USERNAME", sshd.user()),
-        ("WAREHOUSE_HOST", "127.0.0.1"),
-        ("WAREHOUSE_PORT", leak(sshd.port().to_string())),
-        (
-            "SSH_KEY",
-            leak(sshd.user_key(KeyKind::Ed25519).display().to_string()),
-        ),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            leak(
-                sshd.known_hosts_file_for_port(sshd.port())
-                    .display()
-                    .to_string(),
-            ),
-        ),
-        ("UPLOAD_RETRIES", "2"),
-    ];
-    env.extend_from_slice(extra);
-    env
-}
-
-/// Names of the containers labelled for `node`, running or not.
-fn containers_of(node: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
-        .arg(format!("label=org.openzim.zimfarm.node={node}"))
-        .output()
-        .expect("docker runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 fn wait_until(what: &str, done: impl Fn() -> bool) {

@@ -21,46 +21,6 @@ use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
 
-fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
-}
-
-/// The variables that point a worker at `sshd` as its warehouse, reached
-/// through `port` (sshd's own, or a proxy's), with its key registered at
-/// the (shared) dispatcher stand-in.
-fn warehouse_env(sshd: &Sshd, port: u16) -> Vec<(&'static str, &'static str)> {
-    register_at_shared_dispatcher(sshd.user(), &sshd.user_key(KeyKind::Ed25519));
-    vec![
-        ("USERNAME", sshd.user()),
-        ("WAREHOUSE_HOST", "127.0.0.1"),
-        ("WAREHOUSE_PORT", leak(port.to_string())),
-        (
-            "SSH_KEY",
-            leak(sshd.user_key(KeyKind::Ed25519).display().to_string()),
-        ),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            leak(sshd.known_hosts_file_for_port(port).display().to_string()),
-        ),
-        ("UPLOAD_RETRIES", "2"),
-    ]
-}
-
-fn docker_env(
-    sshd: &Sshd,
-    extra: &[(&'static str, &'static str)],
-) -> Vec<(&'static str, &'static str)> {
-    let mut env = vec![
-        ("TASK_RUNNER", "docker"),
-        ("PULL_POLICY", "never"),
-        ("REDIS_IMAGE", "zimfarm/redis:test"),
-        ("MIN_FREE_DISK_MB", "10"),
-    ];
-    env.extend(warehouse_env(sshd, sshd.port()));
-    env.extend_from_slice(extra);
-    env
-}
-
 /// Waits until `path` is gone (the task dir goes after the final event).
 fn wait_gone(path: &Path) {
     let start = std::time::Instant::now();
@@ -68,27 +28,6 @@ fn wait_gone(path: &Path) {
         assert!(start.elapsed() < T, "{} is still there", path.display());
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn mw_kwargs(flags: Value) -> Value {
-    json!({
-        "flags": flags,
-        "image": {"name": "openzim/mwoffliner", "tag": "test"},
-        "warehouse_path": "/wikipedia",
-    })
-}
-
-/// Names of the containers labelled for `node`, running or not.
-fn containers_of(node: &str) -> Vec<String> {
-    let out = Command::new("docker")
-        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
-        .arg(format!("label=org.openzim.zimfarm.node={node}"))
-        .output()
-        .expect("docker runs");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 fn wait_no_containers(node: &str) {

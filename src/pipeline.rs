@@ -1327,30 +1327,32 @@ mod tests {
         server.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn redis_wait_fails_at_once_when_the_socket_dir_is_missing() {
-        let root = tempfile::tempdir().unwrap();
-        let missing = root.path().join("gone");
+    /// The failure text of a wait on `dir` that must fail at once, well
+    /// before its 30 s timeout.
+    async fn redis_wait_failure_at_once(dir: &Path) -> String {
         let started = std::time::Instant::now();
-        let Err(RunError::Failed(error)) = wait_for_redis(&missing, Duration::from_secs(30)).await
+        let Err(RunError::Failed(error)) = wait_for_redis(dir, Duration::from_secs(30)).await
         else {
-            panic!("a missing socket dir must fail");
+            panic!("waiting on {} must fail", dir.display());
         };
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "waited {:?}",
             started.elapsed()
         );
+        error.message
+    }
+
+    #[tokio::test]
+    async fn redis_wait_fails_at_once_when_the_socket_dir_is_missing() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("gone");
+        let message = redis_wait_failure_at_once(&missing).await;
         assert!(
-            error.message.contains(&missing.display().to_string()),
-            "{}",
-            error.message
+            message.contains(&missing.display().to_string()),
+            "{message}"
         );
-        assert!(
-            error.message.contains("No such file or directory"),
-            "{}",
-            error.message
-        );
+        assert!(message.contains("No such file or directory"), "{message}");
     }
 
     #[tokio::test]
@@ -1359,21 +1361,8 @@ mod tests {
         // A file where the dir should be: ENOTDIR, now and forever.
         let file = root.path().join("file");
         std::fs::write(&file, b"").unwrap();
-        let started = std::time::Instant::now();
-        let Err(RunError::Failed(error)) = wait_for_redis(&file, Duration::from_secs(30)).await
-        else {
-            panic!("a file as socket dir must fail");
-        };
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "waited {:?}",
-            started.elapsed()
-        );
-        assert!(
-            error.message.contains("Not a directory"),
-            "{}",
-            error.message
-        );
+        let message = redis_wait_failure_at_once(&file).await;
+        assert!(message.contains("Not a directory"), "{message}");
     }
 
     #[tokio::test]

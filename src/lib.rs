@@ -16,6 +16,7 @@ pub mod monitor;
 pub mod offliner;
 pub mod ops;
 pub mod pipeline;
+pub mod prefetch;
 #[cfg(test)]
 pub(crate) mod proptest_config;
 pub mod runner;

@@ -12,13 +12,13 @@
 //! consumed, shutdown.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::options::BasicRejectOptions;
 use lapin::{Acker, Channel, Connection, Consumer};
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -26,9 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{
-    Backoff, Broker, BrokerError, Outbox, Session, TaskQueue, run_publisher, set_prefetch,
-};
+use crate::broker::{Backoff, Broker, BrokerError, Outbox, Session, TaskQueue, run_publisher};
 use crate::celery::control::DeliveryInfo;
 use crate::celery::{
     self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
@@ -39,6 +37,7 @@ use crate::ended::EndedLog;
 use crate::events::EventSink;
 use crate::metrics::{self, Outcome};
 use crate::offliner::Offliner;
+use crate::prefetch::{NotHeld, Prefetch, ack};
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 
 /// Seconds between `worker-heartbeat` events (SPEC §5).
@@ -110,8 +109,6 @@ struct TaskEntry {
     phase: Phase,
     cancel: CancellationToken,
     reason: Option<CancelReason>,
-    /// Acks of redeliveries of this same task, done when it ends.
-    extra_acks: Vec<Acker>,
     started: Option<f64>,
     /// Where its message came from (`inspect active`).
     delivery: DeliveryInfo,
@@ -126,11 +123,6 @@ struct State {
 #[derive(Default)]
 struct Counters {
     processed: AtomicU64,
-    /// Messages held unacked that occupy no slot: tasks waiting for their
-    /// `eta`, and ended tasks waiting for the broker to confirm their final
-    /// event. Each gets an extra prefetch, so that prefetch stays "one
-    /// message per free slot" and a free slot is refilled at once.
-    unslotted: AtomicUsize,
 }
 
 /// The running worker. Cheap to clone (an `Arc` inside).
@@ -159,7 +151,9 @@ struct Inner<R> {
     state: Mutex<State>,
     slots: Arc<Semaphore>,
     counters: Counters,
-    prefetch: watch::Sender<u16>,
+    /// The task messages held here (and their acks), and the prefetch that
+    /// lets the broker send one more only for a free slot.
+    prefetch: Prefetch,
     tasks: TaskTracker,
     started_at: Instant,
     /// Task ids revoked by remote control (Celery's `revoked`).
@@ -205,7 +199,7 @@ impl<R: Runner> Worker<R> {
             sw_sys: std::env::consts::OS.to_owned(),
         };
         let events = Arc::new(EventSink::new(identity, outbox.clone()));
-        let (prefetch, _) = watch::channel(prefetch_count(config.concurrency, 0));
+        let prefetch = Prefetch::new(config.concurrency);
         let queues = config
             .queues
             .iter()
@@ -308,10 +302,6 @@ impl<R: Runner> Worker<R> {
     }
 }
 
-fn prefetch_count(concurrency: usize, unslotted: usize) -> u16 {
-    u16::try_from(concurrency + unslotted).unwrap_or(u16::MAX)
-}
-
 impl<R: Runner> Inner<R> {
     /// Connects (with backoff), consumes, and reconnects on loss until
     /// `shutdown` fires. Returns the live session, if any, for the goodbye;
@@ -326,7 +316,7 @@ impl<R: Runner> Inner<R> {
         let mut first = true;
         let mut locked_since: Option<Instant> = None;
         loop {
-            let prefetch = *self.prefetch.borrow();
+            let prefetch = self.prefetch.next_session().await;
             let queues = self.topology().queues.clone();
             let session = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
@@ -373,6 +363,11 @@ impl<R: Runner> Inner<R> {
                 // left can go, before any task of this run starts.
                 self.runner.claim_node().await;
             }
+            // Before any delivery of this session is read: they are held on
+            // this channel.
+            self.prefetch
+                .attach(session.consume_channel.clone(), prefetch)
+                .await;
             let (consumers_tx, mut consumers) = mpsc::unbounded_channel();
             self.go_live(&mut session, &queues, consumers_tx).await;
             let _ = channels.send(Some(session.publish_channel.clone()));
@@ -391,11 +386,6 @@ impl<R: Runner> Inner<R> {
             self.tasks.spawn(heartbeat_confirmed(online));
 
             let session_over = CancellationToken::new();
-            tokio::spawn(apply_prefetch(
-                session.consume_channel.clone(),
-                self.prefetch.subscribe(),
-                session_over.clone(),
-            ));
             let control = session.control.take().map(|control| {
                 tokio::spawn(crate::control::serve(
                     Worker {
@@ -658,9 +648,17 @@ impl<R: Runner> Inner<R> {
         let span = tracing::info_span!("task", task_id = %request.id);
         let _enter = span.enter();
         let mut state = self.lock();
-        if let Some(entry) = state.tasks.get_mut(&request.id) {
+        if let Some(entry) = state.tasks.get(&request.id) {
             tracing::info!(phase = ?entry.phase, "redelivered message for a task already here; acking it when that run ends");
-            entry.extra_acks.push(acker);
+            drop(state);
+            match self.prefetch.hold_again(&request.id, acker) {
+                // Held without a slot: room for one more.
+                Ok(()) => {
+                    let this = self.clone();
+                    self.tasks.spawn(async move { this.prefetch.settle().await });
+                }
+                Err(NotHeld(acker)) => self.spawn_ack(acker, None),
+            }
             return;
         }
         if let Some(event) = self.ended.get(&request.id) {
@@ -734,7 +732,6 @@ impl<R: Runner> Inner<R> {
                 },
                 cancel: cancel.clone(),
                 reason: None,
-                extra_acks: Vec::new(),
                 started: None,
                 delivery: DeliveryInfo {
                     exchange: exchange.to_string(),
@@ -744,6 +741,9 @@ impl<R: Runner> Inner<R> {
                 },
             },
         );
+        // Held before the registry lock goes: a redelivery that finds the
+        // task there finds its message held too.
+        self.prefetch.hold(&request.id, acker, !scheduled);
         drop(state);
         self.events.emit(&EventKind::TaskReceived {
             uuid: request.id.clone(),
@@ -760,7 +760,7 @@ impl<R: Runner> Inner<R> {
         drop(_enter);
         self.tasks.spawn(
             self.clone()
-                .task_life(request, acker, cancel)
+                .task_life(request, cancel)
                 .instrument(span.clone()),
         );
     }
@@ -784,36 +784,26 @@ impl<R: Runner> Inner<R> {
         }
     }
 
-    /// One more (`true`) or one fewer unacked message that holds no slot.
-    fn adjust_unslotted(&self, more: bool) {
-        let n = if more {
-            self.counters.unslotted.fetch_add(1, Ordering::SeqCst) + 1
-        } else {
-            self.counters.unslotted.fetch_sub(1, Ordering::SeqCst) - 1
-        };
-        let _ = self
-            .prefetch
-            .send(prefetch_count(self.config.concurrency, n));
-    }
-
     /// One task from acceptance to ack: eta hold, slot, run, final event.
-    async fn task_life(
-        self: Arc<Self>,
-        request: Arc<TaskRequest>,
-        acker: Acker,
-        cancel: CancellationToken,
-    ) {
+    async fn task_life(self: Arc<Self>, request: Arc<TaskRequest>, cancel: CancellationToken) {
         if let Some(eta) = request.eta {
             let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
             if !wait.is_zero() {
                 tracing::info!(eta = %eta, "holding the task until its eta");
-                self.adjust_unslotted(true);
+                // Held without a slot: the broker may fill the one it took.
+                self.prefetch.settle().await;
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => {}
                 }
-                self.adjust_unslotted(false);
+                if !cancel.is_cancelled() {
+                    self.set_phase(&request.id, Phase::Reserved);
+                    self.prefetch.want_slot(&request.id).await;
+                }
+            } else {
+                // Its eta passed on the way here: it wants a slot now.
                 self.set_phase(&request.id, Phase::Reserved);
+                self.prefetch.want_slot(&request.id).await;
             }
         }
         let permit = tokio::select! {
@@ -842,7 +832,7 @@ impl<R: Runner> Inner<R> {
                 (outcome, Some(permit))
             }
         };
-        self.finish(&request, outcome, slot, acker).await;
+        self.finish(&request, outcome, slot).await;
     }
 
     /// Runs the runner in its own tokio task (a panic fails the task, not the
@@ -910,7 +900,6 @@ impl<R: Runner> Inner<R> {
         request: &TaskRequest,
         outcome: Result<Vec<TaskFile>, RunError>,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
-        acker: Acker,
     ) {
         let id = request.id.clone();
         let (reason, started) = {
@@ -968,6 +957,7 @@ impl<R: Runner> Inner<R> {
                 Some(CancelReason::Shutdown) | None => {
                     tracing::info!("task stopped by shutdown; its message goes back to the queue");
                     self.lock().tasks.remove(&id);
+                    self.prefetch.forget(&id);
                     return;
                 }
             },
@@ -1011,23 +1001,14 @@ impl<R: Runner> Inner<R> {
         // and let the broker send the next message while this one waits
         // for its confirm (it then holds no slot, but is still unacked).
         drop(slot);
-        self.adjust_unslotted(true);
+        self.prefetch.slot_freed(&id).await;
         // Ack only once the final event is safely with the broker: if the
         // connection drops first, the redelivery finds the task in `ended`
         // and sends its final event again.
         let _ = confirmed.await;
-        let extra = self
-            .lock()
-            .tasks
-            .remove(&id)
-            .map(|e| e.extra_acks)
-            .unwrap_or_default();
+        self.lock().tasks.remove(&id);
         self.counters.processed.fetch_add(1, Ordering::Relaxed);
-        ack(&acker).await;
-        for acker in &extra {
-            ack(acker).await;
-        }
-        self.adjust_unslotted(false);
+        self.prefetch.end(&id).await;
     }
 }
 
@@ -1073,37 +1054,8 @@ fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
     )
 }
 
-/// Applies prefetch changes to the session's consuming channel, latest value
-/// first (changes made while one is in flight coalesce), off the delivery
-/// loop, until `over` fires.
-async fn apply_prefetch(
-    channel: lapin::Channel,
-    mut prefetch: watch::Receiver<u16>,
-    over: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = over.cancelled() => return,
-            changed = prefetch.changed() => if changed.is_err() { return },
-        }
-        let wanted = *prefetch.borrow_and_update();
-        if let Err(error) = set_prefetch(&channel, wanted).await {
-            tracing::debug!(%error, "could not change prefetch; the session is ending");
-            return;
-        }
-    }
-}
-
 fn new_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
-}
-
-async fn ack(acker: &Acker) {
-    if let Err(error) = acker.ack(BasicAckOptions::default()).await {
-        // The channel it came on is gone; the broker redelivers the message
-        // and the `ended` record answers it.
-        tracing::debug!(%error, "ack failed; the message will be redelivered");
-    }
 }
 
 /// The 1, 5 and 15 minute load averages, as Celery reports them.
@@ -1207,7 +1159,7 @@ impl<R: Runner> Panel for Worker<R> {
         WorkerFacts {
             pid: std::process::id(),
             uptime: self.inner.started_at.elapsed(),
-            prefetch_count: *self.inner.prefetch.borrow(),
+            prefetch_count: self.inner.prefetch.in_force(),
             total: self
                 .inner
                 .totals

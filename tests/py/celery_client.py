@@ -68,7 +68,6 @@ def cmd_send(opts):
     app.conf.broker_transport_options = {"confirm_publish": True}
 
     options = {
-        "task_id": opts.task_id,
         "exchange": opts.exchange,
         "routing_key": opts.routing_key,
     }
@@ -96,7 +95,12 @@ def cmd_send(opts):
 
         before_task_publish.connect(drop_expiration, weak=False)
 
-    result = app.send_task(opts.name, args=opts.args, kwargs=opts.kwargs, **options)
+    # Several ids: the same task sent once per id, back to back, so that a
+    # test can queue a batch in the time of one Python start.
+    for task_id in opts.task_id:
+        result = app.send_task(
+            opts.name, args=opts.args, kwargs=opts.kwargs, task_id=task_id, **options
+        )
 
     if opts.rpc and opts.wait is not None:
         try:
@@ -347,7 +351,7 @@ def parse_args(argv):
     send.add_argument("--name", required=True, help="task name, e.g. offliner.mwoffliner")
     send.add_argument("--kwargs", type=json_arg, default={}, help="JSON object")
     send.add_argument("--args", type=json_arg, default=None, help="JSON array")
-    send.add_argument("--task-id", required=True)
+    send.add_argument("--task-id", action="append", required=True, help="repeat for more")
     send.add_argument("--exchange", default="offliner")
     send.add_argument("--routing-key", default="small")
     send.add_argument("--protocol", type=int, choices=(1, 2), default=2)

@@ -1,0 +1,361 @@
+//! The task messages this node holds, and the prefetch (`basic.qos`) that
+//! lets the broker send it more: the broker offers the node a message only
+//! when one of its CONCURRENCY slots is free.
+//!
+//! Owns the acks of held task messages and every prefetch change of the
+//! consuming channel. It must not decide when a task starts or ends (the
+//! worker does, and tells it here), nor read messages.
+//!
+//! # Why no message reaches a node that cannot start it
+//!
+//! RabbitMQ sends a consuming channel another message while its unacked
+//! count is below the channel's prefetch (global QoS), and it handles one
+//! channel's frames in the order they arrive: a `basic.qos` answered with
+//! `qos-ok` is in force for every frame sent after it on that channel.
+//!
+//! Each held message is one of:
+//! - a task holding a slot, or waiting for one: counted once in the unacked
+//!   count, once in the slots;
+//! - a task whose slot is free again while its final event waits for the
+//!   broker's confirm, an `eta` task held until its time, or a redelivery
+//!   of a task already here: unacked, but holding no slot.
+//!
+//! The node asks for `prefetch = CONCURRENCY + held_here - wanting_slots`
+//! (held_here: this channel's unacked messages the book holds;
+//! wanting_slots: tasks holding or waiting for a slot). The broker sends
+//! more while `unacked < prefetch`, and since `unacked = held_here` plus the
+//! messages in flight to us, that is exactly while
+//! `wanting_slots + in flight < CONCURRENCY`: while a slot is free. The
+//! formula holds at every instant, as the broker sees it, because:
+//!
+//! - a change that gives the node room (a slot freed, a message held that
+//!   needs no slot) is made here first and the higher prefetch is sent
+//!   after: until it lands the broker uses the lower one, which only
+//!   delays a refill;
+//! - a change that takes room away from the broker's view, an ack, is
+//!   preceded by the lower prefetch, and the ack is sent only once
+//!   `qos-ok` came back: the broker never sees the ack under the old,
+//!   higher prefetch (the race of issue 15: ack first, then the lower
+//!   prefetch, and a third message slipped in between on a node with two
+//!   slots);
+//! - every prefetch change and every ack of a held message go through one
+//!   lock (`gate`), so two tasks ending together cannot interleave a raise
+//!   of one between the lower and the ack of the other;
+//! - a delivered task that takes a slot adds one held message and one slot
+//!   wanted at once: no change, no frame.
+//!
+//! Hence the broker's unacked count for the node is at most CONCURRENCY,
+//! plus the tasks that ended and whose ack is in flight, plus the `eta`
+//! tasks held and the redeliveries of tasks running here. Two exceptions,
+//! both bounded: an `eta` task whose time comes while every slot is busy
+//! waits for one (the broker gave its slot to another message meanwhile),
+//! and messages acked at once without running (undecodable, unknown,
+//! expired, revoked, already ended) are not counted, which only makes the
+//! node take less while their ack is on its way.
+//!
+//! After a reconnect the new channel holds none of the old messages: the
+//! tasks still running count as slots wanted with no message here, so the
+//! node asks only for its free slots. AMQP reads a prefetch of 0 as "no
+//! limit", so with every slot busy it asks for 1: the broker usually hands
+//! back a running task's own message, which is then held for that run.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use lapin::options::BasicAckOptions;
+use lapin::{Acker, Channel};
+
+use crate::broker::set_prefetch;
+
+/// How long a prefetch change may take before the channel is taken for
+/// broken (the session loop reconnects and attaches a new one).
+const QOS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The held task messages and the consuming channel's prefetch.
+pub struct Prefetch {
+    concurrency: usize,
+    book: Mutex<Book<Acker>>,
+    /// Serialises prefetch changes and the acks of held messages.
+    gate: tokio::sync::Mutex<Gate>,
+    /// The prefetch last set on the channel (`inspect stats`).
+    in_force: AtomicU16,
+}
+
+/// The held messages (`A`: how one is acked).
+struct Book<A> {
+    /// Bumped for every new broker session: messages of older sessions are
+    /// no longer unacked on the channel in use.
+    session: u64,
+    held: HashMap<String, Held<A>>,
+}
+
+impl<A> Default for Book<A> {
+    fn default() -> Self {
+        Self {
+            session: 0,
+            held: HashMap::new(),
+        }
+    }
+}
+
+struct Held<A> {
+    /// Holding a slot, or waiting for one.
+    wants_slot: bool,
+    /// The task's message and its redeliveries, with the session each came
+    /// on.
+    ackers: Vec<(A, u64)>,
+}
+
+impl<A> Book<A> {
+    fn wanted(&self, concurrency: usize) -> u16 {
+        let mut credit = i64::try_from(concurrency).unwrap_or(i64::MAX);
+        for held in self.held.values() {
+            let here = held
+                .ackers
+                .iter()
+                .filter(|(_, session)| *session == self.session)
+                .count();
+            credit = credit.saturating_add(i64::try_from(here).unwrap_or(i64::MAX));
+            credit -= i64::from(held.wants_slot);
+        }
+        prefetch_of(credit)
+    }
+}
+
+/// The prefetch for `credit` messages: at least 1 (0 means "no limit" to
+/// AMQP), at most what the field holds.
+fn prefetch_of(credit: i64) -> u16 {
+    u16::try_from(credit.max(1)).unwrap_or(u16::MAX)
+}
+
+struct Gate {
+    channel: Option<Channel>,
+    /// What `channel` has in force.
+    applied: u16,
+}
+
+/// A task id the book does not hold; the acker comes back to be acked by
+/// the caller.
+#[derive(Debug)]
+pub struct NotHeld(pub Acker);
+
+impl Prefetch {
+    pub fn new(concurrency: usize) -> Self {
+        let first = prefetch_of(i64::try_from(concurrency).unwrap_or(i64::MAX));
+        Self {
+            concurrency,
+            book: Mutex::new(Book::default()),
+            gate: tokio::sync::Mutex::new(Gate {
+                channel: None,
+                applied: first,
+            }),
+            in_force: AtomicU16::new(first),
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book<Acker>> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The prefetch last set on the channel.
+    pub fn in_force(&self) -> u16 {
+        self.in_force.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new broker session: what was held came on the old channel.
+    /// Returns the prefetch to open the new channel with.
+    pub async fn next_session(&self) -> u16 {
+        let mut gate = self.gate.lock().await;
+        gate.channel = None;
+        let mut book = self.book();
+        book.session += 1;
+        book.wanted(self.concurrency)
+    }
+
+    /// Hands over the new session's consuming channel, opened with
+    /// `applied`, and brings its prefetch up to date (tasks may have ended
+    /// while it opened).
+    pub async fn attach(&self, channel: Channel, applied: u16) {
+        let mut gate = self.gate.lock().await;
+        gate.channel = Some(channel);
+        gate.applied = applied;
+        self.in_force.store(applied, Ordering::Relaxed);
+        self.apply(&mut gate).await;
+    }
+
+    /// Holds a new task's message, delivered on the current session.
+    /// `wants_slot`: it runs as soon as a slot is free (false: it waits for
+    /// its `eta` first). A held message that wants no slot gives the node
+    /// room: [`Prefetch::settle`] afterwards.
+    pub fn hold(&self, id: &str, acker: Acker, wants_slot: bool) {
+        let mut book = self.book();
+        let session = book.session;
+        book.held.insert(
+            id.to_owned(),
+            Held {
+                wants_slot,
+                ackers: vec![(acker, session)],
+            },
+        );
+    }
+
+    /// Holds a redelivery of task `id` until it ends;
+    /// [`Prefetch::settle`] afterwards.
+    pub fn hold_again(&self, id: &str, acker: Acker) -> Result<(), NotHeld> {
+        let mut book = self.book();
+        let session = book.session;
+        match book.held.get_mut(id) {
+            Some(held) => {
+                held.ackers.push((acker, session));
+                Ok(())
+            }
+            None => Err(NotHeld(acker)),
+        }
+    }
+
+    /// An `eta` task's time came: it wants a slot now.
+    pub async fn want_slot(&self, id: &str) {
+        self.set_wants_slot(id, true);
+        self.settle().await;
+    }
+
+    /// Task `id` no longer holds nor waits for a slot; call it once the
+    /// slot is free (the permit dropped), so the broker may fill it.
+    pub async fn slot_freed(&self, id: &str) {
+        self.set_wants_slot(id, false);
+        self.settle().await;
+    }
+
+    fn set_wants_slot(&self, id: &str, wants: bool) {
+        if let Some(held) = self.book().held.get_mut(id) {
+            held.wants_slot = wants;
+        }
+    }
+
+    /// Brings the channel's prefetch in line with what is held.
+    pub async fn settle(&self) {
+        let mut gate = self.gate.lock().await;
+        self.apply(&mut gate).await;
+    }
+
+    /// Task `id` is over: lowers the prefetch first if its messages counted,
+    /// then acks them (see the module doc for why in that order).
+    pub async fn end(&self, id: &str) {
+        let mut gate = self.gate.lock().await;
+        let Some(held) = self.book().held.remove(id) else {
+            return;
+        };
+        self.apply(&mut gate).await;
+        for (acker, _) in &held.ackers {
+            ack(acker).await;
+        }
+    }
+
+    /// Lets task `id` go without an ack: its message goes back to the
+    /// queue when the channel closes (shutdown).
+    pub fn forget(&self, id: &str) {
+        self.book().held.remove(id);
+    }
+
+    /// Sets the prefetch the book asks for, if it differs from the one in
+    /// force; under the gate.
+    async fn apply(&self, gate: &mut Gate) {
+        let wanted = self.book().wanted(self.concurrency);
+        if wanted == gate.applied {
+            return;
+        }
+        let Some(channel) = gate.channel.as_ref() else {
+            return;
+        };
+        match tokio::time::timeout(QOS_TIMEOUT, set_prefetch(channel, wanted)).await {
+            Ok(Ok(())) => {
+                tracing::trace!(prefetch = wanted, "prefetch changed");
+                gate.applied = wanted;
+                self.in_force.store(wanted, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "could not change prefetch; the session is ending");
+                gate.channel = None;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    secs = QOS_TIMEOUT.as_secs(),
+                    "the broker did not answer a prefetch change; not changing it again until the next session"
+                );
+                gate.channel = None;
+            }
+        }
+    }
+}
+
+/// Acks one message; a failed ack (its channel is gone) means the broker
+/// redelivers it, and the record of ended tasks answers that.
+pub async fn ack(acker: &Acker) {
+    if let Err(error) = acker.ack(BasicAckOptions::default()).await {
+        tracing::debug!(%error, "ack failed; the message will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(wants_slot: bool, sessions: &[u64]) -> Held<()> {
+        Held {
+            wants_slot,
+            ackers: sessions.iter().map(|s| ((), *s)).collect(),
+        }
+    }
+
+    fn book(session: u64, held: Vec<(&str, Held<()>)>) -> Book<()> {
+        Book {
+            session,
+            held: held.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        }
+    }
+
+    #[test]
+    fn running_tasks_leave_one_message_per_free_slot() {
+        assert_eq!(book(1, vec![]).wanted(2), 2);
+        // One running: unacked 1, prefetch 2, room for one more.
+        assert_eq!(book(1, vec![("a", held(true, &[1]))]).wanted(2), 2);
+        let full = book(1, vec![("a", held(true, &[1])), ("b", held(true, &[1]))]);
+        assert_eq!(full.wanted(2), 2);
+    }
+
+    #[test]
+    fn an_ending_task_or_an_eta_hold_makes_room_for_one_more() {
+        // a's slot is free, its ack waits for the confirm: 2 unacked, 3
+        // allowed, so b's neighbour slot can be refilled.
+        let ending = book(1, vec![("a", held(false, &[1])), ("b", held(true, &[1]))]);
+        assert_eq!(ending.wanted(2), 3);
+        let eta = book(1, vec![("e", held(false, &[1]))]);
+        assert_eq!(eta.wanted(1), 2);
+    }
+
+    #[test]
+    fn a_redelivery_of_a_running_task_holds_no_slot() {
+        let twice = book(1, vec![("a", held(true, &[1, 1]))]);
+        assert_eq!(twice.wanted(2), 3);
+    }
+
+    #[test]
+    fn after_a_reconnect_only_free_slots_are_asked_for() {
+        // Both running tasks' messages were on the old channel.
+        let orphans = book(2, vec![("a", held(true, &[1])), ("b", held(true, &[1]))]);
+        assert_eq!(orphans.wanted(3), 1);
+        // a's message came back on the new channel: held for that run.
+        let back = book(2, vec![("a", held(true, &[1, 2])), ("b", held(true, &[1]))]);
+        assert_eq!(back.wanted(3), 2);
+    }
+
+    #[test]
+    fn the_prefetch_is_never_zero_which_would_mean_no_limit() {
+        let orphans = book(2, vec![("a", held(true, &[1])), ("b", held(true, &[1]))]);
+        assert_eq!(orphans.wanted(2), 1);
+        assert_eq!(prefetch_of(-5), 1);
+        assert_eq!(prefetch_of(1 << 40), u16::MAX);
+    }
+}

@@ -24,7 +24,8 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
 /// Tasks per run and idle seconds before RSS is read; `BENCH_TASKS` and
-/// `BENCH_IDLE_SECS` override them for a quick look.
+/// `BENCH_IDLE_SECS` override them for a quick look. `BENCH_WORKER_BIN`
+/// runs another build of the worker (an older commit's, to compare).
 fn tasks() -> usize {
     std::env::var("BENCH_TASKS")
         .ok()
@@ -103,21 +104,23 @@ enum Kind {
 
 fn spawn(kind: &Kind, vh: &Vhost, dir: &std::path::Path) -> Child {
     match kind {
-        Kind::Ours => Command::new(worker_binary())
-            .env_clear()
-            .envs(worker_env(
-                vh,
-                dir,
-                "bench",
-                &[(
-                    "LOG_LEVEL",
-                    std::env::var("BENCH_LOG").as_deref().unwrap_or("warn"),
-                )],
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("worker starts"),
+        Kind::Ours => Command::new(
+            std::env::var("BENCH_WORKER_BIN").unwrap_or_else(|_| worker_binary().to_owned()),
+        )
+        .env_clear()
+        .envs(worker_env(
+            vh,
+            dir,
+            "bench",
+            &[(
+                "LOG_LEVEL",
+                std::env::var("BENCH_LOG").as_deref().unwrap_or("warn"),
+            )],
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("worker starts"),
         Kind::Celery => Command::new(python())
             .arg(repo_root().join("tests/py/noop_celery_worker.py"))
             .args([

@@ -89,6 +89,9 @@ struct Book<A> {
     /// no longer unacked on the channel in use.
     session: u64,
     held: HashMap<String, Held<A>>,
+    /// Tasks over, whose messages the next holder of the gate acks (one
+    /// prefetch change for all the tasks that ended meanwhile).
+    ending: Vec<String>,
 }
 
 impl<A> Default for Book<A> {
@@ -96,6 +99,7 @@ impl<A> Default for Book<A> {
         Self {
             session: 0,
             held: HashMap::new(),
+            ending: Vec::new(),
         }
     }
 }
@@ -222,10 +226,10 @@ impl Prefetch {
     }
 
     /// Task `id` no longer holds nor waits for a slot; call it once the
-    /// slot is free (the permit dropped), so the broker may fill it.
-    pub async fn slot_freed(&self, id: &str) {
+    /// slot is free (the permit dropped), then [`Prefetch::settle`] so the
+    /// broker may fill it.
+    pub fn slot_freed(&self, id: &str) {
         self.set_wants_slot(id, false);
-        self.settle().await;
     }
 
     fn set_wants_slot(&self, id: &str, wants: bool) {
@@ -234,23 +238,33 @@ impl Prefetch {
         }
     }
 
-    /// Brings the channel's prefetch in line with what is held.
+    /// Brings the channel's prefetch in line with what is held, and acks
+    /// the messages of every task that ended since the last holder of the
+    /// gate: the prefetch first, then the acks (see the module doc for why
+    /// in that order). Changes made meanwhile coalesce: a slot freed and a
+    /// task ended cancel out, and no frame but the acks is sent.
     pub async fn settle(&self) {
         let mut gate = self.gate.lock().await;
-        self.apply(&mut gate).await;
-    }
-
-    /// Task `id` is over: lowers the prefetch first if its messages counted,
-    /// then acks them (see the module doc for why in that order).
-    pub async fn end(&self, id: &str) {
-        let mut gate = self.gate.lock().await;
-        let Some(held) = self.book().held.remove(id) else {
-            return;
+        let ended: Vec<Held<Acker>> = {
+            let mut book = self.book();
+            let ending = std::mem::take(&mut book.ending);
+            ending
+                .iter()
+                .filter_map(|id| book.held.remove(id))
+                .collect()
         };
         self.apply(&mut gate).await;
-        for (acker, _) in &held.ackers {
+        for (acker, _) in ended.iter().flat_map(|h| &h.ackers) {
             ack(acker).await;
         }
+    }
+
+    /// Task `id` is over: its messages are acked (see
+    /// [`Prefetch::settle`]). Returns once they are, by this call or by one
+    /// that held the gate before it.
+    pub async fn end(&self, id: &str) {
+        self.book().ending.push(id.to_owned());
+        self.settle().await;
     }
 
     /// Lets task `id` go without an ack: its message goes back to the
@@ -313,6 +327,7 @@ mod tests {
         Book {
             session,
             held: held.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            ending: Vec::new(),
         }
     }
 

@@ -655,7 +655,8 @@ impl<R: Runner> Inner<R> {
                 // Held without a slot: room for one more.
                 Ok(()) => {
                     let this = self.clone();
-                    self.tasks.spawn(async move { this.prefetch.settle().await });
+                    self.tasks
+                        .spawn(async move { this.prefetch.settle().await });
                 }
                 Err(NotHeld(acker)) => self.spawn_ack(acker, None),
             }
@@ -896,7 +897,7 @@ impl<R: Runner> Inner<R> {
     /// confirmed the report. A task stopped by shutdown is not acked: its
     /// message goes back to the queue for another worker.
     async fn finish(
-        &self,
+        self: &Arc<Self>,
         request: &TaskRequest,
         outcome: Result<Vec<TaskFile>, RunError>,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -1001,7 +1002,10 @@ impl<R: Runner> Inner<R> {
         // and let the broker send the next message while this one waits
         // for its confirm (it then holds no slot, but is still unacked).
         drop(slot);
-        self.prefetch.slot_freed(&id).await;
+        self.prefetch.slot_freed(&id);
+        let this = self.clone();
+        self.tasks
+            .spawn(async move { this.prefetch.settle().await }.in_current_span());
         // Ack only once the final event is safely with the broker: if the
         // connection drops first, the redelivery finds the task in `ended`
         // and sends its final event again.

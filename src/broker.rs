@@ -114,6 +114,26 @@ fn refusal(error: &lapin::Error) -> Option<String> {
     }
 }
 
+/// The broker's reason, when it closed a consuming channel because a
+/// delivery stayed unacked past its `consumer_timeout` (RabbitMQ 3.8.15 and
+/// later: PRECONDITION_FAILED, "delivery acknowledgement on channel N timed
+/// out"). Every unacked delivery of that channel is requeued.
+pub fn delivery_timeout(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e)
+            if matches!(
+                e.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) =>
+        {
+            let message = e.get_message().to_string();
+            (message.contains("delivery acknowledgement") && message.contains("timed out"))
+                .then_some(message)
+        }
+        _ => None,
+    }
+}
+
 /// Whether the broker refused an exclusive queue held by another connection.
 fn is_resource_locked(error: &lapin::Error) -> bool {
     matches!(
@@ -848,6 +868,30 @@ async fn publish_batch(channel: &Channel, batch: Vec<Outgoing>) -> Result<(), Ve
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_delivery_timeout_close_is_told_from_other_closes() {
+        use lapin::protocol::AMQPError;
+        let close = |kind, text: &str| {
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+                kind,
+                text.into(),
+            )))
+        };
+        // RabbitMQ 3.10.8's own words.
+        let text = "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. \
+                    Timeout value used: 60000 ms. This timeout value can be configured, see \
+                    consumers doc guide to learn more";
+        let timeout = close(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED), text);
+        assert_eq!(delivery_timeout(&timeout).as_deref(), Some(text));
+        let other = close(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'small'",
+        );
+        assert_eq!(delivery_timeout(&other), None);
+        let hard = close(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED), text);
+        assert_eq!(delivery_timeout(&hard), None);
+    }
+
     use super::*;
 
     fn msg(key: &str, keep: bool) -> Outgoing {

@@ -127,6 +127,7 @@ pub struct Metrics {
     active_tasks: Gauge,
     broker_connected: Gauge,
     broker_reconnects: Counter,
+    delivery_timeouts: Counter,
     docker_errors: Counter,
     kept_dirs_swept: Family<SweepLabels, Counter>,
     kept_dirs_swept_bytes: Family<SweepLabels, Counter>,
@@ -157,6 +158,7 @@ impl Metrics {
         let active_tasks = Gauge::default();
         let broker_connected = Gauge::default();
         let broker_reconnects = Counter::default();
+        let delivery_timeouts = Counter::default();
         let docker_errors = Counter::default();
         let kept_dirs_swept = Family::<SweepLabels, Counter>::default();
         let kept_dirs_swept_bytes = Family::<SweepLabels, Counter>::default();
@@ -197,6 +199,12 @@ impl Metrics {
             broker_reconnects.clone(),
         );
         registry.register(
+            "broker_delivery_timeouts",
+            "Consuming channels the broker closed because a task's message stayed unacked past its \
+             consumer_timeout (the message was requeued)",
+            delivery_timeouts.clone(),
+        );
+        registry.register(
             "docker_errors",
             "Docker engine calls that failed (a task failed by it, or a cleanup that did not work)",
             docker_errors.clone(),
@@ -225,6 +233,7 @@ impl Metrics {
             active_tasks,
             broker_connected,
             broker_reconnects,
+            delivery_timeouts,
             docker_errors,
             kept_dirs_swept,
             kept_dirs_swept_bytes,
@@ -283,6 +292,12 @@ impl Metrics {
 
     pub fn broker_down(&self) {
         self.broker_connected.set(0);
+    }
+
+    /// The broker closed the consuming channel for a delivery left unacked
+    /// past its `consumer_timeout`.
+    pub fn delivery_timeout(&self) {
+        self.delivery_timeouts.inc();
     }
 
     pub fn docker_error(&self) {

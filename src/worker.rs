@@ -408,7 +408,21 @@ impl<R: Runner> Inner<R> {
                         match delivery {
                             Some(Ok(delivery)) => self.on_delivery(delivery),
                             Some(Err(error)) => {
-                                tracing::warn!(%error, "lost the broker connection; reconnecting");
+                                if let Some(reason) = crate::broker::delivery_timeout(&error) {
+                                    metrics::global().delivery_timeout();
+                                    tracing::error!(
+                                        %reason,
+                                        "the broker closed the task channel: a task's message stayed unacked past \
+                                         its consumer_timeout (30 min by default) and was requeued, for this or \
+                                         another node; tasks here keep running. The broker's operator should \
+                                         raise it above the longest task: consumer_timeout in rabbitmq.conf \
+                                         (e.g. consumer_timeout = 1209600000 for 14 days) or advanced.config, or \
+                                         on RabbitMQ 3.12+ a consumer-timeout policy on the task queues; \
+                                         reconnecting"
+                                    );
+                                } else {
+                                    tracing::warn!(%error, "lost the broker connection; reconnecting");
+                                }
                                 break false;
                             }
                             // Every consumer was cancelled on purpose

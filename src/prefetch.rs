@@ -35,12 +35,16 @@
 //! - a change that takes room away from the broker's view, an ack, is
 //!   preceded by the lower prefetch, and the ack is sent only once
 //!   `qos-ok` came back: the broker never sees the ack under the old,
-//!   higher prefetch (the race of issue 15: ack first, then the lower
-//!   prefetch, and a third message slipped in between on a node with two
-//!   slots);
+//!   higher prefetch (the other order, ack first and the lower prefetch
+//!   after, let a third message slip in between on a node with two slots
+//!   whenever two tasks ended close together);
 //! - every prefetch change and every ack of a held message go through one
-//!   lock (`gate`), so two tasks ending together cannot interleave a raise
-//!   of one between the lower and the ack of the other;
+//!   lock (`gate`), and each value is computed from the book while holding
+//!   it, so no raise computed before an ack's lower can land after that
+//!   ack. Whoever holds the gate acks every task that ended meanwhile after
+//!   one prefetch change for all of them (a slot freed and a task ended
+//!   cancel out: no `qos` at all). The price is one broker round trip per
+//!   task end before its ack, taken in turn;
 //! - a delivered task that takes a slot adds one held message and one slot
 //!   wanted at once: no change, no frame.
 //!

@@ -21,16 +21,7 @@ struct ShortDeliveryTimeout {
 }
 
 fn rabbit_eval(expr: &str) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["eval", expr])
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl eval {expr}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    rabbitmqctl(&["eval", expr])
 }
 
 impl ShortDeliveryTimeout {

@@ -52,29 +52,6 @@ fn inspect(vh: &Vhost, node: &str, method: &str) -> Value {
     all[node].clone()
 }
 
-/// `app.control.broadcast(method, arguments, reply=True)` to one node:
-/// that node's reply.
-fn broadcast(vh: &Vhost, node: &str, method: &str, arguments: Value) -> Value {
-    let arguments = arguments.to_string();
-    let out = celery_client(
-        vh,
-        &[
-            "control",
-            "--method",
-            method,
-            "--arguments",
-            &arguments,
-            "--destination",
-            node,
-        ],
-    );
-    let replies = last_json_line(&out.stdout);
-    replies["replies"]
-        .as_array()
-        .and_then(|r| r.iter().find_map(|reply| reply.get(node).cloned()))
-        .unwrap_or_else(|| panic!("no reply from {node} to {method}: {replies}"))
-}
-
 /// Sends a task to `routing_key` on the `offliner` exchange.
 fn send_to(vh: &Vhost, id: &str, routing_key: &str, simulate: Value) {
     let kwargs = kwargs(simulate).to_string();

@@ -21,10 +21,6 @@ use serde_json::{Value, json};
 const T: Duration = Duration::from_secs(120);
 const NODES: [&str; 3] = ["farm-a", "farm-b", "farm-c"];
 
-fn is_final(kind: &str) -> bool {
-    matches!(kind, "task-succeeded" | "task-failed" | "task-revoked")
-}
-
 /// The hostname of a node in the events: `USERNAME@NODE_NAME`.
 fn host(sshd: &Sshd, node: &str) -> String {
     format!("{}@{node}", sshd.user())
@@ -48,46 +44,13 @@ fn peak_running(events: &[Value]) -> HashMap<String, usize> {
             set.insert(uuid.to_owned());
             let p = peak.entry(node.to_owned()).or_default();
             *p = (*p).max(set.len());
-        } else if is_final(kind) {
+        } else if is_final_event(kind) {
             for set in running.values_mut() {
                 set.remove(uuid);
             }
         }
     }
     peak
-}
-
-fn dump(events: &[Value]) -> String {
-    events
-        .iter()
-        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("task-")))
-        .map(|e| {
-            format!(
-                "{:.3} {} {} {}",
-                e["timestamp"].as_f64().unwrap_or_default(),
-                e["type"].as_str().unwrap_or_default(),
-                e["hostname"].as_str().unwrap_or_default(),
-                e["uuid"].as_str().unwrap_or_default()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn wait_until(what: &str, events: &EventsProc, mut done: impl FnMut(&[Value]) -> bool) {
-    let start = Instant::now();
-    loop {
-        let all = events.events();
-        if done(&all) {
-            return;
-        }
-        assert!(
-            start.elapsed() < T,
-            "{what} within {T:?}; events:\n{}",
-            dump(&all)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -120,7 +83,7 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     // Kill farm-b in the middle of its first scrape.
     let victim_host = host(&sshd, "farm-b");
     let mut killed = String::new();
-    wait_until("farm-b starting a container", &events, |all| {
+    events.wait_until("farm-b starting a container", T, |all| {
         match all.iter().find(|e| {
             e["type"] == "task-container_started" && e["hostname"] == victim_host.as_str()
         }) {
@@ -141,7 +104,7 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
 
     // Its task is taken by another node once the broker sees the
     // connection gone; then farm-b comes back while the others run.
-    wait_until("the killed task started on another node", &events, |all| {
+    events.wait_until("the killed task started on another node", T, |all| {
         all.iter().any(|e| {
             e["type"] == "task-started"
                 && e["uuid"] == killed.as_str()
@@ -171,12 +134,7 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     workers[1].wait_connected();
     workers[1].wait_log("removed containers left by an earlier run", T);
 
-    wait_until("every task ended", &events, |all| {
-        ids.iter().all(|id| {
-            all.iter()
-                .any(|e| e["uuid"] == id.as_str() && e["type"].as_str().is_some_and(is_final))
-        })
-    });
+    events.wait_all_ended(&ids, T);
     let drained_at = began.elapsed();
     vh.wait_queue_depth("small", 0, 0, T);
     std::thread::sleep(Duration::from_secs(2));
@@ -185,10 +143,20 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     for (i, id) in ids.iter().enumerate() {
         let finals: Vec<&Value> = all
             .iter()
-            .filter(|e| e["uuid"] == id.as_str() && e["type"].as_str().is_some_and(is_final))
+            .filter(|e| e["uuid"] == id.as_str() && e["type"].as_str().is_some_and(is_final_event))
             .collect();
-        assert_eq!(finals.len(), 1, "{id}: one final event:\n{}", dump(&all));
-        assert_eq!(finals[0]["type"], "task-succeeded", "{id}:\n{}", dump(&all));
+        assert_eq!(
+            finals.len(),
+            1,
+            "{id}: one final event:\n{}",
+            dump_task_events(&all)
+        );
+        assert_eq!(
+            finals[0]["type"],
+            "task-succeeded",
+            "{id}:\n{}",
+            dump_task_events(&all)
+        );
         let result = finals[0]["result"].as_str().unwrap_or_default();
         assert!(
             result.contains(&format!("'name': 'farm_{i}.zim'")),
@@ -235,7 +203,7 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
         assert!(
             peak <= 1,
             "{node} ran {peak} tasks at once:\n{}",
-            dump(&all)
+            dump_task_events(&all)
         );
     }
     let per_node: Vec<String> = NODES

@@ -204,33 +204,6 @@ fn start_refuses_what_no_path_or_name_can_hold_with_one_line() {
     }
 }
 
-/// A remote-control call as `celery control` makes it; the reply of `node`.
-fn control(
-    vh: &Vhost,
-    node: &str,
-    method: &str,
-    arguments: serde_json::Value,
-) -> serde_json::Value {
-    let arguments = arguments.to_string();
-    let out = celery_client(
-        vh,
-        &[
-            "control",
-            "--method",
-            method,
-            "--arguments",
-            &arguments,
-            "--destination",
-            node,
-        ],
-    );
-    let replies = last_json_line(&out.stdout);
-    replies["replies"]
-        .as_array()
-        .and_then(|r| r.iter().find_map(|reply| reply.get(node).cloned()))
-        .unwrap_or_else(|| panic!("no reply from {node} to {method}: {replies}"))
-}
-
 #[test]
 fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answering() {
     let (vh, dir, _events, mut worker) = stack("paths-amqp", &[]);
@@ -262,7 +235,7 @@ fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answerin
         json!({"queue": "paths-q", "exchange": long}),
         json!({"queue": "paths-q", "routing_key": long}),
     ] {
-        let reply = control(&vh, node, "add_consumer", arguments);
+        let reply = broadcast(&vh, node, "add_consumer", arguments);
         assert!(
             reply["error"].as_str().unwrap_or_default().contains("255"),
             "{reply}"
@@ -270,9 +243,12 @@ fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answerin
     }
     // A 250-byte queue: its consumer tag is cut to fit, and it is consumed.
     let queue = "q".repeat(250);
-    let reply = control(&vh, node, "add_consumer", json!({"queue": queue}));
+    let reply = broadcast(&vh, node, "add_consumer", json!({"queue": queue}));
     assert!(reply["ok"].as_str().is_some(), "{reply}");
-    assert_eq!(control(&vh, node, "ping", json!({})), json!({"ok": "pong"}));
+    assert_eq!(
+        broadcast(&vh, node, "ping", json!({})),
+        json!({"ok": "pong"})
+    );
     assert!(worker.is_running(), "{}", worker.log_text());
     assert!(
         !worker.log_text().contains("reconnecting"),

@@ -21,7 +21,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use serde_json::{Value, json};
@@ -60,10 +60,6 @@ fn now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-fn is_final(kind: &str) -> bool {
-    matches!(kind, "task-succeeded" | "task-failed" | "task-revoked")
 }
 
 /// A message a node took while every one of its slots was busy.
@@ -119,7 +115,7 @@ fn overheld(events: &[Value], concurrency: usize) -> Vec<Overheld> {
                     .iter()
                     .find(|later| {
                         later["hostname"] == node
-                            && later["type"].as_str().is_some_and(is_final)
+                            && later["type"].as_str().is_some_and(is_final_event)
                             && later["uuid"].as_str().is_some_and(|u| held.contains(u))
                     })
                     .and_then(|later| later["timestamp"].as_f64());
@@ -131,32 +127,23 @@ fn overheld(events: &[Value], concurrency: usize) -> Vec<Overheld> {
                 });
             }
             held.insert(uuid.to_owned());
-        } else if is_final(kind) {
+        } else if is_final_event(kind) {
             held.remove(uuid);
         }
     }
     found
 }
 
-fn dump(events: &[Value]) -> String {
-    let first = events
-        .iter()
-        .find_map(|e| e["timestamp"].as_f64())
-        .unwrap_or_default();
-    events
-        .iter()
-        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("task-")))
-        .map(|e| {
-            format!(
-                "{:8.3} {:<16} {:<14} {}",
-                e["timestamp"].as_f64().unwrap_or_default() - first,
-                e["type"].as_str().unwrap_or_default(),
-                e["hostname"].as_str().unwrap_or_default(),
-                e["uuid"].as_str().unwrap_or_default()
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Fails, with the held messages, the events and `log`, if any node held
+/// a message it could not start.
+fn assert_none_overheld(events: &[Value], concurrency: usize, log: &str) {
+    let early = overheld(events, concurrency);
+    assert!(
+        early.is_empty(),
+        "a node held messages it could not start:\n{}\nevents:\n{}\n{log}",
+        list(&early),
+        dump_task_events(events)
+    );
 }
 
 /// The management API's view of the queue, sampled every 50 ms on a thread
@@ -213,7 +200,7 @@ impl Drop for UnackedSampler {
 fn unacked_over_bound(samples: &[(f64, u64)], events: &[Value], slots: u64) -> Vec<String> {
     let ends: Vec<f64> = events
         .iter()
-        .filter(|e| e["type"].as_str().is_some_and(is_final))
+        .filter(|e| e["type"].as_str().is_some_and(is_final_event))
         .filter_map(|e| e["timestamp"].as_f64())
         .collect();
     samples
@@ -230,31 +217,6 @@ fn unacked_over_bound(samples: &[(f64, u64)], events: &[Value], slots: u64) -> V
         .collect()
 }
 
-/// Waits until every id has a final event.
-fn wait_all_ended(events: &EventsProc, ids: &[String]) {
-    let start = Instant::now();
-    loop {
-        let all = events.events();
-        let ended = ids
-            .iter()
-            .filter(|id| {
-                all.iter()
-                    .any(|e| e["uuid"] == **id && e["type"].as_str().is_some_and(is_final))
-            })
-            .count();
-        if ended == ids.len() {
-            return;
-        }
-        assert!(
-            start.elapsed() < T,
-            "{ended} of {} tasks ended within {T:?}:\n{}",
-            ids.len(),
-            dump(&all)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The run of issue 15, made into a hunt: CONCURRENCY=2 and tasks of the
 /// same length sent in one batch, so both slots end together round after
 /// round. Before the fix about one round in five let the node take a third
@@ -267,26 +229,19 @@ fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
     let ids: Vec<String> = (0..16).map(|_| task_id()).collect();
     let sampler = UnackedSampler::start(&vh, "small");
     send_batch(&vh, &ids, &sim(2.0));
-    wait_all_ended(&events, &ids);
+    events.wait_all_ended(&ids, T);
     // The last acks, and the stats showing them.
     vh.wait_queue_depth("small", 0, 0, T);
     let samples = sampler.finish();
     let all = events.events();
 
-    let early = overheld(&all, 2);
-    assert!(
-        early.is_empty(),
-        "the node held messages it could not start:\n{}\nevents:\n{}\nworker log:\n{}",
-        list(&early),
-        dump(&all),
-        worker.log_text()
-    );
+    assert_none_overheld(&all, 2, &worker.log_text());
     let over = unacked_over_bound(&samples, &all, 2);
     assert!(
         over.is_empty(),
         "the broker counted more unacked messages than slots and acks in flight:\n{}\nevents:\n{}",
         over.join("\n"),
-        dump(&all)
+        dump_task_events(&all)
     );
     // The sampler saw the slots full: it did look while the node worked.
     assert!(
@@ -297,21 +252,9 @@ fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
         assert_eq!(events.count("task-started", id), 1, "{id} ran once");
     }
     // The prefetch the node reports is back to one per slot.
-    let stats = last_json_line(
-        &celery_client(
-            &vh,
-            &[
-                "control",
-                "--method",
-                "stats",
-                "--destination",
-                "tester@strict",
-            ],
-        )
-        .stdout,
-    );
+    let stats = broadcast(&vh, "tester@strict", "stats", json!({}));
     assert_eq!(
-        stats["replies"][0]["tester@strict"]["prefetch_count"], 2,
+        stats["prefetch_count"], 2,
         "inspect stats after the run: {stats}"
     );
 }
@@ -344,7 +287,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
     // done before the busy node's long tasks end.
     let short: Vec<String> = (0..6).map(|_| task_id()).collect();
     send_batch(&vh, &short, &sim(0.5));
-    wait_all_ended(&events, &short);
+    events.wait_all_ended(&short, T);
     let all = events.events();
     for id in &short {
         let received = all
@@ -355,30 +298,24 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
             received["hostname"],
             "tester@idle",
             "{id} went to the busy node, which had no free slot:\n{}",
-            dump(&all)
+            dump_task_events(&all)
         );
     }
     assert!(
         all.iter()
             .filter(|e| e["uuid"] == long[0] || e["uuid"] == long[1])
-            .all(|e| !e["type"].as_str().is_some_and(is_final)),
+            .all(|e| !e["type"].as_str().is_some_and(is_final_event)),
         "the long tasks were still running while the short ones ran:\n{}",
-        dump(&all)
+        dump_task_events(&all)
     );
-    wait_all_ended(&events, &long);
+    events.wait_all_ended(&long, T);
 
     // Then equal tasks for both nodes: every round ends together on each.
     let even: Vec<String> = (0..20).map(|_| task_id()).collect();
     send_batch(&vh, &even, &sim(1.0));
-    wait_all_ended(&events, &even);
+    events.wait_all_ended(&even, T);
     let all = events.events();
-    let early = overheld(&all, 2);
-    assert!(
-        early.is_empty(),
-        "a node held messages it could not start:\n{}\nevents:\n{}",
-        list(&early),
-        dump(&all)
-    );
+    assert_none_overheld(&all, 2, "");
     let per_node = |node: &str| {
         all.iter()
             .filter(|e| e["type"] == "task-started" && e["hostname"] == node)

@@ -78,6 +78,21 @@ pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
     }
 }
 
+/// Runs `rabbitmqctl` with `args`, failing the test if it fails; its
+/// stdout, trimmed.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 static VHOST_SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// A RabbitMQ vhost of this test's own, deleted when dropped.
@@ -135,20 +150,12 @@ impl Vhost {
 
     /// Closes every client connection to this vhost (the fault test).
     pub fn close_all_connections(&self) {
-        let out = Command::new("rabbitmqctl")
-            .args([
-                "close_all_connections",
-                "-p",
-                &self.name,
-                "test: connection cut",
-            ])
-            .output()
-            .expect("rabbitmqctl runs");
-        assert!(
-            out.status.success(),
-            "rabbitmqctl close_all_connections failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        rabbitmqctl(&[
+            "close_all_connections",
+            "-p",
+            &self.name,
+            "test: connection cut",
+        ]);
     }
 }
 
@@ -367,6 +374,29 @@ pub fn send_task(vhost: &Vhost, name: &str, id: &str, kwargs: &Value, extra: &[&
     last_json_line(&out.stdout)
 }
 
+/// `app.control.broadcast(method, arguments, reply=True)` to one node, as
+/// `celery control` makes it: that node's reply.
+pub fn broadcast(vh: &Vhost, node: &str, method: &str, arguments: Value) -> Value {
+    let arguments = arguments.to_string();
+    let out = celery_client(
+        vh,
+        &[
+            "control",
+            "--method",
+            method,
+            "--arguments",
+            &arguments,
+            "--destination",
+            node,
+        ],
+    );
+    let replies = last_json_line(&out.stdout);
+    replies["replies"]
+        .as_array()
+        .and_then(|r| r.iter().find_map(|reply| reply.get(node).cloned()))
+        .unwrap_or_else(|| panic!("no reply from {node} to {method}: {replies}"))
+}
+
 pub fn last_json_line(stdout: &[u8]) -> Value {
     String::from_utf8_lossy(stdout)
         .lines()
@@ -485,6 +515,69 @@ impl EventsProc {
             .rev()
             .find(|v| v.get("summary").is_some())
             .unwrap_or(Value::Null)
+    }
+}
+
+/// A task event that ends the task.
+pub fn is_final_event(kind: &str) -> bool {
+    matches!(kind, "task-succeeded" | "task-failed" | "task-revoked")
+}
+
+/// The task events, one line each: seconds from the first event, type,
+/// node, task id (for failure messages).
+pub fn dump_task_events(events: &[Value]) -> String {
+    let first = events
+        .iter()
+        .find_map(|e| e["timestamp"].as_f64())
+        .unwrap_or_default();
+    events
+        .iter()
+        .filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("task-")))
+        .map(|e| {
+            format!(
+                "{:8.3} {:<16} {:<14} {}",
+                e["timestamp"].as_f64().unwrap_or_default() - first,
+                e["type"].as_str().unwrap_or_default(),
+                e["hostname"].as_str().unwrap_or_default(),
+                e["uuid"].as_str().unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl EventsProc {
+    /// Waits until `done` holds of the events received so far.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) {
+        let start = Instant::now();
+        loop {
+            let all = self.events();
+            if done(&all) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{what} within {timeout:?}; events:\n{}",
+                dump_task_events(&all)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every task of `ids` has a final event.
+    pub fn wait_all_ended(&self, ids: &[String], timeout: Duration) {
+        self.wait_until("every task ended", timeout, |all| {
+            ids.iter().all(|id| {
+                all.iter().any(|e| {
+                    e["uuid"] == id.as_str() && e["type"].as_str().is_some_and(is_final_event)
+                })
+            })
+        });
     }
 }
 

@@ -525,7 +525,9 @@ impl Broker {
         declared
     }
 
-    /// Starts consuming a (declared) task queue on `channel`, with acks.
+    /// Starts consuming a (declared) task queue on `channel`, with acks,
+    /// asking for [`CONSUMER_TIMEOUT_MS`] as this consumer's delivery
+    /// timeout.
     pub async fn consume_queue(
         &self,
         channel: &Channel,
@@ -536,7 +538,7 @@ impl Broker {
                 queue.into(),
                 self.consumer_tag(queue).into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                task_consumer_arguments(),
             )
             .await
             .map_err(setup(&format!("consuming queue {queue}")))
@@ -558,6 +560,25 @@ impl Broker {
     fn consumer_tag(&self, queue: &str) -> String {
         consumer_tag(&self.connection_name, queue)
     }
+}
+
+/// The delivery acknowledgement timeout the worker asks for on its own
+/// task consumers (`x-consumer-timeout`, ms): 14 days. RabbitMQ 3.11.15,
+/// 3.12 and later apply it to this consumer only, over the broker's
+/// `consumer_timeout` (30 min by default), without changing the queue,
+/// which others declared; older brokers ignore the argument (seen with
+/// 3.10.8). A task that outlives even this is held by the farm (see
+/// [`crate::farm`]).
+pub const CONSUMER_TIMEOUT_MS: i64 = 14 * 24 * 3600 * 1000;
+
+/// The arguments of a task consumer.
+fn task_consumer_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-consumer-timeout".into(),
+        AMQPValue::LongLongInt(CONSUMER_TIMEOUT_MS),
+    );
+    arguments
 }
 
 /// `<connection name>.<queue>`, the connection name cut so the tag fits

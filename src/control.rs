@@ -166,6 +166,8 @@ pub trait Panel: Send + Sync + 'static {
     fn facts(&self) -> WorkerFacts;
     /// Every task held or running here.
     fn tasks(&self) -> Vec<TaskSnapshot>;
+    /// Whether task `id` ended here (the on-disk record of ended tasks).
+    fn ended(&self, id: &str) -> bool;
     /// Remembers `ids` as revoked (a task that arrives later never runs)
     /// and stops those held here: a task not started yet never runs; a
     /// running one is stopped (its containers killed) only with
@@ -713,7 +715,11 @@ fn scheduled<P: Panel>(panel: &P) -> Vec<ScheduledInfo> {
         .collect()
 }
 
-/// `query_task`: `{id: [state, info]}` for the given ids held here.
+/// `query_task`: `{id: [state, info]}` for the given ids held here, and
+/// `[ready, {id, hostname}]` for those in the record of ended tasks (Celery
+/// answers `ready` only while it still has the request in memory; a node
+/// holding a redelivery must learn that the task ended here, see
+/// [`crate::farm`]).
 fn query_task<P: Panel>(panel: &P, ids: &[String]) -> Value {
     let hostname = panel.events().hostname();
     let pid = std::process::id();
@@ -732,6 +738,14 @@ fn query_task<P: Panel>(panel: &P, ids: &[String]) -> Value {
             task.request.id.clone(),
             json!([state, to_value(&request_info(&task, hostname, pid, false))]),
         );
+    }
+    for id in ids {
+        if !reply.contains_key(id) && panel.ended(id) {
+            reply.insert(
+                id.clone(),
+                json!(["ready", {"id": id, "hostname": hostname}]),
+            );
+        }
     }
     Value::Object(reply)
 }
@@ -1106,6 +1120,9 @@ mod tests {
         fn tasks(&self) -> Vec<TaskSnapshot> {
             self.tasks.clone()
         }
+        fn ended(&self, id: &str) -> bool {
+            id == "long-gone"
+        }
         fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
             self.revokes.lock().unwrap().push((ids.to_vec(), terminate));
             self.merge_revoked(ids);
@@ -1315,10 +1332,16 @@ mod tests {
         assert_eq!(scheduled[0]["priority"], 6);
         assert_eq!(scheduled[0]["request"]["id"], "sch");
         assert_eq!(
-            run(&panel, "query_task", json!({"ids": ["act", "end", "nope"]})).await,
+            run(
+                &panel,
+                "query_task",
+                json!({"ids": ["act", "end", "nope", "long-gone"]})
+            )
+            .await,
             json!({
                 "act": ["active", to_value(&request_info(&panel.tasks[0], "alice@node1", std::process::id(), false))],
                 "end": ["ready", to_value(&request_info(&panel.tasks[3], "alice@node1", std::process::id(), false))],
+                "long-gone": ["ready", {"id": "long-gone", "hostname": "alice@node1"}],
             })
         );
         assert_eq!(

@@ -11,6 +11,7 @@ pub mod dispatcher;
 pub mod docker;
 pub mod ended;
 pub mod events;
+pub mod farm;
 pub mod metrics;
 pub mod monitor;
 pub mod offliner;

@@ -91,6 +91,33 @@ impl SweepReason {
     }
 }
 
+/// What became of a redelivered message for a task this node neither ran
+/// nor ended (see [`crate::farm`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// Another node ended the task: acked without running.
+    EndedElsewhere,
+    /// Nobody had it, or its node let it go: run here.
+    RanHere,
+    /// Held until this node's session ended: back to the broker.
+    Returned,
+}
+
+impl Redelivery {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::EndedElsewhere => "ended_elsewhere",
+            Self::RanHere => "ran_here",
+            Self::Returned => "returned",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SweepLabels {
     reason: &'static str,
@@ -128,6 +155,7 @@ pub struct Metrics {
     broker_connected: Gauge,
     broker_reconnects: Counter,
     delivery_timeouts: Counter,
+    redeliveries: Family<VerdictLabels, Counter>,
     docker_errors: Counter,
     kept_dirs_swept: Family<SweepLabels, Counter>,
     kept_dirs_swept_bytes: Family<SweepLabels, Counter>,
@@ -159,6 +187,7 @@ impl Metrics {
         let broker_connected = Gauge::default();
         let broker_reconnects = Counter::default();
         let delivery_timeouts = Counter::default();
+        let redeliveries = Family::<VerdictLabels, Counter>::default();
         let docker_errors = Counter::default();
         let kept_dirs_swept = Family::<SweepLabels, Counter>::default();
         let kept_dirs_swept_bytes = Family::<SweepLabels, Counter>::default();
@@ -205,6 +234,13 @@ impl Metrics {
             delivery_timeouts.clone(),
         );
         registry.register(
+            "redeliveries_held",
+            "Redelivered messages of tasks not run nor ended here, held while the farm was asked, \
+             by verdict (ended_elsewhere: acked without running; ran_here; returned: went back to \
+             the broker with this node's session)",
+            redeliveries.clone(),
+        );
+        registry.register(
             "docker_errors",
             "Docker engine calls that failed (a task failed by it, or a cleanup that did not work)",
             docker_errors.clone(),
@@ -234,6 +270,7 @@ impl Metrics {
             broker_connected,
             broker_reconnects,
             delivery_timeouts,
+            redeliveries,
             docker_errors,
             kept_dirs_swept,
             kept_dirs_swept_bytes,
@@ -298,6 +335,15 @@ impl Metrics {
     /// past its `consumer_timeout`.
     pub fn delivery_timeout(&self) {
         self.delivery_timeouts.inc();
+    }
+
+    /// A held redelivery was resolved.
+    pub fn redelivery(&self, verdict: Redelivery) {
+        self.redeliveries
+            .get_or_create(&VerdictLabels {
+                verdict: verdict.label(),
+            })
+            .inc();
     }
 
     pub fn docker_error(&self) {

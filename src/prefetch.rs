@@ -196,8 +196,9 @@ impl Prefetch {
     /// Holds a new task's message, delivered on the current session.
     /// `wants_slot`: it runs as soon as a slot is free (false: it waits for
     /// its `eta` first). A held message that wants no slot gives the node
-    /// room: [`Prefetch::settle`] afterwards.
-    pub fn hold(&self, id: &str, acker: Acker, wants_slot: bool) {
+    /// room: [`Prefetch::settle`] afterwards. Returns the session it is
+    /// held in.
+    pub fn hold(&self, id: &str, acker: Acker, wants_slot: bool) -> u64 {
         let mut book = self.book();
         let session = book.session;
         book.held.insert(
@@ -207,6 +208,37 @@ impl Prefetch {
                 ackers: vec![(acker, session)],
             },
         );
+        session
+    }
+
+    /// Takes back the message of task `id` held in `session`, if that is
+    /// still the current session (else its message is back with the
+    /// broker): to hold it again as a task that runs here.
+    pub fn take(&self, id: &str, session: u64) -> Option<Acker> {
+        let mut book = self.book();
+        if book.session != session {
+            return None;
+        }
+        let held = book.held.get_mut(id)?;
+        let at = held.ackers.iter().position(|(_, s)| *s == session)?;
+        let (acker, _) = held.ackers.remove(at);
+        if held.ackers.is_empty() {
+            book.held.remove(id);
+        }
+        Some(acker)
+    }
+
+    /// Lets go of task `id`'s messages held in `session` or before
+    /// without an ack (they went back to the broker with their channel); a
+    /// message held again since, in a later session, stays.
+    pub fn forget_session(&self, id: &str, session: u64) {
+        let mut book = self.book();
+        if let Some(held) = book.held.get_mut(id) {
+            held.ackers.retain(|(_, s)| *s > session);
+            if held.ackers.is_empty() {
+                book.held.remove(id);
+            }
+        }
     }
 
     /// Holds a redelivery of task `id` until it ends;

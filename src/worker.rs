@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::control::{ControlSession, Panel, RevokedSet, TaskPhase, TaskSnapshot, WorkerFacts};
 use crate::ended::EndedLog;
 use crate::events::EventSink;
+use crate::farm::{Probe, Verdict};
 use crate::metrics::{self, Outcome};
 use crate::offliner::Offliner;
 use crate::prefetch::{NotHeld, Prefetch, ack};
@@ -173,6 +174,15 @@ struct Inner<R> {
 struct Topology {
     queues: Vec<TaskQueue>,
     live: Option<LiveSession>,
+}
+
+/// What a held redelivery needs of the session it came on: the connection
+/// to ask the farm on, and the token that fires when the session ends (its
+/// messages went back to the broker).
+#[derive(Clone)]
+struct SessionLink {
+    connection: Arc<Connection>,
+    over: CancellationToken,
 }
 
 /// What remote control needs of the current session to change the queues
@@ -399,6 +409,10 @@ impl<R: Runner> Inner<R> {
                     session_over.clone(),
                 ))
             });
+            let link = SessionLink {
+                connection: session.connection.clone(),
+                over: session_over.clone(),
+            };
             let session_guard = session_over.clone().drop_guard();
             let shut = loop {
                 tokio::select! {
@@ -406,7 +420,7 @@ impl<R: Runner> Inner<R> {
                     Some(consumer) = consumers.recv() => session.deliveries.push(consumer),
                     delivery = session.deliveries.next(), if !session.deliveries.is_empty() => {
                         match delivery {
-                            Some(Ok(delivery)) => self.on_delivery(delivery),
+                            Some(Ok(delivery)) => self.on_delivery(delivery, &link),
                             Some(Err(error)) => {
                                 if let Some(reason) = crate::broker::delivery_timeout(&error) {
                                     metrics::global().delivery_timeout();
@@ -584,7 +598,7 @@ impl<R: Runner> Inner<R> {
 
     /// Looks at one delivery and decides what becomes of it. Never blocks:
     /// acks and task runs are spawned.
-    fn on_delivery(self: &Arc<Self>, delivery: Delivery) {
+    fn on_delivery(self: &Arc<Self>, delivery: Delivery, link: &SessionLink) {
         let Delivery {
             data,
             properties,
@@ -659,9 +673,29 @@ impl<R: Runner> Inner<R> {
             return;
         }
 
+        let delivery = DeliveryInfo {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            priority: *properties.priority(),
+            redelivered,
+        };
         let span = tracing::info_span!("task", task_id = %request.id);
+        self.place(request, acker, delivery, Some(link), span);
+    }
+
+    /// Decides what becomes of a decoded task message: held for a run
+    /// here already, its final event sent again, held while the farm is
+    /// asked about it (a redelivery, when `link` is given), or accepted.
+    fn place(
+        self: &Arc<Self>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        delivery: DeliveryInfo,
+        link: Option<&SessionLink>,
+        span: tracing::Span,
+    ) {
         let _enter = span.enter();
-        let mut state = self.lock();
+        let state = self.lock();
         if let Some(entry) = state.tasks.get(&request.id) {
             tracing::info!(phase = ?entry.phase, "redelivered message for a task already here; acking it when that run ends");
             drop(state);
@@ -692,6 +726,98 @@ impl<R: Runner> Inner<R> {
             self.spawn_ack(acker, Some(confirmed));
             return;
         }
+        if let Some(link) = link.filter(|_| delivery.redelivered) {
+            // Not here, not ended here: the broker gave it back, maybe
+            // while it runs on another node (past its consumer_timeout).
+            // Held without a slot while the farm is asked.
+            drop(state);
+            let session = self.prefetch.hold(&request.id, acker, false);
+            tracing::info!(
+                "redelivered message for a task not run here; asking the farm whether a node runs it"
+            );
+            let this = self.clone();
+            let link = link.clone();
+            drop(_enter);
+            self.tasks.spawn(
+                async move {
+                    this.prefetch.settle().await;
+                    this.resolve_redelivery(request, delivery, session, link)
+                        .await;
+                }
+                .instrument(span.clone()),
+            );
+            return;
+        }
+        self.admit(state, request, acker, delivery, &span);
+    }
+
+    /// Settles a redelivered message held by [`Inner::place`]: see
+    /// [`crate::farm`].
+    async fn resolve_redelivery(
+        self: Arc<Self>,
+        request: Arc<TaskRequest>,
+        delivery: DeliveryInfo,
+        session: u64,
+        link: SessionLink,
+    ) {
+        let id = request.id.clone();
+        let verdict = match Probe::open(&link.connection, self.events.hostname()).await {
+            Ok(probe) => probe.resolve(&id, &link.over).await,
+            Err(error) => Err(error),
+        };
+        let verdict = match verdict {
+            Ok(verdict) => verdict,
+            Err(_) if link.over.is_cancelled() => Verdict::Returned,
+            Err(error) => {
+                // The session lives but the farm cannot be asked: do what
+                // a node that cannot ask would, rather than hold it until
+                // the broker's timeout moves it on.
+                tracing::warn!(%error, "running the redelivered task here without the farm's answer");
+                Verdict::RunHere {
+                    why: error.to_string(),
+                }
+            }
+        };
+        match verdict {
+            Verdict::EndedElsewhere { node } => {
+                tracing::info!(node = %node, "the task ended on another node; acking its redelivered message without running it");
+                metrics::global().redelivery(metrics::Redelivery::EndedElsewhere);
+                self.prefetch.end(&id).await;
+            }
+            Verdict::RunHere { why } => match self.prefetch.take(&id, session) {
+                Some(acker) => {
+                    tracing::info!(%why, "running the redelivered task here");
+                    metrics::global().redelivery(metrics::Redelivery::RanHere);
+                    self.place(request, acker, delivery, None, tracing::Span::current());
+                    // It was held without a slot, now with one.
+                    self.prefetch.settle().await;
+                }
+                None => {
+                    metrics::global().redelivery(metrics::Redelivery::Returned);
+                    self.prefetch.forget_session(&id, session);
+                }
+            },
+            Verdict::Returned => {
+                tracing::info!(
+                    "this node's session ended while it held the redelivered message; the broker has it again"
+                );
+                metrics::global().redelivery(metrics::Redelivery::Returned);
+                self.prefetch.forget_session(&id, session);
+            }
+        }
+    }
+
+    /// Accepts a task: not run if expired or revoked (its final event is
+    /// sent), else held in the registry and started (or held for its
+    /// `eta`).
+    fn admit(
+        self: &Arc<Self>,
+        mut state: std::sync::MutexGuard<'_, State>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        delivery: DeliveryInfo,
+        span: &tracing::Span,
+    ) {
         let expired = request.expires.is_some_and(|e| e <= chrono::Utc::now());
         if expired || self.is_revoked(&request.id) {
             drop(state);
@@ -748,12 +874,7 @@ impl<R: Runner> Inner<R> {
                 cancel: cancel.clone(),
                 reason: None,
                 started: None,
-                delivery: DeliveryInfo {
-                    exchange: exchange.to_string(),
-                    routing_key: routing_key.to_string(),
-                    priority: *properties.priority(),
-                    redelivered,
-                },
+                delivery,
             },
         );
         // Held before the registry lock goes: a redelivery that finds the
@@ -772,7 +893,6 @@ impl<R: Runner> Inner<R> {
             expires: request.expires.as_ref().map(celery::iso8601::format),
         });
         tracing::info!(task = %request.name, "task received");
-        drop(_enter);
         self.tasks.spawn(
             self.clone()
                 .task_life(request, cancel)
@@ -917,16 +1037,11 @@ impl<R: Runner> Inner<R> {
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let id = request.id.clone();
-        let (reason, started) = {
-            let mut state = self.lock();
-            match state.tasks.get_mut(&id) {
-                Some(entry) => {
-                    entry.phase = Phase::Ending;
-                    (entry.reason, entry.started)
-                }
-                None => (None, None),
-            }
-        };
+        let (reason, started) = self
+            .lock()
+            .tasks
+            .get(&id)
+            .map_or((None, None), |entry| (entry.reason, entry.started));
         let runtime = started.map_or(0.0, |s| (celery::now_timestamp() - s).max(0.0));
         let (event, state) = match outcome {
             Ok(files) => {
@@ -977,6 +1092,9 @@ impl<R: Runner> Inner<R> {
                 }
             },
         };
+        // `ready` to `query_task` from here on: it ended (a task stopped by
+        // shutdown never says so, and a holder elsewhere runs it).
+        self.set_phase(&id, Phase::Ending);
         // On disk before the event leaves: if the worker dies after sending
         // it but before the ack, the redelivery (here or after a restart)
         // finds the record and re-sends the event instead of running the
@@ -1186,6 +1304,10 @@ impl<R: Runner> Panel for Worker<R> {
                 .clone(),
             heartbeat,
         }
+    }
+
+    fn ended(&self, id: &str) -> bool {
+        self.inner.ended.get(id).is_some()
     }
 
     fn tasks(&self) -> Vec<TaskSnapshot> {

@@ -3,22 +3,31 @@
 //! default, and requeue it), against a real RabbitMQ with the timeout
 //! lowered for the length of the test.
 //!
-//! The timeout is a setting of the whole broker: this file holds one test,
-//! so that no other test of its binary runs meanwhile, and the settings
-//! come back when it ends, however it ends.
+//! The timeout is a setting of the whole broker: the tests of this file run
+//! one at a time (no other test binary runs meanwhile), and the settings
+//! come back when each ends, however it ends.
+//!
+//! With two nodes the requeued message reaches the idle node while the
+//! first one still runs the task: the idle node must hold it without
+//! running it (asking the farm with `query_task`), ack it once the task
+//! ended there, and run it only if the running node dies.
 
 mod common;
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
 
 /// The broker's delivery timeout and how often its channels check it,
-/// lowered while alive and restored when dropped.
+/// lowered while alive and restored when dropped; one test at a time.
 struct ShortDeliveryTimeout {
     saved: Vec<(&'static str, String)>,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn rabbit_eval(expr: &str) -> String {
     rabbitmqctl(&["eval", expr])
@@ -26,6 +35,7 @@ fn rabbit_eval(expr: &str) -> String {
 
 impl ShortDeliveryTimeout {
     fn set(timeout_ms: u64, tick_ms: u64) -> Self {
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let mut saved = Vec::new();
         for key in ["consumer_timeout", "channel_tick_interval"] {
             saved.push((
@@ -39,7 +49,10 @@ impl ShortDeliveryTimeout {
         rabbit_eval(&format!(
             "application:set_env(rabbit, channel_tick_interval, {tick_ms})."
         ));
-        Self { saved }
+        Self {
+            saved,
+            _serial: serial,
+        }
     }
 }
 
@@ -108,5 +121,168 @@ fn a_task_past_the_delivery_timeout_is_named_counted_and_still_runs_once() {
     eprintln!(
         "channel closed {:.1} s after the task was sent",
         closed_after.as_secs_f64()
+    );
+}
+
+fn sleep_task(seconds: f64) -> serde_json::Value {
+    json!({
+        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
+        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
+        "warehouse_path": "/wikipedia",
+        "simulate": {"sleep": seconds},
+    })
+}
+
+/// `zimfarm_worker_redeliveries_held_total` of one node, by verdict.
+fn held(metrics: &str, verdict: &str) -> f64 {
+    sample(
+        &scrape(metrics),
+        "zimfarm_worker_redeliveries_held_total",
+        &[("verdict", verdict)],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Two nodes with a metrics endpoint each, CONCURRENCY=1, on one queue.
+fn two_nodes(vh: &Vhost, dirs: &[tempfile::TempDir; 2], metrics: &[String; 2]) -> Vec<WorkerProc> {
+    let nodes: Vec<WorkerProc> = ["ackt-a", "ackt-b"]
+        .iter()
+        .zip(dirs)
+        .zip(metrics)
+        .map(|((node, dir), addr)| {
+            WorkerProc::start(
+                vh,
+                dir.path(),
+                node,
+                &[("CONCURRENCY", "1"), ("METRICS_ADDR", addr.as_str())],
+            )
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_connected();
+    }
+    nodes
+}
+
+#[test]
+fn a_task_past_the_delivery_timeout_runs_once_in_a_farm_of_two() {
+    let _short = ShortDeliveryTimeout::set(3_000, 1_000);
+    let vh = Vhost::new("acktimeout-farm");
+    let events = EventsProc::start(&vh, 180);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let metrics = [free_addr(), free_addr()];
+    let nodes = two_nodes(&vh, &dirs, &metrics);
+    // The worker asks for a longer delivery timeout on its own consumers
+    // (RabbitMQ 3.11.15+ apply it; older ones, such as Debian's, ignore it).
+    // (The management API lists consumers a moment after they start.)
+    let asked = Instant::now();
+    let on_tasks = loop {
+        let consumers = rabbit_api_call("GET", &format!("/consumers/{}", vh.name), None);
+        let on_tasks: Vec<serde_json::Value> = consumers
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["queue"]["name"] == "small")
+            .cloned()
+            .collect();
+        if on_tasks.len() == 2 || asked.elapsed() > Duration::from_secs(20) {
+            break on_tasks;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(on_tasks.len(), 2, "{on_tasks:?}");
+    for c in &on_tasks {
+        assert_eq!(
+            c["arguments"]["x-consumer-timeout"],
+            json!(1_209_600_000u64),
+            "{c}"
+        );
+    }
+
+    let id = task_id();
+    let began = Instant::now();
+    send_task(&vh, "offliner.mwoffliner", &id, &sleep_task(15.0), &[]);
+    events.wait_task_event("task-succeeded", &id, Duration::from_secs(90));
+    let ran_for = began.elapsed();
+    // Whoever holds it last acks it; the queue drains.
+    vh.wait_queue_depth("small", 0, 0, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let all = events.events();
+    let report = dump_task_events(&all);
+    assert_eq!(events.count("task-started", &id), 1, "one run:\n{report}");
+    assert_eq!(events.count("task-succeeded", &id), 1, "{report}");
+    assert_eq!(events.count("task-failed", &id), 0, "{report}");
+    let timeouts: usize = nodes
+        .iter()
+        .map(|n| n.log_text().matches("past its consumer_timeout").count())
+        .sum();
+    assert!(timeouts >= 2, "the message moved at least twice");
+    let holds: Vec<f64> = metrics
+        .iter()
+        .map(|m| held(m, "ended_elsewhere") + held(m, "returned"))
+        .collect();
+    let ran_here: f64 = metrics.iter().map(|m| held(m, "ran_here")).sum();
+    assert!(
+        holds.iter().sum::<f64>() >= 1.0,
+        "the idle node held the redelivered message: {holds:?}\n{}",
+        nodes[0].log_text() + &nodes[1].log_text()
+    );
+    assert_eq!(ran_here, 0.0, "no node ran the redelivery");
+    eprintln!(
+        "15 s task, consumer_timeout 3 s: ended after {:.1} s, {timeouts} channel closes, \
+         redeliveries held per node {holds:?}",
+        ran_for.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_held_task_runs_on_the_holder_when_its_node_dies() {
+    // Long enough for the holder to notice the death before its own hold
+    // times out.
+    let _short = ShortDeliveryTimeout::set(20_000, 1_000);
+    let vh = Vhost::new("acktimeout-orphan");
+    let events = EventsProc::start(&vh, 240);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let metrics = [free_addr(), free_addr()];
+    let mut nodes = two_nodes(&vh, &dirs, &metrics);
+    let id = task_id();
+    // Past the timeout, with time to run again once its node is gone.
+    send_task(&vh, "offliner.mwoffliner", &id, &sleep_task(30.0), &[]);
+    let started = events.wait_task_event("task-started", &id, Duration::from_secs(30));
+    let runner = started["hostname"].as_str().unwrap().to_owned();
+    let (run, hold) = if runner.ends_with("ackt-a") {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    nodes[hold].wait_log(
+        "running on another node; holding it",
+        Duration::from_secs(60),
+    );
+    let killed = Instant::now();
+    nodes[run].signal("KILL");
+    nodes[run].wait_exit(Duration::from_secs(10));
+    nodes[hold].wait_log("running the redelivered task here", Duration::from_secs(30));
+    let took_over = killed.elapsed();
+    events.wait_task_event("task-succeeded", &id, Duration::from_secs(60));
+    vh.wait_queue_depth("small", 0, 0, Duration::from_secs(30));
+    let all = events.events();
+    let report = dump_task_events(&all);
+    let starts: Vec<&str> = all
+        .iter()
+        .filter(|e| e["type"] == "task-started" && e["uuid"] == id.as_str())
+        .filter_map(|e| e["hostname"].as_str())
+        .collect();
+    assert_eq!(
+        starts.len(),
+        2,
+        "the dead node's run, then the holder's:\n{report}"
+    );
+    assert_ne!(starts[0], starts[1], "{report}");
+    assert_eq!(events.count("task-succeeded", &id), 1, "{report}");
+    assert_eq!(held(&metrics[hold], "ran_here"), 1.0);
+    eprintln!(
+        "the holder ran the task {:.1} s after its node was killed",
+        took_over.as_secs_f64()
     );
 }

@@ -17,8 +17,13 @@
 //! - a task holding a slot, or waiting for one: counted once in the unacked
 //!   count, once in the slots;
 //! - a task whose slot is free again while its final event waits for the
-//!   broker's confirm, an `eta` task held until its time, or a redelivery
-//!   of a task already here: unacked, but holding no slot.
+//!   broker's confirm, an `eta` task held until its time, a redelivery
+//!   of a task already here, or a redelivery held while the farm is asked
+//!   whether another node runs it ([`crate::farm`]): unacked, but holding
+//!   no slot. One that turns out to run here is taken back
+//!   ([`Prefetch::take`]) and held again wanting a slot, then settled: like
+//!   an `eta` task whose time came, the broker may have filled its room
+//!   meanwhile.
 //!
 //! The node asks for `prefetch = CONCURRENCY + held_here - wanting_slots`
 //! (held_here: this channel's unacked messages the book holds;

@@ -1,0 +1,151 @@
+//! A redelivered message for a task the receiving node neither runs nor
+//! ended: the node holds it and asks the farm (`query_task`) before running
+//! it. Made deterministic without touching the broker's timeouts: the first
+//! node stops consuming (`cancel_consumer`) but keeps answering remote
+//! control, a bare AMQP client takes the message without acking it and
+//! disconnects (the broker requeues it, marked redelivered), and only then
+//! does the second node start.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Takes one message from `queue` without acking it and disconnects: the
+/// broker puts it back, `redelivered` set.
+fn take_and_drop(vh: &Vhost, queue: &str) {
+    let script = r#"
+import sys, amqp, time
+conn = amqp.Connection(sys.argv[1], userid=sys.argv[2], password=sys.argv[3], virtual_host=sys.argv[4])
+conn.connect()
+ch = conn.channel()
+for _ in range(100):
+    msg = ch.basic_get(queue=sys.argv[5], no_ack=False)
+    if msg is not None:
+        break
+    time.sleep(0.1)
+assert msg is not None, "no message to take"
+conn.close()
+print("taken", msg.delivery_info.get("redelivered"))
+"#;
+    let out = Command::new(python())
+        .args([
+            "-c",
+            script,
+            "127.0.0.1:5672",
+            "zimfarm-test",
+            "zimfarm-test",
+            &vh.name,
+            queue,
+        ])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "take_and_drop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn held(metrics: &str, verdict: &str) -> f64 {
+    sample(
+        &scrape(metrics),
+        "zimfarm_worker_redeliveries_held_total",
+        &[("verdict", verdict)],
+    )
+    .unwrap_or(0.0)
+}
+
+fn simulated(sleep: f64) -> serde_json::Value {
+    json!({
+        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
+        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
+        "warehouse_path": "/wikipedia",
+        "simulate": {"sleep": sleep},
+    })
+}
+
+/// `node` stops consuming `small`; it still answers remote control.
+fn stop_consuming(vh: &Vhost, node: &str) {
+    let reply = broadcast(vh, node, "cancel_consumer", json!({"queue": "small"}));
+    assert_eq!(reply, json!({"ok": "no longer consuming from small"}));
+}
+
+#[test]
+fn a_redelivery_of_a_task_that_ended_on_another_node_is_acked_not_run() {
+    let (vh, _dir, events, _first) = stack("redeliv-ended", &[("CONCURRENCY", "1")]);
+    let first = "tester@redeliv-ended";
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated(0.2), &[]);
+    events.wait_task_event("task-succeeded", &id, T);
+    stop_consuming(&vh, first);
+    // The dispatcher's message comes again, and is redelivered (as after
+    // a consumer_timeout, or a node killed after its final event).
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated(0.2), &[]);
+    take_and_drop(&vh, "small");
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let metrics = free_addr();
+    let second = WorkerProc::start(
+        &vh,
+        dir2.path(),
+        "redeliv-ended-2",
+        &[("CONCURRENCY", "1"), ("METRICS_ADDR", metrics.as_str())],
+    );
+    second.wait_log("the task ended on another node", T);
+    vh.wait_queue_depth("small", 0, 0, T);
+    std::thread::sleep(Duration::from_secs(1));
+    let all = events.events();
+    assert_eq!(
+        events.count("task-started", &id),
+        1,
+        "{}",
+        dump_task_events(&all)
+    );
+    assert_eq!(events.count("task-succeeded", &id), 1);
+    assert_eq!(held(&metrics, "ended_elsewhere"), 1.0);
+    assert_eq!(held(&metrics, "ran_here"), 0.0);
+    assert!(second.log_text().contains("node=tester@redeliv-ended"));
+}
+
+#[test]
+fn a_redelivery_nobody_runs_runs_here_after_the_grace() {
+    let (vh, _dir, events, _first) = stack("redeliv-none", &[("CONCURRENCY", "1")]);
+    stop_consuming(&vh, "tester@redeliv-none");
+    let id = task_id();
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated(0.2), &[]);
+    take_and_drop(&vh, "small");
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let metrics = free_addr();
+    let second = WorkerProc::start(
+        &vh,
+        dir2.path(),
+        "redeliv-none-2",
+        &[("CONCURRENCY", "1"), ("METRICS_ADDR", metrics.as_str())],
+    );
+    second.wait_log("asking the farm", T);
+    let asked = Instant::now();
+    let done = events.wait_task_event("task-succeeded", &id, T);
+    let waited = asked.elapsed();
+    assert_eq!(done["hostname"], "tester@redeliv-none-2");
+    assert!(
+        waited >= Duration::from_secs(9),
+        "asked for the whole grace before running: {waited:?}"
+    );
+    assert_eq!(events.count("task-started", &id), 1);
+    assert_eq!(held(&metrics, "ran_here"), 1.0);
+    assert!(
+        second
+            .log_text()
+            .contains("no live node has it (2 answered in 10 s)"),
+        "both nodes answered, neither has it:\n{}",
+        second.log_text()
+    );
+    vh.wait_queue_depth("small", 0, 0, T);
+}

@@ -226,14 +226,17 @@ impl Probe {
             auto_delete: true,
             ..Default::default()
         };
-        let events_queue = channel
-            .queue_declare("".into(), private, FieldTable::default())
+        // Named as Celery's own event receivers name theirs, so a broker
+        // whose permissions allow those allows this one.
+        let events_queue = format!("celeryev.{}", uuid::Uuid::new_v4());
+        channel
+            .queue_declare(events_queue.as_str().into(), private, FieldTable::default())
             .await
             .map_err(probe_error("declaring its event queue"))?;
         for key in WATCHED_EVENTS {
             channel
                 .queue_bind(
-                    events_queue.name().clone(),
+                    events_queue.as_str().into(),
                     EVENT_EXCHANGE.into(),
                     key.into(),
                     QueueBindOptions::default(),
@@ -273,7 +276,7 @@ impl Probe {
         };
         let events = channel
             .basic_consume(
-                events_queue.name().clone(),
+                events_queue.as_str().into(),
                 "".into(),
                 no_ack,
                 FieldTable::default(),

@@ -19,6 +19,10 @@
 #   SOAK_SECONDS   how long tasks are sent and faults injected (default 600)
 #   SOAK_SEED      the fault and task schedule (default: random; printed)
 #   SOAK_PROFILE   release (default) or dev (reuses the test build; CI)
+#   SOAK_FAULTS    all (default), none, or a comma-separated list of
+#                  close_connections,sshd_restart,kill_worker,docker_kill,
+#                  fill_disk,slow_dispatcher
+#   SOAK_KEEP      set: keep the logs, events, trace.csv and warehouse
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -82,7 +86,8 @@ set +e
   --seconds "$seconds" --seed "$seed" --worker "$bin/zimfarm-worker" \
   --broker "amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672/$vhost" --api "$api" --vhost "$vhost" \
   --work "$work" --disk "$disk" --warehouse "$warehouse" --sftp-port "$FARM_SFTP_PORT" \
-  --dispatcher "$FARM_DISPATCHER_URL" --user zimfarm-sftp --password soak
+  --dispatcher "$FARM_DISPATCHER_URL" --user zimfarm-sftp --password soak \
+  --faults "${SOAK_FAULTS:-all}"
 status=$?
 set -e
 exit "$status"

@@ -12,6 +12,7 @@ pub mod docker;
 pub mod ended;
 pub mod events;
 pub mod farm;
+pub mod memory;
 pub mod metrics;
 pub mod monitor;
 pub mod offliner;

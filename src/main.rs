@@ -71,6 +71,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    zimfarm_worker::memory::return_large_blocks_to_the_system();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::RunTask { file, no_upload }) => return run_task_command(&file, !no_upload),

@@ -124,25 +124,6 @@ fn a_task_past_the_delivery_timeout_is_named_counted_and_still_runs_once() {
     );
 }
 
-fn sleep_task(seconds: f64) -> serde_json::Value {
-    json!({
-        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
-        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
-        "warehouse_path": "/wikipedia",
-        "simulate": {"sleep": seconds},
-    })
-}
-
-/// `zimfarm_worker_redeliveries_held_total` of one node, by verdict.
-fn held(metrics: &str, verdict: &str) -> f64 {
-    sample(
-        &scrape(metrics),
-        "zimfarm_worker_redeliveries_held_total",
-        &[("verdict", verdict)],
-    )
-    .unwrap_or(0.0)
-}
-
 /// Two nodes with a metrics endpoint each, CONCURRENCY=1, on one queue.
 fn two_nodes(vh: &Vhost, dirs: &[tempfile::TempDir; 2], metrics: &[String; 2]) -> Vec<WorkerProc> {
     let nodes: Vec<WorkerProc> = ["ackt-a", "ackt-b"]
@@ -201,7 +182,7 @@ fn a_task_past_the_delivery_timeout_runs_once_in_a_farm_of_two() {
 
     let id = task_id();
     let began = Instant::now();
-    send_task(&vh, "offliner.mwoffliner", &id, &sleep_task(15.0), &[]);
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(15.0), &[]);
     events.wait_task_event("task-succeeded", &id, Duration::from_secs(90));
     let ran_for = began.elapsed();
     // Whoever holds it last acks it; the queue drains.
@@ -219,9 +200,12 @@ fn a_task_past_the_delivery_timeout_runs_once_in_a_farm_of_two() {
     assert!(timeouts >= 2, "the message moved at least twice");
     let holds: Vec<f64> = metrics
         .iter()
-        .map(|m| held(m, "ended_elsewhere") + held(m, "returned"))
+        .map(|m| redeliveries_held(m, "ended_elsewhere") + redeliveries_held(m, "returned"))
         .collect();
-    let ran_here: f64 = metrics.iter().map(|m| held(m, "ran_here")).sum();
+    let ran_here: f64 = metrics
+        .iter()
+        .map(|m| redeliveries_held(m, "ran_here"))
+        .sum();
     assert!(
         holds.iter().sum::<f64>() >= 1.0,
         "the idle node held the redelivered message: {holds:?}\n{}",
@@ -247,7 +231,7 @@ fn a_held_task_runs_on_the_holder_when_its_node_dies() {
     let mut nodes = two_nodes(&vh, &dirs, &metrics);
     let id = task_id();
     // Past the timeout, with time to run again once its node is gone.
-    send_task(&vh, "offliner.mwoffliner", &id, &sleep_task(30.0), &[]);
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(30.0), &[]);
     let started = events.wait_task_event("task-started", &id, Duration::from_secs(30));
     let runner = started["hostname"].as_str().unwrap().to_owned();
     let (run, hold) = if runner.ends_with("ackt-a") {
@@ -280,7 +264,7 @@ fn a_held_task_runs_on_the_holder_when_its_node_dies() {
     );
     assert_ne!(starts[0], starts[1], "{report}");
     assert_eq!(events.count("task-succeeded", &id), 1, "{report}");
-    assert_eq!(held(&metrics[hold], "ran_here"), 1.0);
+    assert_eq!(redeliveries_held(&metrics[hold], "ran_here"), 1.0);
     eprintln!(
         "the holder ran the task {:.1} s after its node was killed",
         took_over.as_secs_f64()

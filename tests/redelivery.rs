@@ -52,22 +52,18 @@ print("taken", msg.delivery_info.get("redelivered"))
     );
 }
 
-fn held(metrics: &str, verdict: &str) -> f64 {
-    sample(
-        &scrape(metrics),
-        "zimfarm_worker_redeliveries_held_total",
-        &[("verdict", verdict)],
-    )
-    .unwrap_or(0.0)
-}
-
-fn simulated(sleep: f64) -> serde_json::Value {
-    json!({
-        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
-        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
-        "warehouse_path": "/wikipedia",
-        "simulate": {"sleep": sleep},
-    })
+/// The second node, with a metrics endpoint, started once the message
+/// waits redelivered; keep the returned dir alive as long as the node.
+fn second_node(vh: &Vhost, node: &str) -> (tempfile::TempDir, String, WorkerProc) {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = free_addr();
+    let worker = WorkerProc::start(
+        vh,
+        dir.path(),
+        node,
+        &[("CONCURRENCY", "1"), ("METRICS_ADDR", metrics.as_str())],
+    );
+    (dir, metrics, worker)
 }
 
 /// `node` stops consuming `small`; it still answers remote control.
@@ -81,22 +77,15 @@ fn a_redelivery_of_a_task_that_ended_on_another_node_is_acked_not_run() {
     let (vh, _dir, events, _first) = stack("redeliv-ended", &[("CONCURRENCY", "1")]);
     let first = "tester@redeliv-ended";
     let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &simulated(0.2), &[]);
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
     events.wait_task_event("task-succeeded", &id, T);
     stop_consuming(&vh, first);
     // The dispatcher's message comes again, and is redelivered (as after
     // a consumer_timeout, or a node killed after its final event).
-    send_task(&vh, "offliner.mwoffliner", &id, &simulated(0.2), &[]);
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
     take_and_drop(&vh, "small");
 
-    let dir2 = tempfile::tempdir().unwrap();
-    let metrics = free_addr();
-    let second = WorkerProc::start(
-        &vh,
-        dir2.path(),
-        "redeliv-ended-2",
-        &[("CONCURRENCY", "1"), ("METRICS_ADDR", metrics.as_str())],
-    );
+    let (_dir2, metrics, second) = second_node(&vh, "redeliv-ended-2");
     second.wait_log("the task ended on another node", T);
     vh.wait_queue_depth("small", 0, 0, T);
     std::thread::sleep(Duration::from_secs(1));
@@ -108,8 +97,8 @@ fn a_redelivery_of_a_task_that_ended_on_another_node_is_acked_not_run() {
         dump_task_events(&all)
     );
     assert_eq!(events.count("task-succeeded", &id), 1);
-    assert_eq!(held(&metrics, "ended_elsewhere"), 1.0);
-    assert_eq!(held(&metrics, "ran_here"), 0.0);
+    assert_eq!(redeliveries_held(&metrics, "ended_elsewhere"), 1.0);
+    assert_eq!(redeliveries_held(&metrics, "ran_here"), 0.0);
     assert!(second.log_text().contains("node=tester@redeliv-ended"));
 }
 
@@ -118,17 +107,10 @@ fn a_redelivery_nobody_runs_runs_here_after_the_grace() {
     let (vh, _dir, events, _first) = stack("redeliv-none", &[("CONCURRENCY", "1")]);
     stop_consuming(&vh, "tester@redeliv-none");
     let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &simulated(0.2), &[]);
+    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
     take_and_drop(&vh, "small");
 
-    let dir2 = tempfile::tempdir().unwrap();
-    let metrics = free_addr();
-    let second = WorkerProc::start(
-        &vh,
-        dir2.path(),
-        "redeliv-none-2",
-        &[("CONCURRENCY", "1"), ("METRICS_ADDR", metrics.as_str())],
-    );
+    let (_dir2, metrics, second) = second_node(&vh, "redeliv-none-2");
     second.wait_log("asking the farm", T);
     let asked = Instant::now();
     let done = events.wait_task_event("task-succeeded", &id, T);
@@ -139,7 +121,7 @@ fn a_redelivery_nobody_runs_runs_here_after_the_grace() {
         "asked for the whole grace before running: {waited:?}"
     );
     assert_eq!(events.count("task-started", &id), 1);
-    assert_eq!(held(&metrics, "ran_here"), 1.0);
+    assert_eq!(redeliveries_held(&metrics, "ran_here"), 1.0);
     assert!(
         second
             .log_text()

@@ -1076,3 +1076,24 @@ pub fn containers_of(node: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// The kwargs of an mwoffliner task the simulate runner runs for `seconds`.
+pub fn simulated_task(seconds: f64) -> Value {
+    json!({
+        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
+        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
+        "warehouse_path": "/wikipedia",
+        "simulate": {"sleep": seconds},
+    })
+}
+
+/// `zimfarm_worker_redeliveries_held_total` of the node serving metrics at
+/// `metrics`, for one verdict (0 before the first).
+pub fn redeliveries_held(metrics: &str, verdict: &str) -> f64 {
+    sample(
+        &scrape(metrics),
+        "zimfarm_worker_redeliveries_held_total",
+        &[("verdict", verdict)],
+    )
+    .unwrap_or(0.0)
+}

@@ -354,6 +354,9 @@ async fn resume_after(cut: impl FnOnce(&Sshd, &ThrottleProxy) + Send + 'static) 
     let size = 200 * 1000 * 1000;
     write_noise(&local, size, 11);
     let item = UploadItem::output(local.clone(), "/resume", "resume me.bin");
+    let alive_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
 
     // The fixtures block: run them off the runtime.
@@ -386,6 +389,29 @@ async fn resume_after(cut: impl FnOnce(&Sshd, &ThrottleProxy) + Send + 'static) 
     let remote = sshd.chroot().join("zim/resume/resume me.bin");
     assert_eq!(sha256(&remote), sha256(&local));
     assert!(tmp_files(sshd.chroot()).is_empty());
+    // The cut connection's tasks (russh's session, russh-sftp's reader and
+    // writer) end with it; a writer left waiting for window space would
+    // hold every write queued behind it for the life of the worker.
+    let alive = wait_alive_tasks(alive_before, Duration::from_secs(10)).await;
+    assert!(
+        alive <= alive_before,
+        "{alive} tasks alive 10 s after the upload ended, {alive_before} before it: \
+         the cut connection left tasks behind"
+    );
+}
+
+/// Waits until at most `target` tasks are alive on this runtime, or
+/// `timeout`; returns how many are.
+async fn wait_alive_tasks(target: usize, timeout: Duration) -> usize {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let alive = metrics.num_alive_tasks();
+        if alive <= target || Instant::now() >= deadline {
+            return alive;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

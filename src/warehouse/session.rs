@@ -5,13 +5,18 @@
 //! what to upload.
 
 use std::borrow::Cow;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use russh::client::{self, AuthResult};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Disconnect, Preferred, cipher};
 use russh_sftp::client::SftpSession;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::WarehouseError;
 use super::keys::{ClientKey, HostKeyError, HostKeyTrust};
@@ -189,7 +194,8 @@ impl Connection {
             request_timeout_secs: SFTP_REQUEST_TIMEOUT_SECS,
             ..Default::default()
         };
-        let sftp = SftpSession::new_with_config(channel.into_stream(), sftp_config)
+        let stream = EndsWithTheConnection::new(channel.into_stream());
+        let sftp = SftpSession::new_with_config(stream, sftp_config)
             .await
             .map_err(|e| WarehouseError::Sftp {
                 operation: "start",
@@ -211,5 +217,205 @@ impl Connection {
             .handle
             .disconnect(Disconnect::ByApplication, "upload done", "en")
             .await;
+    }
+}
+
+/// The SFTP byte stream over the session channel, made to fail writes once
+/// the connection is gone.
+///
+/// russh's channel writer (0.65) waits for window space without watching
+/// the connection: when the connection dies while the window is spent,
+/// which is the usual state in the middle of an upload, it waits forever,
+/// and russh-sftp's writer task with it, holding every write queued behind
+/// it (up to SFTP_WRITES_IN_FLIGHT × SFTP_WRITE_LEN = 16 MiB) for the life
+/// of the process: the soak measured about 11 MiB more RSS after each cut
+/// upload. The read side does see the end (EOF or an error), so from then
+/// on writes fail with `BrokenPipe`, and a write already waiting is woken.
+struct EndsWithTheConnection<S> {
+    inner: S,
+    gone: Arc<Gone>,
+}
+
+/// Set by the read side at EOF or on a read error.
+#[derive(Default)]
+struct Gone {
+    flag: AtomicBool,
+    waiting_writer: Mutex<Option<Waker>>,
+}
+
+impl Gone {
+    fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        if let Some(waker) = self.waiting_writer.lock().expect("waker lock").take() {
+            waker.wake();
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Registers the writer's waker, then reports whether the stream is
+    /// gone (checked after registering, so a `set` in between is seen).
+    fn watch(&self, cx: &Context<'_>) -> bool {
+        *self.waiting_writer.lock().expect("waker lock") = Some(cx.waker().clone());
+        self.is_set()
+    }
+}
+
+fn connection_gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the SSH connection to the warehouse is gone",
+    )
+}
+
+impl<S> EndsWithTheConnection<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            gone: Arc::default(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for EndsWithTheConnection<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let asked = buf.remaining() > 0;
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Err(_)) => self.gone.set(),
+            Poll::Ready(Ok(())) if asked && buf.filled().len() == before => self.gone.set(),
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for EndsWithTheConnection<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.gone.watch(cx) {
+            return Poll::Ready(Err(connection_gone()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.gone.watch(cx) {
+            return Poll::Ready(Err(connection_gone()));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.gone.watch(cx) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A channel whose window is spent for good (writes never proceed)
+    /// and whose read side ends when `closed` is set: what russh's channel
+    /// stream looks like once its connection died mid-upload.
+    struct Spent {
+        closed: Arc<AtomicBool>,
+        reader: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl AsyncRead for Spent {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.closed.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            *self.reader.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Spent {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_waiting_for_window_fails_once_the_connection_ends() {
+        let closed = Arc::new(AtomicBool::new(false));
+        let reader = Arc::new(Mutex::new(None::<Waker>));
+        let stream = EndsWithTheConnection::new(Spent {
+            closed: closed.clone(),
+            reader: reader.clone(),
+        });
+        // As russh-sftp uses it: one task reads, one writes.
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move { wr.write_all(&[7u8; 1024]).await });
+        let reading = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            rd.read(&mut byte).await
+        });
+
+        // While the connection lives, the write waits, as it should.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!writer.is_finished(), "the write did not wait for window");
+
+        closed.store(true, Ordering::Release);
+        if let Some(w) = reader.lock().unwrap().take() {
+            w.wake();
+        }
+        assert_eq!(reading.await.unwrap().unwrap(), 0, "the read side ends");
+        let written = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the waiting write was never woken")
+            .unwrap();
+        let error = written.expect_err("a write after the end succeeded");
+        assert_eq!(error.kind(), io::ErrorKind::BrokenPipe);
+        assert!(error.to_string().contains("warehouse is gone"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn bytes_pass_through_unchanged_both_ways() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut stream = EndsWithTheConnection::new(near);
+        stream.write_all(b"sftp packet").await.unwrap();
+        let mut got = [0u8; 11];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"sftp packet");
+        far.write_all(b"reply").await.unwrap();
+        let mut back = [0u8; 5];
+        stream.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"reply");
+        // An empty read buffer is not the end of the stream.
+        let mut none = [0u8; 0];
+        assert_eq!(stream.read(&mut none).await.unwrap(), 0);
+        stream.write_all(b"more").await.unwrap();
     }
 }

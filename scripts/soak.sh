@@ -12,8 +12,9 @@
 # what the scraper wrote, RSS and open descriptors of each worker life, and a
 # last `N passed, M failed` line (exit 1 when a check failed). soak-d1 is
 # never killed, so that one worker life spans the soak: its RSS and open
-# descriptors, taken once the warm-up tasks ended and again after the drain
-# (both idle moments), are the ones judged.
+# descriptors, taken once the warm-up tasks ended and each worker's broker
+# connection was cut once, and again after the drain (both idle moments),
+# are the ones judged; the descriptors that grew are named by kind.
 #
 # Usage: scripts/soak.sh
 #   SOAK_SECONDS   how long tasks are sent and faults injected (default 600)

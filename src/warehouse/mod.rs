@@ -7,6 +7,7 @@
 //! `/logs`). It must not know about Docker, Celery or the task dir: it is
 //! given local paths and remote names and reports what it did.
 
+pub mod journal;
 mod keys;
 mod known_hosts;
 mod session;

@@ -589,7 +589,6 @@ class Soak:
             w.wait_consuming(times=2)
         time.sleep(3)
         for w in self.workers:
-            w.life.start = None
             w.life.sample_start()
         print(f"==> {len(self.workers)} workers up and warm; sending tasks and injecting faults for {opts.seconds} s")
         injector = threading.Thread(target=self.inject, daemon=True)

@@ -7,7 +7,6 @@
 use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -231,36 +230,15 @@ impl Connection {
 /// of the process: the soak measured about 11 MiB more RSS after each cut
 /// upload. The read side does see the end (EOF or an error), so from then
 /// on writes fail with `BrokenPipe`, and a write already waiting is woken.
+///
+/// The two halves russh-sftp splits it into (`tokio::io::split`) poll it
+/// one at a time under split's lock, so plain fields are enough.
 struct EndsWithTheConnection<S> {
     inner: S,
-    gone: Arc<Gone>,
-}
-
-/// Set by the read side at EOF or on a read error.
-#[derive(Default)]
-struct Gone {
-    flag: AtomicBool,
-    waiting_writer: Mutex<Option<Waker>>,
-}
-
-impl Gone {
-    fn set(&self) {
-        self.flag.store(true, Ordering::Release);
-        if let Some(waker) = self.waiting_writer.lock().expect("waker lock").take() {
-            waker.wake();
-        }
-    }
-
-    fn is_set(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
-    }
-
-    /// Registers the writer's waker, then reports whether the stream is
-    /// gone (checked after registering, so a `set` in between is seen).
-    fn watch(&self, cx: &Context<'_>) -> bool {
-        *self.waiting_writer.lock().expect("waker lock") = Some(cx.waker().clone());
-        self.is_set()
-    }
+    /// Set by the read side at EOF or on a read error.
+    gone: bool,
+    /// The writer's waker, woken when `gone` is set.
+    waiting_writer: Option<Waker>,
 }
 
 fn connection_gone() -> io::Error {
@@ -274,8 +252,22 @@ impl<S> EndsWithTheConnection<S> {
     fn new(inner: S) -> Self {
         Self {
             inner,
-            gone: Arc::default(),
+            gone: false,
+            waiting_writer: None,
         }
+    }
+
+    fn set_gone(&mut self) {
+        self.gone = true;
+        if let Some(waker) = self.waiting_writer.take() {
+            waker.wake();
+        }
+    }
+
+    /// Remembers the writer's waker; reports whether the stream is gone.
+    fn watch(&mut self, cx: &Context<'_>) -> bool {
+        self.waiting_writer = Some(cx.waker().clone());
+        self.gone
     }
 }
 
@@ -289,8 +281,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for EndsWithTheConnection<S> {
         let asked = buf.remaining() > 0;
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         match &polled {
-            Poll::Ready(Err(_)) => self.gone.set(),
-            Poll::Ready(Ok(())) if asked && buf.filled().len() == before => self.gone.set(),
+            Poll::Ready(Err(_)) => self.set_gone(),
+            Poll::Ready(Ok(())) if asked && buf.filled().len() == before => self.set_gone(),
             _ => {}
         }
         polled
@@ -303,21 +295,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EndsWithTheConnection<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.gone.watch(cx) {
+        if self.watch(cx) {
             return Poll::Ready(Err(connection_gone()));
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.gone.watch(cx) {
+        if self.watch(cx) {
             return Poll::Ready(Err(connection_gone()));
         }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.gone.watch(cx) {
+        if self.watch(cx) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_shutdown(cx)
@@ -327,6 +319,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for EndsWithTheConnection<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A channel whose window is spent for good (writes never proceed)

@@ -396,6 +396,7 @@ fn child() {
         host_key_pins: Vec::new(),
         // One attempt: a retry would make the figure meaningless.
         upload_retries: 0,
+        upload_streams: zimfarm_worker::config::UploadStreams::Fixed(1),
     };
     let local = PathBuf::from(var("BENCH_UPLOAD_FILE"));
     let name = var("BENCH_UPLOAD_NAME");

@@ -197,7 +197,23 @@ pub struct WarehouseSettings {
     /// Attempts in a row that make no progress before an upload fails for
     /// good (each waits longer before the next).
     pub upload_retries: u32,
+    /// SSH connections a large file is written over at once.
+    pub upload_streams: UploadStreams,
 }
+
+/// How many SSH connections (each with one SFTP session) one file is
+/// written over: OpenSSH's server gives a session 2 MiB of window per round
+/// trip, so a far warehouse needs several to fill the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadStreams {
+    /// Chosen per file from the measured round trip and the file's size.
+    Auto,
+    /// This many (1 to [`MAX_UPLOAD_STREAMS`]), fewer for small files.
+    Fixed(u8),
+}
+
+/// The most SSH connections one upload opens.
+pub const MAX_UPLOAD_STREAMS: u8 = 16;
 
 /// The Zimfarm dispatcher's API and the account to log in with.
 #[derive(Debug, Clone)]
@@ -367,6 +383,7 @@ struct RawEnv {
     warehouse_known_hosts: Option<String>,
     warehouse_host_key: Option<String>,
     upload_retries: Option<String>,
+    upload_streams: Option<String>,
     zim_dir: Option<String>,
     shutdown_grace: Option<String>,
     max_message_bytes: Option<String>,
@@ -410,7 +427,7 @@ pub const DEFAULT_CONTAINER_LOG_MAX_MB: u64 = 50;
 pub const CONTAINER_LOG_FILES: u32 = 5;
 
 impl RawEnv {
-    const NAMES: [&'static str; 32] = [
+    const NAMES: [&'static str; 33] = [
         "USERNAME",
         "PASSWORD",
         "WORKING_DIR",
@@ -428,6 +445,7 @@ impl RawEnv {
         "WAREHOUSE_KNOWN_HOSTS",
         "WAREHOUSE_HOST_KEY",
         "UPLOAD_RETRIES",
+        "UPLOAD_STREAMS",
         "ZIM_DIR",
         "SHUTDOWN_GRACE",
         "MAX_MESSAGE_BYTES",
@@ -592,6 +610,22 @@ impl RawEnv {
             None => DEFAULT_UPLOAD_RETRIES,
             Some(v) => parse_bounded("UPLOAD_RETRIES", &v, 0, 1000)? as u32,
         };
+        let upload_streams = match non_empty(self.upload_streams.clone()) {
+            None => UploadStreams::Auto,
+            Some(v) if v.trim().eq_ignore_ascii_case("auto") => UploadStreams::Auto,
+            Some(v) => match v.trim().parse::<u8>() {
+                Ok(n) if (1..=MAX_UPLOAD_STREAMS).contains(&n) => UploadStreams::Fixed(n),
+                _ => {
+                    return Err(ConfigError::new(
+                        "UPLOAD_STREAMS",
+                        format!(
+                            "is {v:?}; expected `auto` or a number of SSH connections from 1 \
+                             to {MAX_UPLOAD_STREAMS} (unset it for `auto`)"
+                        ),
+                    ));
+                }
+            },
+        };
         Ok(WarehouseSettings {
             host,
             port,
@@ -600,6 +634,7 @@ impl RawEnv {
             known_hosts,
             host_key_pins,
             upload_retries,
+            upload_streams,
         })
     }
 
@@ -1111,6 +1146,7 @@ mod tests {
         );
         assert!(c.warehouse.host_key_pins.is_empty());
         assert_eq!(c.warehouse.upload_retries, DEFAULT_UPLOAD_RETRIES);
+        assert_eq!(c.warehouse.upload_streams, UploadStreams::Auto);
     }
 
     #[test]
@@ -1124,19 +1160,32 @@ mod tests {
             ("WAREHOUSE_KNOWN_HOSTS", "/etc/kh"),
             ("WAREHOUSE_HOST_KEY", pins.as_str()),
             ("UPLOAD_RETRIES", "0"),
+            ("UPLOAD_STREAMS", "16"),
         ]);
         let c = load(&vars).unwrap();
+        assert_eq!(c.warehouse.upload_streams, UploadStreams::Fixed(16));
         assert_eq!(c.warehouse.port, 2222);
         assert_eq!(c.warehouse.known_hosts, PathBuf::from("/etc/kh"));
         assert_eq!(c.warehouse.host_key_pins.len(), 2);
         assert_eq!(c.warehouse.host_key_pins[0], pin);
         assert_eq!(c.warehouse.upload_retries, 0);
+        for auto in ["auto", " AUTO ", ""] {
+            let mut vars = base();
+            vars.push(("UPLOAD_STREAMS", auto));
+            assert_eq!(
+                load(&vars).unwrap().warehouse.upload_streams,
+                UploadStreams::Auto
+            );
+        }
         for (var, value) in [
             ("WAREHOUSE_HOST_KEY", "MD5:aa:bb"),
             ("WAREHOUSE_HOST_KEY", "SHA256:short"),
             ("WAREHOUSE_KNOWN_HOSTS", "relative/kh"),
             ("UPLOAD_RETRIES", "-1"),
             ("UPLOAD_RETRIES", "many"),
+            ("UPLOAD_STREAMS", "0"),
+            ("UPLOAD_STREAMS", "17"),
+            ("UPLOAD_STREAMS", "fast"),
         ] {
             let mut vars = base();
             vars.push((var, value));

@@ -151,6 +151,8 @@ pub struct Metrics {
     tasks: Family<TaskLabels, Counter>,
     stages: Family<StageLabels, Histogram, fn() -> Histogram>,
     uploaded_bytes: Counter,
+    upload_streams: Gauge,
+    upload_stream_retries: Counter,
     active_tasks: Gauge,
     broker_connected: Gauge,
     broker_reconnects: Counter,
@@ -183,6 +185,8 @@ impl Metrics {
         let stages: Family<StageLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(stage_histogram);
         let uploaded_bytes = Counter::default();
+        let upload_streams = Gauge::default();
+        let upload_stream_retries = Counter::default();
         let active_tasks = Gauge::default();
         let broker_connected = Gauge::default();
         let broker_reconnects = Counter::default();
@@ -209,8 +213,18 @@ impl Metrics {
         );
         registry.register(
             "uploaded_bytes",
-            "Bytes written to the warehouse, over every attempt",
+            "Bytes the warehouse confirmed writing, over every attempt",
             uploaded_bytes.clone(),
+        );
+        registry.register(
+            "upload_streams",
+            "SSH connections writing the file being uploaded now",
+            upload_streams.clone(),
+        );
+        registry.register(
+            "upload_stream_retries",
+            "Upload streams that broke and reconnected on their own while the others went on",
+            upload_stream_retries.clone(),
         );
         registry.register(
             "active_tasks",
@@ -266,6 +280,8 @@ impl Metrics {
             tasks,
             stages,
             uploaded_bytes,
+            upload_streams,
+            upload_stream_retries,
             active_tasks,
             broker_connected,
             broker_reconnects,
@@ -307,6 +323,14 @@ impl Metrics {
                 stage: stage.label(),
             })
             .observe(seconds);
+    }
+
+    pub fn upload_streams(&self, streams: usize) {
+        self.upload_streams.set(streams as i64);
+    }
+
+    pub fn upload_stream_retry(&self) {
+        self.upload_stream_retries.inc();
     }
 
     pub fn uploaded(&self, bytes: u64) {

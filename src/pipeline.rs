@@ -242,6 +242,7 @@ impl DockerRunner {
             .iter()
             .map(|f| {
                 UploadItem::output(dirs.local_task.join(&f.name), &plan.warehouse_path, &f.name)
+                    .with_journal(dirs.local_task.join(journal_name(&f.name)))
             })
             .collect();
         if let Some(log) = &generated.log {
@@ -1046,6 +1047,13 @@ async fn compress_log(path: PathBuf) -> String {
         }
         Err(_) => plain_name,
     }
+}
+
+/// The upload journal of output `name`, in the task dir: hidden from
+/// [`produced_files`] by its `.zimfarm-` prefix, and of fixed length
+/// whatever the name's.
+fn journal_name(name: &str) -> String {
+    format!(".zimfarm-upload-{:x}.json", md5::compute(name.as_bytes()))
 }
 
 /// The files the offliner produced: regular files at the top of the task

@@ -7,6 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::ThrottleProxy;
@@ -26,6 +27,7 @@ fn settings(sshd: &Sshd, key: PathBuf, port: u16, known_hosts: PathBuf) -> Wareh
         known_hosts,
         host_key_pins: Vec::new(),
         upload_retries: 3,
+        upload_streams: zimfarm_worker::config::UploadStreams::Auto,
     }
 }
 
@@ -376,11 +378,9 @@ async fn resume_after(cut: impl FnOnce(&Sshd, &ThrottleProxy) + Send + 'static) 
         .unwrap()
         .unwrap();
     let report = &reports[0];
-    assert!(
-        report.resumed_from >= 40_000_000,
-        "did not resume: {report:?}"
-    );
-    assert_eq!(report.bytes_sent, size - report.resumed_from);
+    // Nothing was there at the start, and every byte was confirmed once.
+    assert_eq!(report.resumed_from, 0, "{report:?}");
+    assert_eq!(report.bytes_sent, size, "{report:?}");
     let after = proxy.bytes_up();
     assert!(
         after < size - 40_000_000,
@@ -532,4 +532,209 @@ async fn a_cancelled_upload_stops_and_keeps_the_partial_file() {
     assert!(started.elapsed() < Duration::from_secs(2));
     drop(proxy);
     assert!(!sshd.chroot().join("zim/c/c.bin").exists());
+}
+
+/// A client of `sshd` through `proxy` writing over `streams` connections.
+async fn streams_client(sshd: &Sshd, proxy: &ThrottleProxy, streams: u8) -> Warehouse {
+    let mut s = settings(
+        sshd,
+        sshd.user_key(KeyKind::Ed25519),
+        proxy.port(),
+        sshd.known_hosts_file_for_port(proxy.port()),
+    );
+    s.upload_retries = 6;
+    s.upload_streams = zimfarm_worker::config::UploadStreams::Fixed(streams);
+    Warehouse::new(s)
+        .await
+        .unwrap()
+        .with_first_backoff(Duration::from_millis(50))
+}
+
+/// The ranges an upload journal claims, as `(start, end)` pairs.
+fn journal_ranges(path: &Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read(path).expect("the journal is there");
+    let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    v["confirmed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect()
+}
+
+/// Log lines written while `f` runs on this (current-thread) runtime.
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || LogCapture(writer.clone()))
+        .finish();
+    (buf, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn four_streams_cut_at_random_points_still_deliver_every_byte() {
+    let sshd = Sshd::start();
+    // 8 MB/s in all: 64 MiB takes about 8 s, long enough for 20 cuts.
+    let proxy = Arc::new(ThrottleProxy::with_rate(&sshd.addr(), 8_000_000));
+    let w = streams_client(&sshd, &proxy, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("striped.bin");
+    let size = 64 << 20;
+    write_noise(&local, size, 23);
+    let journal = dir.path().join(".journal.json");
+    let item =
+        UploadItem::output(local.clone(), "/striped", "striped.bin").with_journal(journal.clone());
+    let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
+
+    let cutter = {
+        let proxy = proxy.clone();
+        tokio::task::spawn_blocking(move || {
+            // A fixed seed: the same cuts each run.
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut cuts = 0;
+            proxy.wait_bytes_up(1 << 20, Duration::from_secs(30));
+            while cuts < 24 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                std::thread::sleep(Duration::from_millis(100 + x % 200));
+                if proxy.active_connections() >= 2 && proxy.cut_one(x as usize) {
+                    cuts += 1;
+                }
+                if proxy.bytes_up() > size {
+                    break;
+                }
+            }
+            cuts
+        })
+    };
+    let reports = tokio::time::timeout(Duration::from_secs(120), task)
+        .await
+        .expect("the upload did not finish")
+        .unwrap()
+        .expect("the upload failed");
+    let cuts = cutter.await.unwrap();
+    assert!(cuts >= 20, "only {cuts} cuts landed before the end");
+    assert_eq!(reports[0].bytes_sent, size, "{:?}", reports[0]);
+    assert!(
+        proxy.connections() >= 4 + cuts / 2,
+        "{} connections for {cuts} cuts: the streams did not reconnect",
+        proxy.connections()
+    );
+    let remote = sshd.chroot().join("zim/striped/striped.bin");
+    assert_eq!(sha256(&remote), sha256(&local));
+    assert!(tmp_files(sshd.chroot()).is_empty());
+    assert!(!journal.exists(), "the journal outlived the upload");
+}
+
+#[tokio::test]
+async fn a_warehouse_that_takes_two_connections_gets_the_file_over_two() {
+    let (logs, _guard) = capture_logs();
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::with_rate(&sshd.addr(), 40_000_000);
+    proxy.set_max_active(2);
+    let w = streams_client(&sshd, &proxy, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("two.bin");
+    let size = 64 << 20;
+    write_noise(&local, size, 29);
+    let item = UploadItem::output(local.clone(), "/two", "two.bin")
+        .with_journal(dir.path().join(".journal.json"));
+    let reports = w.upload(&[item], &CancellationToken::new()).await.unwrap();
+    assert_eq!(reports[0].bytes_sent, size);
+    assert_eq!(
+        proxy.refused(),
+        2,
+        "the two extra connections were not refused"
+    );
+    assert_eq!(
+        sha256(&sshd.chroot().join("zim/two/two.bin")),
+        sha256(&local)
+    );
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("took 2 of 4 connections; uploading over 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn the_journal_never_claims_a_write_whose_status_did_not_come_back() {
+    let sshd = Sshd::start();
+    let proxy = Arc::new(ThrottleProxy::with_rate(&sshd.addr(), 8_000_000));
+    let mut s = settings(
+        &sshd,
+        sshd.user_key(KeyKind::Ed25519),
+        proxy.port(),
+        sshd.known_hosts_file_for_port(proxy.port()),
+    );
+    // One failure ends the stream: what is on disk afterwards is what the
+    // journal said at the cut.
+    s.upload_retries = 0;
+    s.upload_streams = zimfarm_worker::config::UploadStreams::Fixed(2);
+    let w = Warehouse::new(s).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("stall.bin");
+    let size = 64 << 20;
+    write_noise(&local, size, 31);
+    let journal = dir.path().join(".journal.json");
+    let item =
+        UploadItem::output(local.clone(), "/stall", "stall.bin").with_journal(journal.clone());
+    let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
+    {
+        let proxy = proxy.clone();
+        tokio::task::spawn_blocking(move || {
+            proxy.wait_bytes_up(20 << 20, Duration::from_secs(30));
+            // Writes are sent, none reaches the server; the statuses of
+            // those that did still come back. Long enough for the journal's
+            // time-based save, then the link is cut.
+            proxy.hold();
+            std::thread::sleep(Duration::from_millis(2500));
+            proxy.cut();
+            proxy.block();
+            proxy.release();
+        })
+        .await
+        .unwrap();
+    }
+    let result = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the upload did not end")
+        .unwrap();
+    assert!(result.is_err(), "the upload finished through a dead link");
+    let claimed = journal_ranges(&journal);
+    let covered: u64 = claimed.iter().map(|(s, e)| e - s).sum();
+    assert!(covered > 0, "nothing claimed: the test did not get going");
+    assert!(covered < size);
+    let want = std::fs::read(&local).unwrap();
+    let got = std::fs::read(sshd.chroot().join("zim/stall/stall.bin.tmp")).unwrap();
+    for (start, end) in claimed {
+        let (start, end) = (start as usize, end as usize);
+        assert!(
+            end <= got.len(),
+            "claims {start}..{end}, the server has {} bytes",
+            got.len()
+        );
+        assert!(
+            got[start..end] == want[start..end],
+            "the journal claims {start}..{end}, which the server does not have"
+        );
+    }
 }

@@ -60,6 +60,11 @@ impl Ranges {
             .is_some_and(|&(s, e)| s <= range.start && range.end <= e)
     }
 
+    /// Where the last range ends (0 when there is none).
+    pub fn end(&self) -> u64 {
+        self.0.last().map_or(0, |&(_, e)| e)
+    }
+
     /// Bytes covered.
     pub fn covered(&self) -> u64 {
         self.0.iter().map(|&(s, e)| e - s).sum()

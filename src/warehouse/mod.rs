@@ -11,6 +11,7 @@ pub mod journal;
 mod keys;
 mod known_hosts;
 mod session;
+mod streams;
 mod upload;
 pub mod zim;
 
@@ -37,7 +38,7 @@ pub const LOGS_DIR: &str = "/logs";
 pub const TMP_SUFFIX: &str = ".tmp";
 /// First wait after a failed attempt; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// What went wrong talking to the warehouse.
 #[derive(Debug, Error)]
@@ -175,9 +176,12 @@ impl Warehouse {
     /// Connects, checks the host key, logs in and starts SFTP, then says
     /// goodbye: the start-up check that the warehouse will take our files.
     pub async fn probe(&self) -> Result<(), WarehouseError> {
-        let conn = Connection::open(&self.settings, &self.key, &self.trust).await?;
-        conn.close().await;
+        self.connect().await?.close().await;
         Ok(())
+    }
+
+    async fn connect(&self) -> Result<Connection, WarehouseError> {
+        Connection::open(&self.settings, &self.key, &self.trust).await
     }
 
     /// Uploads every item, in order, over one connection; reconnects and
@@ -211,10 +215,10 @@ impl Warehouse {
         loop {
             let before = (reports.len(), progress.sent());
             let attempt = async {
-                let conn = Connection::open(&self.settings, &self.key, &self.trust).await?;
+                let mut conn = self.connect().await?;
                 while reports.len() < items.len() {
                     let item = &items[reports.len()];
-                    let report = upload_one(conn.sftp(), item, &mut progress).await?;
+                    let report = upload_one(self, &mut conn, item, &mut progress).await?;
                     reports.push(report);
                 }
                 conn.close().await;

@@ -9,12 +9,16 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use russh::client::{self, AuthResult};
 use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Disconnect, Preferred, cipher};
-use russh_sftp::client::SftpSession;
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::client::error::Error as SftpError;
+use russh_sftp::client::rawsession::Limits;
+use russh_sftp::extensions;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::WarehouseError;
@@ -38,12 +42,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long one SFTP request may wait for its answer.
 const SFTP_REQUEST_TIMEOUT_SECS: u64 = 60;
-/// SFTP writes in flight at once. OpenSSH's `sftp` keeps 64 × 32 KiB; with
-/// bigger writes as many requests cover round trips of 50 ms and more.
-const SFTP_WRITES_IN_FLIGHT: usize = 64;
-/// Largest SFTP write; OpenSSH's server takes up to 255 KiB
-/// (`limits@openssh.com`), and russh-sftp clamps to what it announces.
-const SFTP_WRITE_LEN: u32 = 256 * 1024;
+/// Largest SFTP write asked for; OpenSSH's server takes up to 255 KiB and
+/// says so (`limits@openssh.com`), and a server that announces less gets
+/// what it announces.
+const SFTP_WRITE_LEN: usize = 255 * 1024;
 
 /// The russh handler: checks the host key, remembers why it refused one.
 struct Handler {
@@ -81,7 +83,20 @@ impl client::Handler for Handler {
 /// A logged-in connection with SFTP ready.
 pub(super) struct Connection {
     handle: client::Handle<Handler>,
-    sftp: SftpSession,
+    sftp: Sftp,
+    /// The SFTP version exchange's round trip: the link's delay.
+    rtt: Duration,
+}
+
+/// The SFTP session of a connection, cheap to clone: the requests the
+/// upload makes, each answered by its own status.
+#[derive(Clone)]
+pub(super) struct Sftp {
+    raw: Arc<RawSftpSession>,
+    /// The largest write the server takes.
+    write_len: usize,
+    /// Whether the server has `fsync@openssh.com`.
+    fsync: bool,
 }
 
 fn ssh(context: &'static str) -> impl Fn(russh::Error) -> WarehouseError {
@@ -188,34 +203,142 @@ impl Connection {
             .await
             .map_err(ssh("starting the sftp subsystem"))?;
         let sftp_config = russh_sftp::client::Config {
-            max_concurrent_writes: SFTP_WRITES_IN_FLIGHT,
-            max_write_packet_len: SFTP_WRITE_LEN,
             request_timeout_secs: SFTP_REQUEST_TIMEOUT_SECS,
             ..Default::default()
         };
+        let start_failed = |e: SftpError| WarehouseError::Sftp {
+            operation: "start",
+            path: addr.clone(),
+            detail: e.to_string(),
+        };
         let stream = EndsWithTheConnection::new(channel.into_stream());
-        let sftp = SftpSession::new_with_config(stream, sftp_config)
-            .await
-            .map_err(|e| WarehouseError::Sftp {
-                operation: "start",
-                path: addr.clone(),
-                detail: e.to_string(),
-            })?;
-        tracing::debug!(%addr, user = %settings.username, "connected to the warehouse");
-        Ok(Self { handle, sftp })
+        let mut raw = RawSftpSession::new_with_config(stream, sftp_config);
+        let asked = Instant::now();
+        let version = raw.init().await.map_err(start_failed)?;
+        let rtt = asked.elapsed();
+        let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
+        let mut write_len = SFTP_WRITE_LEN;
+        if has(extensions::LIMITS) {
+            let limits = Limits::from(raw.limits().await.map_err(start_failed)?);
+            if let Some(len) = limits.write_len {
+                write_len = write_len.min(usize::try_from(len).unwrap_or(usize::MAX));
+            }
+            raw.set_limits(limits);
+        }
+        let sftp = Sftp {
+            raw: Arc::new(raw),
+            write_len: write_len.max(1),
+            fsync: has(extensions::FSYNC),
+        };
+        tracing::debug!(%addr, user = %settings.username, rtt_ms = rtt.as_secs_f64() * 1e3, "connected to the warehouse");
+        Ok(Self { handle, sftp, rtt })
     }
 
-    pub(super) fn sftp(&self) -> &SftpSession {
+    pub(super) fn sftp(&self) -> &Sftp {
         &self.sftp
+    }
+
+    /// The round trip measured while starting SFTP.
+    pub(super) fn rtt(&self) -> Duration {
+        self.rtt
+    }
+
+    /// Whether the SSH connection has ended.
+    pub(super) fn is_closed(&self) -> bool {
+        self.handle.is_closed()
     }
 
     /// Ends the SFTP session and the connection politely.
     pub(super) async fn close(self) {
-        let _ = self.sftp.close().await;
+        let _ = self.sftp.raw.close_session();
         let _ = self
             .handle
             .disconnect(Disconnect::ByApplication, "upload done", "en")
             .await;
+    }
+}
+
+impl Sftp {
+    /// The largest write the server takes.
+    pub(super) fn write_len(&self) -> usize {
+        self.write_len
+    }
+
+    /// The size of `path`, or `None` when it does not exist.
+    pub(super) async fn size(&self, path: &str) -> Result<Option<u64>, SftpError> {
+        match self.raw.stat(path).await {
+            Ok(attrs) => Ok(Some(attrs.attrs.size.unwrap_or(0))),
+            Err(SftpError::Status(s)) if s.status_code == StatusCode::NoSuchFile => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `path` is there and a directory; `None` when it is absent.
+    pub(super) async fn is_dir(&self, path: &str) -> Result<Option<bool>, SftpError> {
+        match self.raw.stat(path).await {
+            Ok(attrs) => Ok(Some(attrs.attrs.is_dir())),
+            Err(SftpError::Status(s)) if s.status_code == StatusCode::NoSuchFile => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(super) async fn mkdir(&self, path: &str) -> Result<(), SftpError> {
+        self.raw.mkdir(path, FileAttributes::default()).await?;
+        Ok(())
+    }
+
+    pub(super) async fn rename(&self, from: &str, to: &str) -> Result<(), SftpError> {
+        self.raw.rename(from, to).await?;
+        Ok(())
+    }
+
+    pub(super) async fn remove(&self, path: &str) -> Result<(), SftpError> {
+        self.raw.remove(path).await?;
+        Ok(())
+    }
+
+    /// Opens `path` for writing: created when absent, emptied when
+    /// `truncate`, else left as it is (other streams write other ranges).
+    pub(super) async fn open_for_write(
+        &self,
+        path: &str,
+        create: bool,
+        truncate: bool,
+    ) -> Result<String, SftpError> {
+        let mut flags = OpenFlags::WRITE;
+        if create {
+            flags |= OpenFlags::CREATE;
+        }
+        if truncate {
+            flags |= OpenFlags::TRUNCATE;
+        }
+        let handle = self
+            .raw
+            .open(path, flags, FileAttributes::default())
+            .await?;
+        Ok(handle.handle)
+    }
+
+    /// Writes `data` at `offset`; returns once the server's status says
+    /// it is written.
+    pub(super) async fn write(
+        &self,
+        handle: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), SftpError> {
+        self.raw.write(handle, offset, data.to_vec()).await?;
+        Ok(())
+    }
+
+    /// Syncs the file to the server's disk where the server can, then
+    /// closes the handle.
+    pub(super) async fn finish(&self, handle: &str) -> Result<(), SftpError> {
+        if self.fsync {
+            self.raw.fsync(handle).await?;
+        }
+        self.raw.close(handle).await?;
+        Ok(())
     }
 }
 
@@ -226,7 +349,7 @@ impl Connection {
 /// the connection: when the connection dies while the window is spent,
 /// which is the usual state in the middle of an upload, it waits forever,
 /// and russh-sftp's writer task with it, holding every write queued behind
-/// it (up to SFTP_WRITES_IN_FLIGHT × SFTP_WRITE_LEN = 16 MiB) for the life
+/// it (then up to 16 MiB with 64 writes of 256 KiB in flight) for the life
 /// of the process: the soak measured about 11 MiB more RSS after each cut
 /// upload. The read side does see the end (EOF or an error), so from then
 /// on writes fail with `BrokenPipe`, and a write already waiting is woken.

@@ -5,26 +5,36 @@
 //! Owns the remote file protocol and the local reading. It must not
 //! connect, retry or decide which files a task uploads.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use russh_sftp::client::SftpSession;
-use russh_sftp::client::error::Error as SftpError;
-use russh_sftp::protocol::{OpenFlags, StatusCode};
 use serde::Serialize;
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::zim::{ZimChecksum, ZimError, is_zim_name};
-use super::{LOGS_DIR, TMP_SUFFIX, WarehouseError, ZIM_ROOT};
+use super::journal::{FileId, Found, Journal, JournalError, Ranges};
+use super::session::{Connection, Sftp};
+use super::streams::{Event, ReadEnd, STAGGER, Shared, run_stream, spawn_reader};
+use super::zim::{ZimError, is_zim_name};
+use super::{LOGS_DIR, TMP_SUFFIX, Warehouse, WarehouseError, ZIM_ROOT};
+use crate::config::{MAX_UPLOAD_STREAMS, UploadStreams};
 
-/// Bytes read from disk and handed to SFTP at a time.
-const CHUNK: usize = 1 << 20;
-/// Chunks read ahead of the network (the reader thread hashes meanwhile).
-const READ_AHEAD: usize = 8;
 /// How often a progress line is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The link `auto` sizes the streams for: 1 Gbit/s. On a slower link the
+/// spare streams cost a handshake each and little else.
+const AUTO_LINK_BYTES_PER_SEC: f64 = 125e6;
+/// What OpenSSH's server lets one session channel have in flight per
+/// round trip (`CHAN_SES_WINDOW_DEFAULT`, not configurable).
+const CHANNEL_WINDOW: u64 = 2 << 20;
+/// Below this much to send per stream, another stream costs more than it
+/// brings.
+const MIN_BYTES_PER_STREAM: u64 = 8 << 20;
+/// The journal is saved after this many newly confirmed bytes (or 1/200
+/// of the file, if more) ...
+const JOURNAL_EVERY_BYTES: u64 = 4 << 20;
+/// ... or this long after its last save, whichever comes first.
+const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 
 /// One local file and where it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +44,9 @@ pub struct UploadItem {
     pub remote_dir: String,
     /// The remote file name (one path component).
     pub name: String,
+    /// Where this file's upload journal is kept; without one the file goes
+    /// over one stream, in file order.
+    pub journal: Option<PathBuf>,
 }
 
 /// What happened to one file.
@@ -61,7 +74,16 @@ impl UploadItem {
             local,
             remote_dir: dir,
             name: name.to_owned(),
+            journal: None,
         }
+    }
+
+    /// Keeps this file's upload journal at `path` (outside the listing of
+    /// what is to be uploaded), so that it may go over several streams
+    /// and resume exactly.
+    pub fn with_journal(mut self, path: PathBuf) -> Self {
+        self.journal = Some(path);
+        self
     }
 
     /// A container log for `/logs/<name>`.
@@ -70,6 +92,7 @@ impl UploadItem {
             local,
             remote_dir: LOGS_DIR.to_owned(),
             name: name.to_owned(),
+            journal: None,
         }
     }
 
@@ -133,8 +156,10 @@ pub(super) struct Progress {
     finished: u64,
     /// How far the current file is.
     current: u64,
-    /// Bytes written to the network, over every attempt.
+    /// Bytes the warehouse confirmed, over every attempt.
     sent: u64,
+    /// Streams writing right now.
+    streams: usize,
     started: Instant,
     last_log: Instant,
 }
@@ -147,6 +172,7 @@ impl Progress {
             finished: 0,
             current: 0,
             sent: 0,
+            streams: 0,
             started: now,
             last_log: now,
         }
@@ -154,6 +180,11 @@ impl Progress {
 
     pub(super) fn sent(&self) -> u64 {
         self.sent
+    }
+
+    fn set_streams(&mut self, streams: usize) {
+        self.streams = streams;
+        crate::metrics::global().upload_streams(streams);
     }
 
     fn start_file(&mut self, offset: u64) {
@@ -169,14 +200,16 @@ impl Progress {
             let done = self.finished + self.current;
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
             let rate = self.sent as f64 / secs;
+            let left = self.total.saturating_sub(done);
             let eta = if rate > 0.0 {
-                format!("{:.0} s", self.total.saturating_sub(done) as f64 / rate)
+                format!("{:.0} s", left as f64 / rate)
             } else {
                 "unknown".to_owned()
             };
             tracing::info!(
                 file = name,
-                "uploading: {} / {} MiB ({:.0}%), {:.1} MB/s, ETA {eta}",
+                streams = self.streams,
+                "uploading: {} / {} MiB ({:.0}%), {:.1} MB/s over {} stream(s), {} MiB left, ETA {eta}",
                 done >> 20,
                 self.total >> 20,
                 if self.total > 0 {
@@ -185,6 +218,8 @@ impl Progress {
                     100.0
                 },
                 rate / 1e6,
+                self.streams,
+                left >> 20,
             );
         }
     }
@@ -195,8 +230,7 @@ impl Progress {
     }
 }
 
-/// Maps an SFTP failure (a status from the server, or the file handle's
-/// I/O error) of `operation` on `path` to a [`WarehouseError`].
+/// Maps an SFTP failure of `operation` on `path` to a [`WarehouseError`].
 fn remote_error<E: std::fmt::Display>(
     operation: &'static str,
     path: &str,
@@ -209,39 +243,34 @@ fn remote_error<E: std::fmt::Display>(
     }
 }
 
-/// The remote size of `path`, or `None` when it does not exist.
-async fn remote_size(sftp: &SftpSession, path: &str) -> Result<Option<u64>, WarehouseError> {
-    match sftp.metadata(path).await {
-        Ok(meta) => Ok(Some(meta.size.unwrap_or(0))),
-        Err(SftpError::Status(s)) if s.status_code == StatusCode::NoSuchFile => Ok(None),
-        Err(e) => Err(remote_error("stat", path)(e)),
-    }
+async fn remote_size(sftp: &Sftp, path: &str) -> Result<Option<u64>, WarehouseError> {
+    sftp.size(path).await.map_err(remote_error("stat", path))
 }
 
 /// `mkdir -p`: one round trip when the directory exists (the usual case),
 /// else one component at a time.
-async fn ensure_dir(sftp: &SftpSession, dir: &str) -> Result<(), WarehouseError> {
-    if sftp.metadata(dir).await.is_ok_and(|m| m.is_dir()) {
+async fn ensure_dir(sftp: &Sftp, dir: &str) -> Result<(), WarehouseError> {
+    if sftp.is_dir(dir).await.ok().flatten() == Some(true) {
         return Ok(());
     }
     let mut path = String::new();
     for component in dir.split('/').filter(|c| !c.is_empty()) {
         path.push('/');
         path.push_str(component);
-        match sftp.metadata(path.as_str()).await {
-            Ok(meta) if meta.is_dir() => continue,
-            Ok(_) => {
+        match sftp.is_dir(&path).await {
+            Ok(Some(true)) => continue,
+            Ok(Some(false)) => {
                 return Err(WarehouseError::Sftp {
                     operation: "mkdir",
                     path: path.clone(),
                     detail: "a file of that name is in the way".to_owned(),
                 });
             }
-            Err(_) => {}
+            _ => {}
         }
-        if let Err(e) = sftp.create_dir(path.as_str()).await {
+        if let Err(e) = sftp.mkdir(&path).await {
             // Someone else may have made it meanwhile.
-            if !sftp.metadata(path.as_str()).await.is_ok_and(|m| m.is_dir()) {
+            if sftp.is_dir(&path).await.ok().flatten() != Some(true) {
                 return Err(remote_error("mkdir", &path)(e));
             }
         }
@@ -249,111 +278,108 @@ async fn ensure_dir(sftp: &SftpSession, dir: &str) -> Result<(), WarehouseError>
     Ok(())
 }
 
-/// What the reader thread hands over.
-enum Piece {
-    Data(Vec<u8>),
-    /// End of file: how many bytes there were, and the ZIM verdict.
-    End {
-        size: u64,
-        zim: Option<Result<(), ZimError>>,
-    },
-    Failed(String),
-}
-
-/// Reads `path` on a blocking thread, hashing ZIM files from byte 0, and
-/// sends the bytes from `send_from` on. Stops when the receiver is gone.
-fn spawn_reader(path: PathBuf, send_from: u64, zim: bool) -> mpsc::Receiver<Piece> {
-    let (tx, rx) = mpsc::channel(READ_AHEAD);
-    tokio::task::spawn_blocking(move || {
-        let last = match read_file(&path, send_from, zim, &tx) {
-            Ok(Some(end)) => end,
-            Ok(None) => return,
-            Err(e) => Piece::Failed(e.to_string()),
-        };
-        let _ = tx.blocking_send(last);
-    });
-    rx
-}
-
-/// The reader thread's loop; returns the [`Piece::End`] to send last, or
-/// `None` when the receiver went away.
-fn read_file(
-    path: &Path,
-    send_from: u64,
-    zim: bool,
-    tx: &mpsc::Sender<Piece>,
-) -> std::io::Result<Option<Piece>> {
-    let mut file = std::fs::File::open(path)?;
-    let mut checksum = zim.then(ZimChecksum::new);
-    let mut pos = if checksum.is_some() { 0 } else { send_from };
-    file.seek(SeekFrom::Start(pos))?;
-    loop {
-        let mut buf = vec![0u8; CHUNK];
-        let mut filled = 0;
-        while filled < CHUNK {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if filled == 0 {
-            break;
-        }
-        buf.truncate(filled);
-        if let Some(c) = checksum.as_mut() {
-            c.update(&buf);
-        }
-        let end = pos + filled as u64;
-        if end > send_from {
-            let skip = send_from.saturating_sub(pos) as usize;
-            if skip > 0 {
-                buf.drain(..skip);
-            }
-            if tx.blocking_send(Piece::Data(buf)).is_err() {
-                return Ok(None);
-            }
-        }
-        pos = end;
-    }
-    Ok(Some(Piece::End {
-        size: pos,
-        zim: checksum.map(ZimChecksum::finish),
-    }))
-}
-
 /// Reads a whole local file only for its ZIM checksum.
 async fn verify_local_zim(path: &Path) -> Result<(), WarehouseError> {
-    let mut rx = spawn_reader(path.to_owned(), u64::MAX, true);
-    while let Some(piece) = rx.recv().await {
-        match piece {
-            Piece::Data(_) => {}
-            Piece::End { zim, .. } => {
-                return zim
-                    .unwrap_or(Ok(()))
-                    .map_err(|source| WarehouseError::Corrupt {
-                        name: path.display().to_string(),
-                        source,
-                    });
-            }
-            Piece::Failed(detail) => {
-                return Err(WarehouseError::Local {
-                    path: path.to_owned(),
-                    detail,
-                });
-            }
+    let (_, end) = spawn_reader(path.to_owned(), Vec::new(), 1 << 20, true);
+    match end.await {
+        Ok(ReadEnd::Done { zim, .. }) => {
+            zim.unwrap_or(Ok(()))
+                .map_err(|source| WarehouseError::Corrupt {
+                    name: path.display().to_string(),
+                    source,
+                })
         }
+        Ok(ReadEnd::Failed(detail)) => Err(WarehouseError::Local {
+            path: path.to_owned(),
+            detail,
+        }),
+        Err(_) => Err(WarehouseError::Local {
+            path: path.to_owned(),
+            detail: "the reader stopped early".to_owned(),
+        }),
     }
-    Err(WarehouseError::Local {
-        path: path.to_owned(),
-        detail: "the reader stopped early".to_owned(),
-    })
 }
 
-/// Uploads one file over `sftp`. See the module doc for the steps.
+/// How many streams one file goes over: `setting`, or for `auto` enough
+/// to carry [`AUTO_LINK_BYTES_PER_SEC`] at [`CHANNEL_WINDOW`] per round
+/// trip (one when one is enough, one spare otherwise); never more than
+/// one per [`MIN_BYTES_PER_STREAM`] still to send.
+pub(super) fn streams_for(setting: UploadStreams, rtt: Duration, to_send: u64) -> usize {
+    let wanted = match setting {
+        UploadStreams::Fixed(n) => usize::from(n),
+        UploadStreams::Auto => {
+            let per_round_trip = AUTO_LINK_BYTES_PER_SEC * rtt.as_secs_f64();
+            let needed = (per_round_trip / CHANNEL_WINDOW as f64).ceil() as usize;
+            if needed <= 1 { 1 } else { needed + 1 }
+        }
+    };
+    let by_size = usize::try_from(to_send / MIN_BYTES_PER_STREAM).unwrap_or(usize::MAX);
+    wanted
+        .min(by_size)
+        .clamp(1, usize::from(MAX_UPLOAD_STREAMS))
+}
+
+/// The journal of the file being uploaded: where it is kept (`None`: no
+/// journal, so one stream writing in file order), and what it says.
+struct Record {
+    path: Option<PathBuf>,
+    journal: Journal,
+    unsaved: u64,
+    last_save: Instant,
+    save_failed: bool,
+}
+
+impl Record {
+    /// Saves the journal; `Err` only matters before the first write.
+    async fn save(&mut self) -> Result<(), JournalError> {
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        let journal = self.journal.clone();
+        let result = tokio::task::spawn_blocking(move || journal.save(&path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(JournalError::Write {
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        self.unsaved = 0;
+        self.last_save = Instant::now();
+        result
+    }
+
+    /// A range the warehouse confirmed; saved now and then, never ahead.
+    async fn confirmed(&mut self, range: std::ops::Range<u64>) {
+        self.unsaved += range.end - range.start;
+        self.journal.confirmed.insert(range);
+        let every = JOURNAL_EVERY_BYTES.max(self.journal.file.size / 200);
+        if self.path.is_some()
+            && (self.unsaved >= every || self.last_save.elapsed() >= JOURNAL_EVERY)
+            && let Err(error) = self.save().await
+            && !self.save_failed
+        {
+            // The journal on disk stays as it was: behind the warehouse,
+            // so a resume sends a little more, never less.
+            self.save_failed = true;
+            tracing::warn!(%error, "could not update the upload journal; going on");
+        }
+    }
+
+    fn remove(&self) {
+        if let Some(path) = &self.path
+            && let Err(error) = Journal::remove(path)
+        {
+            tracing::warn!(path = %path.display(), %error, "could not remove the upload journal");
+        }
+    }
+}
+
+/// Uploads one file over `conn` and the extra streams it opens. See the
+/// module doc for the steps.
 pub(super) async fn upload_one(
-    sftp: &SftpSession,
+    warehouse: &Warehouse,
+    conn: &mut Connection,
     item: &UploadItem,
     progress: &mut Progress,
 ) -> Result<UploadReport, WarehouseError> {
@@ -361,13 +387,19 @@ pub(super) async fn upload_one(
         path: item.local.clone(),
         detail: e.to_string(),
     };
-    let size = tokio::fs::metadata(&item.local)
-        .await
-        .map_err(local_err)?
-        .len();
+    let file = {
+        let local = item.local.clone();
+        tokio::task::spawn_blocking(move || FileId::of(&local))
+            .await
+            .map_err(|e| local_err(std::io::Error::other(e.to_string())))?
+            .map_err(local_err)?
+    };
+    let size = file.size;
     let zim = is_zim_name(&item.name);
     let final_path = item.remote_path();
     let tmp_path = format!("{final_path}{TMP_SUFFIX}");
+    let sftp = conn.sftp().clone();
+    let sftp = &sftp;
     let mut report = UploadReport {
         name: item.name.clone(),
         remote_path: final_path.clone(),
@@ -382,6 +414,13 @@ pub(super) async fn upload_one(
     // Both asked at once: over the internet every round trip counts.
     let (final_size, tmp_size) =
         tokio::join!(remote_size(sftp, &final_path), remote_size(sftp, &tmp_path));
+    let mut record = Record {
+        path: item.journal.clone(),
+        journal: Journal::new(file, tmp_path.clone()),
+        unsaved: 0,
+        last_save: Instant::now(),
+        save_failed: false,
+    };
     match final_size? {
         Some(remote) if remote == size => {
             // Uploaded before (a redelivered task). A ZIM still has to be
@@ -391,6 +430,7 @@ pub(super) async fn upload_one(
                 report.zim_verified = true;
             }
             tracing::info!(file = %item.name, size, "already in the warehouse with this size; skipped");
+            record.remove();
             report.skipped = true;
             progress.finish_file(size);
             return Ok(report);
@@ -405,90 +445,118 @@ pub(super) async fn upload_one(
         None => {}
     }
 
-    let offset = match tmp_size? {
-        Some(partial) if partial <= size => partial,
-        Some(partial) => {
-            tracing::warn!(file = %item.name, partial, size, "a longer partial upload is there; starting over");
-            0
+    // What the warehouse has already, and whether the `.tmp` is to be
+    // written from scratch.
+    let found = match &item.journal {
+        None => Found::Absent,
+        Some(path) => {
+            let path = path.clone();
+            let remote = tmp_path.clone();
+            tokio::task::spawn_blocking(move || Journal::load(&path, file, &remote))
+                .await
+                .unwrap_or_else(|e| Found::Unusable(e.to_string()))
         }
-        None => 0,
     };
-    let flags = if offset > 0 {
-        OpenFlags::WRITE
-    } else {
-        OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE
+    let tmp_size = tmp_size?;
+    let (resumable, saved) = match (found, tmp_size) {
+        (_, None) => (None, false),
+        (Found::Usable(journal), Some(partial)) if partial >= journal.confirmed.end() => {
+            (Some(journal.confirmed), true)
+        }
+        (Found::Usable(_), Some(partial)) => {
+            tracing::warn!(file = %item.name, partial, "the partial upload is shorter than its journal says; starting over");
+            (None, false)
+        }
+        (Found::Absent, Some(partial)) if partial <= size => {
+            // Never written in ranges: what is there is a prefix.
+            let mut prefix = Ranges::new();
+            prefix.insert(0..partial);
+            (Some(prefix), false)
+        }
+        (Found::Absent, Some(partial)) => {
+            tracing::warn!(file = %item.name, partial, size, "a longer partial upload is there; starting over");
+            (None, false)
+        }
+        (Found::Unusable(why), Some(_)) => {
+            tracing::warn!(file = %item.name, why, "the upload journal cannot be trusted; starting over");
+            (None, false)
+        }
     };
-    let mut file = sftp
-        .open_with_flags(tmp_path.as_str(), flags)
+    let start_over = resumable.is_none();
+    record.journal.confirmed = resumable.unwrap_or_default();
+    let handle = sftp
+        .open_for_write(&tmp_path, true, start_over)
         .await
         .map_err(remote_error("open", &tmp_path))?;
-    if offset > 0 {
-        file.seek(SeekFrom::Start(offset))
-            .await
-            .map_err(remote_error("seek", &tmp_path))?;
-        tracing::info!(file = %item.name, offset, size, "resuming a partial upload");
+    // Before the first write in ranges, the journal is on disk: without
+    // one, a `.tmp` is taken for a prefix.
+    if !saved && let Err(error) = record.save().await {
+        tracing::warn!(%error, "cannot keep an upload journal; uploading over one stream, in file order");
+        record.remove();
+        record.path = None;
     }
-    report.resumed_from = offset;
-    progress.start_file(offset);
+    let already = record.journal.confirmed.covered();
+    if already > 0 {
+        tracing::info!(file = %item.name, already, size, "resuming a partial upload");
+    }
+    report.resumed_from = already;
+    progress.start_file(already);
 
-    let mut rx = spawn_reader(item.local.clone(), offset, zim);
-    let mut verdict = None;
-    while let Some(piece) = rx.recv().await {
-        match piece {
-            Piece::Data(buf) => {
-                file.write_all(&buf)
-                    .await
-                    .map_err(remote_error("write", &tmp_path))?;
-                report.bytes_sent += buf.len() as u64;
-                progress.add(&item.name, buf.len() as u64);
-            }
-            Piece::End { size: read, zim } => {
-                if read != size {
-                    return Err(WarehouseError::Local {
-                        path: item.local.clone(),
-                        detail: format!(
-                            "it changed size while being uploaded ({size} → {read} bytes)"
-                        ),
-                    });
-                }
-                verdict = Some(zim);
-                break;
-            }
-            Piece::Failed(detail) => {
-                return Err(WarehouseError::Local {
-                    path: item.local.clone(),
-                    detail,
-                });
-            }
-        }
-    }
-    let Some(zim_verdict) = verdict else {
-        return Err(WarehouseError::Local {
-            path: item.local.clone(),
-            detail: "the reader stopped early".to_owned(),
-        });
+    let missing = record.journal.confirmed.missing(size);
+    let to_send: u64 = missing.iter().map(|r| r.end - r.start).sum();
+    let streams = if record.path.is_some() {
+        streams_for(warehouse.settings.upload_streams, conn.rtt(), to_send)
+    } else {
+        1
     };
-    // Every write acknowledged, then the handle closed: a write error
-    // surfaces here, not silently in a drop.
-    file.shutdown()
-        .await
-        .map_err(remote_error("write", &tmp_path))?;
+    let sent = send(
+        warehouse,
+        conn,
+        item,
+        &tmp_path,
+        handle,
+        (size, missing, zim, streams),
+        &mut record,
+        progress,
+        &mut report,
+    )
+    .await;
+    let verdict = match sent {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            // What was confirmed since the last save is kept for the next
+            // attempt, or the next run.
+            if record.unsaved > 0
+                && let Err(e) = record.save().await
+            {
+                tracing::warn!(error = %e, "could not update the upload journal");
+            }
+            return Err(error);
+        }
+    };
+    if conn.is_closed() {
+        // The first stream lost this connection and went on over another.
+        *conn = warehouse.connect().await?;
+    }
+    let sftp = &conn.sftp().clone();
 
-    if let Some(Err(source)) = zim_verdict {
+    if let Some(Err(source)) = verdict {
         tracing::error!(file = %item.name, %source, "corrupt ZIM; removing its partial upload");
-        if let Err(e) = sftp.remove_file(tmp_path.as_str()).await {
+        if let Err(e) = sftp.remove(&tmp_path).await {
             tracing::warn!(path = %tmp_path, error = %e, "could not remove the corrupt upload");
         }
+        record.remove();
         return Err(WarehouseError::Corrupt {
             name: item.name.clone(),
             source,
         });
     }
-    report.zim_verified = zim_verdict.is_some();
+    report.zim_verified = verdict.is_some();
 
-    sftp.rename(tmp_path.as_str(), final_path.as_str())
+    sftp.rename(&tmp_path, &final_path)
         .await
         .map_err(remote_error("rename", &tmp_path))?;
+    record.remove();
     let remote = remote_size(sftp, &final_path).await?;
     if remote != Some(size) {
         return Err(WarehouseError::SizeMismatch {
@@ -501,11 +569,162 @@ pub(super) async fn upload_one(
     tracing::info!(
         file = %item.name,
         size,
-        resumed_from = offset,
+        resumed_from = already,
+        streams,
         zim_verified = report.zim_verified,
         "uploaded"
     );
     Ok(report)
+}
+
+/// Sends the missing ranges over `streams` streams, the first on `conn`
+/// with `handle`; returns the reader's ZIM verdict once every range is
+/// confirmed and every handle closed.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    warehouse: &Warehouse,
+    conn: &Connection,
+    item: &UploadItem,
+    tmp_path: &str,
+    handle: String,
+    (size, missing, zim, streams): (u64, Vec<std::ops::Range<u64>>, bool, usize),
+    record: &mut Record,
+    progress: &mut Progress,
+    report: &mut UploadReport,
+) -> Result<Option<Result<(), ZimError>>, WarehouseError> {
+    let local_failed = |detail: String| WarehouseError::Local {
+        path: item.local.clone(),
+        detail,
+    };
+    let (fresh, mut read_end) =
+        spawn_reader(item.local.clone(), missing, conn.sftp().write_len(), zim);
+    let (again_tx, again_rx) = async_channel::unbounded();
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    // Dropped with this future: a failed or cancelled upload stops its
+    // streams, and the reader with them.
+    let _stop_guard = stop.clone().drop_guard();
+    let shared = Shared {
+        warehouse: warehouse.clone(),
+        path: tmp_path.to_owned(),
+        fresh,
+        again_tx,
+        again_rx,
+        events: events_tx,
+        stop: stop.clone(),
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(run_stream(
+        0,
+        shared.clone(),
+        Some((conn.sftp().clone(), handle)),
+        Duration::ZERO,
+    ));
+    for stream in 1..streams {
+        tasks.spawn(run_stream(
+            stream,
+            shared.clone(),
+            None,
+            STAGGER * stream as u32,
+        ));
+    }
+    drop(shared);
+    if streams > 1 {
+        tracing::info!(file = %item.name, streams, rtt_ms = conn.rtt().as_millis() as u64, "uploading over several connections");
+    }
+    let mut up = vec![false; streams];
+    up[0] = true;
+    let mut starting = streams - 1;
+    let mut refused = 0usize;
+    let mut alive = streams;
+    let mut verdict = None;
+    progress.set_streams(1);
+    while verdict.is_none() || record.journal.confirmed.covered() < size {
+        tokio::select! {
+            end = &mut read_end, if verdict.is_none() => match end {
+                Ok(ReadEnd::Done { size: read, zim }) => {
+                    if read != size {
+                        return Err(local_failed(format!(
+                            "it changed size while being uploaded ({size} → {read} bytes)"
+                        )));
+                    }
+                    verdict = Some(zim);
+                }
+                Ok(ReadEnd::Failed(detail)) => return Err(local_failed(detail)),
+                Err(_) => return Err(local_failed("the reader stopped early".to_owned())),
+            },
+            event = events.recv() => {
+                let Some(event) = event else {
+                    return Err(local_failed("the upload streams stopped early".to_owned()));
+                };
+                match event {
+                    Event::Confirmed { offset, len } => {
+                        record.confirmed(offset..offset + len).await;
+                        report.bytes_sent += len;
+                        progress.add(&item.name, len);
+                    }
+                    Event::Up { stream, reconnect } => {
+                        up[stream] = true;
+                        if reconnect {
+                            tracing::info!(file = %item.name, stream, "upload stream reconnected");
+                        } else {
+                            starting -= 1;
+                            if starting == 0 && refused > 0 {
+                                warn_refused(&item.name, streams, refused);
+                            }
+                        }
+                        progress.set_streams(up.iter().filter(|&&u| u).count());
+                    }
+                    Event::Down { stream, error, retry_in } => {
+                        up[stream] = false;
+                        crate::metrics::global().upload_stream_retry();
+                        tracing::warn!(file = %item.name, stream, %error, ?retry_in, "upload stream failed; the others go on, it reconnects");
+                        progress.set_streams(up.iter().filter(|&&u| u).count());
+                    }
+                    Event::Refused { stream, error } => {
+                        tracing::debug!(file = %item.name, stream, %error, "the warehouse did not take another connection");
+                        refused += 1;
+                        starting -= 1;
+                        alive -= 1;
+                        if starting == 0 {
+                            warn_refused(&item.name, streams, refused);
+                        }
+                    }
+                    Event::Gone { stream, error } => {
+                        up[stream] = false;
+                        progress.set_streams(up.iter().filter(|&&u| u).count());
+                        alive -= 1;
+                        if alive == 0 {
+                            return Err(WarehouseError::GaveUp {
+                                attempts: warehouse.settings.upload_retries + 1,
+                                last: Box::new(error),
+                            });
+                        }
+                        tracing::warn!(file = %item.name, stream, %error, "upload stream gave up; the others go on");
+                    }
+                }
+            }
+        }
+    }
+    stop.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(e) => return Err(local_failed(format!("an upload stream failed: {e}"))),
+        }
+    }
+    progress.set_streams(0);
+    Ok(verdict.expect("the loop ends with a verdict"))
+}
+
+fn warn_refused(name: &str, streams: usize, refused: usize) {
+    tracing::warn!(
+        file = name,
+        "the warehouse took {} of {streams} connections; uploading over {}",
+        streams - refused,
+        streams - refused
+    );
 }
 
 #[cfg(test)]
@@ -517,7 +736,37 @@ mod tests {
             local: PathBuf::from("/x"),
             remote_dir: dir.to_owned(),
             name: name.to_owned(),
+            journal: None,
         }
+    }
+
+    #[test]
+    fn auto_streams_cover_two_mib_per_round_trip_of_a_gigabit_link() {
+        let ms = Duration::from_millis;
+        let gib = 1 << 30;
+        let auto = |rtt, size| streams_for(UploadStreams::Auto, rtt, size);
+        // Loopback and a near warehouse: one is enough.
+        assert_eq!(auto(ms(0), gib), 1);
+        assert_eq!(auto(ms(10), gib), 1);
+        // 50 ms: 6.25 MB per round trip is 3 windows, plus a spare.
+        assert_eq!(auto(ms(50), gib), 4);
+        // 150 ms: 18.75 MB is 9 windows, plus a spare.
+        assert_eq!(auto(ms(150), gib), 10);
+        // Far away and very far away: never more than 16.
+        assert_eq!(auto(ms(400), gib), 16);
+        // A small file gets one stream per 8 MiB to send, at least one.
+        assert_eq!(auto(ms(150), 20 << 20), 2);
+        assert_eq!(auto(ms(150), 1000), 1);
+        assert_eq!(auto(ms(150), 0), 1);
+    }
+
+    #[test]
+    fn fixed_streams_are_kept_but_not_for_small_files() {
+        let rtt = Duration::from_millis(1);
+        assert_eq!(streams_for(UploadStreams::Fixed(8), rtt, 1 << 30), 8);
+        assert_eq!(streams_for(UploadStreams::Fixed(16), rtt, 1 << 30), 16);
+        assert_eq!(streams_for(UploadStreams::Fixed(8), rtt, 24 << 20), 3);
+        assert_eq!(streams_for(UploadStreams::Fixed(1), rtt, 1 << 30), 1);
     }
 
     #[test]

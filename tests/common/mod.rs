@@ -684,6 +684,10 @@ struct ThrottleShared {
     up_bytes: std::sync::atomic::AtomicU64,
     down_bytes: std::sync::atomic::AtomicU64,
     accepted: AtomicUsize,
+    /// Connections refused because `max_active` were open.
+    refused: AtomicUsize,
+    /// While set, nothing more goes client→server (a link that stalls).
+    held: std::sync::atomic::AtomicBool,
     state: Mutex<ThrottleState>,
     shutdown: std::sync::atomic::AtomicBool,
 }
@@ -691,6 +695,9 @@ struct ThrottleShared {
 #[derive(Default)]
 struct ThrottleState {
     blocked: bool,
+    /// At most this many connections at once (0: any); the others are
+    /// accepted and closed at once, as a busy sshd does.
+    max_active: usize,
     next_id: u64,
     /// id -> (client, upstream, directions still running)
     conns: std::collections::HashMap<u64, (std::net::TcpStream, std::net::TcpStream, u8)>,
@@ -746,6 +753,9 @@ impl ThrottleShared {
             };
             if up {
                 self.throttle(n);
+                while self.held.load(Ordering::SeqCst) && !self.shutdown.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
             if to.write_all(&buf[..n]).is_err() {
                 break;
@@ -786,6 +796,8 @@ impl ThrottleProxy {
             up_bytes: 0.into(),
             down_bytes: 0.into(),
             accepted: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            held: false.into(),
             state: Mutex::default(),
             shutdown: false.into(),
         });
@@ -816,7 +828,10 @@ impl ThrottleProxy {
                 };
                 let id = {
                     let mut st = sh.state.lock().unwrap();
-                    if st.blocked {
+                    if st.blocked || (st.max_active > 0 && st.conns.len() >= st.max_active) {
+                        if !st.blocked {
+                            sh.refused.fetch_add(1, Ordering::SeqCst);
+                        }
                         drop(st);
                         ThrottleShared::close([(client, server, 0)]);
                         continue;
@@ -928,6 +943,44 @@ impl ThrottleProxy {
     /// Accepts new connections again after [`ThrottleProxy::block`].
     pub fn restore(&self) {
         self.shared.state.lock().unwrap().blocked = false;
+    }
+
+    /// Takes at most `n` connections at once (0: any number): the others
+    /// are closed as soon as they are accepted.
+    pub fn set_max_active(&self, n: usize) {
+        self.shared.state.lock().unwrap().max_active = n;
+    }
+
+    /// Connections closed at once because `max_active` were open.
+    pub fn refused(&self) -> usize {
+        self.shared.refused.load(Ordering::SeqCst)
+    }
+
+    /// Stops forwarding client→server bytes (the connections stay open,
+    /// as on a link that stalls) until [`ThrottleProxy::release`].
+    pub fn hold(&self) {
+        self.shared.held.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.shared.held.store(false, Ordering::SeqCst);
+    }
+
+    /// Closes the `pick % n`-th of the `n` current connections (by age);
+    /// returns whether there was one.
+    pub fn cut_one(&self, pick: usize) -> bool {
+        let conn = {
+            let mut st = self.shared.state.lock().unwrap();
+            let mut ids: Vec<u64> = st.conns.keys().copied().collect();
+            if ids.is_empty() {
+                return false;
+            }
+            ids.sort_unstable();
+            let id = ids[pick % ids.len()];
+            st.conns.remove(&id)
+        };
+        ThrottleShared::close(conn);
+        true
     }
 }
 

@@ -1,0 +1,493 @@
+//! The streams of one file's upload: one reader in file order that hashes
+//! the ZIM and hands out the pieces still missing in the warehouse, and up
+//! to UPLOAD_STREAMS SSH connections, each with its own SFTP handle on the
+//! same `<name>.tmp`, writing those pieces at their offsets.
+//!
+//! Owns a piece's way from the local disk to its OK status: the read-ahead,
+//! the writes in flight per stream, handing back what a cut stream had in
+//! flight (in offset order, so that one stream alone still writes in file
+//! order), reconnecting a stream on its own with backoff, and the staggered
+//! start of the extra connections. It must not decide what is missing,
+//! write the journal, rename or judge the ZIM: it reports events and the
+//! reader's verdict to the caller, which does.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::session::{Connection, Sftp};
+use super::zim::{ZimChecksum, ZimError};
+use super::{MAX_BACKOFF, Warehouse, WarehouseError};
+
+/// Bytes one stream keeps in flight: OpenSSH's server takes 2 MiB per
+/// session channel per round trip, and twice that keeps the channel full
+/// while statuses travel back.
+const STREAM_IN_FLIGHT: usize = 4 << 20;
+/// Pieces read ahead of the streams, shared by all of them.
+const READ_AHEAD_BYTES: usize = 8 << 20;
+/// The wait between starting one extra connection and the next: sshd's
+/// `MaxStartups` (10 unauthenticated connections by default) refuses bursts.
+pub(super) const STAGGER: Duration = Duration::from_millis(100);
+
+/// A range of the file and its bytes: one SFTP write.
+#[derive(Debug)]
+pub(super) struct Piece {
+    pub offset: u64,
+    pub data: Bytes,
+}
+
+/// What the streams tell the upload.
+#[derive(Debug)]
+pub(super) enum Event {
+    /// The warehouse said OK to the write of this range.
+    Confirmed { offset: u64, len: u64 },
+    /// A stream is writing (again, after `reconnect`).
+    Up { stream: usize, reconnect: bool },
+    /// A stream broke; what it had in flight is handed to the others, and
+    /// it tries again after `retry_in`.
+    Down {
+        stream: usize,
+        error: WarehouseError,
+        retry_in: Duration,
+    },
+    /// An extra connection the warehouse did not take: not an error, the
+    /// upload goes on with fewer streams.
+    Refused {
+        stream: usize,
+        error: WarehouseError,
+    },
+    /// A stream gave up after UPLOAD_RETRIES failures without progress.
+    Gone {
+        stream: usize,
+        error: WarehouseError,
+    },
+}
+
+/// How the reader ended.
+#[derive(Debug)]
+pub(super) enum ReadEnd {
+    /// The whole file was read (or, without a ZIM to hash, the part that
+    /// was to be sent): its size then, and the ZIM verdict.
+    Done {
+        size: u64,
+        zim: Option<Result<(), ZimError>>,
+    },
+    Failed(String),
+}
+
+/// Reads `path` on a blocking thread, from byte 0 when it hashes a ZIM
+/// (else from the first missing byte), in blocks of `piece_len` aligned on
+/// the file, and sends the parts of each block that lie in `missing`.
+/// Stops early when every receiver is gone.
+pub(super) fn spawn_reader(
+    path: PathBuf,
+    missing: Vec<Range<u64>>,
+    piece_len: usize,
+    zim: bool,
+) -> (async_channel::Receiver<Piece>, oneshot::Receiver<ReadEnd>) {
+    let (tx, rx) = async_channel::bounded((READ_AHEAD_BYTES / piece_len.max(1)).max(2));
+    let (end_tx, end_rx) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let end = match read_file(&path, &missing, piece_len.max(1), zim, &tx) {
+            Ok(Some(end)) => end,
+            Ok(None) => return,
+            Err(e) => ReadEnd::Failed(e.to_string()),
+        };
+        let _ = end_tx.send(end);
+    });
+    (rx, end_rx)
+}
+
+/// The reader thread's loop; `None` when the receivers went away.
+fn read_file(
+    path: &std::path::Path,
+    missing: &[Range<u64>],
+    piece_len: usize,
+    zim: bool,
+    tx: &async_channel::Sender<Piece>,
+) -> std::io::Result<Option<ReadEnd>> {
+    let mut file = std::fs::File::open(path)?;
+    let mut checksum = zim.then(ZimChecksum::new);
+    let first = if zim {
+        0
+    } else {
+        match missing.first() {
+            Some(r) => r.start - r.start % piece_len as u64,
+            None => {
+                let size = file.metadata()?.len();
+                return Ok(Some(ReadEnd::Done { size, zim: None }));
+            }
+        }
+    };
+    file.seek(SeekFrom::Start(first))?;
+    let mut pos = first;
+    let mut next = 0; // the first range of `missing` that may lie ahead
+    let mut buf = vec![0u8; piece_len];
+    loop {
+        let mut filled = 0;
+        while filled < piece_len {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        if let Some(c) = checksum.as_mut() {
+            c.update(&buf[..filled]);
+        }
+        let block = pos..pos + filled as u64;
+        while next < missing.len() && missing[next].end <= block.start {
+            next += 1;
+        }
+        let mut i = next;
+        while i < missing.len() && missing[i].start < block.end {
+            let start = missing[i].start.max(block.start);
+            let end = missing[i].end.min(block.end);
+            let data = Bytes::copy_from_slice(&buf[(start - pos) as usize..(end - pos) as usize]);
+            if tx
+                .send_blocking(Piece {
+                    offset: start,
+                    data,
+                })
+                .is_err()
+            {
+                return Ok(None);
+            }
+            i += 1;
+        }
+        pos = block.end;
+        if checksum.is_none() && missing.last().is_none_or(|r| r.end <= pos) {
+            // Nothing more to send and nothing to hash: the size is the
+            // file's, as it is now.
+            let size = file.metadata()?.len();
+            return Ok(Some(ReadEnd::Done { size, zim: None }));
+        }
+    }
+    Ok(Some(ReadEnd::Done {
+        size: pos,
+        zim: checksum.map(ZimChecksum::finish),
+    }))
+}
+
+/// What every stream of one upload shares.
+#[derive(Clone)]
+pub(super) struct Shared {
+    pub warehouse: Warehouse,
+    /// The remote `<name>.tmp`.
+    pub path: String,
+    pub fresh: async_channel::Receiver<Piece>,
+    pub again_tx: async_channel::Sender<Piece>,
+    pub again_rx: async_channel::Receiver<Piece>,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Set once every piece is confirmed: the streams close their handles.
+    pub stop: CancellationToken,
+}
+
+impl Shared {
+    fn tell(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}
+
+fn remote_error(path: &str) -> impl Fn(russh_sftp::client::error::Error) -> WarehouseError {
+    let path = path.to_owned();
+    move |e| WarehouseError::Sftp {
+        operation: "write",
+        path: path.clone(),
+        detail: e.to_string(),
+    }
+}
+
+/// One stream: writes pieces until `stop`, reconnecting after a failure.
+/// `first` is the connection's SFTP session and open handle it starts
+/// with (stream 0 shares the upload's own connection); the others open
+/// their own after `start_after`. Returns the result of closing its
+/// handle at the end: an error there means the last writes may not have
+/// reached the disk.
+pub(super) async fn run_stream(
+    stream: usize,
+    shared: Shared,
+    first: Option<(Sftp, String)>,
+    start_after: Duration,
+) -> Result<(), WarehouseError> {
+    let retries = shared.warehouse.settings.upload_retries;
+    let first_backoff = shared.warehouse.first_backoff;
+    let mut connected_once = first.is_some();
+    let mut link = first;
+    let mut owned: Option<Connection> = None;
+    let mut failures = 0u32;
+    let mut backoff = first_backoff;
+    let mut fresh_open = true;
+    if !start_after.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(start_after) => {}
+            _ = shared.stop.cancelled() => return Ok(()),
+        }
+    }
+    loop {
+        let mut progressed = false;
+        let failure = match link.take() {
+            Some((sftp, handle)) => {
+                match pump(&sftp, &handle, &shared, &mut fresh_open, &mut progressed).await {
+                    Ok(()) => {
+                        let closed = sftp
+                            .finish(&handle)
+                            .await
+                            .map_err(remote_error(&shared.path));
+                        if let Some(conn) = owned.take() {
+                            conn.close().await;
+                        }
+                        return closed;
+                    }
+                    Err((error, back)) => {
+                        hand_back(&shared, back);
+                        owned = None;
+                        error
+                    }
+                }
+            }
+            None => {
+                let opened = tokio::select! {
+                    r = connect_and_open(&shared) => r,
+                    _ = shared.stop.cancelled() => return Ok(()),
+                };
+                match opened {
+                    Ok((conn, handle)) => {
+                        shared.tell(Event::Up {
+                            stream,
+                            reconnect: connected_once,
+                        });
+                        connected_once = true;
+                        link = Some((conn.sftp().clone(), handle));
+                        owned = Some(conn);
+                        continue;
+                    }
+                    Err(error) if !connected_once => {
+                        shared.tell(Event::Refused { stream, error });
+                        return Ok(());
+                    }
+                    Err(error) => error,
+                }
+            }
+        };
+        if progressed {
+            failures = 0;
+            backoff = first_backoff;
+        }
+        failures += 1;
+        if failures > retries || failure.is_permanent() {
+            shared.tell(Event::Gone {
+                stream,
+                error: failure,
+            });
+            return Ok(());
+        }
+        shared.tell(Event::Down {
+            stream,
+            error: failure,
+            retry_in: backoff,
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.stop.cancelled() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect_and_open(shared: &Shared) -> Result<(Connection, String), WarehouseError> {
+    let conn = shared.warehouse.connect().await?;
+    let handle = conn
+        .sftp()
+        .open_for_write(&shared.path, false, false)
+        .await
+        .map_err(|e| WarehouseError::Sftp {
+            operation: "open",
+            path: shared.path.clone(),
+            detail: e.to_string(),
+        })?;
+    Ok((conn, handle))
+}
+
+/// Pieces a broken stream had in flight go back, lowest offset first.
+fn hand_back(shared: &Shared, mut back: Vec<Piece>) {
+    back.sort_by_key(|p| p.offset);
+    for piece in back {
+        // Unbounded, and this stream holds a receiver: it cannot fail.
+        let _ = shared.again_tx.try_send(piece);
+    }
+}
+
+/// Writes pieces over one handle until `stop` with nothing in flight (Ok),
+/// or the first failure: then the error and every piece not confirmed.
+async fn pump(
+    sftp: &Sftp,
+    handle: &str,
+    shared: &Shared,
+    fresh_open: &mut bool,
+    progressed: &mut bool,
+) -> Result<(), (WarehouseError, Vec<Piece>)> {
+    let mut pending: HashMap<u64, Piece> = HashMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut bytes = 0usize;
+    let handle: std::sync::Arc<str> = handle.into();
+    loop {
+        let room = bytes < STREAM_IN_FLIGHT;
+        let piece = tokio::select! {
+            biased;
+            Some((offset, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let piece: Piece = pending.remove(&offset).expect("a piece in flight");
+                bytes -= piece.data.len();
+                match result {
+                    Ok(()) => {
+                        *progressed = true;
+                        shared.tell(Event::Confirmed { offset, len: piece.data.len() as u64 });
+                        continue;
+                    }
+                    Err(e) => {
+                        let mut back: Vec<Piece> = pending.into_values().collect();
+                        back.push(piece);
+                        return Err((remote_error(&shared.path)(e), back));
+                    }
+                }
+            }
+            _ = shared.stop.cancelled(), if in_flight.is_empty() => return Ok(()),
+            Ok(piece) = shared.again_rx.recv(), if room => piece,
+            r = shared.fresh.recv(), if room && *fresh_open => match r {
+                Ok(piece) => piece,
+                Err(_) => {
+                    *fresh_open = false;
+                    continue;
+                }
+            },
+        };
+        bytes += piece.data.len();
+        let (offset, data) = (piece.offset, piece.data.clone());
+        let (sftp, handle) = (sftp.clone(), handle.clone());
+        in_flight.push(async move { (offset, sftp.write(&handle, offset, &data).await) });
+        pending.insert(offset, piece);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_of(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&data).unwrap();
+        (f, data)
+    }
+
+    async fn read_all(
+        path: PathBuf,
+        missing: Vec<Range<u64>>,
+        piece_len: usize,
+        zim: bool,
+    ) -> (Vec<Piece>, ReadEnd) {
+        let (rx, end) = spawn_reader(path, missing, piece_len, zim);
+        let mut pieces = Vec::new();
+        while let Ok(p) = rx.recv().await {
+            pieces.push(p);
+        }
+        (pieces, end.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_reader_sends_exactly_the_missing_bytes() {
+        let (f, data) = file_of(10_000);
+        let missing = vec![5..17, 1000..1003, 4090..6000, 9999..10_000];
+        let (pieces, end) = read_all(f.path().to_owned(), missing.clone(), 1024, false).await;
+        let mut sent = Vec::new();
+        for p in &pieces {
+            assert!(p.data.len() <= 1024);
+            assert_eq!(
+                &data[p.offset as usize..p.offset as usize + p.data.len()],
+                &p.data[..]
+            );
+            sent.push(p.offset..p.offset + p.data.len() as u64);
+        }
+        let mut covered = super::super::journal::Ranges::new();
+        for r in &sent {
+            covered.insert(r.clone());
+        }
+        assert_eq!(covered.missing(10_000), {
+            let mut all = super::super::journal::Ranges::new();
+            for r in missing {
+                all.insert(r);
+            }
+            all.missing(10_000)
+        });
+        assert!(matches!(
+            end,
+            ReadEnd::Done {
+                size: 10_000,
+                zim: None
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn nothing_missing_sends_nothing_and_still_tells_the_size() {
+        let (f, _) = file_of(3000);
+        let (pieces, end) = read_all(f.path().to_owned(), vec![], 1024, false).await;
+        assert!(pieces.is_empty());
+        assert!(matches!(
+            end,
+            ReadEnd::Done {
+                size: 3000,
+                zim: None
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_zim_is_read_whole_for_its_checksum_even_when_little_is_sent() {
+        let (f, _) = file_of(5000);
+        let (pieces, end) = read_all(
+            f.path().to_owned(),
+            std::iter::once(4000..4100).collect(),
+            1024,
+            true,
+        )
+        .await;
+        // The range straddles two blocks of the file: two pieces.
+        let sent: Vec<_> = pieces.iter().map(|p| (p.offset, p.data.len())).collect();
+        assert_eq!(sent, [(4000, 96), (4096, 4)]);
+        // Not a ZIM: the verdict is an error, but it is there, after the
+        // whole file.
+        assert!(matches!(
+            end,
+            ReadEnd::Done {
+                size: 5000,
+                zim: Some(Err(_))
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_file_is_a_read_failure() {
+        let (_, end) = read_all(
+            PathBuf::from("/nonexistent/x"),
+            std::iter::once(0..10).collect(),
+            1024,
+            false,
+        )
+        .await;
+        assert!(matches!(end, ReadEnd::Failed(_)));
+    }
+}

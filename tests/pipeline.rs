@@ -653,6 +653,35 @@ fn a_failed_upload_fails_the_task_and_keeps_the_files() {
     vh.wait_queue_depth("small", 0, 0, T);
 }
 
+/// Waits until an upload journal in `task_dir` claims some bytes.
+fn wait_journal_claims(task_dir: &Path, timeout: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let claimed = std::fs::read_dir(task_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(".zimfarm-upload-")
+                    && name.ends_with(".json")
+                    && std::fs::read(e.path())
+                        .ok()
+                        .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+                        .is_some_and(|j| j["confirmed"].as_array().is_some_and(|r| !r.is_empty()))
+            });
+        if claimed {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no upload journal in {} claimed anything within {timeout:?}",
+            task_dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back() {
     let sshd = Sshd::start();
@@ -670,12 +699,14 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
     events.wait_task_event("task-container_finished", &id, T);
     first.wait_log("uploading to the warehouse", T);
-    std::thread::sleep(Duration::from_secs(3));
+    // Stopped once the warehouse confirmed a first piece, and the journal
+    // in the task dir says so.
+    let task_dir = dir.path().join(&id);
+    wait_journal_claims(&task_dir, T);
     first.signal("TERM");
     assert!(first.wait_exit(Duration::from_secs(15)).success());
     assert_eq!(events.count("task-succeeded", &id), 0);
     vh.wait_queue_depth("small", 1, 0, T);
-    let task_dir = dir.path().join(&id);
     let local_zim = task_dir.join("wikipedia_en_test.zim");
     let want = std::fs::read(&local_zim).expect("the ZIM is kept for the next run");
     assert!(task_dir.join(".zimfarm-generated.json").exists());

@@ -30,6 +30,8 @@ const CHANNEL_WINDOW: u64 = 2 << 20;
 /// Below this much to send per stream, another stream costs more than it
 /// brings.
 const MIN_BYTES_PER_STREAM: u64 = 8 << 20;
+/// The smallest write (OpenSSH's `sftp` writes 32 KiB).
+const MIN_PIECE: usize = 32 << 10;
 /// The journal is saved after this many newly confirmed bytes (or 1/200
 /// of the file, if more) ...
 const JOURNAL_EVERY_BYTES: u64 = 4 << 20;
@@ -319,6 +321,14 @@ pub(super) fn streams_for(setting: UploadStreams, rtt: Duration, to_send: u64) -
         .clamp(1, usize::from(MAX_UPLOAD_STREAMS))
 }
 
+/// The bytes of one write: the largest the server takes for a large file,
+/// down to [`MIN_PIECE`] for a small one, so that a slow link cut in the
+/// middle of a small file still has something confirmed to resume from.
+fn piece_len(size: u64, write_len: usize) -> usize {
+    let sixty_fourth = usize::try_from(size / 64).unwrap_or(usize::MAX) & !4095;
+    sixty_fourth.clamp(MIN_PIECE.min(write_len), write_len)
+}
+
 /// The journal of the file being uploaded: where it is kept (`None`: no
 /// journal, so one stream writing in file order), and what it says.
 struct Record {
@@ -596,8 +606,12 @@ async fn send(
         path: item.local.clone(),
         detail,
     };
-    let (fresh, mut read_end) =
-        spawn_reader(item.local.clone(), missing, conn.sftp().write_len(), zim);
+    let (fresh, mut read_end) = spawn_reader(
+        item.local.clone(),
+        missing,
+        piece_len(size, conn.sftp().write_len()),
+        zim,
+    );
     let (again_tx, again_rx) = async_channel::unbounded();
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
@@ -758,6 +772,18 @@ mod tests {
         assert_eq!(auto(ms(150), 20 << 20), 2);
         assert_eq!(auto(ms(150), 1000), 1);
         assert_eq!(auto(ms(150), 0), 1);
+    }
+
+    #[test]
+    fn small_files_go_in_smaller_writes() {
+        let w = 255 << 10;
+        assert_eq!(piece_len(0, w), 32 << 10);
+        assert_eq!(piece_len(36_000, w), 32 << 10);
+        assert_eq!(piece_len(4 << 20, w), 64 << 10);
+        assert_eq!(piece_len(1 << 30, w), w);
+        // A server that takes less gets no more than it takes.
+        assert_eq!(piece_len(1 << 30, 16 << 10), 16 << 10);
+        assert_eq!(piece_len(0, 16 << 10), 16 << 10);
     }
 
     #[test]

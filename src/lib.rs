@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod dispatcher;
 pub mod docker;
+pub mod early;
 pub mod ended;
 pub mod events;
 pub mod farm;

@@ -153,6 +153,8 @@ pub struct Metrics {
     uploaded_bytes: Counter,
     upload_streams: Gauge,
     upload_stream_retries: Counter,
+    early_uploads: Counter,
+    early_upload_seconds: Counter<f64, AtomicU64>,
     active_tasks: Gauge,
     broker_connected: Gauge,
     broker_reconnects: Counter,
@@ -187,6 +189,8 @@ impl Metrics {
         let uploaded_bytes = Counter::default();
         let upload_streams = Gauge::default();
         let upload_stream_retries = Counter::default();
+        let early_uploads = Counter::default();
+        let early_upload_seconds = Counter::<f64, AtomicU64>::default();
         let active_tasks = Gauge::default();
         let broker_connected = Gauge::default();
         let broker_reconnects = Counter::default();
@@ -225,6 +229,17 @@ impl Metrics {
             "upload_stream_retries",
             "Upload streams that broke and reconnected on their own while the others went on",
             upload_stream_retries.clone(),
+        );
+        registry.register(
+            "early_uploads",
+            "ZIMs uploaded while their scraper still ran",
+            early_uploads.clone(),
+        );
+        registry.register(
+            "early_upload_seconds",
+            "Seconds spent uploading ZIMs while their scraper still ran: time the tasks did not \
+             spend uploading after the scraper's exit",
+            early_upload_seconds.clone(),
         );
         registry.register(
             "active_tasks",
@@ -282,6 +297,8 @@ impl Metrics {
             uploaded_bytes,
             upload_streams,
             upload_stream_retries,
+            early_uploads,
+            early_upload_seconds,
             active_tasks,
             broker_connected,
             broker_reconnects,
@@ -327,6 +344,11 @@ impl Metrics {
 
     pub fn upload_streams(&self, streams: usize) {
         self.upload_streams.set(streams as i64);
+    }
+
+    pub fn early_upload(&self, seconds: f64) {
+        self.early_uploads.inc();
+        self.early_upload_seconds.inc_by(seconds);
     }
 
     pub fn upload_stream_retry(&self) {

@@ -1,8 +1,9 @@
 //! The stages of one task on the Docker engine: **prepare** (task dir, free
 //! disk, images, the redis helper), **generate** (the offliner container,
 //! its log, idle timeout, how it ended: a kill for memory or by SIGKILL is
-//! said as such), **upload** (the files and the log to
-//! the warehouse) and **cleanup** (every container of the task removed on
+//! said as such; each finished ZIM uploaded while it runs, see
+//! [`crate::early`]), **upload** (the files not sent early, and the log, to
+//! the warehouse; a file sent early and changed since fails the task) and **cleanup** (every container of the task removed on
 //! every path, panics included; the task dir once its files are uploaded).
 //!
 //! A marker written in the task dir when generate succeeded lets a
@@ -35,10 +36,12 @@ use crate::config::PipelineSettings;
 use crate::docker::{
     ContainerExit, ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK,
 };
+use crate::early::EarlyUploads;
 use crate::metrics::{self, Stage};
 use crate::offliner::{TaskPlan, plan};
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 use crate::sweep::{SWEEP_INTERVAL, Sweeper};
+use crate::warehouse::journal::FileId;
 use crate::warehouse::{UploadItem, Warehouse, WarehouseError};
 
 /// Where the redis helper's socket is, inside both containers.
@@ -71,6 +74,10 @@ pub struct Generated {
     pub files: Vec<TaskFile>,
     /// The container log's file name in the task dir, if it was kept.
     pub log: Option<String>,
+    /// The files uploaded while the offliner ran, as they were then (not
+    /// in the marker: a run that resumes checks the warehouse instead).
+    #[serde(skip)]
+    pub early: crate::early::EarlyRecord,
 }
 
 /// The Docker pipeline as a [`Runner`].
@@ -237,14 +244,33 @@ impl DockerRunner {
         generated: &Generated,
         ctx: &TaskContext,
     ) -> Result<(), RunError> {
-        let mut items: Vec<UploadItem> = generated
-            .files
-            .iter()
-            .map(|f| {
-                UploadItem::output(dirs.local_task.join(&f.name), &plan.warehouse_path, &f.name)
-                    .with_journal(dirs.local_task.join(journal_name(&f.name)))
-            })
-            .collect();
+        let mut items = Vec::new();
+        for f in &generated.files {
+            match generated.early.get(&f.name) {
+                None => items.push(output_item(&dirs.local_task, &plan.warehouse_path, &f.name)),
+                Some(&then) => {
+                    let path = dirs.local_task.join(&f.name);
+                    let now = tokio::task::spawn_blocking(move || FileId::of(&path))
+                        .await
+                        .ok()
+                        .and_then(Result::ok);
+                    if now != Some(then) {
+                        return Err(failed(format!(
+                            "{} was uploaded to the warehouse while the offliner ran ({} bytes), \
+                             and the offliner changed it afterwards ({}); the warehouse never \
+                             overwrites a file: ask the Zimfarm admins to remove the first one, \
+                             or have the offliner write each ZIM once",
+                            f.name,
+                            then.size,
+                            now.map_or("it is gone".to_owned(), |n| format!(
+                                "{} bytes now",
+                                n.size
+                            )),
+                        )));
+                    }
+                }
+            }
+        }
         if let Some(log) = &generated.log {
             let path = dirs.local_task.join(log);
             if tokio::fs::try_exists(&path).await.unwrap_or(false) {
@@ -252,7 +278,12 @@ impl DockerRunner {
             }
         }
         let bytes: u64 = generated.files.iter().map(|f| f.size).sum();
-        tracing::info!(files = items.len(), bytes, "uploading to the warehouse");
+        tracing::info!(
+            files = items.len(),
+            bytes,
+            uploaded_early = generated.early.len(),
+            "uploading to the warehouse"
+        );
         let started = std::time::Instant::now();
         match warehouse.upload(&items, &ctx.cancel).await {
             Ok(reports) => {
@@ -459,10 +490,24 @@ impl DockerRunner {
         fields.insert("command".into(), json!(plan.argv.join(" ")));
         ctx.emit("task-container_started", fields);
 
+        // Each finished ZIM goes to the warehouse while the offliner runs.
+        let early_uploads = self.warehouse.clone().map(|warehouse| {
+            let (task_dir, warehouse_path) = (dirs.local_task.clone(), plan.warehouse_path.clone());
+            EarlyUploads::start(
+                warehouse,
+                dirs.local_task.clone(),
+                move |file| output_item(&task_dir, &warehouse_path, file),
+                ctx.cancel.clone(),
+            )
+        });
         let log_name = format!("{name}.log");
         let run = self
             .follow(&name, output, &dirs.local_task.join(&log_name), ctx)
             .await?;
+        let early = match early_uploads {
+            Some(early) => early.finish().await,
+            None => Default::default(),
+        };
         let log_file = compress_log(dirs.local_task.join(&log_name)).await;
         let mut fields = serde_json::Map::new();
         fields.insert("exit_code".into(), json!(run.exit.code));
@@ -515,6 +560,7 @@ impl DockerRunner {
         Ok(Generated {
             files,
             log: log_kept.then_some(log_file),
+            early,
         })
     }
 
@@ -1047,6 +1093,12 @@ async fn compress_log(path: PathBuf) -> String {
         }
         Err(_) => plain_name,
     }
+}
+
+/// Where output `name` of the task dir goes, with its upload journal.
+fn output_item(task_dir: &Path, warehouse_path: &str, name: &str) -> UploadItem {
+    UploadItem::output(task_dir.join(name), warehouse_path, name)
+        .with_journal(task_dir.join(journal_name(name)))
 }
 
 /// The upload journal of output `name`, in the task dir: hidden from

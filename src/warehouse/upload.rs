@@ -66,6 +66,8 @@ pub struct UploadReport {
     pub bytes_sent: u64,
     /// Whether the ZIM checksum was verified.
     pub zim_verified: bool,
+    /// The streams the last attempt opened (0 when nothing was sent).
+    pub streams: usize,
 }
 
 impl UploadItem {
@@ -418,6 +420,7 @@ pub(super) async fn upload_one(
         resumed_from: 0,
         bytes_sent: 0,
         zim_verified: false,
+        streams: 0,
     };
 
     ensure_dir(sftp, &item.remote_dir).await?;
@@ -519,6 +522,7 @@ pub(super) async fn upload_one(
     } else {
         1
     };
+    report.streams = streams;
     let sent = send(
         warehouse,
         conn,

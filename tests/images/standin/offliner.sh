@@ -26,6 +26,14 @@
 #                      NAME.zim; 0: none)
 #   --name=NAME        ZIM name (default: wikipedia_en_test, youtube_test,
 #                      gutenberg_test, phet_test)
+#   --zimMB=N          each ZIM is a ZIM-shaped file of N MiB (header, random
+#                      filler, the MD5 of it all) instead of the demo ZIM
+#   --zimEvery=SECONDS pause SECONDS after each ZIM but the last
+#   --growFor=SECONDS  (with --zimMB) the last ZIM grows under its own name
+#                      for SECONDS, a step each second, its MD5 written last
+#   --rewriteFirst=HOW (with --zimMB) the first ZIM is written with a
+#                      checksum that fails (HOW=bad) or intact (good), and
+#                      written again, intact, with new filler, before "done"
 #   --ignoreTerm       ignore SIGTERM/SIGINT (default: exit 143/130 at once)
 #
 # OUTPUT is --outputDirectory=DIR for mwoffliner, --output=DIR for the
@@ -89,7 +97,7 @@ pause() {
 
 # ------------------------------------------------------------------- flags
 
-argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
+zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
 for arg do
     case $arg in
     --*=*)
@@ -110,6 +118,10 @@ for arg do
     "$out_flag") out=$val ;;
     name) name=$val ;;
     zims) zims=$val ;;
+    zimMB) zim_mb=$val ;;
+    zimEvery) zim_every=$val ;;
+    growFor) grow_for=$val ;;
+    rewriteFirst) rewrite_first=$val ;;
     argvDump) argv_dump=1 ;;
     sleep) sleep_s=$val ;;
     silent) silent_s=$val ;;
@@ -129,6 +141,11 @@ fi
 [ -n "$out" ] || fail 2 "empty output directory"
 [ -n "$name" ] || fail 2 "empty --name"
 [ -z "$zims" ] || is_uint "$zims" || fail 2 "--zims wants a whole number, not '$zims'"
+[ -z "$zim_mb" ] || { is_uint "$zim_mb" && [ "$zim_mb" -ge 1 ]; } \
+    || fail 2 "--zimMB wants whole megabytes (1 or more), not '$zim_mb'"
+[ -z "$zim_every" ] || is_number "$zim_every" || fail 2 "--zimEvery wants seconds, not '$zim_every'"
+[ -z "$grow_for" ] || is_uint "$grow_for" || fail 2 "--growFor wants whole seconds, not '$grow_for'"
+case $rewrite_first in '' | bad | good) ;; *) fail 2 "--rewriteFirst wants bad or good, not '$rewrite_first'" ;; esac
 [ -z "$sleep_s" ] || is_number "$sleep_s" || fail 2 "--sleep wants seconds, not '$sleep_s'"
 [ -z "$silent_s" ] || is_number "$silent_s" || fail 2 "--silent wants seconds, not '$silent_s'"
 [ -z "$spam_mb" ] || is_number "$spam_mb" || fail 2 "--spam wants megabytes, not '$spam_mb'"
@@ -199,17 +216,62 @@ if [ "$exit_code" -ne 0 ]; then
     fail "$exit_code" "exiting with code $exit_code as asked (--exit)"
 fi
 
-write_zim() { # NAME
-    cp -- "$ZIM" "$out/$1.zim" || fail 1 "cannot write $out/$1.zim"
+# The 8 bytes of $1, little-endian.
+le64() {
+    v=$1 k=0
+    while [ "$k" -lt 8 ]; do
+        # shellcheck disable=SC2059 # the format is one octal escape
+        printf "\\$(printf %03o $((v & 255)))"
+        v=$((v >> 8)) k=$((k + 1))
+    done
+}
+
+# A ZIM-shaped file of MIB MiB at PATH, written in place: the header's magic,
+# version and checksumPos, random filler in STEPS steps a second apart, then
+# the MD5 of all that (16 zero bytes when GOOD is 0: its checksum fails).
+zim_shaped() { # PATH MIB STEPS GOOD
+    pos=$(($2 * 1048576 - 16))
+    { printf 'ZIM\004\006\000' && head -c 66 /dev/zero && le64 "$pos"; } >"$1" || return 1
+    left=$((pos - 80)) step=$(((pos - 80) / $3)) k=1
+    while [ "$k" -lt "$3" ]; do
+        head -c "$step" /dev/urandom >>"$1" || return 1
+        left=$((left - step)) k=$((k + 1))
+        pause 1
+    done
+    head -c "$left" /dev/urandom >>"$1" || return 1
+    if [ "$4" = 1 ]; then
+        sum=$(md5sum <"$1" | cut -c1-32)
+        # shellcheck disable=SC2059 # the format is the digest's bytes
+        printf "$(echo "$sum" | sed 's/../\\x&/g')" >>"$1"
+    else
+        head -c 16 /dev/zero >>"$1"
+    fi
+}
+
+write_zim() { # NAME INDEX LAST
+    if [ -z "$zim_mb" ]; then
+        cp -- "$ZIM" "$out/$1.zim" || fail 1 "cannot write $out/$1.zim"
+    else
+        steps=1 good=1
+        [ "$2" = "$3" ] && [ -n "$grow_for" ] && [ "$grow_for" -gt 1 ] && steps=$grow_for
+        [ "$2" = 1 ] && [ "$rewrite_first" = bad ] && good=0
+        zim_shaped "$out/$1.zim" "$zim_mb" "$steps" "$good" || fail 1 "cannot write $out/$1.zim"
+    fi
     echo "wrote $out/$1.zim"
+    [ "$2" = "$3" ] || [ -z "$zim_every" ] || pause "$zim_every"
 }
 if [ -z "$zims" ]; then
-    write_zim "$name"
+    write_zim "$name" 1 1
+    first=$name
 else
-    i=1
+    i=1 first=${name}_1
     while [ "$i" -le "$zims" ]; do
-        write_zim "${name}_$i"
+        write_zim "${name}_$i" "$i" "$zims"
         i=$((i + 1))
     done
+fi
+if [ -n "$rewrite_first" ] && [ -n "$zim_mb" ] && [ "$zims" != 0 ]; then
+    zim_shaped "$out/$first.zim" "$zim_mb" 1 1 || fail 1 "cannot write $out/$first.zim"
+    echo "rewrote $out/$first.zim, intact"
 fi
 echo "done"

@@ -1,0 +1,242 @@
+//! Early upload: while the scraper runs, each `.zim` in its task dir that
+//! has stopped growing and whose own checksum verifies goes to the
+//! warehouse, one file at a time, so that when the scraper exits only what
+//! is left is sent. A gutenberg or youtube run that writes many ZIMs over
+//! days publishes each one as it is done.
+//!
+//! Owns the watching (a scan every [`SCAN_EVERY`]), the judgement
+//! "finished" (size and modification time unchanged for [`QUIET`], then
+//! the ZIM MD5 over the whole file: a name alone proves nothing, and a ZIM
+//! being written has no valid checksum yet) and the record of what went
+//! early, with the identity (size, mtime) it had then. It must not touch
+//! containers or events, and it never fails a task: a file it could not
+//! send waits for the upload stage, which reports what is wrong.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::warehouse::journal::FileId;
+use crate::warehouse::zim::{ZimChecksum, ZimError, is_zim_name};
+use crate::warehouse::{UploadItem, Warehouse};
+
+/// How often the task dir is looked at.
+pub const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How long a ZIM must stay the same before it is checked.
+pub const QUIET: Duration = Duration::from_secs(3);
+
+/// The files that went early, by name, with the identity they had when
+/// their checksum verified.
+pub type EarlyRecord = BTreeMap<String, FileId>;
+
+/// The watcher of one task dir; [`EarlyUploads::finish`] ends it.
+pub struct EarlyUploads {
+    stop: CancellationToken,
+    task: JoinHandle<EarlyRecord>,
+}
+
+impl EarlyUploads {
+    /// Starts watching `dir`; `item_for(name)` says where a file goes.
+    /// `cancel` (the task's) stops an upload under way; `finish` lets it
+    /// end first.
+    pub fn start(
+        warehouse: Warehouse,
+        dir: PathBuf,
+        item_for: impl Fn(&str) -> UploadItem + Send + Sync + 'static,
+        cancel: CancellationToken,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let watch = Watch {
+            warehouse,
+            dir,
+            item_for: Box::new(item_for),
+            cancel,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(watch.run().in_current_span());
+        Self { stop, task }
+    }
+
+    /// Stops watching (the scraper exited), waits for an upload under way
+    /// to end, and says what went early.
+    pub async fn finish(mut self) -> EarlyRecord {
+        self.stop.cancel();
+        (&mut self.task).await.unwrap_or_default()
+    }
+}
+
+impl Drop for EarlyUploads {
+    fn drop(&mut self) {
+        // Dropped without `finish` (the run failed or was cancelled):
+        // the watcher and an upload under way stop here.
+        self.stop.cancel();
+        self.task.abort();
+    }
+}
+
+struct Watch {
+    warehouse: Warehouse,
+    dir: PathBuf,
+    item_for: Box<dyn Fn(&str) -> UploadItem + Send + Sync>,
+    cancel: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Watch {
+    async fn run(self) -> EarlyRecord {
+        let mut sent = EarlyRecord::new();
+        // name -> (identity, since when it has not changed)
+        let mut still: HashMap<String, (FileId, Instant)> = HashMap::new();
+        // name -> the identity that failed its checksum or its upload
+        let mut passed_over: HashMap<String, FileId> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SCAN_EVERY) => {}
+                _ = self.stop.cancelled() => return sent,
+            }
+            let Some(name) = self.candidate(&sent, &mut still, &passed_over).await else {
+                continue;
+            };
+            let path = self.dir.join(&name);
+            let id = still[&name].0;
+            let verdict = tokio::select! {
+                v = verify(path.clone()) => v,
+                // The upload stage checks it again.
+                _ = self.stop.cancelled() => return sent,
+            };
+            if let Err(why) = verdict {
+                tracing::debug!(file = %name, %why, "a ZIM that is not complete yet; not uploaded early");
+                passed_over.insert(name, id);
+                continue;
+            }
+            if current_id(&path).await != Some(id) {
+                continue;
+            }
+            tracing::info!(file = %name, size = id.size, "uploading a finished ZIM while the scraper runs");
+            let started = Instant::now();
+            match self
+                .warehouse
+                .upload(&[(self.item_for)(&name)], &self.cancel)
+                .await
+            {
+                Ok(_) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    crate::metrics::global().early_upload(seconds);
+                    tracing::info!(file = %name, seconds, "uploaded early");
+                    sent.insert(name, id);
+                }
+                Err(error) => {
+                    tracing::warn!(file = %name, %error, "early upload failed; the file waits for the scraper's exit");
+                    passed_over.insert(name, id);
+                }
+            }
+        }
+    }
+
+    /// The first `.zim` (by name) not sent yet that has been still for
+    /// [`QUIET`] and not passed over as it is now.
+    async fn candidate(
+        &self,
+        sent: &EarlyRecord,
+        still: &mut HashMap<String, (FileId, Instant)>,
+        passed_over: &HashMap<String, FileId>,
+    ) -> Option<String> {
+        let mut entries = tokio::fs::read_dir(&self.dir).await.ok()?;
+        let mut ready = Vec::new();
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if !is_zim_name(&name) || name.starts_with(".zimfarm-") || sent.contains_key(&name) {
+                continue;
+            }
+            let Some(id) = current_id(&entry.path()).await else {
+                continue;
+            };
+            let now = Instant::now();
+            match still.get(&name) {
+                Some(&(was, since)) if was == id => {
+                    if now.duration_since(since) >= QUIET && passed_over.get(&name) != Some(&id) {
+                        ready.push(name);
+                    }
+                }
+                _ => {
+                    still.insert(name, (id, now));
+                }
+            }
+        }
+        ready.sort();
+        ready.into_iter().next()
+    }
+}
+
+/// The identity of a regular file, or `None`.
+async fn current_id(path: &Path) -> Option<FileId> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        FileId::of(&path).ok()
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Checks a whole ZIM's own MD5 on a blocking thread.
+async fn verify(path: PathBuf) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+        let mut checksum = ZimChecksum::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => checksum.update(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        checksum.finish().map_err(|e: ZimError| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::warehouse::zim::synthetic_zim;
+    use std::io::Write;
+
+    fn write_zim(path: &Path, size: u64, good: bool) {
+        let mut f = std::fs::File::create(path).unwrap();
+        let mut chunks: Vec<Vec<u8>> = synthetic_zim(size, |b| b.fill(7)).collect();
+        if !good {
+            let last = chunks.last_mut().unwrap();
+            last[0] ^= 1;
+        }
+        for c in chunks {
+            f.write_all(&c).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn only_an_intact_zim_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.zim");
+        let bad = dir.path().join("bad.zim");
+        write_zim(&good, 100_000, true);
+        write_zim(&bad, 100_000, false);
+        verify(good.clone()).await.unwrap();
+        assert!(verify(bad).await.unwrap_err().contains("MD5"));
+        // Cut short, as a ZIM being written is.
+        let f = std::fs::OpenOptions::new().write(true).open(&good).unwrap();
+        f.set_len(50_000).unwrap();
+        assert!(verify(good).await.is_err());
+    }
+}

@@ -1009,3 +1009,89 @@ fn run_task_runs_one_task_from_a_file_without_a_broker() {
             .contains("IMAGE_ALLOWLIST")
     );
 }
+
+/// Whether `path` is an intact ZIM-shaped file: its last 16 bytes are the
+/// MD5 of the rest (what the stand-in's `--zimMB` writes).
+fn zim_intact(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    bytes.len() > 96 && md5::compute(&bytes[..bytes.len() - 16]).0 == bytes[bytes.len() - 16..]
+}
+
+#[test]
+fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
+    let sshd = Sshd::start();
+    let node = "early";
+    let (vh, _dir, events, worker) = stack(node, &docker_env(&sshd, &[]));
+    let id = task_id();
+    // _1: a checksum that fails until it is written again at the end; _2:
+    // finished 2 s in; _3: grows for 10 s, then the scraper exits.
+    let flags = json!({
+        "zims": 3, "zimMB": 4, "rewriteFirst": "bad", "zimEvery": 2, "growFor": 10,
+    });
+    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
+    let warehouse = sshd.chroot().join("zim/wikipedia");
+    let second = warehouse.join("wikipedia_en_test_2.zim");
+    let start = std::time::Instant::now();
+    while !second.exists() {
+        assert!(start.elapsed() < T, "the finished ZIM was not uploaded early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        events.count("task-container_finished", &id),
+        0,
+        "the scraper had exited before the finished ZIM went"
+    );
+    assert!(!warehouse.join("wikipedia_en_test_1.zim").exists());
+    assert!(!warehouse.join("wikipedia_en_test_3.zim").exists());
+    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    let result = succeeded["result"].as_str().unwrap();
+    for n in 1..=3 {
+        let name = format!("wikipedia_en_test_{n}.zim");
+        assert_eq!(
+            result.matches(&format!("'name': '{name}'")).count(),
+            1,
+            "{name} in {result}"
+        );
+        assert!(zim_intact(&warehouse.join(&name)), "{name} is not intact");
+    }
+    let log = worker.log_text();
+    assert_eq!(
+        log.matches("uploading a finished ZIM while the scraper runs")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("uploaded early") && log.contains("uploaded_early=1"), "{log}");
+    wait_no_containers(node);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+#[test]
+fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
+    let sshd = Sshd::start();
+    let node = "rewrite";
+    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
+    let id = task_id();
+    // _1 is finished at once and still for 8 s (uploaded early), then the
+    // scraper writes it again with other bytes.
+    let flags = json!({"zims": 2, "zimMB": 2, "rewriteFirst": "good", "zimEvery": 8});
+    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
+    let failed = events.wait_task_event("task-failed", &id, T);
+    let exception = failed["exception"].as_str().unwrap();
+    assert!(
+        exception.contains("wikipedia_en_test_1.zim was uploaded to the warehouse while the offliner ran")
+            && exception.contains("changed it afterwards")
+            && exception.contains("never overwrites"),
+        "{failed}"
+    );
+    // The warehouse keeps what it had; the files here are kept too.
+    let early = sshd.chroot().join("zim/wikipedia/wikipedia_en_test_1.zim");
+    assert!(zim_intact(&early));
+    let task_dir = dir.path().join(&id);
+    assert_ne!(
+        std::fs::read(&early).unwrap(),
+        std::fs::read(task_dir.join("wikipedia_en_test_1.zim")).unwrap()
+    );
+    wait_no_containers(node);
+    vh.wait_queue_depth("small", 0, 0, T);
+}

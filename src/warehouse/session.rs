@@ -215,11 +215,15 @@ impl Connection {
         let mut raw = RawSftpSession::new_with_config(stream, sftp_config);
         let asked = Instant::now();
         let version = raw.init().await.map_err(start_failed)?;
-        let rtt = asked.elapsed();
+        let mut rtt = asked.elapsed();
         let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
         let mut write_len = SFTP_WRITE_LEN;
         if has(extensions::LIMITS) {
+            // A plain request and its answer: the link's round trip, where
+            // the version exchange also waited for the server to start.
+            let asked = Instant::now();
             let limits = Limits::from(raw.limits().await.map_err(start_failed)?);
+            rtt = rtt.min(asked.elapsed());
             if let Some(len) = limits.write_len {
                 write_len = write_len.min(usize::try_from(len).unwrap_or(usize::MAX));
             }
@@ -325,9 +329,9 @@ impl Sftp {
         &self,
         handle: &str,
         offset: u64,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<(), SftpError> {
-        self.raw.write(handle, offset, data.to_vec()).await?;
+        self.raw.write(handle, offset, data).await?;
         Ok(())
     }
 

@@ -17,7 +17,6 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
@@ -32,7 +31,7 @@ use super::{MAX_BACKOFF, Warehouse, WarehouseError};
 /// while statuses travel back.
 const STREAM_IN_FLIGHT: usize = 4 << 20;
 /// Pieces read ahead of the streams, shared by all of them.
-const READ_AHEAD_BYTES: usize = 8 << 20;
+const READ_AHEAD_BYTES: usize = 4 << 20;
 /// The wait between starting one extra connection and the next: sshd's
 /// `MaxStartups` (10 unauthenticated connections by default) refuses bursts.
 pub(super) const STAGGER: Duration = Duration::from_millis(100);
@@ -41,7 +40,7 @@ pub(super) const STAGGER: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(super) struct Piece {
     pub offset: u64,
-    pub data: Bytes,
+    pub data: Vec<u8>,
 }
 
 /// What the streams tell the upload.
@@ -69,6 +68,8 @@ pub(super) enum Event {
         stream: usize,
         error: WarehouseError,
     },
+    /// What a broken stream had in flight could not be read again.
+    Unreadable(String),
 }
 
 /// How the reader ended.
@@ -155,7 +156,13 @@ fn read_file(
         while i < missing.len() && missing[i].start < block.end {
             let start = missing[i].start.max(block.start);
             let end = missing[i].end.min(block.end);
-            let data = Bytes::copy_from_slice(&buf[(start - pos) as usize..(end - pos) as usize]);
+            let data = if start == block.start && end == block.end {
+                // The whole block, the usual case: handed over, not copied.
+                buf.truncate(filled);
+                std::mem::replace(&mut buf, vec![0u8; piece_len])
+            } else {
+                buf[(start - pos) as usize..(end - pos) as usize].to_vec()
+            };
             if tx
                 .send_blocking(Piece {
                     offset: start,
@@ -185,6 +192,8 @@ fn read_file(
 #[derive(Clone)]
 pub(super) struct Shared {
     pub warehouse: Warehouse,
+    /// The local file, read again for what a broken stream had in flight.
+    pub local: PathBuf,
     /// The remote `<name>.tmp`.
     pub path: String,
     pub fresh: async_channel::Receiver<Piece>,
@@ -252,8 +261,13 @@ pub(super) async fn run_stream(
                         return closed;
                     }
                     Err((error, back)) => {
-                        hand_back(&shared, back);
                         owned = None;
+                        if let Err(e) = hand_back(&shared, back).await {
+                            // Those ranges cannot be sent: the upload fails,
+                            // and says why.
+                            shared.tell(Event::Unreadable(e));
+                            return Ok(());
+                        }
                         error
                     }
                 }
@@ -321,25 +335,45 @@ async fn connect_and_open(shared: &Shared) -> Result<(Connection, String), Wareh
     Ok((conn, handle))
 }
 
-/// Pieces a broken stream had in flight go back, lowest offset first.
-fn hand_back(shared: &Shared, mut back: Vec<Piece>) {
-    back.sort_by_key(|p| p.offset);
-    for piece in back {
+/// The ranges a broken stream had in flight go back, read again from the
+/// local file (its page cache, usually), lowest offset first: the bytes in
+/// flight are not kept twice meanwhile.
+async fn hand_back(shared: &Shared, mut back: Vec<(u64, usize)>) -> Result<(), String> {
+    back.sort_unstable();
+    let local = shared.local.clone();
+    let pieces = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(&local)?;
+        back.into_iter()
+            .map(|(offset, len)| {
+                let mut data = vec![0u8; len];
+                file.read_exact_at(&mut data, offset)?;
+                Ok(Piece { offset, data })
+            })
+            .collect::<std::io::Result<Vec<Piece>>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot read it again: {e}"))?;
+    for piece in pieces {
         // Unbounded, and this stream holds a receiver: it cannot fail.
         let _ = shared.again_tx.try_send(piece);
     }
+    Ok(())
 }
 
 /// Writes pieces over one handle until `stop` with nothing in flight (Ok),
-/// or the first failure: then the error and every piece not confirmed.
+/// or the first failure: then the error and every range not confirmed.
 async fn pump(
     sftp: &Sftp,
     handle: &str,
     shared: &Shared,
     fresh_open: &mut bool,
     progressed: &mut bool,
-) -> Result<(), (WarehouseError, Vec<Piece>)> {
-    let mut pending: HashMap<u64, Piece> = HashMap::new();
+) -> Result<(), (WarehouseError, Vec<(u64, usize)>)> {
+    // offset -> length of each write in flight: the bytes themselves are
+    // only in the write on its way.
+    let mut pending: HashMap<u64, usize> = HashMap::new();
     let mut in_flight = FuturesUnordered::new();
     let mut bytes = 0usize;
     let handle: std::sync::Arc<str> = handle.into();
@@ -348,17 +382,17 @@ async fn pump(
         let piece = tokio::select! {
             biased;
             Some((offset, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let piece: Piece = pending.remove(&offset).expect("a piece in flight");
-                bytes -= piece.data.len();
+                let len = pending.remove(&offset).expect("a piece in flight");
+                bytes -= len;
                 match result {
                     Ok(()) => {
                         *progressed = true;
-                        shared.tell(Event::Confirmed { offset, len: piece.data.len() as u64 });
+                        shared.tell(Event::Confirmed { offset, len: len as u64 });
                         continue;
                     }
                     Err(e) => {
-                        let mut back: Vec<Piece> = pending.into_values().collect();
-                        back.push(piece);
+                        let mut back: Vec<(u64, usize)> = pending.into_iter().collect();
+                        back.push((offset, len));
                         return Err((remote_error(&shared.path)(e), back));
                     }
                 }
@@ -373,11 +407,11 @@ async fn pump(
                 }
             },
         };
-        bytes += piece.data.len();
-        let (offset, data) = (piece.offset, piece.data.clone());
+        let Piece { offset, data } = piece;
+        bytes += data.len();
+        pending.insert(offset, data.len());
         let (sftp, handle) = (sftp.clone(), handle.clone());
-        in_flight.push(async move { (offset, sftp.write(&handle, offset, &data).await) });
-        pending.insert(offset, piece);
+        in_flight.push(async move { (offset, sftp.write(&handle, offset, data).await) });
     }
 }
 

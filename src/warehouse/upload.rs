@@ -304,6 +304,14 @@ async fn verify_local_zim(path: &Path) -> Result<(), WarehouseError> {
     }
 }
 
+/// The identity of a local file, read off the runtime.
+async fn local_id(path: &Path) -> std::io::Result<FileId> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || FileId::of(&path))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
 /// How many streams one file goes over: `setting`, or for `auto` enough
 /// to carry [`AUTO_LINK_BYTES_PER_SEC`] at [`CHANNEL_WINDOW`] per round
 /// trip (one when one is enough, one spare otherwise); never more than
@@ -399,13 +407,7 @@ pub(super) async fn upload_one(
         path: item.local.clone(),
         detail: e.to_string(),
     };
-    let file = {
-        let local = item.local.clone();
-        tokio::task::spawn_blocking(move || FileId::of(&local))
-            .await
-            .map_err(|e| local_err(std::io::Error::other(e.to_string())))?
-            .map_err(local_err)?
-    };
+    let file = local_id(&item.local).await.map_err(local_err)?;
     let size = file.size;
     let zim = is_zim_name(&item.name);
     let final_path = item.remote_path();
@@ -536,6 +538,19 @@ pub(super) async fn upload_one(
     )
     .await;
     let verdict = match sent {
+        Ok(verdict) if local_id(&item.local).await.ok() != Some(file) => {
+            // Read again after a cut, a changed file may have sent some of
+            // its new bytes: none of it is kept.
+            let _ = verdict;
+            record.remove();
+            if let Err(e) = sftp.remove(&tmp_path).await {
+                tracing::warn!(path = %tmp_path, error = %e, "could not remove the partial upload");
+            }
+            return Err(WarehouseError::Local {
+                path: item.local.clone(),
+                detail: "it changed while being uploaded".to_owned(),
+            });
+        }
         Ok(verdict) => verdict,
         Err(error) => {
             // What was confirmed since the last save is kept for the next
@@ -624,6 +639,7 @@ async fn send(
     let _stop_guard = stop.clone().drop_guard();
     let shared = Shared {
         warehouse: warehouse.clone(),
+        local: item.local.clone(),
         path: tmp_path.to_owned(),
         fresh,
         again_tx,
@@ -708,6 +724,7 @@ async fn send(
                             warn_refused(&item.name, streams, refused);
                         }
                     }
+                    Event::Unreadable(detail) => return Err(local_failed(detail)),
                     Event::Gone { stream, error } => {
                         up[stream] = false;
                         progress.set_streams(up.iter().filter(|&&u| u).count());

@@ -1033,7 +1033,10 @@ fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
     let second = warehouse.join("wikipedia_en_test_2.zim");
     let start = std::time::Instant::now();
     while !second.exists() {
-        assert!(start.elapsed() < T, "the finished ZIM was not uploaded early");
+        assert!(
+            start.elapsed() < T,
+            "the finished ZIM was not uploaded early"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
@@ -1061,7 +1064,10 @@ fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
         1,
         "{log}"
     );
-    assert!(log.contains("uploaded early") && log.contains("uploaded_early=1"), "{log}");
+    assert!(
+        log.contains("uploaded early") && log.contains("uploaded_early=1"),
+        "{log}"
+    );
     wait_no_containers(node);
     vh.wait_queue_depth("small", 0, 0, T);
 }
@@ -1079,8 +1085,9 @@ fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
     let failed = events.wait_task_event("task-failed", &id, T);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
-        exception.contains("wikipedia_en_test_1.zim was uploaded to the warehouse while the offliner ran")
-            && exception.contains("changed it afterwards")
+        exception.contains(
+            "wikipedia_en_test_1.zim was uploaded to the warehouse while the offliner ran"
+        ) && exception.contains("changed it afterwards")
             && exception.contains("never overwrites"),
         "{failed}"
     );
@@ -1092,6 +1099,98 @@ fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
         std::fs::read(&early).unwrap(),
         std::fs::read(task_dir.join("wikipedia_en_test_1.zim")).unwrap()
     );
+    wait_no_containers(node);
+    vh.wait_queue_depth("small", 0, 0, T);
+}
+
+/// The bytes each upload journal in `task_dir` claims.
+fn journal_claims(task_dir: &Path) -> u64 {
+    std::fs::read_dir(task_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".zimfarm-upload-")
+        })
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|t| serde_json::from_slice::<Value>(&t).ok())
+        .flat_map(|j| j["confirmed"].as_array().cloned().unwrap_or_default())
+        .map(|r| r[1].as_u64().unwrap() - r[0].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
+    let sshd = Sshd::start();
+    // 8 MB/s for every connection together: the 64 MiB ZIM takes 8 s.
+    let proxy = ThrottleProxy::start(&sshd.addr());
+    let node = "killupload";
+    let (vh, dir) = (Vhost::new(node), tempfile::tempdir().unwrap());
+    let events = EventsProc::start(&vh, 180);
+    let mut env = docker_env(&sshd, &[("UPLOAD_STREAMS", "4")]);
+    env.extend(warehouse_env(&sshd, proxy.port()));
+    let mut first = WorkerProc::start(&vh, dir.path(), node, &env);
+    first.wait_connected();
+    proxy.set_rate(8_000_000);
+    let id = task_id();
+    send_task(
+        &vh,
+        "offliner.mwoffliner",
+        &id,
+        &mw_kwargs(json!({"zimMB": 64})),
+        &[],
+    );
+    let task_dir = dir.path().join(&id);
+    let local = task_dir.join("wikipedia_en_test.zim");
+    let start = std::time::Instant::now();
+    while journal_claims(&task_dir) < 16 << 20 {
+        assert!(start.elapsed() < T, "the upload did not get going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.signal("KILL");
+    first.wait_exit(T);
+    let claimed = journal_claims(&task_dir);
+    let want = std::fs::read(&local).unwrap();
+    // What the warehouse really has, block by block: more than the journal
+    // claims, by what was written after its last save.
+    let tmp = sshd
+        .chroot()
+        .join("zim/wikipedia/wikipedia_en_test.zim.tmp");
+    let got = std::fs::read(&tmp).expect("the partial upload is there");
+    let block = 32 << 10;
+    let present: usize = want
+        .chunks(block)
+        .enumerate()
+        .filter(|(i, w)| got.get(i * block..i * block + w.len()) == Some(*w))
+        .map(|(_, w)| w.len())
+        .sum();
+    let missing = (want.len() - present) as u64;
+    assert!(missing > 16 << 20, "only {missing} bytes were missing");
+
+    proxy.set_rate(0);
+    proxy.reset_bytes();
+    let second = WorkerProc::start(&vh, dir.path(), node, &env);
+    second.wait_connected();
+    events.wait_task_event("task-succeeded", &id, T);
+    second.wait_log("going straight to upload", T);
+    let sent = proxy.bytes_up();
+    eprintln!(
+        "kill -9 at {claimed} bytes claimed: {missing} missing, the restart sent {sent} ({:.3}x)",
+        sent as f64 / missing as f64
+    );
+    assert!(
+        sent as f64 <= 1.2 * missing as f64,
+        "the restart sent {sent} bytes for {missing} missing (the journal claimed {claimed})"
+    );
+    let uploaded =
+        std::fs::read(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim")).unwrap();
+    assert!(
+        uploaded == want,
+        "the uploaded ZIM differs from the generated one"
+    );
+    wait_gone(&task_dir);
     wait_no_containers(node);
     vh.wait_queue_depth("small", 0, 0, T);
 }

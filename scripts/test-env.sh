@@ -44,10 +44,11 @@ SSHD_PRIVSEP_DIR=/run/sshd
 STARTUP_TIMEOUT=90
 
 # debootstrap, debian-archive-keyring and docker-compose: the image test
-# (scripts/image-test.sh, tests/images/debian-base.sh) and the compose lint.
+# (scripts/image-test.sh, tests/images/debian-base.sh) and the compose lint;
+# lftp and rclone: the other clients of the upload bench.
 PACKAGES=(rabbitmq-server openssh-server busybox-static redis-server
     python3-venv curl shellcheck openssl debootstrap debian-archive-keyring
-    docker-compose)
+    docker-compose lftp rclone)
 
 log() { printf 'test-env: %s\n' "$*" >&2; }
 die() {

@@ -17,6 +17,7 @@ pub mod zim;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -28,6 +29,7 @@ pub use zim::ZimError;
 
 use crate::config::WarehouseSettings;
 use session::Connection;
+use streams::Extras;
 use upload::{Progress, upload_one};
 
 /// Where ZIM files go: `/zim<warehouse_path>`.
@@ -138,6 +140,9 @@ pub struct Warehouse {
     key: ClientKey,
     trust: Arc<HostKeyTrust>,
     first_backoff: Duration,
+    /// The last round trip measured to the warehouse, in µs (0: none yet):
+    /// a batch's extra connections open beside its first one.
+    rtt_hint: Arc<AtomicU64>,
 }
 
 impl Warehouse {
@@ -156,6 +161,7 @@ impl Warehouse {
             key,
             trust: Arc::new(trust),
             first_backoff: FIRST_BACKOFF,
+            rtt_hint: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -180,8 +186,33 @@ impl Warehouse {
         Ok(())
     }
 
+    /// A connection for the extra streams of a file: the first one of the
+    /// batch has measured the link and asked the limits already.
+    async fn connect_extra(&self) -> Result<Connection, WarehouseError> {
+        Connection::open(&self.settings, &self.key, &self.trust, false).await
+    }
+
     async fn connect(&self) -> Result<Connection, WarehouseError> {
-        Connection::open(&self.settings, &self.key, &self.trust).await
+        let conn = Connection::open(&self.settings, &self.key, &self.trust, true).await?;
+        let micros = u64::try_from(conn.rtt().as_micros()).unwrap_or(u64::MAX);
+        self.rtt_hint.store(micros.max(1), Ordering::Relaxed);
+        Ok(conn)
+    }
+
+    fn rtt_hint(&self) -> Option<Duration> {
+        match self.rtt_hint.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+
+    /// The extra connections a batch whose largest striped file has
+    /// `largest` bytes wants at `rtt`.
+    fn extras_for(&self, rtt: Duration, largest: u64) -> usize {
+        if largest == 0 {
+            return 0;
+        }
+        upload::streams_for(self.settings.upload_streams, rtt, largest) - 1
     }
 
     /// Uploads every item, in order, over one connection; reconnects and
@@ -210,15 +241,31 @@ impl Warehouse {
         };
         let mut progress = Progress::new(total);
         let mut reports: Vec<UploadReport> = Vec::with_capacity(items.len());
+        // Only a file with a journal goes over several streams.
+        let mut largest = 0;
+        for item in items.iter().filter(|i| i.journal.is_some()) {
+            if let Ok(meta) = tokio::fs::metadata(&item.local).await {
+                largest = largest.max(meta.len());
+            }
+        }
+        let mut extras = Extras::none();
+        if let Some(rtt) = self.rtt_hint() {
+            // Known from an earlier connection: they open beside the first.
+            extras.open(self, self.extras_for(rtt, largest));
+        }
         let mut failures = 0u32;
         let mut backoff = self.first_backoff;
         loop {
             let before = (reports.len(), progress.sent());
             let attempt = async {
                 let mut conn = self.connect().await?;
+                if !extras.started() {
+                    extras.open(self, self.extras_for(conn.rtt(), largest));
+                }
                 while reports.len() < items.len() {
                     let item = &items[reports.len()];
-                    let report = upload_one(self, &mut conn, item, &mut progress).await?;
+                    let report =
+                        upload_one(self, &mut conn, &mut extras, item, &mut progress).await?;
                     reports.push(report);
                 }
                 conn.close().await;
@@ -229,10 +276,16 @@ impl Warehouse {
                 _ = cancel.cancelled() => Err(WarehouseError::Cancelled),
             };
             let error = match result {
-                Ok(()) => return Ok(reports),
+                Ok(()) => {
+                    extras.close().await;
+                    return Ok(reports);
+                }
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => e,
             };
+            // The next attempt opens its extra connections afresh: these
+            // may have broken with the first one, or never come up.
+            std::mem::replace(&mut extras, Extras::none()).close().await;
             if (reports.len(), progress.sent()) != before {
                 // This attempt got somewhere: the link works, it just broke.
                 failures = 0;

@@ -107,13 +107,18 @@ fn ssh(context: &'static str) -> impl Fn(russh::Error) -> WarehouseError {
 }
 
 impl Connection {
+    /// Opens a connection; `ask_limits`: also ask the server's limits
+    /// (one more round trip, which also measures it), for the connection
+    /// that decides the writes' size.
     pub(super) async fn open(
         settings: &WarehouseSettings,
         key: &ClientKey,
         trust: &Arc<HostKeyTrust>,
+        ask_limits: bool,
     ) -> Result<Self, WarehouseError> {
         let addr = format!("{}:{}", settings.host, settings.port);
-        match tokio::time::timeout(CONNECT_TIMEOUT, Self::open_inner(settings, key, trust)).await {
+        let opening = Self::open_inner(settings, key, trust, ask_limits);
+        match tokio::time::timeout(CONNECT_TIMEOUT, opening).await {
             Ok(result) => result,
             Err(_) => Err(WarehouseError::Connect {
                 addr,
@@ -126,6 +131,7 @@ impl Connection {
         settings: &WarehouseSettings,
         key: &ClientKey,
         trust: &Arc<HostKeyTrust>,
+        ask_limits: bool,
     ) -> Result<Self, WarehouseError> {
         let addr = format!("{}:{}", settings.host, settings.port);
         let algorithms = {
@@ -198,8 +204,10 @@ impl Connection {
             .channel_open_session()
             .await
             .map_err(ssh("opening a session channel"))?;
+        // No reply waited for: the version exchange right behind it says
+        // whether the server started SFTP.
         channel
-            .request_subsystem(true, "sftp")
+            .request_subsystem(false, "sftp")
             .await
             .map_err(ssh("starting the sftp subsystem"))?;
         let sftp_config = russh_sftp::client::Config {
@@ -218,7 +226,7 @@ impl Connection {
         let mut rtt = asked.elapsed();
         let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
         let mut write_len = SFTP_WRITE_LEN;
-        if has(extensions::LIMITS) {
+        if ask_limits && has(extensions::LIMITS) {
             // A plain request and its answer: the link's round trip, where
             // the version exchange also waited for the server to start.
             let asked = Instant::now();
@@ -335,14 +343,46 @@ impl Sftp {
         Ok(())
     }
 
-    /// Syncs the file to the server's disk where the server can, then
-    /// closes the handle.
-    pub(super) async fn finish(&self, handle: &str) -> Result<(), SftpError> {
-        if self.fsync {
-            self.raw.fsync(handle).await?;
-        }
+    pub(super) async fn close(&self, handle: &str) -> Result<(), SftpError> {
         self.raw.close(handle).await?;
         Ok(())
+    }
+
+    /// Empties an open file.
+    pub(super) async fn truncate(&self, handle: &str) -> Result<(), SftpError> {
+        let attrs = FileAttributes {
+            size: Some(0),
+            ..FileAttributes::empty()
+        };
+        self.raw.fsetstat(handle, attrs).await?;
+        Ok(())
+    }
+
+    /// Syncs the file to the server's disk where the server can, closes
+    /// it, renames `from` to `to` and asks `to`'s size: asked together, in
+    /// one round trip, as the server answers in order. The size is that of
+    /// the renamed file when the rename worked.
+    pub(super) async fn publish(
+        &self,
+        handle: &str,
+        from: &str,
+        to: &str,
+    ) -> (Result<(), SftpError>, Result<Option<u64>, SftpError>) {
+        let sync = async {
+            if self.fsync {
+                self.raw.fsync(handle).await.map(drop)
+            } else {
+                Ok(())
+            }
+        };
+        let (synced, closed, renamed, size) = tokio::join!(
+            sync,
+            self.raw.close(handle),
+            self.rename(from, to),
+            self.size(to)
+        );
+        let done = synced.and(closed.map(drop)).and(renamed);
+        (done, size)
     }
 }
 

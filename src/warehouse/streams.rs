@@ -32,9 +32,9 @@ use super::{MAX_BACKOFF, Warehouse, WarehouseError};
 const STREAM_IN_FLIGHT: usize = 4 << 20;
 /// Pieces read ahead of the streams, shared by all of them.
 const READ_AHEAD_BYTES: usize = 4 << 20;
-/// The wait between starting one extra connection and the next: sshd's
-/// `MaxStartups` (10 unauthenticated connections by default) refuses bursts.
-pub(super) const STAGGER: Duration = Duration::from_millis(100);
+/// Extra connections in their handshake at once: sshd's `MaxStartups`
+/// starts refusing at 10 unauthenticated connections by default.
+const MAX_PENDING: usize = 8;
 
 /// A range of the file and its bytes: one SFTP write.
 #[derive(Debug)]
@@ -59,10 +59,7 @@ pub(super) enum Event {
     },
     /// An extra connection the warehouse did not take: not an error, the
     /// upload goes on with fewer streams.
-    Refused {
-        stream: usize,
-        error: WarehouseError,
-    },
+    Refused { stream: usize },
     /// A stream gave up after UPLOAD_RETRIES failures without progress.
     Gone {
         stream: usize,
@@ -131,17 +128,12 @@ fn read_file(
     file.seek(SeekFrom::Start(first))?;
     let mut pos = first;
     let mut next = 0; // the first range of `missing` that may lie ahead
-    let mut buf = vec![0u8; piece_len];
+    let mut buf = Vec::with_capacity(piece_len);
     loop {
-        let mut filled = 0;
-        while filled < piece_len {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        // Read into the spare capacity: no zeroing of every byte first.
+        buf.clear();
+        (&mut file).take(piece_len as u64).read_to_end(&mut buf)?;
+        let filled = buf.len();
         if filled == 0 {
             break;
         }
@@ -158,8 +150,7 @@ fn read_file(
             let end = missing[i].end.min(block.end);
             let data = if start == block.start && end == block.end {
                 // The whole block, the usual case: handed over, not copied.
-                buf.truncate(filled);
-                std::mem::replace(&mut buf, vec![0u8; piece_len])
+                std::mem::replace(&mut buf, Vec::with_capacity(piece_len))
             } else {
                 buf[(start - pos) as usize..(end - pos) as usize].to_vec()
             };
@@ -219,54 +210,100 @@ fn remote_error(path: &str) -> impl Fn(russh_sftp::client::error::Error) -> Ware
     }
 }
 
+/// How a stream gets its first connection.
+pub(super) enum Start {
+    /// The upload's own connection, with the file's handle open on it.
+    Main(Sftp, String),
+    /// An extra connection of the batch, idle since its last file.
+    Idle(Connection),
+    /// The next extra connection the pool opens; none left: refused.
+    Pool(async_channel::Receiver<Connection>),
+}
+
+/// How a stream ended: closing its handle, its own connection, still
+/// good, for the next file, and the upload's own handle, left open for the
+/// caller to sync and publish the file with (stream 0, when it never broke).
+pub(super) struct StreamEnd {
+    pub closed: Result<(), WarehouseError>,
+    pub conn: Option<Connection>,
+    pub kept: Option<String>,
+}
+
+impl StreamEnd {
+    fn quiet() -> Self {
+        Self {
+            closed: Ok(()),
+            conn: None,
+            kept: None,
+        }
+    }
+}
+
 /// One stream: writes pieces until `stop`, reconnecting after a failure.
-/// `first` is the connection's SFTP session and open handle it starts
-/// with (stream 0 shares the upload's own connection); the others open
-/// their own after `start_after`. Returns the result of closing its
-/// handle at the end: an error there means the last writes may not have
-/// reached the disk.
-pub(super) async fn run_stream(
-    stream: usize,
-    shared: Shared,
-    first: Option<(Sftp, String)>,
-    start_after: Duration,
-) -> Result<(), WarehouseError> {
+pub(super) async fn run_stream(stream: usize, shared: Shared, start: Start) -> StreamEnd {
     let retries = shared.warehouse.settings.upload_retries;
     let first_backoff = shared.warehouse.first_backoff;
-    let mut connected_once = first.is_some();
-    let mut link = first;
+    let mut link: Option<(Sftp, String)> = None;
     let mut owned: Option<Connection> = None;
+    let mut waiting: Option<Connection> = None;
+    // Still on the upload's own connection and handle.
+    let mut on_main = false;
+    match start {
+        Start::Main(sftp, handle) => {
+            link = Some((sftp, handle));
+            on_main = true;
+        }
+        Start::Idle(conn) => waiting = Some(conn),
+        Start::Pool(pool) => {
+            tokio::select! {
+                conn = pool.recv() => match conn {
+                    Ok(conn) => waiting = Some(conn),
+                    Err(_) => {
+                        shared.tell(Event::Refused { stream });
+                        return StreamEnd::quiet();
+                    }
+                },
+                _ = shared.stop.cancelled() => return StreamEnd::quiet(),
+            }
+        }
+    }
     let mut failures = 0u32;
     let mut backoff = first_backoff;
     let mut fresh_open = true;
-    if !start_after.is_zero() {
-        tokio::select! {
-            _ = tokio::time::sleep(start_after) => {}
-            _ = shared.stop.cancelled() => return Ok(()),
-        }
-    }
+    let mut reconnect = false;
     loop {
         let mut progressed = false;
         let failure = match link.take() {
             Some((sftp, handle)) => {
                 match pump(&sftp, &handle, &shared, &mut fresh_open, &mut progressed).await {
+                    Ok(()) if on_main => {
+                        return StreamEnd {
+                            kept: Some(handle),
+                            ..StreamEnd::quiet()
+                        };
+                    }
                     Ok(()) => {
+                        // Every write of it is confirmed; the caller syncs
+                        // the file through its own handle.
                         let closed = sftp
-                            .finish(&handle)
+                            .close(&handle)
                             .await
                             .map_err(remote_error(&shared.path));
-                        if let Some(conn) = owned.take() {
-                            conn.close().await;
-                        }
-                        return closed;
+                        let conn = owned.take().filter(|_| closed.is_ok());
+                        return StreamEnd {
+                            closed,
+                            conn,
+                            kept: None,
+                        };
                     }
                     Err((error, back)) => {
                         owned = None;
+                        on_main = false;
                         if let Err(e) = hand_back(&shared, back).await {
                             // Those ranges cannot be sent: the upload fails,
                             // and says why.
                             shared.tell(Event::Unreadable(e));
-                            return Ok(());
+                            return StreamEnd::quiet();
                         }
                         error
                     }
@@ -274,28 +311,21 @@ pub(super) async fn run_stream(
             }
             None => {
                 let opened = tokio::select! {
-                    r = connect_and_open(&shared) => r,
-                    _ = shared.stop.cancelled() => return Ok(()),
+                    r = open_handle(&shared, waiting.take()) => r,
+                    _ = shared.stop.cancelled() => return StreamEnd::quiet(),
                 };
                 match opened {
                     Ok((conn, handle)) => {
-                        shared.tell(Event::Up {
-                            stream,
-                            reconnect: connected_once,
-                        });
-                        connected_once = true;
+                        shared.tell(Event::Up { stream, reconnect });
                         link = Some((conn.sftp().clone(), handle));
                         owned = Some(conn);
                         continue;
-                    }
-                    Err(error) if !connected_once => {
-                        shared.tell(Event::Refused { stream, error });
-                        return Ok(());
                     }
                     Err(error) => error,
                 }
             }
         };
+        reconnect = true;
         if progressed {
             failures = 0;
             backoff = first_backoff;
@@ -306,7 +336,7 @@ pub(super) async fn run_stream(
                 stream,
                 error: failure,
             });
-            return Ok(());
+            return StreamEnd::quiet();
         }
         shared.tell(Event::Down {
             stream,
@@ -315,14 +345,21 @@ pub(super) async fn run_stream(
         });
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = shared.stop.cancelled() => return Ok(()),
+            _ = shared.stop.cancelled() => return StreamEnd::quiet(),
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn connect_and_open(shared: &Shared) -> Result<(Connection, String), WarehouseError> {
-    let conn = shared.warehouse.connect().await?;
+/// Opens the file on `conn`, or on a new connection.
+async fn open_handle(
+    shared: &Shared,
+    conn: Option<Connection>,
+) -> Result<(Connection, String), WarehouseError> {
+    let conn = match conn {
+        Some(conn) => conn,
+        None => shared.warehouse.connect_extra().await?,
+    };
     let handle = conn
         .sftp()
         .open_for_write(&shared.path, false, false)
@@ -333,6 +370,97 @@ async fn connect_and_open(shared: &Shared) -> Result<(Connection, String), Wareh
             detail: e.to_string(),
         })?;
     Ok((conn, handle))
+}
+
+/// The extra connections of one batch of uploads: opened in the
+/// background, at most [`MAX_PENDING`] handshakes at a time (sshd's
+/// `MaxStartups` refuses bursts), kept between files, closed at the end.
+pub(super) struct Extras {
+    pool: async_channel::Receiver<Connection>,
+    opener: Option<tokio::task::JoinHandle<()>>,
+    idle: Vec<Connection>,
+}
+
+impl Extras {
+    pub(super) fn none() -> Self {
+        let (_, pool) = async_channel::unbounded();
+        Self {
+            pool,
+            opener: None,
+            idle: Vec::new(),
+        }
+    }
+
+    /// Whether connections were asked for already.
+    pub(super) fn started(&self) -> bool {
+        self.opener.is_some()
+    }
+
+    /// Starts opening `n` connections; those the warehouse refuses are not
+    /// tried again (the upload goes on with fewer).
+    pub(super) fn open(&mut self, warehouse: &Warehouse, n: usize) {
+        let (tx, pool) = async_channel::unbounded();
+        let warehouse = warehouse.clone();
+        self.pool = pool;
+        self.opener = Some(tokio::spawn(async move {
+            let mut opening = tokio::task::JoinSet::new();
+            let mut asked = 0;
+            while asked < n || !opening.is_empty() {
+                while asked < n && opening.len() < MAX_PENDING {
+                    let warehouse = warehouse.clone();
+                    opening.spawn(async move { warehouse.connect_extra().await });
+                    asked += 1;
+                }
+                let Some(Ok(opened)) = opening.join_next().await else {
+                    continue;
+                };
+                match opened {
+                    Ok(conn) => {
+                        if tx.send(conn).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "the warehouse did not take another connection");
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Where extra stream `k` gets its connection.
+    pub(super) fn start(&mut self) -> Start {
+        match self.idle.pop() {
+            Some(conn) => Start::Idle(conn),
+            None => Start::Pool(self.pool.clone()),
+        }
+    }
+
+    pub(super) fn give_back(&mut self, conn: Connection) {
+        self.idle.push(conn);
+    }
+
+    /// Closes every extra connection, idle or not taken yet.
+    pub(super) async fn close(mut self) {
+        if let Some(opener) = self.opener.take() {
+            opener.abort();
+        }
+        let idle = std::mem::take(&mut self.idle);
+        for conn in idle {
+            conn.close().await;
+        }
+        while let Ok(conn) = self.pool.try_recv() {
+            conn.close().await;
+        }
+    }
+}
+
+impl Drop for Extras {
+    fn drop(&mut self) {
+        if let Some(opener) = self.opener.take() {
+            opener.abort();
+        }
+    }
 }
 
 /// The ranges a broken stream had in flight go back, read again from the

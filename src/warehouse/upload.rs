@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{FileId, Found, Journal, JournalError, Ranges};
 use super::session::{Connection, Sftp};
-use super::streams::{Event, ReadEnd, STAGGER, Shared, run_stream, spawn_reader};
+use super::streams::{Event, Extras, ReadEnd, Shared, Start, run_stream, spawn_reader};
 use super::zim::{ZimError, is_zim_name};
 use super::{LOGS_DIR, TMP_SUFFIX, Warehouse, WarehouseError, ZIM_ROOT};
 use crate::config::{MAX_UPLOAD_STREAMS, UploadStreams};
@@ -24,9 +24,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// The link `auto` sizes the streams for: 1 Gbit/s. On a slower link the
 /// spare streams cost a handshake each and little else.
 const AUTO_LINK_BYTES_PER_SEC: f64 = 125e6;
-/// What OpenSSH's server lets one session channel have in flight per
-/// round trip (`CHAN_SES_WINDOW_DEFAULT`, not configurable).
-const CHANNEL_WINDOW: u64 = 2 << 20;
+/// What one session channel to OpenSSH's server carries per round trip:
+/// its window is `CHAN_SES_WINDOW_DEFAULT`, 2 MiB, not configurable, and
+/// refilled once half of it is used (measured here: about 1.6 MiB).
+const CHANNEL_WINDOW: u64 = 3 << 19;
 /// Below this much to send per stream, another stream costs more than it
 /// brings.
 const MIN_BYTES_PER_STREAM: u64 = 8 << 20;
@@ -52,7 +53,7 @@ pub struct UploadItem {
 }
 
 /// What happened to one file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UploadReport {
     pub name: String,
     pub remote_path: String,
@@ -68,6 +69,9 @@ pub struct UploadReport {
     pub zim_verified: bool,
     /// The streams the last attempt opened (0 when nothing was sent).
     pub streams: usize,
+    /// Seconds from the first write to the last status of the last
+    /// attempt: the time the bytes were on their way.
+    pub sending_secs: f64,
 }
 
 impl UploadItem {
@@ -400,6 +404,7 @@ impl Record {
 pub(super) async fn upload_one(
     warehouse: &Warehouse,
     conn: &mut Connection,
+    extras: &mut Extras,
     item: &UploadItem,
     progress: &mut Progress,
 ) -> Result<UploadReport, WarehouseError> {
@@ -423,12 +428,34 @@ pub(super) async fn upload_one(
         bytes_sent: 0,
         zim_verified: false,
         streams: 0,
+        sending_secs: 0.0,
     };
 
-    ensure_dir(sftp, &item.remote_dir).await?;
-    // Both asked at once: over the internet every round trip counts.
-    let (final_size, tmp_size) =
-        tokio::join!(remote_size(sftp, &final_path), remote_size(sftp, &tmp_path));
+    // All asked at once, the `.tmp` opened (created, not emptied) with
+    // them: over the internet every round trip counts. When the directory
+    // is missing, so are the files, and the open failed.
+    let (dir, final_size, tmp_size, opened) = tokio::join!(
+        sftp.is_dir(&item.remote_dir),
+        remote_size(sftp, &final_path),
+        remote_size(sftp, &tmp_path),
+        sftp.open_for_write(&tmp_path, true, false)
+    );
+    let opened = match opened {
+        Err(_) if dir.ok().flatten() != Some(true) => {
+            ensure_dir(sftp, &item.remote_dir).await?;
+            sftp.open_for_write(&tmp_path, true, false).await
+        }
+        other => other,
+    };
+    let handle = opened.map_err(remote_error("open", &tmp_path))?;
+    let tmp_size = tmp_size?;
+    // Leaves the warehouse as it found it: no `.tmp` made for nothing.
+    let discard = async |handle: String| {
+        let _ = sftp.close(&handle).await;
+        if tmp_size.is_none() {
+            let _ = sftp.remove(&tmp_path).await;
+        }
+    };
     let mut record = Record {
         path: item.journal.clone(),
         journal: Journal::new(file, tmp_path.clone()),
@@ -436,7 +463,17 @@ pub(super) async fn upload_one(
         last_save: Instant::now(),
         save_failed: false,
     };
-    match final_size? {
+    let final_size = match final_size {
+        Ok(s) => s,
+        Err(e) => {
+            discard(handle).await;
+            return Err(e);
+        }
+    };
+    if final_size.is_some() {
+        discard(handle.clone()).await;
+    }
+    match final_size {
         Some(remote) if remote == size => {
             // Uploaded before (a redelivered task). A ZIM still has to be
             // intact here to count as uploaded.
@@ -472,7 +509,6 @@ pub(super) async fn upload_one(
                 .unwrap_or_else(|e| Found::Unusable(e.to_string()))
         }
     };
-    let tmp_size = tmp_size?;
     let (resumable, saved) = match (found, tmp_size) {
         (_, None) => (None, false),
         (Found::Usable(journal), Some(partial)) if partial >= journal.confirmed.end() => {
@@ -499,10 +535,11 @@ pub(super) async fn upload_one(
     };
     let start_over = resumable.is_none();
     record.journal.confirmed = resumable.unwrap_or_default();
-    let handle = sftp
-        .open_for_write(&tmp_path, true, start_over)
-        .await
-        .map_err(remote_error("open", &tmp_path))?;
+    if start_over && tmp_size.is_some_and(|s| s > 0) {
+        sftp.truncate(&handle)
+            .await
+            .map_err(remote_error("truncate", &tmp_path))?;
+    }
     // Before the first write in ranges, the journal is on disk: without
     // one, a `.tmp` is taken for a prefix.
     if !saved && let Err(error) = record.save().await {
@@ -525,9 +562,11 @@ pub(super) async fn upload_one(
         1
     };
     report.streams = streams;
+    let sending = Instant::now();
     let sent = send(
         warehouse,
         conn,
+        extras,
         item,
         &tmp_path,
         handle,
@@ -551,7 +590,10 @@ pub(super) async fn upload_one(
                 detail: "it changed while being uploaded".to_owned(),
             });
         }
-        Ok(verdict) => verdict,
+        Ok(verdict) => {
+            report.sending_secs = sending.elapsed().as_secs_f64();
+            verdict
+        }
         Err(error) => {
             // What was confirmed since the last save is kept for the next
             // attempt, or the next run.
@@ -563,14 +605,24 @@ pub(super) async fn upload_one(
             return Err(error);
         }
     };
-    if conn.is_closed() {
+    let (verdict, kept) = verdict;
+    let main_lost = conn.is_closed();
+    if main_lost {
         // The first stream lost this connection and went on over another.
         *conn = warehouse.connect().await?;
     }
     let sftp = &conn.sftp().clone();
+    let handle = match kept.filter(|_| !main_lost) {
+        Some(handle) => handle,
+        None => sftp
+            .open_for_write(&tmp_path, false, false)
+            .await
+            .map_err(remote_error("open", &tmp_path))?,
+    };
 
     if let Some(Err(source)) = verdict {
         tracing::error!(file = %item.name, %source, "corrupt ZIM; removing its partial upload");
+        let _ = sftp.close(&handle).await;
         if let Err(e) = sftp.remove(&tmp_path).await {
             tracing::warn!(path = %tmp_path, error = %e, "could not remove the corrupt upload");
         }
@@ -582,11 +634,10 @@ pub(super) async fn upload_one(
     }
     report.zim_verified = verdict.is_some();
 
-    sftp.rename(&tmp_path, &final_path)
-        .await
-        .map_err(remote_error("rename", &tmp_path))?;
+    let (published, remote) = sftp.publish(&handle, &tmp_path, &final_path).await;
+    published.map_err(remote_error("rename", &tmp_path))?;
     record.remove();
-    let remote = remote_size(sftp, &final_path).await?;
+    let remote = remote.map_err(remote_error("stat", &final_path))?;
     if remote != Some(size) {
         return Err(WarehouseError::SizeMismatch {
             path: final_path,
@@ -607,12 +658,14 @@ pub(super) async fn upload_one(
 }
 
 /// Sends the missing ranges over `streams` streams, the first on `conn`
-/// with `handle`; returns the reader's ZIM verdict once every range is
-/// confirmed and every handle closed.
+/// with `handle`; once every range is confirmed and every other handle
+/// closed, returns the reader's ZIM verdict and `handle`, still open,
+/// unless the first stream lost it.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     warehouse: &Warehouse,
     conn: &Connection,
+    extras: &mut Extras,
     item: &UploadItem,
     tmp_path: &str,
     handle: String,
@@ -620,7 +673,7 @@ async fn send(
     record: &mut Record,
     progress: &mut Progress,
     report: &mut UploadReport,
-) -> Result<Option<Result<(), ZimError>>, WarehouseError> {
+) -> Result<(Option<Result<(), ZimError>>, Option<String>), WarehouseError> {
     let local_failed = |detail: String| WarehouseError::Local {
         path: item.local.clone(),
         detail,
@@ -651,16 +704,10 @@ async fn send(
     tasks.spawn(run_stream(
         0,
         shared.clone(),
-        Some((conn.sftp().clone(), handle)),
-        Duration::ZERO,
+        Start::Main(conn.sftp().clone(), handle),
     ));
     for stream in 1..streams {
-        tasks.spawn(run_stream(
-            stream,
-            shared.clone(),
-            None,
-            STAGGER * stream as u32,
-        ));
+        tasks.spawn(run_stream(stream, shared.clone(), extras.start()));
     }
     drop(shared);
     if streams > 1 {
@@ -715,8 +762,8 @@ async fn send(
                         tracing::warn!(file = %item.name, stream, %error, ?retry_in, "upload stream failed; the others go on, it reconnects");
                         progress.set_streams(up.iter().filter(|&&u| u).count());
                     }
-                    Event::Refused { stream, error } => {
-                        tracing::debug!(file = %item.name, stream, %error, "the warehouse did not take another connection");
+                    Event::Refused { stream } => {
+                        tracing::debug!(file = %item.name, stream, "no extra connection for this stream");
                         refused += 1;
                         starting -= 1;
                         alive -= 1;
@@ -742,15 +789,25 @@ async fn send(
         }
     }
     stop.cancel();
+    let mut closed = Ok(());
+    let mut kept = None;
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(error),
-            Err(e) => return Err(local_failed(format!("an upload stream failed: {e}"))),
+            Ok(end) => {
+                if let Some(conn) = end.conn {
+                    extras.give_back(conn);
+                }
+                kept = kept.or(end.kept);
+                if closed.is_ok() {
+                    closed = end.closed;
+                }
+            }
+            Err(e) => closed = Err(local_failed(format!("an upload stream failed: {e}"))),
         }
     }
+    closed?;
     progress.set_streams(0);
-    Ok(verdict.expect("the loop ends with a verdict"))
+    Ok((verdict.expect("the loop ends with a verdict"), kept))
 }
 
 fn warn_refused(name: &str, streams: usize, refused: usize) {
@@ -776,17 +833,18 @@ mod tests {
     }
 
     #[test]
-    fn auto_streams_cover_two_mib_per_round_trip_of_a_gigabit_link() {
+    fn auto_streams_cover_what_a_channel_carries_per_round_trip_of_a_gigabit_link() {
         let ms = Duration::from_millis;
         let gib = 1 << 30;
         let auto = |rtt, size| streams_for(UploadStreams::Auto, rtt, size);
         // Loopback and a near warehouse: one is enough.
         assert_eq!(auto(ms(0), gib), 1);
         assert_eq!(auto(ms(10), gib), 1);
-        // 50 ms: 6.25 MB per round trip is 3 windows, plus a spare.
-        assert_eq!(auto(ms(50), gib), 4);
-        // 150 ms: 18.75 MB is 9 windows, plus a spare.
-        assert_eq!(auto(ms(150), gib), 10);
+        // 50 ms: 6.25 MB per round trip is 4 channels of 1.5 MiB, plus a
+        // spare.
+        assert_eq!(auto(ms(50), gib), 5);
+        // 150 ms: 18.75 MB is 12 channels, plus a spare.
+        assert_eq!(auto(ms(150), gib), 13);
         // Far away and very far away: never more than 16.
         assert_eq!(auto(ms(400), gib), 16);
         // A small file gets one stream per 8 MiB to send, at least one.

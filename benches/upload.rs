@@ -37,7 +37,9 @@
 //! `BENCH_UPLOAD_CLIENTS` (a comma list of `worker,worker1,sftp,sftp-tuned,
 //! lftp,rclone`; default all), `BENCH_UPLOAD_BASELINE_CPU` (the CPU seconds
 //! per GiB the worker's uploader took on loopback before issue 13, measured
-//! here; see [`BASELINE_CPU_PER_GIB`]).
+//! here; see [`BASELINE_CPU_PER_GIB`]), `BENCH_UPLOAD_NO_JOURNAL=1` (the
+//! worker uploads without a journal: one stream, in file order; to see
+//! what the journal costs).
 
 #[allow(dead_code)]
 #[path = "../tests/common/sshd.rs"]
@@ -609,7 +611,13 @@ fn child() {
         let start = Instant::now();
         let reports = warehouse
             .upload(
-                &[UploadItem::output(local, WAREHOUSE_PATH, &name).with_journal(journal)],
+                &[
+                    if std::env::var("BENCH_UPLOAD_NO_JOURNAL").as_deref() == Ok("1") {
+                        UploadItem::output(local, WAREHOUSE_PATH, &name)
+                    } else {
+                        UploadItem::output(local, WAREHOUSE_PATH, &name).with_journal(journal)
+                    },
+                ],
                 &CancellationToken::new(),
             )
             .await

@@ -1,11 +1,14 @@
-//! The SFTP warehouse: one SSH connection (russh) per upload batch, the
-//! warehouse's host key verified, files written as `<name>.tmp`, resumed
-//! from the remote size after a cut, checked (ZIM MD5, remote size) and
-//! renamed; retried with backoff while attempts make progress.
+//! The SFTP warehouse: one SSH connection (russh) per upload batch, and
+//! for a large file extra ones opened beside it (`UPLOAD_STREAMS`), the
+//! warehouse's host key verified on each; files written as `<name>.tmp`,
+//! resumed after a cut from their journal (or the remote size), checked
+//! (ZIM MD5, remote size) and renamed; retried with backoff while attempts
+//! make progress.
 //!
-//! Owns the connection and the remote file layout (`/zim<warehouse_path>`,
+//! Owns the connections and the remote file layout (`/zim<warehouse_path>`,
 //! `/logs`). It must not know about Docker, Celery or the task dir: it is
-//! given local paths and remote names and reports what it did.
+//! given local paths, remote names and where each journal goes, and reports
+//! what it did.
 
 pub mod journal;
 mod keys;

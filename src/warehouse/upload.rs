@@ -1,9 +1,12 @@
-//! One file to the warehouse over an open SFTP session: skip when already
-//! there, write `<name>.tmp` (resumed from its remote size), check the ZIM
-//! checksum on the bytes as they are read, rename, check the remote size.
+//! One file to the warehouse: skip when already there, work out what its
+//! `<name>.tmp` lacks (from the journal, or the remote size), send that
+//! over the streams, keep the journal of what the warehouse confirmed,
+//! check the ZIM checksum on the bytes as they are read, then sync, rename
+//! and check the remote size. Also how many streams a file gets.
 //!
-//! Owns the remote file protocol and the local reading. It must not
-//! connect, retry or decide which files a task uploads.
+//! Owns the remote file protocol and the journal's use. It must not retry
+//! whole attempts or decide which files a task uploads; it connects only to
+//! replace the batch's first connection when a stream lost it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

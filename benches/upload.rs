@@ -166,7 +166,9 @@ fn main() {
         "  link     delayed scenarios: RTT/2 each way, and one {link_mbit} Mbit/s limit shared by every \
          connection's upload direction"
     );
-    println!("  times    wall clock, spawn → exit, for every client");
+    println!(
+        "  times    wall clock: the worker's upload call (after its start-up check), the others' spawn → exit"
+    );
 
     let mut scenarios: Vec<Scenario> = Vec::new();
     if loop_mib > 0 {

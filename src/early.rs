@@ -13,7 +13,6 @@
 //! send waits for the upload stage, which reports what is wrong.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::warehouse::journal::FileId;
-use crate::warehouse::zim::{ZimChecksum, ZimError, is_zim_name};
+use crate::warehouse::zim::{check_file, is_zim_name};
 use crate::warehouse::{UploadItem, Warehouse};
 
 /// How often the task dir is looked at.
@@ -177,34 +176,16 @@ impl Watch {
 
 /// The identity of a regular file, or `None`.
 async fn current_id(path: &Path) -> Option<FileId> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
-        FileId::of(&path).ok()
-    })
-    .await
-    .ok()
-    .flatten()
+    FileId::read(path).await.ok()
 }
 
 /// Checks a whole ZIM's own MD5 on a blocking thread.
 async fn verify(path: PathBuf) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || {
-        let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-        let mut checksum = ZimChecksum::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match file.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => checksum.update(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        checksum.finish().map_err(|e: ZimError| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    match tokio::task::spawn_blocking(move || check_file(&path)).await {
+        Ok(Ok(verdict)) => verdict.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -249,11 +249,7 @@ impl DockerRunner {
             match generated.early.get(&f.name) {
                 None => items.push(output_item(&dirs.local_task, &plan.warehouse_path, &f.name)),
                 Some(&then) => {
-                    let path = dirs.local_task.join(&f.name);
-                    let now = tokio::task::spawn_blocking(move || FileId::of(&path))
-                        .await
-                        .ok()
-                        .and_then(Result::ok);
+                    let now = FileId::read(&dirs.local_task.join(&f.name)).await.ok();
                     if now != Some(then) {
                         return Err(failed(format!(
                             "{} was uploaded to the warehouse while the offliner ran ({} bytes), \

@@ -104,8 +104,15 @@ pub struct FileId {
 }
 
 impl FileId {
+    /// The identity of the regular file at `path`.
     pub fn of(path: &Path) -> io::Result<Self> {
         let meta = fs::metadata(path)?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is not a regular file",
+            ));
+        }
         let mtime_ns = meta
             .modified()?
             .duration_since(UNIX_EPOCH)
@@ -115,6 +122,14 @@ impl FileId {
             size: meta.len(),
             mtime_ns,
         })
+    }
+
+    /// [`FileId::of`], off the async runtime.
+    pub async fn read(path: &Path) -> io::Result<Self> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::of(&path))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?
     }
 }
 

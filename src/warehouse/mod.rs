@@ -229,28 +229,24 @@ impl Warehouse {
         for item in items {
             item.validate()?;
         }
-        let total: u64 = {
-            let mut total = 0;
-            for item in items {
-                total += tokio::fs::metadata(&item.local)
-                    .await
-                    .map_err(|e| WarehouseError::Local {
-                        path: item.local.clone(),
-                        detail: e.to_string(),
-                    })?
-                    .len();
-            }
-            total
-        };
-        let mut progress = Progress::new(total);
-        let mut reports: Vec<UploadReport> = Vec::with_capacity(items.len());
-        // Only a file with a journal goes over several streams.
-        let mut largest = 0;
-        for item in items.iter().filter(|i| i.journal.is_some()) {
-            if let Ok(meta) = tokio::fs::metadata(&item.local).await {
-                largest = largest.max(meta.len());
+        // The batch's bytes, and its largest file with a journal: only
+        // those go over several streams.
+        let (mut total, mut largest) = (0, 0);
+        for item in items {
+            let size = tokio::fs::metadata(&item.local)
+                .await
+                .map_err(|e| WarehouseError::Local {
+                    path: item.local.clone(),
+                    detail: e.to_string(),
+                })?
+                .len();
+            total += size;
+            if item.journal.is_some() {
+                largest = largest.max(size);
             }
         }
+        let mut progress = Progress::new(total);
+        let mut reports: Vec<UploadReport> = Vec::with_capacity(items.len());
         let mut extras = Extras::none();
         if let Some(rtt) = self.rtt_hint() {
             // Known from an earlier connection: they open beside the first.

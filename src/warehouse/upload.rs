@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{FileId, Found, Journal, JournalError, Ranges};
 use super::session::{Connection, Sftp};
 use super::streams::{Event, Extras, ReadEnd, Shared, Start, run_stream, spawn_reader};
-use super::zim::{ZimError, is_zim_name};
+use super::zim::{ZimError, check_file, is_zim_name};
 use super::{LOGS_DIR, TMP_SUFFIX, Warehouse, WarehouseError, ZIM_ROOT};
 use crate::config::{MAX_UPLOAD_STREAMS, UploadStreams};
 
@@ -291,32 +291,19 @@ async fn ensure_dir(sftp: &Sftp, dir: &str) -> Result<(), WarehouseError> {
 
 /// Reads a whole local file only for its ZIM checksum.
 async fn verify_local_zim(path: &Path) -> Result<(), WarehouseError> {
-    let (_, end) = spawn_reader(path.to_owned(), Vec::new(), 1 << 20, true);
-    match end.await {
-        Ok(ReadEnd::Done { zim, .. }) => {
-            zim.unwrap_or(Ok(()))
-                .map_err(|source| WarehouseError::Corrupt {
-                    name: path.display().to_string(),
-                    source,
-                })
-        }
-        Ok(ReadEnd::Failed(detail)) => Err(WarehouseError::Local {
-            path: path.to_owned(),
-            detail,
+    let local = |detail: String| WarehouseError::Local {
+        path: path.to_owned(),
+        detail,
+    };
+    let owned = path.to_owned();
+    match tokio::task::spawn_blocking(move || check_file(&owned)).await {
+        Ok(Ok(verdict)) => verdict.map_err(|source| WarehouseError::Corrupt {
+            name: path.display().to_string(),
+            source,
         }),
-        Err(_) => Err(WarehouseError::Local {
-            path: path.to_owned(),
-            detail: "the reader stopped early".to_owned(),
-        }),
+        Ok(Err(e)) => Err(local(e.to_string())),
+        Err(e) => Err(local(e.to_string())),
     }
-}
-
-/// The identity of a local file, read off the runtime.
-async fn local_id(path: &Path) -> std::io::Result<FileId> {
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || FileId::of(&path))
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// How many streams one file goes over: `setting`, or for `auto` enough
@@ -363,11 +350,12 @@ impl Record {
             return Ok(());
         };
         let journal = self.journal.clone();
-        let result = tokio::task::spawn_blocking(move || journal.save(&path))
+        let target = path.clone();
+        let result = tokio::task::spawn_blocking(move || journal.save(&target))
             .await
             .unwrap_or_else(|e| {
                 Err(JournalError::Write {
-                    path: PathBuf::new(),
+                    path,
                     source: std::io::Error::other(e.to_string()),
                 })
             });
@@ -415,7 +403,7 @@ pub(super) async fn upload_one(
         path: item.local.clone(),
         detail: e.to_string(),
     };
-    let file = local_id(&item.local).await.map_err(local_err)?;
+    let file = FileId::read(&item.local).await.map_err(local_err)?;
     let size = file.size;
     let zim = is_zim_name(&item.name);
     let final_path = item.remote_path();
@@ -580,7 +568,7 @@ pub(super) async fn upload_one(
     )
     .await;
     let verdict = match sent {
-        Ok(verdict) if local_id(&item.local).await.ok() != Some(file) => {
+        Ok(verdict) if FileId::read(&item.local).await.ok() != Some(file) => {
             // Read again after a cut, a changed file may have sent some of
             // its new bytes: none of it is kept.
             let _ = verdict;

@@ -156,6 +156,24 @@ impl ZimChecksum {
     }
 }
 
+/// Reads the file at `path` whole (blocking) and says whether it is an
+/// intact ZIM: the outer error is the read's, the inner the verdict.
+pub fn check_file(path: &std::path::Path) -> std::io::Result<Result<(), ZimError>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut checksum = ZimChecksum::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => checksum.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(checksum.finish())
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

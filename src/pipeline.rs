@@ -1101,7 +1101,10 @@ fn output_item(task_dir: &Path, warehouse_path: &str, name: &str) -> UploadItem 
 /// [`produced_files`] by its `.zimfarm-` prefix, and of fixed length
 /// whatever the name's.
 fn journal_name(name: &str) -> String {
-    format!(".zimfarm-upload-{:x}.json", md5::compute(name.as_bytes()))
+    format!(
+        ".zimfarm-upload-{:x}.json",
+        <md5::Md5 as md5::Digest>::digest(name.as_bytes())
+    )
 }
 
 /// The files the offliner produced: regular files at the top of the task
@@ -1280,6 +1283,16 @@ mod proptests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_journal_is_named_by_the_md5_of_its_file_name() {
+        // Fixed across versions: a worker restarted on a newer build finds
+        // the journals the older one left.
+        assert_eq!(
+            journal_name("wikipedia_en_all_maxi_2026-11.zim"),
+            ".zimfarm-upload-29903e3d1352f1e1fd8f39c6a6b73511.json"
+        );
+    }
 
     #[test]
     fn a_character_split_between_chunks_is_kept_whole() {

@@ -138,8 +138,7 @@ impl ClientKey {
     /// MD5 of the public key blob, lowercase hex without colons: the
     /// fingerprint the dispatcher lists for registered keys.
     pub fn md5_fingerprint(&self) -> String {
-        md5::compute(self.key.public_key().public_key_bytes())
-            .0
+        <md5::Md5 as md5::Digest>::digest(self.key.public_key().public_key_bytes())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()

@@ -5,6 +5,7 @@
 //! file's bytes in order, in pieces of any size, and says at the end whether
 //! they match. It owns nothing but that arithmetic: no I/O, no network.
 
+use md5::{Digest, Md5};
 use thiserror::Error;
 
 /// The ZIM header's magic number (little-endian u32 at offset 0).
@@ -36,7 +37,7 @@ pub enum ZimError {
 
 /// The streaming MD5 check of one ZIM file.
 pub struct ZimChecksum {
-    md5: md5::Context,
+    md5: Md5,
     /// The first bytes, until the header is complete.
     header: Vec<u8>,
     /// Bytes seen so far.
@@ -57,7 +58,7 @@ impl Default for ZimChecksum {
 impl ZimChecksum {
     pub fn new() -> Self {
         Self {
-            md5: md5::Context::new(),
+            md5: Md5::new(),
             header: Vec::with_capacity(HEADER_LEN),
             pos: 0,
             checksum_pos: None,
@@ -79,7 +80,7 @@ impl ZimChecksum {
             self.header.extend_from_slice(&data[..take]);
             // Header bytes always precede checksumPos (it points past the
             // header), so they are hashed as they come.
-            self.md5.consume(&data[..take]);
+            self.md5.update(&data[..take]);
             self.pos += take as u64;
             data = &data[take..];
             if self.header.len() == HEADER_LEN {
@@ -98,7 +99,7 @@ impl ZimChecksum {
         // The part before checksumPos is hashed.
         if self.pos < checksum_pos {
             let n = (checksum_pos - self.pos).min(data.len() as u64) as usize;
-            self.md5.consume(&data[..n]);
+            self.md5.update(&data[..n]);
             self.pos += n as u64;
             data = &data[n..];
         }
@@ -146,10 +147,10 @@ impl ZimChecksum {
             });
         }
         let computed = self.md5.finalize();
-        if computed.0[..] != self.stored[..] {
+        if computed[..] != self.stored[..] {
             return Err(ZimError::Mismatch {
                 stored: hex(&self.stored),
-                computed: hex(&computed.0),
+                computed: hex(&computed),
             });
         }
         Ok(())
@@ -200,8 +201,8 @@ pub fn synthetic_zim(
     header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     header[4..6].copy_from_slice(&6u16.to_le_bytes());
     header[CHECKSUM_POS_OFFSET..].copy_from_slice(&checksum_pos.to_le_bytes());
-    let mut md5 = md5::Context::new();
-    md5.consume(&header);
+    let mut md5 = Md5::new();
+    md5.update(&header);
     let mut pos = HEADER_LEN as u64;
     let mut first = Some(header);
     let mut done = false;
@@ -216,13 +217,13 @@ pub fn synthetic_zim(
             let n = (checksum_pos - pos).min(1 << 20) as usize;
             let mut chunk = vec![0u8; n];
             filler(&mut chunk);
-            md5.consume(&chunk);
+            md5.update(&chunk);
             pos += n as u64;
             return Some(chunk);
         }
         done = true;
-        let digest = std::mem::replace(&mut md5, md5::Context::new()).finalize();
-        Some(digest.0.to_vec())
+        let digest = std::mem::replace(&mut md5, Md5::new()).finalize();
+        Some(digest.to_vec())
     })
 }
 

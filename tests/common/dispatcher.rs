@@ -670,5 +670,5 @@ fn key_algorithm(blob: &[u8]) -> Option<String> {
 
 /// MD5, lowercase hex without colons.
 pub fn md5_hex(bytes: &[u8]) -> String {
-    format!("{:x}", md5::compute(bytes))
+    format!("{:x}", <md5::Md5 as md5::Digest>::digest(bytes))
 }

@@ -635,6 +635,7 @@ fn child() {
         "zim_verified": report.zim_verified,
         "streams": report.streams,
         "sending_secs": report.sending_secs,
+        "synced_early": report.synced_early,
     });
     println!("{line}");
 }

@@ -643,6 +643,35 @@ async fn four_streams_cut_at_random_points_still_deliver_every_byte() {
 }
 
 #[tokio::test]
+async fn a_large_file_is_synced_to_the_warehouse_disk_while_it_arrives() {
+    let sshd = Sshd::start();
+    // 80 MB/s: 160 MiB takes about 2 s, the syncs in a second session
+    // meanwhile; a small file is not synced before its end.
+    let proxy = ThrottleProxy::with_rate(&sshd.addr(), 80_000_000);
+    let w = streams_client(&sshd, &proxy, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (large, small) = (dir.path().join("large.bin"), dir.path().join("small.bin"));
+    write_noise(&large, 160 << 20, 31);
+    write_noise(&small, 20 << 20, 32);
+    let items = [
+        UploadItem::output(large.clone(), "/synced", "large.bin"),
+        UploadItem::output(small.clone(), "/synced", "small.bin"),
+    ];
+    let reports = upload(&w, &items).await.unwrap();
+    assert!(
+        reports[0].synced_early >= 64 << 20 && reports[0].synced_early < 160 << 20,
+        "{:?}",
+        reports[0]
+    );
+    assert_eq!(reports[1].synced_early, 0, "{:?}", reports[1]);
+    for (local, name) in [(&large, "large.bin"), (&small, "small.bin")] {
+        let remote = sshd.chroot().join("zim/synced").join(name);
+        assert_eq!(sha256(&remote), sha256(local), "{name}");
+    }
+    assert!(tmp_files(sshd.chroot()).is_empty());
+}
+
+#[tokio::test]
 async fn a_warehouse_that_takes_two_connections_gets_the_file_over_two() {
     let (logs, _guard) = capture_logs();
     let sshd = Sshd::start();

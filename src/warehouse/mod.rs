@@ -15,6 +15,7 @@ mod keys;
 mod known_hosts;
 mod session;
 mod streams;
+mod syncer;
 mod upload;
 pub mod zim;
 

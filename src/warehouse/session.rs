@@ -82,10 +82,71 @@ impl client::Handler for Handler {
 
 /// A logged-in connection with SFTP ready.
 pub(super) struct Connection {
-    handle: client::Handle<Handler>,
+    /// Shared with the side sessions opened in the background.
+    handle: Arc<client::Handle<Handler>>,
     sftp: Sftp,
     /// The SFTP version exchange's round trip: the link's delay.
     rtt: Duration,
+    /// `host:port`, for error messages.
+    addr: String,
+}
+
+/// Starts SFTP on a new session channel of `handle`; `ask_limits`: also
+/// asks the server's limits, for the session that decides the writes' size.
+/// Returns the session and the version exchange's round trip.
+async fn start_sftp(
+    handle: &client::Handle<Handler>,
+    addr: &str,
+    ask_limits: bool,
+) -> Result<(Sftp, Duration), WarehouseError> {
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(ssh("opening a session channel"))?;
+    // No reply waited for: the version exchange right behind it says
+    // whether the server started SFTP.
+    channel
+        .request_subsystem(false, "sftp")
+        .await
+        .map_err(ssh("starting the sftp subsystem"))?;
+    let sftp_config = russh_sftp::client::Config {
+        request_timeout_secs: SFTP_REQUEST_TIMEOUT_SECS,
+        ..Default::default()
+    };
+    let start_failed = |e: SftpError| WarehouseError::Sftp {
+        operation: "start",
+        path: addr.to_owned(),
+        detail: e.to_string(),
+    };
+    let stream = EndsWithTheConnection::new(channel.into_stream());
+    let mut raw = RawSftpSession::new_with_config(stream, sftp_config);
+    let asked = Instant::now();
+    // The limits are asked right behind the version exchange, not after
+    // its answer: a round trip less (OpenSSH's server answers in order).
+    // A server without the extension says so, and that is ignored.
+    let (version, limits) = if ask_limits {
+        let (version, limits) = futures_util::future::join(raw.init(), raw.limits()).await;
+        (version, Some(limits))
+    } else {
+        (raw.init().await, None)
+    };
+    let version = version.map_err(start_failed)?;
+    let rtt = asked.elapsed();
+    let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
+    let mut write_len = SFTP_WRITE_LEN;
+    if let Some(limits) = limits.filter(|_| has(extensions::LIMITS)) {
+        let limits = Limits::from(limits.map_err(start_failed)?);
+        if let Some(len) = limits.write_len {
+            write_len = write_len.min(usize::try_from(len).unwrap_or(usize::MAX));
+        }
+        raw.set_limits(limits);
+    }
+    let sftp = Sftp {
+        raw: Arc::new(raw),
+        write_len: write_len.max(1),
+        fsync: has(extensions::FSYNC),
+    };
+    Ok((sftp, rtt))
 }
 
 /// The SFTP session of a connection, cheap to clone: the requests the
@@ -107,9 +168,9 @@ fn ssh(context: &'static str) -> impl Fn(russh::Error) -> WarehouseError {
 }
 
 impl Connection {
-    /// Opens a connection; `ask_limits`: also ask the server's limits
-    /// (one more round trip, which also measures it), for the connection
-    /// that decides the writes' size.
+    /// Opens a connection; `ask_limits`: also ask the server's limits, for
+    /// the connection that decides the writes' size. The round trip is
+    /// that of the version exchange.
     pub(super) async fn open(
         settings: &WarehouseSettings,
         key: &ClientKey,
@@ -200,50 +261,24 @@ impl Connection {
                 fingerprint: key.sha256_fingerprint(),
             });
         }
-        let channel = handle
-            .channel_open_session()
-            .await
-            .map_err(ssh("opening a session channel"))?;
-        // No reply waited for: the version exchange right behind it says
-        // whether the server started SFTP.
-        channel
-            .request_subsystem(false, "sftp")
-            .await
-            .map_err(ssh("starting the sftp subsystem"))?;
-        let sftp_config = russh_sftp::client::Config {
-            request_timeout_secs: SFTP_REQUEST_TIMEOUT_SECS,
-            ..Default::default()
-        };
-        let start_failed = |e: SftpError| WarehouseError::Sftp {
-            operation: "start",
-            path: addr.clone(),
-            detail: e.to_string(),
-        };
-        let stream = EndsWithTheConnection::new(channel.into_stream());
-        let mut raw = RawSftpSession::new_with_config(stream, sftp_config);
-        let asked = Instant::now();
-        let version = raw.init().await.map_err(start_failed)?;
-        let mut rtt = asked.elapsed();
-        let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
-        let mut write_len = SFTP_WRITE_LEN;
-        if ask_limits && has(extensions::LIMITS) {
-            // A plain request and its answer: the link's round trip, where
-            // the version exchange also waited for the server to start.
-            let asked = Instant::now();
-            let limits = Limits::from(raw.limits().await.map_err(start_failed)?);
-            rtt = rtt.min(asked.elapsed());
-            if let Some(len) = limits.write_len {
-                write_len = write_len.min(usize::try_from(len).unwrap_or(usize::MAX));
-            }
-            raw.set_limits(limits);
-        }
-        let sftp = Sftp {
-            raw: Arc::new(raw),
-            write_len: write_len.max(1),
-            fsync: has(extensions::FSYNC),
-        };
+        let (sftp, rtt) = start_sftp(&handle, &addr, ask_limits).await?;
         tracing::debug!(%addr, user = %settings.username, rtt_ms = rtt.as_secs_f64() * 1e3, "connected to the warehouse");
-        Ok(Self { handle, sftp, rtt })
+        Ok(Self {
+            handle: Arc::new(handle),
+            sftp,
+            rtt,
+            addr,
+        })
+    }
+
+    /// Opens, when awaited, a second SFTP session on this connection: its
+    /// own channel, served by its own server process, so what it asks
+    /// does not wait behind the writes of the first.
+    pub(super) fn side_session(
+        &self,
+    ) -> impl Future<Output = Result<Sftp, WarehouseError>> + Send + 'static {
+        let (handle, addr) = (self.handle.clone(), self.addr.clone());
+        async move { Ok(start_sftp(&handle, &addr, false).await?.0) }
     }
 
     pub(super) fn sftp(&self) -> &Sftp {
@@ -348,6 +383,17 @@ impl Sftp {
         Ok(())
     }
 
+    /// Whether the server can sync a file to its disk (`fsync@openssh.com`).
+    pub(super) fn can_sync(&self) -> bool {
+        self.fsync
+    }
+
+    /// Asks the server to write what it has of the file to its disk.
+    pub(super) async fn sync(&self, handle: &str) -> Result<(), SftpError> {
+        self.raw.fsync(handle).await?;
+        Ok(())
+    }
+
     /// Empties an open file.
     pub(super) async fn truncate(&self, handle: &str) -> Result<(), SftpError> {
         let attrs = FileAttributes {
@@ -370,7 +416,7 @@ impl Sftp {
     ) -> (Result<(), SftpError>, Result<Option<u64>, SftpError>) {
         let sync = async {
             if self.fsync {
-                self.raw.fsync(handle).await.map(drop)
+                self.sync(handle).await
             } else {
                 Ok(())
             }

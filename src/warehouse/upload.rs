@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{FileId, Found, Journal, JournalError, Ranges};
 use super::session::{Connection, Sftp};
-use super::streams::{Event, Extras, ReadEnd, Shared, Start, run_stream, spawn_reader};
+use super::streams::{Event, Extras, ReadEnd, Shared, Start, StreamEnd, run_stream, spawn_reader};
+use super::syncer::{SYNC_EVERY, Syncer};
 use super::zim::{ZimError, check_file, is_zim_name};
 use super::{LOGS_DIR, TMP_SUFFIX, Warehouse, WarehouseError, ZIM_ROOT};
 use crate::config::{MAX_UPLOAD_STREAMS, UploadStreams};
@@ -75,6 +76,10 @@ pub struct UploadReport {
     /// Seconds from the first write to the last status of the last
     /// attempt: the time the bytes were on their way.
     pub sending_secs: f64,
+    /// Bytes the warehouse had synced to its disk while the last attempt
+    /// went on (large files only), so the sync before the rename had only
+    /// the rest to write.
+    pub synced_early: u64,
 }
 
 impl UploadItem {
@@ -420,6 +425,7 @@ pub(super) async fn upload_one(
         zim_verified: false,
         streams: 0,
         sending_secs: 0.0,
+        synced_early: 0,
     };
 
     // All asked at once, the `.tmp` opened (created, not emptied) with
@@ -596,7 +602,7 @@ pub(super) async fn upload_one(
             return Err(error);
         }
     };
-    let (verdict, kept) = verdict;
+    let (verdict, kept, closing) = verdict;
     let main_lost = conn.is_closed();
     if main_lost {
         // The first stream lost this connection and went on over another.
@@ -625,7 +631,10 @@ pub(super) async fn upload_one(
     }
     report.zim_verified = verdict.is_some();
 
-    let (published, remote) = sftp.publish(&handle, &tmp_path, &final_path).await;
+    let ((published, remote), ()) = tokio::join!(
+        sftp.publish(&handle, &tmp_path, &final_path),
+        closing.finish(extras, &item.name)
+    );
     published.map_err(remote_error("rename", &tmp_path))?;
     record.remove();
     let remote = remote.map_err(remote_error("stat", &final_path))?;
@@ -643,15 +652,16 @@ pub(super) async fn upload_one(
         resumed_from = already,
         streams,
         zim_verified = report.zim_verified,
+        synced_early = report.synced_early,
         "uploaded"
     );
     Ok(report)
 }
 
 /// Sends the missing ranges over `streams` streams, the first on `conn`
-/// with `handle`; once every range is confirmed and every other handle
-/// closed, returns the reader's ZIM verdict and `handle`, still open,
-/// unless the first stream lost it.
+/// with `handle`; once every range is confirmed, returns the reader's ZIM
+/// verdict, `handle`, still open, unless the first stream lost it, and the
+/// other streams, closing their handles.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     warehouse: &Warehouse,
@@ -664,7 +674,7 @@ async fn send(
     record: &mut Record,
     progress: &mut Progress,
     report: &mut UploadReport,
-) -> Result<(Option<Result<(), ZimError>>, Option<String>), WarehouseError> {
+) -> Result<(Option<Result<(), ZimError>>, Option<String>, Closing), WarehouseError> {
     let local_failed = |detail: String| WarehouseError::Local {
         path: item.local.clone(),
         detail,
@@ -691,12 +701,20 @@ async fn send(
         events: events_tx,
         stop: stop.clone(),
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(run_stream(
+    // Stream 0 apart: it keeps its handle for the publish, while the
+    // others close theirs meanwhile. Both sets stop their tasks when
+    // dropped, as a failed upload drops them.
+    let mut main = tokio::task::JoinSet::new();
+    main.spawn(run_stream(
         0,
         shared.clone(),
         Start::Main(conn.sftp().clone(), handle),
     ));
+    // Large files are synced as they arrive; dropped with this future.
+    let syncer = (size.saturating_sub(record.journal.confirmed.covered()) >= 2 * SYNC_EVERY
+        && conn.sftp().can_sync())
+    .then(|| Syncer::start(conn.side_session(), tmp_path.to_owned()));
+    let mut tasks = tokio::task::JoinSet::new();
     for stream in 1..streams {
         tasks.spawn(run_stream(stream, shared.clone(), extras.start()));
     }
@@ -732,6 +750,9 @@ async fn send(
                 match event {
                     Event::Confirmed { offset, len } => {
                         record.confirmed(offset..offset + len).await;
+                        if let Some(syncer) = &syncer {
+                            syncer.confirmed(record.journal.confirmed.covered());
+                        }
                         report.bytes_sent += len;
                         progress.add(&item.name, len);
                     }
@@ -780,25 +801,48 @@ async fn send(
         }
     }
     stop.cancel();
-    let mut closed = Ok(());
-    let mut kept = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(end) => {
-                if let Some(conn) = end.conn {
-                    extras.give_back(conn);
-                }
-                kept = kept.or(end.kept);
-                if closed.is_ok() {
-                    closed = end.closed;
-                }
+    report.synced_early = syncer.map_or(0, |s| s.synced());
+    let kept = match main.join_next().await {
+        Some(Ok(end)) => {
+            end.closed?;
+            end.kept
+        }
+        Some(Err(e)) => return Err(local_failed(format!("an upload stream failed: {e}"))),
+        None => None,
+    };
+    progress.set_streams(0);
+    Ok((
+        verdict.expect("the loop ends with a verdict"),
+        kept,
+        Closing(tasks),
+    ))
+}
+
+/// The other streams of a file whose every write is confirmed, closing
+/// their handles: that takes a round trip, which goes beside the publish.
+struct Closing(tokio::task::JoinSet<StreamEnd>);
+
+impl Closing {
+    /// Waits for them and keeps their connections for the next file. A
+    /// handle that does not close loses nothing (its writes were all
+    /// confirmed); its connection is not used again.
+    async fn finish(mut self, extras: &mut Extras, name: &str) {
+        while let Some(joined) = self.0.join_next().await {
+            match joined {
+                Ok(StreamEnd { closed, conn, .. }) => match closed {
+                    Ok(()) => {
+                        if let Some(conn) = conn {
+                            extras.give_back(conn);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(file = name, %error, "an upload stream could not close its handle");
+                    }
+                },
+                Err(e) => tracing::warn!(file = name, error = %e, "an upload stream failed"),
             }
-            Err(e) => closed = Err(local_failed(format!("an upload stream failed: {e}"))),
         }
     }
-    closed?;
-    progress.set_streams(0);
-    Ok((verdict.expect("the loop ends with a verdict"), kept))
 }
 
 fn warn_refused(name: &str, streams: usize, refused: usize) {

@@ -85,7 +85,8 @@ pub(super) struct Connection {
     /// Shared with the side sessions opened in the background.
     handle: Arc<client::Handle<Handler>>,
     sftp: Sftp,
-    /// The SFTP version exchange's round trip: the link's delay.
+    /// The shorter of the channel open's and the SFTP version exchange's
+    /// round trips: the link's delay.
     rtt: Duration,
     /// `host:port`, for error messages.
     addr: String,
@@ -93,16 +94,19 @@ pub(super) struct Connection {
 
 /// Starts SFTP on a new session channel of `handle`; `ask_limits`: also
 /// asks the server's limits, for the session that decides the writes' size.
-/// Returns the session and the version exchange's round trip.
+/// Returns the session and the round trip it measured.
 async fn start_sftp(
     handle: &client::Handle<Handler>,
     addr: &str,
     ask_limits: bool,
 ) -> Result<(Sftp, Duration), WarehouseError> {
+    let opened = Instant::now();
     let channel = handle
         .channel_open_session()
         .await
         .map_err(ssh("opening a session channel"))?;
+    // The server only allocates a channel: the link's round trip.
+    let open_rtt = opened.elapsed();
     // No reply waited for: the version exchange right behind it says
     // whether the server started SFTP.
     channel
@@ -131,7 +135,8 @@ async fn start_sftp(
         (raw.init().await, None)
     };
     let version = version.map_err(start_failed)?;
-    let rtt = asked.elapsed();
+    // The version exchange also waited for the server to start SFTP.
+    let rtt = asked.elapsed().min(open_rtt);
     let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
     let mut write_len = SFTP_WRITE_LEN;
     if let Some(limits) = limits.filter(|_| has(extensions::LIMITS)) {
@@ -169,8 +174,7 @@ fn ssh(context: &'static str) -> impl Fn(russh::Error) -> WarehouseError {
 
 impl Connection {
     /// Opens a connection; `ask_limits`: also ask the server's limits, for
-    /// the connection that decides the writes' size. The round trip is
-    /// that of the version exchange.
+    /// the connection that decides the writes' size.
     pub(super) async fn open(
         settings: &WarehouseSettings,
         key: &ClientKey,

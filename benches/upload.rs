@@ -35,9 +35,15 @@
 //! `BENCH_UPLOAD_RTTS_MS` (default `10,50,150`; empty skips them),
 //! `BENCH_UPLOAD_LINK_MBIT` (default 1000), `BENCH_RUNS` (default 3),
 //! `BENCH_UPLOAD_CLIENTS` (a comma list of `worker,worker1,sftp,sftp-tuned,
-//! lftp,rclone`; default all), `BENCH_UPLOAD_BASELINE_CPU` (the CPU seconds
-//! per GiB the worker's uploader took on loopback before issue 13, measured
-//! here; see [`BASELINE_CPU_PER_GIB`]), `BENCH_UPLOAD_NO_JOURNAL=1` (the
+//! lftp,rclone,nocheck,before`; default all: `nocheck` is the worker on
+//! the same bytes named `.bin`, without the ZIM check, on loopback only),
+//! `BENCH_UPLOAD_BASELINE_BIN` (this
+//! bench's binary built from 72bb1cc, the worker before issue 13: it then
+//! runs as one more client, `before`, and its CPU on loopback is the
+//! baseline, measured beside; `BENCH_UPLOAD_BEFORE=1 scripts/bench.sh`
+//! builds it), `BENCH_UPLOAD_BASELINE_CPU` (without that binary: the CPU
+//! seconds per GiB the worker took on loopback before issue 13; see
+//! [`BASELINE_CPU_PER_GIB`]), `BENCH_UPLOAD_NO_JOURNAL=1` (the
 //! worker uploads without a journal: one stream, in file order; to see
 //! what the journal costs).
 
@@ -65,7 +71,10 @@ const CHILD_ENV: &str = "BENCH_UPLOAD_CHILD";
 const TARGET_RSS_BYTES: u64 = 64_000_000;
 /// The worker's CPU seconds (user + system, its whole process) per GiB on
 /// loopback before issue 13 (commit 72bb1cc, this bench's loopback row,
-/// median of 3, measured on this machine on 2026-12-04).
+/// median of 3) on the machine of 2026-12-03. The machines here differ by
+/// 15% from one day to the next (the same build measured 2.77-2.85 on
+/// 2026-12-04): the figure measured beside (`BENCH_UPLOAD_BASELINE_BIN`)
+/// is the one to trust.
 const BASELINE_CPU_PER_GIB: f64 = 2.42;
 /// `getconf CLK_TCK` on Linux.
 const CLOCK_TICKS: f64 = 100.0;
@@ -120,6 +129,7 @@ fn main() {
             wanted
                 .as_ref()
                 .is_none_or(|w| w.iter().any(|n| n == c.key()))
+                && (*c != Client::Before || baseline_bin().is_some())
         })
         .collect();
     assert!(
@@ -257,7 +267,16 @@ fn main() {
             // The order rotates: each client goes first in turn.
             for k in 0..clients.len() {
                 let i = (k + run) % clients.len();
-                let remote = remote_dir.join(&name);
+                if matches!(clients[i], Client::Before | Client::NoCheck) && sc.rtt_ms.is_some() {
+                    // The baseline is its CPU on loopback; far away it is
+                    // the one-channel client the others already show.
+                    continue;
+                }
+                let remote = remote_dir.join(if clients[i] == Client::NoCheck {
+                    no_check_name(&name)
+                } else {
+                    name.clone()
+                });
                 clear_remote(&remote);
                 let cpu0 = children_cpu();
                 let ((secs, report), server) = with_session_cpu(&sshd, || {
@@ -330,6 +349,9 @@ fn main() {
     );
     for o in &results {
         for (i, client) in clients.iter().enumerate() {
+            if o.times[i].is_empty() {
+                continue;
+            }
             let runs: Vec<String> = o.times[i].iter().map(|t| format!("{t:.2}")).collect();
             let m = median(&o.times[i]);
             let rate = (o.mib << 20) as f64 / m;
@@ -382,7 +404,12 @@ fn main() {
     for o in &results {
         let worker = median(&o.times[0]);
         let Some((best, which)) = (1..clients.len())
-            .filter(|&i| !matches!(clients[i], Client::Worker(_)))
+            .filter(|&i| {
+                !matches!(
+                    clients[i],
+                    Client::Worker(_) | Client::Before | Client::NoCheck
+                )
+            })
             .map(|i| (median(&o.times[i]), clients[i].label()))
             .min_by(|a, b| a.0.total_cmp(&b.0))
         else {
@@ -438,8 +465,23 @@ fn main() {
         mark(pass)
     );
     if let Some(o) = results.iter().find(|o| !o.delayed) {
-        let cpu = median(&o.client_cpu[0]) / (o.mib as f64 / 1024.0);
-        if baseline_cpu > 0.0 {
+        let per_gib = |i: usize| median(&o.client_cpu[i]) / (o.mib as f64 / 1024.0);
+        let cpu = per_gib(0);
+        if let Some(b) = clients.iter().position(|c| *c == Client::Before) {
+            let before = per_gib(b);
+            println!(
+                "  worker CPU on loopback: {cpu:.2} s/GiB, before issue 13 {before:.2} s/GiB, \
+                 measured beside it (target: no more, 5% noise allowed)  {}",
+                mark(cpu <= before * 1.05)
+            );
+            println!(
+                "  loopback time: {:.2}x the worker before issue 13 (spawn → exit both: {:.2} s \
+                 vs {:.2} s)",
+                median(&o.times[b]) / o.worker_wall,
+                o.worker_wall,
+                median(&o.times[b])
+            );
+        } else if baseline_cpu > 0.0 {
             println!(
                 "  worker CPU on loopback: {cpu:.2} s/GiB, before issue 13 {baseline_cpu:.2} s/GiB \
                  (target: no more, 5% noise allowed)  {}",
@@ -513,16 +555,24 @@ enum Client {
     },
     Lftp,
     Rclone,
+    /// The worker (auto) on the same bytes named `.bin`: no ZIM check, to
+    /// show what the inline MD5 costs.
+    NoCheck,
+    /// The worker as it was before issue 13 (72bb1cc), its bench binary
+    /// at `BENCH_UPLOAD_BASELINE_BIN`: the CPU baseline, measured beside.
+    Before,
 }
 
 impl Client {
-    const ALL: [Client; 6] = [
+    const ALL: [Client; 8] = [
         Client::Worker(None),
         Client::Worker(Some(1)),
         Client::Sftp { tuned: false },
         Client::Sftp { tuned: true },
         Client::Lftp,
         Client::Rclone,
+        Client::NoCheck,
+        Client::Before,
     ];
 
     fn key(self) -> &'static str {
@@ -533,6 +583,8 @@ impl Client {
             Client::Sftp { tuned: true } => "sftp-tuned",
             Client::Lftp => "lftp",
             Client::Rclone => "rclone",
+            Client::NoCheck => "nocheck",
+            Client::Before => "before",
         }
     }
 
@@ -544,6 +596,8 @@ impl Client {
             Client::Sftp { tuned: true } => "sftp put -R 128 -B 261120".to_owned(),
             Client::Lftp => "lftp put (64 x 64 KiB)".to_owned(),
             Client::Rclone => "rclone copyto (64 x 255 KiB)".to_owned(),
+            Client::NoCheck => "worker, auto, no ZIM check".to_owned(),
+            Client::Before => "worker before issue 13".to_owned(),
         }
     }
 
@@ -551,6 +605,14 @@ impl Client {
     fn run(self, ctx: &RunCtx) -> Option<serde_json::Value> {
         match self {
             Client::Worker(streams) => Some(run_worker(ctx, streams)),
+            Client::NoCheck => {
+                let bin = RunCtx {
+                    name: &no_check_name(ctx.name),
+                    ..*ctx
+                };
+                run_worker(&bin, None);
+                None
+            }
             Client::Sftp { tuned } => {
                 run_sftp(ctx, tuned);
                 None
@@ -561,6 +623,10 @@ impl Client {
             }
             Client::Rclone => {
                 run_rclone(ctx);
+                None
+            }
+            Client::Before => {
+                run_before(ctx);
                 None
             }
         }
@@ -702,6 +768,37 @@ fn vmhwm_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmHWM in /proc/self/status")
+}
+
+/// The bench binary of the worker before issue 13, when given.
+fn baseline_bin() -> Option<PathBuf> {
+    std::env::var_os("BENCH_UPLOAD_BASELINE_BIN").map(PathBuf::from)
+}
+
+/// The worker before issue 13: its own bench's child, same variables.
+fn run_before(ctx: &RunCtx) {
+    let bin = baseline_bin().expect("BENCH_UPLOAD_BASELINE_BIN");
+    let out = Command::new(&bin)
+        .env(CHILD_ENV, "1")
+        .env("BENCH_UPLOAD_FILE", ctx.local)
+        .env("BENCH_UPLOAD_NAME", ctx.name)
+        .env("BENCH_UPLOAD_PORT", ctx.port.to_string())
+        .env("BENCH_UPLOAD_KEY", ctx.key)
+        .env("BENCH_UPLOAD_KNOWN_HOSTS", ctx.known_hosts)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "the worker before issue 13 failed: {}",
+        out.status
+    );
+}
+
+/// The remote name of the same file uploaded without the ZIM check.
+fn no_check_name(name: &str) -> String {
+    format!("{}.bin", name.trim_end_matches(".zim"))
 }
 
 fn run_worker(ctx: &RunCtx, streams: Option<u8>) -> serde_json::Value {

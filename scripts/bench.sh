@@ -7,6 +7,16 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 bash scripts/test-env.sh
+# BENCH_UPLOAD_BEFORE=1: build the worker as it was before issue 13
+# (72bb1cc) in a worktree under target/, so the upload bench measures its
+# CPU beside today's instead of taking a figure from another machine.
+if [ "${BENCH_UPLOAD_BEFORE:-}" = 1 ] && [ -z "${BENCH_UPLOAD_BASELINE_BIN:-}" ]; then
+    before="$repo/target/before-issue-13"
+    [ -d "$before" ] || git worktree add --detach "$before" 72bb1cc >/dev/null
+    (cd "$before" && cargo build --release --locked --bench upload >&2)
+    BENCH_UPLOAD_BASELINE_BIN="$(ls -t "$before"/target/release/deps/upload-* | grep -v '\.d$' | head -1)"
+    export BENCH_UPLOAD_BASELINE_BIN
+fi
 if [ "${BENCH_ONLY:-}" = upload ]; then
     exec cargo bench --bench upload
 fi

@@ -672,6 +672,24 @@ async fn a_large_file_is_synced_to_the_warehouse_disk_while_it_arrives() {
 }
 
 #[tokio::test]
+async fn a_warehouse_with_one_session_per_connection_gets_a_large_file_unsynced_until_its_end() {
+    // No second session for the syncs: the upload does not notice, and the
+    // sync before the rename still happens.
+    let sshd = Sshd::start_with("MaxSessions 1\n");
+    let w = client(&sshd, sshd.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("large.bin");
+    write_noise(&local, 160 << 20, 33);
+    let item = UploadItem::output(local.clone(), "/one-session", "large.bin");
+    let reports = upload(&w, &[item]).await.unwrap();
+    assert_eq!(reports[0].synced_early, 0, "{:?}", reports[0]);
+    assert_eq!(reports[0].bytes_sent, 160 << 20);
+    let remote = sshd.chroot().join("zim/one-session/large.bin");
+    assert_eq!(sha256(&remote), sha256(&local));
+    assert!(tmp_files(sshd.chroot()).is_empty());
+}
+
+#[tokio::test]
 async fn a_warehouse_that_takes_two_connections_gets_the_file_over_two() {
     let (logs, _guard) = capture_logs();
     let sshd = Sshd::start();

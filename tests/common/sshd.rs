@@ -126,6 +126,8 @@ pub struct Sshd {
     child: Mutex<Option<Child>>,
     /// Serialises the writes to authorized_keys and the key copies.
     keys_lock: Mutex<()>,
+    /// sshd_config lines added after the fixture's own.
+    extra_config: String,
 }
 
 /// Why a launch did not give a listening server.
@@ -139,6 +141,12 @@ impl Sshd {
     /// Starts a new instance on a free port of 127.0.0.1 and waits until it
     /// answers with its SSH banner.
     pub fn start() -> Sshd {
+        Self::start_with("")
+    }
+
+    /// A server whose sshd_config also has `extra` (whole lines), as a
+    /// warehouse configured otherwise would.
+    pub fn start_with(extra: &str) -> Sshd {
         preflight();
         sweep_stale_instances();
         static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -193,6 +201,7 @@ impl Sshd {
             chroot,
             child: Mutex::new(None),
             keys_lock: Mutex::new(()),
+            extra_config: extra.to_owned(),
         };
 
         let mut attempt = 0;
@@ -437,13 +446,15 @@ impl Sshd {
              Subsystem sftp internal-sftp\n\
              ForceCommand internal-sftp\n\
              ChrootDirectory {chroot}\n\
-             LogLevel VERBOSE\n",
+             LogLevel VERBOSE\n\
+             {extra}",
             port = self.port,
             host_key = host_key.display(),
             pid = d.join("sshd.pid").display(),
             ak = self.authorized_keys.display(),
             user = SFTP_USER,
             chroot = self.chroot.path().display(),
+            extra = self.extra_config,
         );
         fs::write(&self.config, config).expect("sshd_config");
     }

@@ -14,7 +14,14 @@ if [ "${BENCH_UPLOAD_BEFORE:-}" = 1 ] && [ -z "${BENCH_UPLOAD_BASELINE_BIN:-}" ]
     before="$repo/target/before-issue-13"
     [ -d "$before" ] || git worktree add --detach "$before" 72bb1cc >/dev/null
     (cd "$before" && cargo build --release --locked --bench upload >&2)
-    BENCH_UPLOAD_BASELINE_BIN="$(ls -t "$before"/target/release/deps/upload-* | grep -v '\.d$' | head -1)"
+    # The newest bench executable (cargo leaves older ones, and .d files).
+    BENCH_UPLOAD_BASELINE_BIN=""
+    for f in "$before"/target/release/deps/upload-*; do
+        case "$f" in *.d) continue ;; esac
+        if [ -z "$BENCH_UPLOAD_BASELINE_BIN" ] || [ "$f" -nt "$BENCH_UPLOAD_BASELINE_BIN" ]; then
+            BENCH_UPLOAD_BASELINE_BIN="$f"
+        fi
+    done
     export BENCH_UPLOAD_BASELINE_BIN
 fi
 if [ "${BENCH_ONLY:-}" = upload ]; then

@@ -120,7 +120,7 @@ impl Watch {
             let started = Instant::now();
             match self
                 .warehouse
-                .upload(&[(self.item_for)(&name)], &self.cancel)
+                .upload(&[(self.item_for)(&name).checked_as(id)], &self.cancel)
                 .await
             {
                 Ok(_) => {

@@ -344,6 +344,39 @@ async fn real_zims_pass_and_a_flipped_byte_never_lands() {
     );
 }
 
+#[tokio::test]
+async fn a_zim_checked_just_before_is_not_hashed_again_unless_it_changed() {
+    use zimfarm_worker::warehouse::journal::FileId;
+    let sshd = Sshd::start();
+    let w = client(&sshd, sshd.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let zim = dir.path().join("a.zim");
+    make_zim(&zim);
+    let checked = FileId::of(&zim).unwrap();
+    // Changed since its check (a flipped byte, a new modification time):
+    // hashed as it is read, and refused.
+    let mut bytes = std::fs::read(&zim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&zim, &bytes).unwrap();
+    assert_ne!(FileId::of(&zim).unwrap(), checked);
+    let item = UploadItem::output(zim.clone(), "/checked", "a.zim").checked_as(checked);
+    let e = upload(&w, &[item]).await.unwrap_err();
+    assert!(matches!(e, WarehouseError::Corrupt { .. }), "{e}");
+    assert!(!sshd.chroot().join("zim/checked/a.zim").exists());
+    // Still the file the caller vouches for: sent without a second hash
+    // (this one would fail it), and said to be verified.
+    let vouched = FileId::of(&zim).unwrap();
+    let item = UploadItem::output(zim.clone(), "/checked", "a.zim").checked_as(vouched);
+    let reports = upload(&w, &[item]).await.unwrap();
+    assert!(reports[0].zim_verified);
+    assert_eq!(
+        sha256(&sshd.chroot().join("zim/checked/a.zim")),
+        sha256(&zim)
+    );
+}
+
 /// Uploads a 200 MB file through a proxy limited to 40 MB/s, breaks the
 /// connection with `cut` once 60 MB went through, and checks the upload
 /// resumed (not restarted) and the file is identical.

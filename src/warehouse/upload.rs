@@ -54,6 +54,10 @@ pub struct UploadItem {
     /// Where this file's upload journal is kept; without one the file goes
     /// over one stream, in file order.
     pub journal: Option<PathBuf>,
+    /// The file as it was when its ZIM checksum was checked just before
+    /// (early upload checks before it sends): while it is still that file,
+    /// the upload does not hash it a second time.
+    pub checked: Option<FileId>,
 }
 
 /// What happened to one file.
@@ -91,6 +95,7 @@ impl UploadItem {
             remote_dir: dir,
             name: name.to_owned(),
             journal: None,
+            checked: None,
         }
     }
 
@@ -102,6 +107,12 @@ impl UploadItem {
         self
     }
 
+    /// Says its ZIM checksum was checked while it was `file`.
+    pub fn checked_as(mut self, file: FileId) -> Self {
+        self.checked = Some(file);
+        self
+    }
+
     /// A container log for `/logs/<name>`.
     pub fn log(local: PathBuf, name: &str) -> Self {
         Self {
@@ -109,6 +120,7 @@ impl UploadItem {
             remote_dir: LOGS_DIR.to_owned(),
             name: name.to_owned(),
             journal: None,
+            checked: None,
         }
     }
 
@@ -410,7 +422,10 @@ pub(super) async fn upload_one(
     };
     let file = FileId::read(&item.local).await.map_err(local_err)?;
     let size = file.size;
-    let zim = is_zim_name(&item.name);
+    // A ZIM is hashed as it is read, unless it was checked just before and
+    // is still the file that was checked.
+    let checked = is_zim_name(&item.name) && item.checked == Some(file);
+    let zim = is_zim_name(&item.name) && !checked;
     let final_path = item.remote_path();
     let tmp_path = format!("{final_path}{TMP_SUFFIX}");
     let sftp = conn.sftp().clone();
@@ -476,8 +491,8 @@ pub(super) async fn upload_one(
             // intact here to count as uploaded.
             if zim {
                 verify_local_zim(&item.local).await?;
-                report.zim_verified = true;
             }
+            report.zim_verified = zim || checked;
             tracing::info!(file = %item.name, size, "already in the warehouse with this size; skipped");
             record.remove();
             report.skipped = true;
@@ -629,7 +644,7 @@ pub(super) async fn upload_one(
             source,
         });
     }
-    report.zim_verified = verdict.is_some();
+    report.zim_verified = verdict.is_some() || checked;
 
     let ((published, remote), ()) = tokio::join!(
         sftp.publish(&handle, &tmp_path, &final_path),
@@ -864,6 +879,7 @@ mod tests {
             remote_dir: dir.to_owned(),
             name: name.to_owned(),
             journal: None,
+            checked: None,
         }
     }
 

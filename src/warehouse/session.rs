@@ -1,8 +1,9 @@
-//! One authenticated SSH connection to the warehouse with its SFTP session.
+//! One authenticated SSH connection to the warehouse with its SFTP session
+//! (and, on request, side sessions on further channels of it).
 //!
 //! Owns the russh client configuration (ciphers, keepalives, host-key
-//! check, public-key login) and the SFTP client's tuning. It must not decide
-//! what to upload.
+//! check, public-key login), the SFTP client's tuning and the round trip
+//! measured while starting it. It must not decide what to upload.
 
 use std::borrow::Cow;
 use std::io;

@@ -267,9 +267,7 @@ fn main() {
             // The order rotates: each client goes first in turn.
             for k in 0..clients.len() {
                 let i = (k + run) % clients.len();
-                if matches!(clients[i], Client::Before | Client::NoCheck) && sc.rtt_ms.is_some() {
-                    // The baseline is its CPU on loopback; far away it is
-                    // the one-channel client the others already show.
+                if clients[i].loopback_only() && sc.rtt_ms.is_some() {
                     continue;
                 }
                 let remote = remote_dir.join(if clients[i] == Client::NoCheck {
@@ -404,12 +402,7 @@ fn main() {
     for o in &results {
         let worker = median(&o.times[0]);
         let Some((best, which)) = (1..clients.len())
-            .filter(|&i| {
-                !matches!(
-                    clients[i],
-                    Client::Worker(_) | Client::Before | Client::NoCheck
-                )
-            })
+            .filter(|&i| !clients[i].is_worker())
             .map(|i| (median(&o.times[i]), clients[i].label()))
             .min_by(|a, b| a.0.total_cmp(&b.0))
         else {
@@ -574,6 +567,18 @@ impl Client {
         Client::NoCheck,
         Client::Before,
     ];
+
+    /// The worker in some form: not one of the "other clients".
+    fn is_worker(self) -> bool {
+        matches!(self, Client::Worker(_) | Client::NoCheck | Client::Before)
+    }
+
+    /// Run on loopback only: the unchecked row shows the MD5's CPU and the
+    /// baseline is its CPU there; far away the one-channel clients the
+    /// others already show.
+    fn loopback_only(self) -> bool {
+        matches!(self, Client::NoCheck | Client::Before)
+    }
 
     fn key(self) -> &'static str {
         match self {
@@ -775,10 +780,11 @@ fn baseline_bin() -> Option<PathBuf> {
     std::env::var_os("BENCH_UPLOAD_BASELINE_BIN").map(PathBuf::from)
 }
 
-/// The worker before issue 13: its own bench's child, same variables.
-fn run_before(ctx: &RunCtx) {
-    let bin = baseline_bin().expect("BENCH_UPLOAD_BASELINE_BIN");
-    let out = Command::new(&bin)
+/// A worker child of `bench` (this one, or the one before issue 13, which
+/// reads the same variables) uploading `ctx`'s file.
+fn child_command(bench: &Path, ctx: &RunCtx) -> Command {
+    let mut command = Command::new(bench);
+    command
         .env(CHILD_ENV, "1")
         .env("BENCH_UPLOAD_FILE", ctx.local)
         .env("BENCH_UPLOAD_NAME", ctx.name)
@@ -786,7 +792,14 @@ fn run_before(ctx: &RunCtx) {
         .env("BENCH_UPLOAD_KEY", ctx.key)
         .env("BENCH_UPLOAD_KNOWN_HOSTS", ctx.known_hosts)
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    command
+}
+
+/// The worker before issue 13: its own bench's child.
+fn run_before(ctx: &RunCtx) {
+    let bin = baseline_bin().expect("BENCH_UPLOAD_BASELINE_BIN");
+    let out = child_command(&bin, ctx)
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
     assert!(
@@ -802,20 +815,12 @@ fn no_check_name(name: &str) -> String {
 }
 
 fn run_worker(ctx: &RunCtx, streams: Option<u8>) -> serde_json::Value {
-    let out = Command::new(std::env::current_exe().expect("current exe"))
-        .env(CHILD_ENV, "1")
-        .env("BENCH_UPLOAD_FILE", ctx.local)
-        .env("BENCH_UPLOAD_NAME", ctx.name)
-        .env("BENCH_UPLOAD_PORT", ctx.port.to_string())
-        .env("BENCH_UPLOAD_KEY", ctx.key)
-        .env("BENCH_UPLOAD_KNOWN_HOSTS", ctx.known_hosts)
+    let out = child_command(&std::env::current_exe().expect("current exe"), ctx)
         .env(
             "BENCH_UPLOAD_STREAMS",
             streams.map_or("auto".to_owned(), |n| n.to_string()),
         )
         .env("BENCH_UPLOAD_JOURNAL", ctx.scratch.join("journal.json"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
         .output()
         .expect("run the worker child");
     assert!(

@@ -92,6 +92,15 @@ fn make_zim(path: &Path) {
     );
 }
 
+/// Writes `from` to `to` with its middle byte flipped: a ZIM that fails
+/// its checksum.
+fn write_flipped(from: &Path, to: &Path) {
+    let mut bytes = std::fs::read(from).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(to, &bytes).unwrap();
+}
+
 /// Every file under the chroot whose name ends with `.tmp`.
 fn tmp_files(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -326,11 +335,8 @@ async fn real_zims_pass_and_a_flipped_byte_never_lands() {
         sha256(&good)
     );
 
-    let mut bytes = std::fs::read(&good).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
     let bad = dir.path().join("bad.zim");
-    std::fs::write(&bad, &bytes).unwrap();
+    write_flipped(&good, &bad);
     let e = upload(&w, &[UploadItem::output(bad, "/zims", "bad.zim")])
         .await
         .unwrap_err();
@@ -355,11 +361,8 @@ async fn a_zim_checked_just_before_is_not_hashed_again_unless_it_changed() {
     let checked = FileId::of(&zim).unwrap();
     // Changed since its check (a flipped byte, a new modification time):
     // hashed as it is read, and refused.
-    let mut bytes = std::fs::read(&zim).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x01;
     std::thread::sleep(Duration::from_millis(20));
-    std::fs::write(&zim, &bytes).unwrap();
+    write_flipped(&zim, &zim);
     assert_ne!(FileId::of(&zim).unwrap(), checked);
     let item = UploadItem::output(zim.clone(), "/checked", "a.zim").checked_as(checked);
     let e = upload(&w, &[item]).await.unwrap_err();

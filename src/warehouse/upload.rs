@@ -424,8 +424,9 @@ pub(super) async fn upload_one(
     let size = file.size;
     // A ZIM is hashed as it is read, unless it was checked just before and
     // is still the file that was checked.
-    let checked = is_zim_name(&item.name) && item.checked == Some(file);
-    let zim = is_zim_name(&item.name) && !checked;
+    let is_zim = is_zim_name(&item.name);
+    let checked = is_zim && item.checked == Some(file);
+    let zim = is_zim && !checked;
     let final_path = item.remote_path();
     let tmp_path = format!("{final_path}{TMP_SUFFIX}");
     let sftp = conn.sftp().clone();

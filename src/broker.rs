@@ -668,26 +668,6 @@ pub async fn set_prefetch(channel: &Channel, prefetch: u16) -> Result<(), lapin:
         .await
 }
 
-/// Capped exponential backoff for reconnecting.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self { next: first, max }
-    }
-
-    /// The delay to wait now; the next one doubles, up to the cap.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-}
-
 /// One message waiting to be published.
 pub struct Outgoing {
     pub exchange: String,
@@ -957,13 +937,6 @@ mod tests {
             .map(|m| m.routing_key)
             .collect();
         assert_eq!(keys, ["a", "b", "c", "d"]);
-    }
-
-    #[test]
-    fn backoff_doubles_to_cap() {
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(2));
-        let d: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(d, [500, 1000, 2000, 2000]);
     }
 
     #[test]

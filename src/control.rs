@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{
-    Backoff, Broker, BrokerError, CONNECT_TIMEOUT, CONTROL_QUEUE_EXPIRES_MS, CONTROL_QUEUE_TTL_MS,
+    Broker, BrokerError, CONNECT_TIMEOUT, CONTROL_QUEUE_EXPIRES_MS, CONTROL_QUEUE_TTL_MS,
     ControlChannel, EVENT_EXCHANGE, TaskQueue, publish_reply,
 };
 use crate::celery::control::{
@@ -40,6 +40,7 @@ use crate::celery::{TaskRequest, decode_control, encode_control_reply, iso8601, 
 use crate::config::{Config, QueueName};
 use crate::events::EventSink;
 use crate::offliner::Offliner;
+use crate::retry::Retry;
 
 /// Celery's `REVOKES_MAX`: revoked ids remembered.
 pub const REVOKES_MAX: usize = 50_000;
@@ -265,7 +266,7 @@ async fn reopen<P: Panel>(
     connection: &Connection,
     stop: &CancellationToken,
 ) -> Option<ControlChannel> {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut retry = Retry::broker();
     loop {
         if !connection.status().connected() {
             // The session loop sees it too, reconnects, and stops this task.
@@ -274,7 +275,7 @@ async fn reopen<P: Panel>(
         }
         tokio::select! {
             _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = tokio::time::sleep(retry.delay()) => {}
         }
         match broker.open_control(connection).await {
             Ok(control) => {

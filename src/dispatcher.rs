@@ -27,17 +27,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Backoff;
 use crate::config::{DispatcherSettings, Secret};
+use crate::retry::Retry;
 
 /// Every request gives up after this long (connecting included).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting gives up sooner: a dispatcher that is down is seen at once.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The keeper's first wait after a failed login or refresh...
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-/// ...doubling up to this.
-const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// The token is refreshed once this share of its lifetime has passed.
 const REFRESH_AT_PERCENT: u32 = 80;
 /// Never refresh sooner than this after a grant, whatever `expires_in`
@@ -337,7 +333,7 @@ impl Dispatcher {
     async fn keep(self, cancel: CancellationToken) {
         let inner = &self.inner;
         let mut seen = inner.session.subscribe();
-        let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
+        let mut retry = Retry::dispatcher();
         loop {
             let current = seen.borrow_and_update().clone();
             if let Some(session) = &current {
@@ -367,9 +363,9 @@ impl Dispatcher {
                 result = attempt => result,
             };
             match result {
-                Ok(()) => backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX),
+                Ok(()) => retry.reset(),
                 Err(error) => {
-                    let delay = backoff.next_delay();
+                    let delay = retry.delay();
                     let what = if current.is_some() {
                         "refreshing the dispatcher token failed"
                     } else {
@@ -381,7 +377,7 @@ impl Dispatcher {
                         biased;
                         () = cancel.cancelled() => return,
                         // Someone else logged in meanwhile: start over.
-                        _ = seen.changed() => backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX),
+                        _ = seen.changed() => retry.reset(),
                         () = tokio::time::sleep(delay) => {}
                     }
                 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::broker::{Backoff, Broker, BrokerError, Outbox, Session, TaskQueue, run_publisher};
+use crate::broker::{Broker, BrokerError, Outbox, Session, TaskQueue, run_publisher};
 use crate::celery::control::DeliveryInfo;
 use crate::celery::{
     self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
@@ -39,6 +39,7 @@ use crate::farm::{Probe, Verdict};
 use crate::metrics::{self, Outcome};
 use crate::offliner::Offliner;
 use crate::prefetch::{NotHeld, Prefetch, ack};
+use crate::retry::Retry;
 use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
 
 /// Seconds between `worker-heartbeat` events (SPEC §5).
@@ -322,7 +323,7 @@ impl<R: Runner> Inner<R> {
         channels: &watch::Sender<Option<lapin::Channel>>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Session>, WorkerError> {
-        let mut backoff = new_backoff();
+        let mut retry = Retry::broker();
         let mut first = true;
         let mut locked_since: Option<Instant> = None;
         loop {
@@ -342,7 +343,7 @@ impl<R: Runner> Inner<R> {
                     if first || since.elapsed() >= NODE_LOCK_PATIENCE {
                         return Err(WorkerError::NodeInUse { node });
                     }
-                    let delay = backoff.next_delay();
+                    let delay = retry.delay();
                     tracing::warn!(
                         node = %node,
                         retry_in = ?delay,
@@ -358,7 +359,7 @@ impl<R: Runner> Inner<R> {
                 // it may be the broker's auth backend having a bad moment.
                 Err(error) if first && error.is_refusal() => return Err(error.into()),
                 Err(error) => {
-                    let delay = backoff.next_delay();
+                    let delay = retry.delay();
                     tracing::error!(%error, retry_in = ?delay, "broker unreachable");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(None),
@@ -366,7 +367,7 @@ impl<R: Runner> Inner<R> {
                     }
                 }
             };
-            backoff = new_backoff();
+            retry.reset();
             locked_since = None;
             if first {
                 // The node's name is ours now: what an earlier run of it
@@ -465,7 +466,7 @@ impl<R: Runner> Inner<R> {
             }
             let _ = channels.send(None);
             session.close().await;
-            let delay = backoff.next_delay();
+            let delay = retry.delay();
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(delay) => {}
@@ -1188,10 +1189,6 @@ fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
         },
         TaskState::Failure(info),
     )
-}
-
-fn new_backoff() -> Backoff {
-    Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
 }
 
 /// The 1, 5 and 15 minute load averages, as Celery reports them.

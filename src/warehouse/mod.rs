@@ -32,6 +32,7 @@ pub use upload::{UploadItem, UploadReport};
 pub use zim::ZimError;
 
 use crate::config::WarehouseSettings;
+use crate::retry::Retry;
 use session::Connection;
 use streams::Extras;
 use upload::{Progress, upload_one};
@@ -42,9 +43,8 @@ pub const ZIM_ROOT: &str = "/zim";
 pub const LOGS_DIR: &str = "/logs";
 /// Suffix of a file being written.
 pub const TMP_SUFFIX: &str = ".tmp";
-/// First wait after a failed attempt; doubles up to [`MAX_BACKOFF`].
+/// First wait after a failed attempt (then as [`Retry::upload`] says).
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// What went wrong talking to the warehouse.
 #[derive(Debug, Error)]
@@ -253,8 +253,7 @@ impl Warehouse {
             // Known from an earlier connection: they open beside the first.
             extras.open(self, self.extras_for(rtt, largest));
         }
-        let mut failures = 0u32;
-        let mut backoff = self.first_backoff;
+        let mut retry = Retry::upload(self.first_backoff, self.settings.upload_retries);
         loop {
             let before = (reports.len(), progress.sent());
             let attempt = async {
@@ -288,28 +287,25 @@ impl Warehouse {
             std::mem::replace(&mut extras, Extras::none()).close().await;
             if (reports.len(), progress.sent()) != before {
                 // This attempt got somewhere: the link works, it just broke.
-                failures = 0;
-                backoff = self.first_backoff;
+                retry.reset();
             }
-            failures += 1;
-            if failures > self.settings.upload_retries {
+            let Some(delay) = retry.failed() else {
                 return Err(WarehouseError::GaveUp {
-                    attempts: failures,
+                    attempts: retry.failures(),
                     last: Box::new(error),
                 });
-            }
+            };
             tracing::warn!(
                 %error,
-                attempt = failures,
+                attempt = retry.failures(),
                 of = self.settings.upload_retries + 1,
-                retry_in = ?backoff,
+                retry_in = ?delay,
                 "upload attempt failed; reconnecting and resuming"
             );
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = cancel.cancelled() => return Err(WarehouseError::Cancelled),
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

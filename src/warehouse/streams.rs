@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::session::{Connection, Sftp};
 use super::zim::{ZimChecksum, ZimError};
-use super::{MAX_BACKOFF, Warehouse, WarehouseError};
+use super::{Warehouse, WarehouseError};
+use crate::retry::Retry;
 
 /// Bytes one stream keeps in flight: OpenSSH's server takes 2 MiB per
 /// session channel per round trip, and twice that keeps the channel full
@@ -241,8 +242,6 @@ impl StreamEnd {
 
 /// One stream: writes pieces until `stop`, reconnecting after a failure.
 pub(super) async fn run_stream(stream: usize, shared: Shared, start: Start) -> StreamEnd {
-    let retries = shared.warehouse.settings.upload_retries;
-    let first_backoff = shared.warehouse.first_backoff;
     let mut link: Option<(Sftp, String)> = None;
     let mut owned: Option<Connection> = None;
     let mut waiting: Option<Connection> = None;
@@ -267,8 +266,10 @@ pub(super) async fn run_stream(stream: usize, shared: Shared, start: Start) -> S
             }
         }
     }
-    let mut failures = 0u32;
-    let mut backoff = first_backoff;
+    let mut retry = Retry::upload(
+        shared.warehouse.first_backoff,
+        shared.warehouse.settings.upload_retries,
+    );
     let mut fresh_open = true;
     let mut reconnect = false;
     loop {
@@ -327,27 +328,27 @@ pub(super) async fn run_stream(stream: usize, shared: Shared, start: Start) -> S
         };
         reconnect = true;
         if progressed {
-            failures = 0;
-            backoff = first_backoff;
+            retry.reset();
         }
-        failures += 1;
-        if failures > retries || failure.is_permanent() {
-            shared.tell(Event::Gone {
-                stream,
-                error: failure,
-            });
-            return StreamEnd::quiet();
-        }
+        let delay = match retry.failed() {
+            Some(delay) if !failure.is_permanent() => delay,
+            _ => {
+                shared.tell(Event::Gone {
+                    stream,
+                    error: failure,
+                });
+                return StreamEnd::quiet();
+            }
+        };
         shared.tell(Event::Down {
             stream,
             error: failure,
-            retry_in: backoff,
+            retry_in: delay,
         });
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = shared.stop.cancelled() => return StreamEnd::quiet(),
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -22,6 +22,9 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection};
+use nix::sys::resource::{UsageWho, getrusage};
+use nix::sys::signal::Signal;
+use nix::sys::time::TimeVal;
 use serde::Deserialize;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -547,41 +550,12 @@ struct CancelConsumerArgs {
     queue: String,
 }
 
-/// Signal numbers by name (Linux), for `revoke(..., signal=...)`.
-const SIGNALS: [(&str, i32); 33] = [
-    ("HUP", 1),
-    ("INT", 2),
-    ("QUIT", 3),
-    ("ILL", 4),
-    ("TRAP", 5),
-    ("ABRT", 6),
-    ("IOT", 6),
-    ("BUS", 7),
-    ("FPE", 8),
-    ("KILL", 9),
-    ("USR1", 10),
-    ("SEGV", 11),
-    ("USR2", 12),
-    ("PIPE", 13),
-    ("ALRM", 14),
-    ("TERM", 15),
-    ("STKFLT", 16),
-    ("CHLD", 17),
-    ("CONT", 18),
-    ("STOP", 19),
-    ("TSTP", 20),
-    ("TTIN", 21),
-    ("TTOU", 22),
-    ("URG", 23),
-    ("XCPU", 24),
-    ("XFSZ", 25),
-    ("VTALRM", 26),
-    ("PROF", 27),
-    ("WINCH", 28),
-    ("IO", 29),
-    ("POLL", 29),
-    ("PWR", 30),
-    ("SYS", 31),
+/// The names Python's `signal` module has beside the ones the C library
+/// names alike (which `nix` parses).
+const SIGNAL_ALIASES: [(&str, Signal); 3] = [
+    ("IOT", Signal::SIGABRT),
+    ("POLL", Signal::SIGIO),
+    ("CLD", Signal::SIGCHLD),
 ];
 
 /// Celery's `signals.signum()`: a number as is, an upper-case name with or
@@ -611,10 +585,16 @@ fn signum(signal: Option<&Value>) -> Result<i32, Value> {
         ));
     }
     let bare = name.strip_prefix("SIG").unwrap_or(name);
-    SIGNALS
-        .iter()
-        .find(|(known, _)| *known == bare)
-        .map(|(_, n)| *n)
+    format!("SIG{bare}")
+        .parse::<Signal>()
+        .ok()
+        .or_else(|| {
+            SIGNAL_ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == bare)
+                .map(|(_, signal)| *signal)
+        })
+        .map(|signal| signal as i32)
         .ok_or_else(|| {
             exception(
                 "AttributeError",
@@ -985,59 +965,32 @@ fn report<P: Panel>(panel: &P) -> String {
     )
 }
 
-/// This process's resource usage, as `getrusage(RUSAGE_SELF)` reports it,
-/// read from `/proc/self` (kernel buffers: reading them never blocks on
-/// I/O). Zeros where it can't be read.
+/// This process's resource usage: `getrusage(RUSAGE_SELF)`, a system call
+/// that never blocks. Zeros if it fails.
 fn rusage() -> Rusage {
-    /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ: 100 on Linux).
-    const TICKS: f64 = 100.0;
-    let mut usage = Rusage::default();
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
-        && let Some((_, rest)) = stat.rsplit_once(')')
-    {
-        // Fields from the 3rd (state) on; minflt is the 10th overall.
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let field =
-            |n: usize| -> u64 { fields.get(n - 3).and_then(|f| f.parse().ok()).unwrap_or(0) };
-        usage.minflt = field(10);
-        usage.majflt = field(12);
-        usage.utime = field(14) as f64 / TICKS;
-        usage.stime = field(15) as f64 / TICKS;
+    let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return Rusage::default();
+    };
+    let seconds = |t: TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let count = |n: libc::c_long| u64::try_from(n).unwrap_or(0);
+    Rusage {
+        utime: seconds(usage.user_time()),
+        stime: seconds(usage.system_time()),
+        maxrss: count(usage.max_rss()),
+        ixrss: count(usage.shared_integral()),
+        idrss: count(usage.unshared_data_integral()),
+        isrss: count(usage.unshared_stack_integral()),
+        minflt: count(usage.minor_page_faults()),
+        majflt: count(usage.major_page_faults()),
+        nswap: count(usage.full_swaps()),
+        inblock: count(usage.block_reads()),
+        oublock: count(usage.block_writes()),
+        msgsnd: count(usage.ipc_sends()),
+        msgrcv: count(usage.ipc_receives()),
+        nsignals: count(usage.signals()),
+        nvcsw: count(usage.voluntary_context_switches()),
+        nivcsw: count(usage.involuntary_context_switches()),
     }
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        for line in status.lines() {
-            let Some((key, value)) = line.split_once(':') else {
-                continue;
-            };
-            let number = || {
-                value
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
-            match key {
-                "VmHWM" => usage.maxrss = number(),
-                "voluntary_ctxt_switches" => usage.nvcsw = number(),
-                "nonvoluntary_ctxt_switches" => usage.nivcsw = number(),
-                _ => {}
-            }
-        }
-    }
-    if let Ok(io) = std::fs::read_to_string("/proc/self/io") {
-        for line in io.lines() {
-            let Some((key, value)) = line.split_once(':') else {
-                continue;
-            };
-            let blocks = value.trim().parse::<u64>().unwrap_or(0) / 512;
-            match key {
-                "read_bytes" => usage.inblock = blocks,
-                "write_bytes" => usage.oublock = blocks,
-                _ => {}
-            }
-        }
-    }
-    usage
 }
 
 #[cfg(test)]
@@ -1530,13 +1483,27 @@ mod tests {
         assert!(signum(Some(&json!(0))).is_err());
         assert!(signum(Some(&json!("sigkill"))).is_err());
         assert!(signum(Some(&json!(["x"]))).is_err());
+        // Python's aliases, which the C names do not cover.
+        assert_eq!(signum(Some(&json!("SIGIOT"))), Ok(6));
+        assert_eq!(signum(Some(&json!("POLL"))), Ok(29));
+        assert_eq!(signum(Some(&json!("SIGCLD"))), Ok(17));
+        assert_eq!(signum(Some(&json!("SIGSTKFLT"))), Ok(16));
+        assert_eq!(signum(Some(&json!("SIGPWR"))), Ok(30));
+        assert_eq!(
+            signum(Some(&json!("SIGNOPE"))),
+            Err(exception(
+                "AttributeError",
+                "module 'signal' has no attribute 'SIGNOPE'"
+            ))
+        );
         assert_eq!(python_set(&[]), "set()");
     }
 
     #[test]
-    fn rusage_reads_proc() {
+    fn rusage_is_the_process_own() {
         let usage = rusage();
         assert!(usage.maxrss > 0);
         assert!(usage.minflt > 0);
+        assert!(usage.utime + usage.stime > 0.0);
     }
 }

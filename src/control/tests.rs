@@ -1,0 +1,601 @@
+use std::ffi::OsString;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use lapin::BasicProperties;
+
+use super::actions::python_set;
+use super::command::signum;
+use super::inspect::{request_info, rusage};
+use super::*;
+use crate::broker::Outbox;
+use crate::celery::Identity;
+
+/// A worker stand-in that records what remote control asked of it.
+struct Fake {
+    config: Config,
+    events: EventSink,
+    outbox: Arc<Outbox>,
+    tasks: Vec<TaskSnapshot>,
+    revoked: Mutex<RevokedSet>,
+    revokes: Mutex<Vec<(Vec<String>, Option<i32>)>>,
+    queues: Mutex<Vec<TaskQueue>>,
+    heartbeats: AtomicUsize,
+    shutdown: AtomicBool,
+}
+
+fn fake(tasks: Vec<TaskSnapshot>) -> Fake {
+    let vars = [
+        ("USERNAME", "alice"),
+        ("PASSWORD", "s3cr3t"),
+        ("WORKING_DIR", "/srv/zim"),
+        ("NODE_NAME", "node1"),
+        ("QUEUES", "small"),
+        ("CONCURRENCY", "3"),
+        (
+            "BROKER_URL",
+            "amqps://alice:s3cr3t@broker.example:5671/zimfarm",
+        ),
+    ];
+    let config = Config::from_vars(
+        vars.iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+    )
+    .expect("valid config");
+    let outbox = Outbox::new(100);
+    let identity = Identity {
+        hostname: config.hostname(),
+        pid: 42,
+        sw_ident: "zimfarm-worker".into(),
+        sw_ver: "0.1.0".into(),
+        sw_sys: "Linux".into(),
+    };
+    Fake {
+        events: EventSink::new(identity, outbox.clone()),
+        outbox,
+        queues: Mutex::new(vec![TaskQueue::zimfarm("small")]),
+        config,
+        tasks,
+        revoked: Mutex::new(RevokedSet::default()),
+        revokes: Mutex::new(Vec::new()),
+        heartbeats: AtomicUsize::new(0),
+        shutdown: AtomicBool::new(false),
+    }
+}
+
+impl Panel for Fake {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn events(&self) -> &EventSink {
+        &self.events
+    }
+    fn facts(&self) -> WorkerFacts {
+        WorkerFacts {
+            pid: 42,
+            uptime: Duration::from_millis(61_600),
+            prefetch_count: 3,
+            total: BTreeMap::from([("offliner.mwoffliner".to_owned(), 2)]),
+            heartbeat: Some(60),
+        }
+    }
+    fn tasks(&self) -> Vec<TaskSnapshot> {
+        self.tasks.clone()
+    }
+    fn ended(&self, id: &str) -> bool {
+        id == "long-gone"
+    }
+    fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
+        self.revokes.lock().unwrap().push((ids.to_vec(), terminate));
+        self.merge_revoked(ids);
+        ids.iter()
+            .filter(|id| self.tasks.iter().any(|t| &t.request.id == *id))
+            .cloned()
+            .collect()
+    }
+    fn revoked(&self) -> Vec<String> {
+        self.revoked.lock().unwrap().ids(Instant::now())
+    }
+    fn merge_revoked(&self, ids: &[String]) {
+        let mut revoked = self.revoked.lock().unwrap();
+        for id in ids {
+            revoked.insert(id, Instant::now());
+        }
+    }
+    fn queues(&self) -> Vec<TaskQueue> {
+        self.queues.lock().unwrap().clone()
+    }
+    async fn add_queue(&self, queue: TaskQueue) -> Result<bool, BrokerError> {
+        let mut queues = self.queues.lock().unwrap();
+        if queues.iter().any(|q| q.name == queue.name) {
+            return Ok(false);
+        }
+        queues.push(queue);
+        Ok(true)
+    }
+    async fn cancel_queue(&self, name: &str) -> Result<bool, BrokerError> {
+        let mut queues = self.queues.lock().unwrap();
+        let before = queues.len();
+        queues.retain(|q| q.name != name);
+        Ok(queues.len() != before)
+    }
+    fn heartbeat(&self) {
+        self.heartbeats.fetch_add(1, Ordering::SeqCst);
+    }
+    fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+    fn node_in_use(&self) {}
+}
+
+fn task(id: &str, phase: TaskPhase, time_start: Option<f64>) -> TaskSnapshot {
+    let text = json!({
+        "task": "offliner.youtube", "id": id,
+        "kwargs": {"flags": {"id": "UC1"}}, "eta": "2030-01-01T00:00:00+00:00",
+    })
+    .to_string();
+    // A protocol 1 message: the whole request in the body.
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into());
+    let request = crate::celery::decode(&properties, text.as_bytes()).expect("task message");
+    TaskSnapshot {
+        request: Arc::new(request),
+        phase,
+        time_start,
+        delivery: DeliveryInfo {
+            exchange: "offliner".into(),
+            routing_key: "small".into(),
+            priority: None,
+            redelivered: false,
+        },
+    }
+}
+
+fn args(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+async fn run(panel: &Fake, method: &str, arguments: Value) -> Value {
+    let (reply, after) = dispatch(panel, method, &args(arguments)).await;
+    assert_eq!(after, After::Nothing, "{method}");
+    reply
+}
+
+#[tokio::test]
+async fn ping_and_unknown_commands() {
+    let panel = fake(Vec::new());
+    assert_eq!(run(&panel, "ping", json!({})).await, json!({"ok": "pong"}));
+    assert_eq!(
+        run(&panel, "no_such", json!({})).await,
+        json!({"error": "KeyError('no_such')"})
+    );
+    assert_eq!(
+        run(&panel, "autoscale", json!({"max": 3})).await,
+        json!({"error": "ValueError('Autoscale not enabled')"})
+    );
+}
+
+#[tokio::test]
+async fn revoke_replies_as_celery() {
+    let panel = fake(vec![task("run1", TaskPhase::Active, Some(1.0))]);
+    assert_eq!(
+        run(&panel, "revoke", json!({"task_id": "abc"})).await,
+        json!({"ok": "tasks {'abc'} flagged as revoked"})
+    );
+    assert_eq!(
+        run(&panel, "revoke", json!({"task_id": ["a1", "a2", "a1"]})).await,
+        json!({"ok": "tasks {'a1', 'a2'} flagged as revoked"})
+    );
+    assert_eq!(
+        run(
+            &panel,
+            "revoke",
+            json!({"task_id": "zzz", "terminate": true, "signal": "SIGKILL"})
+        )
+        .await,
+        json!({"ok": "terminate: tasks unknown"})
+    );
+    assert_eq!(
+        run(
+            &panel,
+            "revoke",
+            json!({"task_id": "run1", "terminate": true, "signal": "KILL"})
+        )
+        .await,
+        json!({"ok": "terminate: run1"})
+    );
+    assert_eq!(
+        run(&panel, "terminate", json!({"task_id": "run1", "signal": 2})).await,
+        json!({"ok": "terminate: run1"})
+    );
+    // Flower sends `terminate=1`.
+    assert_eq!(
+        run(
+            &panel,
+            "revoke",
+            json!({"task_id": "run1", "terminate": 1, "signal": "SIGTERM"})
+        )
+        .await,
+        json!({"ok": "terminate: run1"})
+    );
+    let revokes = panel.revokes.lock().unwrap().clone();
+    let terminate: Vec<Option<i32>> = revokes.iter().map(|(_, t)| *t).collect();
+    assert_eq!(terminate, [None, None, Some(9), Some(9), Some(2), Some(15)]);
+    assert_eq!(
+        run(&panel, "revoked", json!({})).await,
+        json!(["abc", "a1", "a2", "zzz", "run1"])
+    );
+    // A bad signal changes nothing.
+    assert_eq!(
+        run(
+            &panel,
+            "revoke",
+            json!({"task_id": "x", "terminate": true, "signal": "kill"})
+        )
+        .await,
+        json!({"error": "TypeError('signal name must be uppercase string.')"})
+    );
+    assert_eq!(
+        run(
+            &panel,
+            "revoke",
+            json!({"task_id": "x", "terminate": true, "signal": "SIGNOPE"})
+        )
+        .await,
+        json!({"error": "AttributeError(\"module 'signal' has no attribute 'SIGNOPE'\")"})
+    );
+    assert_eq!(panel.revokes.lock().unwrap().len(), 6);
+    // Celery's default signal is SIGTERM.
+    run(
+        &panel,
+        "revoke",
+        json!({"task_id": "y", "terminate": "yes"}),
+    )
+    .await;
+    assert_eq!(panel.revokes.lock().unwrap()[6].1, Some(15));
+    run(&panel, "revoke", json!({"task_id": "z", "terminate": 0})).await;
+    assert_eq!(panel.revokes.lock().unwrap()[7].1, None);
+}
+
+#[tokio::test]
+async fn task_listings() {
+    let panel = fake(vec![
+        task("act", TaskPhase::Active, Some(1_700_000_000.5)),
+        task("res", TaskPhase::Reserved, None),
+        task("sch", TaskPhase::Scheduled, None),
+        task("end", TaskPhase::Ending, Some(1.0)),
+    ]);
+    let active = run(&panel, "active", json!({})).await;
+    assert_eq!(
+        active,
+        json!([{
+            "id": "act", "name": "offliner.youtube", "args": [],
+            "kwargs": {"flags": {"id": "UC1"}}, "type": "offliner.youtube",
+            "hostname": "alice@node1", "time_start": 1_700_000_000.5,
+            "acknowledged": false,
+            "delivery_info": {"exchange": "offliner", "routing_key": "small",
+                              "priority": null, "redelivered": false},
+            "worker_pid": std::process::id(),
+        }])
+    );
+    let safe = run(&panel, "active", json!({"safe": true})).await;
+    assert_eq!(safe[0]["args"], "[]");
+    assert_eq!(safe[0]["kwargs"], "{'flags': {'id': 'UC1'}}");
+    let reserved = run(&panel, "reserved", json!({})).await;
+    assert_eq!(reserved.as_array().map(Vec::len), Some(1));
+    assert_eq!(reserved[0]["id"], "res");
+    assert_eq!(reserved[0]["worker_pid"], Value::Null);
+    let scheduled = run(&panel, "scheduled", json!({})).await;
+    assert_eq!(scheduled[0]["eta"], "2030-01-01T00:00:00+00:00");
+    assert_eq!(scheduled[0]["priority"], 6);
+    assert_eq!(scheduled[0]["request"]["id"], "sch");
+    assert_eq!(
+        run(
+            &panel,
+            "query_task",
+            json!({"ids": ["act", "end", "nope", "long-gone"]})
+        )
+        .await,
+        json!({
+            "act": ["active", to_value(&request_info(&panel.tasks[0], "alice@node1", std::process::id(), false))],
+            "end": ["ready", to_value(&request_info(&panel.tasks[3], "alice@node1", std::process::id(), false))],
+            "long-gone": ["ready", {"id": "long-gone", "hostname": "alice@node1"}],
+        })
+    );
+    assert_eq!(
+        run(&panel, "registered", json!({})).await,
+        json!([
+            "offliner.gutenberg",
+            "offliner.mwoffliner",
+            "offliner.phet",
+            "offliner.youtube"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn stats_has_what_flower_reads() {
+    let panel = fake(Vec::new());
+    let stats = run(&panel, "stats", json!({})).await;
+    assert_eq!(stats["total"], json!({"offliner.mwoffliner": 2}));
+    assert_eq!(stats["pid"], 42);
+    assert_eq!(stats["uptime"], 62);
+    assert_eq!(stats["prefetch_count"], 3);
+    assert_eq!(stats["pool"]["max-concurrency"], 3);
+    assert_eq!(stats["pool"]["processes"], json!([42]));
+    assert_eq!(
+        stats["broker"],
+        json!({
+            "hostname": "broker.example", "userid": "alice", "virtual_host": "zimfarm",
+            "port": 5671, "insist": false, "ssl": true, "transport": "amqp",
+            "connect_timeout": 15, "transport_options": {}, "login_method": "PLAIN",
+            "uri_prefix": null, "heartbeat": 60.0, "failover_strategy": "round-robin",
+            "alternates": [], "credential_provider": null,
+        })
+    );
+    assert!(
+        stats["rusage"]["maxrss"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    assert!(stats["clock"].is_string());
+    let text = stats.to_string();
+    assert!(!text.contains("s3cr3t"), "no password in {text}");
+    let conf = run(&panel, "conf", json!({})).await;
+    assert_eq!(
+        conf["broker_url"],
+        "amqps://alice:********@broker.example:5671/zimfarm"
+    );
+    assert_eq!(conf["worker_concurrency"], 3);
+    assert!(!conf.to_string().contains("s3cr3t"));
+}
+
+#[tokio::test]
+async fn queues_come_and_go() {
+    let panel = fake(Vec::new());
+    let queues = run(&panel, "active_queues", json!({})).await;
+    assert_eq!(queues[0]["name"], "small");
+    assert_eq!(queues[0]["exchange"]["name"], "offliner");
+    assert_eq!(queues[0]["exchange"]["type"], "topic");
+    assert_eq!(
+        run(&panel, "add_consumer", json!({"queue": "medium"})).await,
+        json!({"ok": "add consumer medium"})
+    );
+    run(&panel, "add_consumer", json!({"queue": "extra"})).await;
+    assert_eq!(
+        run(
+            &panel,
+            "add_consumer",
+            json!({"queue": "bad", "exchange_type": "weird"})
+        )
+        .await,
+        json!({"error": "exchange_type \"weird\" is not one of direct, topic, fanout, headers"})
+    );
+    assert_eq!(
+        panel.queues(),
+        [
+            TaskQueue::zimfarm("small"),
+            TaskQueue::zimfarm("medium"),
+            TaskQueue {
+                name: "extra".into(),
+                exchange: "extra".into(),
+                exchange_type: "direct".into(),
+                routing_key: "extra".into(),
+            }
+        ]
+    );
+    assert_eq!(
+        run(&panel, "cancel_consumer", json!({"queue": "small"})).await,
+        json!({"ok": "no longer consuming from small"})
+    );
+    assert_eq!(panel.queues().len(), 2);
+    let long = "x".repeat(256);
+    for args in [
+        json!({"queue": long}),
+        json!({"queue": "q", "exchange": long}),
+        json!({"queue": "q", "routing_key": long}),
+    ] {
+        let reply = run(&panel, "add_consumer", args).await;
+        assert!(reply["error"].as_str().unwrap().contains("255"), "{reply}");
+    }
+    assert_eq!(panel.queues().len(), 2);
+    assert_eq!(
+        run(&panel, "add_consumer", json!({})).await["error"]
+            .as_str()
+            .map(|e| e.starts_with("TypeError(")),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn events_heartbeat_hello_and_shutdown() {
+    let panel = fake(Vec::new());
+    assert_eq!(
+        run(&panel, "enable_events", json!({})).await,
+        json!({"ok": "task events already enabled"})
+    );
+    assert_eq!(
+        run(&panel, "disable_events", json!({})).await,
+        json!({"ok": "task events disabled"})
+    );
+    assert!(!panel.events.is_enabled());
+    assert_eq!(
+        run(&panel, "disable_events", json!({})).await,
+        json!({"ok": "task events already disabled"})
+    );
+    assert_eq!(
+        run(&panel, "enable_events", json!({})).await,
+        json!({"ok": "task events enabled"})
+    );
+    assert_eq!(run(&panel, "heartbeat", json!({})).await, Value::Null);
+    assert_eq!(panel.heartbeats.load(Ordering::SeqCst), 1);
+
+    let clock = panel.events.clock().value();
+    let hello = run(
+        &panel,
+        "hello",
+        json!({"from_node": "bob@node2", "revoked": ["r1", "r2"]}),
+    )
+    .await;
+    assert_eq!(hello["revoked"], json!(["r1", "r2"]));
+    assert_eq!(hello["clock"], clock + 1);
+    // Celery 5 before 5.7 sent a map of id -> timestamp.
+    run(
+        &panel,
+        "hello",
+        json!({"from_node": "bob@node2", "revoked": {"r3": 1.5}}),
+    )
+    .await;
+    assert_eq!(panel.revoked(), ["r1", "r2", "r3"]);
+    assert_eq!(
+        run(&panel, "hello", json!({"from_node": "alice@node1"})).await,
+        Value::Null
+    );
+
+    let (reply, after) = dispatch(&panel, "shutdown", &Map::new()).await;
+    assert_eq!(reply, json!({"ok": "shutting down"}));
+    assert_eq!(after, After::Shutdown);
+    assert!(panel.outbox.is_empty());
+}
+
+#[test]
+fn revoked_set_is_bounded_and_expires() {
+    let start = Instant::now();
+    let mut set = RevokedSet::new(3, Duration::from_secs(10));
+    for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+        set.insert(id, start + Duration::from_secs(i as u64));
+    }
+    assert_eq!(set.ids(start + Duration::from_secs(4)), ["b", "c", "d"]);
+    assert!(!set.contains("a", start + Duration::from_secs(4)));
+    assert!(set.contains("b", start + Duration::from_secs(4)));
+    // Revoked again: newest, and its time starts over.
+    set.insert("b", start + Duration::from_secs(5));
+    assert_eq!(set.ids(start + Duration::from_secs(5)), ["c", "d", "b"]);
+    assert!(!set.contains("c", start + Duration::from_secs(12)));
+    assert_eq!(set.ids(start + Duration::from_secs(14)), ["b"]);
+    assert_eq!(set.len(), 1);
+    assert!(set.ids(start + Duration::from_secs(15)).is_empty());
+    assert!(set.is_empty());
+}
+
+#[test]
+fn signal_names_and_numbers() {
+    assert_eq!(signum(None), Ok(15));
+    assert_eq!(signum(Some(&json!("SIGKILL"))), Ok(9));
+    assert_eq!(signum(Some(&json!("KILL"))), Ok(9));
+    assert_eq!(signum(Some(&json!("SIGUSR1"))), Ok(10));
+    assert_eq!(signum(Some(&json!(9))), Ok(9));
+    assert!(signum(Some(&json!(0))).is_err());
+    assert!(signum(Some(&json!("sigkill"))).is_err());
+    assert!(signum(Some(&json!(["x"]))).is_err());
+    // Python's aliases, which the C names do not cover.
+    assert_eq!(signum(Some(&json!("SIGIOT"))), Ok(6));
+    assert_eq!(signum(Some(&json!("POLL"))), Ok(29));
+    assert_eq!(signum(Some(&json!("SIGCLD"))), Ok(17));
+    assert_eq!(signum(Some(&json!("SIGSTKFLT"))), Ok(16));
+    assert_eq!(signum(Some(&json!("SIGPWR"))), Ok(30));
+    assert_eq!(
+        signum(Some(&json!("SIGNOPE"))),
+        Err(exception(
+            "AttributeError",
+            "module 'signal' has no attribute 'SIGNOPE'"
+        ))
+    );
+    assert_eq!(python_set(&[]), "set()");
+}
+
+#[test]
+fn rusage_is_the_process_own() {
+    let usage = rusage();
+    assert!(usage.maxrss > 0);
+    assert!(usage.minflt > 0);
+    assert!(usage.utime + usage.stime > 0.0);
+}
+
+#[test]
+fn requests_are_parsed_before_anything_runs() {
+    use super::command::Command;
+    let parse = |method: &str, arguments: Value| Command::parse(method, &args(arguments));
+    // One alias table: the old names are the same commands.
+    for (alias, name) in [
+        ("dump_active", "active"),
+        ("dump_reserved", "reserved"),
+        ("dump_schedule", "scheduled"),
+        ("dump_tasks", "registered"),
+        ("dump_revoked", "revoked"),
+        ("dump_conf", "conf"),
+    ] {
+        assert_eq!(parse(alias, json!({})), parse(name, json!({})), "{alias}");
+    }
+    assert_eq!(
+        parse("dump_active", json!({"safe": 1})),
+        Ok(Command::Active { safe: true })
+    );
+    assert_eq!(
+        parse(
+            "terminate",
+            json!({"task_id": ["a", "b", "a"], "signal": "KILL"})
+        ),
+        Ok(Command::Revoke {
+            ids: vec!["a".into(), "b".into()],
+            terminate: Some(9)
+        })
+    );
+    assert_eq!(
+        parse("revoke", json!({"task_id": "a"})),
+        Ok(Command::Revoke {
+            ids: vec!["a".into()],
+            terminate: None
+        })
+    );
+    // A bad signal is only an error when something is to be terminated.
+    assert_eq!(
+        parse("revoke", json!({"task_id": "a", "signal": "NOPE"})),
+        Ok(Command::Revoke {
+            ids: vec!["a".into()],
+            terminate: None
+        })
+    );
+    assert_eq!(
+        parse(
+            "revoke",
+            json!({"task_id": "a", "terminate": true, "signal": "NOPE"})
+        ),
+        Err(exception(
+            "AttributeError",
+            "module 'signal' has no attribute 'SIGNOPE'"
+        ))
+    );
+    assert_eq!(
+        parse("hello", json!({"from_node": "x@y", "revoked": {"r1": 1.0}})),
+        Ok(Command::Hello {
+            from_node: "x@y".into(),
+            revoked: vec!["r1".into()]
+        })
+    );
+    assert_eq!(
+        parse("add_consumer", json!({"queue": "small"})),
+        Ok(Command::AddConsumer(TaskQueue::zimfarm("small")))
+    );
+    assert_eq!(
+        parse(
+            "add_consumer",
+            json!({"queue": "q", "exchange_type": "fan"})
+        ),
+        Err(nok(
+            "exchange_type \"fan\" is not one of direct, topic, fanout, headers"
+        ))
+    );
+    assert!(
+        parse("hello", json!({}))
+            .unwrap_err()
+            .to_string()
+            .contains("TypeError"),
+        "hello without from_node"
+    );
+    assert_eq!(parse("nope", json!({})), Err(exception("KeyError", "nope")));
+}

@@ -746,7 +746,7 @@ impl Outbox {
         self.connected.load(Ordering::Relaxed)
     }
 
-    fn take_batch(&self, max: usize) -> Vec<Outgoing> {
+    pub(crate) fn take_batch(&self, max: usize) -> Vec<Outgoing> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let n = state.items.len().min(max);
         state.items.drain(..n).collect()

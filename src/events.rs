@@ -106,6 +106,24 @@ impl EventSink {
         });
     }
 
+    /// Queues a task's final event, then its `rpc://` result when the
+    /// request named a `reply_to`. The returned receiver resolves once the
+    /// broker has confirmed the last of them: the outbox publishes in
+    /// order, so the event is confirmed by then too.
+    pub fn emit_final(
+        &self,
+        event: &EventKind,
+        reply_to: Option<&str>,
+        task_id: &str,
+        state: &TaskState,
+    ) -> Confirmed {
+        let confirmed = self.emit_confirmed(event);
+        match reply_to {
+            Some(to) => self.publish_result(to, task_id, state),
+            None => confirmed,
+        }
+    }
+
     /// Queues an `rpc://` result for a client waiting on `reply_to`.
     pub fn publish_result(&self, reply_to: &str, task_id: &str, state: &TaskState) -> Confirmed {
         let (tx, rx) = oneshot::channel();
@@ -119,5 +137,70 @@ impl EventSink {
             confirmed: Some(tx),
         });
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink() -> (EventSink, Arc<Outbox>) {
+        let outbox = Outbox::new(10);
+        let identity = Identity {
+            hostname: "alice@node1".into(),
+            pid: 42,
+            sw_ident: "zimfarm-worker".into(),
+            sw_ver: "0.1.0".into(),
+            sw_sys: "Linux".into(),
+        };
+        (EventSink::new(identity, outbox.clone()), outbox)
+    }
+
+    fn revoked(id: &str) -> EventKind {
+        EventKind::TaskRevoked {
+            uuid: id.into(),
+            terminated: false,
+            signum: None,
+            expired: false,
+        }
+    }
+
+    #[test]
+    fn a_final_event_goes_before_its_result_and_is_confirmed_with_it() {
+        let (sink, outbox) = sink();
+        let state = TaskState::Revoked {
+            reason: "revoked".into(),
+        };
+        let mut confirmed = sink.emit_final(&revoked("t1"), Some("client-q"), "t1", &state);
+        let mut items = outbox.take_batch(10).into_iter();
+        let (event, result) = (items.next().unwrap(), items.next().unwrap());
+        assert!(items.next().is_none());
+        assert_eq!(event.exchange, EVENT_EXCHANGE);
+        assert_eq!(
+            (result.exchange.as_str(), result.routing_key.as_str()),
+            ("", "client-q")
+        );
+        assert!(event.keep && result.keep, "neither may be dropped");
+        // The broker confirms in order: the result's confirm covers both.
+        // (nobody waits on the event's own confirm)
+        let _ = event.confirmed.unwrap().send(());
+        assert!(confirmed.try_recv().is_err(), "resolved before the result");
+        result.confirmed.unwrap().send(()).unwrap();
+        assert_eq!(confirmed.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn without_a_reply_to_only_the_event_goes() {
+        let (sink, outbox) = sink();
+        let state = TaskState::Revoked {
+            reason: "revoked".into(),
+        };
+        let mut confirmed = sink.emit_final(&revoked("t2"), None, "t2", &state);
+        let items = outbox.take_batch(10);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].exchange, EVENT_EXCHANGE);
+        let item = items.into_iter().next().unwrap();
+        item.confirmed.unwrap().send(()).unwrap();
+        assert_eq!(confirmed.try_recv(), Ok(()));
     }
 }

@@ -655,22 +655,17 @@ impl<R: Runner> Inner<R> {
             };
             // Like every final outcome: reported (and confirmed) first, then
             // the message goes.
-            let mut confirmed = self.events.emit_confirmed(&EventKind::TaskFailed {
-                uuid: request.id.clone(),
-                exception: info.repr(),
-                traceback: String::new(),
-            });
-            if let Some(to) = request.reply_to.as_deref() {
-                confirmed = self
-                    .events
-                    .publish_result(to, &request.id, &TaskState::Failure(info));
-            }
-            self.tasks.spawn(async move {
-                let _ = confirmed.await;
-                if let Err(error) = acker.reject(BasicRejectOptions { requeue: false }).await {
-                    tracing::debug!(%error, "reject failed; the broker will redeliver");
-                }
-            });
+            let confirmed = self.events.emit_final(
+                &EventKind::TaskFailed {
+                    uuid: request.id.clone(),
+                    exception: info.repr(),
+                    traceback: String::new(),
+                },
+                request.reply_to.as_deref(),
+                &request.id,
+                &TaskState::Failure(info),
+            );
+            self.spawn_settle(acker, Some(confirmed), Settle::Reject);
             return;
         }
 
@@ -844,18 +839,15 @@ impl<R: Runner> Inner<R> {
                     if let Err(error) = recorded.await {
                         record_failed(&error);
                     }
-                    let mut confirmed = this.events.emit_confirmed(&event);
-                    if let Some(to) = request.reply_to.as_deref() {
-                        confirmed = this.events.publish_result(
-                            to,
-                            &request.id,
-                            &TaskState::Revoked {
-                                reason: if expired { "expired" } else { "revoked" }.to_owned(),
-                            },
-                        );
-                    }
-                    let _ = confirmed.await;
-                    ack(&acker).await;
+                    let confirmed = this.events.emit_final(
+                        &event,
+                        request.reply_to.as_deref(),
+                        &request.id,
+                        &TaskState::Revoked {
+                            reason: if expired { "expired" } else { "revoked" }.to_owned(),
+                        },
+                    );
+                    settle(acker, Some(confirmed), Settle::Ack).await;
                 }
                 .instrument(span.clone()),
             );
@@ -903,12 +895,12 @@ impl<R: Runner> Inner<R> {
 
     /// Acks once `confirmed` resolves (the final event reached the broker).
     fn spawn_ack(&self, acker: Acker, confirmed: Option<crate::events::Confirmed>) {
-        self.tasks.spawn(async move {
-            if let Some(c) = confirmed {
-                let _ = c.await;
-            }
-            ack(&acker).await;
-        });
+        self.spawn_settle(acker, confirmed, Settle::Ack);
+    }
+
+    /// Settles a message once `confirmed` resolves, in a task of its own.
+    fn spawn_settle(&self, acker: Acker, confirmed: Option<crate::events::Confirmed>, how: Settle) {
+        self.tasks.spawn(settle(acker, confirmed, how));
     }
 
     fn set_phase(&self, id: &str, phase: Phase) {
@@ -1127,10 +1119,9 @@ impl<R: Runner> Inner<R> {
                 }
             }
         }
-        let mut confirmed = self.events.emit_confirmed(&event);
-        if let Some(to) = request.reply_to.as_deref() {
-            confirmed = self.events.publish_result(to, &id, &state);
-        }
+        let confirmed = self
+            .events
+            .emit_final(&event, request.reply_to.as_deref(), &id, &state);
         // The task is over for whoever watches the events: free its slot,
         // and let the broker send the next message while this one waits
         // for its confirm (it then holds no slot, but is still unacked).
@@ -1146,6 +1137,33 @@ impl<R: Runner> Inner<R> {
         self.lock().tasks.remove(&id);
         self.counters.processed.fetch_add(1, Ordering::Relaxed);
         self.prefetch.end(&id).await;
+    }
+}
+
+/// What becomes of a task message whose outcome is reported.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    /// Done with: acked.
+    Ack,
+    /// Never to run anywhere (an unregistered task): rejected, not requeued.
+    Reject,
+}
+
+/// Like every final outcome: the report is confirmed by the broker first
+/// (`confirmed`, when there is one), then the message goes. If the
+/// connection drops in between, the redelivery finds the task in `ended`
+/// and sends its final event again.
+async fn settle(acker: Acker, confirmed: Option<crate::events::Confirmed>, how: Settle) {
+    if let Some(confirmed) = confirmed {
+        let _ = confirmed.await;
+    }
+    match how {
+        Settle::Ack => ack(&acker).await,
+        Settle::Reject => {
+            if let Err(error) = acker.reject(BasicRejectOptions { requeue: false }).await {
+                tracing::debug!(%error, "reject failed; the broker will redeliver");
+            }
+        }
     }
 }
 

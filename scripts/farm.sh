@@ -56,8 +56,8 @@ farm_vhost "http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api" "$vhost" zimfa
 # FARM_PROFILE=dev reuses the test build (CI runs the demo after the tests).
 profile="${FARM_PROFILE:-release}"
 case "$profile" in
-  release) bin=target/release ;;
-  dev) bin=target/debug ;;
+  release) bin="${CARGO_TARGET_DIR:-target}/release" ;;
+  dev) bin="${CARGO_TARGET_DIR:-target}/debug" ;;
   *) echo "FARM_PROFILE is '$profile'; use release or dev" >&2; exit 2 ;;
 esac
 echo "==> building the worker and the dispatcher stand-in ($profile)"

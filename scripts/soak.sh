@@ -34,8 +34,8 @@ case "$seconds" in '' | *[!0-9]*) echo "SOAK_SECONDS is '$seconds'; give a whole
 case "$seed" in '' | *[!0-9]*) echo "SOAK_SEED is '$seed'; give a whole number" >&2; exit 2 ;; esac
 profile="${SOAK_PROFILE:-release}"
 case "$profile" in
-  release) bin=target/release ;;
-  dev) bin=target/debug ;;
+  release) bin="${CARGO_TARGET_DIR:-target}/release" ;;
+  dev) bin="${CARGO_TARGET_DIR:-target}/debug" ;;
   *) echo "SOAK_PROFILE is '$profile'; use release or dev" >&2; exit 2 ;;
 esac
 echo "==> soak: SOAK_SECONDS=$seconds SOAK_SEED=$seed ($profile build)"

@@ -1,9 +1,12 @@
 //! Configuration: the environment read once into a typed, validated [`Config`].
 //!
-//! Owns the names of every environment variable, their defaults and their
-//! validation, and the redaction of secrets. It must not touch the network:
-//! everything here is checked before the first connection, so a typo costs
-//! the operator one clear line and exit code 2, not a crash loop.
+//! Owns the names of every environment variable of the README's
+//! Environment table (a test holds the two together; `DOCKER_HOST` alone is
+//! read where the Docker client is made, as Docker's tools do), their
+//! defaults and their validation, and the redaction of secrets. It must not
+//! touch the network: everything here is checked before the first
+//! connection, so a typo costs the operator one clear line and exit code 2,
+//! not a crash loop.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -260,6 +263,21 @@ impl PipelineSettings {
 /// nothing else): `None` when it is unset or empty.
 pub fn metrics_addr_from_env() -> Result<Option<SocketAddr>, ConfigError> {
     RawEnv::from_vars(std::env::vars_os())?.metrics_addr()
+}
+
+/// `LOG_LEVEL`, read before anything else so that the start-up is logged:
+/// `tracing` filter directives such as `warn` or `info,zimfarm_worker=debug`;
+/// `None` when unset or not UTF-8 (the caller's default level then).
+pub fn log_level_from_env() -> Option<String> {
+    std::env::var("LOG_LEVEL").ok()
+}
+
+/// `NODE_NAME` as it is, for `register-key`'s default key name (that
+/// command needs no other setting): `None` when unset or blank.
+pub fn node_name_from_env() -> Option<String> {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.trim().is_empty())
 }
 
 impl DispatcherSettings {
@@ -1090,6 +1108,29 @@ mod proptests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README's Environment table lists exactly the variables the
+    /// worker reads: a new one cannot go undocumented, nor a removed one
+    /// stay documented.
+    #[test]
+    fn the_readme_documents_every_variable_and_no_other() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Environment\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("the README has an Environment section");
+        let documented: std::collections::BTreeSet<&str> = section
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|line| line.split('`').next())
+            .collect();
+        let mut read: std::collections::BTreeSet<&str> = RawEnv::NAMES.into_iter().collect();
+        // Read on their own: LOG_LEVEL before the rest (log_level_from_env),
+        // DOCKER_HOST by the Docker client, as Docker's own tools do.
+        read.extend(["LOG_LEVEL", "DOCKER_HOST"]);
+        assert_eq!(documented, read);
+    }
 
     fn base() -> Vec<(&'static str, &'static str)> {
         vec![

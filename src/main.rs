@@ -1,5 +1,9 @@
-//! The `zimfarm-worker` binary: reads the configuration, sets up logging and
-//! signals, and runs the worker. No logic lives here.
+//! The `zimfarm-worker` binary: parses the command line and runs one
+//! command (the worker by default, `check`, `register-key`, `run-task`,
+//! `healthcheck`). Each command's start-up sequence lives here: its
+//! settings, logging and signals, the library call that does the work
+//! (`worker`, `ops`, `pipeline`, `monitor`), and the mapping of its errors
+//! to the exit codes the README documents (2 for configuration).
 
 use std::process::ExitCode;
 
@@ -9,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 use zimfarm_worker::celery::EventKind;
+use zimfarm_worker::celery::request_from_json;
 use zimfarm_worker::config::{
     Config, DispatcherSettings, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind,
     WarehouseSettings,
@@ -19,7 +24,7 @@ use zimfarm_worker::ended::{EndedError, EndedLog};
 use zimfarm_worker::metrics;
 use zimfarm_worker::monitor::{self, MonitorError};
 use zimfarm_worker::ops::{self, KeyNotRegistered};
-use zimfarm_worker::pipeline::{DockerRunner, request_from_json};
+use zimfarm_worker::pipeline::DockerRunner;
 use zimfarm_worker::runner::{RunError, Runner, SimulateRunner, TaskContext, TaskEvents};
 use zimfarm_worker::warehouse::{ClientKey, KeyError, Warehouse, WarehouseError};
 use zimfarm_worker::worker::{Worker, WorkerError};
@@ -271,11 +276,7 @@ fn register_key_command(name: Option<String>) -> ExitCode {
         }
     };
     let name = name
-        .or_else(|| {
-            std::env::var("NODE_NAME")
-                .ok()
-                .filter(|n| !n.trim().is_empty())
-        })
+        .or_else(zimfarm_worker::config::node_name_from_env)
         .unwrap_or_else(|| "zimfarm-worker".to_owned());
     init_logging_to_stderr_quietly();
     let Some(runtime) = runtime() else {
@@ -324,8 +325,7 @@ fn register_key_command(name: Option<String>) -> ExitCode {
 /// The operator commands print their own lines; the log says only what
 /// went wrong, on stderr.
 fn init_logging_to_stderr_quietly() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let filter = log_filter("error");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -516,9 +516,16 @@ async fn watch_signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// The log filter `LOG_LEVEL` says, or `default` when it is unset or not a
+/// valid filter.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    zimfarm_worker::config::log_level_from_env()
+        .and_then(|directives| tracing_subscriber::EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default))
+}
+
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter("info");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bollard::container::LogOutput;
 use futures_util::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
@@ -1146,43 +1146,6 @@ async fn produced_files(dir: &Path, log_file: &str) -> Result<Vec<TaskFile>, Run
     Ok(files)
 }
 
-/// A task's JSON for `run-task`: `{"task": "offliner.mwoffliner", "id":
-/// "...", "kwargs": {...}, "args": [...]}`.
-pub fn request_from_json(text: &str) -> Result<TaskRequest, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct File {
-        task: String,
-        id: String,
-        #[serde(default)]
-        args: Vec<Value>,
-        #[serde(default)]
-        kwargs: serde_json::Map<String, Value>,
-    }
-    let f: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    Ok(TaskRequest {
-        argsrepr: crate::celery::to_repr(&Value::Array(f.args.clone())),
-        kwargsrepr: crate::celery::to_repr(&Value::Object(f.kwargs.clone())),
-        id: f.id,
-        name: f.task,
-        args: f.args,
-        kwargs: f.kwargs,
-        retries: 0,
-        eta: None,
-        expires: None,
-        time_limit: crate::celery::TimeLimit {
-            hard: None,
-            soft: None,
-        },
-        root_id: None,
-        parent_id: None,
-        origin: None,
-        reply_to: None,
-        correlation_id: None,
-        protocol: crate::celery::Protocol::V2,
-    })
-}
-
 #[cfg(test)]
 mod proptests {
     use super::*;
@@ -1348,17 +1311,6 @@ mod tests {
         t.push(&vec![b'x'; 10 * TAIL_LINE_MAX]);
         t.push(b"\n");
         assert_eq!(t.lines[0].len(), TAIL_LINE_MAX);
-    }
-
-    #[test]
-    fn run_task_json_is_read() {
-        let r = request_from_json(
-            r#"{"task": "offliner.youtube", "id": "abc", "kwargs": {"warehouse_path": "/x"}}"#,
-        )
-        .unwrap();
-        assert_eq!(r.name, "offliner.youtube");
-        assert!(request_from_json(r#"{"task": "x"}"#).is_err());
-        assert!(request_from_json(r#"{"task": "x", "id": "y", "extra": 1}"#).is_err());
     }
 
     /// A dir `depth` levels of 50-character names below `root`.

@@ -483,7 +483,7 @@ fn settings(dir: &Path, node: &str, min_free_mb: u64) -> zimfarm_worker::config:
 fn request(id: &str, flags: Value) -> std::sync::Arc<zimfarm_worker::celery::TaskRequest> {
     let text =
         json!({"task": "offliner.mwoffliner", "id": id, "kwargs": mw_kwargs(flags)}).to_string();
-    std::sync::Arc::new(zimfarm_worker::pipeline::request_from_json(&text).unwrap())
+    std::sync::Arc::new(zimfarm_worker::celery::request_from_json(&text).unwrap())
 }
 
 #[tokio::test]

@@ -3,7 +3,8 @@
 //!
 //! Owns bytes-in, bytes-out conversions only; it never opens a connection.
 //!
-//! - [`task`]: task messages (protocol v1 and v2) → [`TaskRequest`];
+//! - [`task`]: task messages (protocol v1 and v2), and `run-task`'s JSON,
+//!   → [`TaskRequest`];
 //! - [`event`]: worker and task events for the `celeryev` exchange;
 //! - [`result`]: `rpc://` results and Python-style exceptions;
 //! - [`control`]: pidbox requests and replies;
@@ -27,4 +28,6 @@ pub use event::{
 };
 pub use repr::{repr_str, to_repr};
 pub use result::{ExceptionInfo, TaskState, encode_rpc_result};
-pub use task::{DecodeError, DecodeErrorKind, Protocol, TaskRequest, TimeLimit, decode};
+pub use task::{
+    DecodeError, DecodeErrorKind, Protocol, TaskRequest, TimeLimit, decode, request_from_json,
+};

@@ -581,5 +581,42 @@ fn id_suffix(task_id: Option<&str>) -> String {
     task_id.map_or_else(String::new, |id| format!(" (task id {:?})", preview(id)))
 }
 
+/// A task's JSON for `run-task`: `{"task": "offliner.mwoffliner", "id":
+/// "...", "kwargs": {...}, "args": [...]}`.
+pub fn request_from_json(text: &str) -> Result<TaskRequest, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        task: String,
+        id: String,
+        #[serde(default)]
+        args: Vec<Value>,
+        #[serde(default)]
+        kwargs: serde_json::Map<String, Value>,
+    }
+    let f: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(TaskRequest {
+        argsrepr: to_repr(&Value::Array(f.args.clone())),
+        kwargsrepr: to_repr(&Value::Object(f.kwargs.clone())),
+        id: f.id,
+        name: f.task,
+        args: f.args,
+        kwargs: f.kwargs,
+        retries: 0,
+        eta: None,
+        expires: None,
+        time_limit: TimeLimit {
+            hard: None,
+            soft: None,
+        },
+        root_id: None,
+        parent_id: None,
+        origin: None,
+        reply_to: None,
+        correlation_id: None,
+        protocol: Protocol::V2,
+    })
+}
+
 #[cfg(test)]
 mod tests;

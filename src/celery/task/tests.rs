@@ -1146,3 +1146,14 @@ proptest! {
         prop_assert_eq!(request.protocol, Protocol::V1);
     }
 }
+
+#[test]
+fn run_task_json_is_read() {
+    let r = request_from_json(
+        r#"{"task": "offliner.youtube", "id": "abc", "kwargs": {"warehouse_path": "/x"}}"#,
+    )
+    .unwrap();
+    assert_eq!(r.name, "offliner.youtube");
+    assert!(request_from_json(r#"{"task": "x"}"#).is_err());
+    assert!(request_from_json(r#"{"task": "x", "id": "y", "extra": 1}"#).is_err());
+}

@@ -3,12 +3,12 @@
 //! actions, and their replies in the shapes Celery 5 gives.
 //!
 //! Laid out as Celery's `worker/pidbox.py` beside `worker/control.py`:
-//! - [`pidbox`]: the node's pidbox queue per broker session (one tokio task,
+//! - `pidbox`: the node's pidbox queue per broker session (one tokio task,
 //!   apart from the task consumer: a slow reply never delays a task);
-//! - [`command`]: a request parsed into a [`command::Command`] first;
-//! - [`inspect`] and [`actions`]: the commands, by group, applied through
+//! - `command`: a request parsed into a `command::Command` first;
+//! - `inspect` and `actions`: the commands, by group, applied through
 //!   [`Panel`], the worker's facade;
-//! - [`revoked`]: [`RevokedSet`], Celery's bounded memory of revoked ids.
+//! - `revoked`: [`RevokedSet`], Celery's bounded memory of revoked ids.
 //!
 //! It must not block the task consumer nor touch tasks itself: it asks the
 //! worker through [`Panel`]. Wire shapes live in [`crate::celery::control`].

@@ -1,0 +1,163 @@
+//! What a decoded task message becomes, decided apart from acting on it: a
+//! pure function of the message, of what the worker knows about its id
+//! when it arrives, and of the time, so that every case is one line of a
+//! table test. [`super::delivery`] gathers what is known (under the
+//! registry's lock) and carries the decision out.
+//!
+//! Owns the order of the checks only; it touches nothing.
+
+use chrono::{DateTime, Utc};
+
+use super::Phase;
+use crate::celery::{EventKind, TaskRequest};
+use crate::offliner::Offliner;
+
+/// What the worker knows about a task id when its message arrives.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Known {
+    /// The task is in the registry here, in this phase.
+    pub here: Option<Phase>,
+    /// The task ended here: its final event, from the record of ended tasks.
+    pub ended: Option<EventKind>,
+    /// Its id is among the revoked ids remembered.
+    pub revoked: bool,
+    /// A live session through which the farm can be asked about a
+    /// redelivery (none when the farm has just answered "run it here").
+    pub can_ask_farm: bool,
+}
+
+/// The decision.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Admission {
+    /// No offliner has this task name: it can run nowhere (rejected, with
+    /// Celery's `NotRegistered`).
+    Unregistered,
+    /// A run of it is here: its message is held until that run ends.
+    AlreadyHere(Phase),
+    /// It ended here: its final event is sent again, then the message acked.
+    EndedHere(EventKind),
+    /// A redelivery of a task neither here nor ended here, maybe running on
+    /// another node: the farm is asked first.
+    AskFarm,
+    /// Not run: its `expires` passed before it could start.
+    Expired,
+    /// Not run: it was revoked before it arrived.
+    Revoked,
+    /// Taken: run as soon as a slot is free, or held until its `eta`.
+    Accept { at_eta: bool },
+}
+
+/// Decides what becomes of `request` (delivered again when `redelivered`),
+/// from what is `known` about it at `now`. The checks go in this order:
+/// registered, here, ended here, a redelivery to ask the farm about,
+/// expired, revoked, then accepted.
+pub(super) fn admit(
+    request: &TaskRequest,
+    redelivered: bool,
+    known: Known,
+    now: DateTime<Utc>,
+) -> Admission {
+    if Offliner::from_task_name(&request.name).is_none() {
+        return Admission::Unregistered;
+    }
+    if let Some(phase) = known.here {
+        return Admission::AlreadyHere(phase);
+    }
+    if let Some(event) = known.ended {
+        return Admission::EndedHere(event);
+    }
+    if redelivered && known.can_ask_farm {
+        return Admission::AskFarm;
+    }
+    if request.expires.is_some_and(|expires| expires <= now) {
+        return Admission::Expired;
+    }
+    if known.revoked {
+        return Admission::Revoked;
+    }
+    Admission::Accept {
+        at_eta: request.eta.is_some_and(|eta| eta > now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn request(name: &str, eta: Option<i64>, expires: Option<i64>) -> TaskRequest {
+        let at = |s: i64| Utc.timestamp_opt(s, 0).single().expect("a time");
+        let mut request = crate::celery::request_from_json(&format!(
+            r#"{{"task": "{name}", "id": "6f1c9a0b2d3e4f5a6b7c8d9e"}}"#
+        ))
+        .expect("a request");
+        request.eta = eta.map(at);
+        request.expires = expires.map(at);
+        request
+    }
+
+    fn ended() -> EventKind {
+        EventKind::TaskRevoked {
+            uuid: "6f1c9a0b2d3e4f5a6b7c8d9e".into(),
+            terminated: false,
+            signum: None,
+            expired: false,
+        }
+    }
+
+    #[test]
+    fn each_case_in_its_order() {
+        const NOW: i64 = 1_000;
+        let now = Utc.timestamp_opt(NOW, 0).single().unwrap();
+        let mwoffliner = "offliner.mwoffliner";
+        let nothing = Known::default();
+        let farm = Known {
+            can_ask_farm: true,
+            ..Known::default()
+        };
+        let here = Known {
+            here: Some(Phase::Running),
+            ended: Some(ended()),
+            revoked: true,
+            can_ask_farm: true,
+        };
+        let ended_here = Known {
+            ended: Some(ended()),
+            revoked: true,
+            can_ask_farm: true,
+            ..Known::default()
+        };
+        let revoked = Known {
+            revoked: true,
+            ..Known::default()
+        };
+        #[rustfmt::skip]
+        let table: Vec<(&str, TaskRequest, bool, Known, Admission)> = vec![
+            ("unregistered, whatever else is known",
+                request("offliner.nope", None, None), true, here.clone(), Admission::Unregistered),
+            ("a run here comes before its record",
+                request(mwoffliner, None, None), true, here.clone(), Admission::AlreadyHere(Phase::Running)),
+            ("ended here comes before the farm and revoked",
+                request(mwoffliner, None, Some(NOW - 1)), true, ended_here, Admission::EndedHere(ended())),
+            ("a redelivery with a session asks the farm, even expired",
+                request(mwoffliner, None, Some(NOW - 1)), true, farm.clone(), Admission::AskFarm),
+            ("a first delivery does not ask the farm",
+                request(mwoffliner, None, None), false, farm.clone(), Admission::Accept { at_eta: false }),
+            ("a redelivery the farm answered runs here",
+                request(mwoffliner, None, None), true, nothing.clone(), Admission::Accept { at_eta: false }),
+            ("expired at its expiry",
+                request(mwoffliner, None, Some(NOW)), false, nothing.clone(), Admission::Expired),
+            ("expired comes before revoked",
+                request(mwoffliner, None, Some(NOW - 1)), false, revoked.clone(), Admission::Expired),
+            ("revoked before it arrived",
+                request(mwoffliner, None, Some(NOW + 1)), false, revoked, Admission::Revoked),
+            ("an eta ahead is held for it",
+                request(mwoffliner, Some(NOW + 60), None), false, nothing.clone(), Admission::Accept { at_eta: true }),
+            ("an eta passed runs now",
+                request(mwoffliner, Some(NOW), None), false, nothing, Admission::Accept { at_eta: false }),
+        ];
+        for (case, request, redelivered, known, expected) in table {
+            assert_eq!(admit(&request, redelivered, known, now), expected, "{case}");
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! What becomes of each delivery: dropped (too large, undecodable,
+//! unregistered), held for a run already here, its final event sent again
+//! (ended here), held while the farm is asked (a redelivery), revoked or
+//! expired, or accepted (now, or at its `eta`); and how a message is
+//! settled once its outcome is confirmed.
+//!
+//! Owns the decision and the message's hold; what a task does is
+//! [`super::task`]'s and the runner's business.
+
+use super::admission::{Admission, Known, admit};
+use super::*;
+
+impl<R: Runner> Inner<R> {
+    /// Looks at one delivery and decides what becomes of it. Never blocks:
+    /// acks and task runs are spawned.
+    pub(super) fn on_delivery(self: &Arc<Self>, delivery: Delivery, link: &SessionLink) {
+        let Delivery {
+            data,
+            properties,
+            acker,
+            routing_key,
+            exchange,
+            redelivered,
+            ..
+        } = delivery;
+        if data.len() > self.config.max_message_bytes {
+            tracing::error!(
+                bytes = data.len(),
+                limit = self.config.max_message_bytes,
+                routing_key = %routing_key,
+                "dropping a task message larger than MAX_MESSAGE_BYTES"
+            );
+            metrics::global().task_ended("", Outcome::Rejected);
+            self.spawn_ack(acker, None);
+            return;
+        }
+        let request = match celery::decode(&properties, &data) {
+            Ok(r) => Arc::new(r),
+            Err(error) => {
+                tracing::error!(task_id = ?error.task_id, %error, "dropping an undecodable task message");
+                metrics::global().task_ended("", Outcome::Rejected);
+                let confirmed = error.task_id.as_ref().map(|id| {
+                    self.events.emit_confirmed(&EventKind::TaskFailed {
+                        uuid: id.clone(),
+                        exception: ExceptionInfo {
+                            exc_type: "DecodeError".to_owned(),
+                            exc_module: "builtins".to_owned(),
+                            message: error.to_string(),
+                            traceback: String::new(),
+                        }
+                        .repr(),
+                        traceback: String::new(),
+                    })
+                });
+                self.spawn_ack(acker, confirmed);
+                return;
+            }
+        };
+        drop(data);
+
+        let delivery = DeliveryInfo {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            priority: *properties.priority(),
+            redelivered,
+        };
+        let span = tracing::info_span!("task", task_id = %request.id);
+        self.place(request, acker, delivery, Some(link), span);
+    }
+
+    /// Carries out what [`admit`] decides for a decoded task message: from
+    /// what the registry, the record of ended tasks and the revoked ids
+    /// say of it (read under the registry's lock, which an accepted task
+    /// enters before the lock goes), and whether the farm can be asked
+    /// (`link`; none once the farm said to run it here).
+    pub(super) fn place(
+        self: &Arc<Self>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        delivery: DeliveryInfo,
+        link: Option<&SessionLink>,
+        span: tracing::Span,
+    ) {
+        let _enter = span.enter();
+        let state = self.lock();
+        let known = Known {
+            here: state.tasks.get(&request.id).map(|entry| entry.phase),
+            ended: self.ended.get(&request.id),
+            revoked: self.is_revoked(&request.id),
+            can_ask_farm: link.is_some(),
+        };
+        let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
+        if let Admission::Accept { at_eta } = admission {
+            self.accept(state, request, acker, delivery, at_eta, &span);
+            return;
+        }
+        drop(state);
+        match admission {
+            Admission::Accept { .. } => unreachable!("accepted above, under the lock"),
+            Admission::Unregistered => {
+                tracing::error!(task = %request.name, "received an unregistered task; rejecting it");
+                metrics::global().task_ended(&request.name, Outcome::Rejected);
+                let info = ExceptionInfo {
+                    exc_type: "NotRegistered".to_owned(),
+                    exc_module: "celery.exceptions".to_owned(),
+                    message: request.name.clone(),
+                    traceback: String::new(),
+                };
+                let confirmed = self.events.emit_final(
+                    &EventKind::TaskFailed {
+                        uuid: request.id.clone(),
+                        exception: info.repr(),
+                        traceback: String::new(),
+                    },
+                    request.reply_to.as_deref(),
+                    &request.id,
+                    &TaskState::Failure(info),
+                );
+                self.spawn_settle(acker, Some(confirmed), Settle::Reject);
+            }
+            Admission::AlreadyHere(phase) => {
+                tracing::info!(
+                    ?phase,
+                    "redelivered message for a task already here; acking it when that run ends"
+                );
+                match self.prefetch.hold_again(&request.id, acker) {
+                    // Held without a slot: room for one more.
+                    Ok(()) => {
+                        let this = self.clone();
+                        self.tasks
+                            .spawn(async move { this.prefetch.settle().await });
+                    }
+                    Err(NotHeld(acker)) => self.spawn_ack(acker, None),
+                }
+            }
+            Admission::EndedHere(event) => {
+                tracing::info!(
+                    event = event.event_type(),
+                    "redelivered message for a task that already ended here; sending its final event again"
+                );
+                let confirmed = self.events.emit_confirmed(&event);
+                if releasable(&event) {
+                    // The worker may have died between the record and the
+                    // release: release again (it is idempotent).
+                    self.tasks
+                        .spawn(self.runner.release(&request.id).instrument(span.clone()));
+                }
+                self.spawn_ack(acker, Some(confirmed));
+            }
+            Admission::AskFarm => {
+                // Not here, not ended here: the broker gave it back, maybe
+                // while it runs on another node (past its consumer_timeout).
+                // Held without a slot while the farm is asked.
+                let link = link.expect("the farm is asked only with a session").clone();
+                let session = self.prefetch.hold(&request.id, acker, false);
+                tracing::info!(
+                    "redelivered message for a task not run here; asking the farm whether a node runs it"
+                );
+                let this = self.clone();
+                drop(_enter);
+                self.tasks.spawn(
+                    async move {
+                        this.prefetch.settle().await;
+                        this.resolve_redelivery(request, delivery, session, link)
+                            .await;
+                    }
+                    .instrument(span.clone()),
+                );
+            }
+            Admission::Expired | Admission::Revoked => {
+                self.not_run(request, acker, admission == Admission::Expired, &span);
+            }
+        }
+    }
+
+    /// Settles a redelivered message held by [`Inner::place`]: see
+    /// [`crate::farm`].
+    pub(super) async fn resolve_redelivery(
+        self: Arc<Self>,
+        request: Arc<TaskRequest>,
+        delivery: DeliveryInfo,
+        session: u64,
+        link: SessionLink,
+    ) {
+        let id = request.id.clone();
+        let verdict = match Probe::open(&link.connection, self.events.hostname()).await {
+            Ok(probe) => probe.resolve(&id, &link.over).await,
+            Err(error) => Err(error),
+        };
+        let verdict = match verdict {
+            Ok(verdict) => verdict,
+            Err(_) if link.over.is_cancelled() => Verdict::Returned,
+            Err(error) => {
+                // The session lives but the farm cannot be asked: do what
+                // a node that cannot ask would, rather than hold it until
+                // the broker's timeout moves it on.
+                tracing::warn!(%error, "running the redelivered task here without the farm's answer");
+                Verdict::RunHere {
+                    why: error.to_string(),
+                }
+            }
+        };
+        match verdict {
+            Verdict::EndedElsewhere { node } => {
+                tracing::info!(node = %node, "the task ended on another node; acking its redelivered message without running it");
+                metrics::global().redelivery(metrics::Redelivery::EndedElsewhere);
+                self.prefetch.end(&id).await;
+            }
+            Verdict::RunHere { why } => match self.prefetch.take(&id, session) {
+                Some(acker) => {
+                    tracing::info!(%why, "running the redelivered task here");
+                    metrics::global().redelivery(metrics::Redelivery::RanHere);
+                    self.place(request, acker, delivery, None, tracing::Span::current());
+                    // It was held without a slot, now with one.
+                    self.prefetch.settle().await;
+                }
+                None => {
+                    metrics::global().redelivery(metrics::Redelivery::Returned);
+                    self.prefetch.forget_session(&id, session);
+                }
+            },
+            Verdict::Returned => {
+                tracing::info!(
+                    "this node's session ended while it held the redelivered message; the broker has it again"
+                );
+                metrics::global().redelivery(metrics::Redelivery::Returned);
+                self.prefetch.forget_session(&id, session);
+            }
+        }
+    }
+
+    /// A task that is not run: expired, or revoked before it arrived. Its
+    /// end is recorded and reported, then its message acked.
+    fn not_run(
+        self: &Arc<Self>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        expired: bool,
+        span: &tracing::Span,
+    ) {
+        if expired {
+            tracing::warn!(expires = ?request.expires, "task expired before it could start; not running it");
+        } else {
+            tracing::warn!("task was revoked before it arrived; not running it");
+        }
+        let event = EventKind::TaskRevoked {
+            uuid: request.id.clone(),
+            terminated: false,
+            signum: None,
+            expired,
+        };
+        // Visible to the next delivery at once; on disk before the event
+        // leaves, like every outcome (see `finish`).
+        let recorded = self.ended.record(&request.id, &event);
+        self.counters.processed.fetch_add(1, Ordering::Relaxed);
+        metrics::global().task_ended(&request.name, Outcome::Revoked);
+        let this = self.clone();
+        self.tasks.spawn(
+            async move {
+                if let Err(error) = recorded.await {
+                    record_failed(&error);
+                }
+                let confirmed = this.events.emit_final(
+                    &event,
+                    request.reply_to.as_deref(),
+                    &request.id,
+                    &TaskState::Revoked {
+                        reason: if expired { "expired" } else { "revoked" }.to_owned(),
+                    },
+                );
+                settle(acker, Some(confirmed), Settle::Ack).await;
+            }
+            .instrument(span.clone()),
+        );
+    }
+
+    /// Takes a task: held in the registry (entered before `state`, the
+    /// registry's lock, goes) and started, or held until its `eta`.
+    fn accept(
+        self: &Arc<Self>,
+        mut state: std::sync::MutexGuard<'_, State>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        delivery: DeliveryInfo,
+        at_eta: bool,
+        span: &tracing::Span,
+    ) {
+        let cancel = CancellationToken::new();
+        state.tasks.insert(
+            request.id.clone(),
+            TaskEntry {
+                request: request.clone(),
+                phase: if at_eta {
+                    Phase::Scheduled
+                } else {
+                    Phase::Reserved
+                },
+                cancel: cancel.clone(),
+                reason: None,
+                started: None,
+                delivery,
+            },
+        );
+        // Held before the registry lock goes: a redelivery that finds the
+        // task there finds its message held too.
+        self.prefetch.hold(&request.id, acker, !at_eta);
+        drop(state);
+        self.events.emit(&EventKind::TaskReceived {
+            uuid: request.id.clone(),
+            name: request.name.clone(),
+            args: request.argsrepr.clone(),
+            kwargs: request.kwargsrepr.clone(),
+            root_id: request.root_id.clone(),
+            parent_id: request.parent_id.clone(),
+            retries: request.retries,
+            eta: request.eta.as_ref().map(celery::iso8601::format),
+            expires: request.expires.as_ref().map(celery::iso8601::format),
+        });
+        tracing::info!(task = %request.name, "task received");
+        self.tasks.spawn(
+            self.clone()
+                .task_life(request, cancel)
+                .instrument(span.clone()),
+        );
+    }
+
+    /// Acks once `confirmed` resolves (the final event reached the broker).
+    pub(super) fn spawn_ack(&self, acker: Acker, confirmed: Option<crate::events::Confirmed>) {
+        self.spawn_settle(acker, confirmed, Settle::Ack);
+    }
+
+    /// Settles a message once `confirmed` resolves, in a task of its own.
+    pub(super) fn spawn_settle(
+        &self,
+        acker: Acker,
+        confirmed: Option<crate::events::Confirmed>,
+        how: Settle,
+    ) {
+        self.tasks.spawn(settle(acker, confirmed, how));
+    }
+}
+
+/// What becomes of a task message whose outcome is reported.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Settle {
+    /// Done with: acked.
+    Ack,
+    /// Never to run anywhere (an unregistered task): rejected, not requeued.
+    Reject,
+}
+
+/// Like every final outcome: the report is confirmed by the broker first
+/// (`confirmed`, when there is one), then the message goes. If the
+/// connection drops in between, the redelivery finds the task in `ended`
+/// and sends its final event again.
+pub(super) async fn settle(acker: Acker, confirmed: Option<crate::events::Confirmed>, how: Settle) {
+    if let Some(confirmed) = confirmed {
+        let _ = confirmed.await;
+    }
+    match how {
+        Settle::Ack => ack(&acker).await,
+        Settle::Reject => {
+            if let Err(error) = acker.reject(BasicRejectOptions { requeue: false }).await {
+                tracing::debug!(%error, "reject failed; the broker will redeliver");
+            }
+        }
+    }
+}

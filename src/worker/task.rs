@@ -1,0 +1,275 @@
+//! One accepted task's life: the `eta` hold, a slot, the run (with its time
+//! limits and cancellation), and the end: recorded in `ended`, reported
+//! (final event, rpc result), then acked.
+//!
+//! Owns the order of those steps; how a task runs is the [`Runner`]'s.
+
+use super::*;
+
+impl<R: Runner> Inner<R> {
+    /// One task from acceptance to ack: eta hold, slot, run, final event.
+    pub(super) async fn task_life(
+        self: Arc<Self>,
+        request: Arc<TaskRequest>,
+        cancel: CancellationToken,
+    ) {
+        if let Some(eta) = request.eta {
+            let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
+            if !wait.is_zero() {
+                tracing::info!(eta = %eta, "holding the task until its eta");
+                // Held without a slot: the broker may fill the one it took.
+                self.prefetch.settle().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => {}
+                }
+                if !cancel.is_cancelled() {
+                    self.set_phase(&request.id, Phase::Reserved);
+                    self.prefetch.want_slot(&request.id).await;
+                }
+            } else {
+                // Its eta passed on the way here: it wants a slot now.
+                self.set_phase(&request.id, Phase::Reserved);
+                self.prefetch.want_slot(&request.id).await;
+            }
+        }
+        let permit = tokio::select! {
+            permit = self.slots.clone().acquire_owned() => permit.ok(),
+            _ = cancel.cancelled() => None,
+        };
+        let (outcome, slot) = match permit {
+            // Cancelled while waiting (a revoke, or shutdown): it never ran.
+            _ if cancel.is_cancelled() => (Err(RunError::Cancelled), None),
+            None => (Err(RunError::Cancelled), None),
+            Some(permit) => {
+                self.set_phase(&request.id, Phase::Running);
+                *self
+                    .totals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(request.name.clone())
+                    .or_default() += 1;
+                self.events.emit(&EventKind::TaskStarted {
+                    uuid: request.id.clone(),
+                });
+                tracing::info!("task started");
+                let active = metrics::global().task_running();
+                let outcome = self.run_guarded(&request, &cancel).await;
+                drop(active);
+                (outcome, Some(permit))
+            }
+        };
+        self.finish(&request, outcome, slot).await;
+    }
+
+    /// Runs the runner in its own tokio task (a panic fails the task, not the
+    /// worker), with the message's hard time limit.
+    pub(super) async fn run_guarded(
+        &self,
+        request: &Arc<TaskRequest>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<TaskFile>, RunError> {
+        let ctx = TaskContext::new(request.id.clone(), cancel.clone(), self.events.clone());
+        let mut handle = tokio::spawn(
+            self.runner
+                .run(request.clone(), ctx)
+                .instrument(tracing::Span::current()),
+        );
+        let hard = request
+            .time_limit
+            .hard
+            .filter(|h| h.is_finite() && *h > 0.0);
+        let limit = async {
+            match hard {
+                Some(h) => tokio::time::sleep(Duration::from_secs_f64(h.min(1e9))).await,
+                None => std::future::pending().await,
+            }
+        };
+        let joined = tokio::select! {
+            joined = &mut handle => joined,
+            _ = limit => {
+                let h = hard.unwrap_or_default();
+                tracing::warn!(hard_limit = h, "task hit its hard time limit; stopping it");
+                if let Some(entry) = self.lock().tasks.get_mut(&request.id)
+                    && entry.reason.is_none()
+                {
+                    entry.reason = Some(CancelReason::TimeLimit { hard: h });
+                }
+                cancel.cancel();
+                handle.await
+            }
+        };
+        match joined {
+            Ok(outcome) => outcome,
+            Err(join) => {
+                let message = if join.is_panic() {
+                    let panic = join.into_panic();
+                    let text = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    format!("the task panicked: {text}")
+                } else {
+                    "the task was aborted".to_owned()
+                };
+                tracing::error!("{message}");
+                Err(TaskError::runtime(message).into())
+            }
+        }
+    }
+
+    /// Reports how the task ended, then acks its message(s) once the broker
+    /// confirmed the report. A task stopped by shutdown is not acked: its
+    /// message goes back to the queue for another worker.
+    pub(super) async fn finish(
+        self: &Arc<Self>,
+        request: &TaskRequest,
+        outcome: Result<Vec<TaskFile>, RunError>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let id = request.id.clone();
+        let (reason, started) = self
+            .lock()
+            .tasks
+            .get(&id)
+            .map_or((None, None), |entry| (entry.reason, entry.started));
+        let runtime = started.map_or(0.0, |s| (celery::now_timestamp() - s).max(0.0));
+        let (event, state) = match outcome {
+            Ok(files) => {
+                let value = serde_json::to_value(&files).unwrap_or(Value::Null);
+                tracing::info!(files = files.len(), runtime, "task succeeded");
+                (
+                    EventKind::TaskSucceeded {
+                        uuid: id.clone(),
+                        result: to_repr(&value),
+                        runtime,
+                    },
+                    TaskState::Success(value),
+                )
+            }
+            Err(RunError::Failed(error)) => {
+                tracing::error!(%error, "task failed");
+                failure(&id, error)
+            }
+            Err(RunError::Cancelled) => match reason {
+                Some(CancelReason::Revoked { terminated, signum }) => {
+                    tracing::warn!(terminated, "task revoked");
+                    (
+                        EventKind::TaskRevoked {
+                            uuid: id.clone(),
+                            terminated,
+                            signum,
+                            expired: false,
+                        },
+                        TaskState::Revoked {
+                            reason: "revoked".to_owned(),
+                        },
+                    )
+                }
+                Some(CancelReason::TimeLimit { hard }) => failure(
+                    &id,
+                    TaskError {
+                        kind: "TimeLimitExceeded".to_owned(),
+                        module: "celery.exceptions".to_owned(),
+                        message: format!("{hard}"),
+                        detail: format!("the task ran past its hard time limit of {hard} s"),
+                    },
+                ),
+                Some(CancelReason::Shutdown) | None => {
+                    tracing::info!("task stopped by shutdown; its message goes back to the queue");
+                    self.lock().tasks.remove(&id);
+                    self.prefetch.forget(&id);
+                    return;
+                }
+            },
+        };
+        // `ready` to `query_task` from here on: it ended (a task stopped by
+        // shutdown never says so, and a holder elsewhere runs it).
+        self.set_phase(&id, Phase::Ending);
+        // On disk before the event leaves: if the worker dies after sending
+        // it but before the ack, the redelivery (here or after a restart)
+        // finds the record and re-sends the event instead of running the
+        // task again. A failed write still lets the outcome go out.
+        let succeeded = matches!(event, EventKind::TaskSucceeded { .. });
+        metrics::global().task_ended(
+            &request.name,
+            match &event {
+                EventKind::TaskSucceeded { .. } => Outcome::Succeeded,
+                EventKind::TaskRevoked { .. } => Outcome::Revoked,
+                _ => Outcome::Failed,
+            },
+        );
+        match self.ended.record(&id, &event).await {
+            Ok(()) if releasable(&event) => {
+                self.tasks.spawn(
+                    self.runner
+                        .release(&id)
+                        .instrument(tracing::Span::current()),
+                );
+            }
+            Ok(()) => {}
+            Err(error) => {
+                record_failed(&error);
+                if succeeded {
+                    tracing::warn!(
+                        "keeping the task's files: without the record, a redelivery after a restart would need them"
+                    );
+                }
+            }
+        }
+        let confirmed = self
+            .events
+            .emit_final(&event, request.reply_to.as_deref(), &id, &state);
+        // The task is over for whoever watches the events: free its slot,
+        // and let the broker send the next message while this one waits
+        // for its confirm (it then holds no slot, but is still unacked).
+        drop(slot);
+        self.prefetch.slot_freed(&id);
+        let this = self.clone();
+        self.tasks
+            .spawn(async move { this.prefetch.settle().await }.in_current_span());
+        // Ack only once the final event is safely with the broker: if the
+        // connection drops first, the redelivery finds the task in `ended`
+        // and sends its final event again.
+        let _ = confirmed.await;
+        self.lock().tasks.remove(&id);
+        self.counters.processed.fetch_add(1, Ordering::Relaxed);
+        self.prefetch.end(&id).await;
+    }
+}
+
+/// A task's end could not be written to the record of ended tasks.
+pub(super) fn record_failed(error: &crate::ended::EndedError) {
+    tracing::error!(
+        %error,
+        "could not record the task's end on disk; sending its outcome anyway (a redelivery after a restart would run it again)"
+    );
+}
+
+/// Whether what a task left behind can go once its end is recorded: its
+/// files are uploaded (success), or nobody wants them any more (revoked).
+/// A failed task's files stay: an upload that failed for good keeps them.
+pub(super) fn releasable(event: &EventKind) -> bool {
+    matches!(
+        event,
+        EventKind::TaskSucceeded { .. } | EventKind::TaskRevoked { .. }
+    )
+}
+
+pub(super) fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
+    let info = ExceptionInfo {
+        exc_type: error.kind,
+        exc_module: error.module,
+        message: error.message,
+        traceback: error.detail,
+    };
+    (
+        EventKind::TaskFailed {
+            uuid: id.to_owned(),
+            exception: info.repr(),
+            traceback: info.traceback.clone(),
+        },
+        TaskState::Failure(info),
+    )
+}

@@ -10,7 +10,8 @@
 //! registry of tasks, the slots, the topology) and its start and stop;
 //! `session` the broker session loop; `admission` the decision of what a
 //! task message becomes (pure, table-tested) and `delivery` carrying it
-//! out; `task` an accepted task's life; `heartbeat` the heartbeats;
+//! out; `task` an accepted task's life, ended as `conclusion` decides
+//! (pure, table-tested); `heartbeat` the heartbeats;
 //! `panel` the [`Panel`] remote control acts through.
 //!
 //! Remote control ([`crate::control`]) runs beside the session loop, in its
@@ -26,7 +27,6 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicRejectOptions;
 use lapin::{Acker, Channel, Connection, Consumer};
-use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,7 +35,7 @@ use tracing::Instrument;
 use crate::broker::{Broker, BrokerError, Outbox, Session, TaskQueue, run_publisher};
 use crate::celery::control::DeliveryInfo;
 use crate::celery::{
-    self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats, to_repr,
+    self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats,
 };
 use crate::config::Config;
 use crate::control::{ControlSession, Panel, RevokedSet, TaskPhase, TaskSnapshot, WorkerFacts};
@@ -50,6 +50,7 @@ use heartbeat::heartbeat_confirmed;
 use task::{record_failed, releasable};
 
 mod admission;
+mod conclusion;
 mod delivery;
 mod heartbeat;
 mod panel;

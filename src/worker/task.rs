@@ -4,6 +4,7 @@
 //!
 //! Owns the order of those steps; how a task runs is the [`Runner`]'s.
 
+use super::conclusion::{Ending, conclude};
 use super::*;
 
 impl<R: Runner> Inner<R> {
@@ -135,55 +136,27 @@ impl<R: Runner> Inner<R> {
             .get(&id)
             .map_or((None, None), |entry| (entry.reason, entry.started));
         let runtime = started.map_or(0.0, |s| (celery::now_timestamp() - s).max(0.0));
-        let (event, state) = match outcome {
-            Ok(files) => {
-                let value = serde_json::to_value(&files).unwrap_or(Value::Null);
-                tracing::info!(files = files.len(), runtime, "task succeeded");
-                (
-                    EventKind::TaskSucceeded {
-                        uuid: id.clone(),
-                        result: to_repr(&value),
-                        runtime,
-                    },
-                    TaskState::Success(value),
-                )
+        match &outcome {
+            Ok(files) => tracing::info!(files = files.len(), runtime, "task succeeded"),
+            Err(RunError::Failed(error)) => tracing::error!(%error, "task failed"),
+            Err(RunError::Cancelled) => {}
+        }
+        let Ending {
+            event,
+            state,
+            outcome: ended_as,
+        } = match conclude(&id, &outcome, reason, runtime) {
+            Some(ending) => ending,
+            None => {
+                tracing::info!("task stopped by shutdown; its message goes back to the queue");
+                self.lock().tasks.remove(&id);
+                self.prefetch.forget(&id);
+                return;
             }
-            Err(RunError::Failed(error)) => {
-                tracing::error!(%error, "task failed");
-                failure(&id, error)
-            }
-            Err(RunError::Cancelled) => match reason {
-                Some(CancelReason::Revoked { terminated, signum }) => {
-                    tracing::warn!(terminated, "task revoked");
-                    (
-                        EventKind::TaskRevoked {
-                            uuid: id.clone(),
-                            terminated,
-                            signum,
-                            expired: false,
-                        },
-                        TaskState::Revoked {
-                            reason: "revoked".to_owned(),
-                        },
-                    )
-                }
-                Some(CancelReason::TimeLimit { hard }) => failure(
-                    &id,
-                    TaskError {
-                        kind: "TimeLimitExceeded".to_owned(),
-                        module: "celery.exceptions".to_owned(),
-                        message: format!("{hard}"),
-                        detail: format!("the task ran past its hard time limit of {hard} s"),
-                    },
-                ),
-                Some(CancelReason::Shutdown) | None => {
-                    tracing::info!("task stopped by shutdown; its message goes back to the queue");
-                    self.lock().tasks.remove(&id);
-                    self.prefetch.forget(&id);
-                    return;
-                }
-            },
         };
+        if let EventKind::TaskRevoked { terminated, .. } = &event {
+            tracing::warn!(terminated, "task revoked");
+        }
         // `ready` to `query_task` from here on: it ended (a task stopped by
         // shutdown never says so, and a holder elsewhere runs it).
         self.set_phase(&id, Phase::Ending);
@@ -192,14 +165,7 @@ impl<R: Runner> Inner<R> {
         // finds the record and re-sends the event instead of running the
         // task again. A failed write still lets the outcome go out.
         let succeeded = matches!(event, EventKind::TaskSucceeded { .. });
-        metrics::global().task_ended(
-            &request.name,
-            match &event {
-                EventKind::TaskSucceeded { .. } => Outcome::Succeeded,
-                EventKind::TaskRevoked { .. } => Outcome::Revoked,
-                _ => Outcome::Failed,
-            },
-        );
+        metrics::global().task_ended(&request.name, ended_as);
         match self.ended.record(&id, &event).await {
             Ok(()) if releasable(&event) => {
                 self.tasks.spawn(
@@ -254,22 +220,5 @@ pub(super) fn releasable(event: &EventKind) -> bool {
     matches!(
         event,
         EventKind::TaskSucceeded { .. } | EventKind::TaskRevoked { .. }
-    )
-}
-
-pub(super) fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
-    let info = ExceptionInfo {
-        exc_type: error.kind,
-        exc_module: error.module,
-        message: error.message,
-        traceback: error.detail,
-    };
-    (
-        EventKind::TaskFailed {
-            uuid: id.to_owned(),
-            exception: info.repr(),
-            traceback: info.traceback.clone(),
-        },
-        TaskState::Failure(info),
     )
 }

@@ -25,7 +25,7 @@ const BROKER: (Duration, Duration) = (Duration::from_millis(500), Duration::from
 const DISPATCHER: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
 /// The cap of an upload's retries: the warehouse is far, and may be down
 /// for a while.
-pub const UPLOAD_MAX: Duration = Duration::from_secs(300);
+const UPLOAD_MAX: Duration = Duration::from_secs(300);
 
 /// Capped exponential backoff with jitter and an optional budget.
 #[derive(Debug)]
@@ -85,20 +85,23 @@ impl Retry {
         if self.budget.is_some_and(|budget| self.failures > budget) {
             return None;
         }
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter = base.mul_f64(JITTER_SHARE * self.rng.f64());
-        Some((base + jitter).min(self.max).max(base))
+        Some(self.next_wait())
     }
 
     /// Counts a failure of a loop that never gives up (no budget): the
     /// time to wait before the next try.
     pub fn delay(&mut self) -> Duration {
         debug_assert!(self.budget.is_none(), "a budgeted retry asks failed()");
-        let budget = self.budget.take();
-        let delay = self.failed().unwrap_or(self.max);
-        self.budget = budget;
-        delay
+        self.failures = self.failures.saturating_add(1);
+        self.next_wait()
+    }
+
+    /// The scheduled delay with its jitter; the next one doubles.
+    fn next_wait(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = base.mul_f64(JITTER_SHARE * self.rng.f64());
+        (base + jitter).min(self.max).max(base)
     }
 
     /// Something worked: the count and the delays start over.
@@ -195,6 +198,17 @@ mod tests {
         for _ in 0..10_000 {
             assert!(r.failed().is_some());
         }
+    }
+
+    #[test]
+    fn a_loop_without_a_budget_counts_and_waits_the_same() {
+        let mut r = Retry::broker();
+        for base in [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000] {
+            assert_within(r.delay(), base * MS, 30_000 * MS);
+        }
+        assert_eq!(r.failures(), 8);
+        r.reset();
+        assert_within(r.delay(), 500 * MS, 30_000 * MS);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub(super) fn conclude(
 }
 
 /// A failed task's final event and `rpc://` state.
-pub(super) fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
+fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
     let info = ExceptionInfo {
         exc_type: error.kind,
         exc_module: error.module,

@@ -170,6 +170,11 @@ impl Warehouse {
     }
 
     /// Shortens the wait between attempts (tests, benchmarks).
+    /// The retry policy of an upload attempt, and of each stream.
+    fn retry(&self) -> Retry {
+        Retry::upload(self.first_backoff, self.settings.upload_retries)
+    }
+
     pub fn with_first_backoff(mut self, backoff: Duration) -> Self {
         self.first_backoff = backoff;
         self
@@ -253,7 +258,7 @@ impl Warehouse {
             // Known from an earlier connection: they open beside the first.
             extras.open(self, self.extras_for(rtt, largest));
         }
-        let mut retry = Retry::upload(self.first_backoff, self.settings.upload_retries);
+        let mut retry = self.retry();
         loop {
             let before = (reports.len(), progress.sent());
             let attempt = async {

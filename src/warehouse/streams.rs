@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use super::session::{Connection, Sftp};
 use super::zim::{ZimChecksum, ZimError};
 use super::{Warehouse, WarehouseError};
-use crate::retry::Retry;
 
 /// Bytes one stream keeps in flight: OpenSSH's server takes 2 MiB per
 /// session channel per round trip, and twice that keeps the channel full
@@ -266,10 +265,7 @@ pub(super) async fn run_stream(stream: usize, shared: Shared, start: Start) -> S
             }
         }
     }
-    let mut retry = Retry::upload(
-        shared.warehouse.first_backoff,
-        shared.warehouse.settings.upload_retries,
-    );
+    let mut retry = shared.warehouse.retry();
     let mut fresh_open = true;
     let mut reconnect = false;
     loop {

@@ -281,7 +281,7 @@ impl DockerRunner {
             "uploading to the warehouse"
         );
         let started = std::time::Instant::now();
-        match warehouse.upload(&items, &ctx.cancel).await {
+        match warehouse.upload(&items, ctx.cancel.token()).await {
             Ok(reports) => {
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
@@ -330,7 +330,7 @@ impl DockerRunner {
             }
         }
         let Some(item) = log else { return };
-        let upload = warehouse.upload(std::slice::from_ref(&item), &ctx.cancel);
+        let upload = warehouse.upload(std::slice::from_ref(&item), ctx.cancel.token());
         match tokio::time::timeout(FAILED_LOG_UPLOAD_LIMIT, upload).await {
             Ok(Ok(_)) => tracing::info!(log = %item.remote_path(), "uploaded the failed run's log"),
             Ok(Err(error)) => {
@@ -402,7 +402,7 @@ impl DockerRunner {
         containers: &mut Containers,
         ctx: &TaskContext,
     ) -> Result<u64, RunError> {
-        let cancel = &ctx.cancel;
+        let cancel = ctx.cancel.token();
         let free = self.prepare_dirs(dirs).await?;
         cancellable(cancel, self.image(&plan.image.to_string())).await??;
         if plan.needs_redis {
@@ -456,7 +456,7 @@ impl DockerRunner {
         containers: &mut Containers,
         ctx: &TaskContext,
     ) -> Result<Generated, RunError> {
-        let cancel = &ctx.cancel;
+        let cancel = ctx.cancel.token();
         let name = self.container_name(&plan.task_id, "offliner");
         containers.names.push(name.clone());
         let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];
@@ -493,7 +493,7 @@ impl DockerRunner {
                 warehouse,
                 dirs.local_task.clone(),
                 move |file| output_item(&task_dir, &warehouse_path, file),
-                ctx.cancel.clone(),
+                ctx.cancel.token().clone(),
             )
         });
         let log_name = format!("{name}.log");
@@ -676,7 +676,7 @@ impl DockerRunner {
         log.flush()
             .await
             .map_err(|e| failed(format!("cannot write the log: {e}")))?;
-        let exit = cancellable(&ctx.cancel, self.docker.wait(name))
+        let exit = cancellable(ctx.cancel.token(), self.docker.wait(name))
             .await?
             .map_err(docker_failed)?;
         stdout.finish();

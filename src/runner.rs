@@ -3,16 +3,17 @@
 //! The worker accepts, schedules, reports and acks tasks; a [`Runner`] runs
 //! one. This module owns that contract (what a runner gets, what it returns)
 //! and the [`SimulateRunner`], which stands in for the Docker pipeline in
-//! tests and benchmarks. It must not touch the broker or events directly:
-//! a runner reports through [`TaskContext`].
+//! tests and benchmarks, and a task's [`Cancellation`]: the token a runner
+//! watches, carrying why it fired. It must not touch the broker or events
+//! directly: a runner reports through [`TaskContext`].
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::celery::{EventKind, TaskRequest};
 use crate::events::EventSink;
@@ -72,18 +73,106 @@ impl TaskEvents for EventSink {
     }
 }
 
+/// Why a task's cancellation fired.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CancelReason {
+    /// Revoked by remote control: `terminated` when it was running.
+    Revoked {
+        terminated: bool,
+        signum: Option<i32>,
+    },
+    /// It ran past its hard time limit (s).
+    TimeLimit { hard: f64 },
+    /// The worker shuts down: its message goes back to the queue.
+    Shutdown,
+}
+
+/// A task's cancellation: the token its runner watches and the first
+/// reason it was fired for. Clones share both. The worker fires it with
+/// [`Cancellation::cancel`] (the first reason wins, later ones are
+/// ignored); a runner only watches it and never fires it.
+#[derive(Debug, Clone, Default)]
+pub struct Cancellation {
+    token: CancellationToken,
+    reason: Arc<OnceLock<CancelReason>>,
+}
+
+impl Cancellation {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fires the cancellation for `reason`, unless it fired already (for
+    /// any reason): returns whether this call fired it.
+    pub fn cancel(&self, reason: CancelReason) -> bool {
+        let first = self.reason.set(reason).is_ok();
+        if first {
+            self.token.cancel();
+        }
+        first
+    }
+
+    /// Why it fired: `None` until it does, or when its token was fired
+    /// from outside (one made `From` a [`CancellationToken`]).
+    pub fn reason(&self) -> Option<CancelReason> {
+        self.reason.get().copied()
+    }
+
+    /// Completes once it fired.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The token to hand to what watches it (an upload, a helper task).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+
+    /// A token fired with this cancellation, which can also be fired on
+    /// its own (a part of the run stopped early).
+    pub fn child_token(&self) -> CancellationToken {
+        self.token.child_token()
+    }
+}
+
+/// A cancellation whose token is fired from outside, without a reason
+/// (`run-task`'s Ctrl-C, tests).
+impl From<CancellationToken> for Cancellation {
+    fn from(token: CancellationToken) -> Self {
+        Self {
+            token,
+            reason: Arc::default(),
+        }
+    }
+}
+
 /// What a runner gets besides the request.
 #[derive(Clone)]
 pub struct TaskContext {
-    /// Fires on revoke, time limit and shutdown. A runner stops what it
-    /// started (containers...) and returns [`RunError::Cancelled`].
-    pub cancel: CancellationToken,
+    /// Fires on revoke, time limit and shutdown, with its reason. A runner
+    /// stops what it started (containers...) and returns
+    /// [`RunError::Cancelled`].
+    pub cancel: Cancellation,
     pub task_id: String,
     events: Arc<dyn TaskEvents>,
 }
 
 impl TaskContext {
+    /// A context cancelled by firing `cancel` (no reason is carried).
     pub fn new(task_id: String, cancel: CancellationToken, events: Arc<dyn TaskEvents>) -> Self {
+        Self::with_cancellation(task_id, cancel.into(), events)
+    }
+
+    /// A context cancelled by `cancel`, whose reason its holder reads.
+    pub fn with_cancellation(
+        task_id: String,
+        cancel: Cancellation,
+        events: Arc<dyn TaskEvents>,
+    ) -> Self {
         Self {
             cancel,
             task_id,

@@ -1,20 +1,24 @@
 //! The commands that change something: `revoke` / `terminate`, task
 //! events on and off, mingle's `hello`, and `add_consumer` /
-//! `cancel_consumer`, each applied through [`Panel`].
+//! `cancel_consumer`, each applied through [`ControlledWorker`].
 //!
 //! Owns their replies and logs; the changes themselves are the worker's.
 
 use serde_json::Value;
 
-use super::{Panel, to_value};
+use super::{ControlledWorker, to_value};
 use crate::broker::TaskQueue;
 use crate::celery::control::{HelloReply, nok, ok};
 use crate::celery::repr_str;
 use crate::events::EventSink;
 
 /// `revoke` / `terminate`, replying as Celery 5 does.
-pub(super) fn revoke<P: Panel>(panel: &P, ids: &[String], terminate: Option<i32>) -> Value {
-    let found = panel.revoke(ids, terminate);
+pub(super) fn revoke<W: ControlledWorker>(
+    worker: &W,
+    ids: &[String],
+    terminate: Option<i32>,
+) -> Value {
+    let found = worker.revoke(ids, terminate);
     tracing::info!(ids = ?ids, ?terminate, found = ?found, "tasks revoked by remote control");
     match terminate {
         None => ok(format!("tasks {} flagged as revoked", python_set(ids))),
@@ -48,23 +52,23 @@ pub(super) fn set_task_events(events: &EventSink, enable: bool) -> Value {
 
 /// Mingle's `hello`: merge the sender's revoked ids, answer with ours and
 /// our clock; nothing to say to ourselves.
-pub(super) fn hello<P: Panel>(panel: &P, from_node: &str, theirs: &[String]) -> Value {
-    if from_node == panel.events().hostname() {
+pub(super) fn hello<W: ControlledWorker>(worker: &W, from_node: &str, theirs: &[String]) -> Value {
+    if from_node == worker.events().hostname() {
         return Value::Null;
     }
     tracing::info!(from = %from_node, "sync with another node");
     if !theirs.is_empty() {
-        panel.merge_revoked(theirs);
+        worker.merge_revoked(theirs);
     }
     to_value(&HelloReply {
-        revoked: panel.revoked(),
-        clock: panel.events().clock().forward(),
+        revoked: worker.revoked(),
+        clock: worker.events().clock().forward(),
     })
 }
 
-pub(super) async fn add_consumer<P: Panel>(panel: &P, queue: TaskQueue) -> Value {
+pub(super) async fn add_consumer<W: ControlledWorker>(worker: &W, queue: TaskQueue) -> Value {
     let name = queue.name.clone();
-    match panel.add_queue(queue).await {
+    match worker.add_queue(queue).await {
         Ok(added) => {
             if added {
                 tracing::info!(queue = %name, "started consuming a queue, as remote control asked");
@@ -78,8 +82,8 @@ pub(super) async fn add_consumer<P: Panel>(panel: &P, queue: TaskQueue) -> Value
     }
 }
 
-pub(super) async fn cancel_consumer<P: Panel>(panel: &P, queue: &str) -> Value {
-    match panel.cancel_queue(queue).await {
+pub(super) async fn cancel_consumer<W: ControlledWorker>(worker: &W, queue: &str) -> Value {
+    match worker.cancel_queue(queue).await {
         Ok(cancelled) => {
             if cancelled {
                 tracing::info!(queue, "stopped consuming a queue, as remote control asked");

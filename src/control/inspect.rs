@@ -1,6 +1,6 @@
 //! The read-only commands: `inspect active`, `reserved`, `scheduled`,
 //! `query_task`, `registered`, `active_queues`, `stats`, `conf` and
-//! `report`, built from what the worker tells through [`Panel`].
+//! `report`, built from what the worker tells through [`ControlledWorker`].
 //!
 //! Owns the replies' contents only; it changes nothing.
 
@@ -9,7 +9,7 @@ use nix::sys::time::TimeVal;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use super::{Panel, REVOKE_EXPIRES, REVOKES_MAX, TaskPhase, TaskSnapshot, to_value};
+use super::{ControlledWorker, TaskPhase, TaskSnapshot, to_value};
 use crate::broker::{
     CONNECT_TIMEOUT, CONTROL_QUEUE_EXPIRES_MS, CONTROL_QUEUE_TTL_MS, EVENT_EXCHANGE, TaskQueue,
 };
@@ -19,6 +19,7 @@ use crate::celery::control::{
 use crate::celery::iso8601;
 use crate::config::Config;
 use crate::offliner::Offliner;
+use crate::worker::registry::{REVOKE_EXPIRES, REVOKES_MAX};
 
 pub(super) fn request_info(
     task: &TaskSnapshot,
@@ -54,10 +55,14 @@ pub(super) fn request_info(
 
 /// `inspect active` / `inspect reserved`: the tasks in `phase`, oldest
 /// start first.
-pub(super) fn requests<P: Panel>(panel: &P, phase: TaskPhase, safe: bool) -> Vec<RequestInfo> {
-    let hostname = panel.events().hostname();
+pub(super) fn requests<W: ControlledWorker>(
+    worker: &W,
+    phase: TaskPhase,
+    safe: bool,
+) -> Vec<RequestInfo> {
+    let hostname = worker.events().hostname();
     let pid = std::process::id();
-    let mut tasks: Vec<TaskSnapshot> = panel
+    let mut tasks: Vec<TaskSnapshot> = worker
         .tasks()
         .into_iter()
         .filter(|t| t.phase == phase)
@@ -74,10 +79,10 @@ pub(super) fn requests<P: Panel>(panel: &P, phase: TaskPhase, safe: bool) -> Vec
 }
 
 /// `inspect scheduled`: tasks held for their `eta`, soonest first.
-pub(super) fn scheduled<P: Panel>(panel: &P) -> Vec<ScheduledInfo> {
-    let hostname = panel.events().hostname();
+pub(super) fn scheduled<W: ControlledWorker>(worker: &W) -> Vec<ScheduledInfo> {
+    let hostname = worker.events().hostname();
     let pid = std::process::id();
-    let mut tasks: Vec<TaskSnapshot> = panel
+    let mut tasks: Vec<TaskSnapshot> = worker
         .tasks()
         .into_iter()
         .filter(|t| t.phase == TaskPhase::Scheduled)
@@ -98,11 +103,11 @@ pub(super) fn scheduled<P: Panel>(panel: &P) -> Vec<ScheduledInfo> {
 /// answers `ready` only while it still has the request in memory; a node
 /// holding a redelivery must learn that the task ended here, see
 /// [`crate::farm`]).
-pub(super) fn query_task<P: Panel>(panel: &P, ids: &[String]) -> Value {
-    let hostname = panel.events().hostname();
+pub(super) fn query_task<W: ControlledWorker>(worker: &W, ids: &[String]) -> Value {
+    let hostname = worker.events().hostname();
     let pid = std::process::id();
     let mut reply = Map::new();
-    for task in panel.tasks() {
+    for task in worker.tasks() {
         if !ids.contains(&task.request.id) {
             continue;
         }
@@ -118,7 +123,7 @@ pub(super) fn query_task<P: Panel>(panel: &P, ids: &[String]) -> Value {
         );
     }
     for id in ids {
-        if !reply.contains_key(id) && panel.ended(id) {
+        if !reply.contains_key(id) && worker.ended(id) {
             reply.insert(
                 id.clone(),
                 json!(["ready", {"id": id, "hostname": hostname}]),
@@ -144,13 +149,13 @@ pub(super) fn queue_infos(queues: &[TaskQueue]) -> Vec<QueueInfo> {
 }
 
 /// `inspect stats`.
-pub(super) fn stats<P: Panel>(panel: &P) -> Stats {
-    let facts = panel.facts();
-    let config = panel.config();
+pub(super) fn stats<W: ControlledWorker>(worker: &W) -> Stats {
+    let facts = worker.facts();
+    let config = worker.config();
     Stats {
         total: facts.total,
         pid: facts.pid,
-        clock: panel.events().clock().value().to_string(),
+        clock: worker.events().clock().value().to_string(),
         uptime: facts.uptime.as_secs_f64().round() as u64,
         pool: PoolInfo {
             implementation: "zimfarm_worker:TokioTaskPool".to_owned(),
@@ -214,8 +219,8 @@ pub(super) struct Conf {
     max_message_bytes: usize,
 }
 
-pub(super) fn conf<P: Panel>(panel: &P) -> Conf {
-    let config = panel.config();
+pub(super) fn conf<W: ControlledWorker>(worker: &W) -> Conf {
+    let config = worker.config();
     let uri = config.broker_url.uri();
     let scheme = if config.broker_url.is_tls() {
         "amqps"
@@ -229,10 +234,10 @@ pub(super) fn conf<P: Panel>(panel: &P) -> Conf {
         ),
         broker_connection_timeout: CONNECT_TIMEOUT.as_secs(),
         task_acks_late: true,
-        task_queues: queue_infos(&panel.queues()),
+        task_queues: queue_infos(&worker.queues()),
         worker_concurrency: config.concurrency,
         worker_prefetch_multiplier: 1,
-        worker_send_task_events: panel.events().is_enabled(),
+        worker_send_task_events: worker.events().is_enabled(),
         event_exchange: EVENT_EXCHANGE,
         control_exchange: "celery",
         control_queue_ttl: f64::from(CONTROL_QUEUE_TTL_MS) / 1000.0,
@@ -244,8 +249,8 @@ pub(super) fn conf<P: Panel>(panel: &P) -> Conf {
     }
 }
 
-pub(super) fn report<P: Panel>(panel: &P) -> String {
-    let identity = panel.events().identity();
+pub(super) fn report<W: ControlledWorker>(worker: &W) -> String {
+    let identity = worker.events().identity();
     format!(
         "software -> {}:{} (Rust), Celery 5 protocol\nplatform -> system:{} arch:{}\nnode -> {}",
         identity.sw_ident,

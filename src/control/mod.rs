@@ -7,11 +7,14 @@
 //!   apart from the task consumer: a slow reply never delays a task);
 //! - `command`: a request parsed into a `command::Command` first;
 //! - `inspect` and `actions`: the commands, by group, applied through
-//!   [`Panel`], the worker's facade;
-//! - `revoked`: [`RevokedSet`], Celery's bounded memory of revoked ids.
+//!   [`ControlledWorker`], the worker as remote control sees it.
 //!
 //! It must not block the task consumer nor touch tasks itself: it asks the
-//! worker through [`Panel`]. Wire shapes live in [`crate::celery::control`].
+//! worker through [`ControlledWorker`]. Wire shapes live in
+//! [`crate::celery::control`]; the words for the tasks held here
+//! ([`TaskPhase`], [`TaskSnapshot`]) and the revoke limits are the worker
+//! registry's ([`crate::worker::registry`], a leaf that imports nothing of
+//! control), as Celery's `control.py` reads `worker/state.py`.
 //!
 //! A request runs when its `destination` is null or names this node; a
 //! reply `{"<node>": reply}` goes to its `reply_to`. A malformed request is
@@ -22,50 +25,23 @@ mod actions;
 mod command;
 mod inspect;
 mod pidbox;
-mod revoked;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::broker::{BrokerError, TaskQueue};
-use crate::celery::TaskRequest;
-use crate::celery::control::{DeliveryInfo, exception, nok, ok};
+use crate::celery::control::{exception, nok, ok};
 use crate::config::Config;
 use crate::events::EventSink;
+use crate::worker::registry::{TaskPhase, TaskSnapshot};
 use command::Command;
 pub use pidbox::{ControlSession, serve};
-pub use revoked::{REVOKE_EXPIRES, REVOKES_MAX, RevokedSet};
-
-/// Where a task held here is in its life, in Celery's words.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskPhase {
-    /// Held until its `eta` (`inspect scheduled`).
-    Scheduled,
-    /// Waiting for a free slot (`inspect reserved`).
-    Reserved,
-    /// Running (`inspect active`).
-    Active,
-    /// Ended; its message is acked once the broker confirmed its final
-    /// event. Listed nowhere, as in Celery.
-    Ending,
-}
-
-/// One task held or running here, as remote control sees it.
-#[derive(Debug, Clone)]
-pub struct TaskSnapshot {
-    pub request: Arc<TaskRequest>,
-    pub phase: TaskPhase,
-    /// Epoch seconds when it started running.
-    pub time_start: Option<f64>,
-    pub delivery: DeliveryInfo,
-}
 
 /// Figures of the worker that `inspect stats` reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,9 +56,11 @@ pub struct WorkerFacts {
     pub heartbeat: Option<u16>,
 }
 
-/// What remote control may ask of the worker (implemented by
-/// [`crate::worker::Worker`]).
-pub trait Panel: Send + Sync + 'static {
+/// The worker as remote control sees it: what a command may read of it or
+/// ask of it (implemented by [`crate::worker::Worker`]). Named for what it
+/// is rather than Celery's `Panel`, which in Celery is the table of
+/// commands, not the worker they act on.
+pub trait ControlledWorker: Send + Sync + 'static {
     fn config(&self) -> &Config;
     /// The event sink: identity, Lamport clock, task events on/off.
     fn events(&self) -> &EventSink;
@@ -128,50 +106,50 @@ pub enum After {
 
 /// Runs one command; returns its reply (Celery's shape) and what to do
 /// once the reply is out.
-pub async fn dispatch<P: Panel>(
-    panel: &P,
+pub async fn dispatch<W: ControlledWorker>(
+    worker: &W,
     method: &str,
     arguments: &Map<String, Value>,
 ) -> (Value, After) {
     match Command::parse(method, arguments) {
-        Ok(command) => apply(panel, command).await,
+        Ok(command) => apply(worker, command).await,
         Err(reply) => (reply, After::Nothing),
     }
 }
 
 /// Applies a parsed command to the worker.
-async fn apply<P: Panel>(panel: &P, command: Command) -> (Value, After) {
+async fn apply<W: ControlledWorker>(worker: &W, command: Command) -> (Value, After) {
     let reply = match command {
         Command::Ping => ok("pong"),
-        Command::Revoke { ids, terminate } => actions::revoke(panel, &ids, terminate),
+        Command::Revoke { ids, terminate } => actions::revoke(worker, &ids, terminate),
         Command::Shutdown => {
             tracing::warn!("shutdown requested by remote control");
             return (ok("shutting down"), After::Shutdown);
         }
-        Command::Stats => to_value(&inspect::stats(panel)),
-        Command::Active { safe } => to_value(&inspect::requests(panel, TaskPhase::Active, safe)),
-        Command::Reserved => to_value(&inspect::requests(panel, TaskPhase::Reserved, false)),
-        Command::Scheduled => to_value(&inspect::scheduled(panel)),
+        Command::Stats => to_value(&inspect::stats(worker)),
+        Command::Active { safe } => to_value(&inspect::requests(worker, TaskPhase::Active, safe)),
+        Command::Reserved => to_value(&inspect::requests(worker, TaskPhase::Reserved, false)),
+        Command::Scheduled => to_value(&inspect::scheduled(worker)),
         Command::Registered => json!(inspect::registered()),
-        Command::ActiveQueues => to_value(&inspect::queue_infos(&panel.queues())),
-        Command::Revoked => json!(panel.revoked()),
-        Command::QueryTask { ids } => inspect::query_task(panel, &ids),
-        Command::TaskEvents { enable } => actions::set_task_events(panel.events(), enable),
+        Command::ActiveQueues => to_value(&inspect::queue_infos(&worker.queues())),
+        Command::Revoked => json!(worker.revoked()),
+        Command::QueryTask { ids } => inspect::query_task(worker, &ids),
+        Command::TaskEvents { enable } => actions::set_task_events(worker.events(), enable),
         Command::Heartbeat => {
-            panel.heartbeat();
+            worker.heartbeat();
             Value::Null
         }
-        Command::Clock => json!({"clock": panel.events().clock().value()}),
-        Command::Hello { from_node, revoked } => actions::hello(panel, &from_node, &revoked),
-        Command::AddConsumer(queue) => actions::add_consumer(panel, queue).await,
-        Command::CancelConsumer { queue } => actions::cancel_consumer(panel, &queue).await,
-        Command::Conf => to_value(&inspect::conf(panel)),
-        Command::Report => ok(inspect::report(panel)),
+        Command::Clock => json!({"clock": worker.events().clock().value()}),
+        Command::Hello { from_node, revoked } => actions::hello(worker, &from_node, &revoked),
+        Command::AddConsumer(queue) => actions::add_consumer(worker, queue).await,
+        Command::CancelConsumer { queue } => actions::cancel_consumer(worker, &queue).await,
+        Command::Conf => to_value(&inspect::conf(worker)),
+        Command::Report => ok(inspect::report(worker)),
         // Gossip is off: nothing to elect, as Celery without gossip.
         Command::Election => Value::Null,
         Command::PoolResize { method } => nok(format!(
             "{method} is not supported: the pool size is CONCURRENCY ({})",
-            panel.config().concurrency
+            worker.config().concurrency
         )),
         Command::PoolRestart => exception("ValueError", "Pool restarts not enabled"),
         Command::Autoscale => exception("ValueError", "Autoscale not enabled"),

@@ -15,7 +15,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
-use super::{After, Panel};
+use super::{After, ControlledWorker};
 use crate::broker::{Broker, BrokerError, ControlChannel, publish_reply};
 use crate::celery::{decode_control, encode_control_reply};
 use crate::retry::Retry;
@@ -33,7 +33,11 @@ pub struct ControlSession {
 /// and replies on the same channel. A channel closed by the broker (e.g. a
 /// reply to an exchange it refuses) is reopened while the connection lives;
 /// the connection itself is the session loop's business.
-pub async fn serve<P: Panel>(panel: P, session: ControlSession, stop: CancellationToken) {
+pub async fn serve<W: ControlledWorker>(
+    worker: W,
+    session: ControlSession,
+    stop: CancellationToken,
+) {
     let ControlSession {
         broker,
         connection,
@@ -49,8 +53,8 @@ pub async fn serve<P: Panel>(panel: P, session: ControlSession, stop: Cancellati
         };
         match next {
             Some(Ok(delivery)) => {
-                match handle(&panel, &control.channel, &mut declared, delivery).await {
-                    Ok(After::Shutdown) => panel.shutdown(),
+                match handle(&worker, &control.channel, &mut declared, delivery).await {
+                    Ok(After::Shutdown) => worker.shutdown(),
                     Ok(After::Nothing) => {}
                     Err(error) => {
                         tracing::warn!(%error, "could not send a remote-control reply");
@@ -63,7 +67,7 @@ pub async fn serve<P: Panel>(panel: P, session: ControlSession, stop: Cancellati
             Some(Err(error)) => tracing::debug!(%error, "remote-control channel lost"),
             None => tracing::debug!("remote-control consumer ended"),
         }
-        match reopen(&panel, &broker, &connection, &stop).await {
+        match reopen(&worker, &broker, &connection, &stop).await {
             Some(reopened) => {
                 control = reopened;
                 declared.clear();
@@ -76,8 +80,8 @@ pub async fn serve<P: Panel>(panel: P, session: ControlSession, stop: Cancellati
 /// Reopens the control channel after the broker closed it, with backoff.
 /// `None` when `stop` fired, or when there is nothing to do until it does
 /// (the connection is gone, or another worker took the node's name).
-async fn reopen<P: Panel>(
-    panel: &P,
+async fn reopen<W: ControlledWorker>(
+    worker: &W,
     broker: &Broker,
     connection: &Connection,
     stop: &CancellationToken,
@@ -100,7 +104,7 @@ async fn reopen<P: Panel>(
             }
             Err(error @ BrokerError::NodeInUse { .. }) => {
                 tracing::error!(%error);
-                panel.node_in_use();
+                worker.node_in_use();
                 stop.cancelled().await;
                 return None;
             }
@@ -113,8 +117,8 @@ async fn reopen<P: Panel>(
 
 /// Runs one pidbox message and sends its reply. Errors are the reply's
 /// publishing errors; a malformed request is only logged.
-async fn handle<P: Panel>(
-    panel: &P,
+async fn handle<W: ControlledWorker>(
+    worker: &W,
     channel: &Channel,
     declared: &mut HashSet<String>,
     delivery: Delivery,
@@ -126,7 +130,7 @@ async fn handle<P: Panel>(
             return Ok(After::Nothing);
         }
     };
-    let events = panel.events();
+    let events = worker.events();
     // As Celery's pidbox: forward the clock, merge the sender's.
     match header_u64(&delivery.properties, "clock") {
         Some(theirs) => events.clock().adjust(theirs),
@@ -136,7 +140,7 @@ async fn handle<P: Panel>(
     if !request.is_for(hostname) {
         return Ok(After::Nothing);
     }
-    let (reply, after) = super::dispatch(panel, &request.method, &request.arguments).await;
+    let (reply, after) = super::dispatch(worker, &request.method, &request.arguments).await;
     tracing::debug!(method = %request.method, reply = %reply, "remote-control command");
     if let Some(to) = &request.reply_to
         && (to.exchange.len() > 255 || to.routing_key.len() > 255)

@@ -1,6 +1,6 @@
 use std::ffi::OsString;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lapin::BasicProperties;
@@ -11,6 +11,8 @@ use super::inspect::{request_info, rusage};
 use super::*;
 use crate::broker::Outbox;
 use crate::celery::Identity;
+use crate::celery::control::DeliveryInfo;
+use crate::worker::registry::RevokedSet;
 
 /// A worker stand-in that records what remote control asked of it.
 struct Fake {
@@ -64,7 +66,7 @@ fn fake(tasks: Vec<TaskSnapshot>) -> Fake {
     }
 }
 
-impl Panel for Fake {
+impl ControlledWorker for Fake {
     fn config(&self) -> &Config {
         &self.config
     }
@@ -160,40 +162,40 @@ fn args(value: Value) -> Map<String, Value> {
     }
 }
 
-async fn run(panel: &Fake, method: &str, arguments: Value) -> Value {
-    let (reply, after) = dispatch(panel, method, &args(arguments)).await;
+async fn run(worker: &Fake, method: &str, arguments: Value) -> Value {
+    let (reply, after) = dispatch(worker, method, &args(arguments)).await;
     assert_eq!(after, After::Nothing, "{method}");
     reply
 }
 
 #[tokio::test]
 async fn ping_and_unknown_commands() {
-    let panel = fake(Vec::new());
-    assert_eq!(run(&panel, "ping", json!({})).await, json!({"ok": "pong"}));
+    let worker = fake(Vec::new());
+    assert_eq!(run(&worker, "ping", json!({})).await, json!({"ok": "pong"}));
     assert_eq!(
-        run(&panel, "no_such", json!({})).await,
+        run(&worker, "no_such", json!({})).await,
         json!({"error": "KeyError('no_such')"})
     );
     assert_eq!(
-        run(&panel, "autoscale", json!({"max": 3})).await,
+        run(&worker, "autoscale", json!({"max": 3})).await,
         json!({"error": "ValueError('Autoscale not enabled')"})
     );
 }
 
 #[tokio::test]
 async fn revoke_replies_as_celery() {
-    let panel = fake(vec![task("run1", TaskPhase::Active, Some(1.0))]);
+    let worker = fake(vec![task("run1", TaskPhase::Active, Some(1.0))]);
     assert_eq!(
-        run(&panel, "revoke", json!({"task_id": "abc"})).await,
+        run(&worker, "revoke", json!({"task_id": "abc"})).await,
         json!({"ok": "tasks {'abc'} flagged as revoked"})
     );
     assert_eq!(
-        run(&panel, "revoke", json!({"task_id": ["a1", "a2", "a1"]})).await,
+        run(&worker, "revoke", json!({"task_id": ["a1", "a2", "a1"]})).await,
         json!({"ok": "tasks {'a1', 'a2'} flagged as revoked"})
     );
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "revoke",
             json!({"task_id": "zzz", "terminate": true, "signal": "SIGKILL"})
         )
@@ -202,7 +204,7 @@ async fn revoke_replies_as_celery() {
     );
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "revoke",
             json!({"task_id": "run1", "terminate": true, "signal": "KILL"})
         )
@@ -210,30 +212,35 @@ async fn revoke_replies_as_celery() {
         json!({"ok": "terminate: run1"})
     );
     assert_eq!(
-        run(&panel, "terminate", json!({"task_id": "run1", "signal": 2})).await,
+        run(
+            &worker,
+            "terminate",
+            json!({"task_id": "run1", "signal": 2})
+        )
+        .await,
         json!({"ok": "terminate: run1"})
     );
     // Flower sends `terminate=1`.
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "revoke",
             json!({"task_id": "run1", "terminate": 1, "signal": "SIGTERM"})
         )
         .await,
         json!({"ok": "terminate: run1"})
     );
-    let revokes = panel.revokes.lock().unwrap().clone();
+    let revokes = worker.revokes.lock().unwrap().clone();
     let terminate: Vec<Option<i32>> = revokes.iter().map(|(_, t)| *t).collect();
     assert_eq!(terminate, [None, None, Some(9), Some(9), Some(2), Some(15)]);
     assert_eq!(
-        run(&panel, "revoked", json!({})).await,
+        run(&worker, "revoked", json!({})).await,
         json!(["abc", "a1", "a2", "zzz", "run1"])
     );
     // A bad signal changes nothing.
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "revoke",
             json!({"task_id": "x", "terminate": true, "signal": "kill"})
         )
@@ -242,35 +249,35 @@ async fn revoke_replies_as_celery() {
     );
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "revoke",
             json!({"task_id": "x", "terminate": true, "signal": "SIGNOPE"})
         )
         .await,
         json!({"error": "AttributeError(\"module 'signal' has no attribute 'SIGNOPE'\")"})
     );
-    assert_eq!(panel.revokes.lock().unwrap().len(), 6);
+    assert_eq!(worker.revokes.lock().unwrap().len(), 6);
     // Celery's default signal is SIGTERM.
     run(
-        &panel,
+        &worker,
         "revoke",
         json!({"task_id": "y", "terminate": "yes"}),
     )
     .await;
-    assert_eq!(panel.revokes.lock().unwrap()[6].1, Some(15));
-    run(&panel, "revoke", json!({"task_id": "z", "terminate": 0})).await;
-    assert_eq!(panel.revokes.lock().unwrap()[7].1, None);
+    assert_eq!(worker.revokes.lock().unwrap()[6].1, Some(15));
+    run(&worker, "revoke", json!({"task_id": "z", "terminate": 0})).await;
+    assert_eq!(worker.revokes.lock().unwrap()[7].1, None);
 }
 
 #[tokio::test]
 async fn task_listings() {
-    let panel = fake(vec![
+    let worker = fake(vec![
         task("act", TaskPhase::Active, Some(1_700_000_000.5)),
         task("res", TaskPhase::Reserved, None),
         task("sch", TaskPhase::Scheduled, None),
         task("end", TaskPhase::Ending, Some(1.0)),
     ]);
-    let active = run(&panel, "active", json!({})).await;
+    let active = run(&worker, "active", json!({})).await;
     assert_eq!(
         active,
         json!([{
@@ -283,32 +290,32 @@ async fn task_listings() {
             "worker_pid": std::process::id(),
         }])
     );
-    let safe = run(&panel, "active", json!({"safe": true})).await;
+    let safe = run(&worker, "active", json!({"safe": true})).await;
     assert_eq!(safe[0]["args"], "[]");
     assert_eq!(safe[0]["kwargs"], "{'flags': {'id': 'UC1'}}");
-    let reserved = run(&panel, "reserved", json!({})).await;
+    let reserved = run(&worker, "reserved", json!({})).await;
     assert_eq!(reserved.as_array().map(Vec::len), Some(1));
     assert_eq!(reserved[0]["id"], "res");
     assert_eq!(reserved[0]["worker_pid"], Value::Null);
-    let scheduled = run(&panel, "scheduled", json!({})).await;
+    let scheduled = run(&worker, "scheduled", json!({})).await;
     assert_eq!(scheduled[0]["eta"], "2030-01-01T00:00:00+00:00");
     assert_eq!(scheduled[0]["priority"], 6);
     assert_eq!(scheduled[0]["request"]["id"], "sch");
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "query_task",
             json!({"ids": ["act", "end", "nope", "long-gone"]})
         )
         .await,
         json!({
-            "act": ["active", to_value(&request_info(&panel.tasks[0], "alice@node1", std::process::id(), false))],
-            "end": ["ready", to_value(&request_info(&panel.tasks[3], "alice@node1", std::process::id(), false))],
+            "act": ["active", to_value(&request_info(&worker.tasks[0], "alice@node1", std::process::id(), false))],
+            "end": ["ready", to_value(&request_info(&worker.tasks[3], "alice@node1", std::process::id(), false))],
             "long-gone": ["ready", {"id": "long-gone", "hostname": "alice@node1"}],
         })
     );
     assert_eq!(
-        run(&panel, "registered", json!({})).await,
+        run(&worker, "registered", json!({})).await,
         json!([
             "offliner.gutenberg",
             "offliner.mwoffliner",
@@ -320,8 +327,8 @@ async fn task_listings() {
 
 #[tokio::test]
 async fn stats_has_what_flower_reads() {
-    let panel = fake(Vec::new());
-    let stats = run(&panel, "stats", json!({})).await;
+    let worker = fake(Vec::new());
+    let stats = run(&worker, "stats", json!({})).await;
     assert_eq!(stats["total"], json!({"offliner.mwoffliner": 2}));
     assert_eq!(stats["pid"], 42);
     assert_eq!(stats["uptime"], 62);
@@ -345,7 +352,7 @@ async fn stats_has_what_flower_reads() {
     assert!(stats["clock"].is_string());
     let text = stats.to_string();
     assert!(!text.contains("s3cr3t"), "no password in {text}");
-    let conf = run(&panel, "conf", json!({})).await;
+    let conf = run(&worker, "conf", json!({})).await;
     assert_eq!(
         conf["broker_url"],
         "amqps://alice:********@broker.example:5671/zimfarm"
@@ -356,19 +363,19 @@ async fn stats_has_what_flower_reads() {
 
 #[tokio::test]
 async fn queues_come_and_go() {
-    let panel = fake(Vec::new());
-    let queues = run(&panel, "active_queues", json!({})).await;
+    let worker = fake(Vec::new());
+    let queues = run(&worker, "active_queues", json!({})).await;
     assert_eq!(queues[0]["name"], "small");
     assert_eq!(queues[0]["exchange"]["name"], "offliner");
     assert_eq!(queues[0]["exchange"]["type"], "topic");
     assert_eq!(
-        run(&panel, "add_consumer", json!({"queue": "medium"})).await,
+        run(&worker, "add_consumer", json!({"queue": "medium"})).await,
         json!({"ok": "add consumer medium"})
     );
-    run(&panel, "add_consumer", json!({"queue": "extra"})).await;
+    run(&worker, "add_consumer", json!({"queue": "extra"})).await;
     assert_eq!(
         run(
-            &panel,
+            &worker,
             "add_consumer",
             json!({"queue": "bad", "exchange_type": "weird"})
         )
@@ -376,7 +383,7 @@ async fn queues_come_and_go() {
         json!({"error": "exchange_type \"weird\" is not one of direct, topic, fanout, headers"})
     );
     assert_eq!(
-        panel.queues(),
+        worker.queues(),
         [
             TaskQueue::zimfarm("small"),
             TaskQueue::zimfarm("medium"),
@@ -389,22 +396,22 @@ async fn queues_come_and_go() {
         ]
     );
     assert_eq!(
-        run(&panel, "cancel_consumer", json!({"queue": "small"})).await,
+        run(&worker, "cancel_consumer", json!({"queue": "small"})).await,
         json!({"ok": "no longer consuming from small"})
     );
-    assert_eq!(panel.queues().len(), 2);
+    assert_eq!(worker.queues().len(), 2);
     let long = "x".repeat(256);
     for args in [
         json!({"queue": long}),
         json!({"queue": "q", "exchange": long}),
         json!({"queue": "q", "routing_key": long}),
     ] {
-        let reply = run(&panel, "add_consumer", args).await;
+        let reply = run(&worker, "add_consumer", args).await;
         assert!(reply["error"].as_str().unwrap().contains("255"), "{reply}");
     }
-    assert_eq!(panel.queues().len(), 2);
+    assert_eq!(worker.queues().len(), 2);
     assert_eq!(
-        run(&panel, "add_consumer", json!({})).await["error"]
+        run(&worker, "add_consumer", json!({})).await["error"]
             .as_str()
             .map(|e| e.starts_with("TypeError(")),
         Some(true)
@@ -413,30 +420,30 @@ async fn queues_come_and_go() {
 
 #[tokio::test]
 async fn events_heartbeat_hello_and_shutdown() {
-    let panel = fake(Vec::new());
+    let worker = fake(Vec::new());
     assert_eq!(
-        run(&panel, "enable_events", json!({})).await,
+        run(&worker, "enable_events", json!({})).await,
         json!({"ok": "task events already enabled"})
     );
     assert_eq!(
-        run(&panel, "disable_events", json!({})).await,
+        run(&worker, "disable_events", json!({})).await,
         json!({"ok": "task events disabled"})
     );
-    assert!(!panel.events.is_enabled());
+    assert!(!worker.events.is_enabled());
     assert_eq!(
-        run(&panel, "disable_events", json!({})).await,
+        run(&worker, "disable_events", json!({})).await,
         json!({"ok": "task events already disabled"})
     );
     assert_eq!(
-        run(&panel, "enable_events", json!({})).await,
+        run(&worker, "enable_events", json!({})).await,
         json!({"ok": "task events enabled"})
     );
-    assert_eq!(run(&panel, "heartbeat", json!({})).await, Value::Null);
-    assert_eq!(panel.heartbeats.load(Ordering::SeqCst), 1);
+    assert_eq!(run(&worker, "heartbeat", json!({})).await, Value::Null);
+    assert_eq!(worker.heartbeats.load(Ordering::SeqCst), 1);
 
-    let clock = panel.events.clock().value();
+    let clock = worker.events.clock().value();
     let hello = run(
-        &panel,
+        &worker,
         "hello",
         json!({"from_node": "bob@node2", "revoked": ["r1", "r2"]}),
     )
@@ -445,41 +452,21 @@ async fn events_heartbeat_hello_and_shutdown() {
     assert_eq!(hello["clock"], clock + 1);
     // Celery 5 before 5.7 sent a map of id -> timestamp.
     run(
-        &panel,
+        &worker,
         "hello",
         json!({"from_node": "bob@node2", "revoked": {"r3": 1.5}}),
     )
     .await;
-    assert_eq!(panel.revoked(), ["r1", "r2", "r3"]);
+    assert_eq!(worker.revoked(), ["r1", "r2", "r3"]);
     assert_eq!(
-        run(&panel, "hello", json!({"from_node": "alice@node1"})).await,
+        run(&worker, "hello", json!({"from_node": "alice@node1"})).await,
         Value::Null
     );
 
-    let (reply, after) = dispatch(&panel, "shutdown", &Map::new()).await;
+    let (reply, after) = dispatch(&worker, "shutdown", &Map::new()).await;
     assert_eq!(reply, json!({"ok": "shutting down"}));
     assert_eq!(after, After::Shutdown);
-    assert!(panel.outbox.is_empty());
-}
-
-#[test]
-fn revoked_set_is_bounded_and_expires() {
-    let start = Instant::now();
-    let mut set = RevokedSet::new(3, Duration::from_secs(10));
-    for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-        set.insert(id, start + Duration::from_secs(i as u64));
-    }
-    assert_eq!(set.ids(start + Duration::from_secs(4)), ["b", "c", "d"]);
-    assert!(!set.contains("a", start + Duration::from_secs(4)));
-    assert!(set.contains("b", start + Duration::from_secs(4)));
-    // Revoked again: newest, and its time starts over.
-    set.insert("b", start + Duration::from_secs(5));
-    assert_eq!(set.ids(start + Duration::from_secs(5)), ["c", "d", "b"]);
-    assert!(!set.contains("c", start + Duration::from_secs(12)));
-    assert_eq!(set.ids(start + Duration::from_secs(14)), ["b"]);
-    assert_eq!(set.len(), 1);
-    assert!(set.ids(start + Duration::from_secs(15)).is_empty());
-    assert!(set.is_empty());
+    assert!(worker.outbox.is_empty());
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::Phase;
+use super::registry::TaskPhase;
 use crate::celery::{EventKind, TaskRequest};
 use crate::offliner::Offliner;
 
@@ -16,7 +16,7 @@ use crate::offliner::Offliner;
 #[derive(Debug, Clone, Default)]
 pub(super) struct Known {
     /// The task is in the registry here, in this phase.
-    pub here: Option<Phase>,
+    pub here: Option<TaskPhase>,
     /// The task ended here: its final event, from the record of ended tasks.
     pub ended: Option<EventKind>,
     /// Its id is among the revoked ids remembered.
@@ -33,7 +33,7 @@ pub(super) enum Admission {
     /// Celery's `NotRegistered`).
     Unregistered,
     /// A run of it is here: its message is held until that run ends.
-    AlreadyHere(Phase),
+    AlreadyHere(TaskPhase),
     /// It ended here: its final event is sent again, then the message acked.
     EndedHere(EventKind),
     /// A redelivery of a task neither here nor ended here, maybe running on
@@ -116,7 +116,7 @@ mod tests {
             ..Known::default()
         };
         let here = Known {
-            here: Some(Phase::Running),
+            here: Some(TaskPhase::Active),
             ended: Some(ended()),
             revoked: true,
             can_ask_farm: true,
@@ -136,7 +136,7 @@ mod tests {
             ("unregistered, whatever else is known",
                 request("offliner.nope", None, None), true, here.clone(), Admission::Unregistered),
             ("a run here comes before its record",
-                request(mwoffliner, None, None), true, here.clone(), Admission::AlreadyHere(Phase::Running)),
+                request(mwoffliner, None, None), true, here.clone(), Admission::AlreadyHere(TaskPhase::Active)),
             ("ended here comes before the farm and revoked",
                 request(mwoffliner, None, Some(NOW - 1)), true, ended_here, Admission::EndedHere(ended())),
             ("a redelivery with a session asks the farm, even expired",

@@ -8,10 +8,9 @@
 
 use serde_json::Value;
 
-use super::CancelReason;
 use crate::celery::{EventKind, ExceptionInfo, TaskState, to_repr};
 use crate::metrics::Outcome;
-use crate::runner::{RunError, TaskError, TaskFile};
+use crate::runner::{CancelReason, RunError, TaskError, TaskFile};
 
 /// How a task ended: the final event and `rpc://` state reported, and
 /// the outcome counted.

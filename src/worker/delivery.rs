@@ -71,8 +71,8 @@ impl<R: Runner> Inner<R> {
     /// Carries out what [`admit`] decides for a decoded task message: from
     /// what the registry, the record of ended tasks and the revoked ids
     /// say of it (read under the registry's lock, which an accepted task
-    /// enters before the lock goes), and whether the farm can be asked
-    /// (`link`; none once the farm said to run it here).
+    /// enters, its message held, before the lock goes), and whether the
+    /// farm can be asked (`link`; none once the farm said to run it here).
     pub(super) fn place(
         self: &Arc<Self>,
         request: Arc<TaskRequest>,
@@ -82,21 +82,33 @@ impl<R: Runner> Inner<R> {
         span: tracing::Span,
     ) {
         let _enter = span.enter();
-        let state = self.lock();
-        let known = Known {
-            here: state.tasks.get(&request.id).map(|entry| entry.phase),
-            ended: self.ended.get(&request.id),
-            revoked: self.is_revoked(&request.id),
-            can_ask_farm: link.is_some(),
-        };
-        let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
-        if let Admission::Accept { at_eta } = admission {
-            self.accept(state, request, acker, delivery, at_eta, &span);
+        let cancel = Cancellation::new();
+        let mut acker = Some(acker);
+        let admission = self.registry.admit(&request.id, |seen| {
+            let known = Known {
+                here: seen.here,
+                ended: self.ended.get(&request.id),
+                revoked: seen.revoked,
+                can_ask_farm: link.is_some(),
+            };
+            let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
+            let Admission::Accept { at_eta } = admission else {
+                return (admission, None);
+            };
+            // Held before the registry's lock goes: a redelivery that
+            // finds the task there finds its message held too.
+            if let Some(acker) = acker.take() {
+                self.prefetch.hold(&request.id, acker, !at_eta);
+            }
+            let entry = TaskEntry::new(request.clone(), at_eta, cancel.clone(), delivery.clone());
+            (admission, Some(entry))
+        });
+        let Some(acker) = acker else {
+            self.received(request, cancel, &span);
             return;
-        }
-        drop(state);
+        };
         match admission {
-            Admission::Accept { .. } => unreachable!("accepted above, under the lock"),
+            Admission::Accept { .. } => unreachable!("accepted above, its message held"),
             Admission::Unregistered => {
                 tracing::error!(task = %request.name, "received an unregistered task; rejecting it");
                 metrics::global().task_ended(&request.name, Outcome::Rejected);
@@ -274,37 +286,14 @@ impl<R: Runner> Inner<R> {
         );
     }
 
-    /// Takes a task: held in the registry (entered before `state`, the
-    /// registry's lock, goes) and started, or held until its `eta`.
-    fn accept(
+    /// Starts the life of a task just accepted (in the registry, its
+    /// message held): held until its `eta`, or started.
+    fn received(
         self: &Arc<Self>,
-        mut state: std::sync::MutexGuard<'_, State>,
         request: Arc<TaskRequest>,
-        acker: Acker,
-        delivery: DeliveryInfo,
-        at_eta: bool,
+        cancel: Cancellation,
         span: &tracing::Span,
     ) {
-        let cancel = CancellationToken::new();
-        state.tasks.insert(
-            request.id.clone(),
-            TaskEntry {
-                request: request.clone(),
-                phase: if at_eta {
-                    Phase::Scheduled
-                } else {
-                    Phase::Reserved
-                },
-                cancel: cancel.clone(),
-                reason: None,
-                started: None,
-                delivery,
-            },
-        );
-        // Held before the registry lock goes: a redelivery that finds the
-        // task there finds its message held too.
-        self.prefetch.hold(&request.id, acker, !at_eta);
-        drop(state);
         self.events.emit(&EventKind::TaskReceived {
             uuid: request.id.clone(),
             name: request.name.clone(),

@@ -8,15 +8,9 @@ use super::*;
 
 impl<R: Runner> Inner<R> {
     pub(super) fn stats(&self) -> WorkerStats {
-        let active = self
-            .lock()
-            .tasks
-            .values()
-            .filter(|t| t.phase == Phase::Running)
-            .count();
         WorkerStats {
             freq: HEARTBEAT_SECS,
-            active,
+            active: self.registry.active(),
             processed: self.counters.processed.load(Ordering::Relaxed),
             loadavg: loadavg(),
         }

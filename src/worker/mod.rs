@@ -6,27 +6,36 @@
 //! formats (the `celery` module does) nor know what a task does (a
 //! [`Runner`] does): it decides *when*, never *how*.
 //!
-//! Laid out as Celery's `worker/`: this file holds the worker's state (the
-//! registry of tasks, the slots, the topology) and its start and stop;
-//! `session` the broker session loop; `admission` the decision of what a
-//! task message becomes (pure, table-tested) and `delivery` carrying it
-//! out; `task` an accepted task's life, ended as `conclusion` decides
-//! (pure, table-tested); `heartbeat` the heartbeats;
-//! `panel` the [`Panel`] remote control acts through.
+//! Laid out as Celery's `worker/`: this file holds the worker (its parts,
+//! the slots) and its start and stop; `registry` the tasks held here, the
+//! revoked ids and the totals (Celery's `state.py`; `revoked` its bounded
+//! set of ids); `topology` the queues consumed; `session` the broker
+//! session loop; `admission` the decision of what a task message becomes
+//! (pure, table-tested) and `delivery` carrying it out; `task` an accepted
+//! task's life, ended as `conclusion` decides (pure, table-tested);
+//! `heartbeat` the heartbeats; `controlled` the [`ControlledWorker`]
+//! remote control acts through.
 //!
 //! Remote control ([`crate::control`]) runs beside the session loop, in its
-//! own task per session, and acts on the worker through that [`Panel`]:
-//! revoke, the task listings, the queues consumed, shutdown.
+//! own task per session, and acts on the worker through that
+//! [`ControlledWorker`]: revoke, the task listings, the queues consumed,
+//! shutdown.
+//!
+//! Locks: the worker's own state is behind two locks, each in its own type
+//! with named methods that never await: the [`Registry`]'s and the
+//! [`Topology`]'s, never held together. Under the registry's lock, and only
+//! while a message is admitted, the leaf locks of [`EndedLog`] and
+//! [`Prefetch`] may be taken (they never call back into the worker).
+//! Why the worker stops on its own is set once, without a lock.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicRejectOptions;
-use lapin::{Acker, Channel, Connection, Consumer};
+use lapin::{Acker, Connection, Consumer};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,24 +47,31 @@ use crate::celery::{
     self, EventKind, ExceptionInfo, Identity, TaskRequest, TaskState, WorkerStats,
 };
 use crate::config::Config;
-use crate::control::{ControlSession, Panel, RevokedSet, TaskPhase, TaskSnapshot, WorkerFacts};
+use crate::control::{ControlSession, ControlledWorker, WorkerFacts};
 use crate::ended::EndedLog;
 use crate::events::EventSink;
 use crate::farm::{Probe, Verdict};
 use crate::metrics::{self, Outcome};
 use crate::prefetch::{NotHeld, Prefetch, ack};
 use crate::retry::Retry;
-use crate::runner::{RunError, Runner, TaskContext, TaskError, TaskFile};
+use crate::runner::{
+    CancelReason, Cancellation, RunError, Runner, TaskContext, TaskError, TaskFile,
+};
 use heartbeat::heartbeat_confirmed;
+use registry::{Registry, TaskEntry, TaskPhase, TaskSnapshot};
 use task::{record_failed, releasable};
+use topology::{LiveSession, Topology};
 
 mod admission;
 mod conclusion;
+mod controlled;
 mod delivery;
 mod heartbeat;
-mod panel;
+pub mod registry;
+mod revoked;
 mod session;
 mod task;
+mod topology;
 
 /// Seconds between `worker-heartbeat` events (SPEC §5).
 pub const HEARTBEAT_SECS: f64 = 2.0;
@@ -95,47 +111,6 @@ impl WorkerError {
     }
 }
 
-/// Why a task's cancel token fired.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum CancelReason {
-    /// Revoked by remote control: `terminated` when it was running.
-    Revoked {
-        terminated: bool,
-        signum: Option<i32>,
-    },
-    TimeLimit {
-        hard: f64,
-    },
-    Shutdown,
-}
-
-/// Where a task is in its life here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Held until its `eta`.
-    Scheduled,
-    /// Waiting for a free slot.
-    Reserved,
-    Running,
-    /// Its final event is queued; acked once the broker confirmed it.
-    Ending,
-}
-
-struct TaskEntry {
-    request: Arc<TaskRequest>,
-    phase: Phase,
-    cancel: CancellationToken,
-    reason: Option<CancelReason>,
-    started: Option<f64>,
-    /// Where its message came from (`inspect active`).
-    delivery: DeliveryInfo,
-}
-
-#[derive(Default)]
-struct State {
-    tasks: HashMap<String, TaskEntry>,
-}
-
 /// Counters reported in heartbeats.
 #[derive(Default)]
 struct Counters {
@@ -160,12 +135,13 @@ struct Inner<R> {
     broker: Broker,
     runner: R,
     /// Tasks that ended here, on disk. An ending task is recorded here
-    /// before it leaves `state.tasks`, so a redelivery always finds it in
+    /// before it leaves the registry, so a redelivery always finds it in
     /// one or the other.
     ended: EndedLog,
     events: Arc<EventSink>,
     outbox: Arc<Outbox>,
-    state: Mutex<State>,
+    /// The tasks held or running here, the revoked ids, the totals.
+    registry: Registry,
     slots: Arc<Semaphore>,
     counters: Counters,
     /// The task messages held here (and their acks), and the prefetch that
@@ -173,23 +149,15 @@ struct Inner<R> {
     prefetch: Prefetch,
     tasks: TaskTracker,
     started_at: Instant,
-    /// Task ids revoked by remote control (Celery's `revoked`).
-    revoked: Mutex<RevokedSet>,
-    /// Tasks started, by name (`inspect stats` `total`).
-    totals: Mutex<BTreeMap<String, u64>>,
     /// The queues consumed and the live session they are consumed on.
-    topology: Mutex<Topology>,
+    topology: Topology,
     /// Fired by remote control's `shutdown` (and by `run`'s own token).
     stop: CancellationToken,
-    /// Why the worker stops on its own, if it does.
-    fatal: Mutex<Option<WorkerError>>,
-}
-
-/// The task queues to consume (QUEUES, then `add_consumer` /
-/// `cancel_consumer`), and the session consuming them now.
-struct Topology {
-    queues: Vec<TaskQueue>,
-    live: Option<LiveSession>,
+    /// Set by remote control when another worker took this node's pidbox
+    /// queue: `run` then returns [`WorkerError::NodeInUse`]. It is set
+    /// while a session is live, so before the session loop can return an
+    /// error of its own: the first reason wins, without a lock.
+    node_taken: AtomicBool,
 }
 
 /// What a held redelivery needs of the session it came on: the connection
@@ -199,16 +167,6 @@ struct Topology {
 struct SessionLink {
     connection: Arc<Connection>,
     over: CancellationToken,
-}
-
-/// What remote control needs of the current session to change the queues
-/// consumed.
-#[derive(Clone)]
-struct LiveSession {
-    connection: Arc<Connection>,
-    consume_channel: Channel,
-    /// New consumers, merged into the session's deliveries.
-    consumers: mpsc::UnboundedSender<Consumer>,
 }
 
 impl<R: Runner> Worker<R> {
@@ -240,16 +198,14 @@ impl<R: Runner> Worker<R> {
                 ended,
                 events,
                 outbox,
-                state: Mutex::new(State::default()),
+                registry: Registry::default(),
                 counters: Counters::default(),
                 prefetch,
                 tasks: TaskTracker::new(),
                 started_at: Instant::now(),
-                revoked: Mutex::new(RevokedSet::default()),
-                totals: Mutex::new(BTreeMap::new()),
-                topology: Mutex::new(Topology { queues, live: None }),
+                topology: Topology::new(queues),
                 stop: CancellationToken::new(),
-                fatal: Mutex::new(None),
+                node_taken: AtomicBool::new(false),
             }),
         })
     }
@@ -282,12 +238,9 @@ impl<R: Runner> Worker<R> {
                 }
             }
         };
-        let session = match session {
-            Ok(session) => session,
-            Err(error) => {
-                inner.set_fatal(error);
-                None
-            }
+        let (session, fatal) = match session {
+            Ok(session) => (session, None),
+            Err(error) => (None, Some(error)),
         };
 
         // Shutdown: stop consuming (the session loop has returned), stop
@@ -295,7 +248,7 @@ impl<R: Runner> Worker<R> {
         let deadline = tokio::time::Instant::now() + inner.config.shutdown_grace;
         heartbeat_stop.cancel();
         let _ = heartbeat.await;
-        inner.cancel_all(CancelReason::Shutdown);
+        inner.registry.cancel_all(CancelReason::Shutdown);
         inner.tasks.close();
         if tokio::time::timeout_at(deadline, inner.tasks.wait())
             .await
@@ -317,49 +270,18 @@ impl<R: Runner> Worker<R> {
         if let Some(session) = session {
             session.close().await;
         }
-        let fatal = inner.fatal.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let fatal = if inner.node_taken.load(Ordering::SeqCst) {
+            Some(WorkerError::NodeInUse {
+                node: inner.config.hostname(),
+            })
+        } else {
+            fatal
+        };
         match fatal {
             Some(error) => Err(error),
             None => {
                 tracing::info!("worker stopped");
                 Ok(())
-            }
-        }
-    }
-}
-
-impl<R: Runner> Inner<R> {
-    fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
-        self.topology.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records why the worker stops on its own (the first reason wins).
-    fn set_fatal(&self, error: WorkerError) {
-        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
-        if fatal.is_none() {
-            *fatal = Some(error);
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn cancel_all(&self, reason: CancelReason) {
-        let mut state = self.lock();
-        for entry in state.tasks.values_mut() {
-            if entry.phase != Phase::Ending && entry.reason.is_none() {
-                entry.reason = Some(reason);
-                entry.cancel.cancel();
-            }
-        }
-    }
-
-    fn set_phase(&self, id: &str, phase: Phase) {
-        if let Some(entry) = self.lock().tasks.get_mut(id) {
-            entry.phase = phase;
-            if phase == Phase::Running {
-                entry.started = Some(celery::now_timestamp());
             }
         }
     }

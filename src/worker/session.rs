@@ -5,6 +5,7 @@
 //! Owns the session's life only: what a delivery becomes is
 //! [`super::delivery`]'s business, remote control [`crate::control`]'s.
 
+use super::topology::Drift;
 use super::*;
 
 impl<R: Runner> Inner<R> {
@@ -22,7 +23,7 @@ impl<R: Runner> Inner<R> {
         let mut locked_since: Option<Instant> = None;
         loop {
             let prefetch = self.prefetch.next_session().await;
-            let queues = self.topology().queues.clone();
+            let queues = self.topology.queues();
             let session = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),
                 s = self.broker.connect_with(prefetch, &queues) => s,
@@ -78,7 +79,7 @@ impl<R: Runner> Inner<R> {
             let _ = channels.send(Some(session.publish_channel.clone()));
             tracing::info!(
                 broker = %self.broker.display_url(),
-                queues = ?self.topology().queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+                queues = ?self.topology.queues().iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
                 concurrency = self.config.concurrency,
                 startup_ms = if first { self.started_at.elapsed().as_millis() } else { 0 },
                 "connected to the broker; consuming"
@@ -137,7 +138,7 @@ impl<R: Runner> Inner<R> {
                             // Every consumer was cancelled on purpose
                             // (`cancel_consumer`): consume nothing until
                             // `add_consumer`.
-                            None if self.topology().queues.is_empty() => {
+                            None if self.topology.is_empty() => {
                                 tracing::warn!("consuming no queue now (every queue was cancelled by remote control)");
                             }
                             None => {
@@ -150,7 +151,7 @@ impl<R: Runner> Inner<R> {
             };
             // The session is over: remote control stops with it.
             metrics::global().broker_down();
-            self.topology().live = None;
+            self.topology.go_offline();
             drop(session_guard);
             if let Some(control) = control {
                 let _ = control.await;
@@ -178,27 +179,12 @@ impl<R: Runner> Inner<R> {
         consumed: &[TaskQueue],
         consumers: mpsc::UnboundedSender<Consumer>,
     ) {
-        let (missing, extra): (Vec<TaskQueue>, Vec<TaskQueue>) = {
-            let mut topology = self.topology();
-            topology.live = Some(LiveSession {
-                connection: session.connection.clone(),
-                consume_channel: session.consume_channel.clone(),
-                consumers,
-            });
-            (
-                topology
-                    .queues
-                    .iter()
-                    .filter(|q| !consumed.contains(q))
-                    .cloned()
-                    .collect(),
-                consumed
-                    .iter()
-                    .filter(|q| !topology.queues.contains(q))
-                    .cloned()
-                    .collect(),
-            )
+        let live = LiveSession {
+            connection: session.connection.clone(),
+            consume_channel: session.consume_channel.clone(),
+            consumers,
         };
+        let Drift { missing, extra } = self.topology.go_live(live, consumed);
         for queue in missing {
             let consumer = async {
                 self.broker

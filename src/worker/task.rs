@@ -12,7 +12,7 @@ impl<R: Runner> Inner<R> {
     pub(super) async fn task_life(
         self: Arc<Self>,
         request: Arc<TaskRequest>,
-        cancel: CancellationToken,
+        cancel: Cancellation,
     ) {
         if let Some(eta) = request.eta {
             let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
@@ -25,12 +25,12 @@ impl<R: Runner> Inner<R> {
                     _ = cancel.cancelled() => {}
                 }
                 if !cancel.is_cancelled() {
-                    self.set_phase(&request.id, Phase::Reserved);
+                    self.registry.set_phase(&request.id, TaskPhase::Reserved);
                     self.prefetch.want_slot(&request.id).await;
                 }
             } else {
                 // Its eta passed on the way here: it wants a slot now.
-                self.set_phase(&request.id, Phase::Reserved);
+                self.registry.set_phase(&request.id, TaskPhase::Reserved);
                 self.prefetch.want_slot(&request.id).await;
             }
         }
@@ -43,13 +43,7 @@ impl<R: Runner> Inner<R> {
             _ if cancel.is_cancelled() => (Err(RunError::Cancelled), None),
             None => (Err(RunError::Cancelled), None),
             Some(permit) => {
-                self.set_phase(&request.id, Phase::Running);
-                *self
-                    .totals
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(request.name.clone())
-                    .or_default() += 1;
+                self.registry.start(&request);
                 self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
@@ -60,7 +54,7 @@ impl<R: Runner> Inner<R> {
                 (outcome, Some(permit))
             }
         };
-        self.finish(&request, outcome, slot).await;
+        self.finish(&request, outcome, cancel.reason(), slot).await;
     }
 
     /// Runs the runner in its own tokio task (a panic fails the task, not the
@@ -68,9 +62,10 @@ impl<R: Runner> Inner<R> {
     pub(super) async fn run_guarded(
         &self,
         request: &Arc<TaskRequest>,
-        cancel: &CancellationToken,
+        cancel: &Cancellation,
     ) -> Result<Vec<TaskFile>, RunError> {
-        let ctx = TaskContext::new(request.id.clone(), cancel.clone(), self.events.clone());
+        let ctx =
+            TaskContext::with_cancellation(request.id.clone(), cancel.clone(), self.events.clone());
         let mut handle = tokio::spawn(
             self.runner
                 .run(request.clone(), ctx)
@@ -91,12 +86,9 @@ impl<R: Runner> Inner<R> {
             _ = limit => {
                 let h = hard.unwrap_or_default();
                 tracing::warn!(hard_limit = h, "task hit its hard time limit; stopping it");
-                if let Some(entry) = self.lock().tasks.get_mut(&request.id)
-                    && entry.reason.is_none()
-                {
-                    entry.reason = Some(CancelReason::TimeLimit { hard: h });
-                }
-                cancel.cancel();
+                // Unless it was cancelled already: then the first reason
+                // stands.
+                cancel.cancel(CancelReason::TimeLimit { hard: h });
                 handle.await
             }
         };
@@ -120,21 +112,19 @@ impl<R: Runner> Inner<R> {
         }
     }
 
-    /// Reports how the task ended, then acks its message(s) once the broker
-    /// confirmed the report. A task stopped by shutdown is not acked: its
-    /// message goes back to the queue for another worker.
+    /// Reports how the task ended (cancelled for `reason`, if it was),
+    /// then acks its message(s) once the broker confirmed the report. A
+    /// task stopped by shutdown is not acked: its message goes back to the
+    /// queue for another worker.
     pub(super) async fn finish(
         self: &Arc<Self>,
         request: &TaskRequest,
         outcome: Result<Vec<TaskFile>, RunError>,
+        reason: Option<CancelReason>,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let id = request.id.clone();
-        let (reason, started) = self
-            .lock()
-            .tasks
-            .get(&id)
-            .map_or((None, None), |entry| (entry.reason, entry.started));
+        let started = self.registry.started(&id);
         let runtime = started.map_or(0.0, |s| (celery::now_timestamp() - s).max(0.0));
         match &outcome {
             Ok(files) => tracing::info!(files = files.len(), runtime, "task succeeded"),
@@ -149,7 +139,7 @@ impl<R: Runner> Inner<R> {
             Some(ending) => ending,
             None => {
                 tracing::info!("task stopped by shutdown; its message goes back to the queue");
-                self.lock().tasks.remove(&id);
+                self.registry.remove(&id);
                 self.prefetch.forget(&id);
                 return;
             }
@@ -159,7 +149,7 @@ impl<R: Runner> Inner<R> {
         }
         // `ready` to `query_task` from here on: it ended (a task stopped by
         // shutdown never says so, and a holder elsewhere runs it).
-        self.set_phase(&id, Phase::Ending);
+        self.registry.set_phase(&id, TaskPhase::Ending);
         // On disk before the event leaves: if the worker dies after sending
         // it but before the ack, the redelivery (here or after a restart)
         // finds the record and re-sends the event instead of running the
@@ -199,7 +189,7 @@ impl<R: Runner> Inner<R> {
         // connection drops first, the redelivery finds the task in `ended`
         // and sends its final event again.
         let _ = confirmed.await;
-        self.lock().tasks.remove(&id);
+        self.registry.remove(&id);
         self.counters.processed.fetch_add(1, Ordering::Relaxed);
         self.prefetch.end(&id).await;
     }

@@ -1,7 +1,8 @@
 //! Celery's bounded memory of revoked task ids (`worker_state.revoked`).
 //!
 //! Owns the set and its limits only: what a revoke does to a task held here
-//! is the worker's business, through [`super::Panel::revoke`].
+//! is the registry's business ([`super::registry::Registry::revoke`]), which
+//! holds this set behind its lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -82,5 +83,30 @@ impl RevokedSet {
                 self.ids.remove(&id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoked_set_is_bounded_and_expires() {
+        let start = Instant::now();
+        let mut set = RevokedSet::new(3, Duration::from_secs(10));
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            set.insert(id, start + Duration::from_secs(i as u64));
+        }
+        assert_eq!(set.ids(start + Duration::from_secs(4)), ["b", "c", "d"]);
+        assert!(!set.contains("a", start + Duration::from_secs(4)));
+        assert!(set.contains("b", start + Duration::from_secs(4)));
+        // Revoked again: newest, and its time starts over.
+        set.insert("b", start + Duration::from_secs(5));
+        assert_eq!(set.ids(start + Duration::from_secs(5)), ["c", "d", "b"]);
+        assert!(!set.contains("c", start + Duration::from_secs(12)));
+        assert_eq!(set.ids(start + Duration::from_secs(14)), ["b"]);
+        assert_eq!(set.len(), 1);
+        assert!(set.ids(start + Duration::from_secs(15)).is_empty());
+        assert!(set.is_empty());
     }
 }

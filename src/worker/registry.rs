@@ -1,0 +1,253 @@
+//! The registry of tasks held or running here, as Celery's
+//! `worker/state.py`: each task's entry (its request, [`TaskPhase`], its
+//! [`Cancellation`], when it started, where its message came from), the
+//! revoked ids ([`RevokedSet`]) and the tasks started by name (`inspect
+//! stats` `total`), behind one lock with named methods.
+//!
+//! Owns that state and the rules that read and change it together (a
+//! revoke stops only a task not ending yet; shutdown cancels all but the
+//! ending ones). It must not await, publish or ack: every method takes the
+//! lock and lets it go before it returns, so the lock is never held across
+//! an await. Only [`Registry::admit`] runs a caller's code under it, and
+//! that code may take the leaf locks of the record of ended tasks and of
+//! the prefetch book, which never call back here; firing a cancellation
+//! under it takes only tokio-util's own. The worker's other lock (its
+//! topology) is never held with this one.
+//!
+//! Remote control ([`crate::control`]) reads its vocabulary ([`TaskPhase`],
+//! [`TaskSnapshot`], the revoke limits), as Celery's `control.py` reads
+//! `state.py`; this file imports neither control nor the rest of the
+//! worker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+pub use super::revoked::{REVOKE_EXPIRES, REVOKES_MAX, RevokedSet};
+use crate::celery::{self, TaskRequest, control::DeliveryInfo};
+use crate::runner::{CancelReason, Cancellation};
+
+/// Where a task held here is in its life, in Celery's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskPhase {
+    /// Held until its `eta` (`inspect scheduled`).
+    Scheduled,
+    /// Waiting for a free slot (`inspect reserved`).
+    Reserved,
+    /// Running (`inspect active`).
+    Active,
+    /// Ended; its message is acked once the broker confirmed its final
+    /// event. Listed nowhere, as in Celery.
+    Ending,
+}
+
+/// One task held or running here, as the listings of remote control see
+/// it.
+#[derive(Debug, Clone)]
+pub struct TaskSnapshot {
+    pub request: Arc<TaskRequest>,
+    pub phase: TaskPhase,
+    /// Epoch seconds when it started running.
+    pub time_start: Option<f64>,
+    pub delivery: DeliveryInfo,
+}
+
+/// A task taken here, from acceptance until its message is settled.
+#[derive(Debug)]
+pub struct TaskEntry {
+    request: Arc<TaskRequest>,
+    phase: TaskPhase,
+    cancel: Cancellation,
+    /// Epoch seconds when it started running.
+    started: Option<f64>,
+    /// Where its message came from (`inspect active`).
+    delivery: DeliveryInfo,
+}
+
+impl TaskEntry {
+    /// A task just accepted: held for its `eta` (`at_eta`) or waiting for a
+    /// slot, stopped through `cancel`.
+    pub fn new(
+        request: Arc<TaskRequest>,
+        at_eta: bool,
+        cancel: Cancellation,
+        delivery: DeliveryInfo,
+    ) -> Self {
+        Self {
+            request,
+            phase: if at_eta {
+                TaskPhase::Scheduled
+            } else {
+                TaskPhase::Reserved
+            },
+            cancel,
+            started: None,
+            delivery,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    tasks: HashMap<String, TaskEntry>,
+    /// Task ids revoked by remote control (Celery's `revoked`).
+    revoked: RevokedSet,
+    /// Tasks started, by name.
+    totals: BTreeMap<String, u64>,
+}
+
+/// What the registry knows of a task id when its message arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Its phase, when a run of it is here.
+    pub here: Option<TaskPhase>,
+    /// Its id is among the revoked ids remembered.
+    pub revoked: bool,
+}
+
+/// The tasks held or running here, the revoked ids and the totals.
+#[derive(Debug, Default)]
+pub struct Registry {
+    tables: Mutex<Tables>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides what becomes of task `id`'s message with `decide`, under the
+    /// lock: it gets what is [`Seen`] of the id and returns its decision
+    /// and, when it takes the task, the task's entry, entered before the
+    /// lock goes (a redelivery sees either nothing or the whole entry, and
+    /// what `decide` did besides, such as holding the message). `decide`
+    /// may take the leaf locks (the record of ended tasks, the prefetch
+    /// book), never this one.
+    pub fn admit<T>(&self, id: &str, decide: impl FnOnce(Seen) -> (T, Option<TaskEntry>)) -> T {
+        let mut tables = self.lock();
+        let seen = Seen {
+            here: tables.tasks.get(id).map(|entry| entry.phase),
+            revoked: tables.revoked.contains(id, Instant::now()),
+        };
+        let (decision, entry) = decide(seen);
+        if let Some(entry) = entry {
+            tables.tasks.insert(entry.request.id.clone(), entry);
+        }
+        decision
+    }
+
+    /// Moves task `id` to `phase`.
+    pub fn set_phase(&self, id: &str, phase: TaskPhase) {
+        if let Some(entry) = self.lock().tasks.get_mut(id) {
+            entry.phase = phase;
+        }
+    }
+
+    /// Task `id` starts running now: [`TaskPhase::Active`], its start time
+    /// and one more started for its name.
+    pub fn start(&self, request: &TaskRequest) {
+        let mut tables = self.lock();
+        if let Some(entry) = tables.tasks.get_mut(&request.id) {
+            entry.phase = TaskPhase::Active;
+            entry.started = Some(celery::now_timestamp());
+        }
+        *tables.totals.entry(request.name.clone()).or_default() += 1;
+    }
+
+    /// When task `id` started running (epoch seconds), if it did.
+    pub fn started(&self, id: &str) -> Option<f64> {
+        self.lock().tasks.get(id).and_then(|entry| entry.started)
+    }
+
+    /// Forgets task `id`: its message is settled.
+    pub fn remove(&self, id: &str) {
+        self.lock().tasks.remove(id);
+    }
+
+    /// Cancels every task not ending yet for `reason` (shutdown).
+    pub fn cancel_all(&self, reason: CancelReason) {
+        for entry in self.lock().tasks.values() {
+            if entry.phase != TaskPhase::Ending {
+                entry.cancel.cancel(reason);
+            }
+        }
+    }
+
+    /// Remembers `ids` as revoked and stops those held here (not ending,
+    /// not cancelled already): one not started yet never runs; a running
+    /// one is stopped only with `terminate` (the signal number to report),
+    /// as Celery does. Returns the ids of the tasks stopped.
+    pub fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
+        let mut tables = self.lock();
+        let now = Instant::now();
+        for id in ids {
+            tables.revoked.insert(id, now);
+        }
+        let mut found = Vec::new();
+        for id in ids {
+            let Some(entry) = tables.tasks.get(id) else {
+                continue;
+            };
+            let reason = match (entry.phase, terminate) {
+                (TaskPhase::Ending, _) => continue,
+                (TaskPhase::Active, Some(signum)) => CancelReason::Revoked {
+                    terminated: true,
+                    signum: Some(signum),
+                },
+                // As Celery: without `terminate`, a running task goes on.
+                (TaskPhase::Active, None) => continue,
+                _ => CancelReason::Revoked {
+                    terminated: false,
+                    signum: None,
+                },
+            };
+            if entry.cancel.cancel(reason) {
+                tracing::warn!(task_id = %id, phase = ?entry.phase, ?terminate, "revoking the task");
+                found.push(id.clone());
+            }
+        }
+        found
+    }
+
+    /// Adds ids revoked elsewhere (mingle's `hello`).
+    pub fn merge_revoked(&self, ids: &[String]) {
+        let mut tables = self.lock();
+        let now = Instant::now();
+        for id in ids {
+            tables.revoked.insert(id, now);
+        }
+    }
+
+    /// The revoked ids remembered, oldest first.
+    pub fn revoked(&self) -> Vec<String> {
+        self.lock().revoked.ids(Instant::now())
+    }
+
+    /// Every task held or running here.
+    pub fn snapshot(&self) -> Vec<TaskSnapshot> {
+        self.lock()
+            .tasks
+            .values()
+            .map(|entry| TaskSnapshot {
+                request: entry.request.clone(),
+                phase: entry.phase,
+                time_start: entry.started,
+                delivery: entry.delivery.clone(),
+            })
+            .collect()
+    }
+
+    /// How many tasks run now.
+    pub fn active(&self) -> usize {
+        self.lock()
+            .tasks
+            .values()
+            .filter(|entry| entry.phase == TaskPhase::Active)
+            .count()
+    }
+
+    /// Tasks started since the worker started, by name.
+    pub fn totals(&self) -> BTreeMap<String, u64> {
+        self.lock().totals.clone()
+    }
+}

@@ -23,10 +23,11 @@
 //!
 //! Locks: the worker's own state is behind two locks, each in its own type
 //! with named methods that never await: the [`Registry`]'s and the
-//! [`Topology`]'s, never held together. Under the registry's lock, and only
-//! while a message is admitted, the leaf locks of [`EndedLog`] and
-//! [`Prefetch`] may be taken (they never call back into the worker).
-//! Why the worker stops on its own is set once, without a lock.
+//! `Topology`'s (`topology`), never held together. Under the registry's
+//! lock, and only while a message is admitted, the leaf locks of
+//! [`EndedLog`] and [`Prefetch`] may be taken (they never call back into
+//! the worker). Why the worker stops on its own is set once, without a
+//! lock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod prefetch;
 #[cfg(test)]
 pub(crate) mod proptest_config;
+pub mod report;
 pub mod retry;
 pub mod runner;
 pub mod sweep;

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
-use zimfarm_worker::celery::EventKind;
 use zimfarm_worker::celery::request_from_json;
+use zimfarm_worker::celery::{EventKind, ExceptionInfo};
 use zimfarm_worker::config::{
     Config, DispatcherSettings, EXIT_CONFIG, LogFormat, PipelineSettings, RunnerKind,
     WarehouseSettings,
@@ -457,7 +457,11 @@ fn run_task_command(file: &std::path::Path, upload: bool) -> ExitCode {
         let ctx = TaskContext::new(request.id.clone(), cancel, Arc::new(PrintEvents));
         let request = Arc::new(request);
         let span = tracing::info_span!("task", task_id = %request.id);
-        match runner.run(request.clone(), ctx).instrument(span).await {
+        let outcome = match runner.plan(&request) {
+            Ok(plan) => runner.run(plan, ctx).instrument(span).await,
+            Err(refused) => Err(refused.into()),
+        };
+        match outcome {
             Ok(files) => {
                 // Uploaded (or kept, with --no-upload): the task dir can go.
                 runner.release(&request.id).await;
@@ -472,9 +476,11 @@ fn run_task_command(file: &std::path::Path, upload: bool) -> ExitCode {
                 ExitCode::from(130)
             }
             Err(RunError::Failed(error)) => {
+                let info = ExceptionInfo::from(&error);
+                let error = format!("{}: {}", info.exc_type, info.message);
                 println!(
                     "{}",
-                    serde_json::json!({"status": "FAILURE", "error": error.to_string(), "detail": error.detail})
+                    serde_json::json!({"status": "FAILURE", "error": error, "detail": info.traceback})
                 );
                 ExitCode::FAILURE
             }

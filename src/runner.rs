@@ -2,10 +2,13 @@
 //!
 //! The worker accepts, schedules, reports and acks tasks; a [`Runner`] runs
 //! one. This module owns that contract (what a runner gets, what it returns)
-//! and the [`SimulateRunner`], which stands in for the Docker pipeline in
-//! tests and benchmarks, and a task's [`Cancellation`]: the token a runner
-//! watches, carrying why it fired. It must not touch the broker or events
-//! directly: a runner reports through [`TaskContext`].
+//! and the planners that turn a decoded Celery request into the plan a
+//! runner gets (so no runner ever sees a Celery message): the
+//! [`OfflinerPlanner`] of the Docker pipeline, and the [`SimulateRunner`],
+//! which stands in for the Docker pipeline in tests and benchmarks; and a
+//! task's [`Cancellation`]: the token a runner watches, carrying why it
+//! fired. It must not touch the broker or events directly: a runner reports
+//! through [`TaskContext`], in the domain's words of [`crate::report`].
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -17,6 +20,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::celery::{EventKind, TaskRequest};
 use crate::events::EventSink;
+use crate::offliner::{self, AllowList};
+pub use crate::report::{ContainerEvent, TaskError};
 
 /// One file a task produced (and, with the warehouse, uploaded).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -25,34 +30,8 @@ pub struct TaskFile {
     pub size: u64,
 }
 
-/// Why a task failed, in the shape Celery reports exceptions.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind}: {message}")]
-pub struct TaskError {
-    /// The Python exception type name clients see (`RuntimeError`, ...).
-    pub kind: String,
-    /// The Python module of that type (`builtins`, `celery.exceptions`).
-    pub module: String,
-    pub message: String,
-    /// Extra detail for the `traceback` field (e.g. a log tail).
-    pub detail: String,
-}
-
-impl TaskError {
-    /// A plain failure, reported as Python's `RuntimeError`.
-    pub fn runtime(message: impl Into<String>) -> Self {
-        let message = message.into();
-        Self {
-            kind: "RuntimeError".to_owned(),
-            module: "builtins".to_owned(),
-            detail: message.clone(),
-            message,
-        }
-    }
-}
-
 /// How a run ended, short of success.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RunError {
     /// The cancel token fired and the runner stopped what it had started.
     #[error("cancelled")]
@@ -180,13 +159,42 @@ impl TaskContext {
         }
     }
 
-    /// Sends a task event of the runner's own (`task-container_started`...).
-    pub fn emit(&self, event_type: &str, fields: serde_json::Map<String, Value>) {
-        self.events.emit(EventKind::Custom {
-            event_type: event_type.to_owned(),
-            uuid: self.task_id.clone(),
-            fields,
-        });
+    /// Sends an event of the task's container.
+    pub fn emit(&self, event: ContainerEvent) {
+        self.events
+            .emit(EventKind::container(&self.task_id, &event));
+    }
+}
+
+/// Decides, from a decoded request and before anything runs, what running
+/// the task means for one kind of runner; or why it can't run, which fails
+/// the task with that error.
+pub trait Planner: Send + Sync + 'static {
+    /// What the runner gets instead of the request.
+    type Plan: Send + 'static;
+
+    fn plan(&self, request: &TaskRequest) -> Result<Self::Plan, TaskError>;
+}
+
+/// The plan runner `R` gets: what its planner makes of a request.
+pub type TaskPlan<R> = <<R as Runner>::Planner as Planner>::Plan;
+
+/// The Docker pipeline's planner: the offliner task table (see
+/// [`crate::offliner`]), with the image allow-list and the address of the
+/// task's redis that mwoffliner is given.
+#[derive(Debug, Clone)]
+pub struct OfflinerPlanner {
+    pub allow: AllowList,
+    pub redis_url: String,
+}
+
+impl Planner for OfflinerPlanner {
+    type Plan = offliner::TaskPlan;
+
+    fn plan(&self, request: &TaskRequest) -> Result<offliner::TaskPlan, TaskError> {
+        offliner::plan(request, &self.allow, &self.redis_url).map_err(|e| TaskError::Refused {
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -194,9 +202,20 @@ impl TaskContext {
 /// and always awaits it to the end, so a runner can clean up after
 /// cancellation before returning.
 pub trait Runner: Send + Sync + 'static {
+    type Planner: Planner;
+
+    /// Who makes this runner's plans.
+    fn planner(&self) -> &Self::Planner;
+
+    /// The plan for `request`, or why it is refused. The worker plans each
+    /// task as it starts it, and fails it with the refusal.
+    fn plan(&self, request: &TaskRequest) -> Result<TaskPlan<Self>, TaskError> {
+        self.planner().plan(request)
+    }
+
     fn run(
         &self,
-        request: Arc<TaskRequest>,
+        plan: TaskPlan<Self>,
         ctx: TaskContext,
     ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static;
 
@@ -235,7 +254,7 @@ pub trait Runner: Send + Sync + 'static {
 /// `{"sleep": 1.5, "fail": "message", "panic": false, "files": [{"name", "size"}]}`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct Simulation {
+pub struct Simulation {
     sleep: f64,
     fail: Option<String>,
     panic: bool,
@@ -248,21 +267,38 @@ struct Simulation {
 #[derive(Debug, Default, Clone)]
 pub struct SimulateRunner;
 
+/// Plans simulated tasks: reads the `simulate` kwarg.
+#[derive(Debug, Default, Clone)]
+pub struct SimulatePlanner;
+
+impl Planner for SimulatePlanner {
+    type Plan = Simulation;
+
+    fn plan(&self, request: &TaskRequest) -> Result<Simulation, TaskError> {
+        match request.kwargs.get("simulate") {
+            None | Some(Value::Null) => Ok(Simulation::default()),
+            Some(v) => Simulation::deserialize(v)
+                .map_err(|e| TaskError::runtime(format!("invalid simulate parameters: {e}"))),
+        }
+    }
+}
+
 impl Runner for SimulateRunner {
+    type Planner = SimulatePlanner;
+
+    fn planner(&self) -> &SimulatePlanner {
+        &SimulatePlanner
+    }
+
     // Not an `async fn`: the future must be 'static (it runs in its own
     // tokio task), so it must not borrow `self`.
     #[allow(clippy::manual_async_fn)]
     fn run(
         &self,
-        request: Arc<TaskRequest>,
+        sim: Simulation,
         ctx: TaskContext,
     ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
         async move {
-            let sim = match request.kwargs.get("simulate") {
-                None | Some(Value::Null) => Simulation::default(),
-                Some(v) => Simulation::deserialize(v)
-                    .map_err(|e| TaskError::runtime(format!("invalid simulate parameters: {e}")))?,
-            };
             if sim.sleep.is_finite() && sim.sleep > 0.0 {
                 let nap = Duration::from_secs_f64(sim.sleep.min(86_400.0));
                 tokio::select! {
@@ -283,5 +319,55 @@ impl Runner for SimulateRunner {
                 }]
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::celery::request_from_json;
+
+    fn request(text: &str) -> TaskRequest {
+        request_from_json(text).expect("a task message")
+    }
+
+    #[test]
+    fn an_offliner_task_the_table_refuses_is_refused() {
+        let planner = OfflinerPlanner {
+            allow: AllowList::default_openzim(),
+            redis_url: "/run/redis/redis.sock".to_owned(),
+        };
+        let refused = planner.plan(&request(
+            r#"{"task": "offliner.nope", "id": "abc", "kwargs": {"warehouse_path": "/v"}}"#,
+        ));
+        let Err(TaskError::Refused { reason }) = refused else {
+            panic!("{refused:?}");
+        };
+        assert!(reason.contains("not registered on this worker"), "{reason}");
+        let plan = planner
+            .plan(&request(
+                r#"{"task": "offliner.youtube", "id": "abc", "kwargs": {"warehouse_path": "/v"}}"#,
+            ))
+            .expect("a plan");
+        assert_eq!(plan.warehouse_path, "/v");
+    }
+
+    #[test]
+    fn a_simulation_is_planned_from_its_kwarg() {
+        let plan = |kwargs: &str| {
+            SimulateRunner.plan(&request(&format!(
+                r#"{{"task": "t", "id": "abc", "kwargs": {kwargs}}}"#
+            )))
+        };
+        assert!(plan("{}").is_ok());
+        let sim = plan(r#"{"simulate": {"fail": "boom"}}"#).expect("a plan");
+        assert_eq!(sim.fail.as_deref(), Some("boom"));
+        let Err(TaskError::Runtime(message)) = plan(r#"{"simulate": {"nap": 1}}"#) else {
+            panic!("an unknown field is refused");
+        };
+        assert!(
+            message.starts_with("invalid simulate parameters"),
+            "{message}"
+        );
     }
 }

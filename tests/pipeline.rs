@@ -498,7 +498,8 @@ async fn revoke_stops_every_container_of_the_task() {
     let recorder = std::sync::Arc::new(Recorder::default());
     let id = task_id();
     let ctx = TaskContext::new(id.clone(), cancel.clone(), recorder.clone());
-    let run = tokio::spawn(runner.run(request(&id, json!({"sleep": 60, "ignoreTerm": true})), ctx));
+    let plan = runner.plan(&request(&id, json!({"sleep": 60, "ignoreTerm": true})));
+    let run = tokio::spawn(runner.run(plan.unwrap(), ctx));
     // Both the redis helper and the offliner are up, then the revoke comes.
     let start = std::time::Instant::now();
     while !recorder
@@ -536,8 +537,11 @@ async fn too_little_free_disk_fails_before_anything_runs() {
         Default::default(),
         std::sync::Arc::new(Recorder::default()),
     );
-    match runner.run(request(&id, json!({})), ctx).await {
-        Err(RunError::Failed(e)) => assert!(e.message.contains("MIN_FREE_DISK_MB"), "{e}"),
+    match runner
+        .run(runner.plan(&request(&id, json!({}))).unwrap(), ctx)
+        .await
+    {
+        Err(RunError::Failed(e)) => assert!(e.message().contains("MIN_FREE_DISK_MB"), "{e}"),
         other => panic!("expected a disk failure, got {other:?}"),
     }
     assert!(containers_of(node).is_empty());

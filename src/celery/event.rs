@@ -5,7 +5,8 @@
 //! `hostname`, `timestamp`, `utcoffset`, `pid` and `clock`; worker events add
 //! `freq`, `active`, `processed`, `loadavg` and the `sw_*` identity; task
 //! events add `uuid` and their own fields. The field names are the ones
-//! Flower and `celery.events.state` read.
+//! Flower and `celery.events.state` read; a task's container events
+//! ([`ContainerEvent`]) get theirs here, in [`EventKind::container`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,6 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value, json};
+
+use crate::report::ContainerEvent;
 
 /// Celery's Lamport clock: every event carries the next value.
 #[derive(Debug, Default)]
@@ -126,6 +129,38 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Task `uuid`'s container event, as Celery sees it: a
+    /// `task-container_*` event with its fields. The one place those
+    /// events get their wire names.
+    pub fn container(uuid: &str, event: &ContainerEvent) -> Self {
+        let (event_type, fields) = match event {
+            ContainerEvent::Started { image, command } => (
+                "task-container_started",
+                json!({"image": image, "command": command}),
+            ),
+            ContainerEvent::Finished {
+                exit_code,
+                stdout,
+                stderr,
+                log,
+            } => (
+                "task-container_finished",
+                json!({"exit_code": exit_code, "stdout": stdout, "stderr": stderr, "log": log}),
+            ),
+            ContainerEvent::Killed { timeout_s } => {
+                ("task-container_killed", json!({"timeout": timeout_s}))
+            }
+        };
+        Self::Custom {
+            event_type: event_type.to_owned(),
+            uuid: uuid.to_owned(),
+            fields: match fields {
+                Value::Object(fields) => fields,
+                _ => Map::new(),
+            },
+        }
+    }
+
     /// The Celery event type, e.g. `task-succeeded`.
     pub fn event_type(&self) -> &str {
         match self {
@@ -496,6 +531,42 @@ mod tests {
     }
 
     #[test]
+    fn container_events_keep_their_wire_names() {
+        let started = ContainerEvent::Started {
+            image: "openzim/mwoffliner:latest".into(),
+            command: "mwoffliner --mwUrl=x".into(),
+        };
+        let (encoded, value) = body(&EventKind::container("abc", &started));
+        assert_eq!(encoded.event_type, "task-container_started");
+        assert_eq!(value["image"], json!("openzim/mwoffliner:latest"));
+        assert_eq!(value["command"], json!("mwoffliner --mwUrl=x"));
+        let finished = ContainerEvent::Finished {
+            exit_code: 3,
+            stdout: "out".into(),
+            stderr: "err".into(),
+            log: "x.log.gz".into(),
+        };
+        let (encoded, value) = body(&EventKind::container("abc", &finished));
+        assert_eq!(encoded.routing_key, "task.container_finished");
+        assert_eq!(
+            (
+                &value["exit_code"],
+                &value["stdout"],
+                &value["stderr"],
+                &value["log"]
+            ),
+            (&json!(3), &json!("out"), &json!("err"), &json!("x.log.gz"))
+        );
+        let killed = ContainerEvent::Killed { timeout_s: 60 };
+        let (encoded, value) = body(&EventKind::container("abc", &killed));
+        assert_eq!(encoded.event_type, "task-container_killed");
+        assert_eq!(
+            (&value["timeout"], &value["uuid"]),
+            (&json!(60), &json!("abc"))
+        );
+    }
+
+    #[test]
     fn custom_task_event() {
         let mut fields = Map::new();
         fields.insert("image".into(), json!("openzim/mwoffliner:latest"));
@@ -565,15 +636,7 @@ mod tests {
     #[test]
     fn properties() {
         let props = event_properties("alice@node1");
-        assert_eq!(
-            props.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/json")
-        );
-        assert_eq!(
-            props.content_encoding().as_ref().map(|s| s.as_str()),
-            Some("utf-8")
-        );
-        assert_eq!(*props.delivery_mode(), Some(1));
+        super::super::result::tests::assert_json_properties(&props);
         let headers = props.headers().as_ref().expect("headers are set");
         assert_eq!(
             headers.inner().get("hostname"),

@@ -1,4 +1,5 @@
-//! `rpc://` task results and Python-style exceptions.
+//! `rpc://` task results and Python-style exceptions, and the one place a
+//! task's failure ([`TaskError`]) becomes a Python exception class.
 //!
 //! Celery 5's RPC backend publishes a task's final state to the sender's
 //! `reply_to` queue (default exchange, routing key = `reply_to`) with
@@ -17,6 +18,7 @@ use serde_json::{Value, json};
 
 use super::iso8601;
 use super::repr::repr_str;
+use crate::report::TaskError;
 
 /// A task's final state, as reported to an `rpc://` result backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +68,37 @@ impl ExceptionInfo {
             "exc_message": [self.message],
             "exc_module": self.exc_module,
         })
+    }
+}
+
+/// The one place a task's failure gets its Python exception: the class
+/// and module clients see, the message, and the `traceback` text.
+impl From<&TaskError> for ExceptionInfo {
+    fn from(error: &TaskError) -> Self {
+        let (exc_type, exc_module) = python_exception(error);
+        Self {
+            exc_type: exc_type.to_owned(),
+            exc_module: exc_module.to_owned(),
+            message: error.message(),
+            traceback: error.detail(),
+        }
+    }
+}
+
+/// The Python class (and its module) a failure is reported as: a refusal
+/// is a `ValueError`, the hard time limit Celery's own `TimeLimitExceeded`,
+/// a full disk what the scrape failed with, and the rest `RuntimeError`.
+fn python_exception(error: &TaskError) -> (&'static str, &'static str) {
+    match error {
+        TaskError::Refused { .. } => ("ValueError", "builtins"),
+        TaskError::TimeLimit { .. } => ("TimeLimitExceeded", "celery.exceptions"),
+        TaskError::DiskFilled { cause, .. } => python_exception(cause),
+        TaskError::Exited { .. }
+        | TaskError::KilledForMemory { .. }
+        | TaskError::Killed { .. }
+        | TaskError::NoOutput { .. }
+        | TaskError::UploadFailed { .. }
+        | TaskError::Runtime(_) => ("RuntimeError", "builtins"),
     }
 }
 
@@ -122,8 +155,22 @@ pub fn encode_rpc_result(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// Properties every JSON message of this worker carries (results and
+    /// events alike).
+    pub(in crate::celery) fn assert_json_properties(props: &BasicProperties) {
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            props.content_encoding().as_ref().map(|s| s.as_str()),
+            Some("utf-8")
+        );
+        assert_eq!(*props.delivery_mode(), Some(1));
+    }
 
     fn date() -> DateTime<Utc> {
         DateTime::parse_from_rfc3339("2024-05-01T12:00:00.5Z")
@@ -150,15 +197,7 @@ mod tests {
             props.correlation_id().as_ref().map(|s| s.as_str()),
             Some("abc")
         );
-        assert_eq!(
-            props.content_type().as_ref().map(|s| s.as_str()),
-            Some("application/json")
-        );
-        assert_eq!(
-            props.content_encoding().as_ref().map(|s| s.as_str()),
-            Some("utf-8")
-        );
-        assert_eq!(*props.delivery_mode(), Some(1));
+        assert_json_properties(&props);
     }
 
     #[test]
@@ -215,5 +254,29 @@ mod tests {
         assert_eq!(info.repr(), "RuntimeError('it\\'s \"bad\"\\n')");
         let info = ExceptionInfo::runtime_error("can't", "");
         assert_eq!(info.repr(), "RuntimeError(\"can't\")");
+    }
+
+    #[test]
+    fn task_errors_as_python_exceptions() {
+        let refused = TaskError::Refused {
+            reason: "no such task".to_owned(),
+        };
+        let info = ExceptionInfo::from(&refused);
+        assert_eq!(
+            (info.exc_type.as_str(), info.exc_module.as_str()),
+            ("ValueError", "builtins")
+        );
+        assert_eq!(info.traceback, "the task was refused before anything ran");
+        let info = ExceptionInfo::from(&TaskError::TimeLimit { hard: 2.5 });
+        assert_eq!(info.repr(), "TimeLimitExceeded('2.5')");
+        assert_eq!(info.exc_module, "celery.exceptions");
+        let full = TaskError::DiskFilled {
+            free_mib_now: "0".to_owned(),
+            free_mib_at_start: 9,
+            cause: Box::new(refused),
+        };
+        assert_eq!(ExceptionInfo::from(&full).exc_type, "ValueError");
+        let info = ExceptionInfo::from(&TaskError::runtime("boom"));
+        assert_eq!(info, ExceptionInfo::runtime_error("boom", "boom"));
     }
 }

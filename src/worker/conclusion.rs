@@ -56,15 +56,7 @@ pub(super) fn conclude(
                     reason: "revoked".to_owned(),
                 },
             ),
-            Some(CancelReason::TimeLimit { hard }) => failure(
-                id,
-                TaskError {
-                    kind: "TimeLimitExceeded".to_owned(),
-                    module: "celery.exceptions".to_owned(),
-                    message: format!("{hard}"),
-                    detail: format!("the task ran past its hard time limit of {hard} s"),
-                },
-            ),
+            Some(CancelReason::TimeLimit { hard }) => failure(id, TaskError::TimeLimit { hard }),
             Some(CancelReason::Shutdown) | None => return None,
         },
     };
@@ -82,12 +74,7 @@ pub(super) fn conclude(
 
 /// A failed task's final event and `rpc://` state.
 fn failure(id: &str, error: TaskError) -> (EventKind, TaskState) {
-    let info = ExceptionInfo {
-        exc_type: error.kind,
-        exc_module: error.module,
-        message: error.message,
-        traceback: error.detail,
-    };
+    let info = ExceptionInfo::from(&error);
     (
         EventKind::TaskFailed {
             uuid: id.to_owned(),
@@ -105,12 +92,10 @@ mod tests {
 
     const ID: &str = "6f1c9a0b2d3e4f5a6b7c8d9e";
 
-    fn error(kind: &str) -> TaskError {
-        TaskError {
-            kind: kind.to_owned(),
-            module: "builtins".to_owned(),
-            message: "it broke".to_owned(),
-            detail: "the log's tail".to_owned(),
+    fn exited() -> TaskError {
+        TaskError::Exited {
+            code: 1,
+            tail: "the log's tail".to_owned(),
         }
     }
 
@@ -178,10 +163,10 @@ mod tests {
         let table: Vec<Case> = vec![
             ("success, its files as the result", Ok(files.clone()), None, succeeded.clone()),
             ("a success outlives a late cancel", Ok(files), revoke(true, Some(9)), succeeded),
-            ("a failure, as the runner said it", Err(RunError::Failed(error("RuntimeError"))), None,
-                failed("RuntimeError", "builtins", "it broke", "the log's tail")),
-            ("a failure outlives a late cancel", Err(RunError::Failed(error("OSError"))), limit,
-                failed("OSError", "builtins", "it broke", "the log's tail")),
+            ("a failure, as the runner said it", Err(RunError::Failed(exited())), None,
+                failed("RuntimeError", "builtins", "the offliner exited with code 1", "the log's tail")),
+            ("a failure outlives a late cancel", Err(RunError::Failed(TaskError::Refused { reason: "it broke".to_owned() })), limit,
+                failed("ValueError", "builtins", "it broke", "the task was refused before anything ran")),
             ("revoked while held", Err(RunError::Cancelled), revoke(false, None), revoked(false, None)),
             ("terminated while running", Err(RunError::Cancelled), revoke(true, Some(15)), revoked(true, Some(15))),
             ("past its hard time limit", Err(RunError::Cancelled), limit,

@@ -64,11 +64,13 @@ impl<R: Runner> Inner<R> {
         request: &Arc<TaskRequest>,
         cancel: &Cancellation,
     ) -> Result<Vec<TaskFile>, RunError> {
+        // Planned as it starts: a refusal fails the task before anything runs.
+        let plan = self.runner.plan(request)?;
         let ctx =
             TaskContext::with_cancellation(request.id.clone(), cancel.clone(), self.events.clone());
         let mut handle = tokio::spawn(
             self.runner
-                .run(request.clone(), ctx)
+                .run(plan, ctx)
                 .instrument(tracing::Span::current()),
         );
         let hard = request

@@ -1,0 +1,498 @@
+//! The stages of one task on the Docker engine: **prepare** (task dir, free
+//! disk, images, the redis helper), **generate** (the offliner container,
+//! its log, idle timeout, how it ended: a kill for memory or by SIGKILL is
+//! said as such; each finished ZIM uploaded while it runs, see
+//! [`crate::early`]), **upload** (the files not sent early, and the log, to
+//! the warehouse; a file sent early and changed since fails the task) and
+//! **cleanup** (every container of the task removed on every path, panics
+//! included; the task dir once its files are uploaded).
+//!
+//! A marker written in the task dir when generate succeeded lets a
+//! redelivered task go straight to upload instead of scraping again.
+//!
+//! Free disk: before refusing a task for `MIN_FREE_DISK_MB` it has the
+//! [`Sweeper`] remove kept task dirs (a task's own dir is claimed for its
+//! whole run, so it is never swept); a scrape that fails with ZIM_DIR full
+//! is reported as the disk having filled up.
+//!
+//! Here: the runner and its stages. Beside it: `containers.rs` (following
+//! the offliner, its tails, how it ended; the task's containers removed),
+//! `redis.rs` (the redis helper and the wait on its socket) and `output.rs`
+//! (produced files, the marker, the log, journals' names, the upload).
+//!
+//! Owns the task dir and the task's containers. It must not decode messages
+//! or publish anything itself (it never imports `celery`): it works from an
+//! offliner [`TaskPlan`], which [`OfflinerPlanner`] made from the request,
+//! and reports through the runner's [`TaskContext`] in the words of
+//! [`crate::report`].
+
+mod containers;
+mod output;
+mod redis;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::Instrument;
+
+use crate::config::PipelineSettings;
+use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_TASK};
+use crate::early::EarlyUploads;
+use crate::metrics::{self, Stage};
+use crate::offliner::TaskPlan;
+use crate::runner::{
+    ContainerEvent, OfflinerPlanner, RunError, Runner, TaskContext, TaskError, TaskFile,
+};
+use crate::sweep::{SWEEP_INTERVAL, Sweeper};
+use crate::warehouse::Warehouse;
+use containers::{Containers, exit_failure};
+pub use output::{GENERATED_MARKER, Generated};
+use output::{compress_log, output_item, produced_files, read_marker, write_marker};
+pub use redis::{REDIS_SOCKET, REDIS_SOCKET_DIR};
+
+/// Name of the directory (in ZIM_DIR) holding the per-task sockets dirs.
+const SOCKETS_DIR: &str = ".sockets";
+/// How long a failed task waits for its log to reach the warehouse before
+/// it reports the failure anyway.
+const FAILED_LOG_UPLOAD_LIMIT: Duration = Duration::from_secs(60);
+
+/// Free space in ZIM_DIR under which a failed scrape is reported as the
+/// disk having filled up.
+const FULL_DISK_BELOW: u64 = 1 << 20;
+
+/// The Docker pipeline as a [`Runner`].
+#[derive(Clone)]
+pub struct DockerRunner {
+    docker: DockerClient,
+    /// Makes the offliner plan of each task from its request.
+    planner: OfflinerPlanner,
+    settings: Arc<PipelineSettings>,
+    /// `None`: no upload (`run-task --no-upload`); files stay in the task dir.
+    warehouse: Option<Warehouse>,
+    /// Sweeps the task dirs kept in ZIM_DIR; knows which ones are in use.
+    sweeper: Sweeper,
+}
+
+/// A task's paths, as the host sees them (for bind mounts) and as this
+/// process sees them.
+struct TaskDirs {
+    host_task: PathBuf,
+    local_task: PathBuf,
+    host_sockets: PathBuf,
+    local_sockets: PathBuf,
+}
+
+impl TaskDirs {
+    fn new(settings: &PipelineSettings, task_id: &str) -> Self {
+        Self {
+            host_task: settings.working_dir.join(task_id),
+            local_task: settings.zim_dir.join(task_id),
+            host_sockets: settings.working_dir.join(SOCKETS_DIR).join(task_id),
+            local_sockets: settings.zim_dir.join(SOCKETS_DIR).join(task_id),
+        }
+    }
+}
+
+/// What the stages of one run share: the plan, the task's dirs and
+/// context, and the containers started so far (the caller removes them on
+/// every path).
+struct Job<'a> {
+    plan: &'a TaskPlan,
+    dirs: &'a TaskDirs,
+    ctx: &'a TaskContext,
+    containers: Containers,
+}
+
+fn failed(message: impl Into<String>) -> RunError {
+    RunError::Failed(TaskError::runtime(message))
+}
+
+impl DockerRunner {
+    pub async fn new(
+        settings: PipelineSettings,
+        warehouse: Option<Warehouse>,
+    ) -> Result<Self, crate::docker::DockerError> {
+        let docker = DockerClient::connect().await?;
+        let sweeper = Sweeper::new(settings.zim_dir.clone(), settings.kept_dir_max_age);
+        let planner = OfflinerPlanner {
+            allow: settings.image_allowlist.clone(),
+            redis_url: REDIS_SOCKET.to_owned(),
+        };
+        Ok(Self {
+            docker,
+            planner,
+            settings: Arc::new(settings),
+            warehouse,
+            sweeper,
+        })
+    }
+
+    /// Removes a task's dir once its end is recorded: its files are
+    /// uploaded, or the task was revoked. Keeps it when there is no
+    /// warehouse to upload to (`run-task --no-upload`).
+    pub async fn remove_task_dir(&self, task_id: &str) {
+        if self.warehouse.is_none() || crate::offliner::validate_task_id(task_id).is_err() {
+            return;
+        }
+        let dir = self.settings.zim_dir.join(task_id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => tracing::info!(dir = %dir.display(), "task dir removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the task dir")
+            }
+        }
+    }
+
+    pub fn docker(&self) -> &DockerClient {
+        &self.docker
+    }
+
+    /// Removes the containers an earlier run of this node left behind (a
+    /// crash or kill -9): their tasks come back from the broker and would
+    /// otherwise hit a name conflict.
+    pub async fn remove_orphans(&self) -> Result<usize, crate::docker::DockerError> {
+        self.docker
+            .remove_labelled(&[(LABEL_NODE, &self.settings.node_name)])
+            .await
+    }
+
+    fn container_name(&self, task_id: &str, role: &str) -> String {
+        format!("zimfarm_{}_{}_{}", self.settings.node_name, task_id, role)
+    }
+
+    fn labels(&self, task_id: &str, role: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_NODE.to_owned(), self.settings.node_name.clone()),
+            (LABEL_TASK.to_owned(), task_id.to_owned()),
+            (LABEL_ROLE.to_owned(), role.to_owned()),
+        ])
+    }
+
+    /// One task, start to end; containers are removed whatever happens.
+    async fn run_task(self, plan: TaskPlan, ctx: TaskContext) -> Result<Vec<TaskFile>, RunError> {
+        // The sweeper leaves this task's dir alone until the run ends.
+        let _claim = self.sweeper.claim(&plan.task_id).await;
+        let dirs = TaskDirs::new(&self.settings, &plan.task_id);
+        let generated = match read_marker(&dirs.local_task).await {
+            Some(generated) => {
+                tracing::info!(
+                    files = generated.files.len(),
+                    "an earlier run of this task generated its files already; going straight to upload"
+                );
+                generated
+            }
+            None => {
+                let mut job = Job {
+                    plan: &plan,
+                    dirs: &dirs,
+                    ctx: &ctx,
+                    containers: Containers::new(self.docker.clone()),
+                };
+                let outcome = self.stages(&mut job).await;
+                job.containers.remove_all().await;
+                let _ = tokio::fs::remove_dir_all(&dirs.local_sockets).await;
+                match outcome {
+                    Ok(generated) => {
+                        write_marker(&dirs.local_task, &generated).await;
+                        generated
+                    }
+                    Err(e) => {
+                        // The log of a failed scrape is what its operator
+                        // needs; nothing else of it is worth keeping.
+                        if let (Some(warehouse), RunError::Failed(_)) = (&self.warehouse, &e) {
+                            self.upload_failed_log(warehouse, &plan, &dirs, &ctx)
+                                .instrument(tracing::info_span!("stage", stage = "upload"))
+                                .await;
+                        }
+                        let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        if let Some(warehouse) = &self.warehouse {
+            timed(
+                Stage::Upload,
+                self.upload(warehouse, &plan, &dirs, &generated, &ctx),
+            )
+            .await?;
+        }
+        Ok(generated.files)
+    }
+
+    /// Prepare, then generate; a failed generate may have failed for a
+    /// full disk.
+    async fn stages(&self, job: &mut Job<'_>) -> Result<Generated, RunError> {
+        let free_at_start = timed(Stage::Prepare, self.prepare(job)).await?;
+        match timed(Stage::Generate, self.generate(job)).await {
+            Err(RunError::Failed(error)) => Err(RunError::Failed(
+                self.explain_full_disk(error, free_at_start).await,
+            )),
+            other => other,
+        }
+    }
+
+    /// A scrape that failed with ZIM_DIR (nearly) full failed because of
+    /// it, whatever the offliner printed: say so, with the space free now
+    /// and at the start.
+    async fn explain_full_disk(&self, error: TaskError, free_at_start: u64) -> TaskError {
+        let free_now = self.free_disk().await.ok();
+        let enospc = |text: String| text.contains("No space left on device");
+        let full = free_now.is_some_and(|free| free < FULL_DISK_BELOW)
+            || enospc(error.message())
+            || enospc(error.detail());
+        if !full {
+            return error;
+        }
+        let now = free_now.map_or_else(|| "unknown".to_owned(), |f| (f >> 20).to_string());
+        tracing::error!(
+            free_mib_now = %now,
+            free_mib_at_start = free_at_start >> 20,
+            "the disk of ZIM_DIR filled up during the scrape"
+        );
+        TaskError::DiskFilled {
+            free_mib_now: now,
+            free_mib_at_start: free_at_start >> 20,
+            cause: Box::new(error),
+        }
+    }
+
+    /// Task dir, free disk, images, the redis helper; returns the bytes
+    /// free in ZIM_DIR.
+    async fn prepare(&self, job: &mut Job<'_>) -> Result<u64, RunError> {
+        let free = self.prepare_dirs(job.dirs).await?;
+        cancellable(job.ctx.cancel.token(), self.image(&job.plan.image.to_string())).await??;
+        if job.plan.needs_redis {
+            self.start_redis(job).await?;
+        }
+        Ok(free)
+    }
+
+    /// The offliner container, its log, its exit code, its files.
+    async fn generate(&self, job: &mut Job<'_>) -> Result<Generated, RunError> {
+        let (plan, dirs, ctx) = (job.plan, job.dirs, job.ctx);
+        let cancel = ctx.cancel.token();
+        let name = self.container_name(&plan.task_id, "offliner");
+        job.containers.names.push(name.clone());
+        let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];
+        if plan.needs_redis {
+            binds.push(redis::redis_bind(dirs));
+        }
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: plan.image.to_string(),
+            cmd: plan.argv.clone(),
+            labels: self.labels(&plan.task_id, "offliner"),
+            binds,
+            no_network: false,
+            memory: self.settings.container_memory,
+            nano_cpus: self.settings.container_nano_cpus,
+            log_limit: self.settings.container_log_limit,
+        };
+        let output = cancellable(cancel, self.docker.start_attached(&spec))
+            .await?
+            .map_err(docker_failed)?;
+        tracing::info!(container = %name, image = %spec.image, "offliner started");
+        ctx.emit(ContainerEvent::Started {
+            image: spec.image.clone(),
+            command: plan.argv.join(" "),
+        });
+
+        // Each finished ZIM goes to the warehouse while the offliner runs.
+        let early_uploads = self.warehouse.clone().map(|warehouse| {
+            let (task_dir, warehouse_path) = (dirs.local_task.clone(), plan.warehouse_path.clone());
+            EarlyUploads::start(
+                warehouse,
+                dirs.local_task.clone(),
+                move |file| output_item(&task_dir, &warehouse_path, file),
+                ctx.cancel.token().clone(),
+            )
+        });
+        let log_name = format!("{name}.log");
+        let run = self
+            .follow(&name, output, &dirs.local_task.join(&log_name), ctx)
+            .await?;
+        let early = match early_uploads {
+            Some(early) => early.finish().await,
+            None => Default::default(),
+        };
+        let log_file = compress_log(dirs.local_task.join(&log_name)).await;
+        ctx.emit(ContainerEvent::Finished {
+            exit_code: run.exit.code,
+            stdout: run.stdout.joined(),
+            stderr: run.stderr.joined(),
+            log: log_file.clone(),
+        });
+        if run.exit.oom_killed && run.exit.code == 0 {
+            tracing::warn!(
+                "a process of the offliner was killed for memory (Docker reports OOMKilled), \
+                 but the offliner exited with code 0"
+            );
+        }
+        if let Some(error) = exit_failure(&run, self.settings.container_memory) {
+            return Err(error.into());
+        }
+        let files = produced_files(&dirs.local_task, &log_file).await?;
+        if files.is_empty() {
+            return Err(TaskError::NoOutput {
+                dir: dirs.local_task.clone(),
+                host_dir: dirs.host_task.clone(),
+            }
+            .into());
+        }
+        tracing::info!(files = files.len(), "offliner finished");
+        let log_kept = tokio::fs::try_exists(dirs.local_task.join(&log_file))
+            .await
+            .unwrap_or(false);
+        Ok(Generated {
+            files,
+            log: log_kept.then_some(log_file),
+            early,
+        })
+    }
+
+    /// The task dir, created empty; kept dirs swept by age, and under disk
+    /// pressure before refusing. Returns the bytes free in ZIM_DIR.
+    async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<u64, RunError> {
+        self.sweeper.sweep_old().await;
+        // A task dir left by an earlier, interrupted run of this task holds
+        // partial output: start afresh.
+        if tokio::fs::try_exists(&dirs.local_task)
+            .await
+            .unwrap_or(false)
+        {
+            tracing::warn!(dir = %dirs.local_task.display(), "removing the output of an earlier, interrupted run");
+            let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+        }
+        for dir in [&dirs.local_task, &dirs.local_sockets] {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                failed(format!(
+                    "cannot create {}: {e}; check ZIM_DIR",
+                    dir.display()
+                ))
+            })?;
+        }
+        let mut free = self.free_disk().await.map_err(RunError::Failed)?;
+        if free < self.settings.min_free_disk {
+            tracing::warn!(
+                free_mib = free >> 20,
+                min_free_mib = self.settings.min_free_disk >> 20,
+                "ZIM_DIR is below MIN_FREE_DISK_MB; sweeping kept task dirs, oldest first"
+            );
+            free = self
+                .sweeper
+                .make_room(self.settings.min_free_disk)
+                .await
+                .map_err(|e| failed(format!("cannot read free disk of ZIM_DIR: {e}")))?;
+        }
+        if free < self.settings.min_free_disk {
+            return Err(failed(format!(
+                "only {} MiB free in ZIM_DIR, below MIN_FREE_DISK_MB={}, and no kept task dir \
+                 is left to sweep; free some space",
+                free >> 20,
+                self.settings.min_free_disk >> 20
+            )));
+        }
+        Ok(free)
+    }
+
+    async fn image(&self, image: &str) -> Result<(), RunError> {
+        self.docker
+            .ensure_image(image, self.settings.pull_policy)
+            .await
+            .map_err(docker_failed)
+    }
+
+    /// The bytes free in ZIM_DIR.
+    async fn free_disk(&self) -> Result<u64, TaskError> {
+        let zim_dir = self.settings.zim_dir.clone();
+        tokio::task::spawn_blocking(move || crate::sweep::free_bytes(&zim_dir))
+            .await
+            .map_err(|e| TaskError::runtime(format!("free-disk check failed: {e}")))?
+            .map_err(|e| TaskError::runtime(format!("cannot read free disk of ZIM_DIR: {e}")))
+    }
+}
+
+impl Runner for DockerRunner {
+    type Planner = OfflinerPlanner;
+
+    fn planner(&self) -> &OfflinerPlanner {
+        &self.planner
+    }
+
+    // Not an `async fn`: the future must be 'static (it runs in its own
+    // tokio task), so it owns a clone of the runner.
+    #[allow(clippy::manual_async_fn)]
+    fn run(
+        &self,
+        plan: TaskPlan,
+        ctx: TaskContext,
+    ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
+        let this = self.clone();
+        async move { this.run_task(plan, ctx).await }
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn release(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        let task_id = task_id.to_owned();
+        async move { this.remove_task_dir(&task_id).await }
+    }
+
+    async fn claim_node(&self) {
+        match self.remove_orphans().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::warn!(
+                removed,
+                "removed containers left by an earlier run of this node"
+            ),
+            Err(error) => {
+                metrics::global().docker_error();
+                tracing::error!(%error, "could not remove the containers left by an earlier run of this node");
+            }
+        }
+        // Kept dirs too old to be worth an upload, at start and then every
+        // SWEEP_INTERVAL (and before every task).
+        self.sweeper.sweep_old().await;
+        let sweeper = self.sweeper.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_INTERVAL);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                sweeper.sweep_old().await;
+            }
+        });
+    }
+}
+
+fn docker_failed(error: crate::docker::DockerError) -> RunError {
+    metrics::global().docker_error();
+    failed(error.to_string())
+}
+
+/// Runs one stage in its span (every log line in it carries the stage) and
+/// records how long it took.
+async fn timed<T>(stage: Stage, fut: impl Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = fut
+        .instrument(tracing::info_span!("stage", stage = stage.label()))
+        .await;
+    metrics::global().stage_done(stage, started.elapsed().as_secs_f64());
+    out
+}
+
+/// Runs `fut` unless the task is cancelled first.
+async fn cancellable<T>(
+    cancel: &tokio_util::sync::CancellationToken,
+    fut: impl Future<Output = T>,
+) -> Result<T, RunError> {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(RunError::Cancelled),
+        out = fut => Ok(out),
+    }
+}

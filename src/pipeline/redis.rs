@@ -1,0 +1,259 @@
+//! The task's redis helper: its container, started beside the offliner's
+//! with no network, and the wait for it to answer on its unix socket.
+//!
+//! Owns the socket's paths and the PING wait; it must not touch the
+//! offliner's container or the task dir.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use super::{DockerRunner, Job, TaskDirs, cancellable, docker_failed, failed};
+use crate::docker::ContainerSpec;
+use crate::runner::RunError;
+
+/// Where the redis helper's socket is, inside both containers.
+pub const REDIS_SOCKET_DIR: &str = "/run/redis";
+/// The socket's path inside both containers.
+pub const REDIS_SOCKET: &str = "/run/redis/redis.sock";
+/// How long the redis helper may take to answer PING.
+const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl DockerRunner {
+    /// Pulls the redis image, starts the task's redis helper and waits
+    /// until it answers.
+    pub(super) async fn start_redis(&self, job: &mut Job<'_>) -> Result<(), RunError> {
+        let (task_id, dirs, cancel) = (&job.plan.task_id, job.dirs, job.ctx.cancel.token());
+        cancellable(cancel, self.image(&self.settings.redis_image)).await??;
+        let name = self.container_name(task_id, "redis");
+        job.containers.names.push(name.clone());
+        let spec = ContainerSpec {
+            name,
+            image: self.settings.redis_image.clone(),
+            cmd: [
+                "--port",
+                "0",
+                "--unixsocket",
+                REDIS_SOCKET,
+                "--unixsocketperm",
+                "777",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            labels: self.labels(task_id, "redis"),
+            binds: vec![redis_bind(dirs)],
+            no_network: true,
+            log_limit: self.settings.container_log_limit,
+            ..Default::default()
+        };
+        cancellable(cancel, self.docker.start(&spec))
+            .await?
+            .map_err(docker_failed)?;
+        cancellable(
+            cancel,
+            wait_for_redis(&dirs.local_sockets, REDIS_READY_TIMEOUT),
+        )
+        .await??;
+        tracing::info!("redis helper ready");
+        Ok(())
+    }
+}
+
+/// The bind mount of the task's sockets dir, in both containers.
+pub(super) fn redis_bind(dirs: &TaskDirs) -> String {
+    format!("{}:{REDIS_SOCKET_DIR}", dirs.host_sockets.display())
+}
+
+/// Waits until the redis helper answers PING on `redis.sock` in `dir`.
+///
+/// It connects through an open descriptor of the dir
+/// (`/proc/self/fd/N/redis.sock`), so the socket's full path may be longer
+/// than the 107 bytes a unix socket address holds: any ZIM_DIR works.
+/// Errors that waiting cures (no socket yet, refused, no reply yet) are
+/// retried until [`REDIS_READY_TIMEOUT`]; any other fails at once. Either
+/// way the failure text carries the last OS error.
+async fn wait_for_redis(dir: &Path, timeout: Duration) -> Result<(), RunError> {
+    let socket_path = dir.join("redis.sock");
+    let owned = dir.to_owned();
+    let dir_fd = tokio::task::spawn_blocking(move || {
+        rustix::fs::open(
+            &owned,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+    })
+    .await
+    .map_err(|e| failed(format!("opening the redis helper's socket dir failed: {e}")))?
+    .map_err(|e| {
+        failed(format!(
+            "cannot open the redis helper's socket dir {}: {}; check ZIM_DIR",
+            dir.display(),
+            std::io::Error::from(e)
+        ))
+    })?;
+    let short = PathBuf::from(format!(
+        "/proc/self/fd/{}/redis.sock",
+        std::os::fd::AsRawFd::as_raw_fd(&dir_fd)
+    ));
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let error = match ping_redis(&short).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !waiting_cures(&error) {
+            return Err(failed(format!(
+                "cannot reach the redis helper on {}: {error}",
+                socket_path.display()
+            )));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(failed(format!(
+                "the redis helper did not answer on {} within {} s (last error: {error})",
+                socket_path.display(),
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One PING on the redis socket at `socket`.
+async fn ping_redis(socket: &Path) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    stream.write_all(b"PING\r\n").await?;
+    let mut reply = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut reply))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply to PING in 2 s")
+        })??;
+    if &reply == b"+PONG\r\n" {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "unexpected reply to PING: {:?}",
+                String::from_utf8_lossy(&reply)
+            ),
+        ))
+    }
+}
+
+/// Whether waiting may cure a failed PING: the helper is still starting
+/// (no socket yet, nobody listening, no reply yet). A path too long, a
+/// permission denied and the like never get better.
+fn waiting_cures(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::NotFound
+            | ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof
+            | ErrorKind::TimedOut
+            | ErrorKind::InvalidData
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dir `depth` levels of 50-character names below `root`.
+    fn deep_dir(root: &Path, depth: usize) -> PathBuf {
+        let mut dir = root.to_owned();
+        for i in 0..depth {
+            dir.push(format!("{i:0>50}"));
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn redis_answers_on_a_socket_path_longer_than_sun_path() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = deep_dir(root.path(), 4);
+        assert!(dir.join("redis.sock").as_os_str().len() > 200);
+        // Bound through the dir's descriptor too: the full path cannot be.
+        let fd =
+            rustix::fs::open(&dir, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+        let bind = format!(
+            "/proc/self/fd/{}/redis.sock",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        );
+        let listener = tokio::net::UnixListener::bind(bind).unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut ping = [0u8; 6];
+            stream.read_exact(&mut ping).await.unwrap();
+            assert_eq!(&ping, b"PING\r\n");
+            stream.write_all(b"+PONG\r\n").await.unwrap();
+        });
+        wait_for_redis(&dir, Duration::from_secs(5)).await.unwrap();
+        server.await.unwrap();
+    }
+
+    /// The failure text of a wait on `dir` that must fail at once, well
+    /// before its 30 s timeout.
+    async fn redis_wait_failure_at_once(dir: &Path) -> String {
+        let started = std::time::Instant::now();
+        let Err(RunError::Failed(error)) = wait_for_redis(dir, Duration::from_secs(30)).await
+        else {
+            panic!("waiting on {} must fail", dir.display());
+        };
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited {:?}",
+            started.elapsed()
+        );
+        error.message()
+    }
+
+    #[tokio::test]
+    async fn redis_wait_fails_at_once_when_the_socket_dir_is_missing() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("gone");
+        let message = redis_wait_failure_at_once(&missing).await;
+        assert!(
+            message.contains(&missing.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("No such file or directory"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn redis_wait_fails_at_once_on_an_error_waiting_cannot_cure() {
+        let root = tempfile::tempdir().unwrap();
+        // A file where the dir should be: ENOTDIR, now and forever.
+        let file = root.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let message = redis_wait_failure_at_once(&file).await;
+        assert!(message.contains("Not a directory"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn redis_wait_timeout_names_the_last_os_error() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = deep_dir(root.path(), 3);
+        let Err(RunError::Failed(error)) = wait_for_redis(&dir, Duration::from_millis(300)).await
+        else {
+            panic!("no socket must time out");
+        };
+        let message = error.message();
+        assert!(message.contains("within 0 s"), "{message}");
+        assert!(
+            message.contains("last error: No such file or directory"),
+            "{message}"
+        );
+    }
+}

@@ -24,6 +24,7 @@ pub mod prefetch;
 pub(crate) mod proptest_config;
 pub mod retry;
 pub mod runner;
+pub mod startup;
 pub mod sweep;
 pub mod warehouse;
 pub mod worker;

@@ -64,12 +64,13 @@ pub async fn check(
                 Verdict::Ok(format!(
                     "{} consuming {} with {} slot(s)",
                     c.hostname(),
-                    c.queues
+                    c.broker
+                        .queues
                         .iter()
                         .map(|q| q.as_str())
                         .collect::<Vec<_>>()
                         .join(","),
-                    c.concurrency
+                    c.worker.concurrency
                 )),
             );
             c
@@ -96,11 +97,14 @@ pub async fn check(
     // The SSH key is needed by two checks; read it once.
     let key = ClientKey::load(&config.warehouse.ssh_key).await;
 
-    let dispatcher = dispatcher_login(&config.dispatcher()).await;
+    let dispatcher = dispatcher_login(&config.dispatcher).await;
     match &dispatcher {
         Ok(_) => report(
             "dispatcher login",
-            Verdict::Ok(format!("{} as {}", config.dispatcher_url, config.username)),
+            Verdict::Ok(format!(
+                "{} as {}",
+                config.dispatcher.url, config.dispatcher.username
+            )),
         ),
         Err(e) => report("dispatcher login", Verdict::Failed(e.to_string())),
     }
@@ -112,7 +116,7 @@ pub async fn check(
         (_, Err(e)) => report("key registered", Verdict::Failed(e.to_string())),
         (Ok(d), Ok(key)) => report(
             "key registered",
-            key_registered(d, key, &config.username).await,
+            key_registered(d, key, &config.dispatcher.username).await,
         ),
     }
 
@@ -299,11 +303,6 @@ fn kept_summary(kept: &[crate::sweep::KeptDir]) -> String {
     }
     text
 }
-
-/// The SSH key is not registered at the dispatcher (start-up check).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct KeyNotRegistered(pub String);
 
 /// Why `register-key` failed.
 #[derive(Debug, thiserror::Error)]

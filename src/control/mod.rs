@@ -171,7 +171,7 @@ async fn apply<P: Panel>(panel: &P, command: Command) -> (Value, After) {
         Command::Election => Value::Null,
         Command::PoolResize { method } => nok(format!(
             "{method} is not supported: the pool size is CONCURRENCY ({})",
-            panel.config().concurrency
+            panel.config().worker.concurrency
         )),
         Command::PoolRestart => exception("ValueError", "Pool restarts not enabled"),
         Command::Autoscale => exception("ValueError", "Autoscale not enabled"),

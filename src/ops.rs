@@ -1,7 +1,9 @@
 //! The operator commands: `check` (is this host ready to be a worker?) and
 //! `register-key` (the seed README's three curl steps in one command).
 //!
-//! Owns what those commands print and their exit codes. It must not run
+//! Owns the checks and `check`'s lines (its exit code is the number of
+//! failed checks), and the steps of `register-key`; how a command that
+//! failed is reported, and its exit code, are `startup`'s. It must not run
 //! tasks or keep connections open: every check connects, looks, and leaves.
 
 use std::fmt;

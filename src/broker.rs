@@ -204,7 +204,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 impl Broker {
     /// Reads the CA file (if any) now, so a bad path fails at start-up.
     pub fn new(config: &Config) -> Result<Self, BrokerError> {
-        let tls = match &config.broker_ca_file {
+        let tls = match &config.broker.ca_file {
             None => None,
             Some(path) => {
                 Some(
@@ -216,10 +216,10 @@ impl Broker {
             }
         };
         Ok(Self {
-            url: config.broker_url.clone(),
+            url: config.broker.url.clone(),
             tls,
             connection_name: format!("zimfarm-worker {}", config.hostname()),
-            queues: config.queues.clone(),
+            queues: config.broker.queues.clone(),
             node: config.hostname(),
         })
     }

@@ -1,7 +1,9 @@
 //! The operator commands: `check` (is this host ready to be a worker?) and
 //! `register-key` (the seed README's three curl steps in one command).
 //!
-//! Owns what those commands print and their exit codes. It must not run
+//! Owns the checks and `check`'s lines (its exit code is the number of
+//! failed checks), and the steps of `register-key`; how a command that
+//! failed is reported, and its exit code, are `startup`'s. It must not run
 //! tasks or keep connections open: every check connects, looks, and leaves.
 
 use std::fmt;
@@ -64,12 +66,13 @@ pub async fn check(
                 Verdict::Ok(format!(
                     "{} consuming {} with {} slot(s)",
                     c.hostname(),
-                    c.queues
+                    c.broker
+                        .queues
                         .iter()
                         .map(|q| q.as_str())
                         .collect::<Vec<_>>()
                         .join(","),
-                    c.concurrency
+                    c.worker.concurrency
                 )),
             );
             c
@@ -96,11 +99,14 @@ pub async fn check(
     // The SSH key is needed by two checks; read it once.
     let key = ClientKey::load(&config.warehouse.ssh_key).await;
 
-    let dispatcher = dispatcher_login(&config.dispatcher()).await;
+    let dispatcher = dispatcher_login(&config.dispatcher).await;
     match &dispatcher {
         Ok(_) => report(
             "dispatcher login",
-            Verdict::Ok(format!("{} as {}", config.dispatcher_url, config.username)),
+            Verdict::Ok(format!(
+                "{} as {}",
+                config.dispatcher.url, config.dispatcher.username
+            )),
         ),
         Err(e) => report("dispatcher login", Verdict::Failed(e.to_string())),
     }
@@ -112,7 +118,7 @@ pub async fn check(
         (_, Err(e)) => report("key registered", Verdict::Failed(e.to_string())),
         (Ok(d), Ok(key)) => report(
             "key registered",
-            key_registered(d, key, &config.username).await,
+            key_registered(d, key, &config.dispatcher.username).await,
         ),
     }
 
@@ -299,11 +305,6 @@ fn kept_summary(kept: &[crate::sweep::KeptDir]) -> String {
     }
     text
 }
-
-/// The SSH key is not registered at the dispatcher (start-up check).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct KeyNotRegistered(pub String);
 
 /// Why `register-key` failed.
 #[derive(Debug, thiserror::Error)]

@@ -159,7 +159,7 @@ pub(super) fn stats<W: ControlledWorker>(worker: &W) -> Stats {
         uptime: facts.uptime.as_secs_f64().round() as u64,
         pool: PoolInfo {
             implementation: "zimfarm_worker:TokioTaskPool".to_owned(),
-            max_concurrency: config.concurrency,
+            max_concurrency: config.worker.concurrency,
             processes: vec![facts.pid],
             max_tasks_per_child: "N/A".to_owned(),
             put_guarded_by_semaphore: true,
@@ -173,14 +173,14 @@ pub(super) fn stats<W: ControlledWorker>(worker: &W) -> Stats {
 
 /// kombu's `Connection.info()` for BROKER_URL: never the password.
 pub(super) fn broker_info(config: &Config, heartbeat: Option<u16>) -> BrokerInfo {
-    let uri = config.broker_url.uri();
+    let uri = config.broker.url.uri();
     BrokerInfo {
         hostname: uri.authority.host.clone(),
         userid: uri.authority.userinfo.username.clone(),
         virtual_host: uri.vhost.clone(),
         port: uri.authority.port,
         insist: false,
-        ssl: config.broker_url.is_tls(),
+        ssl: config.broker.url.is_tls(),
         transport: "amqp".to_owned(),
         connect_timeout: CONNECT_TIMEOUT.as_secs(),
         transport_options: Map::new(),
@@ -221,8 +221,8 @@ pub(super) struct Conf {
 
 pub(super) fn conf<W: ControlledWorker>(worker: &W) -> Conf {
     let config = worker.config();
-    let uri = config.broker_url.uri();
-    let scheme = if config.broker_url.is_tls() {
+    let uri = config.broker.url.uri();
+    let scheme = if config.broker.url.is_tls() {
         "amqps"
     } else {
         "amqp"
@@ -235,7 +235,7 @@ pub(super) fn conf<W: ControlledWorker>(worker: &W) -> Conf {
         broker_connection_timeout: CONNECT_TIMEOUT.as_secs(),
         task_acks_late: true,
         task_queues: queue_infos(&worker.queues()),
-        worker_concurrency: config.concurrency,
+        worker_concurrency: config.worker.concurrency,
         worker_prefetch_multiplier: 1,
         worker_send_task_events: worker.events().is_enabled(),
         event_exchange: EVENT_EXCHANGE,
@@ -244,8 +244,8 @@ pub(super) fn conf<W: ControlledWorker>(worker: &W) -> Conf {
         control_queue_expires: f64::from(CONTROL_QUEUE_EXPIRES_MS) / 1000.0,
         worker_revokes_max: REVOKES_MAX,
         worker_revoke_expires: REVOKE_EXPIRES.as_secs(),
-        shutdown_grace: config.shutdown_grace.as_secs_f64(),
-        max_message_bytes: config.max_message_bytes,
+        shutdown_grace: config.worker.shutdown_grace.as_secs_f64(),
+        max_message_bytes: config.worker.max_message_bytes,
     }
 }
 

@@ -149,7 +149,7 @@ async fn apply<W: ControlledWorker>(worker: &W, command: Command) -> (Value, Aft
         Command::Election => Value::Null,
         Command::PoolResize { method } => nok(format!(
             "{method} is not supported: the pool size is CONCURRENCY ({})",
-            worker.config().concurrency
+            worker.config().worker.concurrency
         )),
         Command::PoolRestart => exception("ValueError", "Pool restarts not enabled"),
         Command::Autoscale => exception("ValueError", "Autoscale not enabled"),

@@ -265,7 +265,11 @@ impl DockerRunner {
     /// free in ZIM_DIR.
     async fn prepare(&self, job: &mut Job<'_>) -> Result<u64, RunError> {
         let free = self.prepare_dirs(job.dirs).await?;
-        cancellable(job.ctx.cancel.token(), self.image(&job.plan.image.to_string())).await??;
+        cancellable(
+            job.ctx.cancel.token(),
+            self.image(&job.plan.image.to_string()),
+        )
+        .await??;
         if job.plan.needs_redis {
             self.start_redis(job).await?;
         }

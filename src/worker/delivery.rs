@@ -23,10 +23,10 @@ impl<R: Runner> Inner<R> {
             redelivered,
             ..
         } = delivery;
-        if data.len() > self.config.max_message_bytes {
+        if data.len() > self.config.worker.max_message_bytes {
             tracing::error!(
                 bytes = data.len(),
-                limit = self.config.max_message_bytes,
+                limit = self.config.worker.max_message_bytes,
                 routing_key = %routing_key,
                 "dropping a task message larger than MAX_MESSAGE_BYTES"
             );

@@ -184,15 +184,16 @@ impl<R: Runner> Worker<R> {
             sw_sys: std::env::consts::OS.to_owned(),
         };
         let events = Arc::new(EventSink::new(identity, outbox.clone()));
-        let prefetch = Prefetch::new(config.concurrency);
+        let prefetch = Prefetch::new(config.worker.concurrency);
         let queues = config
+            .broker
             .queues
             .iter()
             .map(|q| TaskQueue::zimfarm(q.as_str()))
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                slots: Arc::new(Semaphore::new(config.concurrency)),
+                slots: Arc::new(Semaphore::new(config.worker.concurrency)),
                 config,
                 broker,
                 runner,
@@ -246,7 +247,7 @@ impl<R: Runner> Worker<R> {
 
         // Shutdown: stop consuming (the session loop has returned), stop
         // every task, then say goodbye while the connection is still up.
-        let deadline = tokio::time::Instant::now() + inner.config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + inner.config.worker.shutdown_grace;
         heartbeat_stop.cancel();
         let _ = heartbeat.await;
         inner.registry.cancel_all(CancelReason::Shutdown);

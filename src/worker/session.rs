@@ -80,7 +80,7 @@ impl<R: Runner> Inner<R> {
             tracing::info!(
                 broker = %self.broker.display_url(),
                 queues = ?self.topology.queues().iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
-                concurrency = self.config.concurrency,
+                concurrency = self.config.worker.concurrency,
                 startup_ms = if first { self.started_at.elapsed().as_millis() } else { 0 },
                 "connected to the broker; consuming"
             );

@@ -209,11 +209,13 @@ impl DockerClient {
     /// A `unix://` path longer than a socket address holds is reached
     /// through its dir's descriptor (see [`DockerClient`]).
     pub async fn connect() -> Result<Self, DockerError> {
-        let long_path = std::env::var("DOCKER_HOST").ok().and_then(|host| {
-            host.strip_prefix("unix://")
-                .filter(|path| path.len() > SUN_PATH_MAX)
-                .map(str::to_owned)
-        });
+        let long_path = std::env::var(crate::config::vars::DOCKER_HOST.name())
+            .ok()
+            .and_then(|host| {
+                host.strip_prefix("unix://")
+                    .filter(|path| path.len() > SUN_PATH_MAX)
+                    .map(str::to_owned)
+            });
         let (docker, socket_dir) = match long_path {
             None => (
                 Docker::connect_with_defaults().map_err(DockerError::Connect)?,

@@ -75,31 +75,30 @@ impl Drop for ShortDeliveryTimeout {
 fn a_task_past_the_delivery_timeout_is_named_counted_and_still_runs_once() {
     let _short = ShortDeliveryTimeout::set(3_000, 1_000);
     let metrics = free_addr();
-    let (vh, _dir, events, worker) = stack("acktimeout", &[("METRICS_ADDR", metrics.as_str())]);
-    let id = task_id();
-    send_task(
-        &vh,
+    let s = Stack::start("acktimeout", WorkerEnv::new().set("METRICS_ADDR", &metrics));
+    let id = s.submit(Task::new(
         "offliner.mwoffliner",
-        &id,
-        &json!({
+        json!({
             "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
             "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
             "warehouse_path": "/wikipedia",
             "simulate": {"sleep": 12.0},
         }),
-        &[],
-    );
+    ));
     let started = Instant::now();
-    events.wait_task_event("task-started", &id, Duration::from_secs(30));
-    worker.wait_log("past its consumer_timeout", Duration::from_secs(30));
+    s.events
+        .wait_task_event("task-started", &id, Duration::from_secs(30));
+    s.worker
+        .wait_log("past its consumer_timeout", Duration::from_secs(30));
     let closed_after = started.elapsed();
-    let log = worker.log_text();
+    let log = s.worker.log_text();
     assert!(
         log.contains("delivery acknowledgement on channel")
             && log.contains("consumer_timeout in rabbitmq.conf"),
         "the log names the broker's reason and what to set:\n{log}"
     );
-    events.wait_task_event("task-succeeded", &id, Duration::from_secs(60));
+    s.events
+        .wait_task_event("task-succeeded", &id, Duration::from_secs(60));
     let scraped = scrape(&metrics);
     assert!(
         sample(
@@ -113,11 +112,11 @@ fn a_task_past_the_delivery_timeout_is_named_counted_and_still_runs_once() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        events.count("task-started", &id),
+        s.count("task-started", &id),
         1,
         "ran once on this single node"
     );
-    assert_eq!(events.count("task-succeeded", &id), 1);
+    assert_eq!(s.count("task-succeeded", &id), 1);
     eprintln!(
         "channel closed {:.1} s after the task was sent",
         closed_after.as_secs_f64()
@@ -135,7 +134,9 @@ fn two_nodes(vh: &Vhost, dirs: &[tempfile::TempDir; 2], metrics: &[String; 2]) -
                 vh,
                 dir.path(),
                 node,
-                &[("CONCURRENCY", "1"), ("METRICS_ADDR", addr.as_str())],
+                &WorkerEnv::new()
+                    .set("CONCURRENCY", "1")
+                    .set("METRICS_ADDR", &addr),
             )
         })
         .collect();

@@ -75,12 +75,13 @@ fn docker_worker(
     work: &Path,
     node: &str,
     sshd: &Sshd,
-    extra: &[(&str, &str)],
+    extra: WorkerEnv,
 ) -> WorkerProc {
-    let work = leak(work.display().to_string());
-    let mut env: Vec<(&str, &str)> = docker_env(sshd, &[("WORKING_DIR", work), ("ZIM_DIR", work)]);
-    env.extend_from_slice(extra);
-    let worker = WorkerProc::start(vh, logs, node, &env);
+    let work = work.display();
+    let env = WorkerEnv::docker(sshd)
+        .set("WORKING_DIR", &work)
+        .set("ZIM_DIR", &work);
+    let worker = WorkerProc::start(vh, logs, node, &env.merge(extra));
     worker.wait_connected();
     worker
 }
@@ -105,17 +106,12 @@ fn kept_dir(work: &Path, id: &str, mib: usize, age: Duration) -> PathBuf {
 /// `check`'s disk line for a worker whose ZIM_DIR is `work` (the other
 /// checks may fail: nothing else is set up).
 fn check_disk_line(vh: &Vhost, work: &Path, min_free_mb: &str) -> String {
-    let env = worker_env(
-        vh,
-        work,
-        "disk-check",
-        &[
-            ("TASK_RUNNER", "docker"),
-            ("MIN_FREE_DISK_MB", min_free_mb),
-            ("WAREHOUSE_HOST", "127.0.0.1"),
-            ("WAREHOUSE_PORT", "1"),
-        ],
-    );
+    let env = WorkerEnv::new()
+        .set("TASK_RUNNER", "docker")
+        .set("MIN_FREE_DISK_MB", min_free_mb)
+        .set("WAREHOUSE_HOST", "127.0.0.1")
+        .set("WAREHOUSE_PORT", 1)
+        .vars(vh, work, "disk-check");
     let out = run_worker(&["check"], &env);
     let report = output_text(&out);
     report
@@ -166,10 +162,9 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
         work.path(),
         "disk-age",
         &sshd,
-        &[
-            ("KEPT_DIR_MAX_AGE", "168"),
-            ("METRICS_ADDR", leak(addr.clone())),
-        ],
+        WorkerEnv::new()
+            .set("KEPT_DIR_MAX_AGE", 168)
+            .set("METRICS_ADDR", &addr),
     );
     worker.wait_log("swept a kept task dir", T);
     assert!(!old_dir.exists());
@@ -205,8 +200,7 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
 
     // Its next task runs beside the fresh kept dir, which stays.
     let events = EventsProc::start(&vh, 120);
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    let id = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
     assert!(fresh_dir.join("wikipedia_en_test.zim").exists());
 }
@@ -236,14 +230,12 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
         fs.path(),
         "disk-pressure",
         &sshd,
-        &[
-            ("MIN_FREE_DISK_MB", "20"),
-            ("METRICS_ADDR", leak(addr.clone())),
-        ],
+        WorkerEnv::new()
+            .set("MIN_FREE_DISK_MB", 20)
+            .set("METRICS_ADDR", &addr),
     );
     assert!(kept_path.exists(), "swept before any task needed the space");
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    let id = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
     assert!(!kept_path.exists());
     let log = worker.log_text();
@@ -273,14 +265,7 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
         .arg(format!("of={}", hog.display()))
         .stderr(std::process::Stdio::null())
         .status();
-    let refused = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &refused,
-        &mw_kwargs(json!({})),
-        &[],
-    );
+    let refused = Task::mw(json!({})).send(&vh);
     let failed = events.wait_task_event("task-failed", &refused, T);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
@@ -297,17 +282,17 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     let logs = tempfile::tempdir().unwrap();
     let fs = Tmpfs::mount(48);
     let events = EventsProc::start(&vh, 180);
-    let extra = [("MIN_FREE_DISK_MB", "5")];
-    let mut worker = docker_worker(&vh, logs.path(), fs.path(), "disk-full", &sshd, &extra);
-
-    let full = task_id();
-    send_task(
+    let extra = WorkerEnv::new().set("MIN_FREE_DISK_MB", 5);
+    let mut worker = docker_worker(
         &vh,
-        "offliner.mwoffliner",
-        &full,
-        &mw_kwargs(json!({"fill": 100})),
-        &[],
+        logs.path(),
+        fs.path(),
+        "disk-full",
+        &sshd,
+        extra.clone(),
     );
+
+    let full = Task::mw(json!({"fill": 100})).send(&vh);
     let failed = events.wait_task_event("task-failed", &full, T);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
@@ -319,14 +304,7 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     assert!(fs.free_mib() > 40, "{} MiB free", fs.free_mib());
 
     // The next task runs on the same worker.
-    let next = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &next,
-        &mw_kwargs(json!({})),
-        &[],
-    );
+    let next = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &next, T);
 
     // Every line of the record of ended tasks is whole, and both are there.
@@ -344,15 +322,15 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     // A restarted worker starts fine on that working dir, and knows both.
     worker.signal("TERM");
     assert!(worker.wait_exit(T).success());
-    let _worker = docker_worker(&vh, logs.path(), fs.path(), "disk-full", &sshd, &extra);
-    let third = task_id();
-    send_task(
+    let _worker = docker_worker(
         &vh,
-        "offliner.mwoffliner",
-        &third,
-        &mw_kwargs(json!({})),
-        &[],
+        logs.path(),
+        fs.path(),
+        "disk-full",
+        &sshd,
+        extra.clone(),
     );
+    let third = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &third, T);
     send_task(
         &vh,

@@ -58,26 +58,21 @@ fn healthcheck(metrics_addr: Option<&str>) -> (i32, String) {
 #[test]
 fn metrics_show_each_task_under_its_outcome_and_parse_as_prometheus_text() {
     let addr = free_addr();
-    let (vh, _dir, events, _worker) = stack("metrics", &[("METRICS_ADDR", &addr)]);
+    let s = Stack::start("metrics", WorkerEnv::new().set("METRICS_ADDR", &addr)).within(T);
     let ok = [task_id(), task_id()];
     for id in &ok {
-        send_task(&vh, "offliner.mwoffliner", id, &json!({}), &[]);
+        send_task(&s.vh, "offliner.mwoffliner", id, &json!({}), &[]);
     }
-    let bad = task_id();
-    send_task(
-        &vh,
+    let bad = s.submit(Task::new(
         "offliner.youtube",
-        &bad,
-        &json!({"simulate": {"fail": "boom"}}),
-        &[],
-    );
-    let unknown = task_id();
-    send_task(&vh, "offliner.nope", &unknown, &json!({}), &[]);
+        json!({"simulate": {"fail": "boom"}}),
+    ));
+    let unknown = s.submit(Task::new("offliner.nope", json!({})));
     for id in &ok {
-        events.wait_task_event("task-succeeded", id, T);
+        s.expect_event("task-succeeded", id);
     }
-    events.wait_task_event("task-failed", &bad, T);
-    events.wait_task_event("task-failed", &unknown, T);
+    s.expect_event("task-failed", &bad);
+    s.expect_event("task-failed", &unknown);
     // The first heartbeat goes out 2 s after start.
     let healthy = wait_health(&addr, 200, T);
     assert_eq!(healthy["healthy"], true, "{healthy}");
@@ -156,7 +151,9 @@ fn healthz_turns_unhealthy_while_the_broker_is_gone() {
         &vh,
         dir.path(),
         "health",
-        &[("METRICS_ADDR", &addr), ("BROKER_URL", &url)],
+        &WorkerEnv::new()
+            .set("METRICS_ADDR", &addr)
+            .set("BROKER_URL", &url),
     );
     worker.wait_connected();
     wait_health(&addr, 200, T);
@@ -198,8 +195,12 @@ fn a_bad_or_busy_metrics_addr_stops_the_worker_with_exit_2() {
         (busy_addr.as_str(), "free port"),
         ("localhost:9090", "expected an IP address and port"),
     ] {
-        let mut worker =
-            WorkerProc::start(&vh, dir.path(), "badmetrics", &[("METRICS_ADDR", value)]);
+        let mut worker = WorkerProc::start(
+            &vh,
+            dir.path(),
+            "badmetrics",
+            &WorkerEnv::new().set("METRICS_ADDR", value),
+        );
         let status = worker.wait_exit(T);
         let log = worker.log_text();
         assert_eq!(status.code(), Some(2), "{value}: {log}");

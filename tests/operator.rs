@@ -38,7 +38,7 @@ fn md5_of(private: &Path) -> String {
 /// A whole healthy stack for `check`: a dispatcher stand-in that knows the
 /// user and the key, a broker vhost (through a cuttable proxy), Docker, an
 /// sshd warehouse, a working dir.
-struct Stack {
+struct Healthy {
     _vhost: Vhost,
     proxy: FaultProxy,
     dispatcher: DispatcherStandin,
@@ -47,7 +47,7 @@ struct Stack {
     env: Vec<(String, String)>,
 }
 
-fn healthy_stack(label: &str) -> Stack {
+fn healthy_stack(label: &str) -> Healthy {
     let vhost = Vhost::new(label);
     let proxy = FaultProxy::start("127.0.0.1:5672");
     let dir = tempfile::tempdir().unwrap();
@@ -58,26 +58,19 @@ fn healthy_stack(label: &str) -> Stack {
     dispatcher
         .register_key(sshd.user(), "worker", public_key(&key).trim())
         .unwrap();
-    let mut env = worker_env(&vhost, dir.path(), label, &[]);
-    for (k, v) in [
-        ("USERNAME", sshd.user().to_owned()),
-        ("PASSWORD", "s3cret".to_owned()),
-        ("BROKER_URL", proxy.url(&vhost)),
-        ("DISPATCHER_URL", dispatcher.url()),
-        ("TASK_RUNNER", "docker".to_owned()),
-        ("MIN_FREE_DISK_MB", "10".to_owned()),
-        ("WAREHOUSE_HOST", "127.0.0.1".to_owned()),
-        ("WAREHOUSE_PORT", sshd.port().to_string()),
-        ("SSH_KEY", key.display().to_string()),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            sshd.known_hosts_file().display().to_string(),
-        ),
-    ] {
-        env.retain(|(name, _)| name != k);
-        env.push((k.to_owned(), v));
-    }
-    Stack {
+    let env = WorkerEnv::new()
+        .set("USERNAME", sshd.user())
+        .set("PASSWORD", "s3cret")
+        .set("BROKER_URL", proxy.url(&vhost))
+        .set("DISPATCHER_URL", dispatcher.url())
+        .set("TASK_RUNNER", "docker")
+        .set("MIN_FREE_DISK_MB", 10)
+        .set("WAREHOUSE_HOST", "127.0.0.1")
+        .set("WAREHOUSE_PORT", sshd.port())
+        .set("SSH_KEY", key.display())
+        .set("WAREHOUSE_KNOWN_HOSTS", sshd.known_hosts_file().display())
+        .vars(&vhost, dir.path(), label);
+    Healthy {
         _vhost: vhost,
         proxy,
         dispatcher,
@@ -229,7 +222,12 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
 fn refused_credentials_stop_the_worker_with_a_line_naming_them() {
     let vh = Vhost::new("badpass");
     let dir = tempfile::tempdir().unwrap();
-    let mut worker = WorkerProc::start(&vh, dir.path(), "badpass", &[("PASSWORD", "wrong")]);
+    let mut worker = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "badpass",
+        &WorkerEnv::new().set("PASSWORD", "wrong"),
+    );
     let status = worker.wait_exit(T);
     let log = worker.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
@@ -245,44 +243,30 @@ fn a_dispatcher_down_at_start_and_later_does_not_stop_the_work() {
     let dispatcher = DispatcherStandin::new(); // not serving yet
     dispatcher.add_user("tester", TEST_PASSWORD);
     let url = dispatcher.url();
-    let (vh, _dir, events, mut worker) = stack("nodispatcher", &[("DISPATCHER_URL", url.as_str())]);
-    worker.wait_log("dispatcher not reachable now", T);
+    let mut s = Stack::start("nodispatcher", WorkerEnv::new().set("DISPATCHER_URL", url)).within(T);
+    s.worker.wait_log("dispatcher not reachable now", T);
     // Tasks are served meanwhile.
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &json!({"simulate": {}}),
-        &[],
-    );
-    events.wait_task_event("task-succeeded", &id, T);
+    let id = s.submit(Task::new("offliner.mwoffliner", json!({"simulate": {}})));
+    s.expect_event("task-succeeded", &id);
 
-    // It comes up: the worker logs in by itself.
+    // It comes up: the s.worker logs in by itself.
     dispatcher.start();
     let start = Instant::now();
     while dispatcher.counters().password_grants == 0 {
         assert!(
             start.elapsed() < T,
             "never logged in: {}",
-            worker.log_text()
+            s.worker.log_text()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     // It goes down again: still no crash, tasks still served.
     dispatcher.stop();
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &json!({"simulate": {}}),
-        &[],
-    );
-    events.wait_task_event("task-succeeded", &id, T);
+    let id = s.submit(Task::new("offliner.mwoffliner", json!({"simulate": {}})));
+    s.expect_event("task-succeeded", &id);
     std::thread::sleep(Duration::from_secs(1));
-    assert!(worker.is_running(), "{}", worker.log_text());
+    assert!(s.worker.is_running(), "{}", s.worker.log_text());
 }
 
 #[test]
@@ -291,17 +275,17 @@ fn the_token_is_kept_fresh_with_refresh_grants_not_new_logins() {
     dispatcher.add_user("tester", TEST_PASSWORD);
     dispatcher.set_expires_in(5);
     let url = dispatcher.url();
-    let (_vh, _dir, _events, worker) = stack("refresh", &[("DISPATCHER_URL", url.as_str())]);
+    let s = Stack::start("refresh", WorkerEnv::new().set("DISPATCHER_URL", url)).within(T);
     std::thread::sleep(Duration::from_secs(20));
     let c = dispatcher.counters();
-    assert_eq!(c.password_grants, 1, "{c:?}\n{}", worker.log_text());
+    assert_eq!(c.password_grants, 1, "{c:?}\n{}", s.worker.log_text());
     assert!(
         (3..=6).contains(&c.refresh_grants),
         "{c:?}\n{}",
-        worker.log_text()
+        s.worker.log_text()
     );
     assert_eq!(c.refused_refreshes, 0, "{c:?}");
-    let log = worker.log_text();
+    let log = s.worker.log_text();
     for token in dispatcher.issued_tokens() {
         assert!(!log.contains(&token), "a token reached the log");
     }
@@ -318,8 +302,12 @@ fn a_broker_that_refuses_the_login_or_the_vhost_stops_the_worker_with_exit_2() {
         (wrong_password.as_str(), "ACCESS_REFUSED"),
         (no_vhost.as_str(), "NOT_ALLOWED"),
     ] {
-        let mut worker =
-            WorkerProc::start(&vh, dir.path(), "brokerrefuses", &[("BROKER_URL", url)]);
+        let mut worker = WorkerProc::start(
+            &vh,
+            dir.path(),
+            "brokerrefuses",
+            &WorkerEnv::new().set("BROKER_URL", url),
+        );
         let status = worker.wait_exit(T);
         let log = worker.log_text();
         assert_eq!(status.code(), Some(2), "{url}: {log}");

@@ -223,19 +223,19 @@ fn unacked_over_bound(samples: &[(f64, u64)], events: &[Value], slots: u64) -> V
 /// message it could not start.
 #[test]
 fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
-    let (vh, _dir, events, worker) = stack("strict", &[("CONCURRENCY", "2")]);
+    let s = Stack::start("strict", WorkerEnv::new().set("CONCURRENCY", "2")).within(T);
     // Tasks of 2 s: a message held without a slot stays so for up to 2 s,
     // well past the stats' lag, for the broker's figures to show it too.
     let ids: Vec<String> = (0..16).map(|_| task_id()).collect();
-    let sampler = UnackedSampler::start(&vh, "small");
-    send_batch(&vh, &ids, &sim(2.0));
-    events.wait_all_ended(&ids, T);
+    let sampler = UnackedSampler::start(&s.vh, "small");
+    send_batch(&s.vh, &ids, &sim(2.0));
+    s.events.wait_all_ended(&ids, T);
     // The last acks, and the stats showing them.
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
     let samples = sampler.finish();
-    let all = events.events();
+    let all = s.events.events();
 
-    assert_none_overheld(&all, 2, &worker.log_text());
+    assert_none_overheld(&all, 2, &s.worker.log_text());
     let over = unacked_over_bound(&samples, &all, 2);
     assert!(
         over.is_empty(),
@@ -249,10 +249,10 @@ fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
         "no sample saw both slots busy: {samples:?}"
     );
     for id in &ids {
-        assert_eq!(events.count("task-started", id), 1, "{id} ran once");
+        assert_eq!(s.count("task-started", id), 1, "{id} ran once");
     }
     // The prefetch the node reports is back to one per slot.
-    let stats = broadcast(&vh, "tester@strict", "stats", json!({}));
+    let stats = broadcast(&s.vh, "tester@strict", "stats", json!({}));
     assert_eq!(
         stats["prefetch_count"], 2,
         "inspect stats after the run: {stats}"
@@ -268,14 +268,24 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
     let vh = Vhost::new("farm");
     let dir = tempfile::tempdir().expect("temp dir");
     let events = EventsProc::start(&vh, 180);
-    let busy = WorkerProc::start(&vh, dir.path(), "busy", &[("CONCURRENCY", "2")]);
+    let busy = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "busy",
+        &WorkerEnv::new().set("CONCURRENCY", "2"),
+    );
     busy.wait_connected();
     let long: Vec<String> = (0..2).map(|_| task_id()).collect();
     send_batch(&vh, &long, &sim(6.0));
     for id in &long {
         events.wait_task_event("task-started", id, T);
     }
-    let idle = WorkerProc::start(&vh, dir.path(), "idle", &[("CONCURRENCY", "2")]);
+    let idle = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "idle",
+        &WorkerEnv::new().set("CONCURRENCY", "2"),
+    );
     idle.wait_connected();
     events.wait_for(
         |e| e["type"] == "worker-online" && e["hostname"] == "tester@idle",

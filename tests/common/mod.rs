@@ -10,6 +10,12 @@
 
 pub mod dispatcher;
 pub mod sshd;
+mod stack;
+pub mod wait;
+
+#[allow(unused_imports)]
+pub use stack::{DEFAULT_WAIT, Stack, Task, WorkerEnv, mw_kwargs, send_task, simulated_task};
+pub use wait::eventually;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -18,9 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
-use sshd::{KeyKind, Sshd};
+use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -134,18 +138,21 @@ impl Vhost {
     /// Waits until the queue holds `ready` ready and `unacked` unacked
     /// messages (the management API's figures refresh every few seconds).
     pub fn wait_queue_depth(&self, queue: &str, ready: u64, unacked: u64, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let depth = self.queue_depth(queue);
-            if depth == (ready, unacked) {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "queue {queue}: expected (ready, unacked) = ({ready}, {unacked}), got {depth:?}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        let depth = std::cell::Cell::new((0, 0));
+        eventually(
+            timeout,
+            Duration::from_millis(250),
+            || {
+                depth.set(self.queue_depth(queue));
+                depth.get() == (ready, unacked)
+            },
+            || {
+                format!(
+                    "queue {queue}: expected (ready, unacked) = ({ready}, {unacked}), got {:?}",
+                    depth.get()
+                )
+            },
+        );
     }
 
     /// Closes every client connection to this vhost (the fault test).
@@ -207,39 +214,19 @@ pub fn register_at_shared_dispatcher(user: &str, private_key: &Path) {
     let _ = shared_dispatcher().register_key(user, "test key", public.trim());
 }
 
-/// The environment a test worker needs, with `extra` overriding it.
+/// The environment of a test worker with `extra` overriding it (the
+/// benches' form of [`WorkerEnv::vars`]).
 pub fn worker_env(
     vhost: &Vhost,
     dir: &Path,
     node: &str,
-    extra: &[(&str, &str)],
+    extra: &[(&'static str, &str)],
 ) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
-        ("USERNAME", "tester"),
-        ("PASSWORD", TEST_PASSWORD),
-        ("NODE_NAME", node),
-        ("QUEUES", "small"),
-        ("CONCURRENCY", "2"),
-        ("TASK_RUNNER", "simulate"),
-        ("SHUTDOWN_GRACE", "5"),
-        ("LOG_LEVEL", "info,zimfarm_worker=debug"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.push(("BROKER_URL".into(), vhost.url()));
-    env.push(("DISPATCHER_URL".into(), shared_dispatcher().url()));
-    env.push(("WORKING_DIR".into(), dir.display().to_string()));
-    env.push(("ZIM_DIR".into(), dir.display().to_string()));
-    for (k, v) in extra {
-        env.retain(|(key, _)| key != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
+    WorkerEnv::new().set_all(extra).vars(vhost, dir, node)
 }
 
 impl WorkerProc {
-    pub fn start(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)]) -> Self {
+    pub fn start(vhost: &Vhost, dir: &Path, node: &str, env: &WorkerEnv) -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!(
             "worker-{node}-{}.log",
@@ -249,7 +236,7 @@ impl WorkerProc {
         let child = Command::new(worker_binary())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(worker_env(vhost, dir, node, extra))
+            .envs(env.vars(vhost, dir, node))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -269,15 +256,17 @@ impl WorkerProc {
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "worker log never showed {needle:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            timeout,
+            Duration::from_millis(50),
+            || self.log_text().contains(needle),
+            || {
+                format!(
+                    "worker log never showed {needle:?}; log:\n{}",
+                    self.log_text()
+                )
+            },
+        );
     }
 
     pub fn wait_connected(&self) {
@@ -299,18 +288,21 @@ impl WorkerProc {
 
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "worker did not exit within {timeout:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut status = None;
+        let log = self.log.clone();
+        eventually(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                status = self.child.try_wait().expect("try_wait");
+                status.is_some()
+            },
+            || {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                format!("worker did not exit; log:\n{log}")
+            },
+        );
+        status.expect("exited")
     }
 
     pub fn rss_kib(&self) -> u64 {
@@ -351,27 +343,6 @@ pub fn celery_client(vhost: &Vhost, args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Sends a task with Celery exactly as the 2019 dispatcher did.
-pub fn send_task(vhost: &Vhost, name: &str, id: &str, kwargs: &Value, extra: &[&str]) -> Value {
-    let kwargs = kwargs.to_string();
-    let mut args = vec![
-        "send",
-        "--name",
-        name,
-        "--task-id",
-        id,
-        "--kwargs",
-        &kwargs,
-        "--exchange",
-        "offliner",
-        "--routing-key",
-        "small",
-    ];
-    args.extend_from_slice(extra);
-    let out = celery_client(vhost, &args);
-    last_json_line(&out.stdout)
 }
 
 /// `app.control.broadcast(method, arguments, reply=True)` to one node, as
@@ -554,19 +525,12 @@ impl EventsProc {
         timeout: Duration,
         mut done: impl FnMut(&[Value]) -> bool,
     ) {
-        let start = Instant::now();
-        loop {
-            let all = self.events();
-            if done(&all) {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "{what} within {timeout:?}; events:\n{}",
-                dump_task_events(&all)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(
+            timeout,
+            Duration::from_millis(100),
+            || done(&self.events()),
+            || format!("{what}; events:\n{}", dump_task_events(&self.events())),
+        );
     }
 
     /// Waits until every task of `ids` has a final event.
@@ -897,15 +861,12 @@ impl ThrottleProxy {
 
     /// Waits until at least `n` client→server bytes have been forwarded.
     pub fn wait_bytes_up(&self, n: u64, timeout: Duration) {
-        let start = Instant::now();
-        while self.bytes_up() < n {
-            assert!(
-                start.elapsed() < timeout,
-                "proxy forwarded only {} of {n} bytes within {timeout:?}",
-                self.bytes_up()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(
+            timeout,
+            Duration::from_millis(10),
+            || self.bytes_up() >= n,
+            || format!("proxy forwarded only {} of {n} bytes", self.bytes_up()),
+        );
     }
 
     /// Connections accepted (and forwarded) so far.
@@ -996,21 +957,6 @@ impl Drop for ThrottleProxy {
     }
 }
 
-/// The usual stack of a test: its own vhost and temp dir, a Celery event
-/// receiver listening, and a connected worker named `label` with `extra`
-/// environment.
-pub fn stack(
-    label: &str,
-    extra: &[(&str, &str)],
-) -> (Vhost, tempfile::TempDir, EventsProc, WorkerProc) {
-    let vh = Vhost::new(label);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let events = EventsProc::start(&vh, 180);
-    let worker = WorkerProc::start(&vh, dir.path(), label, extra);
-    worker.wait_connected();
-    (vh, dir, events, worker)
-}
-
 /// An address on 127.0.0.1 free now (for `METRICS_ADDR`).
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1069,54 +1015,6 @@ pub fn output_text(out: &Output) -> String {
 
 // ------------------------------------------------ the Docker pipeline's tests
 
-pub fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
-}
-
-/// The variables that point a worker at `sshd` as its warehouse, reached
-/// through `port` (sshd's own, or a proxy's), with its key registered at
-/// the (shared) dispatcher stand-in.
-pub fn warehouse_env(sshd: &Sshd, port: u16) -> Vec<(&'static str, &'static str)> {
-    register_at_shared_dispatcher(sshd.user(), &sshd.user_key(KeyKind::Ed25519));
-    vec![
-        ("USERNAME", sshd.user()),
-        ("WAREHOUSE_HOST", "127.0.0.1"),
-        ("WAREHOUSE_PORT", leak(port.to_string())),
-        (
-            "SSH_KEY",
-            leak(sshd.user_key(KeyKind::Ed25519).display().to_string()),
-        ),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            leak(sshd.known_hosts_file_for_port(port).display().to_string()),
-        ),
-        ("UPLOAD_RETRIES", "2"),
-    ]
-}
-
-pub fn docker_env(
-    sshd: &Sshd,
-    extra: &[(&'static str, &'static str)],
-) -> Vec<(&'static str, &'static str)> {
-    let mut env = vec![
-        ("TASK_RUNNER", "docker"),
-        ("PULL_POLICY", "never"),
-        ("REDIS_IMAGE", "zimfarm/redis:test"),
-        ("MIN_FREE_DISK_MB", "10"),
-    ];
-    env.extend(warehouse_env(sshd, sshd.port()));
-    env.extend_from_slice(extra);
-    env
-}
-
-pub fn mw_kwargs(flags: Value) -> Value {
-    json!({
-        "flags": flags,
-        "image": {"name": "openzim/mwoffliner", "tag": "test"},
-        "warehouse_path": "/wikipedia",
-    })
-}
-
 /// Names of the containers labelled for `node`, running or not.
 pub fn containers_of(node: &str) -> Vec<String> {
     let out = Command::new("docker")
@@ -1128,16 +1026,6 @@ pub fn containers_of(node: &str) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-/// The kwargs of an mwoffliner task the simulate runner runs for `seconds`.
-pub fn simulated_task(seconds: f64) -> Value {
-    json!({
-        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
-        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
-        "warehouse_path": "/wikipedia",
-        "simulate": {"sleep": seconds},
-    })
 }
 
 /// `zimfarm_worker_redeliveries_held_total` of the node serving metrics at

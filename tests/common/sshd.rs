@@ -29,6 +29,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+#[path = "wait.rs"]
+mod wait;
+use wait::eventually;
+
 /// The account the warehouse accepts.
 pub const SFTP_USER: &str = "zimfarm-sftp";
 /// Where the instances' chroots are made (root-owned, 0755).
@@ -302,15 +306,17 @@ impl Sshd {
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "sshd log never showed {needle:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            timeout,
+            Duration::from_millis(20),
+            || self.log_text().contains(needle),
+            || {
+                format!(
+                    "sshd log never showed {needle:?}; log:\n{}",
+                    self.log_text()
+                )
+            },
+        );
     }
 
     /// The private key of `kind`, authorized on this server: a 0600 copy in
@@ -361,21 +367,18 @@ impl Sshd {
 
     /// Waits until at least `n` connections are being served.
     pub fn wait_sessions(&self, n: usize, timeout: Duration) {
-        let start = Instant::now();
         // Each connection is one direct child of the listener.
-        while self
-            .pid()
-            .map(|p| children_map().get(&p).map_or(0, Vec::len))
-            .unwrap_or(0)
-            < n
-        {
-            assert!(
-                start.elapsed() < timeout,
-                "sshd never had {n} session(s); log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let sessions = || {
+            self.pid()
+                .map(|p| children_map().get(&p).map_or(0, Vec::len))
+                .unwrap_or(0)
+        };
+        eventually(
+            timeout,
+            Duration::from_millis(20),
+            || sessions() >= n,
+            || format!("sshd never had {n} session(s); log:\n{}", self.log_text()),
+        );
     }
 
     /// SIGKILLs every per-connection sshd process (the clients see their

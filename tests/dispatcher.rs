@@ -392,15 +392,11 @@ async fn a_401_triggers_exactly_one_new_login() {
 
 /// `ssh-keygen -l -E md5 -f <pub>`'s fingerprint, without `MD5:` and colons.
 fn ssh_keygen_md5(public: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .args(["-l", "-E", "md5", "-f"])
-        .arg(public)
-        .output()
-        .expect("ssh-keygen runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-l", "-E", "md5", "-f"])
+            .arg(public),
+        "ssh-keygen -l",
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let fp = text.split_whitespace().nth(1).expect("a fingerprint");

@@ -115,16 +115,12 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
         .chroot()
         .join(format!("logs/zimfarm_{node}_{id}_offliner.log.gz"));
     assert!(log.exists(), "no log at {}", log.display());
-    let check = Command::new(python())
-        .arg("-c")
-        .arg("import sys; from libzim.reader import Archive; a = Archive(sys.argv[1]); assert a.check(); print(a.entry_count)")
-        .arg(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+    run_ok(
+        Command::new(python())
+            .arg("-c")
+            .arg("import sys; from libzim.reader import Archive; a = Archive(sys.argv[1]); assert a.check(); print(a.entry_count)")
+            .arg(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim")),
+        "libzim's check of the ZIM",
     );
     // Uploaded and recorded: the task s.dir is gone, no partial file remains.
     wait_gone(&s.dir().join(&id));

@@ -33,8 +33,8 @@ assert msg is not None, "no message to take"
 conn.close()
 print("taken", msg.delivery_info.get("redelivered"))
 "#;
-    let out = Command::new(python())
-        .args([
+    run_ok(
+        Command::new(python()).args([
             "-c",
             script,
             "127.0.0.1:5672",
@@ -42,13 +42,8 @@ print("taken", msg.delivery_info.get("redelivered"))
             "zimfarm-test",
             &vh.name,
             queue,
-        ])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "take_and_drop: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "take_and_drop",
     );
 }
 

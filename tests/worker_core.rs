@@ -26,18 +26,13 @@ fn setup(label: &str) -> (Vhost, tempfile::TempDir) {
 
 /// Python's `ast.literal_eval` of a repr string, as JSON.
 fn literal_eval(repr: &str) -> Value {
-    let out = std::process::Command::new(python())
-        .args([
+    let out = run_ok(
+        std::process::Command::new(python()).args([
             "-c",
             "import ast, json, sys; print(json.dumps(ast.literal_eval(sys.argv[1])))",
             repr,
-        ])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "literal_eval({repr:?}) failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        &format!("literal_eval({repr:?})"),
     );
     serde_json::from_slice(&out.stdout).expect("json")
 }

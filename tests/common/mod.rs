@@ -11,11 +11,11 @@
 pub mod dispatcher;
 pub mod sshd;
 mod stack;
-pub mod wait;
+pub mod support;
 
 #[allow(unused_imports)]
 pub use stack::{DEFAULT_WAIT, Stack, Task, WorkerEnv, mw_kwargs, send_task, simulated_task};
-pub use wait::eventually;
+pub use support::{eventually, run_ok};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -68,13 +68,7 @@ pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
         cmd.args(["-d", b]);
     }
     cmd.arg(&url);
-    let out = cmd.output().expect("curl runs");
-    assert!(
-        out.status.success(),
-        "RabbitMQ API {method} {path} failed: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut cmd, &format!("RabbitMQ API {method} {path}"));
     if out.stdout.is_empty() {
         Value::Null
     } else {
@@ -85,14 +79,9 @@ pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
 /// Runs `rabbitmqctl` with `args`, failing the test if it fails; its
 /// stdout, trimmed.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("rabbitmqctl").args(args),
+        &format!("rabbitmqctl {args:?}"),
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -335,14 +324,7 @@ pub fn celery_client(vhost: &Vhost, args: &[&str]) -> Output {
         .arg(args[0])
         .args(["--broker", &vhost.url()]);
     cmd.args(&args[1..]);
-    let out = cmd.output().expect("python runs");
-    assert!(
-        out.status.success(),
-        "celery_client.py {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok(&mut cmd, &format!("celery_client.py {args:?}"))
 }
 
 /// `app.control.broadcast(method, arguments, reply=True)` to one node, as
@@ -965,15 +947,11 @@ pub fn free_addr() -> String {
 
 /// `/metrics` through `tests/py/metrics.py` (both parsers must accept it).
 pub fn scrape(addr: &str) -> Value {
-    let out = Command::new(python())
-        .arg(repo_root().join("tests/py/metrics.py"))
-        .arg(format!("http://{addr}/metrics"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "metrics.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(python())
+            .arg(repo_root().join("tests/py/metrics.py"))
+            .arg(format!("http://{addr}/metrics")),
+        "metrics.py",
     );
     last_json_line(&out.stdout)
 }

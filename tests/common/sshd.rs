@@ -29,9 +29,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-#[path = "wait.rs"]
-mod wait;
-use wait::eventually;
+#[path = "support.rs"]
+mod support;
+use support::{eventually, run_ok};
 
 /// The account the warehouse accepts.
 pub const SFTP_USER: &str = "zimfarm-sftp";
@@ -606,18 +606,14 @@ fn banner(port: u16) -> Option<String> {
 
 /// Runs ssh-keygen to make a key pair at `path` (+ `.pub`).
 fn keygen(path: &Path, args: &[&str], comment: &str) {
-    let out = Command::new(SSH_KEYGEN)
-        .arg("-q")
-        .args(args)
-        .args(["-C", comment, "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ssh-keygen");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(SSH_KEYGEN)
+            .arg("-q")
+            .args(args)
+            .args(["-C", comment, "-f"])
+            .arg(path)
+            .stdin(Stdio::null()),
+        &format!("ssh-keygen {args:?}"),
     );
 }
 

@@ -54,23 +54,10 @@ fn inspect(vh: &Vhost, node: &str, method: &str) -> Value {
 
 /// Sends a task to `routing_key` on the `offliner` exchange.
 fn send_to(vh: &Vhost, id: &str, routing_key: &str, simulate: Value) {
-    let kwargs = kwargs(simulate).to_string();
-    celery_client(
-        vh,
-        &[
-            "send",
-            "--name",
-            "offliner.mwoffliner",
-            "--task-id",
-            id,
-            "--kwargs",
-            &kwargs,
-            "--exchange",
-            "offliner",
-            "--routing-key",
-            routing_key,
-        ],
-    );
+    Task::new("offliner.mwoffliner", kwargs(simulate))
+        .with_id(id)
+        .to_queue(routing_key)
+        .send(vh);
 }
 
 fn no_drift_warning(events: &EventsProc) {
@@ -112,22 +99,9 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
     // One task held for its eta (it takes no slot), one running. (With one
     // message prefetched per free slot, no task waits here for a slot.)
     let running = task_id();
-    let later = task_id();
-    let kw = kwargs(Value::Null).to_string();
-    celery_client(
-        &s.vh,
-        &[
-            "send",
-            "--name",
-            "offliner.youtube",
-            "--task-id",
-            &later,
-            "--kwargs",
-            &kw,
-            "--countdown",
-            "600",
-        ],
-    );
+    let later = Task::new("offliner.youtube", kwargs(Value::Null))
+        .options(&["--countdown", "600"])
+        .send(&s.vh);
     s.expect_event("task-received", &later);
     send_to(&s.vh, &running, "small", json!({"sleep": 30}));
     s.expect_event("task-started", &running);
@@ -227,18 +201,7 @@ fn revoke_terminate_kills_a_running_task_within_seconds() {
     send_to(&s.vh, &id, "small", json!({"sleep": 120}));
     s.expect_event("task-started", &id);
     let start = Instant::now();
-    let out = celery_client(
-        &s.vh,
-        &[
-            "revoke",
-            "--task-id",
-            &id,
-            "--terminate",
-            "--signal",
-            "SIGKILL",
-            "--reply",
-        ],
-    );
+    let out = s.revoke(&id, &["--terminate", "--signal", "SIGKILL", "--reply"]);
     let replies = last_json_line(&out.stdout);
     assert_eq!(
         replies["replies"],
@@ -280,22 +243,9 @@ fn revoked_before_it_is_sent_the_task_never_runs() {
     // starts; the running task, revoked too, goes on (as in Celery, only
     // `terminate` stops a running task).
     let running = task_id();
-    let waiting = task_id();
-    let kw = kwargs(Value::Null).to_string();
-    celery_client(
-        &s.vh,
-        &[
-            "send",
-            "--name",
-            "offliner.mwoffliner",
-            "--task-id",
-            &waiting,
-            "--kwargs",
-            &kw,
-            "--countdown",
-            "600",
-        ],
-    );
+    let waiting = Task::new("offliner.mwoffliner", kwargs(Value::Null))
+        .options(&["--countdown", "600"])
+        .send(&s.vh);
     s.expect_event("task-received", &waiting);
     send_to(&s.vh, &running, "small", json!({"sleep": 2}));
     s.expect_event("task-started", &running);
@@ -328,20 +278,7 @@ fn unknown_and_malformed_control_messages_do_no_harm() {
         json!({"error": "KeyError('no_such_command')"})
     );
     for body in [&b"\xff\xfe not json"[..], b"[1, 2]", b"{\"method\": 7}"] {
-        let file = s.dir().join(format!("ctl-{}", task_id()));
-        std::fs::write(&file, body).unwrap();
-        celery_client(
-            &s.vh,
-            &[
-                "publish-raw",
-                "--exchange",
-                "celery.pidbox",
-                "--routing-key",
-                "",
-                "--body-file",
-                &file.display().to_string(),
-            ],
-        );
+        publish_pidbox(&s.vh, s.dir(), body);
     }
     assert_eq!(
         broadcast(&s.vh, node, "ping", json!({})),
@@ -367,24 +304,11 @@ fn unknown_and_malformed_control_messages_do_no_harm() {
     // A reply to an exchange the broker refuses to redeclare (the durable
     // topic `offliner`) closes the control channel: it is reopened, and the
     // task channel never notices.
-    let file = s.dir().join("bad-reply-to");
     let request = json!({
         "method": "ping", "arguments": {}, "destination": null, "ticket": "t-1",
         "reply_to": {"exchange": "offliner", "routing_key": "nobody"},
     });
-    std::fs::write(&file, request.to_string()).unwrap();
-    celery_client(
-        &s.vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "celery.pidbox",
-            "--routing-key",
-            "",
-            "--body-file",
-            &file.display().to_string(),
-        ],
-    );
+    publish_pidbox(&s.vh, s.dir(), request.to_string());
     s.worker.wait_log("remote-control channel reopened", T);
     assert_eq!(
         broadcast(&s.vh, node, "ping", json!({})),
@@ -393,11 +317,7 @@ fn unknown_and_malformed_control_messages_do_no_harm() {
     let id = task_id();
     send_to(&s.vh, &id, "small", Value::Null);
     s.expect_event("task-succeeded", &id);
-    assert!(
-        !s.worker.log_text().contains("reconnecting"),
-        "{}",
-        s.worker.log_text()
-    );
+    s.worker.assert_log_lacks("reconnecting");
 }
 
 #[test]
@@ -499,11 +419,7 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
     s.expect_queue(1, 0);
     broadcast(&s.vh, node, "add_consumer", json!({"queue": "small"}));
     s.expect_event("task-succeeded", &small);
-    assert!(
-        !s.worker.log_text().contains("reconnecting"),
-        "{}",
-        s.worker.log_text()
-    );
+    s.worker.assert_log_lacks("reconnecting");
 }
 
 #[test]

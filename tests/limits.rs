@@ -210,24 +210,11 @@ fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answerin
     let node = "tester@paths-amqp";
     let long = "x".repeat(300);
     // A reply_to no AMQP frame can carry: no reply, and nothing breaks.
-    let file = s.dir().join("long-reply-to");
     let request = json!({
         "method": "ping", "arguments": {}, "destination": null, "ticket": "t-1",
         "reply_to": {"exchange": "", "routing_key": long},
     });
-    std::fs::write(&file, request.to_string()).unwrap();
-    celery_client(
-        &s.vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "celery.pidbox",
-            "--routing-key",
-            "",
-            "--body-file",
-            &file.display().to_string(),
-        ],
-    );
+    publish_pidbox(&s.vh, s.dir(), request.to_string());
     s.worker.wait_log("over 255 bytes; no reply sent", T);
     // Queue, exchange and routing key over 255 bytes: an error reply.
     for arguments in [
@@ -250,9 +237,5 @@ fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answerin
         json!({"ok": "pong"})
     );
     assert!(s.worker.is_running(), "{}", s.worker.log_text());
-    assert!(
-        !s.worker.log_text().contains("reconnecting"),
-        "{}",
-        s.worker.log_text()
-    );
+    s.worker.assert_log_lacks("reconnecting");
 }

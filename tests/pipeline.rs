@@ -149,10 +149,7 @@ fn refused_before_anything_runs() {
         let id = s.submit(Task::new("offliner.mwoffliner", kwargs));
         let failed = s.expect_event("task-failed", &id);
         assert!(
-            failed["exception"]
-                .as_str()
-                .unwrap()
-                .starts_with("ValueError("),
+            text_of(&failed, "exception").starts_with("ValueError("),
             "{failed}"
         );
         assert_eq!(s.count("task-container_started", &id), 0);
@@ -176,17 +173,11 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
     ));
     let failed = s.expect_event("task-failed", &failing);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .contains("exited with code 7"),
+        text_of(&failed, "exception").contains("exited with code 7"),
         "{failed}"
     );
     assert!(
-        failed["traceback"]
-            .as_str()
-            .unwrap()
-            .contains("fatal: wiki unreachable"),
+        text_of(&failed, "traceback").contains("fatal: wiki unreachable"),
         "{failed}"
     );
     let finished = s.expect_event("task-container_finished", &failing);
@@ -207,10 +198,7 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
     assert_eq!(killed["timeout"], 2);
     let failed = s.expect_event("task-failed", &silent);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .contains("IDLE_TIMEOUT"),
+        text_of(&failed, "exception").contains("IDLE_TIMEOUT"),
         "{failed}"
     );
     let log = format!("logs/zimfarm_{node}_{silent}_offliner.log");
@@ -233,10 +221,7 @@ fn hard_time_limit_kills_the_offliner() {
     s.expect_event("task-container_started", &id);
     let failed = s.expect_event("task-failed", &id);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .starts_with("TimeLimitExceeded("),
+        text_of(&failed, "exception").starts_with("TimeLimitExceeded("),
         "{failed}"
     );
     wait_no_containers(node);
@@ -323,10 +308,7 @@ fn an_offliner_that_writes_nothing_fails_the_task() {
     let exception = failed["exception"].as_str().unwrap();
     assert!(exception.contains("wrote no file"), "{failed}");
     assert!(
-        failed["traceback"]
-            .as_str()
-            .unwrap()
-            .contains("WORKING_DIR"),
+        text_of(&failed, "traceback").contains("WORKING_DIR"),
         "{failed}"
     );
     assert!(task_dir_gone(s.dir(), &id));
@@ -363,17 +345,7 @@ fn celery_revoke_with_terminate_stops_the_offliner_and_its_helper() {
         "offliner and redis helper run"
     );
     let started = std::time::Instant::now();
-    celery_client(
-        &s.vh,
-        &[
-            "revoke",
-            "--task-id",
-            &id,
-            "--terminate",
-            "--signal",
-            "SIGKILL",
-        ],
-    );
+    s.revoke(&id, &["--terminate", "--signal", "SIGKILL"]);
     let revoked = s.expect_event("task-revoked", &id);
     assert_eq!(revoked["terminated"], true, "{revoked}");
     assert_eq!(revoked["signum"], 9, "{revoked}");
@@ -576,10 +548,7 @@ fn a_failed_upload_fails_the_task_and_keeps_the_files() {
             && exception.contains("cannot reach the warehouse"),
         "{failed}"
     );
-    assert!(
-        failed["traceback"].as_str().unwrap().contains("kept"),
-        "{failed}"
-    );
+    assert!(text_of(&failed, "traceback").contains("kept"), "{failed}");
     // Two days of scraping are not thrown away.
     let task_dir = s.dir().join(&id);
     assert!(task_dir.join("wikipedia_en_test.zim").exists());

@@ -181,7 +181,7 @@ fn failing_and_panicking_tasks_fail_and_the_worker_goes_on() {
     ));
     let failed = s.expect_event("task-failed", &panicking);
     assert!(
-        failed["exception"].as_str().unwrap().contains("panicked"),
+        text_of(&failed, "exception").contains("panicked"),
         "{failed}"
     );
 
@@ -196,10 +196,7 @@ fn unknown_task_is_rejected_with_task_failed() {
     let id = s.submit(Task::new("offliner.nosuchthing", kwargs(Value::Null)));
     let failed = s.expect_event("task-failed", &id);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .starts_with("NotRegistered("),
+        text_of(&failed, "exception").starts_with("NotRegistered("),
         "{failed}"
     );
     assert_eq!(s.count("task-started", &id), 0);
@@ -408,10 +405,7 @@ fn hard_time_limit_stops_the_task() {
     let failed = s.expect_event("task-failed", &id);
     assert!(start.elapsed() < Duration::from_secs(15));
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .starts_with("TimeLimitExceeded("),
+        text_of(&failed, "exception").starts_with("TimeLimitExceeded("),
         "{failed}"
     );
     s.expect_queue(0, 0);

@@ -14,8 +14,10 @@ mod stack;
 pub mod support;
 
 #[allow(unused_imports)]
-pub use stack::{DEFAULT_WAIT, Stack, Task, WorkerEnv, mw_kwargs, send_task, simulated_task};
-pub use support::{eventually, run_ok};
+pub use stack::{
+    DEFAULT_WAIT, Services, Stack, Task, WorkerEnv, mw_kwargs, send_task, simulated_task,
+};
+pub use support::{eventually, run_ok, wait_log_file};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -245,17 +247,22 @@ impl WorkerProc {
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        eventually(
-            timeout,
-            Duration::from_millis(50),
-            || self.log_text().contains(needle),
-            || {
-                format!(
-                    "worker log never showed {needle:?}; log:\n{}",
-                    self.log_text()
-                )
-            },
-        );
+        wait_log_file(&self.log, "worker", needle, timeout);
+    }
+
+    /// Fails the test if the log contains `needle` (showing the log).
+    pub fn assert_log_lacks(&self, needle: &str) {
+        let log = self.log_text();
+        assert!(!log.contains(needle), "{needle:?} in the log:\n{log}");
+    }
+
+    /// Waits for the worker to stop at start, as it must on a setting it
+    /// cannot work with: exit code 2. Its log.
+    pub fn expect_exit_2(&mut self, timeout: Duration) -> String {
+        let status = self.wait_exit(timeout);
+        let log = self.log_text();
+        assert_eq!(status.code(), Some(2), "{log}");
+        log
     }
 
     pub fn wait_connected(&self) {
@@ -992,6 +999,38 @@ pub fn output_text(out: &Output) -> String {
 }
 
 // ------------------------------------------------ the Docker pipeline's tests
+
+/// Fails the test if a container labelled for `node` is left.
+pub fn assert_no_containers(node: &str) {
+    let left = containers_of(node);
+    assert!(left.is_empty(), "containers left: {left:?}");
+}
+
+/// Publishes `body` to `celery.pidbox`, as a control client
+/// that does not follow the protocol would; the body goes through a file
+/// in `dir`.
+pub fn publish_pidbox(vh: &Vhost, dir: &Path, body: impl AsRef<[u8]>) {
+    let file = dir.join(format!("pidbox-{}", task_id()));
+    std::fs::write(&file, body).unwrap();
+    let file = file.display().to_string();
+    celery_client(
+        vh,
+        &[
+            "publish-raw",
+            "--exchange",
+            "celery.pidbox",
+            "--routing-key",
+            "",
+            "--body-file",
+            &file,
+        ],
+    );
+}
+
+/// A text field of an event (`exception`, `traceback`, ...); "" if absent.
+pub fn text_of<'a>(event: &'a Value, field: &str) -> &'a str {
+    event[field].as_str().unwrap_or_default()
+}
 
 /// Names of the containers labelled for `node`, running or not.
 pub fn containers_of(node: &str) -> Vec<String> {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 #[path = "support.rs"]
 mod support;
-use support::{eventually, run_ok};
+use support::{eventually, run_ok, wait_log_file};
 
 /// The account the warehouse accepts.
 pub const SFTP_USER: &str = "zimfarm-sftp";
@@ -306,17 +306,7 @@ impl Sshd {
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        eventually(
-            timeout,
-            Duration::from_millis(20),
-            || self.log_text().contains(needle),
-            || {
-                format!(
-                    "sshd log never showed {needle:?}; log:\n{}",
-                    self.log_text()
-                )
-            },
-        );
+        wait_log_file(&self.log, "sshd", needle, timeout);
     }
 
     /// The private key of `kind`, authorized on this server: a 0600 copy in

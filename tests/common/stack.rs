@@ -125,6 +125,7 @@ pub struct Task {
     name: String,
     id: String,
     kwargs: Value,
+    queue: String,
     options: Vec<String>,
 }
 
@@ -135,6 +136,7 @@ impl Task {
             name: name.to_owned(),
             id: super::task_id(),
             kwargs,
+            queue: "small".to_owned(),
             options: Vec::new(),
         }
     }
@@ -156,6 +158,12 @@ impl Task {
         self
     }
 
+    /// The same task routed to `queue` (the default: `small`).
+    pub fn to_queue(mut self, queue: &str) -> Self {
+        self.queue = queue.to_owned();
+        self
+    }
+
     /// More `celery_client.py send` options (`--time-limit 3`, ...).
     pub fn options(mut self, options: &[&str]) -> Self {
         self.options.extend(options.iter().map(|o| (*o).to_owned()));
@@ -166,35 +174,41 @@ impl Task {
         &self.id
     }
 
-    /// Sends it to `vhost`'s `offliner` exchange, routing key `small`;
+    /// Sends it to `vhost`'s `offliner` exchange, routed to its queue;
     /// returns its id.
     pub fn send(&self, vhost: &Vhost) -> String {
-        let options: Vec<&str> = self.options.iter().map(String::as_str).collect();
-        send_task(vhost, &self.name, &self.id, &self.kwargs, &options);
+        self.send_for_reply(vhost);
         self.id.clone()
+    }
+
+    /// Sends it; the client's last JSON line.
+    pub fn send_for_reply(&self, vhost: &Vhost) -> Value {
+        let kwargs = self.kwargs.to_string();
+        let mut args = vec![
+            "send",
+            "--name",
+            &self.name,
+            "--task-id",
+            &self.id,
+            "--kwargs",
+            &kwargs,
+            "--exchange",
+            "offliner",
+            "--routing-key",
+            &self.queue,
+        ];
+        args.extend(self.options.iter().map(String::as_str));
+        last_json_line(&celery_client(vhost, &args).stdout)
     }
 }
 
 /// Sends a task with Celery exactly as the 2019 dispatcher did; the
 /// client's last JSON line.
 pub fn send_task(vhost: &Vhost, name: &str, id: &str, kwargs: &Value, extra: &[&str]) -> Value {
-    let kwargs = kwargs.to_string();
-    let mut args = vec![
-        "send",
-        "--name",
-        name,
-        "--task-id",
-        id,
-        "--kwargs",
-        &kwargs,
-        "--exchange",
-        "offliner",
-        "--routing-key",
-        "small",
-    ];
-    args.extend_from_slice(extra);
-    let out = celery_client(vhost, &args);
-    last_json_line(&out.stdout)
+    Task::new(name, kwargs.clone())
+        .with_id(id)
+        .options(extra)
+        .send_for_reply(vhost)
 }
 
 pub fn mw_kwargs(flags: Value) -> Value {
@@ -213,6 +227,41 @@ pub fn simulated_task(seconds: f64) -> Value {
         "warehouse_path": "/wikipedia",
         "simulate": {"sleep": seconds},
     })
+}
+
+/// The services of a test without a worker: a RabbitMQ vhost and a temp
+/// dir of its own, for a test that starts its workers itself (one that
+/// must stop at start, several nodes). [`Stack`] is these, an event
+/// receiver and a worker.
+pub struct Services {
+    pub vh: Vhost,
+    pub dir: tempfile::TempDir,
+}
+
+impl Services {
+    pub fn new(label: &str) -> Self {
+        Self {
+            vh: Vhost::new(label),
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// A Celery event receiver on the vhost, for `seconds`.
+    pub fn events(&self, seconds: u64) -> EventsProc {
+        EventsProc::start(&self.vh, seconds)
+    }
+
+    /// A worker process named `node` with `env`, not waited for.
+    pub fn spawn(&self, node: &str, env: &WorkerEnv) -> WorkerProc {
+        WorkerProc::start(&self.vh, self.dir.path(), node, env)
+    }
+
+    /// A worker, connected.
+    pub fn start(&self, node: &str, env: &WorkerEnv) -> WorkerProc {
+        let worker = self.spawn(node, env);
+        worker.wait_connected();
+        worker
+    }
 }
 
 /// The usual services of a test and a worker on them: its own vhost and
@@ -240,8 +289,7 @@ impl Stack {
     /// The same, without waiting for the worker to connect (a test of how
     /// it starts, or of a worker that must not).
     pub fn spawn(node: &str, env: WorkerEnv) -> Self {
-        let vh = Vhost::new(node);
-        let dir = tempfile::tempdir().expect("temp dir");
+        let Services { vh, dir } = Services::new(node);
         let events = EventsProc::start(&vh, 180);
         let worker = WorkerProc::start(&vh, dir.path(), node, &env);
         Self {
@@ -276,13 +324,6 @@ impl Stack {
         WorkerProc::start(&self.vh, self.dir.path(), node, env)
     }
 
-    /// Another worker, connected (see [`Stack::spawn_worker`]).
-    pub fn start_worker(&self, node: &str, env: &WorkerEnv) -> WorkerProc {
-        let worker = self.spawn_worker(node, env);
-        worker.wait_connected();
-        worker
-    }
-
     /// Sends `task`; its id.
     pub fn submit(&self, task: Task) -> String {
         task.send(&self.vh)
@@ -306,6 +347,14 @@ impl Stack {
     /// How many events `kind` about task `id` came so far.
     pub fn count(&self, kind: &str, id: &str) -> usize {
         self.events.count(kind, id)
+    }
+
+    /// `celery control revoke` of task `id`, with `options`
+    /// (`--terminate`, `--signal SIGKILL`).
+    pub fn revoke(&self, id: &str, options: &[&str]) -> std::process::Output {
+        let mut args = vec!["revoke", "--task-id", id];
+        args.extend_from_slice(options);
+        celery_client(&self.vh, &args)
     }
 
     /// Waits until the queue `small` holds `ready` ready and `unacked`

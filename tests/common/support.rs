@@ -3,6 +3,7 @@
 //! succeed ([`run_ok`]). Self-contained: `sshd.rs`, which the upload bench
 //! includes by path, uses it too.
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,18 @@ pub fn eventually(
         assert!(start.elapsed() < timeout, "{} (within {timeout:?})", what());
         std::thread::sleep(every);
     }
+}
+
+/// Waits until the log file at `path` contains `needle`; the failure
+/// shows the log, naming it `who`.
+pub fn wait_log_file(path: &Path, who: &str, needle: &str, timeout: Duration) {
+    let text = || std::fs::read_to_string(path).unwrap_or_default();
+    eventually(
+        timeout,
+        Duration::from_millis(20),
+        || text().contains(needle),
+        || format!("{who} log never showed {needle:?}; log:\n{}", text()),
+    );
 }
 
 /// Runs `cmd` to its end; the test fails, naming `what` and showing the

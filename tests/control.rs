@@ -338,7 +338,7 @@ fn remote_control_comes_back_after_the_connection_is_lost() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The event receiver reconnects by itself; the s.worker's pidbox queue
+    // The event receiver reconnects by itself; the worker's pidbox queue
     // is its own again.
     assert_eq!(
         broadcast(&s.vh, node, "ping", json!({})),
@@ -408,7 +408,7 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(s.count("task-received", &parked), 0);
 
-    // Every queue cancelled: nothing consumed, the s.worker stays up; adding
+    // Every queue cancelled: nothing consumed, the worker stays up; adding
     // one back resumes.
     for queue in ["small", "zimit"] {
         broadcast(&s.vh, node, "cancel_consumer", json!({"queue": queue}));
@@ -428,7 +428,7 @@ fn disable_events_and_enable_events_toggle_task_events() {
     let node = "tester@evtoggle";
     let out = celery_cli(&s.vh, &["control", "disable_events", "-d", node]);
     assert!(
-        text(&out.stdout).contains("task s.events disabled"),
+        text(&out.stdout).contains("task events disabled"),
         "{}{}",
         text(&out.stdout),
         text(&out.stderr)
@@ -442,7 +442,7 @@ fn disable_events_and_enable_events_toggle_task_events() {
 
     let out = celery_cli(&s.vh, &["control", "enable_events", "-d", node]);
     assert!(
-        text(&out.stdout).contains("task s.events enabled"),
+        text(&out.stdout).contains("task events enabled"),
         "{}",
         text(&out.stdout)
     );
@@ -506,7 +506,7 @@ fn a_second_worker_with_the_same_node_name_exits_with_a_clear_error() {
     );
     assert!(!log.contains("consuming"), "it never consumed: {log}");
 
-    // The s.worker one goes on, remote control included.
+    // The first one goes on, remote control included.
     let id = task_id();
     send_to(&s.vh, &id, "small", Value::Null);
     s.expect_event("task-succeeded", &id);
@@ -677,7 +677,7 @@ fn flower_shows_the_worker_its_queues_and_tasks() {
     let node = "tester@flower";
     let flower = Flower::start(&s.vh, s.dir());
 
-    // Online, from the s.events (Flower's own receiver wakes the worker up
+    // Online, from the events (Flower's own receiver wakes the worker up
     // with a `heartbeat` broadcast).
     flower.wait_json(
         "/api/workers?status=true",

@@ -143,13 +143,10 @@ fn metrics_show_each_task_under_its_outcome_and_parse_as_prometheus_text() {
 #[test]
 fn healthz_turns_unhealthy_while_the_broker_is_gone() {
     let addr = free_addr();
-    let vh = Vhost::new("health");
+    let sv = Services::new("health");
     let proxy = FaultProxy::start("127.0.0.1:5672");
-    let dir = tempfile::tempdir().unwrap();
-    let url = proxy.url(&vh);
-    let worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let url = proxy.url(&sv.vh);
+    let worker = sv.spawn(
         "health",
         &WorkerEnv::new()
             .set("METRICS_ADDR", &addr)
@@ -187,20 +184,14 @@ fn healthz_turns_unhealthy_while_the_broker_is_gone() {
 
 #[test]
 fn a_bad_or_busy_metrics_addr_stops_the_worker_with_exit_2() {
-    let vh = Vhost::new("badmetrics");
-    let dir = tempfile::tempdir().unwrap();
+    let sv = Services::new("badmetrics");
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
     for (value, expect) in [
         (busy_addr.as_str(), "free port"),
         ("localhost:9090", "expected an IP address and port"),
     ] {
-        let mut worker = WorkerProc::start(
-            &vh,
-            dir.path(),
-            "badmetrics",
-            &WorkerEnv::new().set("METRICS_ADDR", value),
-        );
+        let mut worker = sv.spawn("badmetrics", &WorkerEnv::new().set("METRICS_ADDR", value));
         let status = worker.wait_exit(T);
         let log = worker.log_text();
         assert_eq!(status.code(), Some(2), "{value}: {log}");

@@ -220,14 +220,8 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
 
 #[test]
 fn refused_credentials_stop_the_worker_with_a_line_naming_them() {
-    let vh = Vhost::new("badpass");
-    let dir = tempfile::tempdir().unwrap();
-    let mut worker = WorkerProc::start(
-        &vh,
-        dir.path(),
-        "badpass",
-        &WorkerEnv::new().set("PASSWORD", "wrong"),
-    );
+    let sv = Services::new("badpass");
+    let mut worker = sv.spawn("badpass", &WorkerEnv::new().set("PASSWORD", "wrong"));
     let status = worker.wait_exit(T);
     let log = worker.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
@@ -249,7 +243,7 @@ fn a_dispatcher_down_at_start_and_later_does_not_stop_the_work() {
     let id = s.submit(Task::new("offliner.mwoffliner", json!({"simulate": {}})));
     s.expect_event("task-succeeded", &id);
 
-    // It comes up: the s.worker logs in by itself.
+    // It comes up: the worker logs in by itself.
     dispatcher.start();
     let start = Instant::now();
     while dispatcher.counters().password_grants == 0 {
@@ -293,21 +287,15 @@ fn the_token_is_kept_fresh_with_refresh_grants_not_new_logins() {
 
 #[test]
 fn a_broker_that_refuses_the_login_or_the_vhost_stops_the_worker_with_exit_2() {
-    let vh = Vhost::new("brokerrefuses");
-    let dir = tempfile::tempdir().unwrap();
-    let wrong_password = vh.url().replace("zimfarm-test@", "wrong-password@");
-    assert_ne!(wrong_password, vh.url());
-    let no_vhost = format!("{}-does-not-exist", vh.url());
+    let sv = Services::new("brokerrefuses");
+    let wrong_password = sv.vh.url().replace("zimfarm-test@", "wrong-password@");
+    assert_ne!(wrong_password, sv.vh.url());
+    let no_vhost = format!("{}-does-not-exist", sv.vh.url());
     for (url, reason) in [
         (wrong_password.as_str(), "ACCESS_REFUSED"),
         (no_vhost.as_str(), "NOT_ALLOWED"),
     ] {
-        let mut worker = WorkerProc::start(
-            &vh,
-            dir.path(),
-            "brokerrefuses",
-            &WorkerEnv::new().set("BROKER_URL", url),
-        );
+        let mut worker = sv.spawn("brokerrefuses", &WorkerEnv::new().set("BROKER_URL", url));
         let status = worker.wait_exit(T);
         let log = worker.log_text();
         assert_eq!(status.code(), Some(2), "{url}: {log}");

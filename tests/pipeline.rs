@@ -42,15 +42,28 @@ fn wait_no_containers(node: &str) {
     }
 }
 
+/// A warehouse and a stack whose worker runs the Docker pipeline.
+fn docker_stack(node: &str) -> (Sshd, Stack) {
+    let sshd = Sshd::start();
+    let stack = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    (sshd, stack)
+}
+
+/// Waits until no container of the stack's node is left and its queue is
+/// empty (every message acked).
+fn expect_drained(s: &Stack) {
+    wait_no_containers(s.node());
+    s.expect_queue(0, 0);
+}
+
 fn task_dir_gone(dir: &Path, id: &str) -> bool {
     !dir.join(id).exists()
 }
 
 #[test]
 fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
-    let sshd = Sshd::start();
     let node = "pipe";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (sshd, s) = docker_stack(node);
     let id = task_id();
     let tricky =
         "a b ; $(touch /tmp/pwned) `id` 'single' \"double\"\nnewline \u{e9}\u{1F389} --not-a-flag";
@@ -122,7 +135,7 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
             .arg(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim")),
         "libzim's check of the ZIM",
     );
-    // Uploaded and recorded: the task s.dir is gone, no partial file remains.
+    // Uploaded and recorded: the task dir is gone, no partial file remains.
     wait_gone(&s.dir().join(&id));
     assert!(
         !sshd
@@ -130,15 +143,13 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
             .join("zim/wikipedia/wikipedia_en_test.zim.tmp")
             .exists()
     );
-    wait_no_containers(node);
-    s.expect_queue(0, 0);
+    expect_drained(&s);
 }
 
 #[test]
 fn refused_before_anything_runs() {
-    let sshd = Sshd::start();
     let node = "refuse";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (_sshd, s) = docker_stack(node);
     let cases = [
         json!({"flags": {}, "image": {"name": "evil/miner", "tag": "latest"}, "warehouse_path": "/x"}),
         json!({"flags": {}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/../etc"}),
@@ -155,7 +166,7 @@ fn refused_before_anything_runs() {
         assert_eq!(s.count("task-container_started", &id), 0);
         assert!(task_dir_gone(s.dir(), &id));
     }
-    // A task id that would escape the working s.dir.
+    // A task id that would escape the working dir.
     let id = "../../etc";
     send_task(&s.vh, "offliner.mwoffliner", id, &mw_kwargs(json!({})), &[]);
     s.expect_event("task-failed", id);
@@ -213,9 +224,8 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
 
 #[test]
 fn hard_time_limit_kills_the_offliner() {
-    let sshd = Sshd::start();
     let node = "hard";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (_sshd, s) = docker_stack(node);
     let id = s
         .submit(Task::mw(json!({"sleep": 60, "ignoreTerm": true})).options(&["--time-limit", "3"]));
     s.expect_event("task-container_started", &id);
@@ -230,9 +240,8 @@ fn hard_time_limit_kills_the_offliner() {
 
 #[test]
 fn large_container_output_keeps_the_worker_small() {
-    let sshd = Sshd::start();
     let node = "spam";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (_sshd, s) = docker_stack(node);
     let id = s.submit(Task::new("offliner.youtube", json!({"flags": {"spam": 50, "id": "x"}, "image": {"name": "openzim/youtube", "tag": "test"}, "warehouse_path": "/videos"})));
     let mut peak = 0;
     while s.count("task-succeeded", &id) == 0 && s.count("task-failed", &id) == 0 {
@@ -252,31 +261,30 @@ fn large_container_output_keeps_the_worker_small() {
 #[test]
 fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
     let sshd = Sshd::start();
-    let (vh, dir) = (Vhost::new("orphan"), tempfile::tempdir().unwrap());
+    let sv = Services::new("orphan");
     let node = "orphan";
-    let events = EventsProc::start(&vh, 120);
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &WorkerEnv::docker(&sshd));
+    let events = sv.events(120);
+    let mut first = sv.spawn(node, &WorkerEnv::docker(&sshd));
     first.wait_connected();
-    let id = Task::mw(json!({"sleep": 4})).send(&vh);
+    let id = Task::mw(json!({"sleep": 4})).send(&sv.vh);
     events.wait_task_event("task-container_started", &id, T);
     first.signal("KILL");
     first.wait_exit(T);
     assert!(!containers_of(node).is_empty(), "the orphan is still there");
-    let second = WorkerProc::start(&vh, dir.path(), node, &WorkerEnv::docker(&sshd));
+    let second = sv.spawn(node, &WorkerEnv::docker(&sshd));
     second.wait_connected();
     second.wait_log("removed containers left by an earlier run", T);
     events.wait_task_event("task-succeeded", &id, T);
     assert_eq!(events.count("task-succeeded", &id), 1);
     assert_eq!(events.count("task-started", &id), 2);
     wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
 }
 
 #[test]
 fn a_second_worker_with_the_same_node_name_leaves_the_first_ones_containers_alone() {
-    let sshd = Sshd::start();
     let node = "samenode";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (sshd, s) = docker_stack(node);
     let id = s.submit(Task::mw(json!({"sleep": 3})));
     s.expect_event("task-container_started", &id);
     let running = containers_of(node);
@@ -300,9 +308,8 @@ fn a_second_worker_with_the_same_node_name_leaves_the_first_ones_containers_alon
 
 #[test]
 fn an_offliner_that_writes_nothing_fails_the_task() {
-    let sshd = Sshd::start();
     let node = "nofiles";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (_sshd, s) = docker_stack(node);
     let id = s.submit(Task::mw(json!({"zims": 0})));
     let failed = s.expect_event("task-failed", &id);
     let exception = failed["exception"].as_str().unwrap();
@@ -334,9 +341,8 @@ fn sigterm_stops_the_task_containers() {
 
 #[test]
 fn celery_revoke_with_terminate_stops_the_offliner_and_its_helper() {
-    let sshd = Sshd::start();
     let node = "revokedocker";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (_sshd, s) = docker_stack(node);
     let id = s.submit(Task::mw(json!({"sleep": 120, "ignoreTerm": true})));
     s.expect_event("task-container_started", &id);
     assert_eq!(
@@ -553,8 +559,7 @@ fn a_failed_upload_fails_the_task_and_keeps_the_files() {
     let task_dir = s.dir().join(&id);
     assert!(task_dir.join("wikipedia_en_test.zim").exists());
     assert!(task_dir.join(".zimfarm-generated.json").exists());
-    wait_no_containers(node);
-    s.expect_queue(0, 0);
+    expect_drained(&s);
 }
 
 /// Waits until an upload journal in `task_dir` claims some bytes.
@@ -591,30 +596,30 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     let sshd = Sshd::start();
     let proxy = ThrottleProxy::start(&sshd.addr());
     let node = "resumetask";
-    let (vh, dir) = (Vhost::new(node), tempfile::tempdir().unwrap());
-    let events = EventsProc::start(&vh, 180);
+    let sv = Services::new(node);
+    let events = sv.events(180);
     let env = WorkerEnv::docker(&sshd).warehouse(&sshd, proxy.port());
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &env);
+    let mut first = sv.spawn(node, &env);
     first.wait_connected();
     // 4 kB/s from now on: the 36 kB ZIM takes about 9 s to upload.
     proxy.set_rate(4000);
-    let id = Task::mw(json!({})).send(&vh);
+    let id = Task::mw(json!({})).send(&sv.vh);
     events.wait_task_event("task-container_finished", &id, T);
     first.wait_log("uploading to the warehouse", T);
     // Stopped once the warehouse confirmed a first piece, and the journal
     // in the task dir says so.
-    let task_dir = dir.path().join(&id);
+    let task_dir = sv.dir.path().join(&id);
     wait_journal_claims(&task_dir, T);
     first.signal("TERM");
     assert!(first.wait_exit(Duration::from_secs(15)).success());
     assert_eq!(events.count("task-succeeded", &id), 0);
-    vh.wait_queue_depth("small", 1, 0, T);
+    sv.vh.wait_queue_depth("small", 1, 0, T);
     let local_zim = task_dir.join("wikipedia_en_test.zim");
     let want = std::fs::read(&local_zim).expect("the ZIM is kept for the next run");
     assert!(task_dir.join(".zimfarm-generated.json").exists());
 
     proxy.set_rate(0);
-    let second = WorkerProc::start(&vh, dir.path(), node, &env);
+    let second = sv.spawn(node, &env);
     second.wait_connected();
     events.wait_task_event("task-succeeded", &id, T);
     second.wait_log("going straight to upload", T);
@@ -630,14 +635,13 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     );
     wait_gone(&task_dir);
     wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
 }
 
 #[test]
 fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("untrusted");
-    let dir = tempfile::tempdir().unwrap();
+    let sv = Services::new("untrusted");
     // Registered at the dispatcher, but not in sshd's authorized_keys: the
     // warehouse itself refuses it.
     register_at_shared_dispatcher(sshd.user(), &sshd.unauthorized_key());
@@ -669,12 +673,7 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
         ),
     ];
     for (var, value, expected) in cases {
-        let mut worker = WorkerProc::start(
-            &vh,
-            dir.path(),
-            "untrusted",
-            &WorkerEnv::docker(&sshd).set(var, &value),
-        );
+        let mut worker = sv.spawn("untrusted", &WorkerEnv::docker(&sshd).set(var, &value));
         let status = worker.wait_exit(T);
         let log = worker.log_text();
         assert_eq!(status.code(), Some(2), "{var}={value}: {log}");
@@ -684,9 +683,7 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
         );
     }
     // Pinning the fingerprint it showed is enough to start.
-    let worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let worker = sv.spawn(
         "untrusted",
         &WorkerEnv::docker(&sshd)
             .set("WAREHOUSE_KNOWN_HOSTS", "/nonexistent/known_hosts")
@@ -699,13 +696,10 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
 #[test]
 fn a_docker_engine_out_of_reach_stops_the_worker_at_start_with_exit_2() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("nodocker");
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("no-docker.sock");
+    let sv = Services::new("nodocker");
+    let socket = sv.dir.path().join("no-docker.sock");
     let host = format!("unix://{}", socket.display());
-    let mut worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let mut worker = sv.spawn(
         "nodocker",
         &WorkerEnv::docker(&sshd).set("DOCKER_HOST", host),
     );
@@ -918,9 +912,8 @@ fn zim_intact(path: &Path) -> bool {
 
 #[test]
 fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
-    let sshd = Sshd::start();
     let node = "early";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (sshd, s) = docker_stack(node);
     let id = task_id();
     // _1: a checksum that fails until it is written again at the end; _2:
     // finished 2 s in; _3: grows for 10 s, then the scraper exits.
@@ -967,15 +960,13 @@ fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
         log.contains("uploaded early") && log.contains("uploaded_early=1"),
         "{log}"
     );
-    wait_no_containers(node);
-    s.expect_queue(0, 0);
+    expect_drained(&s);
 }
 
 #[test]
 fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
-    let sshd = Sshd::start();
     let node = "rewrite";
-    let s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let (sshd, s) = docker_stack(node);
     let id = task_id();
     // _1 is finished at once and still for 8 s (uploaded early), then the
     // scraper writes it again with other bytes.
@@ -998,8 +989,7 @@ fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
         std::fs::read(&early).unwrap(),
         std::fs::read(task_dir.join("wikipedia_en_test_1.zim")).unwrap()
     );
-    wait_no_containers(node);
-    s.expect_queue(0, 0);
+    expect_drained(&s);
 }
 
 /// The bytes each upload journal in `task_dir` claims.
@@ -1026,16 +1016,16 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
     // 8 MB/s for every connection together: the 64 MiB ZIM takes 8 s.
     let proxy = ThrottleProxy::start(&sshd.addr());
     let node = "killupload";
-    let (vh, dir) = (Vhost::new(node), tempfile::tempdir().unwrap());
-    let events = EventsProc::start(&vh, 180);
+    let sv = Services::new(node);
+    let events = sv.events(180);
     let env = WorkerEnv::docker(&sshd)
         .set("UPLOAD_STREAMS", 4)
         .warehouse(&sshd, proxy.port());
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &env);
+    let mut first = sv.spawn(node, &env);
     first.wait_connected();
     proxy.set_rate(8_000_000);
-    let id = Task::mw(json!({"zimMB": 64})).send(&vh);
-    let task_dir = dir.path().join(&id);
+    let id = Task::mw(json!({"zimMB": 64})).send(&sv.vh);
+    let task_dir = sv.dir.path().join(&id);
     let local = task_dir.join("wikipedia_en_test.zim");
     let start = std::time::Instant::now();
     while journal_claims(&task_dir) < 16 << 20 {
@@ -1064,7 +1054,7 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
 
     proxy.set_rate(0);
     proxy.reset_bytes();
-    let second = WorkerProc::start(&vh, dir.path(), node, &env);
+    let second = sv.spawn(node, &env);
     second.wait_connected();
     events.wait_task_event("task-succeeded", &id, T);
     second.wait_log("going straight to upload", T);
@@ -1085,5 +1075,5 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
     );
     wait_gone(&task_dir);
     wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
 }

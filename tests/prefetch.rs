@@ -265,27 +265,16 @@ fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
 /// it cannot start while the other has a free slot.
 #[test]
 fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
-    let vh = Vhost::new("farm");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let events = EventsProc::start(&vh, 180);
-    let busy = WorkerProc::start(
-        &vh,
-        dir.path(),
-        "busy",
-        &WorkerEnv::new().set("CONCURRENCY", "2"),
-    );
+    let sv = Services::new("farm");
+    let events = sv.events(180);
+    let busy = sv.spawn("busy", &WorkerEnv::new().set("CONCURRENCY", "2"));
     busy.wait_connected();
     let long: Vec<String> = (0..2).map(|_| task_id()).collect();
-    send_batch(&vh, &long, &sim(6.0));
+    send_batch(&sv.vh, &long, &sim(6.0));
     for id in &long {
         events.wait_task_event("task-started", id, T);
     }
-    let idle = WorkerProc::start(
-        &vh,
-        dir.path(),
-        "idle",
-        &WorkerEnv::new().set("CONCURRENCY", "2"),
-    );
+    let idle = sv.spawn("idle", &WorkerEnv::new().set("CONCURRENCY", "2"));
     idle.wait_connected();
     events.wait_for(
         |e| e["type"] == "worker-online" && e["hostname"] == "tester@idle",
@@ -296,7 +285,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
     // Six short tasks: 1.5 s of work for the idle node's two slots, all
     // done before the busy node's long tasks end.
     let short: Vec<String> = (0..6).map(|_| task_id()).collect();
-    send_batch(&vh, &short, &sim(0.5));
+    send_batch(&sv.vh, &short, &sim(0.5));
     events.wait_all_ended(&short, T);
     let all = events.events();
     for id in &short {
@@ -322,7 +311,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
 
     // Then equal tasks for both nodes: every round ends together on each.
     let even: Vec<String> = (0..20).map(|_| task_id()).collect();
-    send_batch(&vh, &even, &sim(1.0));
+    send_batch(&sv.vh, &even, &sim(1.0));
     events.wait_all_ended(&even, T);
     let all = events.events();
     assert_none_overheld(&all, 2, "");
@@ -338,7 +327,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
         b >= 5 && i >= 5,
         "both nodes took their share: busy {b}, idle {i}"
     );
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
     drop((busy, idle));
 }
 

@@ -427,7 +427,7 @@ fn concurrency_bounds_running_tasks() {
     for id in &ids {
         s.expect_event("task-succeeded", id);
     }
-    // Replay the s.events: never more than two started-but-not-ended.
+    // Replay the events: never more than two started-but-not-ended.
     let mut running = 0i32;
     let mut peak = 0;
     for e in s.events.events() {
@@ -623,8 +623,7 @@ fn sigterm_requeues_unfinished_tasks_and_says_offline() {
 
 #[test]
 fn bad_environment_exits_2_with_one_clear_line() {
-    let vh = Vhost::new("env");
-    let dir = tempfile::tempdir().unwrap();
+    let sv = Services::new("env");
     let cases: &[(&str, Option<&str>, &str)] = &[
         ("NODE_NAME", Some("default_node_name"), "NODE_NAME"),
         ("QUEUES", Some("default,gigantic"), "QUEUES"),
@@ -637,7 +636,7 @@ fn bad_environment_exits_2_with_one_clear_line() {
         ),
     ];
     for (var, value, named) in cases {
-        let mut env = worker_env(&vh, dir.path(), "envtest", &[]);
+        let mut env = worker_env(&sv.vh, sv.dir.path(), "envtest", &[]);
         env.retain(|(k, _)| k != var);
         if let Some(v) = value {
             env.push((var.to_string(), v.to_string()));
@@ -660,13 +659,12 @@ fn bad_environment_exits_2_with_one_clear_line() {
 
 #[test]
 fn unusable_zim_dir_exits_2_with_one_line_naming_it() {
-    let vh = Vhost::new("zimdir");
-    let dir = tempfile::tempdir().unwrap();
-    let not_a_dir = dir.path().join("a-file");
+    let sv = Services::new("zimdir");
+    let not_a_dir = sv.dir.path().join("a-file");
     std::fs::write(&not_a_dir, b"").unwrap();
-    for zim_dir in [dir.path().join("missing"), not_a_dir] {
+    for zim_dir in [sv.dir.path().join("missing"), not_a_dir] {
         let zim_dir = zim_dir.display().to_string();
-        let env = worker_env(&vh, dir.path(), "zimdir", &[("ZIM_DIR", &zim_dir)]);
+        let env = worker_env(&sv.vh, sv.dir.path(), "zimdir", &[("ZIM_DIR", &zim_dir)]);
         let start = Instant::now();
         let out = std::process::Command::new(worker_binary())
             .env_clear()
@@ -690,11 +688,8 @@ fn unusable_zim_dir_exits_2_with_one_line_naming_it() {
 fn broker_down_at_start_is_retried_until_it_answers() {
     // A port where nothing listens: the worker keeps retrying, with backoff,
     // and exits cleanly on SIGTERM meanwhile.
-    let vh = Vhost::new("down");
-    let dir = tempfile::tempdir().unwrap();
-    let mut worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let sv = Services::new("down");
+    let mut worker = sv.spawn(
         "down",
         &WorkerEnv::new().set(
             "BROKER_URL",

@@ -192,9 +192,7 @@ fn a_bad_or_busy_metrics_addr_stops_the_worker_with_exit_2() {
         ("localhost:9090", "expected an IP address and port"),
     ] {
         let mut worker = sv.spawn("badmetrics", &WorkerEnv::new().set("METRICS_ADDR", value));
-        let status = worker.wait_exit(T);
-        let log = worker.log_text();
-        assert_eq!(status.code(), Some(2), "{value}: {log}");
+        let log = worker.expect_exit_2(T);
         assert!(
             log.contains("METRICS_ADDR") && log.contains(expect),
             "{value}: {log}"

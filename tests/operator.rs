@@ -170,11 +170,7 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
     ];
     let out = run_worker(&["register-key"], &env);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("registered"),
-        "{}",
-        output_text(&out)
-    );
+    assert_contains(&output_text(&out), "registered");
     let keys = dispatcher.keys("alice");
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].name, "node7");
@@ -189,42 +185,30 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
     // Again: nothing to do.
     let out = run_worker(&["register-key", "--name", "other"], &env);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("already"),
-        "{}",
-        output_text(&out)
-    );
+    assert_contains(&output_text(&out), "already");
     assert_eq!(dispatcher.keys("alice").len(), 1);
 
     // Refused credentials: exit 2, and the line says so.
-    let mut bad = env.clone();
-    bad[1].1 = "nope".into();
-    let out = run_worker(&["register-key"], &bad);
-    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("USERNAME/PASSWORD"),
-        "{}",
-        output_text(&out)
-    );
+    register_key_refused(&env, "PASSWORD", "nope", "USERNAME/PASSWORD");
     // A missing key file: exit 2 naming SSH_KEY.
-    let mut bad = env.clone();
-    bad[3].1 = "/nonexistent/id_rsa".into();
+    register_key_refused(&env, "SSH_KEY", "/nonexistent/id_rsa", "SSH_KEY");
+}
+
+/// `register-key` with `env` but `name` set to `value`: exit 2, with a
+/// line naming `expect`.
+fn register_key_refused(env: &[(String, String)], name: &str, value: &str, expect: &str) {
+    let mut bad = env.to_vec();
+    bad.iter_mut().find(|(k, _)| k == name).expect("set").1 = value.to_owned();
     let out = run_worker(&["register-key"], &bad);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("SSH_KEY"),
-        "{}",
-        output_text(&out)
-    );
+    assert_contains(&output_text(&out), expect);
 }
 
 #[test]
 fn refused_credentials_stop_the_worker_with_a_line_naming_them() {
     let sv = Services::new("badpass");
     let mut worker = sv.spawn("badpass", &WorkerEnv::new().set("PASSWORD", "wrong"));
-    let status = worker.wait_exit(T);
-    let log = worker.log_text();
-    assert_eq!(status.code(), Some(2), "{log}");
+    let log = worker.expect_exit_2(T);
     assert!(log.contains("USERNAME/PASSWORD"), "{log}");
     assert!(
         !log.contains("wrong"),
@@ -296,9 +280,7 @@ fn a_broker_that_refuses_the_login_or_the_vhost_stops_the_worker_with_exit_2() {
         (no_vhost.as_str(), "NOT_ALLOWED"),
     ] {
         let mut worker = sv.spawn("brokerrefuses", &WorkerEnv::new().set("BROKER_URL", url));
-        let status = worker.wait_exit(T);
-        let log = worker.log_text();
-        assert_eq!(status.code(), Some(2), "{url}: {log}");
+        let log = worker.expect_exit_2(T);
         assert!(
             log.contains("refused this worker") && log.contains(reason),
             "{url}: {log}"

@@ -674,9 +674,7 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
     ];
     for (var, value, expected) in cases {
         let mut worker = sv.spawn("untrusted", &WorkerEnv::docker(&sshd).set(var, &value));
-        let status = worker.wait_exit(T);
-        let log = worker.log_text();
-        assert_eq!(status.code(), Some(2), "{var}={value}: {log}");
+        let log = worker.expect_exit_2(T);
         assert!(
             log.contains(&expected),
             "{var}={value}: expected {expected:?} in:\n{log}"
@@ -703,9 +701,7 @@ fn a_docker_engine_out_of_reach_stops_the_worker_at_start_with_exit_2() {
         "nodocker",
         &WorkerEnv::docker(&sshd).set("DOCKER_HOST", host),
     );
-    let status = worker.wait_exit(T);
-    let log = worker.log_text();
-    assert_eq!(status.code(), Some(2), "{log}");
+    let log = worker.expect_exit_2(T);
     assert!(log.contains("cannot reach the Docker engine"), "{log}");
     assert!(!log.contains("consuming"), "{log}");
 }

@@ -989,6 +989,11 @@ pub fn run_worker(args: &[&str], env: &[(String, String)]) -> Output {
         .unwrap()
 }
 
+/// Fails the test unless `text` contains `needle` (showing `text`).
+pub fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+}
+
 /// A command's stdout then stderr, as text.
 pub fn output_text(out: &Output) -> String {
     format!(

@@ -86,6 +86,16 @@ fn docker_worker(
     worker
 }
 
+/// The metrics `m` count one kept dir swept for `reason`.
+fn assert_swept_once(m: &Value, reason: &str) {
+    let swept = sample(
+        m,
+        "zimfarm_worker_kept_dirs_swept_total",
+        &[("reason", reason)],
+    );
+    assert_eq!(swept, Some(1.0), "{m}");
+}
+
 /// A task dir as a failed upload leaves it: a ZIM of `mib` MiB and the
 /// generate marker, last changed `age` ago.
 fn kept_dir(work: &Path, id: &str, mib: usize, age: Duration) -> PathBuf {
@@ -181,15 +191,7 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
     );
     assert_eq!(log.matches("swept a kept task dir").count(), 1, "{log}");
     let m = scrape(&addr);
-    assert_eq!(
-        sample(
-            &m,
-            "zimfarm_worker_kept_dirs_swept_total",
-            &[("reason", "age")]
-        ),
-        Some(1.0),
-        "{m}"
-    );
+    assert_swept_once(&m, "age");
     let bytes = sample(
         &m,
         "zimfarm_worker_kept_dirs_swept_bytes_total",
@@ -248,15 +250,7 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
         "{swept}"
     );
     let m = scrape(&addr);
-    assert_eq!(
-        sample(
-            &m,
-            "zimfarm_worker_kept_dirs_swept_total",
-            &[("reason", "pressure")]
-        ),
-        Some(1.0),
-        "{m}"
-    );
+    assert_swept_once(&m, "pressure");
 
     // With nothing left to sweep, a task is refused, saying so.
     let hog = fs.path().join("not-a-task-dir.bin");

@@ -230,56 +230,29 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
     let s = Stack::start("bad", WorkerEnv::new()).within(T);
     let d = s.dir();
     let v2 = |id: &str| json!({"task": "offliner.mwoffliner", "id": id, "lang": "py"}).to_string();
+    // As protocol 2 (the task in the headers) and as protocol 1 (the body
+    // only), both declared JSON.
+    let publish_v2 = |body: &[u8], id: &str| {
+        let headers = v2(id);
+        publish_raw(
+            &s.vh,
+            d,
+            body,
+            &["--headers", &headers, "--content-type", "application/json"],
+        );
+    };
+    let publish_v1 =
+        |body: &[u8]| publish_raw(&s.vh, d, body, &["--content-type", "application/json"]);
     let wrong_shape_id = task_id();
 
     // Invalid JSON, as protocol 2 (headers) and as protocol 1 (body only).
-    publish_raw(
-        &s.vh,
-        d,
-        b"[[], {\"flags\": ",
-        &[
-            "--headers",
-            &v2(&task_id()),
-            "--content-type",
-            "application/json",
-        ],
-    );
-    publish_raw(
-        &s.vh,
-        d,
-        b"{not json",
-        &["--content-type", "application/json"],
-    );
+    publish_v2(b"[[], {\"flags\": ", &task_id());
+    publish_v1(b"{not json");
     // A body of the wrong shape.
-    publish_raw(
-        &s.vh,
-        d,
-        br#"{"args": "nope"}"#,
-        &[
-            "--headers",
-            &v2(&wrong_shape_id),
-            "--content-type",
-            "application/json",
-        ],
-    );
-    publish_raw(
-        &s.vh,
-        d,
-        b"[1, 2, 3]",
-        &["--content-type", "application/json"],
-    );
+    publish_v2(br#"{"args": "nope"}"#, &wrong_shape_id);
+    publish_v1(b"[1, 2, 3]");
     // Non-UTF-8 bytes.
-    publish_raw(
-        &s.vh,
-        d,
-        b"[[], {\"a\": \"\xff\xfe\"}, {}]",
-        &[
-            "--headers",
-            &v2(&task_id()),
-            "--content-type",
-            "application/json",
-        ],
-    );
+    publish_v2(b"[[], {\"a\": \"\xff\xfe\"}, {}]", &task_id());
     // A pickle, which must never be loaded.
     publish_raw(
         &s.vh,
@@ -296,17 +269,7 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
     let mut big = b"[[], {\"flags\": {\"x\": \"".to_vec();
     big.extend(std::iter::repeat_n(b'a', 50 * 1024 * 1024));
     big.extend_from_slice(b"\"}}, {}]");
-    publish_raw(
-        &s.vh,
-        d,
-        &big,
-        &[
-            "--headers",
-            &v2(&task_id()),
-            "--content-type",
-            "application/json",
-        ],
-    );
+    publish_v2(&big, &task_id());
     drop(big);
 
     let next = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));

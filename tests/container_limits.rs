@@ -215,7 +215,7 @@ fn fifty_mib_of_output_arrives_whole_while_dockers_copy_stays_at_one_mb() {
     );
     assert!(stdout.contains(spammed.trim()), "stdout tail: {stdout:?}");
     assert_eq!(finished["fields"]["exit_code"], 0);
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
 }
 
 #[test]
@@ -242,13 +242,10 @@ fn a_scraper_over_its_memory_limit_fails_naming_container_memory_mb() {
     let finished = event(&lines, "task-container_finished");
     assert_eq!(finished["fields"]["exit_code"], 137);
     assert!(
-        last["detail"]
-            .as_str()
-            .unwrap()
-            .contains("eating 64 MiB of memory"),
+        text_of(&last, "detail").contains("eating 64 MiB of memory"),
         "the tail is the detail: {last}"
     );
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
 }
 
 #[test]
@@ -302,5 +299,5 @@ fn a_docker_kill_from_outside_is_named_sigkill_not_memory() {
         event(&lines, "task-container_finished")["fields"]["exit_code"],
         137
     );
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
 }

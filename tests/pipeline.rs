@@ -430,7 +430,7 @@ async fn revoke_stops_every_container_of_the_task() {
         .expect("stops in seconds")
         .unwrap();
     assert_eq!(outcome, Err(RunError::Cancelled));
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
     assert!(task_dir_gone(dir.path(), &id));
 }
 

@@ -142,8 +142,7 @@ fn wait_gone(path: &Path) {
 #[test]
 fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("disk-age");
-    let logs = tempfile::tempdir().unwrap();
+    let Services { vh, dir: logs } = Services::new("disk-age");
     let work = tempfile::tempdir().unwrap();
     let old = task_id();
     let fresh = task_id();
@@ -210,8 +209,7 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
 #[test]
 fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("disk-pressure");
-    let logs = tempfile::tempdir().unwrap();
+    let Services { vh, dir: logs } = Services::new("disk-pressure");
     let fs = Tmpfs::mount(48);
     // Young (no age sweep would take it), but taking most of the disk.
     let kept = task_id();
@@ -272,19 +270,14 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
 #[test]
 fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("disk-full");
-    let logs = tempfile::tempdir().unwrap();
+    let Services { vh, dir: logs } = Services::new("disk-full");
     let fs = Tmpfs::mount(48);
     let events = EventsProc::start(&vh, 180);
-    let extra = WorkerEnv::new().set("MIN_FREE_DISK_MB", 5);
-    let mut worker = docker_worker(
-        &vh,
-        logs.path(),
-        fs.path(),
-        "disk-full",
-        &sshd,
-        extra.clone(),
-    );
+    let start_worker = || {
+        let env = WorkerEnv::new().set("MIN_FREE_DISK_MB", 5);
+        docker_worker(&vh, logs.path(), fs.path(), "disk-full", &sshd, env)
+    };
+    let mut worker = start_worker();
 
     let full = Task::mw(json!({"fill": 100})).send(&vh);
     let failed = events.wait_task_event("task-failed", &full, T);
@@ -316,23 +309,10 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     // A restarted worker starts fine on that working dir, and knows both.
     worker.signal("TERM");
     assert!(worker.wait_exit(T).success());
-    let _worker = docker_worker(
-        &vh,
-        logs.path(),
-        fs.path(),
-        "disk-full",
-        &sshd,
-        extra.clone(),
-    );
+    let _worker = start_worker();
     let third = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &third, T);
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &full,
-        &mw_kwargs(json!({"fill": 100})),
-        &[],
-    );
+    Task::mw(json!({"fill": 100})).with_id(&full).send(&vh);
     let start = std::time::Instant::now();
     while events.count("task-failed", &full) < 2 {
         assert!(

@@ -56,7 +56,7 @@ fn inspect(vh: &Vhost, node: &str, method: &str) -> Value {
 fn send_to(vh: &Vhost, id: &str, routing_key: &str, simulate: Value) {
     Task::new("offliner.mwoffliner", kwargs(simulate))
         .with_id(id)
-        .to_queue(routing_key)
+        .routed_to(routing_key)
         .send(vh);
 }
 
@@ -228,11 +228,12 @@ fn revoked_before_it_is_sent_the_task_never_runs() {
     let early = task_id();
     celery_client(&s.vh, &["revoke", "--task-id", &early]);
     // The cast has no reply: wait until the worker has it.
-    let start = Instant::now();
-    while inspect(&s.vh, "tester@revokefirst", "revoked") != json!([early]) {
-        assert!(start.elapsed() < T, "the revoke never arrived");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || inspect(&s.vh, "tester@revokefirst", "revoked") == json!([early]),
+        || "the revoke never arrived".to_owned(),
+    );
     send_to(&s.vh, &early, "small", Value::Null);
     let revoked = s.expect_event("task-revoked", &early);
     assert_eq!(revoked["terminated"], false, "{revoked}");
@@ -329,15 +330,12 @@ fn remote_control_comes_back_after_the_connection_is_lost() {
         json!({"ok": "pong"})
     );
     s.vh.close_all_connections();
-    let start = Instant::now();
-    while s.worker.log_text().matches("consuming").count() < 2 {
-        assert!(
-            start.elapsed() < T,
-            "no reconnection: {}",
-            s.worker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || s.worker.log_text().matches("consuming").count() >= 2,
+        || format!("no reconnection: {}", s.worker.log_text()),
+    );
     // The event receiver reconnects by itself; the worker's pidbox queue
     // is its own again.
     assert_eq!(
@@ -526,11 +524,27 @@ fn celery_events_dump_shows_worker_and_task_events() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("celery events runs");
-    // Its queue is bound once it runs; then a task and a few heartbeats.
-    std::thread::sleep(Duration::from_secs(3));
+    // Its queue is bound once it runs (the stack's receiver has the other
+    // `celeryev.*` queue); then a task and a few heartbeats.
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || event_queues(&s.vh) >= 2,
+        || "celery events never bound its queue".to_owned(),
+    );
     let id = task_id();
     send_to(&s.vh, &id, "small", json!({"sleep": 0.5}));
-    std::thread::sleep(Duration::from_secs(5));
+    let done = s.expect_event("task-succeeded", &id);
+    // Two heartbeats after the task: the dump has had the first for 2 s.
+    let after = done["timestamp"].as_f64().unwrap_or_default();
+    s.events
+        .wait_until("two heartbeats after the task", T, |all| {
+            all.iter()
+                .filter(|v| v["type"] == "worker-heartbeat")
+                .filter(|v| v["timestamp"].as_f64().is_some_and(|t| t > after))
+                .count()
+                >= 2
+        });
     let _ = Command::new("kill")
         .args(["-INT", &dump.id().to_string()])
         .status();
@@ -549,6 +563,20 @@ fn celery_events_dump_shows_worker_and_task_events() {
         !stdout.contains("drift") && !stderr.contains("drift"),
         "{stdout}\n{stderr}"
     );
+}
+
+/// The `celeryev.*` queues of the vhost: one per event receiver.
+fn event_queues(vh: &Vhost) -> usize {
+    let queues = rabbit_api_call("GET", &format!("/queues/{}", vh.name), None);
+    queues.as_array().map_or(0, |qs| {
+        qs.iter()
+            .filter(|q| {
+                q["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("celeryev."))
+            })
+            .count()
+    })
 }
 
 fn wait_output(child: &mut Child, timeout: Duration) -> Output {
@@ -600,15 +628,12 @@ impl Flower {
             .spawn()
             .expect("flower starts");
         let flower = Self { child, port, log };
-        let start = Instant::now();
-        while flower.get("/healthcheck").0 != 200 {
-            assert!(
-                start.elapsed() < T,
-                "flower never answered: {}",
-                flower.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually(
+            T,
+            Duration::from_millis(200),
+            || flower.get("/healthcheck").0 == 200,
+            || format!("flower never answered: {}", flower.log_text()),
+        );
         flower
     }
 

@@ -227,10 +227,11 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
         others_running.len()
     );
     for node in NODES {
-        let start = Instant::now();
-        while !containers_of(node).is_empty() {
-            assert!(start.elapsed() < T, "{node} left {:?}", containers_of(node));
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(
+            T,
+            Duration::from_millis(100),
+            || containers_of(node).is_empty(),
+            || format!("{node} left {:?}", containers_of(node)),
+        );
     }
 }

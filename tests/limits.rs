@@ -43,11 +43,7 @@ fn deep_dir(root: &Path, len: usize) -> PathBuf {
 }
 
 fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let start = std::time::Instant::now();
-    while !done() {
-        assert!(start.elapsed() < T, "{what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(T, Duration::from_millis(100), done, || what.to_owned());
 }
 
 /// Runs the stand-in mwoffliner demo task `id` on a worker named `node`

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::dispatcher::DispatcherStandin;
 use common::sshd::{KeyKind, Sshd};
@@ -229,15 +229,12 @@ fn a_dispatcher_down_at_start_and_later_does_not_stop_the_work() {
 
     // It comes up: the worker logs in by itself.
     dispatcher.start();
-    let start = Instant::now();
-    while dispatcher.counters().password_grants == 0 {
-        assert!(
-            start.elapsed() < T,
-            "never logged in: {}",
-            s.worker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || dispatcher.counters().password_grants != 0,
+        || format!("never logged in: {}", s.worker.log_text()),
+    );
 
     // It goes down again: still no crash, tasks still served.
     dispatcher.stop();

@@ -23,23 +23,21 @@ const T: Duration = Duration::from_secs(60);
 
 /// Waits until `path` is gone (the task dir goes after the final event).
 fn wait_gone(path: &Path) {
-    let start = std::time::Instant::now();
-    while path.exists() {
-        assert!(start.elapsed() < T, "{} is still there", path.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || !path.exists(),
+        || format!("{} is still there", path.display()),
+    );
 }
 
 fn wait_no_containers(node: &str) {
-    let start = std::time::Instant::now();
-    while !containers_of(node).is_empty() {
-        assert!(
-            start.elapsed() < T,
-            "containers left: {:?}",
-            containers_of(node)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || containers_of(node).is_empty(),
+        || format!("containers left: {:?}", containers_of(node)),
+    );
 }
 
 /// A warehouse and a stack whose worker runs the Docker pipeline.
@@ -919,14 +917,12 @@ fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
     send_task(&s.vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
     let warehouse = sshd.chroot().join("zim/wikipedia");
     let second = warehouse.join("wikipedia_en_test_2.zim");
-    let start = std::time::Instant::now();
-    while !second.exists() {
-        assert!(
-            start.elapsed() < T,
-            "the finished ZIM was not uploaded early"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || second.exists(),
+        || "the finished ZIM was not uploaded early".to_owned(),
+    );
     assert_eq!(
         s.count("task-container_finished", &id),
         0,
@@ -1023,11 +1019,12 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
     let id = Task::mw(json!({"zimMB": 64})).send(&sv.vh);
     let task_dir = sv.dir.path().join(&id);
     let local = task_dir.join("wikipedia_en_test.zim");
-    let start = std::time::Instant::now();
-    while journal_claims(&task_dir) < 16 << 20 {
-        assert!(start.elapsed() < T, "the upload did not get going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        T,
+        Duration::from_millis(20),
+        || journal_claims(&task_dir) >= 16 << 20,
+        || "the upload did not get going".to_owned(),
+    );
     first.signal("KILL");
     first.wait_exit(T);
     let claimed = journal_claims(&task_dir);

@@ -454,21 +454,23 @@ fn kill_9_mid_task_redelivers_to_a_new_worker() {
 
 /// Waits until `events` holds `n` events of `event_type` about `uuid`.
 fn wait_count(events: &EventsProc, event_type: &str, uuid: &str, n: usize) {
-    let start = Instant::now();
-    while events.count(event_type, uuid) < n {
-        assert!(
-            start.elapsed() < T,
-            "{event_type} for {uuid}: {} of {n} within {T:?}; events:\n{}",
-            events.count(event_type, uuid),
-            events
-                .events()
-                .iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || events.count(event_type, uuid) >= n,
+        || {
+            format!(
+                "{event_type} for {uuid}: {} of {n} within {T:?}; events:\n{}",
+                events.count(event_type, uuid),
+                events
+                    .events()
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
+    );
 }
 
 #[test]

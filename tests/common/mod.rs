@@ -11,13 +11,12 @@
 pub mod dispatcher;
 pub mod sshd;
 mod stack;
-pub mod support;
 
+pub use sshd::support::{eventually, run_ok, wait_log_file};
 #[allow(unused_imports)]
 pub use stack::{
     DEFAULT_WAIT, Services, Stack, Task, WorkerEnv, mw_kwargs, send_task, simulated_task,
 };
-pub use support::{eventually, run_ok, wait_log_file};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

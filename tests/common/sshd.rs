@@ -29,8 +29,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+// Included here by path, not by `common`, so that this file stays
+// self-contained for the upload bench; `common` re-exports it.
 #[path = "support.rs"]
-mod support;
+pub mod support;
 use support::{eventually, run_ok, wait_log_file};
 
 /// The account the warehouse accepts.

@@ -159,7 +159,7 @@ impl Task {
     }
 
     /// The same task routed to `queue` (the default: `small`).
-    pub fn to_queue(mut self, queue: &str) -> Self {
+    pub fn routed_to(mut self, queue: &str) -> Self {
         self.queue = queue.to_owned();
         self
     }

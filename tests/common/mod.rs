@@ -1,11 +1,18 @@
 //! Fixtures for the integration tests: a RabbitMQ vhost of their own, the
 //! worker binary as a child process, and the Python Celery client
 //! (`tests/py/celery_client.py`) as the dispatcher and the event monitor.
+//! A test builds them one way, as a [`Stack`] (or [`Services`] when it
+//! starts its workers itself), with the worker's environment as a
+//! [`WorkerEnv`] (`stack.rs`). It waits for something to happen on the
+//! events or with [`eventually`] (`support.rs`, which `sshd.rs` includes);
+//! a fixed sleep is left only where time passing is the scenario.
 //!
 //! Every test gets its own vhost and temp dir, so tests run in parallel
 //! without seeing each other. The services themselves are started by
 //! `scripts/test-env.sh`; the addresses come from the environment that
-//! `scripts/test.sh` exports, with the same values as defaults.
+//! `scripts/test.sh` exports, with the same values as defaults. The test
+//! targets that use this module are built only with the `services` feature
+//! (`tests/without_services.rs` says which).
 #![allow(dead_code)]
 
 pub mod dispatcher;

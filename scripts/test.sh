@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run the whole test suite: prepare the machine (scripts/test-env.sh), then
-# `cargo test --locked` with the services' addresses in the environment.
-# Extra arguments go to cargo test, e.g. `scripts/test.sh -- --list`.
+# `cargo test --locked --features services` with the services' addresses in
+# the environment. The `services` feature builds the integration tests that
+# need them (Cargo.toml's [features]); a bare `cargo test` leaves them out
+# and says so once. Extra arguments go to cargo test, e.g.
+# `scripts/test.sh -- --list`.
 set -euo pipefail
 
 REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,4 +18,4 @@ export ZIMFARM_TEST_AMQP="${ZIMFARM_TEST_AMQP:-amqp://zimfarm-test:zimfarm-test@
 export ZIMFARM_TEST_RABBIT_API="${ZIMFARM_TEST_RABBIT_API:-http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api}"
 
 cd "$REPO"
-exec cargo test --locked "$@"
+exec cargo test --locked --features services "$@"

@@ -75,31 +75,30 @@ impl Drop for ShortDeliveryTimeout {
 fn a_task_past_the_delivery_timeout_is_named_counted_and_still_runs_once() {
     let _short = ShortDeliveryTimeout::set(3_000, 1_000);
     let metrics = free_addr();
-    let (vh, _dir, events, worker) = stack("acktimeout", &[("METRICS_ADDR", metrics.as_str())]);
-    let id = task_id();
-    send_task(
-        &vh,
+    let s = Stack::start("acktimeout", WorkerEnv::new().set("METRICS_ADDR", &metrics));
+    let id = s.submit(Task::new(
         "offliner.mwoffliner",
-        &id,
-        &json!({
+        json!({
             "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
             "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
             "warehouse_path": "/wikipedia",
             "simulate": {"sleep": 12.0},
         }),
-        &[],
-    );
+    ));
     let started = Instant::now();
-    events.wait_task_event("task-started", &id, Duration::from_secs(30));
-    worker.wait_log("past its consumer_timeout", Duration::from_secs(30));
+    s.events
+        .wait_task_event("task-started", &id, Duration::from_secs(30));
+    s.worker
+        .wait_log("past its consumer_timeout", Duration::from_secs(30));
     let closed_after = started.elapsed();
-    let log = worker.log_text();
+    let log = s.worker.log_text();
     assert!(
         log.contains("delivery acknowledgement on channel")
             && log.contains("consumer_timeout in rabbitmq.conf"),
         "the log names the broker's reason and what to set:\n{log}"
     );
-    events.wait_task_event("task-succeeded", &id, Duration::from_secs(60));
+    s.events
+        .wait_task_event("task-succeeded", &id, Duration::from_secs(60));
     let scraped = scrape(&metrics);
     assert!(
         sample(
@@ -113,46 +112,57 @@ fn a_task_past_the_delivery_timeout_is_named_counted_and_still_runs_once() {
     );
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        events.count("task-started", &id),
+        s.count("task-started", &id),
         1,
         "ran once on this single node"
     );
-    assert_eq!(events.count("task-succeeded", &id), 1);
+    assert_eq!(s.count("task-succeeded", &id), 1);
     eprintln!(
         "channel closed {:.1} s after the task was sent",
         closed_after.as_secs_f64()
     );
 }
 
-/// Two nodes with a metrics endpoint each, CONCURRENCY=1, on one queue.
-fn two_nodes(vh: &Vhost, dirs: &[tempfile::TempDir; 2], metrics: &[String; 2]) -> Vec<WorkerProc> {
+/// Two nodes with a metrics endpoint each, CONCURRENCY=1, on one queue of
+/// a vhost of their own, with an event receiver listening for `seconds`:
+/// the vhost, the receiver, the nodes' dirs and metrics addresses, and the
+/// nodes (dropped first).
+#[allow(clippy::type_complexity)]
+fn two_nodes(
+    label: &str,
+    seconds: u64,
+) -> (
+    Vhost,
+    EventsProc,
+    [tempfile::TempDir; 2],
+    [String; 2],
+    Vec<WorkerProc>,
+) {
+    let vh = Vhost::new(label);
+    let events = EventsProc::start(&vh, seconds);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let metrics = [free_addr(), free_addr()];
     let nodes: Vec<WorkerProc> = ["ackt-a", "ackt-b"]
         .iter()
-        .zip(dirs)
-        .zip(metrics)
+        .zip(&dirs)
+        .zip(&metrics)
         .map(|((node, dir), addr)| {
-            WorkerProc::start(
-                vh,
-                dir.path(),
-                node,
-                &[("CONCURRENCY", "1"), ("METRICS_ADDR", addr.as_str())],
-            )
+            let env = WorkerEnv::new()
+                .set("CONCURRENCY", 1)
+                .set("METRICS_ADDR", addr);
+            WorkerProc::start(&vh, dir.path(), node, &env)
         })
         .collect();
     for n in &nodes {
         n.wait_connected();
     }
-    nodes
+    (vh, events, dirs, metrics, nodes)
 }
 
 #[test]
 fn a_task_past_the_delivery_timeout_runs_once_in_a_farm_of_two() {
     let _short = ShortDeliveryTimeout::set(3_000, 1_000);
-    let vh = Vhost::new("acktimeout-farm");
-    let events = EventsProc::start(&vh, 180);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let metrics = [free_addr(), free_addr()];
-    let nodes = two_nodes(&vh, &dirs, &metrics);
+    let (vh, events, _dirs, metrics, nodes) = two_nodes("acktimeout-farm", 180);
     // The worker asks for a longer delivery timeout on its own consumers
     // (RabbitMQ 3.11.15+ apply it; older ones, such as Debian's, ignore it).
     // (The management API lists consumers a moment after they start.)
@@ -224,11 +234,7 @@ fn a_held_task_runs_on_the_holder_when_its_node_dies() {
     // Long enough for the holder to notice the death before its own hold
     // times out.
     let _short = ShortDeliveryTimeout::set(20_000, 1_000);
-    let vh = Vhost::new("acktimeout-orphan");
-    let events = EventsProc::start(&vh, 240);
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    let metrics = [free_addr(), free_addr()];
-    let mut nodes = two_nodes(&vh, &dirs, &metrics);
+    let (vh, events, _dirs, metrics, mut nodes) = two_nodes("acktimeout-orphan", 240);
     let id = task_id();
     // Past the timeout, with time to run again once its node is gone.
     send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(30.0), &[]);

@@ -22,22 +22,22 @@ const SPAM_LINE: &str = "mwoffliner stand-in log spam: lorem ipsum dolor sit ame
 
 /// Runs one task with `run-task --no-upload` (the task dir is kept) and
 /// returns the command's output.
-fn run_task(dir: &Path, node: &str, task: &Value, extra: &[(&str, &str)]) -> Output {
+fn run_task(dir: &Path, node: &str, task: &Value, extra: &[(&'static str, &str)]) -> Output {
     let file = dir.join("task.json");
     std::fs::write(&file, task.to_string()).unwrap();
-    let mut env: Vec<(String, String)> = [
-        ("WORKING_DIR", dir.to_str().unwrap()),
-        ("ZIM_DIR", dir.to_str().unwrap()),
-        ("NODE_NAME", node),
-        ("PULL_POLICY", "never"),
-        ("REDIS_IMAGE", "zimfarm/redis:test"),
-        ("MIN_FREE_DISK_MB", "10"),
-    ]
-    .iter()
-    .chain(extra)
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
-    env.push(("LOG_LEVEL".to_owned(), "info".to_owned()));
+    let env = WorkerEnv::new()
+        .set("WORKING_DIR", dir.display())
+        .set("ZIM_DIR", dir.display())
+        .set("NODE_NAME", node)
+        .set("PULL_POLICY", "never")
+        .set("REDIS_IMAGE", "zimfarm/redis:test")
+        .set("MIN_FREE_DISK_MB", 10)
+        .set_all(extra)
+        .set("LOG_LEVEL", "info");
+    let env: Vec<(String, String)> = env
+        .overrides()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     run_worker(&["run-task", "--no-upload", file.to_str().unwrap()], &env)
 }
 
@@ -120,9 +120,7 @@ fn watch(name: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
 
 #[test]
 fn fifty_mib_of_output_arrives_whole_while_dockers_copy_stays_at_one_mb() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = "ctr-spam";
-    let id = task_id();
+    let (dir, node, id) = (tempfile::tempdir().unwrap(), "ctr-spam", task_id());
     let offliner = format!("zimfarm_{node}_{id}_offliner");
     let redis = format!("zimfarm_{node}_{id}_redis");
     let stop = Arc::new(AtomicBool::new(false));
@@ -215,14 +213,12 @@ fn fifty_mib_of_output_arrives_whole_while_dockers_copy_stays_at_one_mb() {
     );
     assert!(stdout.contains(spammed.trim()), "stdout tail: {stdout:?}");
     assert_eq!(finished["fields"]["exit_code"], 0);
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
 }
 
 #[test]
 fn a_scraper_over_its_memory_limit_fails_naming_container_memory_mb() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = "ctr-oom";
-    let id = task_id();
+    let (dir, node, id) = (tempfile::tempdir().unwrap(), "ctr-oom", task_id());
     let out = run_task(
         dir.path(),
         node,
@@ -242,20 +238,15 @@ fn a_scraper_over_its_memory_limit_fails_naming_container_memory_mb() {
     let finished = event(&lines, "task-container_finished");
     assert_eq!(finished["fields"]["exit_code"], 137);
     assert!(
-        last["detail"]
-            .as_str()
-            .unwrap()
-            .contains("eating 64 MiB of memory"),
+        text_of(&last, "detail").contains("eating 64 MiB of memory"),
         "the tail is the detail: {last}"
     );
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
 }
 
 #[test]
 fn a_docker_kill_from_outside_is_named_sigkill_not_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let node = "ctr-kill";
-    let id = task_id();
+    let (dir, node, id) = (tempfile::tempdir().unwrap(), "ctr-kill", task_id());
     let offliner = format!("zimfarm_{node}_{id}_offliner");
     let killed = Arc::new(Mutex::new(false));
     let killer = {
@@ -302,5 +293,5 @@ fn a_docker_kill_from_outside_is_named_sigkill_not_memory() {
         event(&lines, "task-container_finished")["fields"]["exit_code"],
         137
     );
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
 }

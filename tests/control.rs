@@ -54,23 +54,10 @@ fn inspect(vh: &Vhost, node: &str, method: &str) -> Value {
 
 /// Sends a task to `routing_key` on the `offliner` exchange.
 fn send_to(vh: &Vhost, id: &str, routing_key: &str, simulate: Value) {
-    let kwargs = kwargs(simulate).to_string();
-    celery_client(
-        vh,
-        &[
-            "send",
-            "--name",
-            "offliner.mwoffliner",
-            "--task-id",
-            id,
-            "--kwargs",
-            &kwargs,
-            "--exchange",
-            "offliner",
-            "--routing-key",
-            routing_key,
-        ],
-    );
+    Task::new("offliner.mwoffliner", kwargs(simulate))
+        .with_id(id)
+        .routed_to(routing_key)
+        .send(vh);
 }
 
 fn no_drift_warning(events: &EventsProc) {
@@ -87,10 +74,10 @@ fn no_drift_warning(events: &EventsProc) {
 
 #[test]
 fn celery_inspect_ping_status_and_the_listings_answer() {
-    let (vh, _dir, events, worker) = stack("inspect", &[("CONCURRENCY", "1")]);
+    let s = Stack::start("inspect", WorkerEnv::new().set("CONCURRENCY", "1")).within(T);
     let node = "tester@inspect";
 
-    let out = celery_cli(&vh, &["inspect", "ping", "-d", node]);
+    let out = celery_cli(&s.vh, &["inspect", "ping", "-d", node]);
     assert!(
         out.status.success(),
         "inspect ping: {}{}",
@@ -99,7 +86,7 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
     );
     assert!(text(&out.stdout).contains("pong"), "{}", text(&out.stdout));
 
-    let out = celery_cli(&vh, &["status"]);
+    let out = celery_cli(&s.vh, &["status"]);
     let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -112,27 +99,14 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
     // One task held for its eta (it takes no slot), one running. (With one
     // message prefetched per free slot, no task waits here for a slot.)
     let running = task_id();
-    let later = task_id();
-    let kw = kwargs(Value::Null).to_string();
-    celery_client(
-        &vh,
-        &[
-            "send",
-            "--name",
-            "offliner.youtube",
-            "--task-id",
-            &later,
-            "--kwargs",
-            &kw,
-            "--countdown",
-            "600",
-        ],
-    );
-    events.wait_task_event("task-received", &later, T);
-    send_to(&vh, &running, "small", json!({"sleep": 30}));
-    events.wait_task_event("task-started", &running, T);
+    let later = Task::new("offliner.youtube", kwargs(Value::Null))
+        .options(&["--countdown", "600"])
+        .send(&s.vh);
+    s.expect_event("task-received", &later);
+    send_to(&s.vh, &running, "small", json!({"sleep": 30}));
+    s.expect_event("task-started", &running);
 
-    let active = inspect(&vh, node, "active");
+    let active = inspect(&s.vh, node, "active");
     assert_eq!(active.as_array().map(Vec::len), Some(1), "{active}");
     let request = &active[0];
     assert_eq!(request["id"], running.as_str());
@@ -148,19 +122,19 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
         json!({"exchange": "offliner", "routing_key": "small", "priority": 0, "redelivered": false})
     );
 
-    assert_eq!(inspect(&vh, node, "reserved"), json!([]));
-    let scheduled = inspect(&vh, node, "scheduled");
+    assert_eq!(inspect(&s.vh, node, "reserved"), json!([]));
+    let scheduled = inspect(&s.vh, node, "scheduled");
     assert_eq!(scheduled[0]["request"]["id"], later.as_str(), "{scheduled}");
     assert_eq!(scheduled[0]["priority"], 6);
     assert!(scheduled[0]["eta"].as_str().is_some(), "{scheduled}");
     assert_eq!(scheduled[0]["request"]["time_start"], Value::Null);
     assert_eq!(scheduled[0]["request"]["worker_pid"], Value::Null);
 
-    let stats = inspect(&vh, node, "stats");
+    let stats = inspect(&s.vh, node, "stats");
     assert_eq!(stats["total"], json!({"offliner.mwoffliner": 1}), "{stats}");
-    assert_eq!(stats["pid"], worker.child.id());
+    assert_eq!(stats["pid"], s.worker.child.id());
     assert_eq!(stats["pool"]["max-concurrency"], 1);
-    assert_eq!(stats["broker"]["virtual_host"], vh.name.as_str());
+    assert_eq!(stats["broker"]["virtual_host"], s.vh.name.as_str());
     assert_eq!(stats["broker"]["userid"], "zimfarm-test");
     assert_eq!(stats["broker"]["transport"], "amqp");
     assert!(stats["prefetch_count"].as_u64().is_some(), "{stats}");
@@ -171,7 +145,7 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
     );
     assert!(!stats.to_string().contains("zimfarm-test@"), "{stats}");
 
-    let registered = inspect(&vh, node, "registered");
+    let registered = inspect(&s.vh, node, "registered");
     assert_eq!(
         registered,
         json!([
@@ -181,7 +155,7 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
             "offliner.youtube"
         ])
     );
-    let queues = inspect(&vh, node, "active_queues");
+    let queues = inspect(&s.vh, node, "active_queues");
     assert_eq!(
         queues,
         json!([{
@@ -196,8 +170,8 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
             "max_length_bytes": null, "max_priority": null,
         }])
     );
-    assert_eq!(inspect(&vh, node, "revoked"), json!([]));
-    let conf = inspect(&vh, node, "conf");
+    assert_eq!(inspect(&s.vh, node, "revoked"), json!([]));
+    let conf = inspect(&s.vh, node, "conf");
     assert_eq!(conf["task_acks_late"], true, "{conf}");
     assert!(
         !conf.to_string().contains("zimfarm-test@"),
@@ -207,7 +181,7 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
     // The pidbox queue is Celery's: exclusive, auto-delete, with its TTLs.
     let pidbox = rabbit_api_call(
         "GET",
-        &format!("/queues/{}/{node}.celery.pidbox", vh.name),
+        &format!("/queues/{}/{node}.celery.pidbox", s.vh.name),
         None,
     );
     assert_eq!(pidbox["exclusive"], true, "{pidbox}");
@@ -217,88 +191,67 @@ fn celery_inspect_ping_status_and_the_listings_answer() {
         pidbox["arguments"],
         json!({"x-expires": 10000, "x-message-ttl": 300000})
     );
-    no_drift_warning(&events);
+    no_drift_warning(&s.events);
 }
 
 #[test]
 fn revoke_terminate_kills_a_running_task_within_seconds() {
-    let (vh, _dir, events, _worker) = stack("revokerun", &[]);
+    let s = Stack::start("revokerun", WorkerEnv::new()).within(T);
     let id = task_id();
-    send_to(&vh, &id, "small", json!({"sleep": 120}));
-    events.wait_task_event("task-started", &id, T);
+    send_to(&s.vh, &id, "small", json!({"sleep": 120}));
+    s.expect_event("task-started", &id);
     let start = Instant::now();
-    let out = celery_client(
-        &vh,
-        &[
-            "revoke",
-            "--task-id",
-            &id,
-            "--terminate",
-            "--signal",
-            "SIGKILL",
-            "--reply",
-        ],
-    );
+    let out = s.revoke(&id, &["--terminate", "--signal", "SIGKILL", "--reply"]);
     let replies = last_json_line(&out.stdout);
     assert_eq!(
         replies["replies"],
         json!([{"tester@revokerun": {"ok": format!("terminate: {id}")}}])
     );
-    let revoked = events.wait_task_event("task-revoked", &id, Duration::from_secs(10));
+    let revoked = s
+        .events
+        .wait_task_event("task-revoked", &id, Duration::from_secs(10));
     assert!(start.elapsed() < Duration::from_secs(10));
     assert_eq!(revoked["terminated"], true, "{revoked}");
     assert_eq!(revoked["signum"], 9, "{revoked}");
     assert_eq!(revoked["expired"], false, "{revoked}");
-    vh.wait_queue_depth("small", 0, 0, T);
-    assert_eq!(events.count("task-succeeded", &id), 0);
-    assert_eq!(events.count("task-failed", &id), 0);
+    s.expect_queue(0, 0);
+    assert_eq!(s.count("task-succeeded", &id), 0);
+    assert_eq!(s.count("task-failed", &id), 0);
     // Remembered: `inspect revoked` lists it.
-    let listed = inspect(&vh, "tester@revokerun", "revoked");
+    let listed = inspect(&s.vh, "tester@revokerun", "revoked");
     assert_eq!(listed, json!([id]));
 }
 
 #[test]
 fn revoked_before_it_is_sent_the_task_never_runs() {
-    let (vh, _dir, events, _worker) = stack("revokefirst", &[("CONCURRENCY", "1")]);
+    let s = Stack::start("revokefirst", WorkerEnv::new().set("CONCURRENCY", "1")).within(T);
     let early = task_id();
-    celery_client(&vh, &["revoke", "--task-id", &early]);
+    celery_client(&s.vh, &["revoke", "--task-id", &early]);
     // The cast has no reply: wait until the worker has it.
-    let start = Instant::now();
-    while inspect(&vh, "tester@revokefirst", "revoked") != json!([early]) {
-        assert!(start.elapsed() < T, "the revoke never arrived");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    send_to(&vh, &early, "small", Value::Null);
-    let revoked = events.wait_task_event("task-revoked", &early, T);
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || inspect(&s.vh, "tester@revokefirst", "revoked") == json!([early]),
+        || "the revoke never arrived".to_owned(),
+    );
+    send_to(&s.vh, &early, "small", Value::Null);
+    let revoked = s.expect_event("task-revoked", &early);
     assert_eq!(revoked["terminated"], false, "{revoked}");
     assert_eq!(revoked["expired"], false, "{revoked}");
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
 
     // Held here for its eta when revoked (without terminate): it never
     // starts; the running task, revoked too, goes on (as in Celery, only
     // `terminate` stops a running task).
     let running = task_id();
-    let waiting = task_id();
-    let kw = kwargs(Value::Null).to_string();
-    celery_client(
-        &vh,
-        &[
-            "send",
-            "--name",
-            "offliner.mwoffliner",
-            "--task-id",
-            &waiting,
-            "--kwargs",
-            &kw,
-            "--countdown",
-            "600",
-        ],
-    );
-    events.wait_task_event("task-received", &waiting, T);
-    send_to(&vh, &running, "small", json!({"sleep": 2}));
-    events.wait_task_event("task-started", &running, T);
+    let waiting = Task::new("offliner.mwoffliner", kwargs(Value::Null))
+        .options(&["--countdown", "600"])
+        .send(&s.vh);
+    s.expect_event("task-received", &waiting);
+    send_to(&s.vh, &running, "small", json!({"sleep": 2}));
+    s.expect_event("task-started", &running);
     let reply = broadcast(
-        &vh,
+        &s.vh,
         "tester@revokefirst",
         "revoke",
         json!({"task_id": [waiting.clone(), running.clone()]}),
@@ -306,48 +259,35 @@ fn revoked_before_it_is_sent_the_task_never_runs() {
     let message = reply["ok"].as_str().unwrap_or_default().to_owned();
     assert!(message.ends_with("flagged as revoked"), "{reply}");
     assert!(message.contains(&format!("'{waiting}'")), "{reply}");
-    let revoked = events.wait_task_event("task-revoked", &waiting, T);
+    let revoked = s.expect_event("task-revoked", &waiting);
     assert_eq!(revoked["terminated"], false, "{revoked}");
-    events.wait_task_event("task-succeeded", &running, T);
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_event("task-succeeded", &running);
+    s.expect_queue(0, 0);
     for id in [&early, &waiting] {
-        assert_eq!(events.count("task-started", id), 0, "{id} never started");
+        assert_eq!(s.count("task-started", id), 0, "{id} never started");
     }
-    assert_eq!(events.count("task-received", &early), 0);
-    no_drift_warning(&events);
+    assert_eq!(s.count("task-received", &early), 0);
+    no_drift_warning(&s.events);
 }
 
 #[test]
 fn unknown_and_malformed_control_messages_do_no_harm() {
-    let (vh, dir, events, worker) = stack("badctl", &[]);
+    let s = Stack::start("badctl", WorkerEnv::new()).within(T);
     let node = "tester@badctl";
     assert_eq!(
-        broadcast(&vh, node, "no_such_command", json!({})),
+        broadcast(&s.vh, node, "no_such_command", json!({})),
         json!({"error": "KeyError('no_such_command')"})
     );
     for body in [&b"\xff\xfe not json"[..], b"[1, 2]", b"{\"method\": 7}"] {
-        let file = dir.path().join(format!("ctl-{}", task_id()));
-        std::fs::write(&file, body).unwrap();
-        celery_client(
-            &vh,
-            &[
-                "publish-raw",
-                "--exchange",
-                "celery.pidbox",
-                "--routing-key",
-                "",
-                "--body-file",
-                &file.display().to_string(),
-            ],
-        );
+        publish_pidbox(&s.vh, s.dir(), body);
     }
     assert_eq!(
-        broadcast(&vh, node, "ping", json!({})),
+        broadcast(&s.vh, node, "ping", json!({})),
         json!({"ok": "pong"})
     );
     // Not for this node: no reply.
     let out = celery_client(
-        &vh,
+        &s.vh,
         &[
             "control",
             "--method",
@@ -359,79 +299,60 @@ fn unknown_and_malformed_control_messages_do_no_harm() {
         ],
     );
     assert_eq!(last_json_line(&out.stdout), json!({"replies": []}));
-    worker.wait_log("ignoring a malformed remote-control message", T);
+    s.worker
+        .wait_log("ignoring a malformed remote-control message", T);
 
     // A reply to an exchange the broker refuses to redeclare (the durable
     // topic `offliner`) closes the control channel: it is reopened, and the
     // task channel never notices.
-    let file = dir.path().join("bad-reply-to");
     let request = json!({
         "method": "ping", "arguments": {}, "destination": null, "ticket": "t-1",
         "reply_to": {"exchange": "offliner", "routing_key": "nobody"},
     });
-    std::fs::write(&file, request.to_string()).unwrap();
-    celery_client(
-        &vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "celery.pidbox",
-            "--routing-key",
-            "",
-            "--body-file",
-            &file.display().to_string(),
-        ],
-    );
-    worker.wait_log("remote-control channel reopened", T);
+    publish_pidbox(&s.vh, s.dir(), request.to_string());
+    s.worker.wait_log("remote-control channel reopened", T);
     assert_eq!(
-        broadcast(&vh, node, "ping", json!({})),
+        broadcast(&s.vh, node, "ping", json!({})),
         json!({"ok": "pong"})
     );
     let id = task_id();
-    send_to(&vh, &id, "small", Value::Null);
-    events.wait_task_event("task-succeeded", &id, T);
-    assert!(
-        !worker.log_text().contains("reconnecting"),
-        "{}",
-        worker.log_text()
-    );
+    send_to(&s.vh, &id, "small", Value::Null);
+    s.expect_event("task-succeeded", &id);
+    s.worker.assert_log_lacks("reconnecting");
 }
 
 #[test]
 fn remote_control_comes_back_after_the_connection_is_lost() {
-    let (vh, _dir, events, worker) = stack("ctlreconnect", &[]);
+    let s = Stack::start("ctlreconnect", WorkerEnv::new()).within(T);
     let node = "tester@ctlreconnect";
     assert_eq!(
-        broadcast(&vh, node, "ping", json!({})),
+        broadcast(&s.vh, node, "ping", json!({})),
         json!({"ok": "pong"})
     );
-    vh.close_all_connections();
-    let start = Instant::now();
-    while worker.log_text().matches("consuming").count() < 2 {
-        assert!(
-            start.elapsed() < T,
-            "no reconnection: {}",
-            worker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.vh.close_all_connections();
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || s.worker.log_text().matches("consuming").count() >= 2,
+        || format!("no reconnection: {}", s.worker.log_text()),
+    );
     // The event receiver reconnects by itself; the worker's pidbox queue
     // is its own again.
     assert_eq!(
-        broadcast(&vh, node, "ping", json!({})),
+        broadcast(&s.vh, node, "ping", json!({})),
         json!({"ok": "pong"})
     );
     let id = task_id();
-    send_to(&vh, &id, "small", Value::Null);
-    events.wait_task_event("task-succeeded", &id, T);
+    send_to(&s.vh, &id, "small", Value::Null);
+    s.expect_event("task-succeeded", &id);
 }
 
 #[test]
 fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
-    let (vh, _dir, events, worker) = stack("queues", &[]);
+    let s = Stack::start("queues", WorkerEnv::new()).within(T);
     let node = "tester@queues";
 
-    let out = celery_cli(&vh, &["control", "add_consumer", "medium", "-d", node]);
+    let out = celery_cli(&s.vh, &["control", "add_consumer", "medium", "-d", node]);
     assert!(
         out.status.success(),
         "add_consumer: {}{}",
@@ -452,23 +373,23 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
             .collect()
     };
     assert_eq!(
-        names(&inspect(&vh, node, "active_queues")),
+        names(&inspect(&s.vh, node, "active_queues")),
         ["small", "medium"]
     );
     let id = task_id();
-    send_to(&vh, &id, "medium", Value::Null);
-    let done = events.wait_task_event("task-succeeded", &id, T);
+    send_to(&s.vh, &id, "medium", Value::Null);
+    let done = s.expect_event("task-succeeded", &id);
     assert_eq!(done["hostname"], node);
-    vh.wait_queue_depth("medium", 0, 0, T);
+    s.vh.wait_queue_depth("medium", 0, 0, T);
 
     // A queue of another name: its own direct exchange, as Celery does.
-    let reply = broadcast(&vh, node, "add_consumer", json!({"queue": "zimit"}));
+    let reply = broadcast(&s.vh, node, "add_consumer", json!({"queue": "zimit"}));
     assert_eq!(reply, json!({"ok": "add consumer zimit"}));
-    let queues = inspect(&vh, node, "active_queues");
+    let queues = inspect(&s.vh, node, "active_queues");
     assert_eq!(queues[2]["exchange"]["name"], "zimit", "{queues}");
     assert_eq!(queues[2]["exchange"]["type"], "direct", "{queues}");
 
-    let out = celery_cli(&vh, &["control", "cancel_consumer", "medium", "-d", node]);
+    let out = celery_cli(&s.vh, &["control", "cancel_consumer", "medium", "-d", node]);
     assert!(
         text(&out.stdout).contains("no longer consuming from medium"),
         "{}{}",
@@ -476,38 +397,34 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
         text(&out.stderr)
     );
     assert_eq!(
-        names(&inspect(&vh, node, "active_queues")),
+        names(&inspect(&s.vh, node, "active_queues")),
         ["small", "zimit"]
     );
     let parked = task_id();
-    send_to(&vh, &parked, "medium", Value::Null);
-    vh.wait_queue_depth("medium", 1, 0, T);
+    send_to(&s.vh, &parked, "medium", Value::Null);
+    s.vh.wait_queue_depth("medium", 1, 0, T);
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(events.count("task-received", &parked), 0);
+    assert_eq!(s.count("task-received", &parked), 0);
 
     // Every queue cancelled: nothing consumed, the worker stays up; adding
     // one back resumes.
     for queue in ["small", "zimit"] {
-        broadcast(&vh, node, "cancel_consumer", json!({"queue": queue}));
+        broadcast(&s.vh, node, "cancel_consumer", json!({"queue": queue}));
     }
-    assert_eq!(inspect(&vh, node, "active_queues"), json!([]));
+    assert_eq!(inspect(&s.vh, node, "active_queues"), json!([]));
     let small = task_id();
-    send_to(&vh, &small, "small", Value::Null);
-    vh.wait_queue_depth("small", 1, 0, T);
-    broadcast(&vh, node, "add_consumer", json!({"queue": "small"}));
-    events.wait_task_event("task-succeeded", &small, T);
-    assert!(
-        !worker.log_text().contains("reconnecting"),
-        "{}",
-        worker.log_text()
-    );
+    send_to(&s.vh, &small, "small", Value::Null);
+    s.expect_queue(1, 0);
+    broadcast(&s.vh, node, "add_consumer", json!({"queue": "small"}));
+    s.expect_event("task-succeeded", &small);
+    s.worker.assert_log_lacks("reconnecting");
 }
 
 #[test]
 fn disable_events_and_enable_events_toggle_task_events() {
-    let (vh, _dir, events, _worker) = stack("evtoggle", &[]);
+    let s = Stack::start("evtoggle", WorkerEnv::new()).within(T);
     let node = "tester@evtoggle";
-    let out = celery_cli(&vh, &["control", "disable_events", "-d", node]);
+    let out = celery_cli(&s.vh, &["control", "disable_events", "-d", node]);
     assert!(
         text(&out.stdout).contains("task events disabled"),
         "{}{}",
@@ -515,32 +432,32 @@ fn disable_events_and_enable_events_toggle_task_events() {
         text(&out.stderr)
     );
     let quiet = task_id();
-    send_to(&vh, &quiet, "small", Value::Null);
+    send_to(&s.vh, &quiet, "small", Value::Null);
     // The final event still goes: the dispatcher depends on it.
-    events.wait_task_event("task-succeeded", &quiet, T);
-    assert_eq!(events.count("task-received", &quiet), 0);
-    assert_eq!(events.count("task-started", &quiet), 0);
+    s.expect_event("task-succeeded", &quiet);
+    assert_eq!(s.count("task-received", &quiet), 0);
+    assert_eq!(s.count("task-started", &quiet), 0);
 
-    let out = celery_cli(&vh, &["control", "enable_events", "-d", node]);
+    let out = celery_cli(&s.vh, &["control", "enable_events", "-d", node]);
     assert!(
         text(&out.stdout).contains("task events enabled"),
         "{}",
         text(&out.stdout)
     );
     let loud = task_id();
-    send_to(&vh, &loud, "small", Value::Null);
-    events.wait_task_event("task-succeeded", &loud, T);
-    assert_eq!(events.count("task-received", &loud), 1);
-    assert_eq!(events.count("task-started", &loud), 1);
+    send_to(&s.vh, &loud, "small", Value::Null);
+    s.expect_event("task-succeeded", &loud);
+    assert_eq!(s.count("task-received", &loud), 1);
+    assert_eq!(s.count("task-started", &loud), 1);
 
     // `heartbeat`: Celery replies None and sends a worker-heartbeat.
     let asked = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default();
-    let reply = broadcast(&vh, node, "heartbeat", json!({}));
+    let reply = broadcast(&s.vh, node, "heartbeat", json!({}));
     assert_eq!(reply, Value::Null);
-    events.wait_for(
+    s.events.wait_for(
         |v| {
             v["type"] == "worker-heartbeat"
                 && v["local_received"].as_f64().is_some_and(|t| t >= asked)
@@ -552,17 +469,17 @@ fn disable_events_and_enable_events_toggle_task_events() {
 
 #[test]
 fn shutdown_by_remote_control_stops_the_worker_with_exit_0() {
-    let (vh, _dir, events, mut worker) = stack("remoteshut", &[]);
-    let out = celery_cli(&vh, &["control", "shutdown", "-d", "tester@remoteshut"]);
+    let mut s = Stack::start("remoteshut", WorkerEnv::new()).within(T);
+    let out = celery_cli(&s.vh, &["control", "shutdown", "-d", "tester@remoteshut"]);
     assert!(
         text(&out.stdout).contains("shutting down"),
         "{}{}",
         text(&out.stdout),
         text(&out.stderr)
     );
-    let status = worker.wait_exit(Duration::from_secs(15));
+    let status = s.worker.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit status {status:?}");
-    events.wait_for(
+    s.events.wait_for(
         |v| v["type"] == "worker-offline" && v["hostname"] == "tester@remoteshut",
         T,
         "worker-offline",
@@ -571,9 +488,9 @@ fn shutdown_by_remote_control_stops_the_worker_with_exit_0() {
 
 #[test]
 fn a_second_worker_with_the_same_node_name_exits_with_a_clear_error() {
-    let (vh, _dir, events, first) = stack("dup", &[]);
+    let s = Stack::start("dup", WorkerEnv::new()).within(T);
     let other_dir = tempfile::tempdir().expect("temp dir");
-    let mut second = WorkerProc::start(&vh, other_dir.path(), "dup", &[]);
+    let mut second = WorkerProc::start(&s.vh, other_dir.path(), "dup", &WorkerEnv::new());
     let status = second.wait_exit(Duration::from_secs(20));
     assert_eq!(
         status.code(),
@@ -589,29 +506,45 @@ fn a_second_worker_with_the_same_node_name_exits_with_a_clear_error() {
 
     // The first one goes on, remote control included.
     let id = task_id();
-    send_to(&vh, &id, "small", Value::Null);
-    events.wait_task_event("task-succeeded", &id, T);
+    send_to(&s.vh, &id, "small", Value::Null);
+    s.expect_event("task-succeeded", &id);
     assert_eq!(
-        broadcast(&vh, "tester@dup", "ping", json!({})),
+        broadcast(&s.vh, "tester@dup", "ping", json!({})),
         json!({"ok": "pong"})
     );
-    assert!(!first.log_text().contains("reconnecting"));
+    assert!(!s.worker.log_text().contains("reconnecting"));
 }
 
 #[test]
 fn celery_events_dump_shows_worker_and_task_events() {
-    let (vh, _dir, _events, _worker) = stack("dump", &[]);
+    let s = Stack::start("dump", WorkerEnv::new()).within(T);
     let mut dump = Command::new(python())
-        .args(["-m", "celery", "-b", &vh.url(), "events", "--dump"])
+        .args(["-m", "celery", "-b", &s.vh.url(), "events", "--dump"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("celery events runs");
-    // Its queue is bound once it runs; then a task and a few heartbeats.
-    std::thread::sleep(Duration::from_secs(3));
+    // Its queue is bound once it runs (the stack's receiver has the other
+    // `celeryev.*` queue); then a task and a few heartbeats.
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || event_queues(&s.vh) >= 2,
+        || "celery events never bound its queue".to_owned(),
+    );
     let id = task_id();
-    send_to(&vh, &id, "small", json!({"sleep": 0.5}));
-    std::thread::sleep(Duration::from_secs(5));
+    send_to(&s.vh, &id, "small", json!({"sleep": 0.5}));
+    let done = s.expect_event("task-succeeded", &id);
+    // Two heartbeats after the task: the dump has had the first for 2 s.
+    let after = done["timestamp"].as_f64().unwrap_or_default();
+    s.events
+        .wait_until("two heartbeats after the task", T, |all| {
+            all.iter()
+                .filter(|v| v["type"] == "worker-heartbeat")
+                .filter(|v| v["timestamp"].as_f64().is_some_and(|t| t > after))
+                .count()
+                >= 2
+        });
     let _ = Command::new("kill")
         .args(["-INT", &dump.id().to_string()])
         .status();
@@ -630,6 +563,20 @@ fn celery_events_dump_shows_worker_and_task_events() {
         !stdout.contains("drift") && !stderr.contains("drift"),
         "{stdout}\n{stderr}"
     );
+}
+
+/// The `celeryev.*` queues of the vhost: one per event receiver.
+fn event_queues(vh: &Vhost) -> usize {
+    let queues = rabbit_api_call("GET", &format!("/queues/{}", vh.name), None);
+    queues.as_array().map_or(0, |qs| {
+        qs.iter()
+            .filter(|q| {
+                q["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("celeryev."))
+            })
+            .count()
+    })
 }
 
 fn wait_output(child: &mut Child, timeout: Duration) -> Output {
@@ -681,15 +628,12 @@ impl Flower {
             .spawn()
             .expect("flower starts");
         let flower = Self { child, port, log };
-        let start = Instant::now();
-        while flower.get("/healthcheck").0 != 200 {
-            assert!(
-                start.elapsed() < T,
-                "flower never answered: {}",
-                flower.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        eventually(
+            T,
+            Duration::from_millis(200),
+            || flower.get("/healthcheck").0 == 200,
+            || format!("flower never answered: {}", flower.log_text()),
+        );
         flower
     }
 
@@ -754,9 +698,9 @@ impl Drop for Flower {
 
 #[test]
 fn flower_shows_the_worker_its_queues_and_tasks() {
-    let (vh, dir, events, _worker) = stack("flower", &[]);
+    let s = Stack::start("flower", WorkerEnv::new()).within(T);
     let node = "tester@flower";
-    let flower = Flower::start(&vh, dir.path());
+    let flower = Flower::start(&s.vh, s.dir());
 
     // Online, from the events (Flower's own receiver wakes the worker up
     // with a `heartbeat` broadcast).
@@ -804,8 +748,8 @@ fn flower_shows_the_worker_its_queues_and_tasks() {
     assert_eq!(code, 200, "{page}");
 
     let id = task_id();
-    send_to(&vh, &id, "small", json!({"sleep": 0.3}));
-    events.wait_task_event("task-succeeded", &id, T);
+    send_to(&s.vh, &id, "small", json!({"sleep": 0.3}));
+    s.expect_event("task-succeeded", &id);
     let tasks = flower.wait_json(
         "/api/tasks",
         |v| v[&id]["state"] == "SUCCESS",
@@ -819,14 +763,16 @@ fn flower_shows_the_worker_its_queues_and_tasks() {
 
     // Flower's revoke button (its API): terminate a running task.
     let long = task_id();
-    send_to(&vh, &long, "small", json!({"sleep": 120}));
-    events.wait_task_event("task-started", &long, T);
+    send_to(&s.vh, &long, "small", json!({"sleep": 120}));
+    s.expect_event("task-started", &long);
     let (code, body) = flower.request(
         "POST",
         &format!("/api/task/revoke/{long}?terminate=true&signal=SIGKILL"),
     );
     assert_eq!(code, 200, "{body}");
-    let revoked = events.wait_task_event("task-revoked", &long, Duration::from_secs(10));
+    let revoked = s
+        .events
+        .wait_task_event("task-revoked", &long, Duration::from_secs(10));
     assert_eq!(revoked["terminated"], true, "{revoked}");
     assert_eq!(revoked["signum"], 9, "{revoked}");
     flower.wait_json(
@@ -834,5 +780,5 @@ fn flower_shows_the_worker_its_queues_and_tasks() {
         |v| v[&long]["state"] == "REVOKED",
         "task revoked in flower",
     );
-    no_drift_warning(&events);
+    no_drift_warning(&s.events);
 }

@@ -75,14 +75,25 @@ fn docker_worker(
     work: &Path,
     node: &str,
     sshd: &Sshd,
-    extra: &[(&str, &str)],
+    extra: WorkerEnv,
 ) -> WorkerProc {
-    let work = leak(work.display().to_string());
-    let mut env: Vec<(&str, &str)> = docker_env(sshd, &[("WORKING_DIR", work), ("ZIM_DIR", work)]);
-    env.extend_from_slice(extra);
-    let worker = WorkerProc::start(vh, logs, node, &env);
+    let work = work.display();
+    let env = WorkerEnv::docker(sshd)
+        .set("WORKING_DIR", &work)
+        .set("ZIM_DIR", &work);
+    let worker = WorkerProc::start(vh, logs, node, &env.merge(extra));
     worker.wait_connected();
     worker
+}
+
+/// The metrics `m` count one kept dir swept for `reason`.
+fn assert_swept_once(m: &Value, reason: &str) {
+    let swept = sample(
+        m,
+        "zimfarm_worker_kept_dirs_swept_total",
+        &[("reason", reason)],
+    );
+    assert_eq!(swept, Some(1.0), "{m}");
 }
 
 /// A task dir as a failed upload leaves it: a ZIM of `mib` MiB and the
@@ -105,17 +116,12 @@ fn kept_dir(work: &Path, id: &str, mib: usize, age: Duration) -> PathBuf {
 /// `check`'s disk line for a worker whose ZIM_DIR is `work` (the other
 /// checks may fail: nothing else is set up).
 fn check_disk_line(vh: &Vhost, work: &Path, min_free_mb: &str) -> String {
-    let env = worker_env(
-        vh,
-        work,
-        "disk-check",
-        &[
-            ("TASK_RUNNER", "docker"),
-            ("MIN_FREE_DISK_MB", min_free_mb),
-            ("WAREHOUSE_HOST", "127.0.0.1"),
-            ("WAREHOUSE_PORT", "1"),
-        ],
-    );
+    let env = WorkerEnv::new()
+        .set("TASK_RUNNER", "docker")
+        .set("MIN_FREE_DISK_MB", min_free_mb)
+        .set("WAREHOUSE_HOST", "127.0.0.1")
+        .set("WAREHOUSE_PORT", 1)
+        .vars(vh, work, "disk-check");
     let out = run_worker(&["check"], &env);
     let report = output_text(&out);
     report
@@ -126,18 +132,18 @@ fn check_disk_line(vh: &Vhost, work: &Path, min_free_mb: &str) -> String {
 }
 
 fn wait_gone(path: &Path) {
-    let start = std::time::Instant::now();
-    while path.exists() {
-        assert!(start.elapsed() < T, "{} is still there", path.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || !path.exists(),
+        || format!("{} is still there", path.display()),
+    );
 }
 
 #[test]
 fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("disk-age");
-    let logs = tempfile::tempdir().unwrap();
+    let Services { vh, dir: logs } = Services::new("disk-age");
     let work = tempfile::tempdir().unwrap();
     let old = task_id();
     let fresh = task_id();
@@ -166,10 +172,9 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
         work.path(),
         "disk-age",
         &sshd,
-        &[
-            ("KEPT_DIR_MAX_AGE", "168"),
-            ("METRICS_ADDR", leak(addr.clone())),
-        ],
+        WorkerEnv::new()
+            .set("KEPT_DIR_MAX_AGE", 168)
+            .set("METRICS_ADDR", &addr),
     );
     worker.wait_log("swept a kept task dir", T);
     assert!(!old_dir.exists());
@@ -186,15 +191,7 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
     );
     assert_eq!(log.matches("swept a kept task dir").count(), 1, "{log}");
     let m = scrape(&addr);
-    assert_eq!(
-        sample(
-            &m,
-            "zimfarm_worker_kept_dirs_swept_total",
-            &[("reason", "age")]
-        ),
-        Some(1.0),
-        "{m}"
-    );
+    assert_swept_once(&m, "age");
     let bytes = sample(
         &m,
         "zimfarm_worker_kept_dirs_swept_bytes_total",
@@ -205,8 +202,7 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
 
     // Its next task runs beside the fresh kept dir, which stays.
     let events = EventsProc::start(&vh, 120);
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    let id = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
     assert!(fresh_dir.join("wikipedia_en_test.zim").exists());
 }
@@ -214,8 +210,7 @@ fn kept_dirs_are_listed_by_check_and_swept_by_age_at_start() {
 #[test]
 fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("disk-pressure");
-    let logs = tempfile::tempdir().unwrap();
+    let Services { vh, dir: logs } = Services::new("disk-pressure");
     let fs = Tmpfs::mount(48);
     // Young (no age sweep would take it), but taking most of the disk.
     let kept = task_id();
@@ -236,14 +231,12 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
         fs.path(),
         "disk-pressure",
         &sshd,
-        &[
-            ("MIN_FREE_DISK_MB", "20"),
-            ("METRICS_ADDR", leak(addr.clone())),
-        ],
+        WorkerEnv::new()
+            .set("MIN_FREE_DISK_MB", 20)
+            .set("METRICS_ADDR", &addr),
     );
     assert!(kept_path.exists(), "swept before any task needed the space");
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    let id = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
     assert!(!kept_path.exists());
     let log = worker.log_text();
@@ -256,15 +249,7 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
         "{swept}"
     );
     let m = scrape(&addr);
-    assert_eq!(
-        sample(
-            &m,
-            "zimfarm_worker_kept_dirs_swept_total",
-            &[("reason", "pressure")]
-        ),
-        Some(1.0),
-        "{m}"
-    );
+    assert_swept_once(&m, "pressure");
 
     // With nothing left to sweep, a task is refused, saying so.
     let hog = fs.path().join("not-a-task-dir.bin");
@@ -273,14 +258,7 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
         .arg(format!("of={}", hog.display()))
         .stderr(std::process::Stdio::null())
         .status();
-    let refused = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &refused,
-        &mw_kwargs(json!({})),
-        &[],
-    );
+    let refused = Task::mw(json!({})).send(&vh);
     let failed = events.wait_task_event("task-failed", &refused, T);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
@@ -293,21 +271,16 @@ fn under_disk_pressure_a_kept_dir_is_swept_instead_of_refusing_the_task() {
 #[test]
 fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("disk-full");
-    let logs = tempfile::tempdir().unwrap();
+    let Services { vh, dir: logs } = Services::new("disk-full");
     let fs = Tmpfs::mount(48);
     let events = EventsProc::start(&vh, 180);
-    let extra = [("MIN_FREE_DISK_MB", "5")];
-    let mut worker = docker_worker(&vh, logs.path(), fs.path(), "disk-full", &sshd, &extra);
+    let start_worker = || {
+        let env = WorkerEnv::new().set("MIN_FREE_DISK_MB", 5);
+        docker_worker(&vh, logs.path(), fs.path(), "disk-full", &sshd, env)
+    };
+    let mut worker = start_worker();
 
-    let full = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &full,
-        &mw_kwargs(json!({"fill": 100})),
-        &[],
-    );
+    let full = Task::mw(json!({"fill": 100})).send(&vh);
     let failed = events.wait_task_event("task-failed", &full, T);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
@@ -319,14 +292,7 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     assert!(fs.free_mib() > 40, "{} MiB free", fs.free_mib());
 
     // The next task runs on the same worker.
-    let next = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &next,
-        &mw_kwargs(json!({})),
-        &[],
-    );
+    let next = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &next, T);
 
     // Every line of the record of ended tasks is whole, and both are there.
@@ -344,31 +310,16 @@ fn a_scrape_that_fills_the_disk_fails_saying_so_and_the_next_task_runs() {
     // A restarted worker starts fine on that working dir, and knows both.
     worker.signal("TERM");
     assert!(worker.wait_exit(T).success());
-    let _worker = docker_worker(&vh, logs.path(), fs.path(), "disk-full", &sshd, &extra);
-    let third = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &third,
-        &mw_kwargs(json!({})),
-        &[],
-    );
+    let _worker = start_worker();
+    let third = Task::mw(json!({})).send(&vh);
     events.wait_task_event("task-succeeded", &third, T);
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &full,
-        &mw_kwargs(json!({"fill": 100})),
-        &[],
+    Task::mw(json!({"fill": 100})).with_id(&full).send(&vh);
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || events.count("task-failed", &full) >= 2,
+        || "the failure was not re-sent from the record".to_owned(),
     );
-    let start = std::time::Instant::now();
-    while events.count("task-failed", &full) < 2 {
-        assert!(
-            start.elapsed() < T,
-            "the failure was not re-sent from the record"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     assert!(!fs.path().join(&full).exists(), "it did not run again");
 }
 

@@ -88,6 +88,27 @@ fn assert_no_secrets(standin: &DispatcherStandin, secrets: &[&str], texts: &[Str
     }
 }
 
+/// `user` at a stand-in whose tokens last `expires_in` s, logged in, with
+/// its token keeper running until the returned token is cancelled.
+async fn logged_in_keeper(
+    user: &str,
+    expires_in: u64,
+) -> (
+    DispatcherStandin,
+    String,
+    Dispatcher,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (standin, pw) = farm(user);
+    standin.set_expires_in(expires_in);
+    let dispatcher = client(&standin, user, &pw);
+    dispatcher.login().await.unwrap();
+    let cancel = CancellationToken::new();
+    let keeper = dispatcher.spawn_keeper(cancel.clone());
+    (standin, pw, dispatcher, cancel, keeper)
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -294,12 +315,7 @@ async fn keeper_waits_for_a_dispatcher_that_is_down_at_start() {
 
 #[tokio::test]
 async fn keys_fail_while_the_dispatcher_is_down_and_work_after() {
-    let (standin, pw) = farm("erin");
-    standin.set_expires_in(3);
-    let dispatcher = client(&standin, "erin", &pw);
-    dispatcher.login().await.unwrap();
-    let cancel = CancellationToken::new();
-    let keeper = dispatcher.spawn_keeper(cancel.clone());
+    let (standin, pw, dispatcher, cancel, keeper) = logged_in_keeper("erin", 3).await;
     dispatcher.keys().await.expect("keys while up");
 
     standin.stop();
@@ -392,15 +408,11 @@ async fn a_401_triggers_exactly_one_new_login() {
 
 /// `ssh-keygen -l -E md5 -f <pub>`'s fingerprint, without `MD5:` and colons.
 fn ssh_keygen_md5(public: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .args(["-l", "-E", "md5", "-f"])
-        .arg(public)
-        .output()
-        .expect("ssh-keygen runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::run_ok(
+        Command::new("ssh-keygen")
+            .args(["-l", "-E", "md5", "-f"])
+            .arg(public),
+        "ssh-keygen -l",
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let fp = text.split_whitespace().nth(1).expect("a fingerprint");
@@ -468,12 +480,7 @@ async fn add_key_then_keys_lists_it_with_the_ssh_keygen_md5() {
 
 #[tokio::test]
 async fn logs_are_captured_and_name_no_secret() {
-    let (standin, pw) = farm("heidi");
-    standin.set_expires_in(1);
-    let dispatcher = client(&standin, "heidi", &pw);
-    dispatcher.login().await.unwrap();
-    let cancel = CancellationToken::new();
-    let keeper = dispatcher.spawn_keeper(cancel.clone());
+    let (standin, pw, dispatcher, cancel, keeper) = logged_in_keeper("heidi", 1).await;
     wait_until("two refreshes", Duration::from_secs(5), || {
         standin.counters().refresh_grants >= 2
     })

@@ -59,7 +59,7 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     let vh = Vhost::new("farm");
     let events = EventsProc::start(&vh, 300);
     let dirs: Vec<tempfile::TempDir> = NODES.iter().map(|_| tempfile::tempdir().unwrap()).collect();
-    let env = docker_env(&sshd, &[("CONCURRENCY", "1")]);
+    let env = WorkerEnv::docker(&sshd).set("CONCURRENCY", 1);
     let mut workers: Vec<WorkerProc> = NODES
         .iter()
         .zip(&dirs)
@@ -227,10 +227,11 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
         others_running.len()
     );
     for node in NODES {
-        let start = Instant::now();
-        while !containers_of(node).is_empty() {
-            assert!(start.elapsed() < T, "{node} left {:?}", containers_of(node));
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(
+            T,
+            Duration::from_millis(100),
+            || containers_of(node).is_empty(),
+            || format!("{node} left {:?}", containers_of(node)),
+        );
     }
 }

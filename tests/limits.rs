@@ -43,27 +43,17 @@ fn deep_dir(root: &Path, len: usize) -> PathBuf {
 }
 
 fn wait_until(what: &str, done: impl Fn() -> bool) {
-    let start = std::time::Instant::now();
-    while !done() {
-        assert!(start.elapsed() < T, "{what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(T, Duration::from_millis(100), done, || what.to_owned());
 }
 
 /// Runs the stand-in mwoffliner demo task `id` on a worker named `node`
 /// whose WORKING_DIR = ZIM_DIR is `dir`, and checks it went through
 /// prepare (redis answered), generate and upload, log included, leaving
 /// no container and no task dir.
-fn run_demo_task(
-    sshd: &Sshd,
-    dir: &Path,
-    node: &str,
-    id: &str,
-    extra: &[(&'static str, &'static str)],
-) {
+fn run_demo_task(sshd: &Sshd, dir: &Path, node: &str, id: &str, extra: WorkerEnv) {
     let vh = Vhost::new(node);
     let events = EventsProc::start(&vh, 180);
-    let worker = WorkerProc::start(&vh, dir, node, &docker_env(sshd, extra));
+    let worker = WorkerProc::start(&vh, dir, node, &WorkerEnv::docker(sshd).merge(extra));
     worker.wait_connected();
     let kwargs = json!({
         "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "admin@example.org"},
@@ -124,7 +114,7 @@ fn mwoffliner_demo_runs_under_a_200_character_zim_dir() {
             .len()
             > 107
     );
-    run_demo_task(&sshd, &dir, "paths-deep", &id, &[]);
+    run_demo_task(&sshd, &dir, "paths-deep", &id, WorkerEnv::new());
 }
 
 #[test]
@@ -136,10 +126,16 @@ fn longest_node_name_task_id_and_docker_host_path_work_end_to_end() {
     let socket_dir = deep_dir(root.path(), 150);
     let socket = socket_dir.join("docker.sock");
     std::os::unix::fs::symlink("/var/run/docker.sock", &socket).unwrap();
-    let docker_host = leak(format!("unix://{}", socket.display()));
+    let docker_host = format!("unix://{}", socket.display());
     let node = "p".repeat(63);
     let id = format!("paths-{}", "0123456789abcdef".repeat(4))[..64].to_owned();
-    run_demo_task(&sshd, &dir, &node, &id, &[("DOCKER_HOST", docker_host)]);
+    run_demo_task(
+        &sshd,
+        &dir,
+        &node,
+        &id,
+        WorkerEnv::new().set("DOCKER_HOST", docker_host),
+    );
 }
 
 #[test]
@@ -206,36 +202,23 @@ fn start_refuses_what_no_path_or_name_can_hold_with_one_line() {
 
 #[test]
 fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answering() {
-    let (vh, dir, _events, mut worker) = stack("paths-amqp", &[]);
+    let mut s = Stack::start("paths-amqp", WorkerEnv::new()).within(T);
     let node = "tester@paths-amqp";
     let long = "x".repeat(300);
     // A reply_to no AMQP frame can carry: no reply, and nothing breaks.
-    let file = dir.path().join("long-reply-to");
     let request = json!({
         "method": "ping", "arguments": {}, "destination": null, "ticket": "t-1",
         "reply_to": {"exchange": "", "routing_key": long},
     });
-    std::fs::write(&file, request.to_string()).unwrap();
-    celery_client(
-        &vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "celery.pidbox",
-            "--routing-key",
-            "",
-            "--body-file",
-            &file.display().to_string(),
-        ],
-    );
-    worker.wait_log("over 255 bytes; no reply sent", T);
+    publish_pidbox(&s.vh, s.dir(), request.to_string());
+    s.worker.wait_log("over 255 bytes; no reply sent", T);
     // Queue, exchange and routing key over 255 bytes: an error reply.
     for arguments in [
         json!({"queue": long}),
         json!({"queue": "paths-q", "exchange": long}),
         json!({"queue": "paths-q", "routing_key": long}),
     ] {
-        let reply = broadcast(&vh, node, "add_consumer", arguments);
+        let reply = broadcast(&s.vh, node, "add_consumer", arguments);
         assert!(
             reply["error"].as_str().unwrap_or_default().contains("255"),
             "{reply}"
@@ -243,16 +226,12 @@ fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answerin
     }
     // A 250-byte queue: its consumer tag is cut to fit, and it is consumed.
     let queue = "q".repeat(250);
-    let reply = broadcast(&vh, node, "add_consumer", json!({"queue": queue}));
+    let reply = broadcast(&s.vh, node, "add_consumer", json!({"queue": queue}));
     assert!(reply["ok"].as_str().is_some(), "{reply}");
     assert_eq!(
-        broadcast(&vh, node, "ping", json!({})),
+        broadcast(&s.vh, node, "ping", json!({})),
         json!({"ok": "pong"})
     );
-    assert!(worker.is_running(), "{}", worker.log_text());
-    assert!(
-        !worker.log_text().contains("reconnecting"),
-        "{}",
-        worker.log_text()
-    );
+    assert!(s.worker.is_running(), "{}", s.worker.log_text());
+    s.worker.assert_log_lacks("reconnecting");
 }

@@ -58,26 +58,21 @@ fn healthcheck(metrics_addr: Option<&str>) -> (i32, String) {
 #[test]
 fn metrics_show_each_task_under_its_outcome_and_parse_as_prometheus_text() {
     let addr = free_addr();
-    let (vh, _dir, events, _worker) = stack("metrics", &[("METRICS_ADDR", &addr)]);
+    let s = Stack::start("metrics", WorkerEnv::new().set("METRICS_ADDR", &addr)).within(T);
     let ok = [task_id(), task_id()];
     for id in &ok {
-        send_task(&vh, "offliner.mwoffliner", id, &json!({}), &[]);
+        send_task(&s.vh, "offliner.mwoffliner", id, &json!({}), &[]);
     }
-    let bad = task_id();
-    send_task(
-        &vh,
+    let bad = s.submit(Task::new(
         "offliner.youtube",
-        &bad,
-        &json!({"simulate": {"fail": "boom"}}),
-        &[],
-    );
-    let unknown = task_id();
-    send_task(&vh, "offliner.nope", &unknown, &json!({}), &[]);
+        json!({"simulate": {"fail": "boom"}}),
+    ));
+    let unknown = s.submit(Task::new("offliner.nope", json!({})));
     for id in &ok {
-        events.wait_task_event("task-succeeded", id, T);
+        s.expect_event("task-succeeded", id);
     }
-    events.wait_task_event("task-failed", &bad, T);
-    events.wait_task_event("task-failed", &unknown, T);
+    s.expect_event("task-failed", &bad);
+    s.expect_event("task-failed", &unknown);
     // The first heartbeat goes out 2 s after start.
     let healthy = wait_health(&addr, 200, T);
     assert_eq!(healthy["healthy"], true, "{healthy}");
@@ -148,15 +143,14 @@ fn metrics_show_each_task_under_its_outcome_and_parse_as_prometheus_text() {
 #[test]
 fn healthz_turns_unhealthy_while_the_broker_is_gone() {
     let addr = free_addr();
-    let vh = Vhost::new("health");
+    let sv = Services::new("health");
     let proxy = FaultProxy::start("127.0.0.1:5672");
-    let dir = tempfile::tempdir().unwrap();
-    let url = proxy.url(&vh);
-    let worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let url = proxy.url(&sv.vh);
+    let worker = sv.spawn(
         "health",
-        &[("METRICS_ADDR", &addr), ("BROKER_URL", &url)],
+        &WorkerEnv::new()
+            .set("METRICS_ADDR", &addr)
+            .set("BROKER_URL", &url),
     );
     worker.wait_connected();
     wait_health(&addr, 200, T);
@@ -190,19 +184,15 @@ fn healthz_turns_unhealthy_while_the_broker_is_gone() {
 
 #[test]
 fn a_bad_or_busy_metrics_addr_stops_the_worker_with_exit_2() {
-    let vh = Vhost::new("badmetrics");
-    let dir = tempfile::tempdir().unwrap();
+    let sv = Services::new("badmetrics");
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_addr = busy.local_addr().unwrap().to_string();
     for (value, expect) in [
         (busy_addr.as_str(), "free port"),
         ("localhost:9090", "expected an IP address and port"),
     ] {
-        let mut worker =
-            WorkerProc::start(&vh, dir.path(), "badmetrics", &[("METRICS_ADDR", value)]);
-        let status = worker.wait_exit(T);
-        let log = worker.log_text();
-        assert_eq!(status.code(), Some(2), "{value}: {log}");
+        let mut worker = sv.spawn("badmetrics", &WorkerEnv::new().set("METRICS_ADDR", value));
+        let log = worker.expect_exit_2(T);
         assert!(
             log.contains("METRICS_ADDR") && log.contains(expect),
             "{value}: {log}"

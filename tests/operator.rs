@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::dispatcher::DispatcherStandin;
 use common::sshd::{KeyKind, Sshd};
@@ -38,7 +38,7 @@ fn md5_of(private: &Path) -> String {
 /// A whole healthy stack for `check`: a dispatcher stand-in that knows the
 /// user and the key, a broker vhost (through a cuttable proxy), Docker, an
 /// sshd warehouse, a working dir.
-struct Stack {
+struct Healthy {
     _vhost: Vhost,
     proxy: FaultProxy,
     dispatcher: DispatcherStandin,
@@ -47,7 +47,7 @@ struct Stack {
     env: Vec<(String, String)>,
 }
 
-fn healthy_stack(label: &str) -> Stack {
+fn healthy_stack(label: &str) -> Healthy {
     let vhost = Vhost::new(label);
     let proxy = FaultProxy::start("127.0.0.1:5672");
     let dir = tempfile::tempdir().unwrap();
@@ -58,26 +58,19 @@ fn healthy_stack(label: &str) -> Stack {
     dispatcher
         .register_key(sshd.user(), "worker", public_key(&key).trim())
         .unwrap();
-    let mut env = worker_env(&vhost, dir.path(), label, &[]);
-    for (k, v) in [
-        ("USERNAME", sshd.user().to_owned()),
-        ("PASSWORD", "s3cret".to_owned()),
-        ("BROKER_URL", proxy.url(&vhost)),
-        ("DISPATCHER_URL", dispatcher.url()),
-        ("TASK_RUNNER", "docker".to_owned()),
-        ("MIN_FREE_DISK_MB", "10".to_owned()),
-        ("WAREHOUSE_HOST", "127.0.0.1".to_owned()),
-        ("WAREHOUSE_PORT", sshd.port().to_string()),
-        ("SSH_KEY", key.display().to_string()),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            sshd.known_hosts_file().display().to_string(),
-        ),
-    ] {
-        env.retain(|(name, _)| name != k);
-        env.push((k.to_owned(), v));
-    }
-    Stack {
+    let env = WorkerEnv::new()
+        .set("USERNAME", sshd.user())
+        .set("PASSWORD", "s3cret")
+        .set("BROKER_URL", proxy.url(&vhost))
+        .set("DISPATCHER_URL", dispatcher.url())
+        .set("TASK_RUNNER", "docker")
+        .set("MIN_FREE_DISK_MB", 10)
+        .set("WAREHOUSE_HOST", "127.0.0.1")
+        .set("WAREHOUSE_PORT", sshd.port())
+        .set("SSH_KEY", key.display())
+        .set("WAREHOUSE_KNOWN_HOSTS", sshd.known_hosts_file().display())
+        .vars(&vhost, dir.path(), label);
+    Healthy {
         _vhost: vhost,
         proxy,
         dispatcher,
@@ -177,11 +170,7 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
     ];
     let out = run_worker(&["register-key"], &env);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("registered"),
-        "{}",
-        output_text(&out)
-    );
+    assert_contains(&output_text(&out), "registered");
     let keys = dispatcher.keys("alice");
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].name, "node7");
@@ -196,43 +185,30 @@ fn register_key_uploads_the_public_key_and_confirms_it() {
     // Again: nothing to do.
     let out = run_worker(&["register-key", "--name", "other"], &env);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("already"),
-        "{}",
-        output_text(&out)
-    );
+    assert_contains(&output_text(&out), "already");
     assert_eq!(dispatcher.keys("alice").len(), 1);
 
     // Refused credentials: exit 2, and the line says so.
-    let mut bad = env.clone();
-    bad[1].1 = "nope".into();
-    let out = run_worker(&["register-key"], &bad);
-    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("USERNAME/PASSWORD"),
-        "{}",
-        output_text(&out)
-    );
+    register_key_refused(&env, "PASSWORD", "nope", "USERNAME/PASSWORD");
     // A missing key file: exit 2 naming SSH_KEY.
-    let mut bad = env.clone();
-    bad[3].1 = "/nonexistent/id_rsa".into();
+    register_key_refused(&env, "SSH_KEY", "/nonexistent/id_rsa", "SSH_KEY");
+}
+
+/// `register-key` with `env` but `name` set to `value`: exit 2, with a
+/// line naming `expect`.
+fn register_key_refused(env: &[(String, String)], name: &str, value: &str, expect: &str) {
+    let mut bad = env.to_vec();
+    bad.iter_mut().find(|(k, _)| k == name).expect("set").1 = value.to_owned();
     let out = run_worker(&["register-key"], &bad);
     assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
-    assert!(
-        output_text(&out).contains("SSH_KEY"),
-        "{}",
-        output_text(&out)
-    );
+    assert_contains(&output_text(&out), expect);
 }
 
 #[test]
 fn refused_credentials_stop_the_worker_with_a_line_naming_them() {
-    let vh = Vhost::new("badpass");
-    let dir = tempfile::tempdir().unwrap();
-    let mut worker = WorkerProc::start(&vh, dir.path(), "badpass", &[("PASSWORD", "wrong")]);
-    let status = worker.wait_exit(T);
-    let log = worker.log_text();
-    assert_eq!(status.code(), Some(2), "{log}");
+    let sv = Services::new("badpass");
+    let mut worker = sv.spawn("badpass", &WorkerEnv::new().set("PASSWORD", "wrong"));
+    let log = worker.expect_exit_2(T);
     assert!(log.contains("USERNAME/PASSWORD"), "{log}");
     assert!(
         !log.contains("wrong"),
@@ -245,44 +221,27 @@ fn a_dispatcher_down_at_start_and_later_does_not_stop_the_work() {
     let dispatcher = DispatcherStandin::new(); // not serving yet
     dispatcher.add_user("tester", TEST_PASSWORD);
     let url = dispatcher.url();
-    let (vh, _dir, events, mut worker) = stack("nodispatcher", &[("DISPATCHER_URL", url.as_str())]);
-    worker.wait_log("dispatcher not reachable now", T);
+    let mut s = Stack::start("nodispatcher", WorkerEnv::new().set("DISPATCHER_URL", url)).within(T);
+    s.worker.wait_log("dispatcher not reachable now", T);
     // Tasks are served meanwhile.
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &json!({"simulate": {}}),
-        &[],
-    );
-    events.wait_task_event("task-succeeded", &id, T);
+    let id = s.submit(Task::new("offliner.mwoffliner", json!({"simulate": {}})));
+    s.expect_event("task-succeeded", &id);
 
     // It comes up: the worker logs in by itself.
     dispatcher.start();
-    let start = Instant::now();
-    while dispatcher.counters().password_grants == 0 {
-        assert!(
-            start.elapsed() < T,
-            "never logged in: {}",
-            worker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || dispatcher.counters().password_grants != 0,
+        || format!("never logged in: {}", s.worker.log_text()),
+    );
 
     // It goes down again: still no crash, tasks still served.
     dispatcher.stop();
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &json!({"simulate": {}}),
-        &[],
-    );
-    events.wait_task_event("task-succeeded", &id, T);
+    let id = s.submit(Task::new("offliner.mwoffliner", json!({"simulate": {}})));
+    s.expect_event("task-succeeded", &id);
     std::thread::sleep(Duration::from_secs(1));
-    assert!(worker.is_running(), "{}", worker.log_text());
+    assert!(s.worker.is_running(), "{}", s.worker.log_text());
 }
 
 #[test]
@@ -291,17 +250,17 @@ fn the_token_is_kept_fresh_with_refresh_grants_not_new_logins() {
     dispatcher.add_user("tester", TEST_PASSWORD);
     dispatcher.set_expires_in(5);
     let url = dispatcher.url();
-    let (_vh, _dir, _events, worker) = stack("refresh", &[("DISPATCHER_URL", url.as_str())]);
+    let s = Stack::start("refresh", WorkerEnv::new().set("DISPATCHER_URL", url)).within(T);
     std::thread::sleep(Duration::from_secs(20));
     let c = dispatcher.counters();
-    assert_eq!(c.password_grants, 1, "{c:?}\n{}", worker.log_text());
+    assert_eq!(c.password_grants, 1, "{c:?}\n{}", s.worker.log_text());
     assert!(
         (3..=6).contains(&c.refresh_grants),
         "{c:?}\n{}",
-        worker.log_text()
+        s.worker.log_text()
     );
     assert_eq!(c.refused_refreshes, 0, "{c:?}");
-    let log = worker.log_text();
+    let log = s.worker.log_text();
     for token in dispatcher.issued_tokens() {
         assert!(!log.contains(&token), "a token reached the log");
     }
@@ -309,20 +268,16 @@ fn the_token_is_kept_fresh_with_refresh_grants_not_new_logins() {
 
 #[test]
 fn a_broker_that_refuses_the_login_or_the_vhost_stops_the_worker_with_exit_2() {
-    let vh = Vhost::new("brokerrefuses");
-    let dir = tempfile::tempdir().unwrap();
-    let wrong_password = vh.url().replace("zimfarm-test@", "wrong-password@");
-    assert_ne!(wrong_password, vh.url());
-    let no_vhost = format!("{}-does-not-exist", vh.url());
+    let sv = Services::new("brokerrefuses");
+    let wrong_password = sv.vh.url().replace("zimfarm-test@", "wrong-password@");
+    assert_ne!(wrong_password, sv.vh.url());
+    let no_vhost = format!("{}-does-not-exist", sv.vh.url());
     for (url, reason) in [
         (wrong_password.as_str(), "ACCESS_REFUSED"),
         (no_vhost.as_str(), "NOT_ALLOWED"),
     ] {
-        let mut worker =
-            WorkerProc::start(&vh, dir.path(), "brokerrefuses", &[("BROKER_URL", url)]);
-        let status = worker.wait_exit(T);
-        let log = worker.log_text();
-        assert_eq!(status.code(), Some(2), "{url}: {log}");
+        let mut worker = sv.spawn("brokerrefuses", &WorkerEnv::new().set("BROKER_URL", url));
+        let log = worker.expect_exit_2(T);
         assert!(
             log.contains("refused this worker") && log.contains(reason),
             "{url}: {log}"

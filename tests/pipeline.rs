@@ -23,23 +23,35 @@ const T: Duration = Duration::from_secs(60);
 
 /// Waits until `path` is gone (the task dir goes after the final event).
 fn wait_gone(path: &Path) {
-    let start = std::time::Instant::now();
-    while path.exists() {
-        assert!(start.elapsed() < T, "{} is still there", path.display());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || !path.exists(),
+        || format!("{} is still there", path.display()),
+    );
 }
 
 fn wait_no_containers(node: &str) {
-    let start = std::time::Instant::now();
-    while !containers_of(node).is_empty() {
-        assert!(
-            start.elapsed() < T,
-            "containers left: {:?}",
-            containers_of(node)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || containers_of(node).is_empty(),
+        || format!("containers left: {:?}", containers_of(node)),
+    );
+}
+
+/// A warehouse and a stack whose worker runs the Docker pipeline.
+fn docker_stack(node: &str) -> (Sshd, Stack) {
+    let sshd = Sshd::start();
+    let stack = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    (sshd, stack)
+}
+
+/// Waits until no container of the stack's node is left and its queue is
+/// empty (every message acked).
+fn expect_drained(s: &Stack) {
+    wait_no_containers(s.node());
+    s.expect_queue(0, 0);
 }
 
 fn task_dir_gone(dir: &Path, id: &str) -> bool {
@@ -48,9 +60,8 @@ fn task_dir_gone(dir: &Path, id: &str) -> bool {
 
 #[test]
 fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
-    let sshd = Sshd::start();
     let node = "pipe";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
+    let (sshd, s) = docker_stack(node);
     let id = task_id();
     let tricky =
         "a b ; $(touch /tmp/pwned) `id` 'single' \"double\"\nnewline \u{e9}\u{1F389} --not-a-flag";
@@ -63,10 +74,10 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
         "verbose": false,
         "speed": 1.5,
     });
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
-    let started = events.wait_task_event("task-container_started", &id, T);
+    send_task(&s.vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
+    let started = s.expect_event("task-container_started", &id);
     assert_eq!(started["image"], "openzim/mwoffliner:test");
-    let finished = events.wait_task_event("task-container_finished", &id, T);
+    let finished = s.expect_event("task-container_finished", &id);
     assert_eq!(finished["exit_code"], 0, "{finished}");
     assert!(
         finished["stdout"]
@@ -76,7 +87,7 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
         "redis helper reached: {finished}"
     );
     assert!(finished["log"].as_str().unwrap().ends_with(".log.gz"));
-    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    let succeeded = s.expect_event("task-succeeded", &id);
     let result = succeeded["result"].as_str().unwrap();
     let zim_size = std::fs::metadata(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
         .expect("the ZIM is in the warehouse")
@@ -115,34 +126,28 @@ fn celery_task_runs_the_stand_in_mwoffliner_with_exact_argv() {
         .chroot()
         .join(format!("logs/zimfarm_{node}_{id}_offliner.log.gz"));
     assert!(log.exists(), "no log at {}", log.display());
-    let check = Command::new(python())
-        .arg("-c")
-        .arg("import sys; from libzim.reader import Archive; a = Archive(sys.argv[1]); assert a.check(); print(a.entry_count)")
-        .arg(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
+    run_ok(
+        Command::new(python())
+            .arg("-c")
+            .arg("import sys; from libzim.reader import Archive; a = Archive(sys.argv[1]); assert a.check(); print(a.entry_count)")
+            .arg(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim")),
+        "libzim's check of the ZIM",
     );
     // Uploaded and recorded: the task dir is gone, no partial file remains.
-    wait_gone(&dir.path().join(&id));
+    wait_gone(&s.dir().join(&id));
     assert!(
         !sshd
             .chroot()
             .join("zim/wikipedia/wikipedia_en_test.zim.tmp")
             .exists()
     );
-    wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    expect_drained(&s);
 }
 
 #[test]
 fn refused_before_anything_runs() {
-    let sshd = Sshd::start();
     let node = "refuse";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
+    let (_sshd, s) = docker_stack(node);
     let cases = [
         json!({"flags": {}, "image": {"name": "evil/miner", "tag": "latest"}, "warehouse_path": "/x"}),
         json!({"flags": {}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/../etc"}),
@@ -150,56 +155,41 @@ fn refused_before_anything_runs() {
         json!({"flags": {"--outputDirectory": "/etc"}, "image": {"name": "openzim/mwoffliner", "tag": "test"}, "warehouse_path": "/x"}),
     ];
     for kwargs in cases {
-        let id = task_id();
-        send_task(&vh, "offliner.mwoffliner", &id, &kwargs, &[]);
-        let failed = events.wait_task_event("task-failed", &id, T);
+        let id = s.submit(Task::new("offliner.mwoffliner", kwargs));
+        let failed = s.expect_event("task-failed", &id);
         assert!(
-            failed["exception"]
-                .as_str()
-                .unwrap()
-                .starts_with("ValueError("),
+            text_of(&failed, "exception").starts_with("ValueError("),
             "{failed}"
         );
-        assert_eq!(events.count("task-container_started", &id), 0);
-        assert!(task_dir_gone(dir.path(), &id));
+        assert_eq!(s.count("task-container_started", &id), 0);
+        assert!(task_dir_gone(s.dir(), &id));
     }
     // A task id that would escape the working dir.
     let id = "../../etc";
-    send_task(&vh, "offliner.mwoffliner", id, &mw_kwargs(json!({})), &[]);
-    events.wait_task_event("task-failed", id, T);
+    send_task(&s.vh, "offliner.mwoffliner", id, &mw_kwargs(json!({})), &[]);
+    s.expect_event("task-failed", id);
     assert!(containers_of(node).is_empty());
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
 }
 
 #[test]
 fn non_zero_exit_and_idle_timeout_fail_the_task() {
     let sshd = Sshd::start();
     let node = "exit";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[("IDLE_TIMEOUT", "2")]));
-    let failing = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &failing,
-        &mw_kwargs(json!({"mwUrl": "x", "exit": 7, "stderr": "fatal: wiki unreachable"})),
-        &[],
-    );
-    let failed = events.wait_task_event("task-failed", &failing, T);
+    let s = Stack::start(node, WorkerEnv::docker(&sshd).set("IDLE_TIMEOUT", "2")).within(T);
+    let failing = s.submit(Task::mw(
+        json!({"mwUrl": "x", "exit": 7, "stderr": "fatal: wiki unreachable"}),
+    ));
+    let failed = s.expect_event("task-failed", &failing);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .contains("exited with code 7"),
+        text_of(&failed, "exception").contains("exited with code 7"),
         "{failed}"
     );
     assert!(
-        failed["traceback"]
-            .as_str()
-            .unwrap()
-            .contains("fatal: wiki unreachable"),
+        text_of(&failed, "traceback").contains("fatal: wiki unreachable"),
         "{failed}"
     );
-    let finished = events.wait_task_event("task-container_finished", &failing, T);
+    let finished = s.expect_event("task-container_finished", &failing);
     assert_eq!(finished["exit_code"], 7);
     // The failed run's log went to the warehouse for its operator.
     let log = sshd
@@ -212,22 +202,12 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
         log.display()
     );
 
-    let silent = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &silent,
-        &mw_kwargs(json!({"silent": 60})),
-        &[],
-    );
-    let killed = events.wait_task_event("task-container_killed", &silent, T);
+    let silent = s.submit(Task::mw(json!({"silent": 60})));
+    let killed = s.expect_event("task-container_killed", &silent);
     assert_eq!(killed["timeout"], 2);
-    let failed = events.wait_task_event("task-failed", &silent, T);
+    let failed = s.expect_event("task-failed", &silent);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .contains("IDLE_TIMEOUT"),
+        text_of(&failed, "exception").contains("IDLE_TIMEOUT"),
         "{failed}"
     );
     let log = format!("logs/zimfarm_{node}_{silent}_offliner.log");
@@ -236,60 +216,42 @@ fn non_zero_exit_and_idle_timeout_fail_the_task() {
         "the idle run's log is in the warehouse"
     );
     wait_no_containers(node);
-    assert!(task_dir_gone(dir.path(), &failing) && task_dir_gone(dir.path(), &silent));
-    vh.wait_queue_depth("small", 0, 0, T);
+    assert!(task_dir_gone(s.dir(), &failing) && task_dir_gone(s.dir(), &silent));
+    s.expect_queue(0, 0);
 }
 
 #[test]
 fn hard_time_limit_kills_the_offliner() {
-    let sshd = Sshd::start();
     let node = "hard";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"sleep": 60, "ignoreTerm": true})),
-        &["--time-limit", "3"],
-    );
-    events.wait_task_event("task-container_started", &id, T);
-    let failed = events.wait_task_event("task-failed", &id, T);
+    let (_sshd, s) = docker_stack(node);
+    let id = s
+        .submit(Task::mw(json!({"sleep": 60, "ignoreTerm": true})).options(&["--time-limit", "3"]));
+    s.expect_event("task-container_started", &id);
+    let failed = s.expect_event("task-failed", &id);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .starts_with("TimeLimitExceeded("),
+        text_of(&failed, "exception").starts_with("TimeLimitExceeded("),
         "{failed}"
     );
     wait_no_containers(node);
-    assert!(task_dir_gone(dir.path(), &id));
+    assert!(task_dir_gone(s.dir(), &id));
 }
 
 #[test]
 fn large_container_output_keeps_the_worker_small() {
-    let sshd = Sshd::start();
     let node = "spam";
-    let (vh, _dir, events, worker) = stack(node, &docker_env(&sshd, &[]));
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.youtube",
-        &id,
-        &json!({"flags": {"spam": 50, "id": "x"}, "image": {"name": "openzim/youtube", "tag": "test"}, "warehouse_path": "/videos"}),
-        &[],
-    );
+    let (_sshd, s) = docker_stack(node);
+    let id = s.submit(Task::new("offliner.youtube", json!({"flags": {"spam": 50, "id": "x"}, "image": {"name": "openzim/youtube", "tag": "test"}, "warehouse_path": "/videos"})));
     let mut peak = 0;
-    while events.count("task-succeeded", &id) == 0 && events.count("task-failed", &id) == 0 {
-        peak = peak.max(worker.rss_kib());
+    while s.count("task-succeeded", &id) == 0 && s.count("task-failed", &id) == 0 {
+        peak = peak.max(s.worker.rss_kib());
         std::thread::sleep(Duration::from_millis(20));
     }
-    events.wait_task_event("task-succeeded", &id, T);
+    s.expect_event("task-succeeded", &id);
     assert!(
         peak < 50 * 1024,
         "peak RSS {peak} KiB with 50 MB of container output"
     );
-    let finished = events.wait_task_event("task-container_finished", &id, T);
+    let finished = s.expect_event("task-container_finished", &id);
     assert!(finished["stdout"].as_str().unwrap().lines().count() <= 100);
     wait_no_containers(node);
 }
@@ -297,52 +259,37 @@ fn large_container_output_keeps_the_worker_small() {
 #[test]
 fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
     let sshd = Sshd::start();
-    let (vh, dir) = (Vhost::new("orphan"), tempfile::tempdir().unwrap());
+    let sv = Services::new("orphan");
     let node = "orphan";
-    let events = EventsProc::start(&vh, 120);
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &docker_env(&sshd, &[]));
+    let events = sv.events(120);
+    let mut first = sv.spawn(node, &WorkerEnv::docker(&sshd));
     first.wait_connected();
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"sleep": 4})),
-        &[],
-    );
+    let id = Task::mw(json!({"sleep": 4})).send(&sv.vh);
     events.wait_task_event("task-container_started", &id, T);
     first.signal("KILL");
     first.wait_exit(T);
     assert!(!containers_of(node).is_empty(), "the orphan is still there");
-    let second = WorkerProc::start(&vh, dir.path(), node, &docker_env(&sshd, &[]));
+    let second = sv.spawn(node, &WorkerEnv::docker(&sshd));
     second.wait_connected();
     second.wait_log("removed containers left by an earlier run", T);
     events.wait_task_event("task-succeeded", &id, T);
     assert_eq!(events.count("task-succeeded", &id), 1);
     assert_eq!(events.count("task-started", &id), 2);
     wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
 }
 
 #[test]
 fn a_second_worker_with_the_same_node_name_leaves_the_first_ones_containers_alone() {
-    let sshd = Sshd::start();
     let node = "samenode";
-    let (vh, dir, events, _first) = stack(node, &docker_env(&sshd, &[]));
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"sleep": 3})),
-        &[],
-    );
-    events.wait_task_event("task-container_started", &id, T);
+    let (sshd, s) = docker_stack(node);
+    let id = s.submit(Task::mw(json!({"sleep": 3})));
+    s.expect_event("task-container_started", &id);
     let running = containers_of(node);
     assert_eq!(running.len(), 2, "offliner and redis: {running:?}");
     // Started by mistake with the same name: it must stop without touching
     // the first worker's containers (they carry this node's label).
-    let mut second = WorkerProc::start(&vh, dir.path(), node, &docker_env(&sshd, &[]));
+    let mut second = WorkerProc::start(&s.vh, s.dir(), node, &WorkerEnv::docker(&sshd));
     let status = second.wait_exit(T);
     assert!(!status.success());
     assert!(
@@ -351,36 +298,25 @@ fn a_second_worker_with_the_same_node_name_leaves_the_first_ones_containers_alon
         second.log_text()
     );
     assert!(!second.log_text().contains("removed containers"));
-    let finished = events.wait_task_event("task-container_finished", &id, T);
+    let finished = s.expect_event("task-container_finished", &id);
     assert_eq!(finished["exit_code"], 0, "{finished}");
-    events.wait_task_event("task-succeeded", &id, T);
+    s.expect_event("task-succeeded", &id);
     wait_no_containers(node);
 }
 
 #[test]
 fn an_offliner_that_writes_nothing_fails_the_task() {
-    let sshd = Sshd::start();
     let node = "nofiles";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"zims": 0})),
-        &[],
-    );
-    let failed = events.wait_task_event("task-failed", &id, T);
+    let (_sshd, s) = docker_stack(node);
+    let id = s.submit(Task::mw(json!({"zims": 0})));
+    let failed = s.expect_event("task-failed", &id);
     let exception = failed["exception"].as_str().unwrap();
     assert!(exception.contains("wrote no file"), "{failed}");
     assert!(
-        failed["traceback"]
-            .as_str()
-            .unwrap()
-            .contains("WORKING_DIR"),
+        text_of(&failed, "traceback").contains("WORKING_DIR"),
         "{failed}"
     );
-    assert!(task_dir_gone(dir.path(), &id));
+    assert!(task_dir_gone(s.dir(), &id));
     wait_no_containers(node);
 }
 
@@ -388,58 +324,33 @@ fn an_offliner_that_writes_nothing_fails_the_task() {
 fn sigterm_stops_the_task_containers() {
     let sshd = Sshd::start();
     let node = "termdocker";
-    let (vh, dir, events, mut worker) = stack(node, &docker_env(&sshd, &[]));
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"sleep": 60, "ignoreTerm": true})),
-        &[],
-    );
-    events.wait_task_event("task-container_started", &id, T);
-    worker.signal("TERM");
-    assert!(worker.wait_exit(Duration::from_secs(15)).success());
+    let mut s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
+    let id = s.submit(Task::mw(json!({"sleep": 60, "ignoreTerm": true})));
+    s.expect_event("task-container_started", &id);
+    s.worker.signal("TERM");
+    assert!(s.worker.wait_exit(Duration::from_secs(15)).success());
     assert!(
         containers_of(node).is_empty(),
         "every container of the task stopped and removed"
     );
-    assert!(task_dir_gone(dir.path(), &id));
-    vh.wait_queue_depth("small", 1, 0, T);
+    assert!(task_dir_gone(s.dir(), &id));
+    s.expect_queue(1, 0);
 }
 
 #[test]
 fn celery_revoke_with_terminate_stops_the_offliner_and_its_helper() {
-    let sshd = Sshd::start();
     let node = "revokedocker";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"sleep": 120, "ignoreTerm": true})),
-        &[],
-    );
-    events.wait_task_event("task-container_started", &id, T);
+    let (_sshd, s) = docker_stack(node);
+    let id = s.submit(Task::mw(json!({"sleep": 120, "ignoreTerm": true})));
+    s.expect_event("task-container_started", &id);
     assert_eq!(
         containers_of(node).len(),
         2,
         "offliner and redis helper run"
     );
     let started = std::time::Instant::now();
-    celery_client(
-        &vh,
-        &[
-            "revoke",
-            "--task-id",
-            &id,
-            "--terminate",
-            "--signal",
-            "SIGKILL",
-        ],
-    );
-    let revoked = events.wait_task_event("task-revoked", &id, T);
+    s.revoke(&id, &["--terminate", "--signal", "SIGKILL"]);
+    let revoked = s.expect_event("task-revoked", &id);
     assert_eq!(revoked["terminated"], true, "{revoked}");
     assert_eq!(revoked["signum"], 9, "{revoked}");
     wait_no_containers(node);
@@ -448,9 +359,9 @@ fn celery_revoke_with_terminate_stops_the_offliner_and_its_helper() {
         "revoke took {:?}",
         started.elapsed()
     );
-    assert_eq!(events.count("task-succeeded", &id), 0);
-    wait_gone(&dir.path().join(&id));
-    vh.wait_queue_depth("small", 0, 0, T);
+    assert_eq!(s.count("task-succeeded", &id), 0);
+    wait_gone(&s.dir().join(&id));
+    s.expect_queue(0, 0);
 }
 
 /// Records a runner's task events (the library-level tests' sink).
@@ -518,7 +429,7 @@ async fn revoke_stops_every_container_of_the_task() {
         .expect("stops in seconds")
         .unwrap();
     assert_eq!(outcome, Err(RunError::Cancelled));
-    assert!(containers_of(node).is_empty(), "{:?}", containers_of(node));
+    assert_no_containers(node);
     assert!(task_dir_gone(dir.path(), &id));
 }
 
@@ -553,11 +464,12 @@ fn json_logs_and_metrics_follow_a_task_through_its_stages() {
     let sshd = Sshd::start();
     let node = "jsonlogs";
     let addr = free_addr();
-    let extra = [("LOG_FORMAT", "json"), ("METRICS_ADDR", leak(addr.clone()))];
-    let (vh, _dir, events, worker) = stack(node, &docker_env(&sshd, &extra));
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
-    events.wait_task_event("task-succeeded", &id, T);
+    let env = WorkerEnv::docker(&sshd)
+        .set("LOG_FORMAT", "json")
+        .set("METRICS_ADDR", &addr);
+    let s = Stack::start(node, env).within(T);
+    let id = Task::mw(json!({})).send(&s.vh);
+    s.expect_event("task-succeeded", &id);
     let zim_size = std::fs::metadata(sshd.chroot().join("zim/wikipedia/wikipedia_en_test.zim"))
         .expect("the ZIM is in the warehouse")
         .len();
@@ -566,7 +478,7 @@ fn json_logs_and_metrics_follow_a_task_through_its_stages() {
     // its id, and each line inside a stage carries the stage too.
     let mut stages_seen = std::collections::BTreeSet::new();
     let mut task_lines = 0;
-    for line in worker.log_text().lines() {
+    for line in s.worker.log_text().lines() {
         let v: Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         assert!(
@@ -633,28 +545,23 @@ fn json_logs_and_metrics_follow_a_task_through_its_stages() {
 fn a_failed_upload_fails_the_task_and_keeps_the_files() {
     let sshd = Sshd::start();
     let node = "upfail";
-    let (vh, dir, events, worker) = stack(node, &docker_env(&sshd, &[("UPLOAD_RETRIES", "1")]));
-    worker.wait_log("warehouse reachable", T);
+    let s = Stack::start(node, WorkerEnv::docker(&sshd).set("UPLOAD_RETRIES", "1")).within(T);
+    s.worker.wait_log("warehouse reachable", T);
     sshd.stop();
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
-    let failed = events.wait_task_event("task-failed", &id, T);
+    let id = s.submit(Task::mw(json!({})));
+    let failed = s.expect_event("task-failed", &id);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
         exception.contains("upload to the warehouse failed")
             && exception.contains("cannot reach the warehouse"),
         "{failed}"
     );
-    assert!(
-        failed["traceback"].as_str().unwrap().contains("kept"),
-        "{failed}"
-    );
+    assert!(text_of(&failed, "traceback").contains("kept"), "{failed}");
     // Two days of scraping are not thrown away.
-    let task_dir = dir.path().join(&id);
+    let task_dir = s.dir().join(&id);
     assert!(task_dir.join("wikipedia_en_test.zim").exists());
     assert!(task_dir.join(".zimfarm-generated.json").exists());
-    wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    expect_drained(&s);
 }
 
 /// Waits until an upload journal in `task_dir` claims some bytes.
@@ -691,32 +598,30 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     let sshd = Sshd::start();
     let proxy = ThrottleProxy::start(&sshd.addr());
     let node = "resumetask";
-    let (vh, dir) = (Vhost::new(node), tempfile::tempdir().unwrap());
-    let events = EventsProc::start(&vh, 180);
-    let mut env = docker_env(&sshd, &[]);
-    env.extend(warehouse_env(&sshd, proxy.port()));
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &env);
+    let sv = Services::new(node);
+    let events = sv.events(180);
+    let env = WorkerEnv::docker(&sshd).warehouse(&sshd, proxy.port());
+    let mut first = sv.spawn(node, &env);
     first.wait_connected();
     // 4 kB/s from now on: the 36 kB ZIM takes about 9 s to upload.
     proxy.set_rate(4000);
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(json!({})), &[]);
+    let id = Task::mw(json!({})).send(&sv.vh);
     events.wait_task_event("task-container_finished", &id, T);
     first.wait_log("uploading to the warehouse", T);
     // Stopped once the warehouse confirmed a first piece, and the journal
     // in the task dir says so.
-    let task_dir = dir.path().join(&id);
+    let task_dir = sv.dir.path().join(&id);
     wait_journal_claims(&task_dir, T);
     first.signal("TERM");
     assert!(first.wait_exit(Duration::from_secs(15)).success());
     assert_eq!(events.count("task-succeeded", &id), 0);
-    vh.wait_queue_depth("small", 1, 0, T);
+    sv.vh.wait_queue_depth("small", 1, 0, T);
     let local_zim = task_dir.join("wikipedia_en_test.zim");
     let want = std::fs::read(&local_zim).expect("the ZIM is kept for the next run");
     assert!(task_dir.join(".zimfarm-generated.json").exists());
 
     proxy.set_rate(0);
-    let second = WorkerProc::start(&vh, dir.path(), node, &env);
+    let second = sv.spawn(node, &env);
     second.wait_connected();
     events.wait_task_event("task-succeeded", &id, T);
     second.wait_log("going straight to upload", T);
@@ -732,35 +637,33 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     );
     wait_gone(&task_dir);
     wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
 }
 
 #[test]
 fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("untrusted");
-    let dir = tempfile::tempdir().unwrap();
+    let sv = Services::new("untrusted");
     // Registered at the dispatcher, but not in sshd's authorized_keys: the
     // warehouse itself refuses it.
     register_at_shared_dispatcher(sshd.user(), &sshd.unauthorized_key());
-    let unauthorized = leak(sshd.unauthorized_key().display().to_string());
+    let unauthorized = sshd.unauthorized_key().display().to_string();
     // Accepted by sshd, but not registered at the dispatcher.
-    let unregistered = leak(sshd.user_key(KeyKind::RsaPem).display().to_string());
-    let encrypted = leak(
-        sshd.user_key(KeyKind::EncryptedEd25519)
-            .display()
-            .to_string(),
-    );
+    let unregistered = sshd.user_key(KeyKind::RsaPem).display().to_string();
+    let encrypted = sshd
+        .user_key(KeyKind::EncryptedEd25519)
+        .display()
+        .to_string();
     let fingerprint = sshd.host_key_fingerprint().to_owned();
-    let cases: [(&str, &str, String); 5] = [
+    let cases: [(&str, String, String); 5] = [
         (
             "WAREHOUSE_KNOWN_HOSTS",
-            "/nonexistent/known_hosts",
+            "/nonexistent/known_hosts".to_owned(),
             format!("WAREHOUSE_HOST_KEY={fingerprint}"),
         ),
         (
             "WAREHOUSE_KNOWN_HOSTS",
-            leak(sshd.wrong_known_hosts_file().display().to_string()),
+            sshd.wrong_known_hosts_file().display().to_string(),
             "NOT the key recorded at line 1".to_owned(),
         ),
         ("SSH_KEY", unauthorized, "refused the SSH key".to_owned()),
@@ -772,32 +675,19 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
         ),
     ];
     for (var, value, expected) in cases {
-        let mut worker = WorkerProc::start(
-            &vh,
-            dir.path(),
-            "untrusted",
-            &docker_env(&sshd, &[(var, value)]),
-        );
-        let status = worker.wait_exit(T);
-        let log = worker.log_text();
-        assert_eq!(status.code(), Some(2), "{var}={value}: {log}");
+        let mut worker = sv.spawn("untrusted", &WorkerEnv::docker(&sshd).set(var, &value));
+        let log = worker.expect_exit_2(T);
         assert!(
             log.contains(&expected),
             "{var}={value}: expected {expected:?} in:\n{log}"
         );
     }
     // Pinning the fingerprint it showed is enough to start.
-    let worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let worker = sv.spawn(
         "untrusted",
-        &docker_env(
-            &sshd,
-            &[
-                ("WAREHOUSE_KNOWN_HOSTS", "/nonexistent/known_hosts"),
-                ("WAREHOUSE_HOST_KEY", leak(fingerprint)),
-            ],
-        ),
+        &WorkerEnv::docker(&sshd)
+            .set("WAREHOUSE_KNOWN_HOSTS", "/nonexistent/known_hosts")
+            .set("WAREHOUSE_HOST_KEY", fingerprint),
     );
     worker.wait_connected();
     worker.wait_log("warehouse reachable", T);
@@ -806,19 +696,14 @@ fn a_warehouse_or_key_the_worker_cannot_use_stops_it_at_start() {
 #[test]
 fn a_docker_engine_out_of_reach_stops_the_worker_at_start_with_exit_2() {
     let sshd = Sshd::start();
-    let vh = Vhost::new("nodocker");
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("no-docker.sock");
-    let host = leak(format!("unix://{}", socket.display()));
-    let mut worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let sv = Services::new("nodocker");
+    let socket = sv.dir.path().join("no-docker.sock");
+    let host = format!("unix://{}", socket.display());
+    let mut worker = sv.spawn(
         "nodocker",
-        &docker_env(&sshd, &[("DOCKER_HOST", host)]),
+        &WorkerEnv::docker(&sshd).set("DOCKER_HOST", host),
     );
-    let status = worker.wait_exit(T);
-    let log = worker.log_text();
-    assert_eq!(status.code(), Some(2), "{log}");
+    let log = worker.expect_exit_2(T);
     assert!(log.contains("cannot reach the Docker engine"), "{log}");
     assert!(!log.contains("consuming"), "{log}");
 }
@@ -932,7 +817,7 @@ fn run_task_runs_one_task_from_a_file_without_a_broker() {
             .env("NODE_NAME", "runtask")
             .env("PULL_POLICY", "never")
             .env("MIN_FREE_DISK_MB", "10")
-            .envs(warehouse_env(&sshd, sshd.port()))
+            .envs(WorkerEnv::new().warehouse(&sshd, sshd.port()).overrides())
             .output()
             .unwrap()
     };
@@ -1025,34 +910,31 @@ fn zim_intact(path: &Path) -> bool {
 
 #[test]
 fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
-    let sshd = Sshd::start();
     let node = "early";
-    let (vh, _dir, events, worker) = stack(node, &docker_env(&sshd, &[]));
+    let (sshd, s) = docker_stack(node);
     let id = task_id();
     // _1: a checksum that fails until it is written again at the end; _2:
     // finished 2 s in; _3: grows for 10 s, then the scraper exits.
     let flags = json!({
         "zims": 3, "zimMB": 4, "rewriteFirst": "bad", "zimEvery": 2, "growFor": 10,
     });
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
+    send_task(&s.vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
     let warehouse = sshd.chroot().join("zim/wikipedia");
     let second = warehouse.join("wikipedia_en_test_2.zim");
-    let start = std::time::Instant::now();
-    while !second.exists() {
-        assert!(
-            start.elapsed() < T,
-            "the finished ZIM was not uploaded early"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually(
+        T,
+        Duration::from_millis(100),
+        || second.exists(),
+        || "the finished ZIM was not uploaded early".to_owned(),
+    );
     assert_eq!(
-        events.count("task-container_finished", &id),
+        s.count("task-container_finished", &id),
         0,
         "the scraper had exited before the finished ZIM went"
     );
     assert!(!warehouse.join("wikipedia_en_test_1.zim").exists());
     assert!(!warehouse.join("wikipedia_en_test_3.zim").exists());
-    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    let succeeded = s.expect_event("task-succeeded", &id);
     let result = succeeded["result"].as_str().unwrap();
     for n in 1..=3 {
         let name = format!("wikipedia_en_test_{n}.zim");
@@ -1063,7 +945,7 @@ fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
         );
         assert!(zim_intact(&warehouse.join(&name)), "{name} is not intact");
     }
-    let log = worker.log_text();
+    let log = s.worker.log_text();
     assert_eq!(
         log.matches("uploading a finished ZIM while the scraper runs")
             .count(),
@@ -1074,21 +956,19 @@ fn finished_zims_go_while_the_scraper_runs_and_unfinished_ones_wait() {
         log.contains("uploaded early") && log.contains("uploaded_early=1"),
         "{log}"
     );
-    wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    expect_drained(&s);
 }
 
 #[test]
 fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
-    let sshd = Sshd::start();
     let node = "rewrite";
-    let (vh, dir, events, _worker) = stack(node, &docker_env(&sshd, &[]));
+    let (sshd, s) = docker_stack(node);
     let id = task_id();
     // _1 is finished at once and still for 8 s (uploaded early), then the
     // scraper writes it again with other bytes.
     let flags = json!({"zims": 2, "zimMB": 2, "rewriteFirst": "good", "zimEvery": 8});
-    send_task(&vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
-    let failed = events.wait_task_event("task-failed", &id, T);
+    send_task(&s.vh, "offliner.mwoffliner", &id, &mw_kwargs(flags), &[]);
+    let failed = s.expect_event("task-failed", &id);
     let exception = failed["exception"].as_str().unwrap();
     assert!(
         exception.contains(
@@ -1100,13 +980,12 @@ fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
     // The warehouse keeps what it had; the files here are kept too.
     let early = sshd.chroot().join("zim/wikipedia/wikipedia_en_test_1.zim");
     assert!(zim_intact(&early));
-    let task_dir = dir.path().join(&id);
+    let task_dir = s.dir().join(&id);
     assert_ne!(
         std::fs::read(&early).unwrap(),
         std::fs::read(task_dir.join("wikipedia_en_test_1.zim")).unwrap()
     );
-    wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    expect_drained(&s);
 }
 
 /// The bytes each upload journal in `task_dir` claims.
@@ -1133,28 +1012,23 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
     // 8 MB/s for every connection together: the 64 MiB ZIM takes 8 s.
     let proxy = ThrottleProxy::start(&sshd.addr());
     let node = "killupload";
-    let (vh, dir) = (Vhost::new(node), tempfile::tempdir().unwrap());
-    let events = EventsProc::start(&vh, 180);
-    let mut env = docker_env(&sshd, &[("UPLOAD_STREAMS", "4")]);
-    env.extend(warehouse_env(&sshd, proxy.port()));
-    let mut first = WorkerProc::start(&vh, dir.path(), node, &env);
+    let sv = Services::new(node);
+    let events = sv.events(180);
+    let env = WorkerEnv::docker(&sshd)
+        .set("UPLOAD_STREAMS", 4)
+        .warehouse(&sshd, proxy.port());
+    let mut first = sv.spawn(node, &env);
     first.wait_connected();
     proxy.set_rate(8_000_000);
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &mw_kwargs(json!({"zimMB": 64})),
-        &[],
-    );
-    let task_dir = dir.path().join(&id);
+    let id = Task::mw(json!({"zimMB": 64})).send(&sv.vh);
+    let task_dir = sv.dir.path().join(&id);
     let local = task_dir.join("wikipedia_en_test.zim");
-    let start = std::time::Instant::now();
-    while journal_claims(&task_dir) < 16 << 20 {
-        assert!(start.elapsed() < T, "the upload did not get going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        T,
+        Duration::from_millis(20),
+        || journal_claims(&task_dir) >= 16 << 20,
+        || "the upload did not get going".to_owned(),
+    );
     first.signal("KILL");
     first.wait_exit(T);
     let claimed = journal_claims(&task_dir);
@@ -1177,7 +1051,7 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
 
     proxy.set_rate(0);
     proxy.reset_bytes();
-    let second = WorkerProc::start(&vh, dir.path(), node, &env);
+    let second = sv.spawn(node, &env);
     second.wait_connected();
     events.wait_task_event("task-succeeded", &id, T);
     second.wait_log("going straight to upload", T);
@@ -1198,5 +1072,5 @@ fn kill_9_mid_upload_then_a_restart_sends_only_what_is_missing() {
     );
     wait_gone(&task_dir);
     wait_no_containers(node);
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
 }

@@ -223,19 +223,19 @@ fn unacked_over_bound(samples: &[(f64, u64)], events: &[Value], slots: u64) -> V
 /// message it could not start.
 #[test]
 fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
-    let (vh, _dir, events, worker) = stack("strict", &[("CONCURRENCY", "2")]);
+    let s = Stack::start("strict", WorkerEnv::new().set("CONCURRENCY", "2")).within(T);
     // Tasks of 2 s: a message held without a slot stays so for up to 2 s,
     // well past the stats' lag, for the broker's figures to show it too.
     let ids: Vec<String> = (0..16).map(|_| task_id()).collect();
-    let sampler = UnackedSampler::start(&vh, "small");
-    send_batch(&vh, &ids, &sim(2.0));
-    events.wait_all_ended(&ids, T);
+    let sampler = UnackedSampler::start(&s.vh, "small");
+    send_batch(&s.vh, &ids, &sim(2.0));
+    s.events.wait_all_ended(&ids, T);
     // The last acks, and the stats showing them.
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
     let samples = sampler.finish();
-    let all = events.events();
+    let all = s.events.events();
 
-    assert_none_overheld(&all, 2, &worker.log_text());
+    assert_none_overheld(&all, 2, &s.worker.log_text());
     let over = unacked_over_bound(&samples, &all, 2);
     assert!(
         over.is_empty(),
@@ -249,10 +249,10 @@ fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
         "no sample saw both slots busy: {samples:?}"
     );
     for id in &ids {
-        assert_eq!(events.count("task-started", id), 1, "{id} ran once");
+        assert_eq!(s.count("task-started", id), 1, "{id} ran once");
     }
     // The prefetch the node reports is back to one per slot.
-    let stats = broadcast(&vh, "tester@strict", "stats", json!({}));
+    let stats = broadcast(&s.vh, "tester@strict", "stats", json!({}));
     assert_eq!(
         stats["prefetch_count"], 2,
         "inspect stats after the run: {stats}"
@@ -265,17 +265,16 @@ fn a_node_holds_no_more_messages_than_free_slots_when_tasks_end_together() {
 /// it cannot start while the other has a free slot.
 #[test]
 fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
-    let vh = Vhost::new("farm");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let events = EventsProc::start(&vh, 180);
-    let busy = WorkerProc::start(&vh, dir.path(), "busy", &[("CONCURRENCY", "2")]);
+    let sv = Services::new("farm");
+    let events = sv.events(180);
+    let busy = sv.spawn("busy", &WorkerEnv::new().set("CONCURRENCY", "2"));
     busy.wait_connected();
     let long: Vec<String> = (0..2).map(|_| task_id()).collect();
-    send_batch(&vh, &long, &sim(6.0));
+    send_batch(&sv.vh, &long, &sim(6.0));
     for id in &long {
         events.wait_task_event("task-started", id, T);
     }
-    let idle = WorkerProc::start(&vh, dir.path(), "idle", &[("CONCURRENCY", "2")]);
+    let idle = sv.spawn("idle", &WorkerEnv::new().set("CONCURRENCY", "2"));
     idle.wait_connected();
     events.wait_for(
         |e| e["type"] == "worker-online" && e["hostname"] == "tester@idle",
@@ -286,7 +285,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
     // Six short tasks: 1.5 s of work for the idle node's two slots, all
     // done before the busy node's long tasks end.
     let short: Vec<String> = (0..6).map(|_| task_id()).collect();
-    send_batch(&vh, &short, &sim(0.5));
+    send_batch(&sv.vh, &short, &sim(0.5));
     events.wait_all_ended(&short, T);
     let all = events.events();
     for id in &short {
@@ -312,7 +311,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
 
     // Then equal tasks for both nodes: every round ends together on each.
     let even: Vec<String> = (0..20).map(|_| task_id()).collect();
-    send_batch(&vh, &even, &sim(1.0));
+    send_batch(&sv.vh, &even, &sim(1.0));
     events.wait_all_ended(&even, T);
     let all = events.events();
     assert_none_overheld(&all, 2, "");
@@ -328,7 +327,7 @@ fn an_idle_node_gets_every_message_a_busy_node_cannot_start() {
         b >= 5 && i >= 5,
         "both nodes took their share: busy {b}, idle {i}"
     );
-    vh.wait_queue_depth("small", 0, 0, T);
+    sv.vh.wait_queue_depth("small", 0, 0, T);
     drop((busy, idle));
 }
 

@@ -33,8 +33,8 @@ assert msg is not None, "no message to take"
 conn.close()
 print("taken", msg.delivery_info.get("redelivered"))
 "#;
-    let out = Command::new(python())
-        .args([
+    run_ok(
+        Command::new(python()).args([
             "-c",
             script,
             "127.0.0.1:5672",
@@ -42,13 +42,8 @@ print("taken", msg.delivery_info.get("redelivered"))
             "zimfarm-test",
             &vh.name,
             queue,
-        ])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "take_and_drop: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "take_and_drop",
     );
 }
 
@@ -61,7 +56,9 @@ fn second_node(vh: &Vhost, node: &str) -> (tempfile::TempDir, String, WorkerProc
         vh,
         dir.path(),
         node,
-        &[("CONCURRENCY", "1"), ("METRICS_ADDR", metrics.as_str())],
+        &WorkerEnv::new()
+            .set("CONCURRENCY", "1")
+            .set("METRICS_ADDR", &metrics),
     );
     (dir, metrics, worker)
 }
@@ -74,29 +71,28 @@ fn stop_consuming(vh: &Vhost, node: &str) {
 
 #[test]
 fn a_redelivery_of_a_task_that_ended_on_another_node_is_acked_not_run() {
-    let (vh, _dir, events, _first) = stack("redeliv-ended", &[("CONCURRENCY", "1")]);
+    let s = Stack::start("redeliv-ended", WorkerEnv::new().set("CONCURRENCY", "1")).within(T);
     let first = "tester@redeliv-ended";
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
-    events.wait_task_event("task-succeeded", &id, T);
-    stop_consuming(&vh, first);
+    let id = s.submit(Task::simulated(0.2));
+    s.expect_event("task-succeeded", &id);
+    stop_consuming(&s.vh, first);
     // The dispatcher's message comes again, and is redelivered (as after
     // a consumer_timeout, or a node killed after its final event).
-    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
-    take_and_drop(&vh, "small");
+    send_task(&s.vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
+    take_and_drop(&s.vh, "small");
 
-    let (_dir2, metrics, second) = second_node(&vh, "redeliv-ended-2");
+    let (_dir2, metrics, second) = second_node(&s.vh, "redeliv-ended-2");
     second.wait_log("the task ended on another node", T);
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
     std::thread::sleep(Duration::from_secs(1));
-    let all = events.events();
+    let all = s.events.events();
     assert_eq!(
-        events.count("task-started", &id),
+        s.count("task-started", &id),
         1,
         "{}",
         dump_task_events(&all)
     );
-    assert_eq!(events.count("task-succeeded", &id), 1);
+    assert_eq!(s.count("task-succeeded", &id), 1);
     assert_eq!(redeliveries_held(&metrics, "ended_elsewhere"), 1.0);
     assert_eq!(redeliveries_held(&metrics, "ran_here"), 0.0);
     assert!(second.log_text().contains("node=tester@redeliv-ended"));
@@ -104,23 +100,22 @@ fn a_redelivery_of_a_task_that_ended_on_another_node_is_acked_not_run() {
 
 #[test]
 fn a_redelivery_nobody_runs_runs_here_after_the_grace() {
-    let (vh, _dir, events, _first) = stack("redeliv-none", &[("CONCURRENCY", "1")]);
-    stop_consuming(&vh, "tester@redeliv-none");
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &simulated_task(0.2), &[]);
-    take_and_drop(&vh, "small");
+    let s = Stack::start("redeliv-none", WorkerEnv::new().set("CONCURRENCY", "1")).within(T);
+    stop_consuming(&s.vh, "tester@redeliv-none");
+    let id = s.submit(Task::simulated(0.2));
+    take_and_drop(&s.vh, "small");
 
-    let (_dir2, metrics, second) = second_node(&vh, "redeliv-none-2");
+    let (_dir2, metrics, second) = second_node(&s.vh, "redeliv-none-2");
     second.wait_log("asking the farm", T);
     let asked = Instant::now();
-    let done = events.wait_task_event("task-succeeded", &id, T);
+    let done = s.expect_event("task-succeeded", &id);
     let waited = asked.elapsed();
     assert_eq!(done["hostname"], "tester@redeliv-none-2");
     assert!(
         waited >= Duration::from_secs(9),
         "asked for the whole grace before running: {waited:?}"
     );
-    assert_eq!(events.count("task-started", &id), 1);
+    assert_eq!(s.count("task-started", &id), 1);
     assert_eq!(redeliveries_held(&metrics, "ran_here"), 1.0);
     assert!(
         second
@@ -129,5 +124,5 @@ fn a_redelivery_nobody_runs_runs_here_after_the_grace() {
         "both nodes answered, neither has it:\n{}",
         second.log_text()
     );
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
 }

@@ -80,15 +80,9 @@ fn write_noise(path: &Path, size: u64, seed: u64) {
 /// A real ZIM file made by libzim (the venv's), with its MD5 checksum.
 fn make_zim(path: &Path) {
     let script = common::repo_root().join("tests/images/make_zim.py");
-    let out = Command::new(common::python())
-        .arg(&script)
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "make_zim.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    common::run_ok(
+        Command::new(common::python()).arg(&script).arg(path),
+        "make_zim.py",
     );
 }
 

@@ -26,26 +26,21 @@ fn setup(label: &str) -> (Vhost, tempfile::TempDir) {
 
 /// Python's `ast.literal_eval` of a repr string, as JSON.
 fn literal_eval(repr: &str) -> Value {
-    let out = std::process::Command::new(python())
-        .args([
+    let out = run_ok(
+        std::process::Command::new(python()).args([
             "-c",
             "import ast, json, sys; print(json.dumps(ast.literal_eval(sys.argv[1])))",
             repr,
-        ])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "literal_eval({repr:?}) failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        &format!("literal_eval({repr:?})"),
     );
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
 #[test]
 fn celery_send_task_runs_and_reports_every_event() {
-    let (vh, _dir, events, _worker) = stack("interop", &[]);
-    events.wait_for(
+    let s = Stack::start("interop", WorkerEnv::new()).within(T);
+    s.events.wait_for(
         |v| v["type"] == "worker-online" && v["hostname"] == "tester@interop",
         T,
         "worker-online",
@@ -53,14 +48,14 @@ fn celery_send_task_runs_and_reports_every_event() {
     let id = task_id();
     let files = json!([{"name": "wikipedia_en_all.zim", "size": 123456789}, {"name": "it's \"quoted\".zim", "size": 0}]);
     send_task(
-        &vh,
+        &s.vh,
         "offliner.mwoffliner",
         &id,
         &kwargs(json!({"sleep": 0.3, "files": files})),
         &[],
     );
 
-    let received = events.wait_task_event("task-received", &id, T);
+    let received = s.expect_event("task-received", &id);
     assert_eq!(received["name"], "offliner.mwoffliner");
     assert_eq!(received["hostname"], "tester@interop");
     assert!(
@@ -70,20 +65,21 @@ fn celery_send_task_runs_and_reports_every_event() {
             .contains("'warehouse_path': '/wikipedia'"),
         "{received}"
     );
-    events.wait_task_event("task-started", &id, T);
-    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    s.expect_event("task-started", &id);
+    let succeeded = s.expect_event("task-succeeded", &id);
     assert_eq!(literal_eval(succeeded["result"].as_str().unwrap()), files);
     assert!(succeeded["runtime"].as_f64().unwrap() >= 0.3);
     for e in ["task-received", "task-started", "task-succeeded"] {
-        assert_eq!(events.count(e, &id), 1, "{e} once");
+        assert_eq!(s.count(e, &id), 1, "{e} once");
     }
     // A heartbeat every 2 s, with a Lamport clock that only goes forward.
-    events.wait_for(
+    s.events.wait_for(
         |v| v["type"] == "worker-heartbeat" && v["processed"] == 1,
         T,
         "heartbeat after the task",
     );
-    let clocks: Vec<u64> = events
+    let clocks: Vec<u64> = s
+        .events
         .events()
         .iter()
         .filter(|v| v["hostname"] == "tester@interop")
@@ -93,16 +89,15 @@ fn celery_send_task_runs_and_reports_every_event() {
         clocks.windows(2).all(|w| w[0] < w[1]),
         "clock goes forward: {clocks:?}"
     );
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
 }
 
 #[test]
 fn celery_state_sees_worker_alive_and_task_succeeded() {
-    let (vh, _dir, events, _worker) = stack("state", &[]);
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &[]);
-    events.wait_task_event("task-succeeded", &id, T);
-    let summary = events.finish();
+    let s = Stack::start("state", WorkerEnv::new()).within(T);
+    let id = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
+    s.expect_event("task-succeeded", &id);
+    let summary = s.events.finish();
     assert_eq!(
         summary["summary"]["workers"]["tester@state"]["alive"], true,
         "{summary}"
@@ -117,18 +112,12 @@ fn celery_state_sees_worker_alive_and_task_succeeded() {
 
 #[test]
 fn protocol_1_message_is_consumed() {
-    let (vh, _dir, events, _worker) = stack("proto1", &[]);
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.youtube",
-        &id,
-        &kwargs(Value::Null),
-        &["--protocol", "1"],
-    );
-    let received = events.wait_task_event("task-received", &id, T);
+    let s = Stack::start("proto1", WorkerEnv::new()).within(T);
+    let id =
+        s.submit(Task::new("offliner.youtube", kwargs(Value::Null)).options(&["--protocol", "1"]));
+    let received = s.expect_event("task-received", &id);
     assert_eq!(received["name"], "offliner.youtube");
-    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+    let succeeded = s.expect_event("task-succeeded", &id);
     assert_eq!(
         literal_eval(succeeded["result"].as_str().unwrap()),
         json!([{"name": format!("simulated_{id}.zim"), "size": 1024}])
@@ -138,7 +127,7 @@ fn protocol_1_message_is_consumed() {
 #[test]
 fn rpc_backend_result_reaches_async_result_get() {
     let (vh, dir) = setup("rpc");
-    let worker = WorkerProc::start(&vh, dir.path(), "rpc", &[]);
+    let worker = WorkerProc::start(&vh, dir.path(), "rpc", &WorkerEnv::new());
     worker.wait_connected();
     let id = task_id();
     let reply = send_task(
@@ -175,61 +164,47 @@ fn rpc_backend_result_reaches_async_result_get() {
 
 #[test]
 fn failing_and_panicking_tasks_fail_and_the_worker_goes_on() {
-    let (vh, _dir, events, _worker) = stack("fail", &[]);
-    let failing = task_id();
-    send_task(
-        &vh,
+    let s = Stack::start("fail", WorkerEnv::new()).within(T);
+    let failing = s.submit(Task::new(
         "offliner.mwoffliner",
-        &failing,
-        &kwargs(json!({"fail": "exit code 1: 'boom'"})),
-        &[],
-    );
-    let failed = events.wait_task_event("task-failed", &failing, T);
+        kwargs(json!({"fail": "exit code 1: 'boom'"})),
+    ));
+    let failed = s.expect_event("task-failed", &failing);
     assert_eq!(
         failed["exception"], r#"RuntimeError("exit code 1: 'boom'")"#,
         "{failed}"
     );
 
-    let panicking = task_id();
-    send_task(
-        &vh,
+    let panicking = s.submit(Task::new(
         "offliner.mwoffliner",
-        &panicking,
-        &kwargs(json!({"panic": true})),
-        &[],
-    );
-    let failed = events.wait_task_event("task-failed", &panicking, T);
+        kwargs(json!({"panic": true})),
+    ));
+    let failed = s.expect_event("task-failed", &panicking);
     assert!(
-        failed["exception"].as_str().unwrap().contains("panicked"),
+        text_of(&failed, "exception").contains("panicked"),
         "{failed}"
     );
 
-    let fine = task_id();
-    send_task(&vh, "offliner.mwoffliner", &fine, &kwargs(Value::Null), &[]);
-    events.wait_task_event("task-succeeded", &fine, T);
-    vh.wait_queue_depth("small", 0, 0, T);
+    let fine = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
+    s.expect_event("task-succeeded", &fine);
+    s.expect_queue(0, 0);
 }
 
 #[test]
 fn unknown_task_is_rejected_with_task_failed() {
-    let (vh, _dir, events, _worker) = stack("unknown", &[]);
-    let id = task_id();
-    send_task(&vh, "offliner.nosuchthing", &id, &kwargs(Value::Null), &[]);
-    let failed = events.wait_task_event("task-failed", &id, T);
+    let s = Stack::start("unknown", WorkerEnv::new()).within(T);
+    let id = s.submit(Task::new("offliner.nosuchthing", kwargs(Value::Null)));
+    let failed = s.expect_event("task-failed", &id);
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .starts_with("NotRegistered("),
+        text_of(&failed, "exception").starts_with("NotRegistered("),
         "{failed}"
     );
-    assert_eq!(events.count("task-started", &id), 0);
+    assert_eq!(s.count("task-started", &id), 0);
     // Rejected without requeue: gone from the queue, not redelivered.
-    let next = task_id();
-    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
-    events.wait_task_event("task-succeeded", &next, T);
-    vh.wait_queue_depth("small", 0, 0, T);
-    assert_eq!(events.count("task-failed", &id), 1);
+    let next = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
+    s.expect_event("task-succeeded", &next);
+    s.expect_queue(0, 0);
+    assert_eq!(s.count("task-failed", &id), 1);
 }
 
 /// Publishes raw bytes to the `offliner` exchange, routing key `small`.
@@ -252,62 +227,35 @@ fn publish_raw(vh: &Vhost, dir: &std::path::Path, body: &[u8], extra: &[&str]) {
 
 #[test]
 fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
-    let (vh, dir, events, worker) = stack("bad", &[]);
-    let d = dir.path();
+    let s = Stack::start("bad", WorkerEnv::new()).within(T);
+    let d = s.dir();
     let v2 = |id: &str| json!({"task": "offliner.mwoffliner", "id": id, "lang": "py"}).to_string();
+    // As protocol 2 (the task in the headers) and as protocol 1 (the body
+    // only), both declared JSON.
+    let publish_v2 = |body: &[u8], id: &str| {
+        let headers = v2(id);
+        publish_raw(
+            &s.vh,
+            d,
+            body,
+            &["--headers", &headers, "--content-type", "application/json"],
+        );
+    };
+    let publish_v1 =
+        |body: &[u8]| publish_raw(&s.vh, d, body, &["--content-type", "application/json"]);
     let wrong_shape_id = task_id();
 
     // Invalid JSON, as protocol 2 (headers) and as protocol 1 (body only).
-    publish_raw(
-        &vh,
-        d,
-        b"[[], {\"flags\": ",
-        &[
-            "--headers",
-            &v2(&task_id()),
-            "--content-type",
-            "application/json",
-        ],
-    );
-    publish_raw(
-        &vh,
-        d,
-        b"{not json",
-        &["--content-type", "application/json"],
-    );
+    publish_v2(b"[[], {\"flags\": ", &task_id());
+    publish_v1(b"{not json");
     // A body of the wrong shape.
-    publish_raw(
-        &vh,
-        d,
-        br#"{"args": "nope"}"#,
-        &[
-            "--headers",
-            &v2(&wrong_shape_id),
-            "--content-type",
-            "application/json",
-        ],
-    );
-    publish_raw(
-        &vh,
-        d,
-        b"[1, 2, 3]",
-        &["--content-type", "application/json"],
-    );
+    publish_v2(br#"{"args": "nope"}"#, &wrong_shape_id);
+    publish_v1(b"[1, 2, 3]");
     // Non-UTF-8 bytes.
-    publish_raw(
-        &vh,
-        d,
-        b"[[], {\"a\": \"\xff\xfe\"}, {}]",
-        &[
-            "--headers",
-            &v2(&task_id()),
-            "--content-type",
-            "application/json",
-        ],
-    );
+    publish_v2(b"[[], {\"a\": \"\xff\xfe\"}, {}]", &task_id());
     // A pickle, which must never be loaded.
     publish_raw(
-        &vh,
+        &s.vh,
         d,
         b"\x80\x04\x95",
         &[
@@ -321,38 +269,28 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
     let mut big = b"[[], {\"flags\": {\"x\": \"".to_vec();
     big.extend(std::iter::repeat_n(b'a', 50 * 1024 * 1024));
     big.extend_from_slice(b"\"}}, {}]");
-    publish_raw(
-        &vh,
-        d,
-        &big,
-        &[
-            "--headers",
-            &v2(&task_id()),
-            "--content-type",
-            "application/json",
-        ],
-    );
+    publish_v2(&big, &task_id());
     drop(big);
 
-    let next = task_id();
-    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
-    events.wait_task_event("task-succeeded", &next, Duration::from_secs(60));
-    vh.wait_queue_depth("small", 0, 0, T);
+    let next = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
+    s.events
+        .wait_task_event("task-succeeded", &next, Duration::from_secs(60));
+    s.expect_queue(0, 0);
     // The decode failure of a message whose id was readable is reported.
-    events.wait_task_event("task-failed", &wrong_shape_id, T);
-    let log = worker.log_text();
+    s.expect_event("task-failed", &wrong_shape_id);
+    let log = s.worker.log_text();
     assert!(
         log.contains("dropping an undecodable task message"),
         "{log}"
     );
     assert!(log.contains("larger than MAX_MESSAGE_BYTES"), "{log}");
     assert!(
-        worker.rss_kib() < 200 * 1024,
+        s.worker.rss_kib() < 200 * 1024,
         "RSS after a 50 MB message: {} KiB",
-        worker.rss_kib()
+        s.worker.rss_kib()
     );
     assert_eq!(
-        events
+        s.events
             .events()
             .iter()
             .filter(|v| v["type"] == "task-started")
@@ -363,23 +301,21 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
 
 #[test]
 fn expired_task_is_revoked_not_run() {
-    let (vh, _dir, events, _worker) = stack("expires", &[]);
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &kwargs(Value::Null),
-        &["--expires", "-60", "--no-message-ttl"],
+    let s = Stack::start("expires", WorkerEnv::new()).within(T);
+    let id = s.submit(
+        Task::new("offliner.mwoffliner", kwargs(Value::Null)).options(&[
+            "--expires",
+            "-60",
+            "--no-message-ttl",
+        ]),
     );
-    let revoked = events.wait_task_event("task-revoked", &id, T);
+    let revoked = s.expect_event("task-revoked", &id);
     assert_eq!(revoked["expired"], true, "{revoked}");
     assert_eq!(revoked["terminated"], false, "{revoked}");
-    let next = task_id();
-    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
-    events.wait_task_event("task-succeeded", &next, T);
-    assert_eq!(events.count("task-started", &id), 0);
-    vh.wait_queue_depth("small", 0, 0, T);
+    let next = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
+    s.expect_event("task-succeeded", &next);
+    assert_eq!(s.count("task-started", &id), 0);
+    s.expect_queue(0, 0);
 }
 
 #[test]
@@ -387,7 +323,12 @@ fn eta_task_is_held_without_blocking_others() {
     let (vh, dir) = setup("eta");
     let events = EventsProc::start(&vh, 60);
     // One slot only: a held eta task must not take it.
-    let worker = WorkerProc::start(&vh, dir.path(), "eta", &[("CONCURRENCY", "1")]);
+    let worker = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "eta",
+        &WorkerEnv::new().set("CONCURRENCY", "1"),
+    );
     worker.wait_connected();
     let later = task_id();
     let sent_at = Instant::now();
@@ -399,14 +340,7 @@ fn eta_task_is_held_without_blocking_others() {
         &["--countdown", "3"],
     );
     events.wait_task_event("task-received", &later, T);
-    let now_id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &now_id,
-        &kwargs(Value::Null),
-        &[],
-    );
+    let now_id = Task::new("offliner.mwoffliner", kwargs(Value::Null)).send(&vh);
     events.wait_task_event("task-succeeded", &now_id, T);
     assert_eq!(
         events.count("task-started", &later),
@@ -421,35 +355,32 @@ fn eta_task_is_held_without_blocking_others() {
 
 #[test]
 fn hard_time_limit_stops_the_task() {
-    let (vh, _dir, events, _worker) = stack("timelimit", &[]);
+    let s = Stack::start("timelimit", WorkerEnv::new()).within(T);
     let id = task_id();
     let start = Instant::now();
     send_task(
-        &vh,
+        &s.vh,
         "offliner.mwoffliner",
         &id,
         &kwargs(json!({"sleep": 60})),
         &["--time-limit", "1"],
     );
-    let failed = events.wait_task_event("task-failed", &id, T);
+    let failed = s.expect_event("task-failed", &id);
     assert!(start.elapsed() < Duration::from_secs(15));
     assert!(
-        failed["exception"]
-            .as_str()
-            .unwrap()
-            .starts_with("TimeLimitExceeded("),
+        text_of(&failed, "exception").starts_with("TimeLimitExceeded("),
         "{failed}"
     );
-    vh.wait_queue_depth("small", 0, 0, T);
+    s.expect_queue(0, 0);
 }
 
 #[test]
 fn concurrency_bounds_running_tasks() {
-    let (vh, _dir, events, _worker) = stack("slots", &[("CONCURRENCY", "2")]);
+    let s = Stack::start("slots", WorkerEnv::new().set("CONCURRENCY", "2")).within(T);
     let ids: Vec<String> = (0..4).map(|_| task_id()).collect();
     for id in &ids {
         send_task(
-            &vh,
+            &s.vh,
             "offliner.mwoffliner",
             id,
             &kwargs(json!({"sleep": 1.0})),
@@ -457,12 +388,12 @@ fn concurrency_bounds_running_tasks() {
         );
     }
     for id in &ids {
-        events.wait_task_event("task-succeeded", id, T);
+        s.expect_event("task-succeeded", id);
     }
     // Replay the events: never more than two started-but-not-ended.
     let mut running = 0i32;
     let mut peak = 0;
-    for e in events.events() {
+    for e in s.events.events() {
         match e["type"].as_str() {
             Some("task-started") => running += 1,
             Some("task-succeeded") => running -= 1,
@@ -475,54 +406,42 @@ fn concurrency_bounds_running_tasks() {
 
 #[test]
 fn connection_cut_mid_task_completes_exactly_once() {
-    let (vh, _dir, events, worker) = stack("cut", &[]);
-    let id = task_id();
-    send_task(
-        &vh,
+    let s = Stack::start("cut", WorkerEnv::new()).within(T);
+    let id = s.submit(Task::new(
         "offliner.mwoffliner",
-        &id,
-        &kwargs(json!({"sleep": 6.0})),
-        &[],
-    );
-    events.wait_task_event("task-started", &id, T);
-    vh.close_all_connections();
-    worker.wait_log("reconnecting", T);
-    let succeeded = events.wait_task_event("task-succeeded", &id, T);
+        kwargs(json!({"sleep": 6.0})),
+    ));
+    s.expect_event("task-started", &id);
+    s.vh.close_all_connections();
+    s.worker.wait_log("reconnecting", T);
+    let succeeded = s.expect_event("task-succeeded", &id);
     assert!(succeeded["runtime"].as_f64().unwrap() >= 6.0);
-    let next = task_id();
-    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
-    events.wait_task_event("task-succeeded", &next, T);
+    let next = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
+    s.expect_event("task-succeeded", &next);
     // The redelivered copy was acked with the run, not run again.
     assert!(
-        worker
+        s.worker
             .log_text()
             .contains("redelivered message for a task already here"),
         "the broker redelivered the unacked message after the cut"
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(events.count("task-started", &id), 1);
-    assert_eq!(events.count("task-succeeded", &id), 1);
-    vh.wait_queue_depth("small", 0, 0, T);
+    assert_eq!(s.count("task-started", &id), 1);
+    assert_eq!(s.count("task-succeeded", &id), 1);
+    s.expect_queue(0, 0);
 }
 
 #[test]
 fn kill_9_mid_task_redelivers_to_a_new_worker() {
     let (vh, dir) = setup("kill9");
     let events = EventsProc::start(&vh, 90);
-    let mut first = WorkerProc::start(&vh, dir.path(), "kill9", &[]);
+    let mut first = WorkerProc::start(&vh, dir.path(), "kill9", &WorkerEnv::new());
     first.wait_connected();
-    let id = task_id();
-    send_task(
-        &vh,
-        "offliner.mwoffliner",
-        &id,
-        &kwargs(json!({"sleep": 2.0})),
-        &[],
-    );
+    let id = Task::new("offliner.mwoffliner", kwargs(json!({"sleep": 2.0}))).send(&vh);
     events.wait_task_event("task-started", &id, T);
     first.signal("KILL");
     first.wait_exit(T);
-    let second = WorkerProc::start(&vh, dir.path(), "kill9", &[]);
+    let second = WorkerProc::start(&vh, dir.path(), "kill9", &WorkerEnv::new());
     second.wait_connected();
     events.wait_task_event("task-succeeded", &id, T);
     assert_eq!(
@@ -535,28 +454,30 @@ fn kill_9_mid_task_redelivers_to_a_new_worker() {
 
 /// Waits until `events` holds `n` events of `event_type` about `uuid`.
 fn wait_count(events: &EventsProc, event_type: &str, uuid: &str, n: usize) {
-    let start = Instant::now();
-    while events.count(event_type, uuid) < n {
-        assert!(
-            start.elapsed() < T,
-            "{event_type} for {uuid}: {} of {n} within {T:?}; events:\n{}",
-            events.count(event_type, uuid),
-            events
-                .events()
-                .iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || events.count(event_type, uuid) >= n,
+        || {
+            format!(
+                "{event_type} for {uuid}: {} of {n} within {T:?}; events:\n{}",
+                events.count(event_type, uuid),
+                events
+                    .events()
+                    .iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        },
+    );
 }
 
 #[test]
 fn a_task_that_ended_is_answered_from_the_disk_record_after_a_restart() {
     let (vh, dir) = setup("ended");
     let events = EventsProc::start(&vh, 120);
-    let mut first = WorkerProc::start(&vh, dir.path(), "ended", &[]);
+    let mut first = WorkerProc::start(&vh, dir.path(), "ended", &WorkerEnv::new());
     first.wait_connected();
     let ok = task_id();
     let failing = task_id();
@@ -585,7 +506,7 @@ fn a_task_that_ended_is_answered_from_the_disk_record_after_a_restart() {
     first.signal("KILL");
     first.wait_exit(T);
 
-    let second = WorkerProc::start(&vh, dir.path(), "ended", &[]);
+    let second = WorkerProc::start(&vh, dir.path(), "ended", &WorkerEnv::new());
     second.wait_connected();
     // The same task ids again, as a redelivery after a lost ack brings them.
     // Running them now would give another outcome.
@@ -640,39 +561,34 @@ fn a_task_that_ended_is_answered_from_the_disk_record_after_a_restart() {
 
 #[test]
 fn sigterm_requeues_unfinished_tasks_and_says_offline() {
-    let (vh, _dir, events, mut worker) = stack("term", &[]);
-    let id = task_id();
-    send_task(
-        &vh,
+    let mut s = Stack::start("term", WorkerEnv::new()).within(T);
+    let id = s.submit(Task::new(
         "offliner.mwoffliner",
-        &id,
-        &kwargs(json!({"sleep": 30.0})),
-        &[],
-    );
-    events.wait_task_event("task-started", &id, T);
+        kwargs(json!({"sleep": 30.0})),
+    ));
+    s.expect_event("task-started", &id);
     let start = Instant::now();
-    worker.signal("TERM");
-    let status = worker.wait_exit(Duration::from_secs(15));
+    s.worker.signal("TERM");
+    let status = s.worker.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "exit 0 on SIGTERM, got {status}");
     assert!(
         start.elapsed() < Duration::from_secs(8),
         "within the grace period"
     );
-    events.wait_for(
+    s.events.wait_for(
         |v| v["type"] == "worker-offline" && v["hostname"] == "tester@term",
         T,
         "worker-offline",
     );
-    assert_eq!(events.count("task-succeeded", &id), 0);
-    assert_eq!(events.count("task-failed", &id), 0);
+    assert_eq!(s.count("task-succeeded", &id), 0);
+    assert_eq!(s.count("task-failed", &id), 0);
     // The message went back to the queue, whole.
-    vh.wait_queue_depth("small", 1, 0, T);
+    s.expect_queue(1, 0);
 }
 
 #[test]
 fn bad_environment_exits_2_with_one_clear_line() {
-    let vh = Vhost::new("env");
-    let dir = tempfile::tempdir().unwrap();
+    let sv = Services::new("env");
     let cases: &[(&str, Option<&str>, &str)] = &[
         ("NODE_NAME", Some("default_node_name"), "NODE_NAME"),
         ("QUEUES", Some("default,gigantic"), "QUEUES"),
@@ -685,7 +601,7 @@ fn bad_environment_exits_2_with_one_clear_line() {
         ),
     ];
     for (var, value, named) in cases {
-        let mut env = worker_env(&vh, dir.path(), "envtest", &[]);
+        let mut env = worker_env(&sv.vh, sv.dir.path(), "envtest", &[]);
         env.retain(|(k, _)| k != var);
         if let Some(v) = value {
             env.push((var.to_string(), v.to_string()));
@@ -708,13 +624,12 @@ fn bad_environment_exits_2_with_one_clear_line() {
 
 #[test]
 fn unusable_zim_dir_exits_2_with_one_line_naming_it() {
-    let vh = Vhost::new("zimdir");
-    let dir = tempfile::tempdir().unwrap();
-    let not_a_dir = dir.path().join("a-file");
+    let sv = Services::new("zimdir");
+    let not_a_dir = sv.dir.path().join("a-file");
     std::fs::write(&not_a_dir, b"").unwrap();
-    for zim_dir in [dir.path().join("missing"), not_a_dir] {
+    for zim_dir in [sv.dir.path().join("missing"), not_a_dir] {
         let zim_dir = zim_dir.display().to_string();
-        let env = worker_env(&vh, dir.path(), "zimdir", &[("ZIM_DIR", &zim_dir)]);
+        let env = worker_env(&sv.vh, sv.dir.path(), "zimdir", &[("ZIM_DIR", &zim_dir)]);
         let start = Instant::now();
         let out = std::process::Command::new(worker_binary())
             .env_clear()
@@ -738,16 +653,13 @@ fn unusable_zim_dir_exits_2_with_one_line_naming_it() {
 fn broker_down_at_start_is_retried_until_it_answers() {
     // A port where nothing listens: the worker keeps retrying, with backoff,
     // and exits cleanly on SIGTERM meanwhile.
-    let vh = Vhost::new("down");
-    let dir = tempfile::tempdir().unwrap();
-    let mut worker = WorkerProc::start(
-        &vh,
-        dir.path(),
+    let sv = Services::new("down");
+    let mut worker = sv.spawn(
         "down",
-        &[(
+        &WorkerEnv::new().set(
             "BROKER_URL",
             "amqp://zimfarm-test:zimfarm-test@127.0.0.1:1/x",
-        )],
+        ),
     );
     worker.wait_log("broker unreachable", T);
     worker.signal("TERM");
@@ -764,16 +676,14 @@ fn events_produced_while_the_broker_is_away_are_published_after_reconnecting() {
     let events = EventsProc::start(&vh, 90);
     let proxy = FaultProxy::start("127.0.0.1:5672");
     let url = proxy.url(&vh);
-    let worker = WorkerProc::start(&vh, dir.path(), "outage", &[("BROKER_URL", &url)]);
-    worker.wait_connected();
-    let id = task_id();
-    send_task(
+    let worker = WorkerProc::start(
         &vh,
-        "offliner.mwoffliner",
-        &id,
-        &kwargs(json!({"sleep": 1.5})),
-        &[],
+        dir.path(),
+        "outage",
+        &WorkerEnv::new().set("BROKER_URL", &url),
     );
+    worker.wait_connected();
+    let id = Task::new("offliner.mwoffliner", kwargs(json!({"sleep": 1.5}))).send(&vh);
     events.wait_task_event("task-started", &id, T);
     proxy.cut();
     // The task ends while the worker cannot reach the broker.
@@ -790,8 +700,7 @@ fn events_produced_while_the_broker_is_away_are_published_after_reconnecting() {
     assert!(succeeded["runtime"].as_f64().unwrap() >= 1.5);
     // Acked after the reconnection (through the redelivered copy), run once.
     vh.wait_queue_depth("small", 0, 0, T);
-    let next = task_id();
-    send_task(&vh, "offliner.mwoffliner", &next, &kwargs(Value::Null), &[]);
+    let next = Task::new("offliner.mwoffliner", kwargs(Value::Null)).send(&vh);
     events.wait_task_event("task-succeeded", &next, T);
     assert_eq!(events.count("task-started", &id), 1);
     assert_eq!(events.count("task-succeeded", &id), 1);
@@ -808,7 +717,12 @@ fn amqps_verifies_the_broker_certificate() {
     );
 
     // A private CA the worker was not told about: refused, and retried.
-    let mut untrusted = WorkerProc::start(&vh, dir.path(), "tlsbad", &[("BROKER_URL", &url)]);
+    let mut untrusted = WorkerProc::start(
+        &vh,
+        dir.path(),
+        "tlsbad",
+        &WorkerEnv::new().set("BROKER_URL", &url),
+    );
     untrusted.wait_log("broker unreachable", T);
     let log = untrusted.log_text().to_lowercase();
     assert!(
@@ -823,10 +737,9 @@ fn amqps_verifies_the_broker_certificate() {
         &vh,
         dir.path(),
         "tlsmissing",
-        &[
-            ("BROKER_URL", &url),
-            ("BROKER_CA_FILE", "/nonexistent/ca.pem"),
-        ],
+        &WorkerEnv::new()
+            .set("BROKER_URL", &url)
+            .set("BROKER_CA_FILE", "/nonexistent/ca.pem"),
     );
     assert!(!missing.wait_exit(T).success());
     assert!(
@@ -843,10 +756,11 @@ fn amqps_verifies_the_broker_certificate() {
         &vh,
         dir.path(),
         "tlsok",
-        &[("BROKER_URL", &url), ("BROKER_CA_FILE", &ca)],
+        &WorkerEnv::new()
+            .set("BROKER_URL", &url)
+            .set("BROKER_CA_FILE", ca),
     );
     worker.wait_connected();
-    let id = task_id();
-    send_task(&vh, "offliner.mwoffliner", &id, &kwargs(Value::Null), &[]);
+    let id = Task::new("offliner.mwoffliner", kwargs(Value::Null)).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
 }

@@ -560,18 +560,32 @@ fn authorize_user(farm: &mut Farm, headers: &HeaderMap, username: &str) -> Resul
     Ok(())
 }
 
+/// Counts a request to `route`, then answers it with `then` on the user
+/// `username` if the token is theirs, or with the refusal.
+fn with_user(
+    shared: &Shared,
+    route: &'static str,
+    headers: &HeaderMap,
+    username: &str,
+    then: impl FnOnce(&mut User) -> Response,
+) -> Response {
+    let mut farm = shared.lock().unwrap();
+    let farm = &mut *farm;
+    farm.count(route);
+    match authorize_user(farm, headers, username) {
+        Ok(()) => then(farm.users.get_mut(username).expect("checked")),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
 async fn list_keys(
     State(shared): State<Shared>,
     Path(username): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let mut farm = shared.lock().unwrap();
-    let farm = &mut *farm;
-    farm.count(LIST_KEYS_ROUTE);
-    if let Err(refusal) = authorize_user(farm, &headers, &username) {
-        return refusal.into_response();
-    }
-    Json(&farm.users[&username].keys).into_response()
+    with_user(&shared, LIST_KEYS_ROUTE, &headers, &username, |user| {
+        Json(&user.keys).into_response()
+    })
 }
 
 async fn add_key_route(
@@ -580,37 +594,32 @@ async fn add_key_route(
     headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let mut farm = shared.lock().unwrap();
-    let farm = &mut *farm;
-    farm.count(ADD_KEY_ROUTE);
-    if let Err(refusal) = authorize_user(farm, &headers, &username) {
-        return refusal.into_response();
-    }
-    let bad = |message: &str| {
-        (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
-    };
-    let Ok(Json(Value::Object(body))) = body else {
-        return bad("the body must be a JSON object {\"name\", \"key\"}");
-    };
-    if let Some(extra) = body.keys().find(|k| *k != "name" && *k != "key") {
-        return bad(&format!(
-            "Additional properties are not allowed ('{extra}' was unexpected)"
-        ));
-    }
-    let text = |field: &str| {
-        body.get(field)
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-    };
-    let (Some(name), Some(key)) = (text("name"), text("key")) else {
-        return bad("'name' and 'key' are required non-empty strings");
-    };
-    let user = farm.users.get_mut(&username).expect("checked above");
-    match add_key(user, &name, &key) {
-        Ok(_) => StatusCode::CREATED.into_response(),
-        Err(message) => bad(&message),
-    }
+    with_user(&shared, ADD_KEY_ROUTE, &headers, &username, |user| {
+        let bad = |message: &str| {
+            (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+        };
+        let Ok(Json(Value::Object(body))) = body else {
+            return bad("the body must be a JSON object {\"name\", \"key\"}");
+        };
+        if let Some(extra) = body.keys().find(|k| *k != "name" && *k != "key") {
+            return bad(&format!(
+                "Additional properties are not allowed ('{extra}' was unexpected)"
+            ));
+        }
+        let text = |field: &str| {
+            body.get(field)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let (Some(name), Some(key)) = (text("name"), text("key")) else {
+            return bad("'name' and 'key' are required non-empty strings");
+        };
+        match add_key(user, &name, &key) {
+            Ok(_) => StatusCode::CREATED.into_response(),
+            Err(message) => bad(&message),
+        }
+    })
 }
 
 async fn other(State(shared): State<Shared>) -> Response {

@@ -1,15 +1,29 @@
 //! Fixtures for the integration tests: a RabbitMQ vhost of their own, the
 //! worker binary as a child process, and the Python Celery client
 //! (`tests/py/celery_client.py`) as the dispatcher and the event monitor.
+//! A test builds them one way, as a [`Stack`] (or [`Services`] when it
+//! starts its workers itself), with the worker's environment as a
+//! [`WorkerEnv`] (`stack.rs`). It waits for something to happen on the
+//! events or with [`eventually`] (`support.rs`, which `sshd.rs` includes);
+//! a fixed sleep is left only where time passing is the scenario.
 //!
 //! Every test gets its own vhost and temp dir, so tests run in parallel
 //! without seeing each other. The services themselves are started by
 //! `scripts/test-env.sh`; the addresses come from the environment that
-//! `scripts/test.sh` exports, with the same values as defaults.
+//! `scripts/test.sh` exports, with the same values as defaults. The test
+//! targets that use this module are built only with the `services` feature
+//! (`tests/without_services.rs` says which).
 #![allow(dead_code)]
 
 pub mod dispatcher;
 pub mod sshd;
+mod stack;
+
+pub use sshd::support::{eventually, run_ok, wait_log_file};
+#[allow(unused_imports)]
+pub use stack::{
+    DEFAULT_WAIT, Services, Stack, Task, WorkerEnv, mw_kwargs, send_task, simulated_task,
+};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -18,9 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-
-use sshd::{KeyKind, Sshd};
+use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -64,13 +76,7 @@ pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
         cmd.args(["-d", b]);
     }
     cmd.arg(&url);
-    let out = cmd.output().expect("curl runs");
-    assert!(
-        out.status.success(),
-        "RabbitMQ API {method} {path} failed: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut cmd, &format!("RabbitMQ API {method} {path}"));
     if out.stdout.is_empty() {
         Value::Null
     } else {
@@ -81,14 +87,9 @@ pub fn rabbit_api_call(method: &str, path: &str, body: Option<&str>) -> Value {
 /// Runs `rabbitmqctl` with `args`, failing the test if it fails; its
 /// stdout, trimmed.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("rabbitmqctl").args(args),
+        &format!("rabbitmqctl {args:?}"),
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -134,18 +135,21 @@ impl Vhost {
     /// Waits until the queue holds `ready` ready and `unacked` unacked
     /// messages (the management API's figures refresh every few seconds).
     pub fn wait_queue_depth(&self, queue: &str, ready: u64, unacked: u64, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            let depth = self.queue_depth(queue);
-            if depth == (ready, unacked) {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "queue {queue}: expected (ready, unacked) = ({ready}, {unacked}), got {depth:?}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        let depth = std::cell::Cell::new((0, 0));
+        eventually(
+            timeout,
+            Duration::from_millis(250),
+            || {
+                depth.set(self.queue_depth(queue));
+                depth.get() == (ready, unacked)
+            },
+            || {
+                format!(
+                    "queue {queue}: expected (ready, unacked) = ({ready}, {unacked}), got {:?}",
+                    depth.get()
+                )
+            },
+        );
     }
 
     /// Closes every client connection to this vhost (the fault test).
@@ -207,39 +211,19 @@ pub fn register_at_shared_dispatcher(user: &str, private_key: &Path) {
     let _ = shared_dispatcher().register_key(user, "test key", public.trim());
 }
 
-/// The environment a test worker needs, with `extra` overriding it.
+/// The environment of a test worker with `extra` overriding it (the
+/// benches' form of [`WorkerEnv::vars`]).
 pub fn worker_env(
     vhost: &Vhost,
     dir: &Path,
     node: &str,
-    extra: &[(&str, &str)],
+    extra: &[(&'static str, &str)],
 ) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
-        ("USERNAME", "tester"),
-        ("PASSWORD", TEST_PASSWORD),
-        ("NODE_NAME", node),
-        ("QUEUES", "small"),
-        ("CONCURRENCY", "2"),
-        ("TASK_RUNNER", "simulate"),
-        ("SHUTDOWN_GRACE", "5"),
-        ("LOG_LEVEL", "info,zimfarm_worker=debug"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.push(("BROKER_URL".into(), vhost.url()));
-    env.push(("DISPATCHER_URL".into(), shared_dispatcher().url()));
-    env.push(("WORKING_DIR".into(), dir.display().to_string()));
-    env.push(("ZIM_DIR".into(), dir.display().to_string()));
-    for (k, v) in extra {
-        env.retain(|(key, _)| key != k);
-        env.push((k.to_string(), v.to_string()));
-    }
-    env
+    WorkerEnv::new().set_all(extra).vars(vhost, dir, node)
 }
 
 impl WorkerProc {
-    pub fn start(vhost: &Vhost, dir: &Path, node: &str, extra: &[(&str, &str)]) -> Self {
+    pub fn start(vhost: &Vhost, dir: &Path, node: &str, env: &WorkerEnv) -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!(
             "worker-{node}-{}.log",
@@ -249,7 +233,7 @@ impl WorkerProc {
         let child = Command::new(worker_binary())
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(worker_env(vhost, dir, node, extra))
+            .envs(env.vars(vhost, dir, node))
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -269,15 +253,22 @@ impl WorkerProc {
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "worker log never showed {needle:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_log_file(&self.log, "worker", needle, timeout);
+    }
+
+    /// Fails the test if the log contains `needle` (showing the log).
+    pub fn assert_log_lacks(&self, needle: &str) {
+        let log = self.log_text();
+        assert!(!log.contains(needle), "{needle:?} in the log:\n{log}");
+    }
+
+    /// Waits for the worker to stop at start, as it must on a setting it
+    /// cannot work with: exit code 2. Its log.
+    pub fn expect_exit_2(&mut self, timeout: Duration) -> String {
+        let status = self.wait_exit(timeout);
+        let log = self.log_text();
+        assert_eq!(status.code(), Some(2), "{log}");
+        log
     }
 
     pub fn wait_connected(&self) {
@@ -299,18 +290,21 @@ impl WorkerProc {
 
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "worker did not exit within {timeout:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut status = None;
+        let log = self.log.clone();
+        eventually(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                status = self.child.try_wait().expect("try_wait");
+                status.is_some()
+            },
+            || {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                format!("worker did not exit; log:\n{log}")
+            },
+        );
+        status.expect("exited")
     }
 
     pub fn rss_kib(&self) -> u64 {
@@ -343,35 +337,7 @@ pub fn celery_client(vhost: &Vhost, args: &[&str]) -> Output {
         .arg(args[0])
         .args(["--broker", &vhost.url()]);
     cmd.args(&args[1..]);
-    let out = cmd.output().expect("python runs");
-    assert!(
-        out.status.success(),
-        "celery_client.py {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Sends a task with Celery exactly as the 2019 dispatcher did.
-pub fn send_task(vhost: &Vhost, name: &str, id: &str, kwargs: &Value, extra: &[&str]) -> Value {
-    let kwargs = kwargs.to_string();
-    let mut args = vec![
-        "send",
-        "--name",
-        name,
-        "--task-id",
-        id,
-        "--kwargs",
-        &kwargs,
-        "--exchange",
-        "offliner",
-        "--routing-key",
-        "small",
-    ];
-    args.extend_from_slice(extra);
-    let out = celery_client(vhost, &args);
-    last_json_line(&out.stdout)
+    run_ok(&mut cmd, &format!("celery_client.py {args:?}"))
 }
 
 /// `app.control.broadcast(method, arguments, reply=True)` to one node, as
@@ -554,19 +520,12 @@ impl EventsProc {
         timeout: Duration,
         mut done: impl FnMut(&[Value]) -> bool,
     ) {
-        let start = Instant::now();
-        loop {
-            let all = self.events();
-            if done(&all) {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "{what} within {timeout:?}; events:\n{}",
-                dump_task_events(&all)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually(
+            timeout,
+            Duration::from_millis(100),
+            || done(&self.events()),
+            || format!("{what}; events:\n{}", dump_task_events(&self.events())),
+        );
     }
 
     /// Waits until every task of `ids` has a final event.
@@ -897,15 +856,12 @@ impl ThrottleProxy {
 
     /// Waits until at least `n` client→server bytes have been forwarded.
     pub fn wait_bytes_up(&self, n: u64, timeout: Duration) {
-        let start = Instant::now();
-        while self.bytes_up() < n {
-            assert!(
-                start.elapsed() < timeout,
-                "proxy forwarded only {} of {n} bytes within {timeout:?}",
-                self.bytes_up()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(
+            timeout,
+            Duration::from_millis(10),
+            || self.bytes_up() >= n,
+            || format!("proxy forwarded only {} of {n} bytes", self.bytes_up()),
+        );
     }
 
     /// Connections accepted (and forwarded) so far.
@@ -996,21 +952,6 @@ impl Drop for ThrottleProxy {
     }
 }
 
-/// The usual stack of a test: its own vhost and temp dir, a Celery event
-/// receiver listening, and a connected worker named `label` with `extra`
-/// environment.
-pub fn stack(
-    label: &str,
-    extra: &[(&str, &str)],
-) -> (Vhost, tempfile::TempDir, EventsProc, WorkerProc) {
-    let vh = Vhost::new(label);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let events = EventsProc::start(&vh, 180);
-    let worker = WorkerProc::start(&vh, dir.path(), label, extra);
-    worker.wait_connected();
-    (vh, dir, events, worker)
-}
-
 /// An address on 127.0.0.1 free now (for `METRICS_ADDR`).
 pub fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1019,15 +960,11 @@ pub fn free_addr() -> String {
 
 /// `/metrics` through `tests/py/metrics.py` (both parsers must accept it).
 pub fn scrape(addr: &str) -> Value {
-    let out = Command::new(python())
-        .arg(repo_root().join("tests/py/metrics.py"))
-        .arg(format!("http://{addr}/metrics"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "metrics.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new(python())
+            .arg(repo_root().join("tests/py/metrics.py"))
+            .arg(format!("http://{addr}/metrics")),
+        "metrics.py",
     );
     last_json_line(&out.stdout)
 }
@@ -1058,6 +995,11 @@ pub fn run_worker(args: &[&str], env: &[(String, String)]) -> Output {
         .unwrap()
 }
 
+/// Fails the test unless `text` contains `needle` (showing `text`).
+pub fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "{needle:?} not in:\n{text}");
+}
+
 /// A command's stdout then stderr, as text.
 pub fn output_text(out: &Output) -> String {
     format!(
@@ -1069,52 +1011,36 @@ pub fn output_text(out: &Output) -> String {
 
 // ------------------------------------------------ the Docker pipeline's tests
 
-pub fn leak(s: String) -> &'static str {
-    Box::leak(s.into_boxed_str())
+/// Fails the test if a container labelled for `node` is left.
+pub fn assert_no_containers(node: &str) {
+    let left = containers_of(node);
+    assert!(left.is_empty(), "containers left: {left:?}");
 }
 
-/// The variables that point a worker at `sshd` as its warehouse, reached
-/// through `port` (sshd's own, or a proxy's), with its key registered at
-/// the (shared) dispatcher stand-in.
-pub fn warehouse_env(sshd: &Sshd, port: u16) -> Vec<(&'static str, &'static str)> {
-    register_at_shared_dispatcher(sshd.user(), &sshd.user_key(KeyKind::Ed25519));
-    vec![
-        ("USERNAME", sshd.user()),
-        ("WAREHOUSE_HOST", "127.0.0.1"),
-        ("WAREHOUSE_PORT", leak(port.to_string())),
-        (
-            "SSH_KEY",
-            leak(sshd.user_key(KeyKind::Ed25519).display().to_string()),
-        ),
-        (
-            "WAREHOUSE_KNOWN_HOSTS",
-            leak(sshd.known_hosts_file_for_port(port).display().to_string()),
-        ),
-        ("UPLOAD_RETRIES", "2"),
-    ]
+/// Publishes `body` to `celery.pidbox`, as a control client
+/// that does not follow the protocol would; the body goes through a file
+/// in `dir`.
+pub fn publish_pidbox(vh: &Vhost, dir: &Path, body: impl AsRef<[u8]>) {
+    let file = dir.join(format!("pidbox-{}", task_id()));
+    std::fs::write(&file, body).unwrap();
+    let file = file.display().to_string();
+    celery_client(
+        vh,
+        &[
+            "publish-raw",
+            "--exchange",
+            "celery.pidbox",
+            "--routing-key",
+            "",
+            "--body-file",
+            &file,
+        ],
+    );
 }
 
-pub fn docker_env(
-    sshd: &Sshd,
-    extra: &[(&'static str, &'static str)],
-) -> Vec<(&'static str, &'static str)> {
-    let mut env = vec![
-        ("TASK_RUNNER", "docker"),
-        ("PULL_POLICY", "never"),
-        ("REDIS_IMAGE", "zimfarm/redis:test"),
-        ("MIN_FREE_DISK_MB", "10"),
-    ];
-    env.extend(warehouse_env(sshd, sshd.port()));
-    env.extend_from_slice(extra);
-    env
-}
-
-pub fn mw_kwargs(flags: Value) -> Value {
-    json!({
-        "flags": flags,
-        "image": {"name": "openzim/mwoffliner", "tag": "test"},
-        "warehouse_path": "/wikipedia",
-    })
+/// A text field of an event (`exception`, `traceback`, ...); "" if absent.
+pub fn text_of<'a>(event: &'a Value, field: &str) -> &'a str {
+    event[field].as_str().unwrap_or_default()
 }
 
 /// Names of the containers labelled for `node`, running or not.
@@ -1128,16 +1054,6 @@ pub fn containers_of(node: &str) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-/// The kwargs of an mwoffliner task the simulate runner runs for `seconds`.
-pub fn simulated_task(seconds: f64) -> Value {
-    json!({
-        "flags": {"mwUrl": "https://en.wikipedia.org", "adminEmail": "a@b.c"},
-        "image": {"name": "openzim/mwoffliner", "tag": "1.9"},
-        "warehouse_path": "/wikipedia",
-        "simulate": {"sleep": seconds},
-    })
 }
 
 /// `zimfarm_worker_redeliveries_held_total` of the node serving metrics at

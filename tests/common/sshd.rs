@@ -29,6 +29,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+// Included here by path, not by `common`, so that this file stays
+// self-contained for the upload bench; `common` re-exports it.
+#[path = "support.rs"]
+pub mod support;
+use support::{eventually, run_ok, wait_log_file};
+
 /// The account the warehouse accepts.
 pub const SFTP_USER: &str = "zimfarm-sftp";
 /// Where the instances' chroots are made (root-owned, 0755).
@@ -302,15 +308,7 @@ impl Sshd {
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while !self.log_text().contains(needle) {
-            assert!(
-                start.elapsed() < timeout,
-                "sshd log never showed {needle:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_log_file(&self.log, "sshd", needle, timeout);
     }
 
     /// The private key of `kind`, authorized on this server: a 0600 copy in
@@ -361,21 +359,18 @@ impl Sshd {
 
     /// Waits until at least `n` connections are being served.
     pub fn wait_sessions(&self, n: usize, timeout: Duration) {
-        let start = Instant::now();
         // Each connection is one direct child of the listener.
-        while self
-            .pid()
-            .map(|p| children_map().get(&p).map_or(0, Vec::len))
-            .unwrap_or(0)
-            < n
-        {
-            assert!(
-                start.elapsed() < timeout,
-                "sshd never had {n} session(s); log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let sessions = || {
+            self.pid()
+                .map(|p| children_map().get(&p).map_or(0, Vec::len))
+                .unwrap_or(0)
+        };
+        eventually(
+            timeout,
+            Duration::from_millis(20),
+            || sessions() >= n,
+            || format!("sshd never had {n} session(s); log:\n{}", self.log_text()),
+        );
     }
 
     /// SIGKILLs every per-connection sshd process (the clients see their
@@ -603,18 +598,14 @@ fn banner(port: u16) -> Option<String> {
 
 /// Runs ssh-keygen to make a key pair at `path` (+ `.pub`).
 fn keygen(path: &Path, args: &[&str], comment: &str) {
-    let out = Command::new(SSH_KEYGEN)
-        .arg("-q")
-        .args(args)
-        .args(["-C", comment, "-f"])
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ssh-keygen");
-    assert!(
-        out.status.success(),
-        "ssh-keygen {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(SSH_KEYGEN)
+            .arg("-q")
+            .args(args)
+            .args(["-C", comment, "-f"])
+            .arg(path)
+            .stdin(Stdio::null()),
+        &format!("ssh-keygen {args:?}"),
     );
 }
 

@@ -12,12 +12,12 @@
 //! consumes any task), consumed without acks as kombu's pidbox does, and the
 //! replies published on that same channel.
 //!
-//! - [`connection`]: connecting (TLS, frame size, timeout) and opening a
+//! - `connection`: connecting (TLS, frame size, timeout) and opening a
 //!   session's channels, in order;
-//! - [`topology`]: exchanges, task queues, the pidbox queue, consumers,
+//! - `topology`: exchanges, task queues, the pidbox queue, consumers,
 //!   prefetch and remote-control replies;
-//! - [`outbox`]: the ordered outbox and its publisher;
-//! - [`error`]: [`BrokerError`] and the reading of AMQP close reasons.
+//! - `outbox`: the ordered outbox and its publisher;
+//! - `error`: [`BrokerError`] and the reading of AMQP close reasons.
 //!
 //! This file holds [`Broker`], the settings every part reads.
 

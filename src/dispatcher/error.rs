@@ -4,7 +4,8 @@
 //! causes of a transport error.
 //!
 //! Owns the error type and those texts. It must not send requests, and it
-//! never quotes a token or the password: token answers are not passed here.
+//! never quotes a token or the password: a successful token answer is
+//! never passed here.
 
 use reqwest::{Response, Url};
 use serde_json::Value;

@@ -38,7 +38,7 @@ pub use error::DispatcherError;
 pub use keys::RegisteredKey;
 
 use crate::config::{DispatcherSettings, Secret};
-use error::{chain, redact_url};
+use error::{chain, redact_url, unreachable};
 use token::{Session, generation};
 
 /// Every request gives up after this long (connecting included).
@@ -182,6 +182,16 @@ impl Dispatcher {
                 .ok_or_else(|| inner.invalid_token_response("no session after logging in"))?
         };
         inner.send(build(&inner.http, &session.access_token)).await
+    }
+}
+
+impl Inner {
+    /// Sends a request; failing to get an answer is `Unreachable`.
+    pub(super) async fn send(&self, request: RequestBuilder) -> Result<Response, DispatcherError> {
+        request.send().await.map_err(|e| {
+            let url = e.url().map_or_else(|| self.base.clone(), redact_url);
+            unreachable(&url, &e)
+        })
     }
 }
 

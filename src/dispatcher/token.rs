@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use reqwest::{RequestBuilder, Response, StatusCode};
+use reqwest::{Response, StatusCode};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -229,14 +229,6 @@ impl Inner {
             obtained: started,
             expires_in: tokens.expires_in,
             generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
-        })
-    }
-
-    /// Sends a request; failing to get an answer is `Unreachable`.
-    pub(super) async fn send(&self, request: RequestBuilder) -> Result<Response, DispatcherError> {
-        request.send().await.map_err(|e| {
-            let url = e.url().map_or_else(|| self.base.clone(), redact_url);
-            unreachable(&url, &e)
         })
     }
 }

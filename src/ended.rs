@@ -3,8 +3,9 @@
 //! restart, `kill -9`) is answered with the task's final event instead of
 //! running the task again.
 //!
-//! Owns one append-only JSON-lines file, `ZIM_DIR/.zimfarm-ended.jsonl`, and
-//! the in-memory index of its newest records. It must not touch anything
+//! Owns one append-only JSON-lines file, `ZIM_DIR/.zimfarm-ended.jsonl`,
+//! written by one thread of its own (appends and compactions, in turn), and
+//! the in-memory index of its newest records, the only lock. It must not touch anything
 //! else in the working dir (task dirs belong to the runner), nor talk to the
 //! broker or emit events: the worker decides what to do with a record.
 //!
@@ -23,9 +24,11 @@ use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::celery::EventKind;
 
@@ -223,12 +226,19 @@ struct Writer {
 }
 
 /// The record of ended tasks. Lookups are in memory; [`EndedLog::record`]
-/// appends to the file off the async runtime.
+/// hands the line to the file's writer thread, off the async runtime.
 pub struct EndedLog {
     path: PathBuf,
-    keep: usize,
     index: Arc<Mutex<Index>>,
-    writer: Arc<Mutex<Writer>>,
+    /// To the writer thread, which alone holds the file: lines are written
+    /// one at a time without a lock, and lookups never wait for the disk.
+    appends: mpsc::Sender<Append>,
+}
+
+/// One line for the writer thread, and where to say it is written.
+struct Append {
+    line: String,
+    written: oneshot::Sender<io::Result<()>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,16 +262,24 @@ impl EndedLog {
                 path: path.clone(),
                 source,
             })?;
+        let records = index.order.len();
+        let index = Arc::new(Mutex::new(index));
+        let appends =
+            spawn_writer(path.clone(), keep, index.clone(), writer).map_err(|source| {
+                EndedError::Open {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         tracing::debug!(
             path = %path.display(),
-            records = index.order.len(),
+            records,
             "record of ended tasks loaded"
         );
         Ok(Self {
             path,
-            keep,
-            index: Arc::new(Mutex::new(index)),
-            writer: Arc::new(Mutex::new(writer)),
+            index,
+            appends,
         })
     }
 
@@ -278,8 +296,8 @@ impl EndedLog {
 
     /// Records that task `id` ended with `event` (`task-succeeded`,
     /// `task-failed` or `task-revoked`). [`EndedLog::get`] sees it as soon as
-    /// this returns; the returned future appends the line to the file (on
-    /// the blocking pool) and resolves once it is written.
+    /// this returns; the returned future has the line appended to the file
+    /// (by the writer thread) and resolves once it is written.
     ///
     /// No fsync: the line is durable once `write()` returned, against a
     /// crash or `kill -9` of the worker (the kernel's page cache keeps it).
@@ -302,19 +320,16 @@ impl EndedLog {
             }),
         };
         let path = self.path.clone();
-        let keep = self.keep;
-        let index = self.index.clone();
-        let writer = self.writer.clone();
+        let appends = self.appends.clone();
         async move {
             let line = prepared?;
-            let err_path = path.clone();
-            tokio::task::spawn_blocking(move || append(&path, keep, &index, &writer, &line))
-                .await
-                .unwrap_or_else(|join| Err(io::Error::other(join.to_string())))
-                .map_err(|source| EndedError::Write {
-                    path: err_path,
-                    source,
-                })
+            let (written, done) = oneshot::channel();
+            let stopped = || io::Error::other("the writer of the record stopped");
+            let result = match appends.send(Append { line, written }) {
+                Ok(()) => done.await.unwrap_or_else(|_| Err(stopped())),
+                Err(_) => Err(stopped()),
+            };
+            result.map_err(|source| EndedError::Write { path, source })
         }
     }
 }
@@ -367,15 +382,33 @@ fn load(path: &Path, keep: usize) -> io::Result<(Index, Writer)> {
     Ok((index, writer))
 }
 
+/// Starts the thread that owns the file: it appends the lines it is sent,
+/// in turn, and ends once every [`EndedLog`] and record future is gone.
+fn spawn_writer(
+    path: PathBuf,
+    keep: usize,
+    index: Arc<Mutex<Index>>,
+    mut writer: Writer,
+) -> io::Result<mpsc::Sender<Append>> {
+    let (appends, lines) = mpsc::channel::<Append>();
+    std::thread::Builder::new()
+        .name("ended-record".to_owned())
+        .spawn(move || {
+            for Append { line, written } in lines {
+                let _ = written.send(append(&path, keep, &index, &mut writer, &line));
+            }
+        })?;
+    Ok(appends)
+}
+
 /// Appends one line, then compacts the file if it grew too long.
 fn append(
     path: &Path,
     keep: usize,
     index: &Mutex<Index>,
-    writer: &Mutex<Writer>,
+    w: &mut Writer,
     line: &str,
 ) -> io::Result<()> {
-    let mut w = lock(writer);
     if w.broken {
         // The previous line was cut (a crash, a full disk): end it, or this
         // one would be glued to it and lost at the next load.
@@ -395,7 +428,7 @@ fn append(
             let index = lock(index);
             (index.lines(), index.order.len())
         };
-        if let Err(error) = compact(path, text, count, keep, &mut w) {
+        if let Err(error) = compact(path, text, count, keep, w) {
             // The line itself is written; try again after a while.
             w.compact_above = w.lines + keep.div_ceil(10).max(1);
             tracing::warn!(

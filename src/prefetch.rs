@@ -43,13 +43,14 @@
 //!   higher prefetch (the other order, ack first and the lower prefetch
 //!   after, let a third message slip in between on a node with two slots
 //!   whenever two tasks ended close together);
-//! - every prefetch change and every ack of a held message go through one
-//!   lock (`gate`), and each value is computed from the book while holding
-//!   it, so no raise computed before an ack's lower can land after that
-//!   ack. Whoever holds the gate acks every task that ended meanwhile after
-//!   one prefetch change for all of them (a slot freed and a task ended
-//!   cancel out: no `qos` at all). The price is one broker round trip per
-//!   task end before its ack, taken in turn;
+//! - every prefetch change and every ack of a held message is made by one
+//!   task (the gate, which alone holds the channel), one request at a time,
+//!   and each value is computed from the book when its turn comes, so no
+//!   raise computed before an ack's lower can land after that ack. Each
+//!   turn acks every task that ended meanwhile after one prefetch change
+//!   for all of them (a slot freed and a task ended cancel out: no `qos` at
+//!   all). The price is one broker round trip per task end before its ack,
+//!   taken in turn;
 //! - a delivered task that takes a slot adds one held message and one slot
 //!   wanted at once: no change, no frame.
 //!
@@ -69,12 +70,13 @@
 //! back a running task's own message, which is then held for that run.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use lapin::options::BasicAckOptions;
 use lapin::{Acker, Channel};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::set_prefetch;
 
@@ -85,11 +87,14 @@ const QOS_TIMEOUT: Duration = Duration::from_secs(30);
 /// The held task messages and the consuming channel's prefetch.
 pub struct Prefetch {
     concurrency: usize,
-    book: Mutex<Book<Acker>>,
-    /// Serialises prefetch changes and the acks of held messages.
-    gate: tokio::sync::Mutex<Gate>,
+    /// The only lock; never held across an await.
+    book: Arc<Mutex<Book<Acker>>>,
+    /// To the gate, the task that holds the consuming channel and makes
+    /// every prefetch change and every ack of a held message, in turn;
+    /// started on first use, on the runtime.
+    gate: OnceLock<mpsc::UnboundedSender<Turn>>,
     /// The prefetch last set on the channel (`inspect stats`).
-    in_force: AtomicU16,
+    in_force: Arc<AtomicU16>,
 }
 
 /// The held messages (`A`: how one is acked).
@@ -143,10 +148,110 @@ fn prefetch_of(credit: i64) -> u16 {
     u16::try_from(credit.max(1)).unwrap_or(u16::MAX)
 }
 
+fn lock<A>(book: &Mutex<Book<A>>) -> MutexGuard<'_, Book<A>> {
+    book.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the gate is asked to do, and where it says it is done.
+enum Turn {
+    /// A new broker session: no channel until the next `Attach`; answers
+    /// the prefetch to open the new one with.
+    NextSession(oneshot::Sender<u16>),
+    Attach {
+        channel: Channel,
+        applied: u16,
+        done: oneshot::Sender<()>,
+    },
+    /// Brings the prefetch in line and acks the tasks that ended.
+    Settle(oneshot::Sender<()>),
+}
+
+/// The consuming channel and its prefetch, owned by one task that takes
+/// the [`Turn`]s in the order they were asked.
 struct Gate {
+    concurrency: usize,
+    book: Arc<Mutex<Book<Acker>>>,
+    in_force: Arc<AtomicU16>,
     channel: Option<Channel>,
     /// What `channel` has in force.
     applied: u16,
+}
+
+impl Gate {
+    async fn run(mut self, mut turns: mpsc::UnboundedReceiver<Turn>) {
+        while let Some(turn) = turns.recv().await {
+            match turn {
+                Turn::NextSession(done) => {
+                    self.channel = None;
+                    let mut book = lock(&self.book);
+                    book.session += 1;
+                    let _ = done.send(book.wanted(self.concurrency));
+                }
+                Turn::Attach {
+                    channel,
+                    applied,
+                    done,
+                } => {
+                    self.channel = Some(channel);
+                    self.applied = applied;
+                    self.in_force.store(applied, Ordering::Relaxed);
+                    self.apply().await;
+                    let _ = done.send(());
+                }
+                Turn::Settle(done) => {
+                    self.settle().await;
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// The prefetch first, then the acks of every task that ended since
+    /// the last turn (see the module doc for why in that order).
+    async fn settle(&mut self) {
+        let ended: Vec<Held<Acker>> = {
+            let mut book = lock(&self.book);
+            let ending = std::mem::take(&mut book.ending);
+            ending
+                .iter()
+                .filter_map(|id| book.held.remove(id))
+                .collect()
+        };
+        self.apply().await;
+        for (acker, _) in ended.iter().flat_map(|h| &h.ackers) {
+            ack(acker).await;
+        }
+    }
+
+    /// Sets the prefetch the book asks for, if it differs from the one in
+    /// force.
+    async fn apply(&mut self) {
+        let wanted = lock(&self.book).wanted(self.concurrency);
+        if wanted == self.applied {
+            return;
+        }
+        let Some(channel) = self.channel.as_ref() else {
+            return;
+        };
+        match tokio::time::timeout(QOS_TIMEOUT, set_prefetch(channel, wanted)).await {
+            Ok(Ok(())) => {
+                tracing::trace!(prefetch = wanted, "prefetch changed");
+                self.applied = wanted;
+                self.in_force.store(wanted, Ordering::Relaxed);
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "could not change prefetch; the session is ending");
+                self.channel = None;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    secs = QOS_TIMEOUT.as_secs(),
+                    "the broker did not answer a prefetch change; not changing it again until the next session"
+                );
+                self.channel = None;
+            }
+        }
+    }
 }
 
 /// A task id the book does not hold; the acker comes back to be acked by
@@ -159,17 +264,34 @@ impl Prefetch {
         let first = prefetch_of(i64::try_from(concurrency).unwrap_or(i64::MAX));
         Self {
             concurrency,
-            book: Mutex::new(Book::default()),
-            gate: tokio::sync::Mutex::new(Gate {
-                channel: None,
-                applied: first,
-            }),
-            in_force: AtomicU16::new(first),
+            book: Arc::new(Mutex::new(Book::default())),
+            gate: OnceLock::new(),
+            in_force: Arc::new(AtomicU16::new(first)),
         }
     }
 
-    fn book(&self) -> std::sync::MutexGuard<'_, Book<Acker>> {
-        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    fn book(&self) -> MutexGuard<'_, Book<Acker>> {
+        lock(&self.book)
+    }
+
+    /// Asks the gate for a turn and waits for it to be done; `None` only if
+    /// the gate is gone (its runtime is shutting down).
+    async fn turn<T>(&self, turn: impl FnOnce(oneshot::Sender<T>) -> Turn) -> Option<T> {
+        let gate = self.gate.get_or_init(|| {
+            let (turns, asked) = mpsc::unbounded_channel();
+            let gate = Gate {
+                concurrency: self.concurrency,
+                book: self.book.clone(),
+                in_force: self.in_force.clone(),
+                channel: None,
+                applied: self.in_force.load(Ordering::Relaxed),
+            };
+            tokio::spawn(gate.run(asked));
+            turns
+        });
+        let (done, answer) = oneshot::channel();
+        gate.send(turn(done)).ok()?;
+        answer.await.ok()
     }
 
     /// The prefetch last set on the channel.
@@ -180,22 +302,22 @@ impl Prefetch {
     /// Starts a new broker session: what was held came on the old channel.
     /// Returns the prefetch to open the new channel with.
     pub async fn next_session(&self) -> u16 {
-        let mut gate = self.gate.lock().await;
-        gate.channel = None;
-        let mut book = self.book();
-        book.session += 1;
-        book.wanted(self.concurrency)
+        match self.turn(Turn::NextSession).await {
+            Some(prefetch) => prefetch,
+            None => self.book().wanted(self.concurrency),
+        }
     }
 
     /// Hands over the new session's consuming channel, opened with
     /// `applied`, and brings its prefetch up to date (tasks may have ended
     /// while it opened).
     pub async fn attach(&self, channel: Channel, applied: u16) {
-        let mut gate = self.gate.lock().await;
-        gate.channel = Some(channel);
-        gate.applied = applied;
-        self.in_force.store(applied, Ordering::Relaxed);
-        self.apply(&mut gate).await;
+        self.turn(|done| Turn::Attach {
+            channel,
+            applied,
+            done,
+        })
+        .await;
     }
 
     /// Holds a new task's message, delivered on the current session.
@@ -280,29 +402,17 @@ impl Prefetch {
     }
 
     /// Brings the channel's prefetch in line with what is held, and acks
-    /// the messages of every task that ended since the last holder of the
-    /// gate: the prefetch first, then the acks (see the module doc for why
-    /// in that order). Changes made meanwhile coalesce: a slot freed and a
+    /// the messages of every task that ended since the gate's last turn:
+    /// the prefetch first, then the acks (see the module doc for why in
+    /// that order). Changes made meanwhile coalesce: a slot freed and a
     /// task ended cancel out, and no frame but the acks is sent.
     pub async fn settle(&self) {
-        let mut gate = self.gate.lock().await;
-        let ended: Vec<Held<Acker>> = {
-            let mut book = self.book();
-            let ending = std::mem::take(&mut book.ending);
-            ending
-                .iter()
-                .filter_map(|id| book.held.remove(id))
-                .collect()
-        };
-        self.apply(&mut gate).await;
-        for (acker, _) in ended.iter().flat_map(|h| &h.ackers) {
-            ack(acker).await;
-        }
+        self.turn(Turn::Settle).await;
     }
 
     /// Task `id` is over: its messages are acked (see
-    /// [`Prefetch::settle`]). Returns once they are, by this call or by one
-    /// that held the gate before it.
+    /// [`Prefetch::settle`]). Returns once they are, in this call's turn or
+    /// in one before it.
     pub async fn end(&self, id: &str) {
         self.book().ending.push(id.to_owned());
         self.settle().await;
@@ -312,36 +422,6 @@ impl Prefetch {
     /// queue when the channel closes (shutdown).
     pub fn forget(&self, id: &str) {
         self.book().held.remove(id);
-    }
-
-    /// Sets the prefetch the book asks for, if it differs from the one in
-    /// force; under the gate.
-    async fn apply(&self, gate: &mut Gate) {
-        let wanted = self.book().wanted(self.concurrency);
-        if wanted == gate.applied {
-            return;
-        }
-        let Some(channel) = gate.channel.as_ref() else {
-            return;
-        };
-        match tokio::time::timeout(QOS_TIMEOUT, set_prefetch(channel, wanted)).await {
-            Ok(Ok(())) => {
-                tracing::trace!(prefetch = wanted, "prefetch changed");
-                gate.applied = wanted;
-                self.in_force.store(wanted, Ordering::Relaxed);
-            }
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "could not change prefetch; the session is ending");
-                gate.channel = None;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    secs = QOS_TIMEOUT.as_secs(),
-                    "the broker did not answer a prefetch change; not changing it again until the next session"
-                );
-                gate.channel = None;
-            }
-        }
     }
 }
 

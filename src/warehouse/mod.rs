@@ -10,9 +10,13 @@
 //! given local paths, remote names and where each journal goes, and reports
 //! what it did.
 
+mod item;
 pub mod journal;
 mod keys;
 mod known_hosts;
+mod progress;
+mod resume;
+mod send;
 mod session;
 mod streams;
 mod syncer;
@@ -27,15 +31,16 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+pub use item::{UploadItem, UploadReport};
 pub use keys::{ClientKey, HostKeyError, HostKeyTrust, KeyError, parse_public_key_line};
-pub use upload::{UploadItem, UploadReport};
 pub use zim::ZimError;
 
 use crate::config::WarehouseSettings;
 use crate::retry::Retry;
+use progress::Progress;
 use session::Connection;
 use streams::Extras;
-use upload::{Progress, upload_one};
+use upload::upload_one;
 
 /// Where ZIM files go: `/zim<warehouse_path>`.
 pub const ZIM_ROOT: &str = "/zim";
@@ -169,12 +174,12 @@ impl Warehouse {
         })
     }
 
-    /// Shortens the wait between attempts (tests, benchmarks).
     /// The retry policy of an upload attempt, and of each stream.
     fn retry(&self) -> Retry {
         Retry::upload(self.first_backoff, self.settings.upload_retries)
     }
 
+    /// Shortens the wait between attempts (tests, benchmarks).
     pub fn with_first_backoff(mut self, backoff: Duration) -> Self {
         self.first_backoff = backoff;
         self
@@ -221,7 +226,7 @@ impl Warehouse {
         if largest == 0 {
             return 0;
         }
-        upload::streams_for(self.settings.upload_streams, rtt, largest) - 1
+        send::streams_for(self.settings.upload_streams, rtt, largest) - 1
     }
 
     /// Uploads every item, in order, over one connection; reconnects and

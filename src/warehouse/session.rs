@@ -183,7 +183,82 @@ impl Connection {
         ask_limits: bool,
     ) -> Result<Self, WarehouseError> {
         let addr = format!("{}:{}", settings.host, settings.port);
-        let opening = Self::open_inner(settings, key, trust, ask_limits);
+        let opening = async {
+            let algorithms = {
+                let trust = trust.clone();
+                tokio::task::spawn_blocking(move || trust.preferred_algorithms())
+                    .await
+                    .unwrap_or_default()
+            };
+            let config = client::Config {
+                preferred: Preferred {
+                    cipher: Cow::Borrowed(CIPHERS),
+                    key: Cow::Owned(algorithms),
+                    ..Preferred::DEFAULT
+                },
+                keepalive_interval: Some(KEEPALIVE),
+                keepalive_max: 3,
+                nodelay: true,
+                ..Default::default()
+            };
+            let refused = Arc::new(Mutex::new(None));
+            let handler = Handler {
+                trust: trust.clone(),
+                refused: refused.clone(),
+            };
+            let socket = tokio::net::TcpStream::connect((settings.host.as_str(), settings.port))
+                .await
+                .map_err(|e| WarehouseError::Connect {
+                    addr: addr.clone(),
+                    detail: e.to_string(),
+                })?;
+            let _ = socket.set_nodelay(true);
+            let mut handle = match client::connect_stream(Arc::new(config), socket, handler).await {
+                Ok(handle) => handle,
+                Err(e) => {
+                    if let Some(refusal) = refused.lock().expect("refusal lock").take() {
+                        return Err(refusal.into());
+                    }
+                    return Err(WarehouseError::Connect {
+                        addr: addr.clone(),
+                        detail: format!("SSH handshake failed: {e}"),
+                    });
+                }
+            };
+
+            let hash = if key.is_rsa() {
+                handle
+                    .best_supported_rsa_hash()
+                    .await
+                    .map_err(ssh("asking which RSA signatures the server takes"))?
+                    .flatten()
+            } else {
+                None
+            };
+            let auth = handle
+                .authenticate_publickey(
+                    settings.username.clone(),
+                    PrivateKeyWithHashAlg::new(key.private(), hash),
+                )
+                .await
+                .map_err(ssh("logging in"))?;
+            if !matches!(auth, AuthResult::Success) {
+                return Err(WarehouseError::AuthRejected {
+                    user: settings.username.clone(),
+                    key_path: key.path().display().to_string(),
+                    algorithm: key.algorithm(),
+                    fingerprint: key.sha256_fingerprint(),
+                });
+            }
+            let (sftp, rtt) = start_sftp(&handle, &addr, ask_limits).await?;
+            tracing::debug!(%addr, user = %settings.username, rtt_ms = rtt.as_secs_f64() * 1e3, "connected to the warehouse");
+            Ok(Self {
+                handle: Arc::new(handle),
+                sftp,
+                rtt,
+                addr: addr.clone(),
+            })
+        };
         match tokio::time::timeout(CONNECT_TIMEOUT, opening).await {
             Ok(result) => result,
             Err(_) => Err(WarehouseError::Connect {
@@ -191,89 +266,6 @@ impl Connection {
                 detail: format!("no SSH session within {} s", CONNECT_TIMEOUT.as_secs()),
             }),
         }
-    }
-
-    async fn open_inner(
-        settings: &WarehouseSettings,
-        key: &ClientKey,
-        trust: &Arc<HostKeyTrust>,
-        ask_limits: bool,
-    ) -> Result<Self, WarehouseError> {
-        let addr = format!("{}:{}", settings.host, settings.port);
-        let algorithms = {
-            let trust = trust.clone();
-            tokio::task::spawn_blocking(move || trust.preferred_algorithms())
-                .await
-                .unwrap_or_default()
-        };
-        let config = client::Config {
-            preferred: Preferred {
-                cipher: Cow::Borrowed(CIPHERS),
-                key: Cow::Owned(algorithms),
-                ..Preferred::DEFAULT
-            },
-            keepalive_interval: Some(KEEPALIVE),
-            keepalive_max: 3,
-            nodelay: true,
-            ..Default::default()
-        };
-        let refused = Arc::new(Mutex::new(None));
-        let handler = Handler {
-            trust: trust.clone(),
-            refused: refused.clone(),
-        };
-        let socket = tokio::net::TcpStream::connect((settings.host.as_str(), settings.port))
-            .await
-            .map_err(|e| WarehouseError::Connect {
-                addr: addr.clone(),
-                detail: e.to_string(),
-            })?;
-        let _ = socket.set_nodelay(true);
-        let mut handle = match client::connect_stream(Arc::new(config), socket, handler).await {
-            Ok(handle) => handle,
-            Err(e) => {
-                if let Some(refusal) = refused.lock().expect("refusal lock").take() {
-                    return Err(refusal.into());
-                }
-                return Err(WarehouseError::Connect {
-                    addr,
-                    detail: format!("SSH handshake failed: {e}"),
-                });
-            }
-        };
-
-        let hash = if key.is_rsa() {
-            handle
-                .best_supported_rsa_hash()
-                .await
-                .map_err(ssh("asking which RSA signatures the server takes"))?
-                .flatten()
-        } else {
-            None
-        };
-        let auth = handle
-            .authenticate_publickey(
-                settings.username.clone(),
-                PrivateKeyWithHashAlg::new(key.private(), hash),
-            )
-            .await
-            .map_err(ssh("logging in"))?;
-        if !matches!(auth, AuthResult::Success) {
-            return Err(WarehouseError::AuthRejected {
-                user: settings.username.clone(),
-                key_path: key.path().display().to_string(),
-                algorithm: key.algorithm(),
-                fingerprint: key.sha256_fingerprint(),
-            });
-        }
-        let (sftp, rtt) = start_sftp(&handle, &addr, ask_limits).await?;
-        tracing::debug!(%addr, user = %settings.username, rtt_ms = rtt.as_secs_f64() * 1e3, "connected to the warehouse");
-        Ok(Self {
-            handle: Arc::new(handle),
-            sftp,
-            rtt,
-            addr,
-        })
     }
 
     /// Opens, when awaited, a second SFTP session on this connection: its

@@ -4,7 +4,11 @@
 //! fields decode to those fields.
 
 use super::*;
-use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString, ShortString};
+use crate::celery::iso8601;
+use chrono::TimeZone as _;
+use lapin::types::{
+    AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
+};
 use proptest::prelude::*;
 use serde_json::json;
 

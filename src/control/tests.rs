@@ -20,11 +20,23 @@ struct Fake {
     events: EventSink,
     outbox: Arc<Outbox>,
     tasks: Vec<TaskSnapshot>,
-    revoked: Mutex<RevokedSet>,
-    revokes: Mutex<Vec<(Vec<String>, Option<i32>)>>,
-    queues: Mutex<Vec<TaskQueue>>,
+    /// What remote control changed, behind one lock as in the worker.
+    state: Mutex<FakeState>,
     heartbeats: AtomicUsize,
     shutdown: AtomicBool,
+}
+
+#[derive(Default)]
+struct FakeState {
+    revoked: RevokedSet,
+    revokes: Vec<(Vec<String>, Option<i32>)>,
+    queues: Vec<TaskQueue>,
+}
+
+impl Fake {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap()
+    }
 }
 
 fn fake(tasks: Vec<TaskSnapshot>) -> Fake {
@@ -56,11 +68,12 @@ fn fake(tasks: Vec<TaskSnapshot>) -> Fake {
     Fake {
         events: EventSink::new(identity, outbox.clone()),
         outbox,
-        queues: Mutex::new(vec![TaskQueue::zimfarm("small")]),
+        state: Mutex::new(FakeState {
+            queues: vec![TaskQueue::zimfarm("small")],
+            ..FakeState::default()
+        }),
         config,
         tasks,
-        revoked: Mutex::new(RevokedSet::default()),
-        revokes: Mutex::new(Vec::new()),
         heartbeats: AtomicUsize::new(0),
         shutdown: AtomicBool::new(false),
     }
@@ -89,7 +102,7 @@ impl ControlledWorker for Fake {
         id == "long-gone"
     }
     fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
-        self.revokes.lock().unwrap().push((ids.to_vec(), terminate));
+        self.state().revokes.push((ids.to_vec(), terminate));
         self.merge_revoked(ids);
         ids.iter()
             .filter(|id| self.tasks.iter().any(|t| &t.request.id == *id))
@@ -97,19 +110,19 @@ impl ControlledWorker for Fake {
             .collect()
     }
     fn revoked(&self) -> Vec<String> {
-        self.revoked.lock().unwrap().ids(Instant::now())
+        self.state().revoked.ids(Instant::now())
     }
     fn merge_revoked(&self, ids: &[String]) {
-        let mut revoked = self.revoked.lock().unwrap();
+        let revoked = &mut self.state().revoked;
         for id in ids {
             revoked.insert(id, Instant::now());
         }
     }
     fn queues(&self) -> Vec<TaskQueue> {
-        self.queues.lock().unwrap().clone()
+        self.state().queues.clone()
     }
     async fn add_queue(&self, queue: TaskQueue) -> Result<bool, BrokerError> {
-        let mut queues = self.queues.lock().unwrap();
+        let queues = &mut self.state().queues;
         if queues.iter().any(|q| q.name == queue.name) {
             return Ok(false);
         }
@@ -117,7 +130,7 @@ impl ControlledWorker for Fake {
         Ok(true)
     }
     async fn cancel_queue(&self, name: &str) -> Result<bool, BrokerError> {
-        let mut queues = self.queues.lock().unwrap();
+        let queues = &mut self.state().queues;
         let before = queues.len();
         queues.retain(|q| q.name != name);
         Ok(queues.len() != before)
@@ -230,7 +243,7 @@ async fn revoke_replies_as_celery() {
         .await,
         json!({"ok": "terminate: run1"})
     );
-    let revokes = worker.revokes.lock().unwrap().clone();
+    let revokes = worker.state().revokes.clone();
     let terminate: Vec<Option<i32>> = revokes.iter().map(|(_, t)| *t).collect();
     assert_eq!(terminate, [None, None, Some(9), Some(9), Some(2), Some(15)]);
     assert_eq!(
@@ -256,7 +269,7 @@ async fn revoke_replies_as_celery() {
         .await,
         json!({"error": "AttributeError(\"module 'signal' has no attribute 'SIGNOPE'\")"})
     );
-    assert_eq!(worker.revokes.lock().unwrap().len(), 6);
+    assert_eq!(worker.state().revokes.len(), 6);
     // Celery's default signal is SIGTERM.
     run(
         &worker,
@@ -264,9 +277,9 @@ async fn revoke_replies_as_celery() {
         json!({"task_id": "y", "terminate": "yes"}),
     )
     .await;
-    assert_eq!(worker.revokes.lock().unwrap()[6].1, Some(15));
+    assert_eq!(worker.state().revokes[6].1, Some(15));
     run(&worker, "revoke", json!({"task_id": "z", "terminate": 0})).await;
-    assert_eq!(worker.revokes.lock().unwrap()[7].1, None);
+    assert_eq!(worker.state().revokes[7].1, None);
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! the worker, the errors a command can end with and their exit codes (2
 //! for configuration, as the README documents) live in `startup`; the work
 //! itself in the library (`worker`, `ops`, `pipeline`, `monitor`). What is
-//! left here is each command's own output.
+//! left here is each command's wiring: the settings it reads, its logging,
+//! its output, and for `run-task` the plan, run and release of its one
+//! task.
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -2,13 +2,16 @@
 //!
 //! The worker accepts, schedules, reports and acks tasks; a [`Runner`] runs
 //! one. This module owns that contract (what a runner gets, what it returns)
-//! and the planners that turn a decoded Celery request into the plan a
+//! and the [`Planner`]s that turn a decoded Celery request into the plan a
 //! runner gets (so no runner ever sees a Celery message): the
-//! [`OfflinerPlanner`] of the Docker pipeline, and the [`SimulateRunner`],
-//! which stands in for the Docker pipeline in tests and benchmarks; and a
-//! task's [`Cancellation`]: the token a runner watches, carrying why it
-//! fired. It must not touch the broker or events directly: a runner reports
-//! through [`TaskContext`], in the domain's words of [`crate::report`].
+//! [`OfflinerPlanner`] of the Docker pipeline, and the [`SimulatePlanner`]
+//! of the [`SimulateRunner`], which stands in for the Docker pipeline in
+//! tests and benchmarks; and a task's [`Cancellation`]: the token a runner
+//! watches, carrying why it fired. It must not touch the broker: a runner
+//! reports through [`TaskContext`], in the domain's words of
+//! [`crate::report`], and the context hands its container events as Celery
+//! events to a [`TaskEvents`] (the worker's [`EventSink`], `run-task`'s
+//! terminal).
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -129,7 +132,7 @@ impl From<CancellationToken> for Cancellation {
     }
 }
 
-/// What a runner gets besides the request.
+/// What a runner gets besides its plan.
 #[derive(Clone)]
 pub struct TaskContext {
     /// Fires on revoke, time limit and shutdown, with its reason. A runner

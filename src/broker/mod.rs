@@ -2,9 +2,10 @@
 //! task queues, and the outbox through which every outgoing message (events,
 //! `rpc://` results) is published in order, with publisher confirms.
 //!
-//! Owns AMQP connections and channels. It must not run tasks or decide what
-//! a message means: deliveries go to the worker as they are, and the worker
-//! hands back bytes to publish.
+//! Owns AMQP connections and the channels of a session (the farm's probe
+//! opens its own, on a session's connection, see [`crate::farm`]). It must
+//! not run tasks or decide what a message means: deliveries go to the
+//! worker as they are, and the worker hands back bytes to publish.
 //!
 //! Remote control (SPEC §6) has its own channel per session: the node's
 //! pidbox queue `<node>.celery.pidbox` (exclusive, so a second worker with

@@ -9,7 +9,8 @@
 //! answered 401, and the list/add calls of `/users/<username>/keys`.
 //!
 //! It must not know about AMQP, tasks or the warehouse: callers hand it a
-//! base64 key blob and compare fingerprints themselves. Tokens and the
+//! base64 key blob, or the MD5 fingerprint a registered key must match
+//! (`keys`); they never hand it a key file. Tokens and the
 //! password are [`Secret`]s; none of them is ever put in a log line or an
 //! error message.
 //!

@@ -16,8 +16,8 @@
 //!
 //! Remote control ([`crate::control`]) reads its vocabulary ([`TaskPhase`],
 //! [`TaskSnapshot`], the revoke limits), as Celery's `control.py` reads
-//! `state.py`; this file imports neither control nor the rest of the
-//! worker.
+//! `state.py`; this file imports nothing of control, and of the worker
+//! only its bounded set of revoked ids (`revoked`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};

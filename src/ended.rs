@@ -5,9 +5,10 @@
 //!
 //! Owns one append-only JSON-lines file, `ZIM_DIR/.zimfarm-ended.jsonl`,
 //! written by one thread of its own (appends and compactions, in turn), and
-//! the in-memory index of its newest records, the only lock. It must not touch anything
-//! else in the working dir (task dirs belong to the runner), nor talk to the
-//! broker or emit events: the worker decides what to do with a record.
+//! the in-memory index of its newest records, the only lock. It must not
+//! touch anything else in the working dir (task dirs belong to the runner),
+//! nor talk to the broker or emit events: the worker decides what to do
+//! with a record.
 //!
 //! One line per ended task, e.g.
 //! `{"id":"6a1f…","event":"task-succeeded","result":"[{'name': …}]","runtime":12.5}`,

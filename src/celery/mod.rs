@@ -8,7 +8,8 @@
 //! - [`event`]: worker and task events for the `celeryev` exchange;
 //! - [`result`]: `rpc://` results and Python-style exceptions;
 //! - [`control`]: pidbox requests and replies;
-//! - [`repr`]: Python `repr` of JSON values, as `ast.literal_eval` reads it;
+//! - [`repr`]: Python `repr` of JSON values, as `ast.literal_eval` reads it
+//!   (`printable`: the characters it escapes, generated from Python);
 //! - [`iso8601`]: the date-time strings Celery reads and writes.
 
 pub mod control;

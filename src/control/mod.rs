@@ -9,6 +9,10 @@
 //! - `inspect` and `actions`: the commands, by group, applied through
 //!   [`ControlledWorker`], the worker as remote control sees it.
 //!
+//! This file holds that facade, [`dispatch`] (parse, then apply) and the
+//! commands answered in one line (`ping`, `shutdown`, `revoked`, `clock`,
+//! `heartbeat`, and the refusals of pool, autoscale and limit changes).
+//!
 //! It must not block the task consumer nor touch tasks itself: it asks the
 //! worker through [`ControlledWorker`]. Wire shapes live in
 //! [`crate::celery::control`]; the words for the tasks held here

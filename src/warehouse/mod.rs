@@ -9,6 +9,21 @@
 //! `/logs`). It must not know about Docker, Celery or the task dir: it is
 //! given local paths, remote names and where each journal goes, and reports
 //! what it did.
+//!
+//! - `item`: what one upload is about ([`UploadItem`]) and what became of it;
+//! - `upload`: one file, step by step (skip, `.tmp`, resume, send, rename);
+//! - `resume`: how much of a `.tmp` can be trusted, and its journal record;
+//! - `send`: one file's missing ranges over its streams;
+//! - `streams`: the reader and the SFTP streams writing the pieces;
+//! - `syncer`: flushing a large file to the warehouse's disk as it arrives;
+//! - `progress`: a batch's progress, its metrics and log line;
+//! - `journal`: the ranges the warehouse confirmed, kept on local disk;
+//! - `session`: one SSH connection and its SFTP session;
+//! - `keys`, `known_hosts`: the worker's SSH key and the host-key trust;
+//! - `zim`: the ZIM checksum.
+//!
+//! This file holds [`Warehouse`], [`WarehouseError`], the start-up probe
+//! and the retried batch of uploads.
 
 mod item;
 pub mod journal;

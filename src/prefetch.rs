@@ -2,9 +2,11 @@
 //! lets the broker send it more: the broker offers the node a message only
 //! when one of its CONCURRENCY slots is free.
 //!
-//! Owns the acks of held task messages and every prefetch change of the
-//! consuming channel. It must not decide when a task starts or ends (the
-//! worker does, and tells it here), nor read messages.
+//! Owns the acks of held task messages and every prefetch value of the
+//! consuming channel (a new channel's first one is sent by the broker's
+//! session set-up, with the value [`Prefetch::next_session`] gives). It
+//! must not decide when a task starts or ends (the worker does, and tells
+//! it here), nor read messages.
 //!
 //! # Why no message reaches a node that cannot start it
 //!

@@ -9,6 +9,10 @@
 //!
 //! The reply types below are the shapes Celery 5's `celery/worker/control.py`
 //! gives and Flower 2 reads (field names and order as Celery sends them).
+//!
+//! Owns those shapes and the matching of a request to this node. It must
+//! not open channels or publish (`control::pidbox` does) nor run a command
+//! (`control` does).
 
 use std::collections::BTreeMap;
 

@@ -7,6 +7,10 @@
 //! events add `uuid` and their own fields. The field names are the ones
 //! Flower and `celery.events.state` read; a task's container events
 //! ([`ContainerEvent`]) get theirs here, in [`EventKind::container`].
+//!
+//! Owns the events' fields and their encoding. It must not stamp or publish
+//! them (the [`crate::events`] sink and the broker's outbox do) nor decide
+//! when one is due.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

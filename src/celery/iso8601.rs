@@ -11,6 +11,8 @@
 //!
 //! Hand-written because chrono's parsers each accept only one layout and
 //! the accepted set here must be exactly the one documented above.
+//!
+//! Owns that parsing and formatting only: no clock, no I/O.
 
 use chrono::{
     DateTime, Datelike as _, FixedOffset, NaiveDate, NaiveTime, TimeZone as _, Timelike as _, Utc,

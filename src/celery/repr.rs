@@ -11,6 +11,8 @@
 //! Python literals, and the rules are short. Which characters count as
 //! printable comes from a table generated from Python's `unicodedata`
 //! (see `printable.rs`).
+//!
+//! Owns that rendering only: it never parses a `repr` back.
 
 use std::fmt::Write as _;
 

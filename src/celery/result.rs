@@ -10,6 +10,10 @@
 //! `exception_to_python` turns back into an exception: the module must be
 //! one the client has imported (`builtins`, `celery.exceptions`) and the
 //! type an exception class in it, or the client raises a generic one.
+//!
+//! Owns the result's JSON and the exception names. It must not publish (the
+//! outbox does) nor decide how a task ended (the worker's `conclusion`
+//! does).
 
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;

@@ -1,4 +1,7 @@
 //! [`PlanError`]: why a task can't be turned into a [`super::TaskPlan`].
+//!
+//! Owns the error's variants and their texts (untrusted values quoted
+//! short). It must not decide which check runs first (`plan` does).
 
 use serde_json::Value;
 

@@ -10,6 +10,9 @@
 //! [`serde_json::Map`]. This crate builds serde_json without its
 //! `preserve_order` feature, so that order is sorted by key (byte order);
 //! were the feature turned on, it would be the order of the message.
+//!
+//! Owns the flag-name rules and the argv; it must not know which flags a
+//! task forbids (the task table does).
 
 use serde_json::{Map, Number, Value};
 

@@ -14,6 +14,9 @@
 //!   and tags are what the dispatcher sends;
 //! - names are matched as written: `docker.io/openzim/x` is not rewritten
 //!   to `openzim/x`, so `openzim/*` does not allow it.
+//!
+//! Owns parsing references and matching them against the allow-list; it
+//! must not pull or inspect images (the `docker` module does).
 
 use std::fmt;
 use std::str::FromStr;

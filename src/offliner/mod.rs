@@ -9,7 +9,8 @@
 //! - [`ImageRef`], [`AllowList`]: image references and the image allow-list;
 //! - [`flags_to_argv`]: task flags → command-line arguments;
 //! - parameter reading (named, positional and the older `offliner` form) is
-//!   described in `params.rs`.
+//!   described in `params.rs`;
+//! - [`PlanError`]: why a task can't be planned (`error.rs`).
 //!
 //! Decisions where the contract is silent:
 //!

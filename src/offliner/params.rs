@@ -15,6 +15,10 @@
 //!   add fields without breaking older workers;
 //! - the older `offliner` form together with `flags` or `image` is an
 //!   error: which one was meant can't be known.
+//!
+//! Owns where each parameter is read from, its JSON type and the
+//! warehouse path's normal form; it must not judge an image or a flag
+//! (`image` and `flags` do).
 
 use serde_json::{Map, Value};
 

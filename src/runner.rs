@@ -113,12 +113,6 @@ impl Cancellation {
     pub fn token(&self) -> &CancellationToken {
         &self.token
     }
-
-    /// A token fired with this cancellation, which can also be fired on
-    /// its own (a part of the run stopped early).
-    pub fn child_token(&self) -> CancellationToken {
-        self.token.child_token()
-    }
 }
 
 /// A cancellation whose token is fired from outside, without a reason

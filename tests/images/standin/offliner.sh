@@ -35,6 +35,10 @@
 #                      checksum that fails (HOW=bad) or intact (good), and
 #                      written again, intact, with new filler, before "done"
 #   --ignoreTerm       ignore SIGTERM/SIGINT (default: exit 143/130 at once)
+#   --sh=COMMANDS      run COMMANDS with sh -c before the ZIMs are written (a
+#                      hostile scraper: links, fifos, network probes), with
+#                      OUT set to the output directory; its status is ignored
+#   --shAfter=COMMANDS the same, after the ZIMs are written, before "done"
 #
 # OUTPUT is --outputDirectory=DIR for mwoffliner, --output=DIR for the
 # others, and for gutenberg2zim its last positional argument too; it is
@@ -97,7 +101,7 @@ pause() {
 
 # ------------------------------------------------------------------- flags
 
-zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
+sh_before='' sh_after='' zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
 for arg do
     case $arg in
     --*=*)
@@ -132,6 +136,8 @@ for arg do
     stderr) printf '%s\n' "$val" >&2 ;;
     ignoreTerm) trap '' TERM INT ;;
     redis) [ "$redis_ok" -eq 1 ] && redis=$val ;;
+    sh) sh_before=$val ;;
+    shAfter) sh_after=$val ;;
     esac
 done
 if [ "$prog" = gutenberg2zim ] && [ -n "$positional" ]; then
@@ -216,6 +222,13 @@ if [ "$exit_code" -ne 0 ]; then
     fail "$exit_code" "exiting with code $exit_code as asked (--exit)"
 fi
 
+# A hostile scraper's own commands (tests of the box around it).
+run_sh() { # COMMANDS
+    [ -n "$1" ] || return 0
+    OUT=$out sh -c "$1" || echo "$prog stand-in: --sh commands exited with $?" >&2
+}
+run_sh "$sh_before"
+
 # The 8 bytes of $1, little-endian.
 le64() {
     v=$1 k=0
@@ -274,4 +287,5 @@ if [ -n "$rewrite_first" ] && [ -n "$zim_mb" ] && [ "$zims" != 0 ]; then
     zim_shaped "$out/$first.zim" "$zim_mb" 1 1 || fail 1 "cannot write $out/$first.zim"
     echo "rewrote $out/$first.zim, intact"
 fi
+run_sh "$sh_after"
 echo "done"

@@ -1,9 +1,11 @@
 //! The SFTP warehouse: one SSH connection (russh) per upload batch, and
 //! for a large file extra ones opened beside it (`UPLOAD_STREAMS`), the
 //! warehouse's host key verified on each; files written as `<name>.tmp`,
-//! resumed after a cut from their journal (or the remote size), checked
-//! (ZIM MD5, remote size) and renamed; retried with backoff while attempts
-//! make progress.
+//! resumed after a cut only from bytes the worker can vouch for (their
+//! journal, or a prefix read back and compared), checked (ZIM MD5, remote
+//! size) and renamed; a file already there skipped only when its bytes,
+//! read back, are this file's; retried with backoff while attempts make
+//! progress.
 //!
 //! Owns the connections and the remote file layout (`/zim<warehouse_path>`,
 //! `/logs`). It must not know about Docker, Celery or the task dir: it is
@@ -13,6 +15,7 @@
 //! - `item`: what one upload is about ([`UploadItem`]) and what became of it;
 //! - `upload`: one file, step by step (skip, `.tmp`, resume, send, rename);
 //! - `resume`: how much of a `.tmp` can be trusted, and its journal record;
+//! - `readback`: comparing what the warehouse holds with the local bytes;
 //! - `send`: one file's missing ranges over its streams;
 //! - `streams`: the reader and the SFTP streams writing the pieces;
 //! - `syncer`: flushing a large file to the warehouse's disk as it arrives;
@@ -30,6 +33,7 @@ pub mod journal;
 mod keys;
 mod known_hosts;
 mod progress;
+mod readback;
 mod resume;
 mod send;
 mod session;
@@ -115,6 +119,16 @@ pub enum WarehouseError {
         remote_size: u64,
         local_size: u64,
     },
+    #[error(
+        "{path} already exists in the warehouse with the same size ({size} bytes) but other \
+         bytes (from byte {first_difference} on): it is another file of that name; the \
+         warehouse never overwrites: ask the Zimfarm admins to remove it"
+    )]
+    Differs {
+        path: String,
+        size: u64,
+        first_difference: u64,
+    },
     #[error("{path} has {remote_size} bytes in the warehouse after the upload, not {local_size}")]
     SizeMismatch {
         path: String,
@@ -149,6 +163,7 @@ impl WarehouseError {
                 | Self::Local { .. }
                 | Self::Corrupt { .. }
                 | Self::Conflict { .. }
+                | Self::Differs { .. }
                 | Self::InvalidPath { .. }
                 | Self::Cancelled
                 | Self::GaveUp { .. }

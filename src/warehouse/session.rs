@@ -47,6 +47,9 @@ const SFTP_REQUEST_TIMEOUT_SECS: u64 = 60;
 /// says so (`limits@openssh.com`), and a server that announces less gets
 /// what it announces.
 const SFTP_WRITE_LEN: usize = 255 * 1024;
+/// Largest SFTP read asked for: OpenSSH's server sends up to 255 KiB per
+/// read, and a server that announces less gets what it announces.
+const SFTP_READ_LEN: u32 = 255 * 1024;
 
 /// The russh handler: checks the host key, remembers why it refused one.
 struct Handler {
@@ -140,16 +143,21 @@ async fn start_sftp(
     let rtt = asked.elapsed().min(open_rtt);
     let has = |name: &str| version.extensions.get(name).is_some_and(|v| v == "1");
     let mut write_len = SFTP_WRITE_LEN;
+    let mut read_len = SFTP_READ_LEN;
     if let Some(limits) = limits.filter(|_| has(extensions::LIMITS)) {
         let limits = Limits::from(limits.map_err(start_failed)?);
         if let Some(len) = limits.write_len {
             write_len = write_len.min(usize::try_from(len).unwrap_or(usize::MAX));
+        }
+        if let Some(len) = limits.read_len {
+            read_len = read_len.min(u32::try_from(len).unwrap_or(u32::MAX));
         }
         raw.set_limits(limits);
     }
     let sftp = Sftp {
         raw: Arc::new(raw),
         write_len: write_len.max(1),
+        read_len: read_len.max(1),
         fsync: has(extensions::FSYNC),
     };
     Ok((sftp, rtt))
@@ -162,6 +170,8 @@ pub(super) struct Sftp {
     raw: Arc<RawSftpSession>,
     /// The largest write the server takes.
     write_len: usize,
+    /// The largest read the server serves.
+    read_len: u32,
     /// Whether the server has `fsync@openssh.com`.
     fsync: bool,
 }
@@ -308,6 +318,11 @@ impl Sftp {
         self.write_len
     }
 
+    /// The largest read the server serves.
+    pub(super) fn read_len(&self) -> u32 {
+        self.read_len
+    }
+
     /// The size of `path`, or `None` when it does not exist.
     pub(super) async fn size(&self, path: &str) -> Result<Option<u64>, SftpError> {
         match self.raw.stat(path).await {
@@ -363,6 +378,30 @@ impl Sftp {
         Ok(handle.handle)
     }
 
+    /// Opens `path` for reading only.
+    pub(super) async fn open_for_read(&self, path: &str) -> Result<String, SftpError> {
+        let handle = self
+            .raw
+            .open(path, OpenFlags::READ, FileAttributes::default())
+            .await?;
+        Ok(handle.handle)
+    }
+
+    /// Reads up to `len` bytes at `offset` (the server may send fewer);
+    /// empty at the end of the file.
+    pub(super) async fn read(
+        &self,
+        handle: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, SftpError> {
+        match self.raw.read(handle, offset, len.min(self.read_len)).await {
+            Ok(data) => Ok(data.data),
+            Err(SftpError::Status(s)) if s.status_code == StatusCode::Eof => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `data` at `offset`; returns once the server's status says
     /// it is written.
     pub(super) async fn write(
@@ -391,10 +430,10 @@ impl Sftp {
         Ok(())
     }
 
-    /// Empties an open file.
-    pub(super) async fn truncate(&self, handle: &str) -> Result<(), SftpError> {
+    /// Cuts an open file to `len` bytes (0: empties it).
+    pub(super) async fn truncate(&self, handle: &str, len: u64) -> Result<(), SftpError> {
         let attrs = FileAttributes {
-            size: Some(0),
+            size: Some(len),
             ..FileAttributes::empty()
         };
         self.raw.fsetstat(handle, attrs).await?;

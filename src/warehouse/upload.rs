@@ -1,7 +1,8 @@
 //! One file to the warehouse, step by step: skip it when it is there
-//! already (a ZIM checked first), open its `<name>.tmp` and keep what can
-//! be resumed of it (see `resume`), send the rest (see `send`), then drop a
-//! corrupt ZIM, or sync, rename and check the remote size.
+//! already and its bytes, read back, are this file's (a ZIM checked
+//! first), open its `<name>.tmp` and keep what the worker can vouch for
+//! of it (see `resume` and `readback`), send the rest (see `send`), then
+//! drop a corrupt ZIM, or sync, rename and check the remote size.
 //!
 //! Owns the remote file protocol (directories, `.tmp`, rename, sizes). It
 //! must not retry whole attempts or decide which files a task uploads; it
@@ -11,9 +12,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::journal::{FileId, Journal};
+use super::journal::{FileId, Journal, Ranges};
 use super::progress::Progress;
-use super::resume::{Record, resumable};
+use super::readback::matching_prefix;
+use super::resume::{Plan, Record, cut_to, load_journal, plan};
 use super::send::{send, streams_for};
 use super::session::{Connection, Sftp};
 use super::streams::Extras;
@@ -160,13 +162,29 @@ pub(super) async fn upload_one(
     }
     match final_size {
         Some(remote) if remote == size => {
-            // Uploaded before (a redelivered task). A ZIM still has to be
-            // intact here to count as uploaded.
-            if zim {
-                verify_local_zim(&item.local).await?;
+            // Uploaded before (a redelivered task), or another file of
+            // that name: only its bytes, read back, tell. A ZIM still has
+            // to be intact here to count as uploaded.
+            tracing::info!(file = %item.name, size, "already in the warehouse with this size; reading it back to compare");
+            let (same, intact) =
+                tokio::join!(matching_prefix(sftp, &final_path, item, size), async {
+                    if zim {
+                        verify_local_zim(&item.local).await
+                    } else {
+                        Ok(())
+                    }
+                });
+            let same = same?;
+            intact?;
+            if same < size {
+                return Err(WarehouseError::Differs {
+                    path: final_path,
+                    size,
+                    first_difference: same,
+                });
             }
             report.zim_verified = zim || checked;
-            tracing::info!(file = %item.name, size, "already in the warehouse with this size; skipped");
+            tracing::info!(file = %item.name, size, "already in the warehouse, the same bytes; skipped");
             record.remove();
             report.skipped = true;
             progress.finish_file(size);
@@ -182,18 +200,37 @@ pub(super) async fn upload_one(
         None => {}
     }
 
-    // What the warehouse has already, and whether the `.tmp` is to be
-    // written from scratch.
-    let (resumable, saved) = resumable(item, file, &tmp_path, tmp_size).await;
-    let start_over = resumable.is_none();
-    record.journal.confirmed = resumable.unwrap_or_default();
-    if start_over && tmp_size.is_some_and(|s| s > 0) {
-        sftp.truncate(&handle)
+    // What of the `.tmp` the worker can vouch for; the rest is written
+    // again, and nothing unvouched stays behind it.
+    let plan = plan(load_journal(item, file, &tmp_path).await, tmp_size, size);
+    // The journal on disk says so already.
+    let saved = matches!(plan, Plan::Journal(_));
+    let kept = match plan {
+        Plan::Fresh => Ranges::new(),
+        Plan::Journal(ranges) => ranges,
+        Plan::ReadBack(len) => {
+            tracing::info!(file = %item.name, len, "a partial upload without a journal; reading it back to compare");
+            let same = matching_prefix(sftp, &tmp_path, item, len).await?;
+            if same < len {
+                tracing::warn!(file = %item.name, same, len, "the partial upload differs from this file; keeping only what matches");
+            }
+            let mut prefix = Ranges::new();
+            prefix.insert(0..same);
+            prefix
+        }
+        Plan::StartOver(why) => {
+            tracing::warn!(file = %item.name, why, "starting the partial upload over");
+            Ranges::new()
+        }
+    };
+    if let Some(len) = cut_to(tmp_size, &kept) {
+        sftp.truncate(&handle, len)
             .await
             .map_err(remote_error("truncate", &tmp_path))?;
     }
+    record.journal.confirmed = kept;
     // Before the first write in ranges, the journal is on disk: without
-    // one, a `.tmp` is taken for a prefix.
+    // one, a `.tmp` is read back as a prefix.
     if !saved && let Err(error) = record.save().await {
         tracing::warn!(%error, "cannot keep an upload journal; uploading over one stream, in file order");
         record.remove();

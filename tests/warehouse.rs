@@ -815,3 +815,246 @@ async fn the_journal_never_claims_a_write_whose_status_did_not_come_back() {
         );
     }
 }
+
+/// Puts `bytes` at `rel` under the chroot as another account of the
+/// warehouse would: directories made as needed, all owned by the SFTP user.
+fn plant(sshd: &Sshd, rel: &str, bytes: &[u8]) {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(sshd.chroot().join("zim")).unwrap();
+    let (uid, gid) = (owner.uid(), owner.gid());
+    let path = sshd.chroot().join(rel);
+    let mut dir = path.parent().unwrap().to_owned();
+    let mut made = Vec::new();
+    while !dir.exists() {
+        made.push(dir.clone());
+        dir = dir.parent().unwrap().to_owned();
+    }
+    for dir in made.iter().rev() {
+        std::fs::create_dir(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
+    }
+    std::fs::write(&path, bytes).unwrap();
+    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+}
+
+fn noise(size: u64, seed: u64) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noise");
+    write_noise(&path, size, seed);
+    std::fs::read(path).unwrap()
+}
+
+#[tokio::test]
+async fn a_planted_tmp_without_journal_never_reaches_the_published_file() {
+    const SIZE: usize = 12 << 20;
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::start(&sshd.addr());
+    let w = client(&sshd, proxy.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("p.bin");
+    write_noise(&local, SIZE as u64, 21);
+    let mine = std::fs::read(&local).unwrap();
+    let other = noise(2 * SIZE as u64, 22);
+    // A forged ZIM header over this very file's bytes: only its first 80
+    // bytes differ.
+    let mut forged = mine.clone();
+    forged[..4].copy_from_slice(&0x044D_495Au32.to_le_bytes());
+    forged[4..80].copy_from_slice(&other[..76]);
+    // (what, planted .tmp, where the upload may resume from)
+    let genuine_then_other = [&mine[..6 << 20], &other[..2 << 20]].concat();
+    let cases: [(&str, &[u8], u64); 7] = [
+        ("same size, other bytes", &other[..SIZE], 0),
+        ("shorter, other bytes", &other[..5 << 20], 0),
+        ("longer, other bytes", &other[..], 0),
+        ("a forged ZIM header", &forged, 0),
+        (
+            "this file, then a longer tail",
+            &[&mine[..], &other[..99]].concat(),
+            SIZE as u64,
+        ),
+        // What matches is kept, exactly, and nothing after it.
+        (
+            "this file's first 6 MiB, then other bytes",
+            &genuine_then_other,
+            6 << 20,
+        ),
+        // Too short to be worth reading back: sent again.
+        ("this file's first MiB", &mine[..1 << 20], 0),
+    ];
+    for (i, (what, planted, resumable)) in cases.into_iter().enumerate() {
+        let name = format!("p{i}.bin");
+        plant(&sshd, &format!("zim/planted/{name}.tmp"), planted);
+        let item = UploadItem::output(local.clone(), "/planted", &name);
+        proxy.reset_bytes();
+        let report = upload(&w, &[item]).await.unwrap().remove(0);
+        let published = std::fs::read(sshd.chroot().join("zim/planted").join(&name)).unwrap();
+        assert!(
+            published == mine,
+            "{what}: the published file is not the local one"
+        );
+        assert_eq!(report.resumed_from, resumable, "{what}: {report:?}");
+        assert_eq!(
+            report.bytes_sent,
+            SIZE as u64 - resumable,
+            "{what}: {report:?}"
+        );
+        assert!(!report.skipped, "{what}");
+        // Reading back a foreign .tmp stops at its first difference: a
+        // few pieces, not its size.
+        let read_back = proxy.bytes_down();
+        if resumable == 0 {
+            assert!(read_back < 8 << 20, "{what}: {read_back} bytes came down");
+        }
+    }
+    assert!(tmp_files(sshd.chroot()).is_empty());
+}
+
+#[tokio::test]
+async fn a_journal_vouches_for_its_ranges_but_not_for_another_file() {
+    use zimfarm_worker::warehouse::journal::{FileId, Journal};
+    const SIZE: u64 = 12 << 20;
+    let sshd = Sshd::start();
+    let w = client(&sshd, sshd.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("j.bin");
+    write_noise(&local, SIZE, 31);
+    let mine = std::fs::read(&local).unwrap();
+    let journal = dir.path().join("j.bin.journal");
+    let remote_tmp = "/zim/journaled/j.bin.tmp";
+
+    // An earlier upload of this very file confirmed 0..3 MiB and
+    // 5..7 MiB (ranges written over several streams), and left the .tmp
+    // at 7 MiB: resumed exactly from its journal, even below the size a
+    // read-back is worth.
+    let mut partial = mine[..7 << 20].to_vec();
+    partial[3 << 20..5 << 20].fill(0);
+    plant(&sshd, "zim/journaled/j.bin.tmp", &partial);
+    let mut j = Journal::new(FileId::of(&local).unwrap(), remote_tmp.to_owned());
+    j.confirmed.insert(0..3 << 20);
+    j.confirmed.insert(5 << 20..7 << 20);
+    j.save(&journal).unwrap();
+    let item =
+        UploadItem::output(local.clone(), "/journaled", "j.bin").with_journal(journal.clone());
+    let report = upload(&w, &[item]).await.unwrap().remove(0);
+    assert_eq!(report.resumed_from, 5 << 20, "{report:?}");
+    assert_eq!(report.bytes_sent, SIZE - (5 << 20), "{report:?}");
+    assert!(std::fs::read(sshd.chroot().join("zim/journaled/j.bin")).unwrap() == mine);
+    assert!(!journal.exists(), "the journal outlived its upload");
+
+    // A journal written for another version of the file (its size or
+    // modification time differ) says nothing about this one: the planted
+    // .tmp, same size as the file, is written again from the start.
+    plant(&sshd, "zim/journaled/k.bin.tmp", &noise(SIZE, 32));
+    let stale = FileId {
+        size: SIZE,
+        mtime_ns: FileId::of(&local).unwrap().mtime_ns - 1,
+    };
+    let mut j = Journal::new(stale, "/zim/journaled/k.bin.tmp".to_owned());
+    j.confirmed.insert(0..SIZE);
+    j.save(&journal).unwrap();
+    let item =
+        UploadItem::output(local.clone(), "/journaled", "k.bin").with_journal(journal.clone());
+    let report = upload(&w, &[item]).await.unwrap().remove(0);
+    assert_eq!(
+        (report.resumed_from, report.bytes_sent),
+        (0, SIZE),
+        "{report:?}"
+    );
+    assert!(std::fs::read(sshd.chroot().join("zim/journaled/k.bin")).unwrap() == mine);
+}
+
+#[tokio::test]
+async fn a_genuine_partial_upload_resumes_with_or_without_its_journal() {
+    const SIZE: u64 = 60_000_000;
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::with_rate(&sshd.addr(), 20_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("g.bin");
+    write_noise(&local, SIZE, 41);
+    for journal in [None, Some(dir.path().join("g.bin.journal"))] {
+        let name = format!("g{}.bin", journal.is_some());
+        let mut item = UploadItem::output(local.clone(), "/genuine", &name);
+        if let Some(path) = &journal {
+            item = item.with_journal(path.clone());
+        }
+        // Cut by a cancel once 20 MB went up.
+        let w = client(&sshd, proxy.port()).await;
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let (cancel, item) = (cancel.clone(), item.clone());
+            async move { w.upload(&[item], &cancel).await }
+        });
+        proxy.reset_bytes();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while proxy.bytes_up() < 20_000_000 {
+            assert!(Instant::now() < deadline, "the upload did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        let e = task.await.unwrap().unwrap_err();
+        assert!(matches!(e, WarehouseError::Cancelled), "{e}");
+
+        let w = client(&sshd, sshd.port()).await;
+        let report = upload(&w, &[item]).await.unwrap().remove(0);
+        assert!(
+            report.resumed_from >= 4 << 20 && report.resumed_from < SIZE,
+            "{journal:?}: {report:?}"
+        );
+        assert_eq!(report.bytes_sent, SIZE - report.resumed_from, "{report:?}");
+        let remote = sshd.chroot().join("zim/genuine").join(&name);
+        assert_eq!(sha256(&remote), sha256(&local), "{journal:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_file_already_there_is_skipped_only_when_its_bytes_are_this_files() {
+    let sshd = Sshd::start();
+    let proxy = ThrottleProxy::start(&sshd.addr());
+    let w = client(&sshd, proxy.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Uploaded before: read back whole, then skipped.
+    let local = dir.path().join("s.bin");
+    write_noise(&local, 10_000_000, 51);
+    let item = UploadItem::output(local.clone(), "/there", "s.bin");
+    upload(&w, std::slice::from_ref(&item)).await.unwrap();
+    proxy.reset_bytes();
+    let again = upload(&w, std::slice::from_ref(&item)).await.unwrap();
+    assert!(again[0].skipped, "{again:?}");
+    assert_eq!(again[0].bytes_sent, 0);
+    let down = proxy.bytes_down();
+    assert!(down >= 10_000_000, "only {down} bytes read back");
+
+    // A real ZIM too, its checksum checked beside the read-back.
+    let zim = dir.path().join("z.zim");
+    make_zim(&zim);
+    let item = UploadItem::output(zim.clone(), "/there", "z.zim");
+    upload(&w, std::slice::from_ref(&item)).await.unwrap();
+    let again = upload(&w, &[item]).await.unwrap();
+    assert!(again[0].skipped && again[0].zim_verified, "{again:?}");
+
+    // Another file of that name and size (here its last byte differs, or
+    // only its first): an error that says so, and nothing is overwritten.
+    let mine = std::fs::read(&local).unwrap();
+    for at in [mine.len() - 1, 0] {
+        let mut other = mine.clone();
+        other[at] ^= 0x01;
+        let name = format!("d{at}.bin");
+        plant(&sshd, &format!("zim/there/{name}"), &other);
+        let item = UploadItem::output(local.clone(), "/there", &name);
+        let e = upload(&w, &[item]).await.unwrap_err();
+        assert!(matches!(e, WarehouseError::Differs { .. }), "{e}");
+        assert!(e.is_permanent());
+        let text = e.to_string();
+        assert!(
+            text.contains("same size")
+                && text.contains(&format!("from byte {at}"))
+                && text.contains("never overwrites")
+                && text.contains("Zimfarm admins"),
+            "{text}"
+        );
+        let remote = sshd.chroot().join("zim/there").join(&name);
+        assert!(std::fs::read(&remote).unwrap() == other, "overwritten");
+    }
+    assert!(tmp_files(sshd.chroot()).is_empty());
+}

@@ -1,7 +1,8 @@
 //! The warehouse uploader against a real OpenSSH sshd on 127.0.0.1 (one per
 //! test, chrooted, pubkey only; see `tests/common/sshd.rs`): key formats,
 //! host-key trust, content identity, resume after a cut, ZIM integrity,
-//! skips, conflicts and refusals.
+//! skips, conflicts and refusals, and files planted in the warehouse by
+//! someone else (never trusted: only a journal or a read-back vouches).
 
 mod common;
 
@@ -1017,7 +1018,11 @@ async fn a_file_already_there_is_skipped_only_when_its_bytes_are_this_files() {
     let local = dir.path().join("s.bin");
     write_noise(&local, 10_000_000, 51);
     let item = UploadItem::output(local.clone(), "/there", "s.bin");
+    proxy.reset_bytes();
     upload(&w, std::slice::from_ref(&item)).await.unwrap();
+    // Nothing there: nothing read back (a normal upload costs what it did).
+    let down = proxy.bytes_down();
+    assert!(down < 200_000, "{down} bytes came down for a fresh upload");
     proxy.reset_bytes();
     let again = upload(&w, std::slice::from_ref(&item)).await.unwrap();
     assert!(again[0].skipped, "{again:?}");

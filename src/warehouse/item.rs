@@ -97,7 +97,8 @@ impl UploadItem {
         format!("{}/{}", self.remote_dir, self.name)
     }
 
-    /// Refuses names and directories that could escape their place.
+    /// Refuses names and directories that could escape their place, and
+    /// names that could stand for another upload's partial file.
     pub(super) fn validate(&self) -> Result<(), WarehouseError> {
         let bad = |what, value: &str, reason| WarehouseError::InvalidPath {
             what,
@@ -116,6 +117,15 @@ impl UploadItem {
         }
         if name.chars().any(char::is_control) {
             return Err(bad("file name", name, "it contains control characters"));
+        }
+        if name.ends_with(TMP_SUFFIX) {
+            // `x.tmp` is where another upload writes `x`: publishing one
+            // would plant a partial file for it.
+            return Err(bad(
+                "file name",
+                name,
+                "it ends in .tmp, the name the warehouse gives a file being written",
+            ));
         }
         if name.len() > 255 - TMP_SUFFIX.len() {
             return Err(bad("file name", name, "it is longer than 251 bytes"));
@@ -180,7 +190,17 @@ mod tests {
 
     #[test]
     fn names_that_could_escape_are_refused() {
-        for name in ["", ".", "..", "a/b.zim", "../x.zim", "a\nb", "a\0b"] {
+        for name in [
+            "",
+            ".",
+            "..",
+            "a/b.zim",
+            "../x.zim",
+            "a\nb",
+            "a\0b",
+            "a.zim.tmp",
+            ".tmp",
+        ] {
             assert!(
                 matches!(
                     item("/zim/w", name).validate(),
@@ -198,7 +218,14 @@ mod tests {
                 "{dir:?}"
             );
         }
-        for name in ["a b.zim", "ünïcødé 文字.zim", "a..b.zim", ".hidden"] {
+        for name in [
+            "a b.zim",
+            "ünïcødé 文字.zim",
+            "a..b.zim",
+            ".hidden",
+            "a.tmp.zim",
+            "a.TMP",
+        ] {
             item("/zim/w x", name).validate().unwrap();
         }
     }

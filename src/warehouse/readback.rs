@@ -6,6 +6,17 @@
 //! stays bounded (2 × 16 × 255 KiB) whatever the file's size, and a
 //! foreign file costs a few pieces, not its size.
 //!
+//! The cost: the bytes compared come down once, over one SFTP channel, so
+//! at most its 2 MiB window per round trip (about 40 MB/s at 50 ms, 14 MB/s
+//! at 150 ms; 60 to 80 MB/s measured on loopback, debug build). It is paid
+//! only when the warehouse holds something of the file that the worker
+//! cannot otherwise vouch for: a `.tmp` without this file's journal, or a
+//! final file of the same size (a redelivered task whose upload had
+//! ended: its 10 GB ZIM comes down once). A genuine prefix is read back
+//! whole, with no cap: that costs one download of it, less than sending it
+//! again over a volunteer's slower uplink. A normal upload (nothing there)
+//! reads nothing back.
+//!
 //! Owns the remote reads, the comparison and the one function that reads
 //! the local bytes for it. It must not write, truncate or rename anything
 //! in the warehouse, nor decide what the answer means (`upload` does).
@@ -156,9 +167,27 @@ where
     }
 }
 
-/// How many leading bytes `a` and `b` share.
+/// How many leading bytes `a` and `b` share: compared a block at a time
+/// (`memcmp`), then byte by byte in the first block that differs.
 fn equal_prefix(a: &[u8], b: &[u8]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+    const BLOCK: usize = 4096;
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    let same_blocks = a
+        .chunks(BLOCK)
+        .zip(b.chunks(BLOCK))
+        .take_while(|(x, y)| x == y)
+        .count();
+    let start = same_blocks * BLOCK;
+    if start >= len {
+        return len;
+    }
+    start
+        + a[start..]
+            .iter()
+            .zip(&b[start..])
+            .take_while(|(x, y)| x == y)
+            .count()
 }
 
 #[cfg(test)]
@@ -178,6 +207,16 @@ mod tests {
         ] {
             assert_eq!(equal_prefix(a, b), same, "{a:?} {b:?}");
         }
+        // Across blocks: every position of a difference, and none.
+        let a = noise(3 * 4096 + 17, 5);
+        for at in [0, 1, 4095, 4096, 4097, 8191, 3 * 4096, 3 * 4096 + 16] {
+            let mut b = a.clone();
+            b[at] ^= 1;
+            assert_eq!(equal_prefix(&a, &b), at, "{at}");
+            assert_eq!(equal_prefix(&a[..at], &b), at, "{at}");
+        }
+        assert_eq!(equal_prefix(&a, &a), a.len());
+        assert_eq!(equal_prefix(&a, &a[..5000]), 5000);
     }
 
     /// Compares `remote` with `local` over `len` bytes in pieces of

@@ -166,6 +166,7 @@ pub(super) async fn upload_one(
             // that name: only its bytes, read back, tell. A ZIM still has
             // to be intact here to count as uploaded.
             tracing::info!(file = %item.name, size, "already in the warehouse with this size; reading it back to compare");
+            let reading = Instant::now();
             let (same, intact) =
                 tokio::join!(matching_prefix(sftp, &final_path, item, size), async {
                     if zim {
@@ -184,7 +185,12 @@ pub(super) async fn upload_one(
                 });
             }
             report.zim_verified = zim || checked;
-            tracing::info!(file = %item.name, size, "already in the warehouse, the same bytes; skipped");
+            tracing::info!(
+                file = %item.name,
+                size,
+                read_back_secs = reading.elapsed().as_secs_f64(),
+                "already in the warehouse, the same bytes; skipped"
+            );
             record.remove();
             report.skipped = true;
             progress.finish_file(size);
@@ -210,9 +216,13 @@ pub(super) async fn upload_one(
         Plan::Journal(ranges) => ranges,
         Plan::ReadBack(len) => {
             tracing::info!(file = %item.name, len, "a partial upload without a journal; reading it back to compare");
+            let reading = Instant::now();
             let same = matching_prefix(sftp, &tmp_path, item, len).await?;
+            let read_back_secs = reading.elapsed().as_secs_f64();
             if same < len {
-                tracing::warn!(file = %item.name, same, len, "the partial upload differs from this file; keeping only what matches");
+                tracing::warn!(file = %item.name, same, len, read_back_secs, "the partial upload differs from this file; keeping only what matches");
+            } else {
+                tracing::info!(file = %item.name, same, read_back_secs, "the partial upload is this file's");
             }
             let mut prefix = Ranges::new();
             prefix.insert(0..same);

@@ -1145,8 +1145,8 @@ fn make_user_dir(chroot: &Path, dir: &Path) {
     std::os::unix::fs::chown(dir, Some(owner.uid()), Some(owner.gid())).expect("chown remote dir");
 }
 
-/// Removes the uploaded file (and a leftover `.tmp`): the uploader skips a
-/// file that is already there with the same size.
+/// Removes the uploaded file (and a leftover `.tmp`): the uploader reads
+/// back a file already there with the same size, and skips it.
 fn clear_remote(remote: &Path) {
     let _ = std::fs::remove_file(remote);
     let mut tmp = remote.as_os_str().to_owned();

@@ -307,6 +307,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_config::config())]
+
+        /// Against the obvious answer: whatever the remote file (this
+        /// one, cut, longer, a byte changed anywhere), the piece size and
+        /// the server's short reads, the answer is the length of the
+        /// common prefix within the bytes compared.
+        #[test]
+        fn the_answer_is_the_common_prefix(
+            local in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+            change in proptest::option::of((0usize..3000, 1u8..=255)),
+            cut in proptest::option::of(0usize..3000),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..50),
+            compared in 0usize..3000,
+            piece in 1u32..600,
+            short in 1usize..700,
+        ) {
+            let mut remote = local.clone();
+            if let Some((at, flip)) = change && at < remote.len() {
+                remote[at] ^= flip;
+            }
+            if let Some(cut) = cut {
+                remote.truncate(cut);
+            }
+            remote.extend_from_slice(&tail);
+            let len = compared.min(local.len());
+            let expected = local[..len]
+                .iter()
+                .zip(&remote)
+                .take_while(|(a, b)| a == b)
+                .count() as u64;
+            let (answer, _) = futures_util::FutureExt::now_or_never(compare(
+                &remote, &local, len as u64, piece, short,
+            ))
+            .expect("in-memory reads are ready at once");
+            proptest::prop_assert_eq!(answer, expected);
+        }
+    }
+
     #[tokio::test]
     async fn a_foreign_file_costs_a_bounded_read_not_its_size() {
         let local = noise(1 << 20, 1);

@@ -14,6 +14,7 @@ use common::ThrottleProxy;
 use common::sshd::{KeyKind, Sshd};
 use tokio_util::sync::CancellationToken;
 use zimfarm_worker::config::WarehouseSettings;
+use zimfarm_worker::taskfs::OwnFile;
 use zimfarm_worker::warehouse::{
     HostKeyError, KeyError, UploadItem, UploadReport, Warehouse, WarehouseError,
 };
@@ -627,8 +628,8 @@ async fn four_streams_cut_at_random_points_still_deliver_every_byte() {
     let size = 64 << 20;
     write_noise(&local, size, 23);
     let journal = dir.path().join(".journal.json");
-    let item =
-        UploadItem::output(local.clone(), "/striped", "striped.bin").with_journal(journal.clone());
+    let item = UploadItem::output(local.clone(), "/striped", "striped.bin")
+        .with_journal(OwnFile::at(&journal).unwrap());
     let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
 
     let cutter = {
@@ -731,7 +732,7 @@ async fn a_warehouse_that_takes_two_connections_gets_the_file_over_two() {
     let size = 64 << 20;
     write_noise(&local, size, 29);
     let item = UploadItem::output(local.clone(), "/two", "two.bin")
-        .with_journal(dir.path().join(".journal.json"));
+        .with_journal(OwnFile::at(&dir.path().join(".journal.json")).unwrap());
     let reports = w.upload(&[item], &CancellationToken::new()).await.unwrap();
     assert_eq!(reports[0].bytes_sent, size);
     assert_eq!(
@@ -772,8 +773,8 @@ async fn the_journal_never_claims_a_write_whose_status_did_not_come_back() {
     let size = 64 << 20;
     write_noise(&local, size, 31);
     let journal = dir.path().join(".journal.json");
-    let item =
-        UploadItem::output(local.clone(), "/stall", "stall.bin").with_journal(journal.clone());
+    let item = UploadItem::output(local.clone(), "/stall", "stall.bin")
+        .with_journal(OwnFile::at(&journal).unwrap());
     let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
     {
         let proxy = proxy.clone();

@@ -30,4 +30,7 @@ mod beneath;
 mod own;
 
 pub use beneath::{DirHandle, FileKind, LocalSource, OpenError};
-pub use own::{OWN_ROOT, OwnDir, OwnFile, own_dir_path, remove_own_dir};
+pub use own::{
+    OLD_LAYOUT_JOURNAL_PREFIX, OLD_LAYOUT_MARKER, OWN_ROOT, OwnDir, OwnFile, own_dir_path,
+    remove_own_dir,
+};

@@ -17,6 +17,13 @@ use super::beneath::{DirHandle, LocalSource, OpenError};
 /// have no `.`), never mounted into a container.
 pub const OWN_ROOT: &str = ".zimfarm";
 
+/// Where the layout before the own dirs kept the generate marker: in the
+/// task dir, within the scraper's reach. Only a hint that a task dir is of
+/// that layout; never read.
+pub const OLD_LAYOUT_MARKER: &str = ".zimfarm-generated.json";
+/// The prefix of that layout's upload journals, in the task dir.
+pub const OLD_LAYOUT_JOURNAL_PREFIX: &str = ".zimfarm-upload-";
+
 /// Owner only: no container user, no other local user.
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
@@ -195,8 +202,13 @@ impl OwnFile {
                 f.sync_all()?;
             }
             drop(f);
-            rustix::fs::renameat(self.dir.fd(), tmp.as_str(), self.dir.fd(), self.name.as_str())
-                .map_err(os)
+            rustix::fs::renameat(
+                self.dir.fd(),
+                tmp.as_str(),
+                self.dir.fd(),
+                self.name.as_str(),
+            )
+            .map_err(os)
         })();
         if written.is_err() {
             let _ = rustix::fs::unlinkat(self.dir.fd(), tmp.as_str(), AtFlags::empty());
@@ -299,7 +311,12 @@ mod tests {
         symlink(elsewhere.path(), zim.path().join(OWN_ROOT)).unwrap();
         let e = OwnDir::create(zim.path(), "abc").unwrap_err();
         assert!(e.to_string().contains("not a directory"), "{e}");
-        assert!(std::fs::read_dir(elsewhere.path()).unwrap().next().is_none());
+        assert!(
+            std::fs::read_dir(elsewhere.path())
+                .unwrap()
+                .next()
+                .is_none()
+        );
     }
 
     #[test]

@@ -365,6 +365,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn own_dirs_go_with_their_task_dirs_and_the_old_layout_is_swept() {
+        let zim = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        let own_root = zim.path().join(crate::taskfs::OWN_ROOT);
+        let make = |path: &Path, file: &str, age: Duration| {
+            std::fs::create_dir_all(path).unwrap();
+            std::fs::write(path.join(file), vec![1u8; 5000]).unwrap();
+            aged(path, age);
+        };
+        // The old layout: a marker in the task dir, no own dir.
+        make(&zim.path().join("old"), ".zimfarm-generated.json", day);
+        make(&zim.path().join("oldjournal"), ".zimfarm-upload-ab.json", day);
+        // The new layout, aged, its own dir recent: kept by age.
+        make(&zim.path().join("recent"), "x.zim", 10 * day);
+        make(&own_root.join("recent"), "generated.json", Duration::ZERO);
+        // Both aged: swept together.
+        make(&zim.path().join("aged"), "x.zim", 10 * day);
+        make(&own_root.join("aged"), "generated.json", 10 * day);
+        // An own dir alone, aged.
+        make(&own_root.join("orphan"), "x.log.gz", 10 * day);
+        // A task dir of the new layout with the old marker's name among its
+        // outputs is not of the old layout: its own dir is there.
+        make(&zim.path().join("new"), ".zimfarm-generated.json", day);
+        make(&own_root.join("new"), "generated.json", day);
+
+        let sweeper = Sweeper::new(zim.path().to_owned(), Some(7 * day));
+        assert!(sweeper.sweep_old_layout().await >= 10_000);
+        let left = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left(zim.path()), [".zimfarm", "aged", "new", "recent"]);
+        let kept = kept_dirs(zim.path(), &HashSet::new()).unwrap();
+        let aged_dir = kept.iter().find(|d| d.task_id == "aged").unwrap();
+        assert!(aged_dir.bytes >= 10_000, "both dirs counted: {aged_dir:?}");
+        assert!(sweeper.sweep_old().await >= 15_000);
+        assert_eq!(left(zim.path()), [".zimfarm", "new", "recent"]);
+        assert_eq!(left(&own_root), ["new", "recent"]);
+    }
+
+    #[tokio::test]
     async fn no_age_sweeps_nothing_and_listing_is_oldest_first() {
         let dir = tempfile::tempdir().unwrap();
         let hour = Duration::from_secs(3600);

@@ -376,7 +376,11 @@ mod tests {
         };
         // The old layout: a marker in the task dir, no own dir.
         make(&zim.path().join("old"), ".zimfarm-generated.json", day);
-        make(&zim.path().join("oldjournal"), ".zimfarm-upload-ab.json", day);
+        make(
+            &zim.path().join("oldjournal"),
+            ".zimfarm-upload-ab.json",
+            day,
+        );
         // The new layout, aged, its own dir recent: kept by age.
         make(&zim.path().join("recent"), "x.zim", 10 * day);
         make(&own_root.join("recent"), "generated.json", Duration::ZERO);

@@ -121,6 +121,18 @@ impl DirHandle {
         Ok(Self::from_fd(fd, path))
     }
 
+    /// Opens the directory at `path`, a path the operator gave (ZIM_DIR)
+    /// or a caller trusts: links on it are followed. Blocking.
+    pub fn open_trusted(path: &Path) -> io::Result<Self> {
+        let fd = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(os)?;
+        Ok(Self::from_fd(fd, path))
+    }
+
     pub(super) fn from_fd(fd: OwnedFd, path: &Path) -> Self {
         Self {
             fd: Arc::new(fd),
@@ -343,7 +355,9 @@ impl LocalSource {
                 } else {
                     parent
                 };
-                DirHandle::open(parent)?.open_file(name).map(Arc::new)
+                DirHandle::open_trusted(parent)?
+                    .open_file(name)
+                    .map(Arc::new)
             }
             Source::Opened { file, .. } => Ok(file.clone()),
         }

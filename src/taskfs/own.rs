@@ -91,7 +91,8 @@ impl OwnDir {
     pub fn create(zim_dir: &Path, task_id: &str) -> io::Result<Self> {
         crate::offliner::validate_task_id(task_id)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let zim = DirHandle::open(zim_dir)?;
+        // ZIM_DIR is the operator's: it may be a link.
+        let zim = DirHandle::open_trusted(zim_dir)?;
         let root = own_subdir(&zim, OWN_ROOT)?;
         Ok(Self {
             dir: own_subdir(&root, task_id)?,
@@ -106,7 +107,7 @@ impl OwnDir {
             .map_err(|e| io::Error::other(e.to_string()))?
     }
 
-    /// A dir the caller trusts, as an own dir (tests, tools).
+    /// An existing own dir at `path` (its last component not a link).
     pub fn at(path: &Path) -> io::Result<Self> {
         Ok(Self {
             dir: DirHandle::open(path)?,
@@ -150,7 +151,7 @@ impl OwnFile {
             parent
         };
         Ok(Self {
-            dir: DirHandle::open(parent)?,
+            dir: DirHandle::open_trusted(parent)?,
             name: name.to_string_lossy().into_owned(),
         })
     }

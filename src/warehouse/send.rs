@@ -65,9 +65,10 @@ fn piece_len(size: u64, write_len: usize) -> usize {
 }
 
 /// Sends the missing ranges of `source` (the item's file, opened once)
-/// over `streams` streams, the first on `conn` with `handle`; once every range is confirmed, returns the reader's ZIM
-/// verdict, `handle`, still open, unless the first stream lost it, and the
-/// other streams, closing their handles.
+/// over `streams` streams, the first on `conn` with `handle`; once every
+/// range is confirmed, returns the reader's ZIM verdict, `handle`, still
+/// open, unless the first stream lost it, and the other streams, closing
+/// their handles.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn send(
     warehouse: &Warehouse,

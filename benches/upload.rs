@@ -698,7 +698,10 @@ fn child() {
                     if std::env::var("BENCH_UPLOAD_NO_JOURNAL").as_deref() == Ok("1") {
                         UploadItem::output(local, WAREHOUSE_PATH, &name)
                     } else {
-                        UploadItem::output(local, WAREHOUSE_PATH, &name).with_journal(journal)
+                        UploadItem::output(local, WAREHOUSE_PATH, &name).with_journal(
+                            zimfarm_worker::taskfs::OwnFile::at(&journal)
+                                .expect("the journal's dir"),
+                        )
                     },
                 ],
                 &CancellationToken::new(),

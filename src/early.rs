@@ -8,18 +8,24 @@
 //! "finished" (size and modification time unchanged for [`QUIET`], then
 //! the ZIM MD5 over the whole file: a name alone proves nothing, and a ZIM
 //! being written has no valid checksum yet) and the record of what went
-//! early, with the identity (size, mtime) it had then. It must not touch
-//! containers or events, and it never fails a task: a file it could not
-//! send waits for the upload stage, which reports what is wrong.
+//! early, with the identity (size, mtime) it had then. The scraper is still
+//! running: the dir is read through its handle, a link, fifo or device is
+//! never a candidate, and a candidate is opened once (without following a
+//! link) and checked, hashed and sent through that descriptor
+//! ([`crate::taskfs`]). It must not touch containers or events, and it
+//! never fails a task: a file it could not send waits for the upload stage,
+//! which reports what is wrong.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::taskfs::{DirHandle, FileKind, LocalSource};
 use crate::warehouse::journal::FileId;
 use crate::warehouse::zim::{check_file, is_zim_name};
 use crate::warehouse::{UploadItem, Warehouse};
@@ -45,7 +51,7 @@ impl EarlyUploads {
     /// end first.
     pub fn start(
         warehouse: Warehouse,
-        dir: PathBuf,
+        dir: DirHandle,
         item_for: impl Fn(&str) -> UploadItem + Send + Sync + 'static,
         cancel: CancellationToken,
     ) -> Self {
@@ -80,7 +86,7 @@ impl Drop for EarlyUploads {
 
 struct Watch {
     warehouse: Warehouse,
-    dir: PathBuf,
+    dir: DirHandle,
     item_for: Box<dyn Fn(&str) -> UploadItem + Send + Sync>,
     cancel: CancellationToken,
     stop: CancellationToken,
@@ -101,10 +107,12 @@ impl Watch {
             let Some(name) = self.candidate(&sent, &mut still, &passed_over).await else {
                 continue;
             };
-            let path = self.dir.join(&name);
             let id = still[&name].0;
+            let Ok(opened) = open(&self.dir, &name).await else {
+                continue;
+            };
             let verdict = tokio::select! {
-                v = verify(path.clone()) => v,
+                v = verify(opened.clone()) => v,
                 // The upload stage checks it again.
                 _ = self.stop.cancelled() => return sent,
             };
@@ -113,14 +121,19 @@ impl Watch {
                 passed_over.insert(name, id);
                 continue;
             }
-            if current_id(&path).await != Some(id) {
+            if FileId::of_open(&opened).await.ok() != Some(id) {
                 continue;
             }
             tracing::info!(file = %name, size = id.size, "uploading a finished ZIM while the scraper runs");
             let started = Instant::now();
             match self
                 .warehouse
-                .upload(&[(self.item_for)(&name).checked_as(id)], &self.cancel)
+                .upload(
+                    &[(self.item_for)(&name)
+                        .with_source(LocalSource::opened(opened, self.dir.path().join(&name)))
+                        .checked_as(id)],
+                    &self.cancel,
+                )
                 .await
             {
                 Ok(_) => {
@@ -145,18 +158,15 @@ impl Watch {
         still: &mut HashMap<String, (FileId, Instant)>,
         passed_over: &HashMap<String, FileId>,
     ) -> Option<String> {
-        let mut entries = tokio::fs::read_dir(&self.dir).await.ok()?;
+        let dir = self.dir.clone();
+        let files = tokio::task::spawn_blocking(move || regular_zims(&dir))
+            .await
+            .ok()?;
         let mut ready = Vec::new();
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            if !is_zim_name(&name) || name.starts_with(".zimfarm-") || sent.contains_key(&name) {
+        for (name, id) in files {
+            if sent.contains_key(&name) {
                 continue;
             }
-            let Some(id) = current_id(&entry.path()).await else {
-                continue;
-            };
             let now = Instant::now();
             match still.get(&name) {
                 Some(&(was, since)) if was == id => {
@@ -174,14 +184,32 @@ impl Watch {
     }
 }
 
-/// The identity of a regular file, or `None`.
-async fn current_id(path: &Path) -> Option<FileId> {
-    FileId::read(path).await.ok()
+/// The `.zim` regular files at the top of `dir` (links, fifos and the
+/// like left out, never followed) and their identities. Blocking.
+fn regular_zims(dir: &DirHandle) -> Vec<(String, FileId)> {
+    let Ok(names) = dir.names() else {
+        return Vec::new();
+    };
+    names
+        .into_iter()
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| is_zim_name(name))
+        .filter(|name| dir.kind(name).is_ok_and(|k| k == FileKind::Regular))
+        .filter_map(|name| {
+            let file = dir.open_file(&name).ok()?;
+            Some((name, FileId::of_file(&file).ok()?))
+        })
+        .collect()
+}
+
+/// Opens `name` beneath `dir` once: a regular file, no link followed.
+async fn open(dir: &DirHandle, name: &str) -> std::io::Result<Arc<File>> {
+    LocalSource::beneath(dir.clone(), name).open().await
 }
 
 /// Checks a whole ZIM's own MD5 on a blocking thread.
-async fn verify(path: PathBuf) -> Result<(), String> {
-    match tokio::task::spawn_blocking(move || check_file(&path)).await {
+async fn verify(file: Arc<File>) -> Result<(), String> {
+    match tokio::task::spawn_blocking(move || check_file(&file)).await {
         Ok(Ok(verdict)) => verdict.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -193,6 +221,8 @@ mod tests {
     use super::*;
     use crate::warehouse::zim::synthetic_zim;
     use std::io::Write;
+
+    use std::path::Path;
 
     fn write_zim(path: &Path, size: u64, good: bool) {
         let mut f = std::fs::File::create(path).unwrap();
@@ -213,11 +243,26 @@ mod tests {
         let bad = dir.path().join("bad.zim");
         write_zim(&good, 100_000, true);
         write_zim(&bad, 100_000, false);
-        verify(good.clone()).await.unwrap();
-        assert!(verify(bad).await.unwrap_err().contains("MD5"));
+        let opened = |p: &Path| Arc::new(File::open(p).unwrap());
+        verify(opened(&good)).await.unwrap();
+        assert!(verify(opened(&bad)).await.unwrap_err().contains("MD5"));
         // Cut short, as a ZIM being written is.
         let f = std::fs::OpenOptions::new().write(true).open(&good).unwrap();
         f.set_len(50_000).unwrap();
-        assert!(verify(good).await.is_err());
+        assert!(verify(opened(&good)).await.is_err());
+    }
+
+    #[test]
+    fn only_regular_zims_are_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let canary = tempfile::NamedTempFile::new().unwrap();
+        write_zim(&dir.path().join("good.zim"), 10_000, true);
+        std::os::unix::fs::symlink(canary.path(), dir.path().join("link.zim")).unwrap();
+        std::fs::create_dir(dir.path().join("dir.zim")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"x").unwrap();
+        let found = regular_zims(&DirHandle::open(dir.path()).unwrap());
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["good.zim"]);
+        assert_eq!(found[0].1.size, 10_000);
     }
 }

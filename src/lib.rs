@@ -27,5 +27,6 @@ pub mod retry;
 pub mod runner;
 pub mod startup;
 pub mod sweep;
+pub mod taskfs;
 pub mod warehouse;
 pub mod worker;

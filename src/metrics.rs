@@ -80,6 +80,9 @@ pub enum SweepReason {
     Age,
     /// A task needed the space (`MIN_FREE_DISK_MB`).
     Pressure,
+    /// Of the layout before `ZIM_DIR/.zimfarm`: its marker and journals lay
+    /// within the scraper's reach, so nothing in it can be trusted.
+    OldLayout,
 }
 
 impl SweepReason {
@@ -87,6 +90,7 @@ impl SweepReason {
         match self {
             Self::Age => "age",
             Self::Pressure => "pressure",
+            Self::OldLayout => "old_layout",
         }
     }
 }

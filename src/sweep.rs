@@ -9,12 +9,20 @@
 //! Each removal is one log line (task id, age, bytes freed) and is counted
 //! in the metrics.
 //!
+//! A task's dir goes with the worker's own dir of the task
+//! (`ZIM_DIR/.zimfarm/<id>`, see [`crate::taskfs`]): both are swept
+//! together, and an own dir whose task dir is gone is swept alone. At
+//! start, kept task dirs of the layout before `.zimfarm` (a generate marker
+//! or upload journals in the task dir itself, within the scraper's reach)
+//! are swept, with a line saying why: nothing in them can be trusted.
+//!
 //! Owns the set of task dirs in use: the pipeline claims its task's dir for
 //! the task's whole run ([`Sweeper::claim`]), and the sweeper never removes
-//! a claimed dir. It looks only at ZIM_DIR's direct subdirectories whose
-//! name is a valid task id (never `.sockets` nor the record of ended tasks)
-//! and judges their age by the dir's mtime (the last file created or
-//! removed in it). It must not touch anything else in ZIM_DIR.
+//! a claimed dir. It looks only at ZIM_DIR's and `ZIM_DIR/.zimfarm`'s
+//! direct subdirectories whose name is a valid task id (never `.sockets`
+//! nor the record of ended tasks) and judges their age by the dirs' mtime
+//! (the last file created or removed in them; the newer of the two). It
+//! must not touch anything else in ZIM_DIR.
 
 use std::collections::HashSet;
 use std::io;
@@ -29,28 +37,30 @@ use crate::metrics::{self, SweepReason};
 /// before every task).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// A task dir in ZIM_DIR that no task here is using.
+/// A task dir in ZIM_DIR that no task here is using, with the worker's
+/// own dir of the task (either may be missing, not both).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeptDir {
     pub task_id: String,
     pub path: PathBuf,
-    /// Space its files take on disk (allocated blocks, as `du` counts).
+    /// `ZIM_DIR/.zimfarm/<id>`.
+    pub own: PathBuf,
+    /// Space their files take on disk (allocated blocks, as `du` counts).
     pub bytes: u64,
-    /// Since the dir last changed.
+    /// Since either dir last changed.
     pub age: Duration,
 }
 
-/// The kept task dirs of `zim_dir`, oldest first, their sizes measured.
-/// Blocking: call it off the async runtime.
-pub fn kept_dirs(zim_dir: &Path, in_use: &HashSet<String>) -> io::Result<Vec<KeptDir>> {
-    let now = SystemTime::now();
-    let mut dirs = Vec::new();
-    for entry in std::fs::read_dir(zim_dir)? {
+/// The task ids of `dir`'s subdirectories (links are not dirs), each
+/// with the dir's age.
+fn task_dirs_in(dir: &Path, now: SystemTime) -> io::Result<Vec<(String, Duration)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let Ok(task_id) = entry.file_name().into_string() else {
             continue;
         };
-        if crate::offliner::validate_task_id(&task_id).is_err() || in_use.contains(&task_id) {
+        if crate::offliner::validate_task_id(&task_id).is_err() {
             continue;
         }
         // `symlink_metadata`: a link is not a task dir, and is never followed.
@@ -65,15 +75,67 @@ pub fn kept_dirs(zim_dir: &Path, in_use: &HashSet<String>) -> io::Result<Vec<Kep
             .ok()
             .and_then(|m| now.duration_since(m).ok())
             .unwrap_or_default();
-        dirs.push(KeptDir {
-            bytes: disk_usage(&entry.path()),
-            path: entry.path(),
-            task_id,
-            age,
-        });
+        found.push((task_id, age));
     }
+    Ok(found)
+}
+
+/// The kept task dirs of `zim_dir`, oldest first, their sizes measured.
+/// Blocking: call it off the async runtime.
+pub fn kept_dirs(zim_dir: &Path, in_use: &HashSet<String>) -> io::Result<Vec<KeptDir>> {
+    let now = SystemTime::now();
+    let mut ages = std::collections::BTreeMap::new();
+    let own_root = zim_dir.join(crate::taskfs::OWN_ROOT);
+    let own = match task_dirs_in(&own_root, now) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        other => other?,
+    };
+    for (task_id, age) in task_dirs_in(zim_dir, now)?.into_iter().chain(own) {
+        let newest = ages.entry(task_id).or_insert(age);
+        *newest = (*newest).min(age);
+    }
+    let dirs = ages
+        .into_iter()
+        .filter(|(task_id, _)| !in_use.contains(task_id))
+        .map(|(task_id, age)| {
+            let (path, own) = (zim_dir.join(&task_id), own_root.join(&task_id));
+            KeptDir {
+                bytes: disk_usage(&path) + disk_usage(&own),
+                path,
+                own,
+                task_id,
+                age,
+            }
+        });
+    let mut dirs: Vec<KeptDir> = dirs.collect();
     dirs.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.task_id.cmp(&b.task_id)));
     Ok(dirs)
+}
+
+/// Whether `dir` (a kept task dir) is of the layout before the worker's own
+/// dirs: its own dir is missing and the task dir holds the old marker or an
+/// old upload journal.
+fn is_old_layout(dir: &KeptDir) -> bool {
+    if std::fs::symlink_metadata(&dir.own).is_ok() {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(&dir.path) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name == crate::taskfs::OLD_LAYOUT_MARKER
+            || name.starts_with(crate::taskfs::OLD_LAYOUT_JOURNAL_PREFIX)
+    })
+}
+
+/// Removes a dir and all in it, links not followed; a missing one is fine.
+fn remove_all(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Bytes allocated to the files under `path`, links not followed;
@@ -169,6 +231,17 @@ impl Sweeper {
         .unwrap_or(0)
     }
 
+    /// Removes the kept dirs of the layout before `ZIM_DIR/.zimfarm` (see
+    /// the module doc); returns the bytes freed.
+    pub async fn sweep_old_layout(&self) -> u64 {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.sweep_blocking(SweepReason::OldLayout, |dir, _| is_old_layout(dir))
+        })
+        .await
+        .unwrap_or(0)
+    }
+
     /// Removes kept dirs, oldest first, until `wanted` bytes are free in
     /// ZIM_DIR or none is left; returns the bytes free then.
     pub async fn make_room(&self, wanted: u64) -> io::Result<u64> {
@@ -207,9 +280,22 @@ impl Sweeper {
             if !lock(&self.in_use).insert(dir.task_id.clone()) {
                 continue;
             }
-            let result = std::fs::remove_dir_all(&dir.path);
+            let result = remove_all(&dir.path).and_then(|()| remove_all(&dir.own));
             lock(&self.in_use).remove(&dir.task_id);
             match result {
+                Ok(()) if reason == SweepReason::OldLayout => {
+                    freed += dir.bytes;
+                    metrics::global().kept_dir_swept(reason, dir.bytes);
+                    tracing::warn!(
+                        task_id = %dir.task_id,
+                        age_hours = dir.age.as_secs() / 3600,
+                        bytes_freed = dir.bytes,
+                        reason = reason.label(),
+                        "swept a kept task dir of the layout before ZIM_DIR/.zimfarm: its \
+                         generate marker and upload journals lay within the scraper's reach, so \
+                         nothing in it can be trusted; the task, if it comes back, runs again"
+                    );
+                }
                 Ok(()) => {
                     freed += dir.bytes;
                     metrics::global().kept_dir_swept(reason, dir.bytes);
@@ -276,6 +362,55 @@ mod tests {
         assert_eq!(sweeper.sweep_old().await, claimed_bytes);
         assert!(!dir.path().join("claimed").exists());
         assert!(dir.path().join("fresh").exists());
+    }
+
+    #[tokio::test]
+    async fn own_dirs_go_with_their_task_dirs_and_the_old_layout_is_swept() {
+        let zim = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        let own_root = zim.path().join(crate::taskfs::OWN_ROOT);
+        let make = |path: &Path, file: &str, age: Duration| {
+            std::fs::create_dir_all(path).unwrap();
+            std::fs::write(path.join(file), vec![1u8; 5000]).unwrap();
+            aged(path, age);
+        };
+        // The old layout: a marker in the task dir, no own dir.
+        make(&zim.path().join("old"), ".zimfarm-generated.json", day);
+        make(
+            &zim.path().join("oldjournal"),
+            ".zimfarm-upload-ab.json",
+            day,
+        );
+        // The new layout, aged, its own dir recent: kept by age.
+        make(&zim.path().join("recent"), "x.zim", 10 * day);
+        make(&own_root.join("recent"), "generated.json", Duration::ZERO);
+        // Both aged: swept together.
+        make(&zim.path().join("aged"), "x.zim", 10 * day);
+        make(&own_root.join("aged"), "generated.json", 10 * day);
+        // An own dir alone, aged.
+        make(&own_root.join("orphan"), "x.log.gz", 10 * day);
+        // A task dir of the new layout with the old marker's name among its
+        // outputs is not of the old layout: its own dir is there.
+        make(&zim.path().join("new"), ".zimfarm-generated.json", day);
+        make(&own_root.join("new"), "generated.json", day);
+
+        let sweeper = Sweeper::new(zim.path().to_owned(), Some(7 * day));
+        assert!(sweeper.sweep_old_layout().await >= 10_000);
+        let left = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(left(zim.path()), [".zimfarm", "aged", "new", "recent"]);
+        let kept = kept_dirs(zim.path(), &HashSet::new()).unwrap();
+        let aged_dir = kept.iter().find(|d| d.task_id == "aged").unwrap();
+        assert!(aged_dir.bytes >= 10_000, "both dirs counted: {aged_dir:?}");
+        assert!(sweeper.sweep_old().await >= 15_000);
+        assert_eq!(left(zim.path()), [".zimfarm", "new", "recent"]);
+        assert_eq!(left(&own_root), ["new", "recent"]);
     }
 
     #[tokio::test]

@@ -162,7 +162,12 @@ fn fifty_mib_of_output_arrives_whole_while_dockers_copy_stays_at_one_mb() {
     );
 
     // The worker's own log of the task holds every byte, in order.
-    let gz = dir.path().join(&id).join(format!("{offliner}.log.gz"));
+    // In the worker's own dir of the task, out of the scraper's reach.
+    let gz = dir
+        .path()
+        .join(".zimfarm")
+        .join(&id)
+        .join(format!("{offliner}.log.gz"));
     let mut log = Vec::new();
     flate2::read::GzDecoder::new(std::fs::File::open(&gz).expect("the task's log is kept"))
         .read_to_end(&mut log)

@@ -96,8 +96,8 @@ fn assert_swept_once(m: &Value, reason: &str) {
     assert_eq!(swept, Some(1.0), "{m}");
 }
 
-/// A task dir as a failed upload leaves it: a ZIM of `mib` MiB and the
-/// generate marker, last changed `age` ago.
+/// A task dir as a failed upload leaves it: a ZIM of `mib` MiB, and the
+/// generate marker in the worker's own dir, both last changed `age` ago.
 fn kept_dir(work: &Path, id: &str, mib: usize, age: Duration) -> PathBuf {
     let dir = work.join(id);
     std::fs::create_dir(&dir).unwrap();
@@ -105,11 +105,16 @@ fn kept_dir(work: &Path, id: &str, mib: usize, age: Duration) -> PathBuf {
     std::fs::write(&zim, vec![7u8; mib << 20]).unwrap();
     let marker =
         json!({"files": [{"name": "wikipedia_en_test.zim", "size": mib << 20}], "log": null});
-    std::fs::write(dir.join(".zimfarm-generated.json"), marker.to_string()).unwrap();
-    std::fs::File::open(&dir)
-        .unwrap()
-        .set_modified(SystemTime::now() - age)
-        .unwrap();
+    // The marker is in the worker's own dir of the task.
+    let own = work.join(".zimfarm").join(id);
+    std::fs::create_dir_all(&own).unwrap();
+    std::fs::write(own.join("generated.json"), marker.to_string()).unwrap();
+    for d in [&dir, &own] {
+        std::fs::File::open(d)
+            .unwrap()
+            .set_modified(SystemTime::now() - age)
+            .unwrap();
+    }
     dir
 }
 

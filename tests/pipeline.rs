@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -560,21 +560,29 @@ fn a_failed_upload_fails_the_task_and_keeps_the_files() {
     // Two days of scraping are not thrown away.
     let task_dir = s.dir().join(&id);
     assert!(task_dir.join("wikipedia_en_test.zim").exists());
-    assert!(task_dir.join(".zimfarm-generated.json").exists());
+    assert!(own_dir(&task_dir).join("generated.json").exists());
     expect_drained(&s);
 }
 
-/// Waits until an upload journal in `task_dir` claims some bytes.
+/// The worker's own dir of the task whose dir is `task_dir`: its log,
+/// marker and upload journals, out of the scraper's reach.
+fn own_dir(task_dir: &Path) -> PathBuf {
+    let id = task_dir.file_name().unwrap();
+    task_dir.parent().unwrap().join(".zimfarm").join(id)
+}
+
+/// Waits until an upload journal of the task of `task_dir` claims some
+/// bytes.
 fn wait_journal_claims(task_dir: &Path, timeout: Duration) {
     let start = std::time::Instant::now();
     loop {
-        let claimed = std::fs::read_dir(task_dir)
+        let claimed = std::fs::read_dir(own_dir(task_dir))
             .into_iter()
             .flatten()
             .flatten()
             .any(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with(".zimfarm-upload-")
+                name.starts_with("upload-")
                     && name.ends_with(".json")
                     && std::fs::read(e.path())
                         .ok()
@@ -618,7 +626,7 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     sv.vh.wait_queue_depth("small", 1, 0, T);
     let local_zim = task_dir.join("wikipedia_en_test.zim");
     let want = std::fs::read(&local_zim).expect("the ZIM is kept for the next run");
-    assert!(task_dir.join(".zimfarm-generated.json").exists());
+    assert!(own_dir(&task_dir).join("generated.json").exists());
 
     proxy.set_rate(0);
     let second = sv.spawn(node, &env);
@@ -988,17 +996,13 @@ fn a_zim_the_scraper_rewrites_after_its_early_upload_fails_the_task_clearly() {
     expect_drained(&s);
 }
 
-/// The bytes each upload journal in `task_dir` claims.
+/// The bytes each upload journal of the task of `task_dir` claims.
 fn journal_claims(task_dir: &Path) -> u64 {
-    std::fs::read_dir(task_dir)
+    std::fs::read_dir(own_dir(task_dir))
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".zimfarm-upload-")
-        })
+        .filter(|e| e.file_name().to_string_lossy().starts_with("upload-"))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|t| serde_json::from_slice::<Value>(&t).ok())
         .flat_map(|j| j["confirmed"].as_array().cloned().unwrap_or_default())

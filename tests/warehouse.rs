@@ -15,6 +15,7 @@ use common::ThrottleProxy;
 use common::sshd::{KeyKind, Sshd};
 use tokio_util::sync::CancellationToken;
 use zimfarm_worker::config::WarehouseSettings;
+use zimfarm_worker::taskfs::OwnFile;
 use zimfarm_worker::warehouse::{
     HostKeyError, KeyError, UploadItem, UploadReport, Warehouse, WarehouseError,
 };
@@ -629,8 +630,8 @@ async fn four_streams_cut_at_random_points_still_deliver_every_byte() {
     let size = 64 << 20;
     write_noise(&local, size, 23);
     let journal = dir.path().join(".journal.json");
-    let item =
-        UploadItem::output(local.clone(), "/striped", "striped.bin").with_journal(journal.clone());
+    let item = UploadItem::output(local.clone(), "/striped", "striped.bin")
+        .with_journal(OwnFile::at(&journal).unwrap());
     let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
 
     let cutter = {
@@ -733,7 +734,7 @@ async fn a_warehouse_that_takes_two_connections_gets_the_file_over_two() {
     let size = 64 << 20;
     write_noise(&local, size, 29);
     let item = UploadItem::output(local.clone(), "/two", "two.bin")
-        .with_journal(dir.path().join(".journal.json"));
+        .with_journal(OwnFile::at(&dir.path().join(".journal.json")).unwrap());
     let reports = w.upload(&[item], &CancellationToken::new()).await.unwrap();
     assert_eq!(reports[0].bytes_sent, size);
     assert_eq!(
@@ -774,8 +775,8 @@ async fn the_journal_never_claims_a_write_whose_status_did_not_come_back() {
     let size = 64 << 20;
     write_noise(&local, size, 31);
     let journal = dir.path().join(".journal.json");
-    let item =
-        UploadItem::output(local.clone(), "/stall", "stall.bin").with_journal(journal.clone());
+    let item = UploadItem::output(local.clone(), "/stall", "stall.bin")
+        .with_journal(OwnFile::at(&journal).unwrap());
     let task = tokio::spawn(async move { w.upload(&[item], &CancellationToken::new()).await });
     {
         let proxy = proxy.clone();
@@ -934,9 +935,9 @@ async fn a_journal_vouches_for_its_ranges_but_not_for_another_file() {
     let mut j = Journal::new(FileId::of(&local).unwrap(), remote_tmp.to_owned());
     j.confirmed.insert(0..3 << 20);
     j.confirmed.insert(5 << 20..7 << 20);
-    j.save(&journal).unwrap();
+    j.save(&OwnFile::at(&journal).unwrap()).unwrap();
     let item =
-        UploadItem::output(local.clone(), "/journaled", "j.bin").with_journal(journal.clone());
+        UploadItem::output(local.clone(), "/journaled", "j.bin").with_journal(OwnFile::at(&journal).unwrap());
     let report = upload(&w, &[item]).await.unwrap().remove(0);
     assert_eq!(report.resumed_from, 5 << 20, "{report:?}");
     assert_eq!(report.bytes_sent, SIZE - (5 << 20), "{report:?}");
@@ -953,9 +954,9 @@ async fn a_journal_vouches_for_its_ranges_but_not_for_another_file() {
     };
     let mut j = Journal::new(stale, "/zim/journaled/k.bin.tmp".to_owned());
     j.confirmed.insert(0..SIZE);
-    j.save(&journal).unwrap();
+    j.save(&OwnFile::at(&journal).unwrap()).unwrap();
     let item =
-        UploadItem::output(local.clone(), "/journaled", "k.bin").with_journal(journal.clone());
+        UploadItem::output(local.clone(), "/journaled", "k.bin").with_journal(OwnFile::at(&journal).unwrap());
     let report = upload(&w, &[item]).await.unwrap().remove(0);
     assert_eq!(
         (report.resumed_from, report.bytes_sent),
@@ -977,7 +978,7 @@ async fn a_genuine_partial_upload_resumes_with_or_without_its_journal() {
         let name = format!("g{}.bin", journal.is_some());
         let mut item = UploadItem::output(local.clone(), "/genuine", &name);
         if let Some(path) = &journal {
-            item = item.with_journal(path.clone());
+            item = item.with_journal(OwnFile::at(path).unwrap());
         }
         // Cut by a cancel once 20 MB went up.
         let w = client(&sshd, proxy.port()).await;

@@ -4,10 +4,10 @@
 //! removed on every path, panics included.
 //!
 //! Owns the containers' lifetime and their output; it must not touch the
-//! task dir beyond the log file it is given.
+//! task dir, and writes only the log file it is given (in the worker's own
+//! dir of the task, created afresh and exclusively).
 
 use std::collections::VecDeque;
-use std::path::Path;
 
 use bollard::container::LogOutput;
 use futures_util::StreamExt;
@@ -17,6 +17,7 @@ use super::{DockerRunner, cancellable, docker_failed, failed};
 use crate::docker::{ContainerExit, DockerClient};
 use crate::metrics;
 use crate::runner::{ContainerEvent, RunError, TaskContext, TaskError};
+use crate::taskfs::OwnFile;
 
 /// Lines of stdout and stderr kept for `task-container_finished`.
 const TAIL_LINES: usize = 100;
@@ -30,12 +31,16 @@ impl DockerRunner {
         &self,
         name: &str,
         mut logs: crate::docker::OutputStream,
-        log_path: &Path,
+        log_file: &OwnFile,
         ctx: &TaskContext,
     ) -> Result<ContainerRun, RunError> {
-        let file = tokio::fs::File::create(log_path)
+        let log_path = log_file.path();
+        let creating = log_file.clone();
+        let file = tokio::task::spawn_blocking(move || creating.create_afresh())
             .await
+            .map_err(|e| failed(format!("cannot write the log {}: {e}", log_path.display())))?
             .map_err(|e| failed(format!("cannot write the log {}: {e}", log_path.display())))?;
+        let file = tokio::fs::File::from_std(file);
         let mut log = tokio::io::BufWriter::with_capacity(64 * 1024, file);
         let mut stdout = Tail::default();
         let mut stderr = Tail::default();

@@ -7,8 +7,13 @@
 //! **cleanup** (every container of the task removed on every path, panics
 //! included; the task dir once its files are uploaded).
 //!
-//! A marker written in the task dir when generate succeeded lets a
-//! redelivered task go straight to upload instead of scraping again.
+//! The task dir (`ZIM_DIR/<id>`) is the scraper's: it is read only through
+//! its handle, without following links ([`crate::taskfs`]). The worker's
+//! own files of the task (the container log, the marker written when
+//! generate succeeded, which lets a redelivered task go straight to upload
+//! instead of scraping again, the upload journals) live in
+//! `ZIM_DIR/.zimfarm/<id>/`, which no container sees; it goes and stays
+//! with the task dir.
 //!
 //! Free disk: before refusing a task for `MIN_FREE_DISK_MB` it has the
 //! [`Sweeper`] remove kept task dirs (a task's own dir is claimed for its
@@ -50,7 +55,9 @@ use crate::sweep::{SWEEP_INTERVAL, Sweeper};
 use crate::warehouse::Warehouse;
 use containers::{Containers, exit_failure};
 pub use output::{GENERATED_MARKER, Generated};
-use output::{compress_log, output_item, produced_files, read_marker, write_marker};
+use output::{
+    compress_log, open_dir, output_item, own_dir, produced_files, read_marker, write_marker,
+};
 pub use redis::{REDIS_SOCKET, REDIS_SOCKET_DIR};
 
 /// Name of the directory (in ZIM_DIR) holding the per-task sockets dirs.
@@ -79,6 +86,8 @@ pub struct DockerRunner {
 /// A task's paths, as the host sees them (for bind mounts) and as this
 /// process sees them.
 struct TaskDirs {
+    zim_dir: PathBuf,
+    task_id: String,
     host_task: PathBuf,
     local_task: PathBuf,
     host_sockets: PathBuf,
@@ -88,6 +97,8 @@ struct TaskDirs {
 impl TaskDirs {
     fn new(settings: &PipelineSettings, task_id: &str) -> Self {
         Self {
+            zim_dir: settings.zim_dir.clone(),
+            task_id: task_id.to_owned(),
             host_task: settings.working_dir.join(task_id),
             local_task: settings.zim_dir.join(task_id),
             host_sockets: settings.working_dir.join(SOCKETS_DIR).join(task_id),
@@ -145,6 +156,7 @@ impl DockerRunner {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not remove the task dir")
             }
         }
+        remove_own(&self.settings.zim_dir, task_id).await;
     }
 
     pub fn docker(&self) -> &DockerClient {
@@ -177,7 +189,7 @@ impl DockerRunner {
         // The sweeper leaves this task's dir alone until the run ends.
         let _claim = self.sweeper.claim(&plan.task_id).await;
         let dirs = TaskDirs::new(&self.settings, &plan.task_id);
-        let generated = match read_marker(&dirs.local_task).await {
+        let generated = match read_marker(&dirs).await {
             Some(generated) => {
                 tracing::info!(
                     files = generated.files.len(),
@@ -197,7 +209,7 @@ impl DockerRunner {
                 let _ = tokio::fs::remove_dir_all(&dirs.local_sockets).await;
                 match outcome {
                     Ok(generated) => {
-                        write_marker(&dirs.local_task, &generated).await;
+                        write_marker(&dirs, &generated).await;
                         generated
                     }
                     Err(e) => {
@@ -209,6 +221,7 @@ impl DockerRunner {
                                 .await;
                         }
                         let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
+                        remove_own(&dirs.zim_dir, &dirs.task_id).await;
                         return Err(e);
                     }
                 }
@@ -306,25 +319,26 @@ impl DockerRunner {
             command: plan.argv.join(" "),
         });
 
+        let task_dir = open_dir(&dirs.local_task).await?;
+        let own = own_dir(dirs).await?;
         // Each finished ZIM goes to the warehouse while the offliner runs.
         let early_uploads = self.warehouse.clone().map(|warehouse| {
-            let (task_dir, warehouse_path) = (dirs.local_task.clone(), plan.warehouse_path.clone());
+            let (task_dir, own, warehouse_path) =
+                (task_dir.clone(), own.clone(), plan.warehouse_path.clone());
             EarlyUploads::start(
                 warehouse,
-                dirs.local_task.clone(),
-                move |file| output_item(&task_dir, &warehouse_path, file),
+                task_dir.clone(),
+                move |file| output_item(&task_dir, &own, &warehouse_path, file),
                 ctx.cancel.token().clone(),
             )
         });
-        let log_name = format!("{name}.log");
-        let run = self
-            .follow(&name, output, &dirs.local_task.join(&log_name), ctx)
-            .await?;
+        let log = own.file(&format!("{name}.log"));
+        let run = self.follow(&name, output, &log, ctx).await?;
         let early = match early_uploads {
             Some(early) => early.finish().await,
             None => Default::default(),
         };
-        let log_file = compress_log(dirs.local_task.join(&log_name)).await;
+        let log_file = compress_log(log).await;
         ctx.emit(ContainerEvent::Finished {
             exit_code: run.exit.code,
             stdout: run.stdout.joined(),
@@ -340,7 +354,7 @@ impl DockerRunner {
         if let Some(error) = exit_failure(&run, self.settings.container_memory) {
             return Err(error.into());
         }
-        let files = produced_files(&dirs.local_task, &log_file).await?;
+        let files = produced_files(&task_dir).await?;
         if files.is_empty() {
             return Err(TaskError::NoOutput {
                 dir: dirs.local_task.clone(),
@@ -349,9 +363,12 @@ impl DockerRunner {
             .into());
         }
         tracing::info!(files = files.len(), "offliner finished");
-        let log_kept = tokio::fs::try_exists(dirs.local_task.join(&log_file))
-            .await
-            .unwrap_or(false);
+        let log_kept = {
+            let file = own.file(&log_file);
+            tokio::task::spawn_blocking(move || file.exists())
+                .await
+                .unwrap_or(false)
+        };
         Ok(Generated {
             files,
             log: log_kept.then_some(log_file),
@@ -359,8 +376,9 @@ impl DockerRunner {
         })
     }
 
-    /// The task dir, created empty; kept dirs swept by age, and under disk
-    /// pressure before refusing. Returns the bytes free in ZIM_DIR.
+    /// The task dir and the worker's own dir of the task, created empty;
+    /// kept dirs swept by age, and under disk pressure before refusing.
+    /// Returns the bytes free in ZIM_DIR.
     async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<u64, RunError> {
         self.sweeper.sweep_old().await;
         // A task dir left by an earlier, interrupted run of this task holds
@@ -372,6 +390,8 @@ impl DockerRunner {
             tracing::warn!(dir = %dirs.local_task.display(), "removing the output of an earlier, interrupted run");
             let _ = tokio::fs::remove_dir_all(&dirs.local_task).await;
         }
+        remove_own(&dirs.zim_dir, &dirs.task_id).await;
+        own_dir(dirs).await?;
         for dir in [&dirs.local_task, &dirs.local_sockets] {
             tokio::fs::create_dir_all(dir).await.map_err(|e| {
                 failed(format!(
@@ -459,8 +479,10 @@ impl Runner for DockerRunner {
                 tracing::error!(%error, "could not remove the containers left by an earlier run of this node");
             }
         }
-        // Kept dirs too old to be worth an upload, at start and then every
-        // SWEEP_INTERVAL (and before every task).
+        // Kept dirs of the layout before ZIM_DIR/.zimfarm cannot be
+        // trusted; then kept dirs too old to be worth an upload, at start
+        // and then every SWEEP_INTERVAL (and before every task).
+        self.sweeper.sweep_old_layout().await;
         self.sweeper.sweep_old().await;
         let sweeper = self.sweeper.clone();
         tokio::spawn(async move {
@@ -471,6 +493,19 @@ impl Runner for DockerRunner {
                 sweeper.sweep_old().await;
             }
         });
+    }
+}
+
+/// Removes the worker's own dir of a task, with a line if that fails.
+async fn remove_own(zim_dir: &std::path::Path, task_id: &str) {
+    let (zim_dir, task_id) = (zim_dir.to_owned(), task_id.to_owned());
+    let shown = crate::taskfs::own_dir_path(&zim_dir, &task_id);
+    let removed =
+        tokio::task::spawn_blocking(move || crate::taskfs::remove_own_dir(&zim_dir, &task_id))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    if let Err(error) = removed {
+        tracing::warn!(dir = %shown.display(), %error, "could not remove the worker's own dir of the task");
     }
 }
 

@@ -1,30 +1,44 @@
-//! What a task produced and where it goes: the files at the top of the
-//! task dir, the container log (gzipped), the marker of a generate stage
-//! that succeeded (so a redelivered task goes straight to upload), the
-//! upload journals' names, and the upload of it all to the warehouse.
+//! What a task produced and where it goes: the regular files at the top
+//! of the task dir (links, fifos, sockets, devices, dirs and `*.tmp` names
+//! skipped, each with a line), the container log (gzipped), the marker of
+//! a generate stage that succeeded (so a redelivered task goes straight to
+//! upload), the upload journals' names, and the upload of it all to the
+//! warehouse.
+//!
+//! The scraper's files are read through the task dir's handle, never by
+//! path ([`crate::taskfs`]); the log, the marker and the journals are the
+//! worker's own, in `ZIM_DIR/.zimfarm/<id>/`. A marker or journal in the
+//! task dir itself (the layout before that) is never read.
 //!
 //! Owns the task dir's contents once the offliner has run; it must not
 //! touch containers.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::{DockerRunner, FAILED_LOG_UPLOAD_LIMIT, TaskDirs, failed};
 use crate::early::EarlyRecord;
 use crate::offliner::TaskPlan;
 use crate::runner::{RunError, TaskContext, TaskError, TaskFile};
+use crate::taskfs::{
+    DirHandle, FileKind, LocalSource, OLD_LAYOUT_MARKER, OpenError, OwnDir, OwnFile,
+};
 use crate::warehouse::journal::FileId;
-use crate::warehouse::{UploadItem, Warehouse, WarehouseError};
+use crate::warehouse::{TMP_SUFFIX, UploadItem, Warehouse, WarehouseError};
 
-/// The marker, in the task dir, of a generate stage that succeeded.
-pub const GENERATED_MARKER: &str = ".zimfarm-generated.json";
+/// The marker, in the worker's own dir of the task, of a generate stage
+/// that succeeded.
+pub const GENERATED_MARKER: &str = "generated.json";
+/// A marker larger than this is not read.
+const MAX_MARKER_BYTES: u64 = 16 << 20;
 
 /// What generate produced, as the marker records it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Generated {
     /// The offliner's output files (top level of the task dir).
     pub files: Vec<TaskFile>,
-    /// The container log's file name in the task dir, if it was kept.
+    /// The container log's file name in the worker's own dir, if it was
+    /// kept.
     pub log: Option<String>,
     /// The files uploaded while the offliner ran, as they were then (not
     /// in the marker: a run that resumes checks the warehouse instead).
@@ -43,12 +57,18 @@ impl DockerRunner {
         generated: &Generated,
         ctx: &TaskContext,
     ) -> Result<(), RunError> {
+        let task_dir = open_dir(&dirs.local_task).await?;
+        let own = own_dir(dirs).await?;
         let mut items = Vec::new();
         for f in &generated.files {
             match generated.early.get(&f.name) {
-                None => items.push(output_item(&dirs.local_task, &plan.warehouse_path, &f.name)),
+                None => items.push(output_item(&task_dir, &own, &plan.warehouse_path, &f.name)),
                 Some(&then) => {
-                    let now = FileId::read(&dirs.local_task.join(&f.name)).await.ok();
+                    let source = LocalSource::beneath(task_dir.clone(), &f.name);
+                    let now = match source.open().await {
+                        Ok(file) => FileId::of_open(&file).await.ok(),
+                        Err(_) => None,
+                    };
                     if now != Some(then) {
                         return Err(failed(format!(
                             "{} was uploaded to the warehouse while the offliner ran ({} bytes), \
@@ -67,9 +87,9 @@ impl DockerRunner {
             }
         }
         if let Some(log) = &generated.log {
-            let path = dirs.local_task.join(log);
-            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                items.push(UploadItem::log(path, log));
+            let file = own.file(log);
+            if exists(&file).await {
+                items.push(UploadItem::log_from(file.source(), log));
             }
         }
         let bytes: u64 = generated.files.iter().map(|f| f.size).sum();
@@ -115,11 +135,12 @@ impl DockerRunner {
         ctx: &TaskContext,
     ) {
         let container = self.container_name(&plan.task_id, "offliner");
+        let Ok(own) = own_dir(dirs).await else { return };
         let mut log = None;
         for name in [format!("{container}.log.gz"), format!("{container}.log")] {
-            let path = dirs.local_task.join(&name);
-            if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                log = Some(UploadItem::log(path, &name));
+            let file = own.file(&name);
+            if exists(&file).await {
+                log = Some(UploadItem::log_from(file.source(), &name));
                 break;
             }
         }
@@ -138,13 +159,81 @@ impl DockerRunner {
     }
 }
 
-/// The marker of an earlier successful generate, if it is there and every
-/// file it lists is still there with its size; `None` otherwise (the task
-/// then starts afresh).
-pub(super) async fn read_marker(task_dir: &Path) -> Option<Generated> {
-    let text = tokio::fs::read(task_dir.join(GENERATED_MARKER))
+/// The task dir, opened as a handle (the worker created it; what is in it
+/// is the scraper's).
+pub(super) async fn open_dir(path: &Path) -> Result<DirHandle, RunError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || DirHandle::open(&owned))
         .await
-        .ok()?;
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(format!("cannot open {}: {e}", path.display())))
+}
+
+/// The worker's own dir of the task, created if need be.
+pub(super) async fn own_dir(dirs: &TaskDirs) -> Result<OwnDir, RunError> {
+    OwnDir::create_async(&dirs.zim_dir, &dirs.task_id)
+        .await
+        .map_err(|e| {
+            failed(format!(
+                "cannot make the worker's own dir of the task in {}: {e}; check ZIM_DIR",
+                dirs.zim_dir.display()
+            ))
+        })
+}
+
+async fn exists(file: &OwnFile) -> bool {
+    let file = file.clone();
+    tokio::task::spawn_blocking(move || file.exists())
+        .await
+        .unwrap_or(false)
+}
+
+/// The marker of an earlier successful generate, if it is in the worker's
+/// own dir and every file it lists is still in the task dir, a regular
+/// file with its size; `None` otherwise (the task then starts afresh).
+pub(super) async fn read_marker(dirs: &TaskDirs) -> Option<Generated> {
+    let own = crate::taskfs::own_dir_path(&dirs.zim_dir, &dirs.task_id);
+    let task_dir = dirs.local_task.clone();
+    enum Found {
+        Nothing,
+        OldLayout,
+        Marker(Vec<u8>, DirHandle),
+    }
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<Found> {
+        if !own.is_dir() {
+            let old = task_dir.join(OLD_LAYOUT_MARKER);
+            return Ok(if std::fs::symlink_metadata(old).is_ok() {
+                Found::OldLayout
+            } else {
+                Found::Nothing
+            });
+        }
+        let Some(text) = OwnDir::at(&own)?
+            .file(GENERATED_MARKER)
+            .read(MAX_MARKER_BYTES)?
+        else {
+            return Ok(Found::Nothing);
+        };
+        Ok(Found::Marker(text, DirHandle::open(&task_dir)?))
+    })
+    .await
+    .ok()?;
+    let (text, task_dir) = match read {
+        Ok(Found::Marker(text, dir)) => (text, dir),
+        Ok(Found::Nothing) => return None,
+        Ok(Found::OldLayout) => {
+            tracing::warn!(
+                dir = %dirs.local_task.display(),
+                "this task dir is of the layout before ZIM_DIR/.zimfarm: its marker lay within \
+                 the scraper's reach and is not trusted; generating again"
+            );
+            return None;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "unreadable generate marker; generating again");
+            return None;
+        }
+    };
     let generated: Generated = match serde_json::from_slice(&text) {
         Ok(g) => g,
         Err(error) => {
@@ -155,9 +244,15 @@ pub(super) async fn read_marker(task_dir: &Path) -> Option<Generated> {
     for file in &generated.files {
         let plain_name = !file.name.contains('/') && file.name != "." && file.name != "..";
         let ok = plain_name
-            && tokio::fs::metadata(task_dir.join(&file.name))
+            && match LocalSource::beneath(task_dir.clone(), &file.name)
+                .open()
                 .await
-                .is_ok_and(|m| m.is_file() && m.len() == file.size);
+            {
+                Ok(opened) => FileId::of_open(&opened)
+                    .await
+                    .is_ok_and(|id| id.size == file.size),
+                Err(_) => false,
+            };
         if !ok {
             tracing::warn!(file = %file.name, "a file the generate marker lists is missing or changed; generating again");
             return None;
@@ -166,46 +261,44 @@ pub(super) async fn read_marker(task_dir: &Path) -> Option<Generated> {
     Some(generated)
 }
 
-/// Records a successful generate. Without it a redelivery scrapes again,
-/// which is slow but not wrong, so a failure here is only logged.
-pub(super) async fn write_marker(task_dir: &Path, generated: &Generated) {
-    let path = task_dir.join(GENERATED_MARKER);
-    let tmp = task_dir.join(format!("{GENERATED_MARKER}.tmp"));
+/// Records a successful generate in the worker's own dir. Without it a
+/// redelivery scrapes again, which is slow but not wrong, so a failure
+/// here is only logged.
+pub(super) async fn write_marker(dirs: &TaskDirs, generated: &Generated) {
     let text = serde_json::to_vec(generated).unwrap_or_default();
-    let result = async {
-        tokio::fs::write(&tmp, &text).await?;
-        tokio::fs::rename(&tmp, &path).await
-    }
-    .await;
+    let result = match own_dir(dirs).await {
+        Ok(own) => {
+            let marker = own.file(GENERATED_MARKER);
+            tokio::task::spawn_blocking(move || marker.replace(&text, false))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        }
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    };
     if let Err(error) = result {
-        tracing::warn!(%error, path = %path.display(), "could not write the generate marker");
+        tracing::warn!(%error, "could not write the generate marker");
     }
 }
 
-/// Gzips the log next to itself and removes the plain one; returns the
-/// name of the file kept.
-pub(super) async fn compress_log(path: PathBuf) -> String {
-    let plain_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+/// Gzips the log (a file of the worker's own) next to itself, created
+/// exclusively, and removes the plain one; returns the name of the file
+/// kept.
+pub(super) async fn compress_log(log: OwnFile) -> String {
+    let plain_name = log.name().to_owned();
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let gz_path = path.with_extension("log.gz");
-        let mut input = std::fs::File::open(&path)?;
-        let output = std::fs::File::create(&gz_path)?;
+        let gz = log.sibling(&format!("{}.gz", log.name()));
+        let input = log.open()?;
+        let output = gz.create_afresh()?;
         let mut encoder = flate2::write::GzEncoder::new(output, flate2::Compression::default());
         let written =
-            std::io::copy(&mut input, &mut encoder).and_then(|_| encoder.finish()?.flush());
+            std::io::copy(&mut &input, &mut encoder).and_then(|_| encoder.finish()?.flush());
         if let Err(error) = written {
             // A full disk: no half-written .gz left beside the plain log.
-            let _ = std::fs::remove_file(&gz_path);
+            let _ = gz.remove();
             return Err(error);
         }
-        std::fs::remove_file(&path)?;
-        Ok(gz_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default())
+        log.remove()?;
+        Ok(gz.name().to_owned())
     })
     .await;
     match result {
@@ -218,41 +311,78 @@ pub(super) async fn compress_log(path: PathBuf) -> String {
     }
 }
 
-/// Where output `name` of the task dir goes, with its upload journal.
-pub(super) fn output_item(task_dir: &Path, warehouse_path: &str, name: &str) -> UploadItem {
-    UploadItem::output(task_dir.join(name), warehouse_path, name)
-        .with_journal(task_dir.join(journal_name(name)))
+/// Where output `name` of the task dir goes, read through the task dir's
+/// handle, with its upload journal in the worker's own dir.
+pub(super) fn output_item(
+    task_dir: &DirHandle,
+    own: &OwnDir,
+    warehouse_path: &str,
+    name: &str,
+) -> UploadItem {
+    UploadItem::output_from(
+        LocalSource::beneath(task_dir.clone(), name),
+        warehouse_path,
+        name,
+    )
+    .with_journal(own.file(&journal_name(name)))
 }
 
-/// The upload journal of output `name`, in the task dir: hidden from
-/// [`produced_files`] by its `.zimfarm-` prefix, and of fixed length
-/// whatever the name's.
+/// The upload journal of output `name`, in the worker's own dir: of fixed
+/// length whatever the name's.
 fn journal_name(name: &str) -> String {
     format!(
-        ".zimfarm-upload-{:x}.json",
+        "upload-{:x}.json",
         <md5::Md5 as md5::Digest>::digest(name.as_bytes())
     )
 }
 
-/// The files the offliner produced: regular files at the top of the task
-/// dir, the container log excepted.
-pub(super) async fn produced_files(dir: &Path, log_file: &str) -> Result<Vec<TaskFile>, RunError> {
-    let mut entries = tokio::fs::read_dir(dir)
+/// An entry of the task dir that is not uploaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Skipped {
+    pub name: String,
+    pub why: String,
+}
+
+/// The files the offliner produced: the regular files at the top of the
+/// task dir, each opened without following a link. Anything else (a link,
+/// fifo, socket, device or dir) and any name ending in `.tmp` (the
+/// warehouse's partial uploads) is skipped and said so.
+pub(super) async fn produced_files(dir: &DirHandle) -> Result<Vec<TaskFile>, RunError> {
+    let listed = dir.clone();
+    let (files, skipped) = tokio::task::spawn_blocking(move || list_outputs(&listed))
         .await
-        .map_err(|e| failed(format!("cannot list {}: {e}", dir.display())))?;
+        .map_err(|e| failed(e.to_string()))??;
+    for s in skipped {
+        tracing::warn!(file = %s.name, why = %s.why, "skipping an entry of the task dir; it is not uploaded");
+    }
+    Ok(files)
+}
+
+/// [`produced_files`]' blocking part: the files, then what was skipped.
+fn list_outputs(dir: &DirHandle) -> Result<(Vec<TaskFile>, Vec<Skipped>), RunError> {
+    let names = dir
+        .names()
+        .map_err(|e| failed(format!("cannot list {}: {e}", dir.path().display())))?;
     let mut files = Vec::new();
-    while let Some(entry) = entries
-        .next_entry()
-        .await
-        .map_err(|e| failed(format!("cannot list {}: {e}", dir.display())))?
-    {
-        let Ok(meta) = entry.metadata().await else {
-            continue;
+    let mut skipped = Vec::new();
+    for raw in names {
+        let shown = raw.to_string_lossy().into_owned();
+        let kind = match dir.kind(&raw) {
+            Ok(kind) => kind,
+            // Gone meanwhile.
+            Err(_) => continue,
         };
-        if !meta.is_file() {
+        if kind != FileKind::Regular {
+            skipped.push(Skipped {
+                name: shown,
+                why: format!(
+                    "it is {}; only regular files are uploaded",
+                    kind.described()
+                ),
+            });
             continue;
         }
-        let name = match entry.file_name().into_string() {
+        let name = match raw.into_string() {
             Ok(name) => name,
             Err(raw) => {
                 return Err(failed(format!(
@@ -261,16 +391,38 @@ pub(super) async fn produced_files(dir: &Path, log_file: &str) -> Result<Vec<Tas
                 )));
             }
         };
-        if name == log_file || name.starts_with(".zimfarm-") {
+        if name.ends_with(TMP_SUFFIX) {
+            skipped.push(Skipped {
+                name,
+                why: format!(
+                    "its name ends in {TMP_SUFFIX}, which the warehouse keeps for partial uploads; \
+                     the offliner must not produce such names"
+                ),
+            });
             continue;
         }
-        files.push(TaskFile {
-            name,
-            size: meta.len(),
-        });
+        let size = match dir.open_file(&name) {
+            Ok(file) => FileId::of_file(&file).map(|id| id.size),
+            Err(OpenError::Io(e)) => Err(e),
+            Err(e) => {
+                skipped.push(Skipped {
+                    why: format!("{e}; only regular files are uploaded"),
+                    name,
+                });
+                continue;
+            }
+        };
+        match size {
+            Ok(size) => files.push(TaskFile { name, size }),
+            Err(e) => skipped.push(Skipped {
+                why: format!("it cannot be read: {e}"),
+                name,
+            }),
+        }
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(files)
+    skipped.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((files, skipped))
 }
 
 #[cfg(test)]
@@ -283,7 +435,52 @@ mod tests {
         // the journals the older one left.
         assert_eq!(
             journal_name("wikipedia_en_all_maxi_2026-11.zim"),
-            ".zimfarm-upload-29903e3d1352f1e1fd8f39c6a6b73511.json"
+            "upload-29903e3d1352f1e1fd8f39c6a6b73511.json"
         );
+    }
+
+    #[test]
+    fn only_regular_files_are_outputs_and_tmp_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let canary = tempfile::NamedTempFile::new().unwrap();
+        let p = dir.path();
+        std::fs::write(p.join("a.zim"), b"zim").unwrap();
+        std::fs::write(p.join("x.zim.tmp"), b"partial").unwrap();
+        std::fs::create_dir(p.join("sub")).unwrap();
+        std::os::unix::fs::symlink(canary.path(), p.join("link.zim")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/environ", p.join("environ")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p.join("fifo.zim"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let (files, skipped) = list_outputs(&DirHandle::open(p).unwrap()).unwrap();
+        assert_eq!(
+            files,
+            [TaskFile {
+                name: "a.zim".into(),
+                size: 3
+            }]
+        );
+        let why: Vec<(&str, &str)> = skipped
+            .iter()
+            .map(|s| (s.name.as_str(), s.why.as_str()))
+            .collect();
+        assert_eq!(why.len(), 5, "{why:?}");
+        for (name, words) in [
+            ("environ", "symbolic link"),
+            ("fifo.zim", "fifo"),
+            ("link.zim", "symbolic link"),
+            ("sub", "directory"),
+            ("x.zim.tmp", ".tmp"),
+        ] {
+            assert!(
+                why.iter().any(|(n, w)| *n == name && w.contains(words)),
+                "{name}: {why:?}"
+            );
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! directory in their place), and what happened to it ([`UploadReport`]).
 //!
 //! Owns those two types. It must not talk to the warehouse nor read the
-//! file.
+//! file: the file is read through its [`LocalSource`], never by path.
 
 use std::path::PathBuf;
 
@@ -11,18 +11,24 @@ use serde::Serialize;
 
 use super::journal::FileId;
 use super::{LOGS_DIR, TMP_SUFFIX, WarehouseError, ZIM_ROOT};
+use crate::taskfs::{LocalSource, OwnFile};
 
 /// One local file and where it goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct UploadItem {
+    /// Where the local file is: for messages only, never opened.
     pub local: PathBuf,
+    /// What the upload reads: opened once per attempt, without following
+    /// links, a regular file only, then sized, hashed and sent through
+    /// that one descriptor.
+    pub source: LocalSource,
     /// Absolute remote directory: `/zim<warehouse_path>` or `/logs`.
     pub remote_dir: String,
     /// The remote file name (one path component).
     pub name: String,
-    /// Where this file's upload journal is kept; without one the file goes
-    /// over one stream, in file order.
-    pub journal: Option<PathBuf>,
+    /// Where this file's upload journal is kept (a file of the worker's
+    /// own); without one the file goes over one stream, in file order.
+    pub journal: Option<OwnFile>,
     /// The file as it was when its ZIM checksum was checked just before
     /// (early upload checks before it sends): while it is still that file,
     /// the upload does not hash it a second time.
@@ -56,11 +62,19 @@ pub struct UploadReport {
 }
 
 impl UploadItem {
-    /// A ZIM file (or any offliner output) for `/zim<warehouse_path>/<name>`.
+    /// A ZIM file (or any offliner output) for `/zim<warehouse_path>/<name>`,
+    /// at a local path whose directory the caller trusts (the file itself
+    /// is opened without following a link).
     pub fn output(local: PathBuf, warehouse_path: &str, name: &str) -> Self {
+        Self::output_from(LocalSource::at(local), warehouse_path, name)
+    }
+
+    /// [`UploadItem::output`], read from `source`.
+    pub fn output_from(source: LocalSource, warehouse_path: &str, name: &str) -> Self {
         let dir = format!("{ZIM_ROOT}{}", warehouse_path.trim_end_matches('/'));
         Self {
-            local,
+            local: source.shown(),
+            source,
             remote_dir: dir,
             name: name.to_owned(),
             journal: None,
@@ -71,8 +85,15 @@ impl UploadItem {
     /// Keeps this file's upload journal at `path` (outside the listing of
     /// what is to be uploaded), so that it may go over several streams
     /// and resume exactly.
-    pub fn with_journal(mut self, path: PathBuf) -> Self {
-        self.journal = Some(path);
+    pub fn with_journal(mut self, at: OwnFile) -> Self {
+        self.journal = Some(at);
+        self
+    }
+
+    /// Reads it from `source` instead (a file opened already).
+    pub fn with_source(mut self, source: LocalSource) -> Self {
+        self.local = source.shown();
+        self.source = source;
         self
     }
 
@@ -82,10 +103,17 @@ impl UploadItem {
         self
     }
 
-    /// A container log for `/logs/<name>`.
+    /// A container log for `/logs/<name>`, at a local path whose directory
+    /// the caller trusts.
     pub fn log(local: PathBuf, name: &str) -> Self {
+        Self::log_from(LocalSource::at(local), name)
+    }
+
+    /// [`UploadItem::log`], read from `source`.
+    pub fn log_from(source: LocalSource, name: &str) -> Self {
         Self {
-            local,
+            local: source.shown(),
+            source,
             remote_dir: LOGS_DIR.to_owned(),
             name: name.to_owned(),
             journal: None,
@@ -160,14 +188,15 @@ impl UploadItem {
 mod tests {
     use super::*;
 
-    fn item(dir: &str, name: &str) -> UploadItem {
-        UploadItem {
-            local: PathBuf::from("/x"),
-            remote_dir: dir.to_owned(),
-            name: name.to_owned(),
-            journal: None,
-            checked: None,
+    impl UploadItem {
+        fn in_dir(mut self, dir: &str) -> Self {
+            self.remote_dir = dir.to_owned();
+            self
         }
+    }
+
+    fn item(dir: &str, name: &str) -> UploadItem {
+        UploadItem::output(PathBuf::from("/x"), "/w", name).in_dir(dir)
     }
 
     #[test]

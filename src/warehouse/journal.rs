@@ -3,23 +3,29 @@
 //! OK), kept on the local disk so that an upload cut by anything, a kill -9
 //! of the worker included, resumes by sending only what is missing.
 //!
-//! Owns the range arithmetic and the journal file (written to a temporary
-//! name, synced, then renamed over the old one, so a crash leaves the old
-//! journal or the new one, never half of one). It must not talk to the
+//! Owns the range arithmetic and the journal file's format. The file is
+//! one of the worker's own ([`OwnFile`], out of every container's reach):
+//! written to a fresh temporary name, synced, then renamed over the old
+//! one, so a crash leaves the old journal or the new one, never half of
+//! one. It must not talk to the
 //! warehouse or decide what is confirmed: callers record a range only once
 //! its status is in, so the journal is never ahead of the server.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::taskfs::OwnFile;
+
 /// The journal format this code writes and reads.
 const FORMAT: u32 = 1;
+/// A journal larger than this is not read (its ranges merge as they are
+/// confirmed: a real one is a few hundred bytes).
+const MAX_JOURNAL_BYTES: u64 = 16 << 20;
 
 /// Sorted, disjoint, non-adjacent half-open byte ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,32 +110,42 @@ pub struct FileId {
 }
 
 impl FileId {
-    /// The identity of the regular file at `path`.
-    pub fn of(path: &Path) -> io::Result<Self> {
-        let meta = fs::metadata(path)?;
-        if !meta.is_file() {
+    /// The identity of what `stat` describes, if it is a regular file.
+    pub fn from_stat(stat: &rustix::fs::Stat) -> io::Result<Self> {
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "it is not a regular file",
             ));
         }
-        let mtime_ns = meta
-            .modified()?
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let mtime_ns = if stat.st_mtime < 0 {
+            0
+        } else {
+            stat.st_mtime as u128 * 1_000_000_000 + stat.st_mtime_nsec as u128
+        };
         Ok(Self {
-            size: meta.len(),
+            size: stat.st_size.max(0) as u64,
             mtime_ns,
         })
     }
 
-    /// [`FileId::of`], off the async runtime.
-    pub async fn read(path: &Path) -> io::Result<Self> {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Self::of(&path))
+    /// The identity of an open file (`fstat`).
+    pub fn of_file(file: &fs::File) -> io::Result<Self> {
+        Self::from_stat(&rustix::fs::fstat(file)?)
+    }
+
+    /// [`FileId::of_file`], off the async runtime.
+    pub async fn of_open(file: &std::sync::Arc<fs::File>) -> io::Result<Self> {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || Self::of_file(&file))
             .await
             .map_err(|e| io::Error::other(e.to_string()))?
+    }
+
+    /// The identity of the regular file at `path`, links followed: for
+    /// paths the caller trusts (tests, tools), never a task dir's.
+    pub fn of(path: &Path) -> io::Result<Self> {
+        Self::from_stat(&rustix::fs::stat(path)?)
     }
 }
 
@@ -177,12 +193,12 @@ impl Journal {
         }
     }
 
-    /// Reads the journal at `path` and says whether it serves an upload of
+    /// Reads the journal `at` and says whether it serves an upload of
     /// `file` to `remote`.
-    pub fn load(path: &Path, file: FileId, remote: &str) -> Found {
-        let text = match fs::read(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Found::Absent,
+    pub fn load(at: &OwnFile, file: FileId, remote: &str) -> Found {
+        let text = match at.read(MAX_JOURNAL_BYTES) {
+            Ok(Some(text)) => text,
+            Ok(None) => return Found::Absent,
             Err(e) => return Found::Unusable(format!("it cannot be read: {e}")),
         };
         let journal: Journal = match serde_json::from_slice(&text) {
@@ -210,32 +226,21 @@ impl Journal {
         Found::Usable(journal)
     }
 
-    /// Writes the journal to `path` atomically: `<path>.new`, synced, then
-    /// renamed over `path`.
-    pub fn save(&self, path: &Path) -> Result<(), JournalError> {
-        let err = |source| JournalError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".new");
-        let tmp = PathBuf::from(tmp);
+    /// Writes the journal `at` atomically: a fresh temporary file, synced,
+    /// then renamed over it.
+    pub fn save(&self, at: &OwnFile) -> Result<(), JournalError> {
         let text = serde_json::to_vec(self).expect("a journal serializes");
-        let mut f = fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&text).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(err)?;
-        Ok(())
+        at.replace(&text, true)
+            .map_err(|source| JournalError::Write {
+                path: at.path(),
+                source,
+            })
     }
 
-    /// Removes the journal at `path` (the upload is complete); a missing
-    /// one is fine.
-    pub fn remove(path: &Path) -> io::Result<()> {
-        match fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+    /// Removes the journal `at` (the upload is complete); a missing one is
+    /// fine.
+    pub fn remove(at: &OwnFile) -> io::Result<()> {
+        at.remove()
     }
 }
 
@@ -312,17 +317,22 @@ mod tests {
     fn a_saved_journal_loads_back_for_the_same_file_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wiki.zim.journal");
+        let at = OwnFile::at(&path).unwrap();
         assert!(matches!(
-            Journal::load(&path, file_id(100), "/zim/x/wiki.zim.tmp"),
+            Journal::load(&at, file_id(100), "/zim/x/wiki.zim.tmp"),
             Found::Absent
         ));
 
         let mut j = Journal::new(file_id(100), "/zim/x/wiki.zim.tmp".to_owned());
         j.confirmed.insert(0..40);
         j.confirmed.insert(60..100);
-        j.save(&path).unwrap();
-        assert!(!dir.path().join("wiki.zim.journal.new").exists());
-        match Journal::load(&path, file_id(100), "/zim/x/wiki.zim.tmp") {
+        j.save(&at).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        match Journal::load(&at, file_id(100), "/zim/x/wiki.zim.tmp") {
             Found::Usable(back) => assert_eq!(back, j),
             other => panic!("{other:?}"),
         }
@@ -331,13 +341,13 @@ mod tests {
             Found::Unusable(why) => why,
             other => panic!("{other:?}"),
         };
-        let why = unusable(Journal::load(&path, file_id(101), "/zim/x/wiki.zim.tmp"));
+        let why = unusable(Journal::load(&at, file_id(101), "/zim/x/wiki.zim.tmp"));
         assert!(why.contains("local file changed"), "{why}");
-        let why = unusable(Journal::load(&path, file_id(100), "/zim/y/wiki.zim.tmp"));
+        let why = unusable(Journal::load(&at, file_id(100), "/zim/y/wiki.zim.tmp"));
         assert!(why.contains("/zim/x/wiki.zim.tmp"), "{why}");
 
         fs::write(&path, b"{\"format\":1,").unwrap();
-        let why = unusable(Journal::load(&path, file_id(100), "/zim/x/wiki.zim.tmp"));
+        let why = unusable(Journal::load(&at, file_id(100), "/zim/x/wiki.zim.tmp"));
         assert!(why.contains("not a journal"), "{why}");
 
         // Ranges that overlap, or run past the file, are not trusted.
@@ -347,21 +357,22 @@ mod tests {
                  \"remote\":\"/zim/x/wiki.zim.tmp\",\"confirmed\":{confirmed}}}"
             );
             fs::write(&path, text).unwrap();
-            let why = unusable(Journal::load(&path, file_id(100), "/zim/x/wiki.zim.tmp"));
+            let why = unusable(Journal::load(&at, file_id(100), "/zim/x/wiki.zim.tmp"));
             assert!(why.contains("not well formed"), "{confirmed}: {why}");
         }
 
-        Journal::remove(&path).unwrap();
-        Journal::remove(&path).unwrap();
+        Journal::remove(&at).unwrap();
+        Journal::remove(&at).unwrap();
         assert!(!path.exists());
     }
 
     #[test]
     fn a_journal_that_cannot_be_written_says_where() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("no such dir").join("x.journal");
+        let at = OwnFile::at(&dir.path().join("x.journal")).unwrap();
+        std::fs::remove_dir(dir.path()).unwrap();
         let e = Journal::new(file_id(1), "/zim/x.tmp".to_owned())
-            .save(&path)
+            .save(&at)
             .unwrap_err();
         let text = e.to_string();
         assert!(

@@ -9,8 +9,9 @@
 //!
 //! Owns the connections and the remote file layout (`/zim<warehouse_path>`,
 //! `/logs`). It must not know about Docker, Celery or the task dir: it is
-//! given local paths, remote names and where each journal goes, and reports
-//! what it did.
+//! given local sources (read through one descriptor each, never opened by
+//! path, see [`crate::taskfs`]), remote names and where each journal goes,
+//! and reports what it did.
 //!
 //! - `item`: what one upload is about ([`UploadItem`]) and what became of it;
 //! - `upload`: one file, step by step (skip, `.tmp`, resume, send, rename);
@@ -274,13 +275,12 @@ impl Warehouse {
         // those go over several streams.
         let (mut total, mut largest) = (0, 0);
         for item in items {
-            let size = tokio::fs::metadata(&item.local)
-                .await
-                .map_err(|e| WarehouseError::Local {
-                    path: item.local.clone(),
-                    detail: e.to_string(),
-                })?
-                .len();
+            let local = |e: std::io::Error| WarehouseError::Local {
+                path: item.local.clone(),
+                detail: e.to_string(),
+            };
+            let source = item.source.open().await.map_err(local)?;
+            let size = journal::FileId::of_open(&source).await.map_err(local)?.size;
             total += size;
             if item.journal.is_some() {
                 largest = largest.max(size);

@@ -21,8 +21,10 @@
 //! the local bytes for it. It must not write, truncate or rename anything
 //! in the warehouse, nor decide what the answer means (`upload` does).
 
+use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -35,18 +37,17 @@ use super::{UploadItem, WarehouseError};
 /// channel's window at any round trip.
 const IN_FLIGHT: usize = 16;
 
-/// `len` bytes of `item`'s local file at `offset`. The only place the
-/// read-back reads local bytes: point it at an opened descriptor, and the
-/// whole comparison follows.
+/// `len` bytes of the local file at `offset`, read through the
+/// descriptor the upload opened (never by path: see [`crate::taskfs`]).
+/// The only place the read-back reads local bytes.
 pub(super) async fn read_local_range(
-    item: &UploadItem,
+    source: &Arc<File>,
     offset: u64,
     len: usize,
 ) -> io::Result<Vec<u8>> {
-    let path = item.local.clone();
+    let file = Arc::clone(source);
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(&path)?;
         let mut data = vec![0u8; len];
         file.read_exact_at(&mut data, offset)?;
         Ok(data)
@@ -62,6 +63,7 @@ pub(super) async fn matching_prefix(
     sftp: &Sftp,
     path: &str,
     item: &UploadItem,
+    source: &Arc<File>,
     len: u64,
 ) -> Result<u64, WarehouseError> {
     if len == 0 {
@@ -90,7 +92,7 @@ pub(super) async fn matching_prefix(
             }
         },
         |offset, want| async move {
-            read_local_range(item, offset, want)
+            read_local_range(source, offset, want)
                 .await
                 .map_err(|e| WarehouseError::Local {
                     path: item.local.clone(),

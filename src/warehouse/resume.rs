@@ -9,11 +9,11 @@
 //! reads it back with `readback` and truncates it) nor choose how the
 //! bytes are sent.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::UploadItem;
 use super::journal::{FileId, Found, Journal, JournalError, Ranges};
+use crate::taskfs::OwnFile;
 
 /// The journal is saved after this many newly confirmed bytes (or 1/200
 /// of the file, if more) ...
@@ -24,7 +24,7 @@ const JOURNAL_EVERY: Duration = Duration::from_secs(1);
 /// The journal of the file being uploaded: where it is kept (`None`: no
 /// journal, so one stream writing in file order), and what it says.
 pub(super) struct Record {
-    pub(super) path: Option<PathBuf>,
+    pub(super) path: Option<OwnFile>,
     pub(super) journal: Journal,
     pub(super) unsaved: u64,
     last_save: Instant,
@@ -33,7 +33,7 @@ pub(super) struct Record {
 
 impl Record {
     /// No confirmed range yet, to be kept at `path` (`None`: no journal).
-    pub(super) fn new(path: Option<PathBuf>, journal: Journal) -> Self {
+    pub(super) fn new(path: Option<OwnFile>, journal: Journal) -> Self {
         Self {
             path,
             journal,
@@ -54,7 +54,7 @@ impl Record {
             .await
             .unwrap_or_else(|e| {
                 Err(JournalError::Write {
-                    path,
+                    path: path.path(),
                     source: std::io::Error::other(e.to_string()),
                 })
             });
@@ -84,7 +84,7 @@ impl Record {
         if let Some(path) = &self.path
             && let Err(error) = Journal::remove(path)
         {
-            tracing::warn!(path = %path.display(), %error, "could not remove the upload journal");
+            tracing::warn!(path = %path.path().display(), %error, "could not remove the upload journal");
         }
     }
 }

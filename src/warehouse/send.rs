@@ -8,6 +8,8 @@
 //! It must not open or rename the `.tmp`, nor decide what is missing (the
 //! upload hands it the ranges); the streams themselves are `streams`'.
 
+use std::fs::File;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -62,16 +64,18 @@ fn piece_len(size: u64, write_len: usize) -> usize {
     sixty_fourth.clamp(MIN_PIECE.min(write_len), write_len)
 }
 
-/// Sends the missing ranges over `streams` streams, the first on `conn`
-/// with `handle`; once every range is confirmed, returns the reader's ZIM
-/// verdict, `handle`, still open, unless the first stream lost it, and the
-/// other streams, closing their handles.
+/// Sends the missing ranges of `source` (the item's file, opened once)
+/// over `streams` streams, the first on `conn` with `handle`; once every
+/// range is confirmed, returns the reader's ZIM verdict, `handle`, still
+/// open, unless the first stream lost it, and the other streams, closing
+/// their handles.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn send(
     warehouse: &Warehouse,
     conn: &Connection,
     extras: &mut Extras,
     item: &UploadItem,
+    source: &Arc<File>,
     tmp_path: &str,
     handle: String,
     (size, missing, zim, streams): (u64, Vec<std::ops::Range<u64>>, bool, usize),
@@ -84,7 +88,7 @@ pub(super) async fn send(
         detail,
     };
     let (fresh, mut read_end) = spawn_reader(
-        item.local.clone(),
+        source.clone(),
         missing,
         piece_len(size, conn.sftp().write_len()),
         zim,
@@ -97,7 +101,7 @@ pub(super) async fn send(
     let _stop_guard = stop.clone().drop_guard();
     let shared = Shared {
         warehouse: warehouse.clone(),
-        local: item.local.clone(),
+        local: source.clone(),
         path: tmp_path.to_owned(),
         fresh,
         again_tx,

@@ -12,9 +12,11 @@
 //! reader's verdict to the caller, which does.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::File;
+use std::io::Read;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -81,12 +83,13 @@ pub(super) enum ReadEnd {
     Failed(String),
 }
 
-/// Reads `path` on a blocking thread, from byte 0 when it hashes a ZIM
+/// Reads `file` (by offset: its position is never used) on a blocking
+/// thread, from byte 0 when it hashes a ZIM
 /// (else from the first missing byte), in blocks of `piece_len` aligned on
 /// the file, and sends the parts of each block that lie in `missing`.
 /// Stops early when every receiver is gone.
 pub(super) fn spawn_reader(
-    path: PathBuf,
+    file: Arc<File>,
     missing: Vec<Range<u64>>,
     piece_len: usize,
     zim: bool,
@@ -94,7 +97,7 @@ pub(super) fn spawn_reader(
     let (tx, rx) = async_channel::bounded((READ_AHEAD_BYTES / piece_len.max(1)).max(2));
     let (end_tx, end_rx) = oneshot::channel();
     tokio::task::spawn_blocking(move || {
-        let end = match read_file(&path, &missing, piece_len.max(1), zim, &tx) {
+        let end = match read_file(&file, &missing, piece_len.max(1), zim, &tx) {
             Ok(Some(end)) => end,
             Ok(None) => return,
             Err(e) => ReadEnd::Failed(e.to_string()),
@@ -106,13 +109,12 @@ pub(super) fn spawn_reader(
 
 /// The reader thread's loop; `None` when the receivers went away.
 fn read_file(
-    path: &std::path::Path,
+    file: &File,
     missing: &[Range<u64>],
     piece_len: usize,
     zim: bool,
     tx: &async_channel::Sender<Piece>,
 ) -> std::io::Result<Option<ReadEnd>> {
-    let mut file = std::fs::File::open(path)?;
     let mut checksum = zim.then(ZimChecksum::new);
     let first = if zim {
         0
@@ -125,14 +127,15 @@ fn read_file(
             }
         }
     };
-    file.seek(SeekFrom::Start(first))?;
     let mut pos = first;
     let mut next = 0; // the first range of `missing` that may lie ahead
     let mut buf = Vec::with_capacity(piece_len);
     loop {
         // Read into the spare capacity: no zeroing of every byte first.
         buf.clear();
-        (&mut file).take(piece_len as u64).read_to_end(&mut buf)?;
+        ReadAt { file, pos }
+            .take(piece_len as u64)
+            .read_to_end(&mut buf)?;
         let filled = buf.len();
         if filled == 0 {
             break;
@@ -179,12 +182,28 @@ fn read_file(
     }))
 }
 
+/// `Read` over a file from `pos` on, by offset (`pread`): the one
+/// descriptor of an upload is shared by the reader and the hand-back.
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// What every stream of one upload shares.
 #[derive(Clone)]
 pub(super) struct Shared {
     pub warehouse: Warehouse,
-    /// The local file, read again for what a broken stream had in flight.
-    pub local: PathBuf,
+    /// The local file (the upload's one descriptor), read again for what
+    /// a broken stream had in flight.
+    pub local: Arc<File>,
     /// The remote `<name>.tmp`.
     pub path: String,
     pub fresh: async_channel::Receiver<Piece>,
@@ -467,12 +486,10 @@ async fn hand_back(shared: &Shared, mut back: Vec<(u64, usize)>) -> Result<(), S
     back.sort_unstable();
     let local = shared.local.clone();
     let pieces = tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(&local)?;
         back.into_iter()
             .map(|(offset, len)| {
                 let mut data = vec![0u8; len];
-                file.read_exact_at(&mut data, offset)?;
+                local.read_exact_at(&mut data, offset)?;
                 Ok(Piece { offset, data })
             })
             .collect::<std::io::Result<Vec<Piece>>>()
@@ -553,12 +570,13 @@ mod tests {
     }
 
     async fn read_all(
-        path: PathBuf,
+        path: std::path::PathBuf,
         missing: Vec<Range<u64>>,
         piece_len: usize,
         zim: bool,
     ) -> (Vec<Piece>, ReadEnd) {
-        let (rx, end) = spawn_reader(path, missing, piece_len, zim);
+        let file = Arc::new(File::open(path).unwrap());
+        let (rx, end) = spawn_reader(file, missing, piece_len, zim);
         let mut pieces = Vec::new();
         while let Ok(p) = rx.recv().await {
             pieces.push(p);
@@ -640,13 +658,16 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_file_is_a_read_failure() {
-        let (_, end) = read_all(
-            PathBuf::from("/nonexistent/x"),
-            std::iter::once(0..10).collect(),
-            1024,
-            false,
-        )
-        .await;
-        assert!(matches!(end, ReadEnd::Failed(_)));
+        // Open for writing only: every read fails.
+        let (f, _) = file_of(3000);
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f.path())
+                .unwrap(),
+        );
+        let (rx, end) = spawn_reader(file, std::iter::once(0..10).collect(), 1024, false);
+        while rx.recv().await.is_ok() {}
+        assert!(matches!(end.await.unwrap(), ReadEnd::Failed(_)));
     }
 }

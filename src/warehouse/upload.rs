@@ -9,7 +9,9 @@
 //! connects only to replace the batch's first connection when a stream
 //! lost it.
 
+use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::journal::{FileId, Journal, Ranges};
@@ -70,14 +72,15 @@ async fn ensure_dir(sftp: &Sftp, dir: &str) -> Result<(), WarehouseError> {
     Ok(())
 }
 
-/// Reads a whole local file only for its ZIM checksum.
-async fn verify_local_zim(path: &Path) -> Result<(), WarehouseError> {
+/// Reads a whole local file (`path` names it in messages) only for its
+/// ZIM checksum.
+async fn verify_local_zim(path: &Path, source: &Arc<File>) -> Result<(), WarehouseError> {
     let local = |detail: String| WarehouseError::Local {
         path: path.to_owned(),
         detail,
     };
-    let owned = path.to_owned();
-    match tokio::task::spawn_blocking(move || check_file(&owned)).await {
+    let source = source.clone();
+    match tokio::task::spawn_blocking(move || check_file(&source)).await {
         Ok(Ok(verdict)) => verdict.map_err(|source| WarehouseError::Corrupt {
             name: path.display().to_string(),
             source,
@@ -100,7 +103,9 @@ pub(super) async fn upload_one(
         path: item.local.clone(),
         detail: e.to_string(),
     };
-    let file = FileId::read(&item.local).await.map_err(local_err)?;
+    // One descriptor for this attempt: sized, hashed and sent through it.
+    let source = item.source.open().await.map_err(local_err)?;
+    let file = FileId::of_open(&source).await.map_err(local_err)?;
     let size = file.size;
     // A ZIM is hashed as it is read, unless it was checked just before and
     // is still the file that was checked.
@@ -168,9 +173,9 @@ pub(super) async fn upload_one(
             tracing::info!(file = %item.name, size, "already in the warehouse with this size; reading it back to compare");
             let reading = Instant::now();
             let (same, intact) =
-                tokio::join!(matching_prefix(sftp, &final_path, item, size), async {
+                tokio::join!(matching_prefix(sftp, &final_path, item, &source, size), async {
                     if zim {
-                        verify_local_zim(&item.local).await
+                        verify_local_zim(&item.local, &source).await
                     } else {
                         Ok(())
                     }
@@ -217,7 +222,7 @@ pub(super) async fn upload_one(
         Plan::ReadBack(len) => {
             tracing::info!(file = %item.name, len, "a partial upload without a journal; reading it back to compare");
             let reading = Instant::now();
-            let same = matching_prefix(sftp, &tmp_path, item, len).await?;
+            let same = matching_prefix(sftp, &tmp_path, item, &source, len).await?;
             let read_back_secs = reading.elapsed().as_secs_f64();
             if same < len {
                 tracing::warn!(file = %item.name, same, len, read_back_secs, "the partial upload differs from this file; keeping only what matches");
@@ -267,6 +272,7 @@ pub(super) async fn upload_one(
         conn,
         extras,
         item,
+        &source,
         &tmp_path,
         handle,
         (size, missing, zim, streams),
@@ -276,7 +282,7 @@ pub(super) async fn upload_one(
     )
     .await;
     let verdict = match sent {
-        Ok(verdict) if FileId::read(&item.local).await.ok() != Some(file) => {
+        Ok(verdict) if FileId::of_open(&source).await.ok() != Some(file) => {
             // Read again after a cut, a changed file may have sent some of
             // its new bytes: none of it is kept.
             let _ = verdict;

@@ -157,17 +157,21 @@ impl ZimChecksum {
     }
 }
 
-/// Reads the file at `path` whole (blocking) and says whether it is an
-/// intact ZIM: the outer error is the read's, the inner the verdict.
-pub fn check_file(path: &std::path::Path) -> std::io::Result<Result<(), ZimError>> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+/// Reads `file` whole, from its first byte whatever its position
+/// (blocking), and says whether it is an intact ZIM: the outer error is
+/// the read's, the inner the verdict.
+pub fn check_file(file: &std::fs::File) -> std::io::Result<Result<(), ZimError>> {
+    use std::os::unix::fs::FileExt;
     let mut checksum = ZimChecksum::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
     loop {
-        match file.read(&mut buf) {
+        match file.read_at(&mut buf, at) {
             Ok(0) => break,
-            Ok(n) => checksum.update(&buf[..n]),
+            Ok(n) => {
+                checksum.update(&buf[..n]);
+                at += n as u64;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

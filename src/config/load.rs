@@ -108,6 +108,7 @@ impl Env {
             log_format: self.value(&vars::LOG_FORMAT)?,
             runner: self.value(&vars::TASK_RUNNER)?,
             metrics_addr,
+            control_policy: self.value(&vars::CONTROL_POLICY)?,
         };
         Ok(Config {
             dispatcher,

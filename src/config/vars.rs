@@ -19,6 +19,7 @@ use super::{
     BrokerUrl, ConfigError, LogFormat, LogLimit, PullPolicy, QueueName, RunnerKind, Secret,
     UploadStreams,
 };
+use crate::control::ControlPolicy;
 use crate::offliner::AllowList;
 
 /// What an unset (or empty) variable means.
@@ -144,6 +145,8 @@ vars! {
         "broker port");
     BROKER_CA_FILE: PathBuf = (Means("system roots only"), parse::absolute_path,
         "PEM CA certificate trusted for an amqps:// broker");
+    CONTROL_POLICY: ControlPolicy = (Value("node"), |v| v.parse(),
+        "node: shutdown, add_consumer, cancel_consumer only when addressed to this node; celery: Celery's rules");
     WAREHOUSE_HOST: String = (Value("warehouse.farm.openzim.org"), parse::host_name,
         "SFTP warehouse host");
     WAREHOUSE_PORT: u16 = (Value("1522"), parse::port,

@@ -141,7 +141,9 @@ async fn handle<W: ControlledWorker>(
     if !request.is_for(hostname) {
         return Ok(After::Nothing);
     }
-    let (reply, after) = super::dispatch(worker, &request.method, &request.arguments).await;
+    let addressed = request.names(hostname);
+    let (reply, after) =
+        super::dispatch(worker, &request.method, &request.arguments, addressed).await;
     tracing::debug!(method = %log_text(&request.method), reply = %log_text(&reply.to_string()), "remote-control command");
     if let Some(to) = &request.reply_to
         && (to.exchange.len() > 255 || to.routing_key.len() > 255)

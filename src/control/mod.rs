@@ -133,7 +133,8 @@ pub async fn dispatch<W: ControlledWorker>(
             method = %log_text(method),
             addressed,
             %policy,
-            "remote-control request refused: {refusal}"
+            reason = %refusal,
+            "remote-control request refused"
         );
         return (nok(refusal), After::Nothing);
     }

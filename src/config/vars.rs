@@ -167,8 +167,8 @@ vars! {
         "what runs tasks: docker or simulate");
     PULL_POLICY: PullPolicy = (Value("always"), parse::pull_policy,
         "when to pull a task's image: always, if-missing, never");
-    IMAGE_ALLOWLIST: AllowList = (Value("openzim/*"), parse::allow_list,
-        "comma list of image-name patterns a task may run");
+    IMAGE_ALLOWLIST: AllowList = (Means("each task runs its own image only"), parse::allow_list,
+        "comma list of TASK=PATTERN (images that task may run too) or PATTERN (every task)");
     REDIS_IMAGE: String = (Value("redis:7"), parse::image_name,
         "image of mwoffliner's per-task redis helper");
     IDLE_TIMEOUT: Duration = (Value("7200"), |v| parse::bounded(v, 1, 30 * 86_400).map(Duration::from_secs),

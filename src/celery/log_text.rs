@@ -28,12 +28,10 @@ pub struct LogText<'a>(&'a str);
 
 impl fmt::Display for LogText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = 0;
-        for (index, c) in self.0.char_indices() {
+        for (shown, (index, c)) in self.0.char_indices().enumerate() {
             if shown == MAX_LOG_CHARS {
                 return write!(f, "…(+{} bytes)", self.0.len() - index);
             }
-            shown += 1;
             match c {
                 '\\' => f.write_str("\\\\")?,
                 '\n' => f.write_str("\\n")?,

@@ -577,6 +577,69 @@ fn a_bad_control_policy_stops_the_worker_with_one_line() {
     assert!(!log.contains("consuming"), "{log}");
 }
 
+/// Publishes a pidbox request with AMQP `headers`, as any broker user can.
+fn publish_pidbox_with(vh: &Vhost, dir: &std::path::Path, body: &Value, headers: &Value) {
+    let file = dir.join(format!("pidbox-{}", task_id()));
+    std::fs::write(&file, body.to_string()).unwrap();
+    let (file, headers) = (file.display().to_string(), headers.to_string());
+    celery_client(
+        vh,
+        &[
+            "publish-raw",
+            "--exchange",
+            "celery.pidbox",
+            "--routing-key",
+            "",
+            "--body-file",
+            &file,
+            "--headers",
+            &headers,
+        ],
+    );
+}
+
+#[test]
+fn forged_clocks_and_newlines_in_pidbox_requests_do_no_harm() {
+    let s = Stack::start("ctlforge", WorkerEnv::new()).within(T);
+    let node = "tester@ctlforge";
+    // The largest clock an AMQP header carries (signed 64 bits): merged as
+    // Celery merges, it would pin the clock near its maximum.
+    let ping = json!({"method": "ping", "arguments": {}, "destination": null});
+    publish_pidbox_with(&s.vh, s.dir(), &ping, &json!({"clock": i64::MAX}));
+    let forged = "2026-01-01T00:00:00.000000Z  INFO zimfarm_worker::worker::task: forged";
+    let method = format!("nope\n{forged}");
+    let body = json!({"method": method, "arguments": {}, "destination": [node]});
+    publish_pidbox_with(&s.vh, s.dir(), &body, &json!({"clock": 3}));
+    s.worker.wait_log("unknown remote-control command", T);
+
+    let clock = broadcast(&s.vh, node, "clock", json!({}))["clock"]
+        .as_u64()
+        .expect("a clock");
+    assert!(
+        clock < 1 << 32,
+        "the clock followed a forged header: {clock}"
+    );
+    let log = s.worker.log_text();
+    assert!(
+        !log.lines().any(|line| line.starts_with(forged)),
+        "a forged log line: {log}"
+    );
+    assert!(
+        log.contains("nope\\n2026-01-01"),
+        "the newline is escaped: {log}"
+    );
+    // Events still carry a moving clock.
+    let id = task_id();
+    send_to(&s.vh, &id, "small", Value::Null);
+    let done = s.expect_event("task-succeeded", &id);
+    assert!(
+        done["clock"]
+            .as_u64()
+            .is_some_and(|c| c > clock && c < 1 << 32),
+        "{done}"
+    );
+}
+
 #[test]
 fn disable_events_and_enable_events_toggle_task_events() {
     let s = Stack::start("evtoggle", WorkerEnv::new()).within(T);

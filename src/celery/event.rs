@@ -642,6 +642,22 @@ mod tests {
         assert_eq!(full.adjust(5), u64::MAX);
     }
 
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_config::config())]
+
+        #[test]
+        fn adjust_moves_forward_by_a_bounded_step(ours: u64, theirs: u64) {
+            let clock = LamportClock(AtomicU64::new(ours));
+            let now = clock.adjust(theirs);
+            proptest::prop_assert!(now > ours || ours == u64::MAX);
+            proptest::prop_assert!(now - ours <= MAX_CLOCK_JUMP + 1);
+            if theirs <= ours.saturating_add(MAX_CLOCK_JUMP) {
+                // Celery's rule, within the bound.
+                proptest::prop_assert_eq!(now, ours.max(theirs).saturating_add(1));
+            }
+        }
+    }
+
     #[test]
     fn a_remote_clock_far_ahead_only_forwards_ours() {
         let clock = LamportClock::new();

@@ -6,7 +6,7 @@
 #
 #   docker run \
 #       -v /var/run/docker.sock:/var/run/docker.sock \
-#       -v PATH_SSH_KEY:/usr/src/.ssh/id_rsa \
+#       -v PATH_SSH_KEY:/usr/src/.ssh/id_rsa:ro \
 #       -v PATH_WORKING_DIR:/zim_files \
 #       --env USERNAME='username' --env PASSWORD='password' \
 #       --env WORKING_DIR='PATH_WORKING_DIR' --env NODE_NAME='my_node_name' \
@@ -36,13 +36,17 @@
 #
 # The warehouse's SSH host key: the worker refuses unknown host keys (no
 # trust on first use). This build runs ssh-keyscan against WAREHOUSE_KEYSCAN
-# (space-separated host:port entries) and installs what it finds as
-# /usr/src/.ssh/known_hosts, the default WAREHOUSE_KNOWN_HOSTS; the build log
-# shows the fingerprints, check them. The build fails when a keyscan returns
-# no key. `--build-arg WAREHOUSE_KEYSCAN=` (empty) skips it and leaves an
-# empty known_hosts: set WAREHOUSE_HOST_KEY=SHA256:... or mount a
-# known_hosts file then. A build cache keeps the scanned keys as long as the
-# argument is unchanged; build with --no-cache to scan again.
+# (space-separated host:port entries) and installs, as
+# /usr/src/.ssh/known_hosts (the default WAREHOUSE_KNOWN_HOSTS), only the
+# keys whose SHA256 fingerprint is pinned for that host:port in
+# scripts/warehouse-host-keys.pin or in the WAREHOUSE_KEYSCAN_PINS build arg
+# ("host:port SHA256:...", ',' between entries). The build fails when a
+# keyscan returns no key or no pinned one (scripts/pin-host-keys.sh; its
+# test is scripts/pin-host-keys-test.sh). `--build-arg WAREHOUSE_KEYSCAN=`
+# (empty) skips it and leaves an empty known_hosts: set
+# WAREHOUSE_HOST_KEY=SHA256:... or mount a known_hosts file then. A build
+# cache keeps the scanned keys as long as the arguments and the pin file
+# are unchanged; build with --no-cache to scan again.
 #
 # Stage order matters for the legacy builder (DOCKER_BUILDKIT=0), which
 # builds every stage up to --target: runtime-base comes before the Rust
@@ -58,9 +62,14 @@ ARG RUST_IMAGE=rust:1.95-slim-bookworm
 # A throwaway stage: ssh-keyscan needs openssh-client, the runtime does not.
 FROM ${RUNTIME_IMAGE} AS warehouse-host-keys
 ARG WAREHOUSE_KEYSCAN=warehouse.farm.openzim.org:1522
+# Extra "HOST:PORT SHA256:..." pins, ',' between them (a test warehouse's).
+ARG WAREHOUSE_KEYSCAN_PINS=
 SHELL ["/bin/sh", "-eu", "-c"]
+COPY scripts/pin-host-keys.sh scripts/warehouse-host-keys.pin /pins/
 # The image's own apt sources give the current openssh-client of bookworm.
-# hadolint ignore=DL3008
+# Only keys whose fingerprint is pinned for their HOST:PORT are kept
+# (WAREHOUSE_KEYSCAN is split into its entries on purpose).
+# hadolint ignore=DL3008,SC2086
 RUN : >/known_hosts; \
     if [ -z "$WAREHOUSE_KEYSCAN" ]; then \
         echo "WAREHOUSE_KEYSCAN is empty: no warehouse host key in the image (set WAREHOUSE_HOST_KEY or WAREHOUSE_KNOWN_HOSTS at run time)"; \
@@ -68,20 +77,7 @@ RUN : >/known_hosts; \
     fi; \
     apt-get update -q; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-client >/dev/null; \
-    for target in $WAREHOUSE_KEYSCAN; do \
-        host=${target%:*}; port=${target##*:}; \
-        if [ "$host" = "$target" ]; then port=22; fi; \
-        ssh-keyscan -T 20 -p "$port" "$host" >/tmp/keys 2>/tmp/keyscan.err || true; \
-        if ! grep -qv '^#' /tmp/keys; then \
-            echo "ERROR: ssh-keyscan -p $port $host returned no host key (WAREHOUSE_KEYSCAN=$WAREHOUSE_KEYSCAN)." >&2; \
-            echo "The warehouse must be reachable from the build's containers (docker build --network may help)," >&2; \
-            echo "or build with --build-arg WAREHOUSE_KEYSCAN= and give the key at run time (WAREHOUSE_HOST_KEY=SHA256:...)." >&2; \
-            sort -u -o /tmp/keyscan.err /tmp/keyscan.err; \
-            sed 's/^/ssh-keyscan: /' /tmp/keyscan.err >&2; \
-            exit 1; \
-        fi; \
-        grep -v '^#' /tmp/keys >>/known_hosts; \
-    done; \
+    sh /pins/pin-host-keys.sh /pins/warehouse-host-keys.pin /known_hosts $WAREHOUSE_KEYSCAN; \
     echo "warehouse host keys installed as /usr/src/.ssh/known_hosts:"; \
     ssh-keygen -l -f /known_hosts
 
@@ -106,8 +102,11 @@ COPY --from=warehouse-host-keys /known_hosts /usr/src/.ssh/known_hosts
 # scrapers get (WORKING_DIR); a forgotten bind mount must fail loudly instead.
 # Nor is /zim_files created: without the mount the worker finds no ZIM_DIR
 # and stops at start (exit 2) with a line saying so.
+# METRICS_ADDR on the container's loopback: the HEALTHCHECK (run inside the
+# container) reaches it, scrapers on a Docker bridge do not. To scrape it
+# from the host, see the README's "Metrics and health".
 ENV ZIM_DIR=/zim_files \
-    METRICS_ADDR=0.0.0.0:9090
+    METRICS_ADDR=127.0.0.1:9090
 # Prometheus metrics and /healthz (METRICS_ADDR; empty turns them off).
 EXPOSE 9090
 # `healthcheck` GETs http://$METRICS_ADDR/healthz: exit 0 healthy, 1 not;

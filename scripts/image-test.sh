@@ -197,7 +197,7 @@ fi
 # into the container's own filesystem.
 set +e
 no_mount=$(docker run --rm "${run_as[@]}" \
-    -v "$WORK/id_rsa:/usr/src/.ssh/id_rsa" \
+    -v "$WORK/id_rsa:/usr/src/.ssh/id_rsa:ro" \
     --env USERNAME="$SFTP_USER" --env PASSWORD="$PASSWORD" \
     --env WORKING_DIR="$working_dir" --env NODE_NAME="$NODE_NAME" \
     --env QUEUES='small' --network host \
@@ -212,7 +212,7 @@ log "without the /zim_files mount: exit 2, $(tail -n1 <<<"$no_mount")"
 log "docker run $TEST_IMAGE as $SFTP_USER@$NODE_NAME, ${RUN_USER:+user $RUN_USER, }metrics on 127.0.0.1:$metrics_port"
 docker run --detach "${run_as[@]}" \
     -v /var/run/docker.sock:/var/run/docker.sock \
-    -v "$WORK/id_rsa:/usr/src/.ssh/id_rsa" \
+    -v "$WORK/id_rsa:/usr/src/.ssh/id_rsa:ro" \
     -v "$working_dir:/zim_files" \
     --env USERNAME="$SFTP_USER" \
     --env PASSWORD="$PASSWORD" \

@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn an_offliner_task_the_table_refuses_is_refused() {
         let planner = OfflinerPlanner {
-            allow: AllowList::default_openzim(),
+            allow: AllowList::default(),
             redis_url: "/run/redis/redis.sock".to_owned(),
         };
         let refused = planner.plan(&request(

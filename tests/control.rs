@@ -382,12 +382,10 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
     assert_eq!(done["hostname"], node);
     s.vh.wait_queue_depth("medium", 0, 0, T);
 
-    // A queue of another name: its own direct exchange, as Celery does.
+    // A queue of another name is refused under CONTROL_POLICY=node, even
+    // addressed (see `control_policy_celery_restores_celery_rules`).
     let reply = broadcast(&s.vh, node, "add_consumer", json!({"queue": "zimit"}));
-    assert_eq!(reply, json!({"ok": "add consumer zimit"}));
-    let queues = inspect(&s.vh, node, "active_queues");
-    assert_eq!(queues[2]["exchange"]["name"], "zimit", "{queues}");
-    assert_eq!(queues[2]["exchange"]["type"], "direct", "{queues}");
+    assert!(refused(&reply, "only the queues"), "{reply}");
 
     let out = celery_cli(&s.vh, &["control", "cancel_consumer", "medium", "-d", node]);
     assert!(
@@ -396,10 +394,7 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    assert_eq!(
-        names(&inspect(&s.vh, node, "active_queues")),
-        ["small", "zimit"]
-    );
+    assert_eq!(names(&inspect(&s.vh, node, "active_queues")), ["small"]);
     let parked = task_id();
     send_to(&s.vh, &parked, "medium", Value::Null);
     s.vh.wait_queue_depth("medium", 1, 0, T);
@@ -408,9 +403,7 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
 
     // Every queue cancelled: nothing consumed, the worker stays up; adding
     // one back resumes.
-    for queue in ["small", "zimit"] {
-        broadcast(&s.vh, node, "cancel_consumer", json!({"queue": queue}));
-    }
+    broadcast(&s.vh, node, "cancel_consumer", json!({"queue": "small"}));
     assert_eq!(inspect(&s.vh, node, "active_queues"), json!([]));
     let small = task_id();
     send_to(&s.vh, &small, "small", Value::Null);
@@ -418,6 +411,233 @@ fn add_consumer_and_cancel_consumer_change_what_is_consumed() {
     broadcast(&s.vh, node, "add_consumer", json!({"queue": "small"}));
     s.expect_event("task-succeeded", &small);
     s.worker.assert_log_lacks("reconnecting");
+}
+
+/// Whether a control reply is the policy's refusal, naming `what`.
+fn refused(reply: &Value, what: &str) -> bool {
+    reply["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("refused") && e.contains(what))
+}
+
+/// `app.control.broadcast(method, arguments, reply=True)` with no
+/// destination, as anyone on the broker can send it: `node`'s reply.
+fn broadcast_to_all(vh: &Vhost, node: &str, method: &str, arguments: Value) -> Value {
+    let arguments = arguments.to_string();
+    let out = celery_client(
+        vh,
+        &["control", "--method", method, "--arguments", &arguments],
+    );
+    let replies = last_json_line(&out.stdout);
+    replies["replies"]
+        .as_array()
+        .and_then(|r| r.iter().find_map(|reply| reply.get(node).cloned()))
+        .unwrap_or_else(|| panic!("no reply from {node} to {method}: {replies}"))
+}
+
+/// The vhost's queues and their bindings, from the management API:
+/// `(queue, exchange, routing key)`, sorted; the pidbox and event queues
+/// left out (they come and go with clients).
+fn task_bindings(vh: &Vhost) -> Vec<(String, String, String)> {
+    let bindings = rabbit_api_call("GET", &format!("/bindings/{}", vh.name), None);
+    let mut out: Vec<(String, String, String)> = bindings
+        .as_array()
+        .expect("bindings are a list")
+        .iter()
+        .filter(|b| b["destination_type"] == "queue")
+        .map(|b| {
+            let field = |f: &str| b[f].as_str().unwrap_or_default().to_owned();
+            (field("destination"), field("source"), field("routing_key"))
+        })
+        .filter(|(queue, _, _)| !queue.contains("pidbox") && !queue.starts_with("celeryev"))
+        .collect();
+    out.sort();
+    out
+}
+
+fn queue_names(vh: &Vhost) -> Vec<String> {
+    let queues = rabbit_api_call("GET", &format!("/queues/{}", vh.name), None);
+    let mut names: Vec<String> = queues
+        .as_array()
+        .expect("queues are a list")
+        .iter()
+        .filter_map(|q| q["name"].as_str().map(str::to_owned))
+        .filter(|name| !name.contains("pidbox") && !name.starts_with("celeryev"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn broadcasts_that_stop_or_reroute_every_node_are_refused() {
+    let s = Stack::start("ctlpolicy", WorkerEnv::new()).within(T);
+    let node = "tester@ctlpolicy";
+    let (queues, bindings) = (queue_names(&s.vh), task_bindings(&s.vh));
+    assert_eq!(queues, ["small"]);
+    assert!(
+        bindings.contains(&("small".into(), "offliner".into(), "small".into())),
+        "{bindings:?}"
+    );
+
+    let everything = json!({"queue": "everything", "exchange": "offliner",
+                            "exchange_type": "topic", "routing_key": "#"});
+    let shutdown = broadcast_to_all(&s.vh, node, "shutdown", json!({}));
+    assert!(refused(&shutdown, "destination"), "{shutdown}");
+    let add = broadcast_to_all(&s.vh, node, "add_consumer", everything.clone());
+    assert!(refused(&add, "destination"), "{add}");
+    let cancel = broadcast_to_all(&s.vh, node, "cancel_consumer", json!({"queue": "small"}));
+    assert!(refused(&cancel, "destination"), "{cancel}");
+    // Addressed by name, the catch-all binding is still refused.
+    let add = broadcast(&s.vh, node, "add_consumer", everything);
+    assert!(refused(&add, "only the queues"), "{add}");
+
+    // The node is alive and consumes as before; nothing new on the broker.
+    assert_eq!(
+        broadcast_to_all(&s.vh, node, "ping", json!({})),
+        json!({"ok": "pong"})
+    );
+    assert_eq!(
+        inspect(&s.vh, node, "active_queues")[0]["name"],
+        "small",
+        "still consuming small"
+    );
+    assert_eq!(queue_names(&s.vh), queues);
+    assert_eq!(task_bindings(&s.vh), bindings);
+    let id = task_id();
+    send_to(&s.vh, &id, "small", Value::Null);
+    s.expect_event("task-succeeded", &id);
+    let log = s.worker.log_text();
+    assert_eq!(
+        log.matches("remote-control request refused").count(),
+        4,
+        "one warning per refusal: {log}"
+    );
+
+    // Addressed by name, they act.
+    let add = broadcast(&s.vh, node, "add_consumer", json!({"queue": "medium"}));
+    assert_eq!(add, json!({"ok": "add consumer medium"}));
+    let now = queue_names(&s.vh);
+    // (`celery`: the Python client declared its default queue to send.)
+    assert!(now.contains(&"medium".to_owned()), "{now:?}");
+    assert!(!now.contains(&"everything".to_owned()), "{now:?}");
+    let cancel = broadcast(&s.vh, node, "cancel_consumer", json!({"queue": "small"}));
+    assert_eq!(cancel, json!({"ok": "no longer consuming from small"}));
+    assert_eq!(inspect(&s.vh, node, "active_queues")[0]["name"], "medium");
+}
+
+#[test]
+fn control_policy_celery_restores_celery_rules() {
+    let mut s = Stack::start(
+        "ctlcelery",
+        WorkerEnv::new().set("CONTROL_POLICY", "celery"),
+    )
+    .within(T);
+    let node = "tester@ctlcelery";
+    let everything = json!({"queue": "everything", "exchange": "offliner",
+                            "exchange_type": "topic", "routing_key": "#"});
+    let add = broadcast_to_all(&s.vh, node, "add_consumer", everything);
+    assert_eq!(add, json!({"ok": "add consumer everything"}));
+    assert!(
+        task_bindings(&s.vh).contains(&("everything".into(), "offliner".into(), "#".into())),
+        "{:?}",
+        task_bindings(&s.vh)
+    );
+    // A queue of another name: its own direct exchange, as Celery does.
+    let reply = broadcast_to_all(&s.vh, node, "add_consumer", json!({"queue": "zimit"}));
+    assert_eq!(reply, json!({"ok": "add consumer zimit"}));
+    let queues = inspect(&s.vh, node, "active_queues");
+    assert_eq!(queues[2]["exchange"]["name"], "zimit", "{queues}");
+    assert_eq!(queues[2]["exchange"]["type"], "direct", "{queues}");
+    let cancel = broadcast_to_all(&s.vh, node, "cancel_consumer", json!({"queue": "zimit"}));
+    assert_eq!(cancel, json!({"ok": "no longer consuming from zimit"}));
+
+    let shutdown = broadcast_to_all(&s.vh, node, "shutdown", json!({}));
+    assert_eq!(shutdown, json!({"ok": "shutting down"}));
+    let status = s.worker.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn a_bad_control_policy_stops_the_worker_with_one_line() {
+    let sv = Services::new("ctlbad");
+    let mut worker = sv.spawn(
+        "ctlbad",
+        &WorkerEnv::new().set("CONTROL_POLICY", "everyone"),
+    );
+    let log = worker.expect_exit_2(T);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("CONTROL_POLICY"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains("\"everyone\"") && lines[0].contains("use node"),
+        "{log}"
+    );
+    assert!(!log.contains("consuming"), "{log}");
+}
+
+/// Publishes a pidbox request with AMQP `headers`, as any broker user can.
+fn publish_pidbox_with(vh: &Vhost, dir: &std::path::Path, body: &Value, headers: &Value) {
+    let file = dir.join(format!("pidbox-{}", task_id()));
+    std::fs::write(&file, body.to_string()).unwrap();
+    let (file, headers) = (file.display().to_string(), headers.to_string());
+    celery_client(
+        vh,
+        &[
+            "publish-raw",
+            "--exchange",
+            "celery.pidbox",
+            "--routing-key",
+            "",
+            "--body-file",
+            &file,
+            "--headers",
+            &headers,
+        ],
+    );
+}
+
+#[test]
+fn forged_clocks_and_newlines_in_pidbox_requests_do_no_harm() {
+    let s = Stack::start("ctlforge", WorkerEnv::new()).within(T);
+    let node = "tester@ctlforge";
+    // The largest clock an AMQP header carries (signed 64 bits): merged as
+    // Celery merges, it would pin the clock near its maximum.
+    let ping = json!({"method": "ping", "arguments": {}, "destination": null});
+    publish_pidbox_with(&s.vh, s.dir(), &ping, &json!({"clock": i64::MAX}));
+    let forged = "2026-01-01T00:00:00.000000Z  INFO zimfarm_worker::worker::task: forged";
+    let method = format!("nope\n{forged}");
+    let body = json!({"method": method, "arguments": {}, "destination": [node]});
+    publish_pidbox_with(&s.vh, s.dir(), &body, &json!({"clock": 3}));
+    s.worker.wait_log("unknown remote-control command", T);
+
+    let clock = broadcast(&s.vh, node, "clock", json!({}))["clock"]
+        .as_u64()
+        .expect("a clock");
+    assert!(
+        clock < 1 << 32,
+        "the clock followed a forged header: {clock}"
+    );
+    let log = s.worker.log_text();
+    assert!(
+        !log.lines().any(|line| line.starts_with(forged)),
+        "a forged log line: {log}"
+    );
+    assert!(
+        log.contains("nope\\n2026-01-01"),
+        "the newline is escaped: {log}"
+    );
+    // Events still carry a moving clock.
+    let id = task_id();
+    send_to(&s.vh, &id, "small", Value::Null);
+    let done = s.expect_event("task-succeeded", &id);
+    assert!(
+        done["clock"]
+            .as_u64()
+            .is_some_and(|c| c > clock && c < 1 << 32),
+        "{done}"
+    );
 }
 
 #[test]

@@ -202,7 +202,10 @@ fn start_refuses_what_no_path_or_name_can_hold_with_one_line() {
 
 #[test]
 fn remote_control_names_over_255_bytes_are_refused_and_the_worker_keeps_answering() {
-    let mut s = Stack::start("paths-amqp", WorkerEnv::new()).within(T);
+    // Celery's rules: any queue name may be added (the default policy
+    // refuses all but the Zimfarm queues before their length matters).
+    let env = WorkerEnv::new().set("CONTROL_POLICY", "celery");
+    let mut s = Stack::start("paths-amqp", env).within(T);
     let node = "tester@paths-amqp";
     let long = "x".repeat(300);
     // A reply_to no AMQP frame can carry: no reply, and nothing breaks.

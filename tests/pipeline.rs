@@ -386,7 +386,7 @@ fn settings(dir: &Path, node: &str, min_free_mb: u64) -> zimfarm_worker::config:
         container_memory: None,
         container_nano_cpus: None,
         container_log_limit: None,
-        image_allowlist: zimfarm_worker::offliner::AllowList::default_openzim(),
+        image_allowlist: zimfarm_worker::offliner::AllowList::default(),
         redis_image: "zimfarm/redis:test".to_owned(),
     }
 }

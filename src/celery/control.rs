@@ -10,7 +10,8 @@
 //! The reply types below are the shapes Celery 5's `celery/worker/control.py`
 //! gives and Flower 2 reads (field names and order as Celery sends them).
 //!
-//! Owns those shapes and the matching of a request to this node. It must
+//! Owns those shapes and the matching of a request to this node (whether
+//! it is for this node, and whether it names it). It must
 //! not open channels or publish (`control::pidbox` does) nor run a command
 //! (`control` does).
 
@@ -61,6 +62,17 @@ impl ControlRequest {
             }
             _ => true,
         }
+    }
+}
+
+impl ControlRequest {
+    /// Whether the request names `hostname` in its `destination`: addressed
+    /// to this node by name, as Flower's buttons and `celery control -d`
+    /// send it. A broadcast (no destination) or a `pattern` is not.
+    pub fn names(&self, hostname: &str) -> bool {
+        self.destination
+            .as_ref()
+            .is_some_and(|destination| destination.iter().any(|d| d == hostname))
     }
 }
 
@@ -573,6 +585,27 @@ mod tests {
         assert_eq!(request.reply_to, None);
         assert!(request.is_for("alice@node1"));
         assert!(!request.is_for("bob@node2"));
+        assert!(request.names("alice@node1"));
+        assert!(!request.names("bob@node2"));
+    }
+
+    #[test]
+    fn only_a_destination_names_a_node() {
+        let mut request = decode_control(br#"{"method": "shutdown"}"#).expect("valid request");
+        assert!(request.is_for("alice@node1"));
+        assert!(!request.names("alice@node1"), "a broadcast names no node");
+        request.pattern = Some("alice@*".into());
+        request.matcher = Some("glob".into());
+        assert!(request.is_for("alice@node1"));
+        assert!(!request.names("alice@node1"), "a pattern names no node");
+        request.destination = Some(vec!["bob@node2".into(), "alice@node1".into()]);
+        assert!(request.names("alice@node1"));
+        request.destination = Some(Vec::new());
+        assert!(request.is_for("alice@node1"));
+        assert!(
+            !request.names("alice@node1"),
+            "an empty destination is a broadcast"
+        );
     }
 
     #[test]

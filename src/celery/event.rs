@@ -21,6 +21,10 @@ use serde_json::{Map, Value, json};
 
 use crate::report::ContainerEvent;
 
+/// How far ahead of ours a remote Lamport clock may be and still be
+/// merged (2^32: more than a century of events at one a second).
+pub const MAX_CLOCK_JUMP: u64 = 1 << 32;
+
 /// Celery's Lamport clock: every event carries the next value.
 #[derive(Debug, Default)]
 pub struct LamportClock(AtomicU64);
@@ -35,9 +39,23 @@ impl LamportClock {
         self.update(|value| value.saturating_add(1))
     }
 
-    /// Merges a clock seen from elsewhere: max(ours, theirs) + 1.
+    /// Merges a clock seen from elsewhere: max(ours, theirs) + 1, as
+    /// Celery's `LamportClock.adjust`, except that a remote value more than
+    /// [`MAX_CLOCK_JUMP`] ahead of ours only forwards ours. Remote clocks
+    /// come from any broker user (a pidbox request's `clock` header): one
+    /// header of 2^64−1 would otherwise pin the clock at its maximum for
+    /// good, every later event carrying the same value. Honest nodes are
+    /// within the bound of each other (it is many years of events), so
+    /// between them the ordering stays Celery's.
     pub fn adjust(&self, other: u64) -> u64 {
-        self.update(|value| value.max(other).saturating_add(1))
+        self.update(|value| {
+            let theirs = if other - value.min(other) > MAX_CLOCK_JUMP {
+                value
+            } else {
+                other
+            };
+            value.max(theirs).saturating_add(1)
+        })
     }
 
     /// The current value, without advancing.
@@ -622,6 +640,36 @@ mod tests {
         let full = LamportClock(AtomicU64::new(u64::MAX));
         assert_eq!(full.forward(), u64::MAX);
         assert_eq!(full.adjust(5), u64::MAX);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::proptest_config::config())]
+
+        #[test]
+        fn adjust_moves_forward_by_a_bounded_step(ours: u64, theirs: u64) {
+            let clock = LamportClock(AtomicU64::new(ours));
+            let now = clock.adjust(theirs);
+            proptest::prop_assert!(now > ours || ours == u64::MAX);
+            proptest::prop_assert!(now - ours <= MAX_CLOCK_JUMP + 1);
+            if theirs <= ours.saturating_add(MAX_CLOCK_JUMP) {
+                // Celery's rule, within the bound.
+                proptest::prop_assert_eq!(now, ours.max(theirs).saturating_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_remote_clock_far_ahead_only_forwards_ours() {
+        let clock = LamportClock::new();
+        clock.adjust(100);
+        assert_eq!(clock.adjust(u64::MAX), 102, "a forged 2^64-1 is ignored");
+        assert_eq!(clock.adjust(102 + MAX_CLOCK_JUMP + 1), 103);
+        assert_eq!(clock.adjust(103 + MAX_CLOCK_JUMP), 104 + MAX_CLOCK_JUMP);
+        assert_eq!(
+            clock.forward(),
+            105 + MAX_CLOCK_JUMP,
+            "the clock still moves"
+        );
     }
 
     #[test]

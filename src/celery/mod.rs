@@ -10,11 +10,13 @@
 //! - [`control`]: pidbox requests and replies;
 //! - [`repr`]: Python `repr` of JSON values, as `ast.literal_eval` reads it
 //!   (`printable`: the characters it escapes, generated from Python);
-//! - [`iso8601`]: the date-time strings Celery reads and writes.
+//! - [`iso8601`]: the date-time strings Celery reads and writes;
+//! - `log_text`: message-supplied strings escaped and cut for log fields.
 
 pub mod control;
 pub mod event;
 pub mod iso8601;
+mod log_text;
 mod printable;
 pub mod repr;
 pub mod result;
@@ -27,6 +29,7 @@ pub use event::{
     EncodedEvent, EventKind, Identity, LamportClock, WorkerStats, encode_event, event_properties,
     now_timestamp, utcoffset_now,
 };
+pub use log_text::{LogText, MAX_LOG_CHARS, log_text};
 pub use repr::{repr_str, to_repr};
 pub use result::{ExceptionInfo, TaskState, encode_rpc_result};
 pub use task::{

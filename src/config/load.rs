@@ -30,7 +30,7 @@ impl Env {
             container_memory: self.get(&vars::CONTAINER_MEMORY_MB)?,
             container_nano_cpus: self.get(&vars::CONTAINER_CPUS)?,
             container_log_limit: self.value(&vars::CONTAINER_LOG_MAX_MB)?,
-            image_allowlist: self.value(&vars::IMAGE_ALLOWLIST)?,
+            image_allowlist: self.get(&vars::IMAGE_ALLOWLIST)?.unwrap_or_default(),
             redis_image: self.value(&vars::REDIS_IMAGE)?,
         })
     }
@@ -108,6 +108,7 @@ impl Env {
             log_format: self.value(&vars::LOG_FORMAT)?,
             runner: self.value(&vars::TASK_RUNNER)?,
             metrics_addr,
+            control_policy: self.value(&vars::CONTROL_POLICY)?,
         };
         Ok(Config {
             dispatcher,

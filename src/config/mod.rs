@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 
+pub use crate::control::ControlPolicy;
 pub use crate::docker::{LogLimit, PullPolicy};
 use crate::offliner::AllowList;
 pub use parse::{CONTAINER_LOG_FILES, MAX_DIR_LEN};
@@ -262,6 +263,8 @@ pub struct WorkerSettings {
     /// Where the metrics and health listener binds (`METRICS_ADDR`); off
     /// when unset.
     pub metrics_addr: Option<SocketAddr>,
+    /// Which remote-control commands may act on this node (`CONTROL_POLICY`).
+    pub control_policy: ControlPolicy,
 }
 
 /// The whole configuration, validated, in the groups of the SPEC.

@@ -334,11 +334,30 @@ mod unit {
             ("METRICS_ADDR", "0.0.0.0"),
             ("METRICS_ADDR", "0.0.0.0:99999"),
             ("WORKING_DIR", "/srv/a:b"),
+            ("CONTROL_POLICY", "open"),
+            ("CONTROL_POLICY", "Celery"),
+            ("NODE_NAME", "node1\nINFO forged"),
         ];
         for (var, value) in cases {
             let err = load(&with(&[(var, value)])).unwrap_err();
             assert_eq!(&err.var, var, "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn control_policy_is_node_unless_celery_is_asked() {
+        let policy = |vars: &[(&str, &str)]| load(&with(vars)).unwrap().worker.control_policy;
+        assert_eq!(policy(&[]), ControlPolicy::Node);
+        assert_eq!(policy(&[("CONTROL_POLICY", "node")]), ControlPolicy::Node);
+        assert_eq!(
+            policy(&[("CONTROL_POLICY", " celery ")]),
+            ControlPolicy::Celery
+        );
+        let err = load(&with(&[("CONTROL_POLICY", "all")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CONTROL_POLICY is \"all\""), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
     }
 
     #[test]

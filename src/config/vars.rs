@@ -19,6 +19,7 @@ use super::{
     BrokerUrl, ConfigError, LogFormat, LogLimit, PullPolicy, QueueName, RunnerKind, Secret,
     UploadStreams,
 };
+use crate::control::ControlPolicy;
 use crate::offliner::AllowList;
 
 /// What an unset (or empty) variable means.
@@ -144,6 +145,8 @@ vars! {
         "broker port");
     BROKER_CA_FILE: PathBuf = (Means("system roots only"), parse::absolute_path,
         "PEM CA certificate trusted for an amqps:// broker");
+    CONTROL_POLICY: ControlPolicy = (Value("node"), |v| v.parse(),
+        "node: shutdown, add_consumer, cancel_consumer only when addressed to this node; celery: Celery's rules");
     WAREHOUSE_HOST: String = (Value("warehouse.farm.openzim.org"), parse::host_name,
         "SFTP warehouse host");
     WAREHOUSE_PORT: u16 = (Value("1522"), parse::port,
@@ -164,8 +167,8 @@ vars! {
         "what runs tasks: docker or simulate");
     PULL_POLICY: PullPolicy = (Value("always"), parse::pull_policy,
         "when to pull a task's image: always, if-missing, never");
-    IMAGE_ALLOWLIST: AllowList = (Value("openzim/*"), parse::allow_list,
-        "comma list of image-name patterns a task may run");
+    IMAGE_ALLOWLIST: AllowList = (Means("each task runs its own image only"), parse::allow_list,
+        "comma list of TASK=PATTERN (images that task may run too) or PATTERN (every task)");
     REDIS_IMAGE: String = (Value("redis:7"), parse::image_name,
         "image of mwoffliner's per-task redis helper");
     IDLE_TIMEOUT: Duration = (Value("7200"), |v| parse::bounded(v, 1, 30 * 86_400).map(Duration::from_secs),

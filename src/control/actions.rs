@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::{ControlledWorker, to_value};
 use crate::broker::TaskQueue;
 use crate::celery::control::{HelloReply, nok, ok};
-use crate::celery::repr_str;
+use crate::celery::{log_text, repr_str};
 use crate::events::EventSink;
 
 /// `revoke` / `terminate`, replying as Celery 5 does.
@@ -56,7 +56,7 @@ pub(super) fn hello<W: ControlledWorker>(worker: &W, from_node: &str, theirs: &[
     if from_node == worker.events().hostname() {
         return Value::Null;
     }
-    tracing::info!(from = %from_node, "sync with another node");
+    tracing::info!(from = %log_text(from_node), "sync with another node");
     if !theirs.is_empty() {
         worker.merge_revoked(theirs);
     }
@@ -71,12 +71,12 @@ pub(super) async fn add_consumer<W: ControlledWorker>(worker: &W, queue: TaskQue
     match worker.add_queue(queue).await {
         Ok(added) => {
             if added {
-                tracing::info!(queue = %name, "started consuming a queue, as remote control asked");
+                tracing::info!(queue = %log_text(&name), "started consuming a queue, as remote control asked");
             }
             ok(format!("add consumer {name}"))
         }
         Err(error) => {
-            tracing::warn!(queue = %name, %error, "add_consumer failed");
+            tracing::warn!(queue = %log_text(&name), %error, "add_consumer failed");
             nok(format!("cannot consume from {name}: {error}"))
         }
     }
@@ -86,12 +86,12 @@ pub(super) async fn cancel_consumer<W: ControlledWorker>(worker: &W, queue: &str
     match worker.cancel_queue(queue).await {
         Ok(cancelled) => {
             if cancelled {
-                tracing::info!(queue, "stopped consuming a queue, as remote control asked");
+                tracing::info!(queue = %log_text(queue), "stopped consuming a queue, as remote control asked");
             }
             ok(format!("no longer consuming from {queue}"))
         }
         Err(error) => {
-            tracing::warn!(queue, %error, "cancel_consumer failed");
+            tracing::warn!(queue = %log_text(queue), %error, "cancel_consumer failed");
             nok(format!("cannot stop consuming from {queue}: {error}"))
         }
     }

@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::broker::TaskQueue;
 use crate::celery::control::{exception, nok};
+use crate::celery::log_text;
 use crate::config::QueueName;
 
 /// One remote-control command, its arguments checked.
@@ -145,7 +146,7 @@ impl Command {
                 method: method.to_owned(),
             },
             _ => {
-                tracing::warn!(method, "unknown remote-control command");
+                tracing::warn!(method = %log_text(method), "unknown remote-control command");
                 return Err(exception("KeyError", method));
             }
         })
@@ -317,16 +318,24 @@ pub(super) fn signum(signal: Option<&Value>) -> Result<i32, Value> {
 }
 
 /// The queue `add_consumer` means, as Celery's `add_task_queue` builds it:
-/// a Zimfarm queue name (without an explicit exchange) is bound to the
-/// `offliner` topic exchange like the configured ones; another name gets
-/// an exchange of its own name, `direct`, routing key = queue name.
+/// a Zimfarm queue name, without an exchange or with `offliner` (and no
+/// other type than `topic`, no other routing key than its name), is bound
+/// to the `offliner` topic exchange like the configured ones; another
+/// queue gets the exchange given (default: one of its own name), `direct`
+/// unless told, routing key = queue name unless told.
 fn queue_for(args: &AddConsumerArgs) -> Result<TaskQueue, String> {
     let name = args.queue.trim();
     if name.is_empty() || name.len() > 255 {
         return Err("queue name must be 1 to 255 bytes".to_owned());
     }
-    if args.exchange.is_none() && name.parse::<QueueName>().is_ok() {
-        return Ok(TaskQueue::zimfarm(name));
+    let zimfarm = TaskQueue::zimfarm(name);
+    let fits = |given: &Option<String>, ours: &str| given.as_deref().is_none_or(|v| v == ours);
+    if name.parse::<QueueName>().is_ok()
+        && fits(&args.exchange, &zimfarm.exchange)
+        && fits(&args.exchange_type, &zimfarm.exchange_type)
+        && fits(&args.routing_key, &zimfarm.routing_key)
+    {
+        return Ok(zimfarm);
     }
     for (what, value) in [
         ("exchange", &args.exchange),

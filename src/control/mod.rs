@@ -21,7 +21,10 @@
 //! control), as Celery's `control.py` reads `worker/state.py`.
 //!
 //! A request runs when its `destination` is null or names this node; a
-//! reply `{"<node>": reply}` goes to its `reply_to`. A malformed request is
+//! reply `{"<node>": reply}` goes to its `reply_to`. Under the default
+//! [`ControlPolicy`] (`policy`), `shutdown`, `add_consumer` and
+//! `cancel_consumer` run only when the destination names this node, and
+//! `add_consumer` only for a Zimfarm queue; others get `{"error": ...}`. A malformed request is
 //! logged and ignored; an unknown command gets Celery's
 //! `{"error": "KeyError('<method>')"}`.
 
@@ -29,6 +32,7 @@ mod actions;
 mod command;
 mod inspect;
 mod pidbox;
+mod policy;
 #[cfg(test)]
 mod tests;
 
@@ -41,11 +45,13 @@ use serde_json::{Map, Value, json};
 
 use crate::broker::{BrokerError, TaskQueue};
 use crate::celery::control::{exception, nok, ok};
+use crate::celery::log_text;
 use crate::config::Config;
 use crate::events::EventSink;
 use crate::worker::registry::{TaskPhase, TaskSnapshot};
 use command::Command;
 pub use pidbox::{ControlSession, serve};
+pub use policy::ControlPolicy;
 
 /// Figures of the worker that `inspect stats` reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,16 +115,30 @@ pub enum After {
 }
 
 /// Runs one command; returns its reply (Celery's shape) and what to do
-/// once the reply is out.
+/// once the reply is out. `addressed`: the request's destination names
+/// this node (see [`ControlPolicy`]).
 pub async fn dispatch<W: ControlledWorker>(
     worker: &W,
     method: &str,
     arguments: &Map<String, Value>,
+    addressed: bool,
 ) -> (Value, After) {
-    match Command::parse(method, arguments) {
-        Ok(command) => apply(worker, command).await,
-        Err(reply) => (reply, After::Nothing),
+    let command = match Command::parse(method, arguments) {
+        Ok(command) => command,
+        Err(reply) => return (reply, After::Nothing),
+    };
+    let policy = worker.config().worker.control_policy;
+    if let Some(refusal) = policy.refusal(&command, addressed) {
+        tracing::warn!(
+            method = %log_text(method),
+            addressed,
+            %policy,
+            reason = %refusal,
+            "remote-control request refused"
+        );
+        return (nok(refusal), After::Nothing);
     }
+    apply(worker, command).await
 }
 
 /// Applies a parsed command to the worker.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{After, ControlledWorker};
 use crate::broker::{Broker, BrokerError, ControlChannel, publish_reply};
-use crate::celery::{decode_control, encode_control_reply};
+use crate::celery::{decode_control, encode_control_reply, log_text};
 use crate::retry::Retry;
 
 /// The remote-control side of one broker session.
@@ -131,7 +131,8 @@ async fn handle<W: ControlledWorker>(
         }
     };
     let events = worker.events();
-    // As Celery's pidbox: forward the clock, merge the sender's.
+    // As Celery's pidbox: forward the clock, merge the sender's (a sender
+    // far ahead is not followed: see `LamportClock::adjust`).
     match header_u64(&delivery.properties, "clock") {
         Some(theirs) => events.clock().adjust(theirs),
         None => events.clock().forward(),
@@ -140,15 +141,17 @@ async fn handle<W: ControlledWorker>(
     if !request.is_for(hostname) {
         return Ok(After::Nothing);
     }
-    let (reply, after) = super::dispatch(worker, &request.method, &request.arguments).await;
-    tracing::debug!(method = %request.method, reply = %reply, "remote-control command");
+    let addressed = request.names(hostname);
+    let (reply, after) =
+        super::dispatch(worker, &request.method, &request.arguments, addressed).await;
+    tracing::debug!(method = %log_text(&request.method), reply = %log_text(&reply.to_string()), "remote-control command");
     if let Some(to) = &request.reply_to
         && (to.exchange.len() > 255 || to.routing_key.len() > 255)
     {
         // AMQP short strings hold 255 bytes; lapin's `ShortString::from`
         // panics on longer ones, which killed the worker.
         tracing::warn!(
-            method = %request.method,
+            method = %log_text(&request.method),
             "remote-control reply_to names an exchange or routing key over 255 bytes; no reply sent"
         );
     } else if let Some(to) = &request.reply_to {

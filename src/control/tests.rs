@@ -40,7 +40,12 @@ impl Fake {
 }
 
 fn fake(tasks: Vec<TaskSnapshot>) -> Fake {
+    fake_with(tasks, ControlPolicy::Node)
+}
+
+fn fake_with(tasks: Vec<TaskSnapshot>, policy: ControlPolicy) -> Fake {
     let vars = [
+        ("CONTROL_POLICY", policy.as_str()),
         ("USERNAME", "alice"),
         ("PASSWORD", "s3cr3t"),
         ("WORKING_DIR", "/srv/zim"),
@@ -175,8 +180,9 @@ fn args(value: Value) -> Map<String, Value> {
     }
 }
 
+/// Runs a command addressed to the fake's node by name.
 async fn run(worker: &Fake, method: &str, arguments: Value) -> Value {
-    let (reply, after) = dispatch(worker, method, &args(arguments)).await;
+    let (reply, after) = dispatch(worker, method, &args(arguments), true).await;
     assert_eq!(after, After::Nothing, "{method}");
     reply
 }
@@ -376,7 +382,7 @@ async fn stats_has_what_flower_reads() {
 
 #[tokio::test]
 async fn queues_come_and_go() {
-    let worker = fake(Vec::new());
+    let worker = fake_with(Vec::new(), ControlPolicy::Celery);
     let queues = run(&worker, "active_queues", json!({})).await;
     assert_eq!(queues[0]["name"], "small");
     assert_eq!(queues[0]["exchange"]["name"], "offliner");
@@ -476,10 +482,134 @@ async fn events_heartbeat_hello_and_shutdown() {
         Value::Null
     );
 
-    let (reply, after) = dispatch(&worker, "shutdown", &Map::new()).await;
+    let (reply, after) = dispatch(&worker, "shutdown", &Map::new(), true).await;
     assert_eq!(reply, json!({"ok": "shutting down"}));
     assert_eq!(after, After::Shutdown);
     assert!(worker.outbox.is_empty());
+}
+
+/// A request not addressed to the node by name (a broadcast or a pattern).
+async fn broadcast(worker: &Fake, method: &str, arguments: Value) -> (Value, After) {
+    dispatch(worker, method, &args(arguments), false).await
+}
+
+fn refused(reply: &Value, what: &str) -> bool {
+    reply["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("refused") && e.contains(what))
+}
+
+#[tokio::test]
+async fn broadcasts_that_move_the_node_are_refused_by_default() {
+    let worker = fake(Vec::new());
+    for (method, arguments) in [
+        ("shutdown", json!({})),
+        ("add_consumer", json!({"queue": "medium"})),
+        (
+            "add_consumer",
+            json!({"queue": "everything", "exchange": "offliner", "exchange_type": "topic", "routing_key": "#"}),
+        ),
+        ("cancel_consumer", json!({"queue": "small"})),
+    ] {
+        let (reply, after) = broadcast(&worker, method, arguments).await;
+        assert!(refused(&reply, "destination"), "{method}: {reply}");
+        assert_eq!(after, After::Nothing, "{method}");
+    }
+    assert!(!worker.shutdown.load(Ordering::SeqCst));
+    assert_eq!(worker.queues(), [TaskQueue::zimfarm("small")]);
+    // The others run as Celery runs them: the dispatcher broadcasts revoke.
+    assert_eq!(
+        broadcast(&worker, "ping", json!({})).await.0,
+        json!({"ok": "pong"})
+    );
+    let (reply, _) = broadcast(&worker, "revoke", json!({"task_id": "t1"})).await;
+    assert_eq!(reply, json!({"ok": "tasks {'t1'} flagged as revoked"}));
+    assert_eq!(worker.revoked(), ["t1"]);
+    // A malformed one still gets its own error first.
+    let (reply, _) = broadcast(&worker, "add_consumer", json!({})).await;
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("TypeError(")),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn addressed_requests_move_the_node_within_zimfarm_queues() {
+    let worker = fake(Vec::new());
+    for arguments in [
+        json!({"queue": "medium"}),
+        json!({"queue": "large", "exchange": "offliner"}),
+        json!({"queue": "debug", "exchange": "offliner", "exchange_type": "topic", "routing_key": "debug"}),
+    ] {
+        let name = arguments["queue"].as_str().unwrap().to_owned();
+        assert_eq!(
+            run(&worker, "add_consumer", arguments).await,
+            json!({"ok": format!("add consumer {name}")})
+        );
+    }
+    for arguments in [
+        json!({"queue": "zimit"}),
+        json!({"queue": "small", "exchange": "offliner", "exchange_type": "topic", "routing_key": "#"}),
+        json!({"queue": "small", "routing_key": "*"}),
+        json!({"queue": "small", "exchange": "amq.topic"}),
+        json!({"queue": "small", "exchange": "offliner", "exchange_type": "fanout"}),
+        json!({"queue": "Small"}),
+    ] {
+        let reply = run(&worker, "add_consumer", arguments.clone()).await;
+        assert!(refused(&reply, "only the queues"), "{arguments}: {reply}");
+    }
+    assert_eq!(
+        worker.queues(),
+        ["small", "medium", "large", "debug"].map(TaskQueue::zimfarm)
+    );
+    assert_eq!(
+        run(&worker, "cancel_consumer", json!({"queue": "large"})).await,
+        json!({"ok": "no longer consuming from large"})
+    );
+    assert_eq!(worker.queues().len(), 3);
+    let (reply, after) = dispatch(&worker, "shutdown", &Map::new(), true).await;
+    assert_eq!(
+        (reply, after),
+        (json!({"ok": "shutting down"}), After::Shutdown)
+    );
+}
+
+#[tokio::test]
+async fn celery_policy_lets_broadcasts_move_the_node() {
+    let worker = fake_with(Vec::new(), ControlPolicy::Celery);
+    let everything = json!({"queue": "everything", "exchange": "offliner", "exchange_type": "topic", "routing_key": "#"});
+    let (reply, _) = broadcast(&worker, "add_consumer", everything).await;
+    assert_eq!(reply, json!({"ok": "add consumer everything"}));
+    let (reply, _) = broadcast(&worker, "cancel_consumer", json!({"queue": "small"})).await;
+    assert_eq!(reply, json!({"ok": "no longer consuming from small"}));
+    assert_eq!(
+        worker.queues(),
+        [TaskQueue {
+            name: "everything".into(),
+            exchange: "offliner".into(),
+            exchange_type: "topic".into(),
+            routing_key: "#".into(),
+        }]
+    );
+    let (reply, after) = broadcast(&worker, "shutdown", json!({})).await;
+    assert_eq!(
+        (reply, after),
+        (json!({"ok": "shutting down"}), After::Shutdown)
+    );
+}
+
+#[test]
+fn control_policy_values() {
+    assert_eq!("node".parse(), Ok(ControlPolicy::Node));
+    assert_eq!("celery".parse(), Ok(ControlPolicy::Celery));
+    assert_eq!(ControlPolicy::default(), ControlPolicy::Node);
+    let err = "Celery".parse::<ControlPolicy>().unwrap_err();
+    assert!(
+        err.contains("\"Celery\"") && err.contains("use node"),
+        "{err}"
+    );
 }
 
 #[test]

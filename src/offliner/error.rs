@@ -79,16 +79,24 @@ pub enum PlanError {
     ImageDigest { image: String },
 
     #[error(
-        "image {image:?} is not allowed by this worker's image allow-list \
-         {allow_list:?}: to run it, add a pattern matching its name to the \
-         comma-separated IMAGE_ALLOWLIST (e.g. \"openzim/*,myorg/*\"; '*' matches \
-         within one path segment, '**' across segments)"
+        "image {image:?} is not {task}'s own image ({own}) and this worker's \
+         IMAGE_ALLOWLIST {allow_list:?} does not allow it for {task}: to run it, \
+         add \"{task}=PATTERN\" (this task) or \"PATTERN\" (every task) to the \
+         comma-separated IMAGE_ALLOWLIST, PATTERN matching its name (e.g. \
+         \"{task}=myorg/*\"; '*' matches within one path segment, '**' across \
+         segments)"
     )]
-    ImageNotAllowed { image: String, allow_list: String },
+    ImageNotAllowed {
+        image: String,
+        task: &'static str,
+        own: &'static str,
+        allow_list: String,
+    },
 
     #[error(
-        "image allow-list {spec:?} has no pattern: set IMAGE_ALLOWLIST to \
-         comma-separated patterns of image names, e.g. \"openzim/*\""
+        "image allow-list {spec:?} has no entry: set IMAGE_ALLOWLIST to \
+         comma-separated entries TASK=PATTERN or PATTERN, e.g. \
+         \"offliner.youtube=myorg/*\", or unset it (each task runs its own image)"
     )]
     EmptyAllowList { spec: String },
 

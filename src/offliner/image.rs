@@ -1,4 +1,5 @@
-//! Image references (`name:tag`) and the image allow-list.
+//! Image references (`name:tag`) and the image allow-list: which images
+//! each task may run.
 //!
 //! Rules, following Docker's reference grammar where it is stricter than
 //! the brief:
@@ -21,6 +22,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::Offliner;
 use super::error::{PlanError, shown};
 
 /// Longest image name, in bytes (Docker's limit).
@@ -201,73 +203,116 @@ enum Token {
     DoubleStar,
 }
 
-/// Which images may run: glob patterns matched against the image name
-/// (without tag), the whole name, from its first byte.
+/// Which images each task may run (`IMAGE_ALLOWLIST`).
 ///
-/// `*` matches any run of characters except `/`, `**` any run including `/`
-/// (`***` is the same as `**`). So `openzim/*` allows `openzim/mwoffliner`
-/// but neither `openzim/a/b` nor `ghcr.io/openzim/mwoffliner`; `**` allows
-/// every image. `Display` gives the normalised spec, patterns joined by `,`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A task always may run its own image (SPEC §3: `offliner.mwoffliner` →
+/// `openzim/mwoffliner`, ...), with any valid tag. The list widens that:
+/// a comma-separated list of entries, each
+///
+/// - `TASK=PATTERN` (e.g. `offliner.youtube=myorg/youtube`): images this
+///   task may run besides its own;
+/// - `PATTERN` alone: images every task may run (the meaning the variable
+///   had before tasks were told apart, so an existing setting such as
+///   `openzim/*,myorg/*` keeps working, as wide as it was).
+///
+/// Patterns are globs matched against the whole image name (without
+/// tag): `*` matches any run of characters except `/`, `**` any run
+/// including `/` (`***` is the same as `**`). So `openzim/*` allows
+/// `openzim/mwoffliner` but neither `openzim/a/b` nor
+/// `ghcr.io/openzim/mwoffliner`; `**` allows every image. `Display` gives
+/// the normalised spec, entries joined by `,` (empty for the default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AllowList {
-    patterns: Vec<(String, Vec<Token>)>,
+    entries: Vec<Entry>,
+}
+
+/// One entry of an [`AllowList`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// The task it widens; `None`: every task.
+    task: Option<Offliner>,
+    pattern: String,
+    tokens: Vec<Token>,
 }
 
 impl AllowList {
-    /// Parses a comma-separated list of patterns, e.g. `openzim/*,myorg/**`.
+    /// Parses a comma-separated list of entries, e.g.
+    /// `offliner.youtube=myorg/youtube,openzim/*`.
     ///
-    /// Whitespace around a pattern is ignored, and so are empty items (a
-    /// trailing comma); a spec with no pattern at all is an error. A pattern
-    /// uses the image-name characters (`a-z 0-9 . _ - /`, `:` only for a
-    /// registry port in the first component) and `*`.
+    /// Whitespace around an entry and around `=` is ignored, and so are
+    /// empty items (a trailing comma); a spec with no entry at all is an
+    /// error (unset the variable for the default). A pattern uses the
+    /// image-name characters (`a-z 0-9 . _ - /`, `:` only for a registry
+    /// port in the first component) and `*`.
     pub fn parse(spec: &str) -> Result<AllowList, PlanError> {
-        let mut patterns = Vec::new();
-        for pattern in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut entries = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (task, pattern) = match item.split_once('=') {
+                Some((task, pattern)) => {
+                    let task = task.trim();
+                    let offliner = Offliner::from_task_name(task).ok_or_else(|| {
+                        PlanError::InvalidAllowPattern {
+                            pattern: shown(item),
+                            reason: format!(
+                                "{:?} is not a task name; use one of {}",
+                                shown(task),
+                                Offliner::ALL.map(Offliner::task_name).join(", ")
+                            ),
+                        }
+                    })?;
+                    (Some(offliner), pattern.trim())
+                }
+                None => (None, item),
+            };
             let tokens = compile(pattern).map_err(|reason| PlanError::InvalidAllowPattern {
-                pattern: shown(pattern),
+                pattern: shown(item),
                 reason,
             })?;
-            patterns.push((pattern.to_owned(), tokens));
+            entries.push(Entry {
+                task,
+                pattern: pattern.to_owned(),
+                tokens,
+            });
         }
-        if patterns.is_empty() {
+        if entries.is_empty() {
             return Err(PlanError::EmptyAllowList { spec: shown(spec) });
         }
-        Ok(AllowList { patterns })
+        Ok(AllowList { entries })
     }
 
-    /// The default allow-list: `openzim/*`.
-    pub fn default_openzim() -> AllowList {
-        Self::parse("openzim/*").expect("the default allow-list is valid")
-    }
-
-    /// Whether some pattern matches the image's name (its tag is not looked at).
-    pub fn allows(&self, image: &ImageRef) -> bool {
+    /// Whether `task` may run `image`: its own image, or one an entry for
+    /// it or for every task matches (the tag is not looked at: any valid
+    /// tag, as [`ImageRef`] bounds it).
+    pub fn allows(&self, task: Offliner, image: &ImageRef) -> bool {
         let name = image.name.as_bytes();
-        self.patterns
-            .iter()
-            .any(|(_, tokens)| glob_match(tokens, name))
-    }
-}
-
-impl Default for AllowList {
-    fn default() -> Self {
-        Self::default_openzim()
+        image.name == task.default_image_name()
+            || self
+                .entries
+                .iter()
+                .filter(|entry| entry.task.is_none_or(|t| t == task))
+                .any(|entry| glob_match(&entry.tokens, name))
     }
 }
 
 impl fmt::Display for AllowList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (index, (pattern, _)) in self.patterns.iter().enumerate() {
+        for (index, entry) in self.entries.iter().enumerate() {
             if index > 0 {
                 f.write_str(",")?;
             }
-            f.write_str(pattern)?;
+            if let Some(task) = entry.task {
+                write!(f, "{task}=")?;
+            }
+            f.write_str(&entry.pattern)?;
         }
         Ok(())
     }
 }
 
 fn compile(pattern: &str) -> Result<Vec<Token>, String> {
+    if pattern.is_empty() {
+        return Err("its pattern is empty".to_owned());
+    }
     if pattern.len() > MAX_PATTERN_LEN {
         return Err(format!(
             "it is {} bytes long, at most {MAX_PATTERN_LEN} are allowed",
@@ -481,36 +526,91 @@ mod tests {
         assert!(err.contains("1 to 128 characters"), "{err}");
     }
 
+    /// Whether `spec` lets a task whose own image is not `name` run it.
     fn allows(spec: &str, name: &str) -> bool {
-        AllowList::parse(spec).unwrap().allows(&image(name))
+        let task = Offliner::ALL
+            .into_iter()
+            .find(|t| t.default_image_name() != image(name).name)
+            .unwrap();
+        AllowList::parse(spec).unwrap().allows(task, &image(name))
     }
 
     #[test]
-    fn default_allows_openzim_images_only() {
-        let allow = AllowList::default_openzim();
-        assert_eq!(allow.to_string(), "openzim/*");
-        assert_eq!(AllowList::default(), allow);
-        for name in [
-            "openzim/mwoffliner:1.9",
-            "openzim/youtube",
-            "openzim/phet:x",
-        ] {
-            assert!(allow.allows(&image(name)), "{name}");
-        }
-        for name in [
-            "openzim",
-            "openzim/",
-            "openzim/a/b",
-            "evil/openzim",
-            "openzimx/mwoffliner",
-            "docker.io/openzim/mwoffliner",
-            "localhost:5000/openzim/mwoffliner",
-            "ubuntu",
-        ] {
-            if let Ok(image) = ImageRef::parse(name) {
-                assert!(!allow.allows(&image), "{name}");
+    fn by_default_each_task_runs_its_own_image_only() {
+        let allow = AllowList::default();
+        assert_eq!(allow.to_string(), "");
+        for task in Offliner::ALL {
+            for other in Offliner::ALL {
+                let own = image(&format!("{}:any-tag_1.0", other.default_image_name()));
+                assert_eq!(allow.allows(task, &own), task == other, "{task} {own}");
+            }
+            for name in [
+                "openzim/zimit",
+                "openzim",
+                "openzim/a/b",
+                "evil/openzim",
+                "openzimx/mwoffliner",
+                "docker.io/openzim/mwoffliner",
+                "localhost:5000/openzim/mwoffliner",
+                "ubuntu",
+            ] {
+                if let Ok(image) = ImageRef::parse(name) {
+                    assert!(!allow.allows(task, &image), "{task} {name}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_task_entry_widens_that_task_only() {
+        let allow = AllowList::parse("offliner.youtube = myorg/*, offliner.phet=openzim/phet-next")
+            .unwrap();
+        assert_eq!(
+            allow.to_string(),
+            "offliner.youtube=myorg/*,offliner.phet=openzim/phet-next"
+        );
+        let myorg = image("myorg/youtube:2");
+        assert!(allow.allows(Offliner::Youtube, &myorg));
+        assert!(!allow.allows(Offliner::Mwoffliner, &myorg));
+        assert!(allow.allows(Offliner::Phet, &image("openzim/phet-next")));
+        assert!(!allow.allows(Offliner::Youtube, &image("openzim/phet-next")));
+        // Its own image stays allowed.
+        assert!(allow.allows(Offliner::Youtube, &image("openzim/youtube")));
+    }
+
+    #[test]
+    fn a_pattern_alone_widens_every_task_as_it_used_to() {
+        let allow = AllowList::parse("openzim/*").unwrap();
+        for task in Offliner::ALL {
+            assert!(
+                allow.allows(task, &image("openzim/mwoffliner:1.9")),
+                "{task}"
+            );
+            assert!(allow.allows(task, &image("openzim/zimit")), "{task}");
+            assert!(!allow.allows(task, &image("evil/x")), "{task}");
+        }
+    }
+
+    #[test]
+    fn unknown_task_names_are_errors() {
+        for spec in [
+            "youtube=myorg/*",
+            "offliner.nope=x",
+            "=x",
+            "offliner.youtube=",
+            "a=b=c",
+        ] {
+            let err = AllowList::parse(spec).unwrap_err();
+            assert!(
+                matches!(err, PlanError::InvalidAllowPattern { .. }),
+                "{spec:?} gave {err:?}"
+            );
+        }
+        let err = AllowList::parse("mwoffliner=x").unwrap_err().to_string();
+        assert!(
+            err.contains("offliner.mwoffliner, offliner.youtube"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -545,9 +645,10 @@ mod tests {
     fn several_patterns_are_any_of() {
         let allow = AllowList::parse(" openzim/* , myorg/**,").unwrap();
         assert_eq!(allow.to_string(), "openzim/*,myorg/**");
-        assert!(allow.allows(&image("openzim/x")));
-        assert!(allow.allows(&image("myorg/a/b")));
-        assert!(!allow.allows(&image("other/x")));
+        let task = Offliner::Phet;
+        assert!(allow.allows(task, &image("openzim/x")));
+        assert!(allow.allows(task, &image("myorg/a/b")));
+        assert!(!allow.allows(task, &image("other/x")));
     }
 
     #[test]
@@ -585,6 +686,6 @@ mod tests {
         let pattern = "*a".repeat(100);
         let allow = AllowList::parse(&format!("{pattern}b")).unwrap();
         let name = ImageRef::from_parts(&"a".repeat(200), "latest").unwrap();
-        assert!(!allow.allows(&name));
+        assert!(!allow.allows(Offliner::Phet, &name));
     }
 }

@@ -6,7 +6,9 @@
 //! and the warehouse path, each checked before anything uses them. It is
 //! pure: it must not call Docker, touch the filesystem or decode messages.
 //!
-//! - [`ImageRef`], [`AllowList`]: image references and the image allow-list;
+//! - [`ImageRef`], [`AllowList`]: image references (tags bounded by
+//!   Docker's grammar, digests refused) and the image allow-list: a task
+//!   runs its own image, or one `IMAGE_ALLOWLIST` allows for it;
 //! - [`flags_to_argv`]: task flags → command-line arguments;
 //! - parameter reading (named, positional and the older `offliner` form) is
 //!   described in `params.rs`;
@@ -83,7 +85,8 @@ impl Offliner {
         Self::ALL.into_iter().find(|o| o.task_name() == name)
     }
 
-    /// The image name used when the task names none.
+    /// The task's own image (SPEC §3): used when the task names none, and
+    /// the only one it may run unless `IMAGE_ALLOWLIST` widens that.
     pub fn default_image_name(self) -> &'static str {
         match self {
             Offliner::Mwoffliner => "openzim/mwoffliner",
@@ -179,9 +182,11 @@ pub fn plan(
         params.image.name.unwrap_or(offliner.default_image_name()),
         params.image.tag.unwrap_or("latest"),
     )?;
-    if !allow.allows(&image) {
+    if !allow.allows(offliner, &image) {
         return Err(PlanError::ImageNotAllowed {
             image: image.to_string(),
+            task: offliner.task_name(),
+            own: offliner.default_image_name(),
             allow_list: allow.to_string(),
         });
     }

@@ -31,11 +31,7 @@ fn request(name: &str, args: Value, kwargs: Value) -> TaskRequest {
 }
 
 fn plan_of(name: &str, args: Value, kwargs: Value) -> Result<TaskPlan, PlanError> {
-    plan(
-        &request(name, args, kwargs),
-        &AllowList::default_openzim(),
-        REDIS,
-    )
+    plan(&request(name, args, kwargs), &AllowList::default(), REDIS)
 }
 
 fn named(name: &str, kwargs: Value) -> Result<TaskPlan, PlanError> {
@@ -95,7 +91,7 @@ fn task_ids() {
 fn invalid_task_id_is_checked_first() {
     let mut bad = request("offliner.nope", json!([1, 2, 3, 4]), json!({}));
     bad.id = "../../etc".into();
-    let err = plan(&bad, &AllowList::default_openzim(), REDIS).unwrap_err();
+    let err = plan(&bad, &AllowList::default(), REDIS).unwrap_err();
     assert!(matches!(err, PlanError::InvalidTaskId { .. }), "{err:?}");
     assert!(err.to_string().contains("\"../../etc\""), "{err}");
 }
@@ -550,12 +546,15 @@ fn image_outside_the_allow_list_is_refused() {
         err,
         PlanError::ImageNotAllowed {
             image: "evil/miner:1".into(),
-            allow_list: "openzim/*".into(),
+            task: "offliner.youtube",
+            own: "openzim/youtube",
+            allow_list: String::new(),
         }
     );
     let text = err.to_string();
     assert!(text.contains("\"evil/miner:1\""), "{text}");
-    assert!(text.contains("\"openzim/*\""), "{text}");
+    assert!(text.contains("(openzim/youtube)"), "{text}");
+    assert!(text.contains("\"offliner.youtube=myorg/*\""), "{text}");
     assert!(text.contains("IMAGE_ALLOWLIST"), "{text}");
 
     let wider = AllowList::parse("openzim/*,evil/*").unwrap();
@@ -569,17 +568,44 @@ fn image_outside_the_allow_list_is_refused() {
 }
 
 #[test]
-fn a_narrow_allow_list_refuses_even_default_images() {
-    let only_mw = AllowList::parse("openzim/mwoffliner").unwrap();
-    let req = request(
-        "offliner.youtube",
-        json!([]),
-        json!({"warehouse_path": "/v"}),
+fn a_task_runs_no_other_task_image_by_default() {
+    // Before images were tied to tasks, any openzim/* image ran for any
+    // task: a youtube task could run openzim/zimit or mwoffliner's image.
+    for (task, other) in [
+        ("offliner.youtube", "openzim/mwoffliner"),
+        ("offliner.mwoffliner", "openzim/youtube"),
+        ("offliner.gutenberg", "openzim/zimit"),
+        ("offliner.phet", "openzim/gutenberg"),
+    ] {
+        let kwargs = json!({"image": {"name": other, "tag": "1"}, "warehouse_path": "/v"});
+        assert!(
+            matches!(named(task, kwargs), Err(PlanError::ImageNotAllowed { .. })),
+            "{task} ran {other}"
+        );
+    }
+    for task in Offliner::ALL {
+        let kwargs = json!({"image": {"name": task.default_image_name(), "tag": "v2.0_rc-1"}, "warehouse_path": "/v"});
+        let plan = named(task.task_name(), kwargs).unwrap();
+        assert_eq!(plan.image, image(task.default_image_name(), "v2.0_rc-1"));
+    }
+    let only_youtube = AllowList::parse("offliner.youtube=openzim/youtube-next").unwrap();
+    let kwargs = json!({"image": {"name": "openzim/youtube-next"}, "warehouse_path": "/v"});
+    assert!(
+        plan(
+            &request("offliner.youtube", json!([]), kwargs.clone()),
+            &only_youtube,
+            REDIS
+        )
+        .is_ok()
     );
-    assert!(matches!(
-        plan(&req, &only_mw, REDIS),
-        Err(PlanError::ImageNotAllowed { .. })
-    ));
+    assert!(
+        plan(
+            &request("offliner.phet", json!([]), kwargs),
+            &only_youtube,
+            REDIS
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -708,7 +734,7 @@ fn redis_url_is_checked_for_mwoffliner_only() {
             json!([]),
             json!({"warehouse_path": "/w"}),
         );
-        let err = plan(&req, &AllowList::default_openzim(), bad).unwrap_err();
+        let err = plan(&req, &AllowList::default(), bad).unwrap_err();
         assert_eq!(err, PlanError::InvalidRedisUrl { url: shown(bad) });
     }
     let req = request(
@@ -716,7 +742,7 @@ fn redis_url_is_checked_for_mwoffliner_only() {
         json!([]),
         json!({"warehouse_path": "/v"}),
     );
-    assert!(plan(&req, &AllowList::default_openzim(), "").is_ok());
+    assert!(plan(&req, &AllowList::default(), "").is_ok());
 }
 
 /// Any JSON value, a few levels deep.
@@ -790,6 +816,24 @@ proptest! {
     }
 
     #[test]
+    fn a_task_runs_its_own_image_with_any_valid_tag_and_no_other_by_default(
+        task in prop::sample::select(Offliner::ALL.to_vec()),
+        name in "[a-z0-9]{1,8}(/[a-z0-9]{1,8}){0,2}",
+        tag in any::<String>(),
+    ) {
+        let kwargs = |name: &str| json!({"image": {"name": name, "tag": tag}, "warehouse_path": "/v"});
+        let own = named(task.task_name(), kwargs(task.default_image_name()));
+        let tag_ok = !tag.is_empty()
+            && tag.len() <= 128
+            && tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            && !tag.starts_with(['.', '-']);
+        prop_assert_eq!(own.is_ok(), tag_ok, "{:?}", own);
+        if name != task.default_image_name() {
+            prop_assert!(named(task.task_name(), kwargs(&name)).is_err());
+        }
+    }
+
+    #[test]
     fn plan_never_panics_on_arbitrary_strings(
         id in any::<String>(),
         name in any::<String>(),
@@ -804,9 +848,9 @@ proptest! {
             json!({"warehouse_path": warehouse_path, "image": {"name": image_name, "tag": tag}}),
         );
         req.id = id;
-        let _ = plan(&req, &AllowList::default_openzim(), REDIS);
+        let _ = plan(&req, &AllowList::default(), REDIS);
         req.name = name;
-        let _ = plan(&req, &AllowList::default_openzim(), REDIS);
+        let _ = plan(&req, &AllowList::default(), REDIS);
         if let Ok(allow) = AllowList::parse(&spec) {
             let _ = plan(&req, &allow, REDIS);
         }

@@ -9,6 +9,7 @@
 
 use super::admission::{Admission, Known, admit};
 use super::*;
+use crate::celery::log_text;
 
 impl<R: Runner> Inner<R> {
     /// Looks at one delivery and decides what becomes of it. Never blocks:
@@ -110,7 +111,7 @@ impl<R: Runner> Inner<R> {
         match admission {
             Admission::Accept { .. } => unreachable!("accepted above, its message held"),
             Admission::Unregistered => {
-                tracing::error!(task = %request.name, "received an unregistered task; rejecting it");
+                tracing::error!(task = %log_text(&request.name), "received an unregistered task; rejecting it");
                 metrics::global().task_ended(&request.name, Outcome::Rejected);
                 let info = ExceptionInfo {
                     exc_type: "NotRegistered".to_owned(),
@@ -305,7 +306,7 @@ impl<R: Runner> Inner<R> {
             eta: request.eta.as_ref().map(celery::iso8601::format),
             expires: request.expires.as_ref().map(celery::iso8601::format),
         });
-        tracing::info!(task = %request.name, "task received");
+        tracing::info!(task = %log_text(&request.name), "task received");
         self.tasks.spawn(
             self.clone()
                 .task_life(request, cancel)

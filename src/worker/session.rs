@@ -7,6 +7,7 @@
 
 use super::topology::Drift;
 use super::*;
+use crate::celery::log_text;
 
 impl<R: Runner> Inner<R> {
     /// Connects (with backoff), consumes, and reconnects on loss until
@@ -196,7 +197,9 @@ impl<R: Runner> Inner<R> {
             };
             match consumer.await {
                 Ok(consumer) => session.deliveries.push(consumer),
-                Err(error) => tracing::warn!(queue = %queue.name, %error, "cannot consume a queue"),
+                Err(error) => {
+                    tracing::warn!(queue = %log_text(&queue.name), %error, "cannot consume a queue")
+                }
             }
         }
         for queue in extra {
@@ -205,7 +208,7 @@ impl<R: Runner> Inner<R> {
                 .cancel_queue(&session.consume_channel, &queue.name)
                 .await
             {
-                tracing::warn!(queue = %queue.name, %error, "cannot stop consuming a queue");
+                tracing::warn!(queue = %log_text(&queue.name), %error, "cannot stop consuming a queue");
             }
         }
     }

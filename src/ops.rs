@@ -262,14 +262,19 @@ async fn scraper_network_check(configured: Option<&str>) -> Verdict {
     };
     let name = &network.name;
     let bridge = &filter.bridge;
-    let commands = filter.commands();
+    // Indented under the check's line, ready to paste.
+    let commands: String = filter
+        .commands()
+        .lines()
+        .map(|line| format!("\n    {line}"))
+        .collect();
     match filter.state().await {
         Ok(FilterState::InPlace { backend }) => Verdict::Ok(format!(
             "{name} (bridge {bridge}): packet filter in place (iptables, {backend})"
         )),
         Ok(FilterState::Missing { backend, missing }) => Verdict::Failed(format!(
             "{name} (bridge {bridge}): packet filter missing ({} of {} rules, iptables {backend}); \
-             scrapers can reach the host, its LAN and cloud metadata. Run as root on the host:\n{commands}",
+             scrapers can reach the host, its LAN and cloud metadata. Run as root on the host:{commands}",
             missing.len(),
             filter.steps.len()
         )),
@@ -277,7 +282,7 @@ async fn scraper_network_check(configured: Option<&str>) -> Verdict {
         Err(e) => Verdict::Skipped(format!(
             "{name} (bridge {bridge}): cannot verify the packet filter: {e}. \
              Run as root on the host (each line adds only what is missing; \
-             rerun after a reboot):\n{commands}"
+             rerun after a reboot):{commands}"
         )),
     }
 }

@@ -457,6 +457,7 @@ fn a_scraper_reaches_the_internet_but_not_the_host_its_lan_metadata_or_other_con
     );
 
     let results = std::fs::read_to_string(task_dir.join("probes.txt")).unwrap();
+    eprintln!("probes:\n{results}");
     for (name, addr, port) in &probes {
         let line = results
             .lines()

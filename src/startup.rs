@@ -1,6 +1,7 @@
 //! Start-up: the order in which the worker comes up (the record of ended
 //! tasks, signals, the metrics listener, the dispatcher login, the SSH key
-//! and the warehouse, the Docker engine, then the worker until shutdown),
+//! and the warehouse, the Docker engine and the scrapers' network, then the worker
+//! until shutdown),
 //! the process's runtime, logging and signal set-up that every command
 //! shares, and [`StartupError`]: every way a command can fail before or
 //! instead of doing its work, with its exit code and how it is reported.

@@ -250,6 +250,7 @@ async fn scraper_network_check(configured: Option<&str>) -> Verdict {
             name: DEFAULT_NETWORK.to_owned(),
             bridge: Some(BRIDGE_NAME.to_owned()),
             own: true,
+            ipv6_off: false,
         },
         Err(e) => return Verdict::Failed(e.to_string()),
     };

@@ -1,10 +1,10 @@
 //! Start-up: the order in which the worker comes up (the record of ended
 //! tasks, signals, the metrics listener, the dispatcher login, the SSH key
-//! and the warehouse, the Docker engine and the scrapers' network, then the worker
-//! until shutdown),
-//! the process's runtime, logging and signal set-up that every command
-//! shares, and [`StartupError`]: every way a command can fail before or
-//! instead of doing its work, with its exit code and how it is reported.
+//! and the warehouse, the Docker engine and the scrapers' network, then
+//! the worker until shutdown), the process's runtime, logging and signal
+//! set-up that every command shares, and [`StartupError`]: every way a
+//! command can fail before or instead of doing its work, with its exit code
+//! and how it is reported.
 //!
 //! It must not parse the command line (`main.rs` does) nor hold task logic
 //! (the worker does): each step here is a library call and a verdict.

@@ -387,6 +387,12 @@ fn a_scraper_reaches_the_internet_but_not_the_host_its_lan_metadata_or_other_con
     let mut script = String::from(
         "p() { printf '%s: %s\\n' \"$1\" \"$(printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' | nc -w 3 \"$2\" \"$3\" 2>&1 | head -n 1)\" >>\"$OUT/probes.txt\"; }; ",
     );
+    // What the kernel holds the scraper to (cgroup v1 or v2).
+    script.push_str(
+        "grep CapEff /proc/self/status >\"$OUT/box.txt\"; \
+         cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null >>\"$OUT/box.txt\"; \
+         ls /proc/sys/net/ipv6 >/dev/null 2>&1 && cat /proc/sys/net/ipv6/conf/all/disable_ipv6 >>\"$OUT/box.txt\"; ",
+    );
     for (name, addr, port) in &probes {
         script.push_str(&format!("p {name} {addr} {port}; "));
     }
@@ -456,6 +462,15 @@ fn a_scraper_reaches_the_internet_but_not_the_host_its_lan_metadata_or_other_con
         "{redis_config}"
     );
 
+    // CHOWN (0), SETGID (6), SETUID (7) and nothing else; 4096 pids;
+    // IPv6 off where the kernel has it.
+    let held = std::fs::read_to_string(task_dir.join("box.txt")).unwrap();
+    let mut lines = held.lines();
+    assert_eq!(lines.next(), Some("CapEff:\t00000000000000c1"), "{held}");
+    assert_eq!(lines.next(), Some("4096"), "{held}");
+    if Path::new("/proc/sys/net/ipv6").exists() {
+        assert_eq!(lines.next(), Some("1"), "{held}");
+    }
     let results = std::fs::read_to_string(task_dir.join("probes.txt")).unwrap();
     eprintln!("probes:\n{results}");
     for (name, addr, port) in &probes {

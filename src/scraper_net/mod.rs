@@ -56,6 +56,20 @@ pub struct ScraperNetwork {
     pub bridge: Option<String>,
     /// Whether it is the worker's own (made and filtered by the worker).
     pub own: bool,
+    /// Whether offliners get IPv6 turned off (the worker's own network,
+    /// on a kernel that has IPv6).
+    pub ipv6_off: bool,
+}
+
+/// The kernel setting that turns IPv6 off in a network namespace; absent
+/// when the kernel has no IPv6 (`ipv6.disable=1`), and then a container
+/// asking for it would not start.
+const IPV6_SYSCTL: &str = "net.ipv6.conf.all.disable_ipv6";
+
+/// Whether the kernel has IPv6 (its sysctl exists).
+async fn kernel_has_ipv6() -> bool {
+    let path = format!("/proc/sys/{}", IPV6_SYSCTL.replace('.', "/"));
+    tokio::fs::try_exists(path).await.unwrap_or(false)
 }
 
 impl ScraperNetwork {
@@ -73,6 +87,7 @@ impl ScraperNetwork {
                 name: name.to_owned(),
                 bridge: bridge_of(&info),
                 own: false,
+                ipv6_off: false,
             });
         }
         let info = docker.ensure_bridge_network(&own_network()).await?;
@@ -81,6 +96,7 @@ impl ScraperNetwork {
             name: DEFAULT_NETWORK.to_owned(),
             bridge: Some(BRIDGE_NAME.to_owned()),
             own: true,
+            ipv6_off: kernel_has_ipv6().await,
         })
     }
 
@@ -104,6 +120,7 @@ impl ScraperNetwork {
             name: name.to_owned(),
             bridge: bridge_of(&info),
             own: configured.is_none(),
+            ipv6_off: configured.is_none() && kernel_has_ipv6().await,
         }))
     }
 
@@ -121,10 +138,10 @@ impl ScraperNetwork {
     /// network (IPv4 only), IPv6 is off inside the container, so its
     /// link-local address cannot reach the host's bridge.
     pub fn sysctls(&self) -> HashMap<String, String> {
-        if !self.own {
+        if !self.ipv6_off {
             return HashMap::new();
         }
-        HashMap::from([("net.ipv6.conf.all.disable_ipv6".to_owned(), "1".to_owned())])
+        HashMap::from([(IPV6_SYSCTL.to_owned(), "1".to_owned())])
     }
 
     /// Installs the filter at start when the worker can, and otherwise
@@ -201,6 +218,8 @@ fn bridge_of(info: &NetworkInfo) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn info(driver: &str, options: &[(&str, &str)]) -> NetworkInfo {
@@ -258,14 +277,24 @@ mod tests {
     }
 
     #[test]
-    fn only_the_own_network_turns_ipv6_off() {
+    fn ipv6_is_turned_off_only_when_asked() {
         let mut net = ScraperNetwork {
             name: DEFAULT_NETWORK.to_owned(),
             bridge: Some(BRIDGE_NAME.to_owned()),
             own: true,
+            ipv6_off: true,
         };
-        assert_eq!(net.sysctls()["net.ipv6.conf.all.disable_ipv6"], "1");
-        net.own = false;
+        assert_eq!(net.sysctls()[IPV6_SYSCTL], "1");
+        net.ipv6_off = false;
         assert!(net.sysctls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_ipv6_sysctl_is_where_the_kernel_has_it() {
+        let has = kernel_has_ipv6().await;
+        assert_eq!(
+            has,
+            Path::new("/proc/sys/net/ipv6/conf/all/disable_ipv6").exists()
+        );
     }
 }

@@ -646,3 +646,55 @@ fn a_scraper_running_as_root_writes_into_the_task_dir_of_a_worker_running_as_uid
         "{text}"
     );
 }
+
+/// A network removed on drop.
+struct NetworkGuard(String);
+
+impl Drop for NetworkGuard {
+    fn drop(&mut self) {
+        quietly("docker", &["network", "rm", &self.0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_making_the_network_at_once_all_get_the_one_network() {
+    use zimfarm_worker::docker::{BridgeNetwork, DockerClient};
+    let tag = std::process::id() % 100_000;
+    let guard = NetworkGuard(format!("zfbox-race-{tag}"));
+    let spec = BridgeNetwork {
+        name: guard.0.clone(),
+        options: [
+            ("com.docker.network.bridge.name", format!("zfr{tag}")),
+            ("com.docker.network.bridge.enable_icc", "false".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        labels: Default::default(),
+    };
+    let mut makers = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let spec = spec.clone();
+        makers.spawn(async move {
+            let docker = DockerClient::connect().await.unwrap();
+            docker.ensure_bridge_network(&spec).await
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(made) = makers.join_next().await {
+        ids.push(made.unwrap().expect("each maker gets the network").id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one network for all: {ids:?}");
+    let listed = sh(
+        "docker",
+        &[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=^{}$", guard.0),
+        ],
+    );
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+}

@@ -162,8 +162,10 @@ impl ScraperNetwork {
             Err(error) => tracing::warn!(
                 network = %self.name,
                 %error,
-                "scrapers can reach the host, its LAN and cloud metadata: install the packet filter \
-                 on the host with the commands that `zimfarm-worker check` and the README print"
+                "the worker cannot install the scrapers' packet filter: unless it is in place on the \
+                 host, scrapers can reach the host, its LAN and cloud metadata; install the packet \
+                 filter on the host with the commands that `zimfarm-worker check` prints (and says \
+                 whether it is in place), see the README"
             ),
         }
     }

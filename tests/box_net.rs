@@ -585,6 +585,31 @@ fn check_says_whether_the_filter_is_in_place_and_prints_the_commands_that_instal
     );
     assert!(in_place.contains(&net.bridge), "{in_place}");
 
+    // An iptables of the other backend than Docker's (legacy here) is
+    // named as such, and nothing is claimed about the filter.
+    let legacy = tempfile::tempdir().unwrap();
+    for (name, target) in [
+        ("iptables", "iptables-legacy"),
+        ("ip6tables", "ip6tables-legacy"),
+    ] {
+        let found = sh("sh", &["-c", &format!("command -v {target}")]);
+        std::os::unix::fs::symlink(found.trim(), legacy.path().join(name)).unwrap();
+    }
+    let mut other = env.clone();
+    other.push((
+        "PATH".into(),
+        format!(
+            "{}:{}",
+            legacy.path().display(),
+            std::env::var("PATH").unwrap()
+        ),
+    ));
+    let report = check_report(&other);
+    assert!(
+        report.starts_with("skip") && report.contains("legacy) has no DOCKER-USER chain"),
+        "{report}"
+    );
+
     // A network that does not exist is named.
     let mut gone = env.clone();
     gone.retain(|(k, _)| k != "SCRAPER_NETWORK");

@@ -88,6 +88,12 @@ pub enum FilterError {
          container): the scrapers' packet filter must be installed on the host"
     )]
     OtherNamespace { bridge: String },
+    #[error(
+        "iptables ({backend}) has no DOCKER-USER chain: Docker uses the other iptables backend \
+         (compare `iptables-legacy -S DOCKER-USER` and `iptables-nft -S DOCKER-USER`) or runs with \
+         --iptables=false; install the filter with the iptables that Docker uses"
+    )]
+    NoDockerChain { backend: String },
     #[error("`{command}` failed: {problem}")]
     Command { command: String, problem: String },
 }
@@ -289,9 +295,11 @@ impl Filter {
         })
     }
 
-    /// Both binaries are there, and the bridge is in this network
-    /// namespace (else the rules would land in the wrong one); returns
-    /// `iptables --version`'s backend (`nf_tables` or `legacy`).
+    /// Both binaries are there, the bridge is in this network namespace
+    /// (else the rules would land in the wrong one), and Docker's
+    /// `DOCKER-USER` chain is in this iptables (else Docker uses the other
+    /// backend); returns `iptables --version`'s backend (`nf_tables` or
+    /// `legacy`).
     async fn preflight(&self) -> Result<String, FilterError> {
         for family in [Family::V4, Family::V6] {
             if find_in_path(family.binary()).is_none() {
@@ -306,8 +314,15 @@ impl Filter {
                 bridge: self.bridge.clone(),
             });
         }
-        let version = run(Family::V4, &["--version"]).await?;
-        Ok(backend(&version))
+        let backend = backend(&run(Family::V4, &["--version"]).await?);
+        let docker_user = Step::Chain {
+            family: Family::V4,
+            chain: "DOCKER-USER",
+        };
+        if !present(&docker_user).await? {
+            return Err(FilterError::NoDockerChain { backend });
+        }
+        Ok(backend)
     }
 }
 

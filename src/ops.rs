@@ -242,16 +242,19 @@ async fn scraper_network_check(configured: Option<&str>) -> Verdict {
         Ok(d) => d,
         Err(e) => return Verdict::Skipped(format!("needs Docker: {e}")),
     };
-    let network = match ScraperNetwork::find(&docker, configured).await {
-        Ok(Some(n)) => n,
+    let (network, made) = match ScraperNetwork::find(&docker, configured).await {
+        Ok(Some(n)) => (n, true),
         // The worker's own is made at start; its filter's commands name
         // its fixed bridge all the same.
-        Ok(None) => ScraperNetwork {
-            name: DEFAULT_NETWORK.to_owned(),
-            bridge: Some(BRIDGE_NAME.to_owned()),
-            own: true,
-            ipv6_off: false,
-        },
+        Ok(None) => {
+            let own = ScraperNetwork {
+                name: DEFAULT_NETWORK.to_owned(),
+                bridge: Some(BRIDGE_NAME.to_owned()),
+                own: true,
+                ipv6_off: false,
+            };
+            (own, false)
+        }
         Err(e) => return Verdict::Failed(e.to_string()),
     };
     let Some(filter) = network.filter().await else {
@@ -269,6 +272,13 @@ async fn scraper_network_check(configured: Option<&str>) -> Verdict {
         .lines()
         .map(|line| format!("\n    {line}"))
         .collect();
+    if !made {
+        return Verdict::Skipped(format!(
+            "{name} does not exist yet: the worker makes it (bridge {bridge}) when it starts. \
+             Then, unless the worker says it installed the packet filter, run as root on the \
+             host (each line adds only what is missing; rerun after a reboot):{commands}"
+        ));
+    }
     match filter.state().await {
         Ok(FilterState::InPlace { backend }) => Verdict::Ok(format!(
             "{name} (bridge {bridge}): packet filter in place (iptables, {backend})"

@@ -16,10 +16,11 @@
 //! is reported as the disk having filled up.
 //!
 //! Here: the runner and its stages. Beside it: `confine.rs` (capabilities,
-//! pids limits and dir modes of the task's containers), `containers.rs` (following
-//! the offliner, its tails, how it ended; the task's containers removed),
-//! `redis.rs` (the redis helper and the wait on its socket) and `output.rs`
-//! (produced files, the marker, the log, journals' names, the upload).
+//! pids limits and dir modes of the task's containers), `containers.rs`
+//! (following the offliner, its tails, how it ended; the task's containers
+//! removed), `redis.rs` (the redis helper and the wait on its socket) and
+//! `output.rs` (produced files, the marker, the log, journals' names, the
+//! upload).
 //!
 //! Owns the task dir and the task's containers. It must not decode messages
 //! or publish anything itself (it never imports `celery`): it works from an

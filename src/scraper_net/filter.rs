@@ -122,8 +122,9 @@ impl Filter {
     /// The filter of `bridge`, letting DNS (port 53, UDP and TCP) through
     /// to `resolvers` (the host's, which may well be in a private range:
     /// Docker's embedded DNS asks them from inside the container's network
-    /// namespace, so the query crosses the bridge).
-    pub fn new(bridge: &str, resolvers: &[IpAddr]) -> Self {
+    /// namespace, so the query crosses the bridge). `ipv6`: the kernel has
+    /// IPv6 (else `ip6tables` has no table to fill).
+    pub fn new(bridge: &str, resolvers: &[IpAddr], ipv6: bool) -> Self {
         let mut steps = Vec::new();
         let v4_resolvers: Vec<String> = resolvers
             .iter()
@@ -176,21 +177,9 @@ impl Filter {
         steps.push(rule(Family::V4, INPUT_CHAIN, replies.clone()));
         steps.extend(dns(INPUT_CHAIN));
         steps.push(rule(Family::V4, INPUT_CHAIN, args(&["-j", "REJECT"])));
-        // IPv6: the worker's network has none, so nothing is forwarded, and
-        // the host is reached only by replies (link-local fe80::/10 to the
-        // bridge otherwise).
-        steps.push(Step::Chain {
-            family: Family::V6,
-            chain: FORWARD_CHAIN,
-        });
-        steps.push(rule(Family::V6, FORWARD_CHAIN, args(&["-j", "REJECT"])));
-        steps.push(Step::Chain {
-            family: Family::V6,
-            chain: INPUT_CHAIN,
-        });
-        steps.push(rule(Family::V6, INPUT_CHAIN, replies));
-        steps.push(rule(Family::V6, INPUT_CHAIN, args(&["-j", "REJECT"])));
-        // The jumps, last: the chains are complete when traffic enters them.
+        // The jumps of each family after its chains: the chains are
+        // complete when traffic enters them, and IPv4's are in place even
+        // when IPv6's fail.
         let jump = |family, chain: &'static str, target: &str| Step::Rule {
             family,
             chain,
@@ -199,8 +188,24 @@ impl Filter {
         };
         steps.push(jump(Family::V4, "DOCKER-USER", FORWARD_CHAIN));
         steps.push(jump(Family::V4, "INPUT", INPUT_CHAIN));
-        steps.push(jump(Family::V6, "FORWARD", FORWARD_CHAIN));
-        steps.push(jump(Family::V6, "INPUT", INPUT_CHAIN));
+        // IPv6 (on a kernel that has it): the worker's network has none, so
+        // nothing is forwarded, and the host is reached only by replies
+        // (link-local fe80::/10 to the bridge otherwise).
+        if ipv6 {
+            steps.push(Step::Chain {
+                family: Family::V6,
+                chain: FORWARD_CHAIN,
+            });
+            steps.push(rule(Family::V6, FORWARD_CHAIN, args(&["-j", "REJECT"])));
+            steps.push(Step::Chain {
+                family: Family::V6,
+                chain: INPUT_CHAIN,
+            });
+            steps.push(rule(Family::V6, INPUT_CHAIN, replies));
+            steps.push(rule(Family::V6, INPUT_CHAIN, args(&["-j", "REJECT"])));
+            steps.push(jump(Family::V6, "FORWARD", FORWARD_CHAIN));
+            steps.push(jump(Family::V6, "INPUT", INPUT_CHAIN));
+        }
         Self {
             bridge: bridge.to_owned(),
             steps,
@@ -301,8 +306,11 @@ impl Filter {
     /// backend); returns `iptables --version`'s backend (`nf_tables` or
     /// `legacy`).
     async fn preflight(&self) -> Result<String, FilterError> {
+        let families = self.steps.iter().map(|step| match step {
+            Step::Chain { family, .. } | Step::Rule { family, .. } => *family,
+        });
         for family in [Family::V4, Family::V6] {
-            if find_in_path(family.binary()).is_none() {
+            if families.clone().any(|f| f == family) && find_in_path(family.binary()).is_none() {
                 return Err(FilterError::NoBinary {
                     binary: family.binary(),
                 });
@@ -432,6 +440,7 @@ mod tests {
         let filter = Filter::new(
             "zimfarm0",
             &["10.1.2.3".parse().unwrap(), "127.0.0.53".parse().unwrap()],
+            true,
         );
         let text = filter.commands();
         let dns = text
@@ -454,24 +463,31 @@ mod tests {
     }
 
     #[test]
-    fn jumps_come_last_match_the_bridge_and_go_first_in_chains_of_others() {
-        let filter = Filter::new("zimfarm0", &[]);
-        let jumps: Vec<&Step> = filter
-            .steps
-            .iter()
-            .skip_while(|s| !matches!(s, Step::Rule { at: At::Top, .. }))
-            .collect();
-        assert_eq!(jumps.len(), 4, "{:?}", filter.steps);
-        for step in jumps {
-            let Step::Rule {
-                args, at, chain, ..
-            } = step
-            else {
-                panic!("a chain after the jumps: {step:?}");
-            };
-            assert_eq!(*at, At::Top);
-            assert!(["DOCKER-USER", "INPUT", "FORWARD"].contains(chain));
-            assert_eq!(args[..2], ["-i", "zimfarm0"]);
+    fn jumps_come_after_their_familys_chains_match_the_bridge_and_go_first() {
+        let filter = Filter::new("zimfarm0", &[], true);
+        for family in [Family::V4, Family::V6] {
+            let steps: Vec<&Step> = filter
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::Chain { family: f, .. } | Step::Rule { family: f, .. } if *f == family))
+                .collect();
+            let jumps: Vec<&Step> = steps
+                .iter()
+                .copied()
+                .skip_while(|s| !matches!(s, Step::Rule { at: At::Top, .. }))
+                .collect();
+            assert_eq!(jumps.len(), 2, "{family:?}: {steps:?}");
+            for step in jumps {
+                let Step::Rule {
+                    args, at, chain, ..
+                } = step
+                else {
+                    panic!("a chain after the jumps: {step:?}");
+                };
+                assert_eq!(*at, At::Top);
+                assert!(["DOCKER-USER", "INPUT", "FORWARD"].contains(chain));
+                assert_eq!(args[..2], ["-i", "zimfarm0"]);
+            }
         }
         let text = filter.commands();
         assert!(text.contains(
@@ -488,8 +504,19 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_without_ipv6_gets_no_ip6tables_step() {
+        let filter = Filter::new("zimfarm0", &[], false);
+        assert!(!filter.commands().contains("ip6tables"));
+        assert!(
+            filter
+                .commands()
+                .contains("iptables -w -I INPUT 1 -i zimfarm0")
+        );
+    }
+
+    #[test]
     fn the_input_chain_ends_with_a_reject_of_everything_else() {
-        let filter = Filter::new("zimfarm0", &["192.168.1.1".parse().unwrap()]);
+        let filter = Filter::new("zimfarm0", &["192.168.1.1".parse().unwrap()], true);
         let input: Vec<&Vec<String>> = filter
             .steps
             .iter()

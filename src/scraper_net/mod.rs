@@ -131,7 +131,11 @@ impl ScraperNetwork {
         let text = tokio::fs::read_to_string(RESOLV_CONF)
             .await
             .unwrap_or_default();
-        Some(Filter::new(bridge, &filter::resolvers(&text)))
+        Some(Filter::new(
+            bridge,
+            &filter::resolvers(&text),
+            kernel_has_ipv6().await,
+        ))
     }
 
     /// Kernel settings of an offliner on this network: on the worker's own

@@ -1,7 +1,8 @@
 //! The Docker engine, through bollard: images (with the pull policy and
 //! progress), containers (create with a bounded log driver, attach to their
-//! output, start, wait and say how they ended, kill, remove), and clean-up
-//! of this node's containers by label. A `DOCKER_HOST` socket path too
+//! output, start, wait and say how they ended, kill, remove), bridge
+//! networks (made idempotently, inspected), and clean-up of this node's
+//! containers by label. A `DOCKER_HOST` socket path too
 //! long for a socket address is reached through its dir's descriptor.
 //!
 //! Owns every call to the Docker API. It must not know about Celery, tasks'
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
     KillContainerOptions, ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
@@ -86,6 +87,18 @@ pub struct ContainerSpec {
     pub binds: Vec<String>,
     /// No network at all (helpers).
     pub no_network: bool,
+    /// The network to join (ignored with `no_network`); `None`: Docker's
+    /// default bridge.
+    pub network: Option<String>,
+    /// Capabilities given back after dropping all of them (`CAP_` names
+    /// without the prefix, e.g. `CHOWN`).
+    pub cap_add: Vec<String>,
+    /// Most processes and threads the container may have at once.
+    pub pids_limit: Option<i64>,
+    /// Namespaced kernel settings of the container (`net.*`).
+    pub sysctls: HashMap<String, String>,
+    /// `uid:gid` to run as; `None`: the image's user.
+    pub user: Option<String>,
     /// Memory limit in bytes (swap included: the container cannot swap).
     pub memory: Option<i64>,
     /// CPU limit in billionths of a CPU.
@@ -133,6 +146,22 @@ impl LogLimit {
 pub struct ContainerExit {
     pub code: i64,
     pub oom_killed: bool,
+}
+
+/// A bridge network to make: its name, driver options and labels.
+#[derive(Debug, Clone, Default)]
+pub struct BridgeNetwork {
+    pub name: String,
+    pub options: HashMap<String, String>,
+    pub labels: HashMap<String, String>,
+}
+
+/// A network as the engine has it.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub driver: String,
+    pub options: HashMap<String, String>,
 }
 
 /// bollard's own default read/write timeout for every request.
@@ -343,9 +372,20 @@ impl DockerClient {
         let host_config = HostConfig {
             binds: Some(spec.binds.clone()),
             privileged: Some(false),
+            // setuid binaries and file capabilities grant nothing.
             security_opt: Some(vec!["no-new-privileges".to_owned()]),
-            cap_add: Some(Vec::new()),
-            network_mode: spec.no_network.then(|| "none".to_owned()),
+            // Every capability is dropped (Docker's default set includes
+            // NET_RAW, MKNOD, DAC_OVERRIDE, ...); the spec names the few
+            // given back, each justified where the spec is made.
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            cap_add: Some(spec.cap_add.clone()),
+            pids_limit: spec.pids_limit,
+            sysctls: (!spec.sysctls.is_empty()).then(|| spec.sysctls.clone()),
+            network_mode: if spec.no_network {
+                Some("none".to_owned())
+            } else {
+                spec.network.clone()
+            },
             memory: spec.memory,
             // Swap counts against the limit: without this a host with swap
             // lets the container swap up to twice its limit instead of
@@ -357,6 +397,7 @@ impl DockerClient {
         };
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
+            user: spec.user.clone(),
             cmd: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
             labels: Some(spec.labels.clone()),
             network_disabled: spec.no_network.then_some(true),
@@ -505,6 +546,76 @@ impl DockerClient {
                 action: "remove",
                 name: name.to_owned(),
                 source,
+            }),
+        }
+    }
+
+    /// A network by name: its id, driver and options; `None` when there is
+    /// no such network.
+    pub async fn network(&self, name: &str) -> Result<Option<NetworkInfo>, DockerError> {
+        match self
+            .docker
+            .inspect_network(
+                name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(n) => Ok(Some(NetworkInfo {
+                id: n.id.unwrap_or_default(),
+                driver: n.driver.unwrap_or_default(),
+                options: n.options.unwrap_or_default(),
+            })),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(source) => Err(DockerError::Api {
+                action: "inspecting a network",
+                source,
+            }),
+        }
+    }
+
+    /// Makes sure the bridge network `spec` exists, creating it when it
+    /// does not; returns it as it is. Several processes may do this at
+    /// once: the fixed bridge interface name lets only one creation
+    /// succeed (Docker 20.10 refuses a second network with the same
+    /// bridge name, and answers 409 to the same network name on newer
+    /// engines), and the others find the winner's network.
+    pub async fn ensure_bridge_network(
+        &self,
+        spec: &BridgeNetwork,
+    ) -> Result<NetworkInfo, DockerError> {
+        if let Some(found) = self.network(&spec.name).await? {
+            return Ok(found);
+        }
+        let request = NetworkCreateRequest {
+            name: spec.name.clone(),
+            driver: Some("bridge".to_owned()),
+            internal: Some(false),
+            attachable: Some(false),
+            enable_ipv6: Some(false),
+            options: Some(spec.options.clone()),
+            labels: Some(spec.labels.clone()),
+            ..Default::default()
+        };
+        let created = self.docker.create_network(request).await;
+        // Lost a race, or won it: either way the network is there now.
+        match (self.network(&spec.name).await?, created) {
+            (Some(found), Ok(_)) => Ok(found),
+            (Some(found), Err(error)) => {
+                tracing::debug!(network = %spec.name, %error, "network made by another process meanwhile");
+                Ok(found)
+            }
+            (None, Err(source)) => Err(DockerError::Api {
+                action: "creating the scrapers' network",
+                source,
+            }),
+            (None, Ok(_)) => Err(DockerError::Api {
+                action: "creating the scrapers' network",
+                source: bollard::errors::Error::DockerStreamError {
+                    error: format!("network {} was created but cannot be found", spec.name),
+                },
             }),
         }
     }

@@ -25,6 +25,7 @@ pub(crate) mod proptest_config;
 pub mod report;
 pub mod retry;
 pub mod runner;
+pub mod scraper_net;
 pub mod startup;
 pub mod sweep;
 pub mod taskfs;

@@ -198,7 +198,7 @@ fn run_task_command(file: &Path, upload: bool) -> Result<ExitCode, StartupError>
         };
         let runner = DockerRunner::new(settings, warehouse)
             .await
-            .map_err(RunTaskError::Docker)?;
+            .map_err(RunTaskError::Network)?;
         let cancel = CancellationToken::new();
         tokio::spawn(startup::watch_signals(cancel.clone()));
         let ctx = TaskContext::new(request.id.clone(), cancel, Arc::new(PrintEvents));

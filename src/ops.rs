@@ -14,6 +14,7 @@ use crate::broker::Broker;
 use crate::config::{Config, ConfigError, DispatcherSettings, WarehouseSettings};
 use crate::dispatcher::{Dispatcher, DispatcherError};
 use crate::docker::DockerClient;
+use crate::scraper_net::{BRIDGE_NAME, DEFAULT_NETWORK, FilterState, ScraperNetwork};
 use crate::warehouse::{ClientKey, Warehouse};
 
 /// How long one check may take before it counts as failed.
@@ -84,6 +85,7 @@ pub async fn check(
                 "key registered",
                 "broker",
                 "docker",
+                "scraper network",
                 "warehouse",
                 "disk",
             ] {
@@ -124,6 +126,13 @@ pub async fn check(
 
     report("broker", timed(broker_check(&config)).await);
     report("docker", timed(docker_check()).await);
+    report(
+        "scraper network",
+        timed(scraper_network_check(
+            config.pipeline.scraper_network.as_deref(),
+        ))
+        .await,
+    );
     match &key {
         Err(e) => report("warehouse", Verdict::Failed(e.to_string())),
         Ok(_) => report(
@@ -222,6 +231,70 @@ async fn docker_check() -> Verdict {
     match docker.version().await {
         Ok(v) => Verdict::Ok(v),
         Err(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+/// The scrapers' network and its packet filter: in place, missing (with
+/// the commands that install it), or not visible from here (a worker in a
+/// container: the commands, to run and check on the host).
+async fn scraper_network_check(configured: Option<&str>) -> Verdict {
+    let docker = match DockerClient::connect().await {
+        Ok(d) => d,
+        Err(e) => return Verdict::Skipped(format!("needs Docker: {e}")),
+    };
+    let (network, made) = match ScraperNetwork::find(&docker, configured).await {
+        Ok(Some(n)) => (n, true),
+        // The worker's own is made at start; its filter's commands name
+        // its fixed bridge all the same.
+        Ok(None) => {
+            let own = ScraperNetwork {
+                name: DEFAULT_NETWORK.to_owned(),
+                bridge: Some(BRIDGE_NAME.to_owned()),
+                own: true,
+                ipv6_off: false,
+            };
+            (own, false)
+        }
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    let Some(filter) = network.filter().await else {
+        return Verdict::Failed(format!(
+            "{}: not a bridge network, so no filter can name its interface; \
+             use a bridge network (see the README)",
+            network.name
+        ));
+    };
+    let name = &network.name;
+    let bridge = &filter.bridge;
+    // Indented under the check's line, ready to paste.
+    let commands: String = filter
+        .commands()
+        .lines()
+        .map(|line| format!("\n    {line}"))
+        .collect();
+    if !made {
+        return Verdict::Skipped(format!(
+            "{name} does not exist yet: the worker makes it (bridge {bridge}) when it starts. \
+             Then, unless the worker says it installed the packet filter, run as root on the \
+             host (each line adds only what is missing; rerun after a reboot):{commands}"
+        ));
+    }
+    match filter.state().await {
+        Ok(FilterState::InPlace { backend }) => Verdict::Ok(format!(
+            "{name} (bridge {bridge}): packet filter in place (iptables, {backend})"
+        )),
+        Ok(FilterState::Missing { backend, missing }) => Verdict::Failed(format!(
+            "{name} (bridge {bridge}): packet filter missing ({} of {} rules, iptables {backend}); \
+             scrapers can reach the host, its LAN and cloud metadata. Run as root on the host:{commands}",
+            missing.len(),
+            filter.steps.len()
+        )),
+        // Not known to be missing: the operator checks it on the host.
+        Err(e) => Verdict::Skipped(format!(
+            "{name} (bridge {bridge}): cannot verify the packet filter: {e}. \
+             Run as root on the host (each line adds only what is missing; \
+             rerun after a reboot):{commands}"
+        )),
     }
 }
 

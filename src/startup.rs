@@ -1,9 +1,10 @@
 //! Start-up: the order in which the worker comes up (the record of ended
 //! tasks, signals, the metrics listener, the dispatcher login, the SSH key
-//! and the warehouse, the Docker engine, then the worker until shutdown),
-//! the process's runtime, logging and signal set-up that every command
-//! shares, and [`StartupError`]: every way a command can fail before or
-//! instead of doing its work, with its exit code and how it is reported.
+//! and the warehouse, the Docker engine and the scrapers' network, then
+//! the worker until shutdown), the process's runtime, logging and signal
+//! set-up that every command shares, and [`StartupError`]: every way a
+//! command can fail before or instead of doing its work, with its exit code
+//! and how it is reported.
 //!
 //! It must not parse the command line (`main.rs` does) nor hold task logic
 //! (the worker does): each step here is a library call and a verdict.
@@ -23,6 +24,7 @@ use crate::monitor::{self, MonitorError};
 use crate::ops::{self, RegisterError};
 use crate::pipeline::DockerRunner;
 use crate::runner::SimulateRunner;
+use crate::scraper_net::NetError;
 use crate::warehouse::{ClientKey, KeyError, Warehouse, WarehouseError};
 use crate::worker::{Worker, WorkerError};
 
@@ -61,6 +63,9 @@ pub enum StartupError {
     Warehouse(#[from] WarehouseError),
     #[error(transparent)]
     Docker(#[from] DockerError),
+    /// The scrapers' network cannot be made or found.
+    #[error(transparent)]
+    ScraperNetwork(#[from] NetError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
     /// `register-key` failed.
@@ -78,6 +83,8 @@ pub enum RunTaskError {
     Key(KeyError),
     #[error(transparent)]
     Docker(DockerError),
+    #[error(transparent)]
+    Network(NetError),
 }
 
 /// How an error is reported.
@@ -107,11 +114,17 @@ impl StartupError {
             Self::Key(_) | Self::KeyNotRegistered(_) => Report::Fix,
             Self::Dispatcher(e) if !e.is_transient() => Report::Fix,
             Self::Warehouse(e) if e.is_permanent() => Report::Fix,
-            Self::Docker(DockerError::Connect(_) | DockerError::SocketPath { .. }) => Report::Fix,
+            Self::Docker(DockerError::Connect(_) | DockerError::SocketPath { .. })
+            | Self::ScraperNetwork(NetError::Docker(
+                DockerError::Connect(_) | DockerError::SocketPath { .. },
+            )) => Report::Fix,
+            Self::ScraperNetwork(NetError::Missing(_) | NetError::NotOurs { .. }) => Report::Fix,
             Self::Worker(e) if e.is_configuration() => Report::Fix,
-            Self::Dispatcher(_) | Self::Warehouse(_) | Self::Docker(_) | Self::Worker(_) => {
-                Report::Failure
-            }
+            Self::Dispatcher(_)
+            | Self::Warehouse(_)
+            | Self::Docker(_)
+            | Self::ScraperNetwork(_)
+            | Self::Worker(_) => Report::Failure,
         }
     }
 
@@ -119,6 +132,9 @@ impl StartupError {
     pub fn exit_code(&self) -> ExitCode {
         let config = match self {
             Self::Runtime(_) | Self::RunTask(RunTaskError::Docker(_)) => false,
+            Self::RunTask(RunTaskError::Network(e)) => {
+                matches!(e, NetError::Missing(_) | NetError::NotOurs { .. })
+            }
             Self::Register(RegisterError::Key(_)) => true,
             Self::Register(RegisterError::Dispatcher(e)) => !e.is_transient(),
             Self::Register(RegisterError::NotListed { .. }) => false,

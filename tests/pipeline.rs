@@ -386,6 +386,9 @@ fn settings(dir: &Path, node: &str, min_free_mb: u64) -> zimfarm_worker::config:
         container_memory: None,
         container_nano_cpus: None,
         container_log_limit: None,
+        container_pids: 4096,
+        redis_memory: 1 << 30,
+        scraper_network: None,
         image_allowlist: zimfarm_worker::offliner::AllowList::default(),
         redis_image: "zimfarm/redis:test".to_owned(),
     }

@@ -30,6 +30,9 @@ impl Env {
             container_memory: self.get(&vars::CONTAINER_MEMORY_MB)?,
             container_nano_cpus: self.get(&vars::CONTAINER_CPUS)?,
             container_log_limit: self.value(&vars::CONTAINER_LOG_MAX_MB)?,
+            container_pids: self.value(&vars::CONTAINER_PIDS)?,
+            redis_memory: self.value(&vars::REDIS_MEMORY_MB)?,
+            scraper_network: self.get(&vars::SCRAPER_NETWORK)?,
             image_allowlist: self.get(&vars::IMAGE_ALLOWLIST)?.unwrap_or_default(),
             redis_image: self.value(&vars::REDIS_IMAGE)?,
         })

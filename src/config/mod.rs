@@ -191,6 +191,12 @@ pub struct PipelineSettings {
     /// Bound on Docker's own copy of each container's output; `None`
     /// (CONTAINER_LOG_MAX_MB=0) keeps the engine's log config.
     pub container_log_limit: Option<LogLimit>,
+    /// Most processes and threads an offliner container may have.
+    pub container_pids: i64,
+    /// Memory limit of the redis helper, in bytes.
+    pub redis_memory: i64,
+    /// An operator-made network for offliners; `None`: the worker's own.
+    pub scraper_network: Option<String>,
     pub image_allowlist: AllowList,
     pub redis_image: String,
 }

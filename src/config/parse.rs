@@ -246,6 +246,22 @@ pub(super) fn image_name(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
+/// A Docker network's name, as Docker accepts it.
+pub(super) fn network_name(value: &str) -> Result<String, String> {
+    let mut chars = value.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if !first_ok
+        || value.len() > 128
+        || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        return Err(format!(
+            "is {value:?}; expected a Docker network's name (letters, digits, `_`, `.`, `-`, \
+             starting with a letter or digit, at most 128)"
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 /// Hours; 0 is `None` (swept only under disk pressure).
 pub(super) fn kept_dir_max_age(value: &str) -> Result<Option<Duration>, String> {
     let hours = bounded(value, 0, 10 * 365 * 24)

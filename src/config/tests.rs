@@ -337,6 +337,11 @@ mod unit {
             ("CONTROL_POLICY", "open"),
             ("CONTROL_POLICY", "Celery"),
             ("NODE_NAME", "node1\nINFO forged"),
+            ("CONTAINER_PIDS", "0"),
+            ("CONTAINER_PIDS", "63"),
+            ("REDIS_MEMORY_MB", "0"),
+            ("SCRAPER_NETWORK", "-net"),
+            ("SCRAPER_NETWORK", "my net"),
         ];
         for (var, value) in cases {
             let err = load(&with(&[(var, value)])).unwrap_err();
@@ -391,6 +396,18 @@ mod unit {
             limit(load(&with(&[("CONTAINER_LOG_MAX_MB", "0")])).unwrap()),
             None
         );
+    }
+
+    #[test]
+    fn the_box_has_limits_by_default_and_no_way_to_turn_pids_off() {
+        let c = load(&base()).unwrap().pipeline;
+        assert_eq!(c.container_pids, 4096);
+        assert_eq!(c.redis_memory, 4096 << 20);
+        assert_eq!(c.scraper_network, None);
+        let err = load(&with(&[("CONTAINER_PIDS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("CONTAINER_PIDS"), "{err}");
+        let c = load(&with(&[("SCRAPER_NETWORK", "my-scrapers.1")])).unwrap();
+        assert_eq!(c.pipeline.scraper_network.as_deref(), Some("my-scrapers.1"));
     }
 
     #[test]

@@ -183,6 +183,12 @@ vars! {
         "CPU limit of offliner containers, e.g. 2 or 1.5");
     CONTAINER_LOG_MAX_MB: Option<LogLimit> = (Value("50"), parse::log_limit,
         "Docker's own copy of each task container's output (MB); 0: the engine's config");
+    CONTAINER_PIDS: i64 = (Value("4096"), |v| parse::bounded(v, 64, 4_194_304).map(|n| n as i64),
+        "most processes and threads an offliner container may have at once");
+    REDIS_MEMORY_MB: i64 = (Value("4096"), |v| parse::bounded(v, 6, 1 << 30).map(|mb| (mb << 20) as i64),
+        "memory limit of mwoffliner's redis helper (MB)");
+    SCRAPER_NETWORK: String = (Means("the worker's own"), parse::network_name,
+        "an operator-made Docker network for offliners instead of the worker's own");
     SHUTDOWN_GRACE: Duration = (Value("8"), |v| parse::bounded(v, 0, 3600).map(Duration::from_secs),
         "seconds SIGTERM waits for tasks to stop and events to leave");
     MAX_MESSAGE_BYTES: usize = (Value("1048576"), |v| parse::bounded(v, 1024, 512 * 1024 * 1024).map(|n| n as usize),

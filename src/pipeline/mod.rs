@@ -20,10 +20,12 @@
 //! whole run, so it is never swept); a scrape that fails with ZIM_DIR full
 //! is reported as the disk having filled up.
 //!
-//! Here: the runner and its stages. Beside it: `containers.rs` (following
-//! the offliner, its tails, how it ended; the task's containers removed),
-//! `redis.rs` (the redis helper and the wait on its socket) and `output.rs`
-//! (produced files, the marker, the log, journals' names, the upload).
+//! Here: the runner and its stages. Beside it: `confine.rs` (capabilities,
+//! pids limits and dir modes of the task's containers), `containers.rs`
+//! (following the offliner, its tails, how it ended; the task's containers
+//! removed), `redis.rs` (the redis helper and the wait on its socket) and
+//! `output.rs` (produced files, the marker, the log, journals' names, the
+//! upload).
 //!
 //! Owns the task dir and the task's containers. It must not decode messages
 //! or publish anything itself (it never imports `celery`): it works from an
@@ -31,6 +33,7 @@
 //! and reports through the runner's [`TaskContext`] in the words of
 //! [`crate::report`].
 
+mod confine;
 mod containers;
 mod output;
 mod redis;
@@ -51,6 +54,7 @@ use crate::offliner::TaskPlan;
 use crate::runner::{
     ContainerEvent, OfflinerPlanner, RunError, Runner, TaskContext, TaskError, TaskFile,
 };
+use crate::scraper_net::ScraperNetwork;
 use crate::sweep::{SWEEP_INTERVAL, Sweeper};
 use crate::warehouse::Warehouse;
 use containers::{Containers, exit_failure};
@@ -81,6 +85,8 @@ pub struct DockerRunner {
     warehouse: Option<Warehouse>,
     /// Sweeps the task dirs kept in ZIM_DIR; knows which ones are in use.
     sweeper: Sweeper,
+    /// The network offliners join.
+    network: Arc<ScraperNetwork>,
 }
 
 /// A task's paths, as the host sees them (for bind mounts) and as this
@@ -125,8 +131,10 @@ impl DockerRunner {
     pub async fn new(
         settings: PipelineSettings,
         warehouse: Option<Warehouse>,
-    ) -> Result<Self, crate::docker::DockerError> {
+    ) -> Result<Self, crate::scraper_net::NetError> {
         let docker = DockerClient::connect().await?;
+        let network = ScraperNetwork::prepare(&docker, settings.scraper_network.as_deref()).await?;
+        network.install_filter().await;
         let sweeper = Sweeper::new(settings.zim_dir.clone(), settings.kept_dir_max_age);
         let planner = OfflinerPlanner {
             allow: settings.image_allowlist.clone(),
@@ -138,6 +146,7 @@ impl DockerRunner {
             settings: Arc::new(settings),
             warehouse,
             sweeper,
+            network: Arc::new(network),
         })
     }
 
@@ -306,9 +315,17 @@ impl DockerRunner {
             labels: self.labels(&plan.task_id, "offliner"),
             binds,
             no_network: false,
+            network: Some(self.network.name.clone()),
+            cap_add: confine::OFFLINER_CAPS
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
+            pids_limit: Some(self.settings.container_pids),
+            sysctls: self.network.sysctls(),
             memory: self.settings.container_memory,
             nano_cpus: self.settings.container_nano_cpus,
             log_limit: self.settings.container_log_limit,
+            ..Default::default()
         };
         let output = cancellable(cancel, self.docker.start_attached(&spec))
             .await?
@@ -400,6 +417,15 @@ impl DockerRunner {
                 ))
             })?;
         }
+        let shared = async {
+            confine::share_task_dir(&dirs.local_task).await?;
+            confine::share_dir(&dirs.local_sockets).await
+        };
+        shared.await.map_err(|e| {
+            failed(format!(
+                "cannot open the task's dirs in ZIM_DIR to its containers: {e}"
+            ))
+        })?;
         let mut free = self.free_disk().await.map_err(RunError::Failed)?;
         if free < self.settings.min_free_disk {
             tracing::warn!(

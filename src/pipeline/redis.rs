@@ -1,5 +1,6 @@
 //! The task's redis helper: its container, started beside the offliner's
-//! with no network, and the wait for it to answer on its unix socket.
+//! with no network, no capability, as nobody, with memory and pids
+//! limits, and the wait for it to answer on its unix socket.
 //!
 //! Owns the socket's paths and the PING wait; it must not touch the
 //! offliner's container or the task dir.
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use super::{DockerRunner, Job, TaskDirs, cancellable, docker_failed, failed};
+use super::{DockerRunner, Job, TaskDirs, cancellable, confine, docker_failed, failed};
 use crate::docker::ContainerSpec;
 use crate::runner::RunError;
 
@@ -48,6 +49,9 @@ impl DockerRunner {
             labels: self.labels(task_id, "redis"),
             binds: vec![redis_bind(dirs)],
             no_network: true,
+            user: Some(confine::REDIS_USER.to_owned()),
+            memory: Some(self.settings.redis_memory),
+            pids_limit: Some(confine::REDIS_PIDS),
             log_limit: self.settings.container_log_limit,
             ..Default::default()
         };

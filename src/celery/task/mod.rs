@@ -28,7 +28,9 @@
 //!   string or null is "not set"; an AMQP timestamp header is epoch seconds;
 //!   a JSON number is an error (Celery itself only ever sends strings and
 //!   fails on numbers);
-//! - wants the task id and name to be non-empty strings;
+//! - wants the task name to be a non-empty string, and the task id to
+//!   follow the rule of task ids ([`super::task_id`]): a message whose id
+//!   breaks it is undecodable, its id reported only if short and printable;
 //! - takes an empty `reply_to` property (what Celery sends without a result
 //!   backend) as none.
 //!
@@ -72,7 +74,8 @@ pub struct TimeLimit {
 /// One decoded task message.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskRequest {
-    /// The task id, untrusted: validate it before using it in a path.
+    /// The task id: a decoded message's follows [`super::task_id::check`];
+    /// one built otherwise (`run-task`) is checked by the planner.
     pub id: String,
     /// The registered task name, e.g. `offliner.mwoffliner`.
     pub name: String,
@@ -119,7 +122,8 @@ impl TaskRequest {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot decode task message{}: {kind}", id_suffix(.task_id.as_deref()))]
 pub struct DecodeError {
-    /// The task id when it could be read (e.g. from the v2 `id` header), so
+    /// The task id when it could be read (e.g. from the v2 `id` header) and
+    /// is valid, or short and printable ([`super::task_id::reportable`]), so
     /// the worker can still report `task-failed` for it.
     pub task_id: Option<String>,
     pub kind: DecodeErrorKind,

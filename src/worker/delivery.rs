@@ -1,14 +1,18 @@
 //! What becomes of each delivery: dropped (too large, undecodable,
 //! unregistered), held for a run already here, its final event sent again
 //! (ended here), held while the farm is asked (a redelivery), revoked or
-//! expired, or accepted (now, or at its `eta`); and how a message is
-//! settled once its outcome is confirmed.
+//! expired, refused (an `eta` too far ahead), published again at the tail
+//! of its queue (an `eta` ahead while MAX_ETA_HELD are held), or accepted
+//! (now, or at its `eta`); and how a message is settled once its outcome
+//! is confirmed.
 //!
 //! Owns the decision and the message's hold; what a task does is
 //! [`super::task`]'s and the runner's business.
 
-use super::admission::{Admission, Known, admit};
+use super::admission::{Admission, Known, MAX_ETA_AHEAD, admit};
 use super::*;
+use crate::broker::Outgoing;
+use lapin::BasicProperties;
 
 impl<R: Runner> Inner<R> {
     /// Looks at one delivery and decides what becomes of it. Never blocks:
@@ -56,16 +60,18 @@ impl<R: Runner> Inner<R> {
                 return;
             }
         };
-        drop(data);
-
+        let raw = Raw {
+            properties,
+            body: data,
+        };
         let delivery = DeliveryInfo {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
-            priority: *properties.priority(),
+            priority: *raw.properties.priority(),
             redelivered,
         };
         let span = tracing::info_span!("task", task_id = %request.id);
-        self.place(request, acker, delivery, Some(link), span);
+        self.place(request, raw, acker, delivery, Some(link), span);
     }
 
     /// Carries out what [`admit`] decides for a decoded task message: from
@@ -76,6 +82,7 @@ impl<R: Runner> Inner<R> {
     pub(super) fn place(
         self: &Arc<Self>,
         request: Arc<TaskRequest>,
+        raw: Raw,
         acker: Acker,
         delivery: DeliveryInfo,
         link: Option<&SessionLink>,
@@ -90,6 +97,7 @@ impl<R: Runner> Inner<R> {
                 ended: self.ended.get(&request.id),
                 revoked: seen.revoked,
                 can_ask_farm: link.is_some(),
+                eta_room: seen.scheduled < self.config.worker.max_eta_held,
             };
             let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
             let Admission::Accept { at_eta } = admission else {
@@ -173,7 +181,7 @@ impl<R: Runner> Inner<R> {
                 self.tasks.spawn(
                     async move {
                         this.prefetch.settle().await;
-                        this.resolve_redelivery(request, delivery, session, link)
+                        this.resolve_redelivery(request, raw, delivery, session, link)
                             .await;
                     }
                     .instrument(span.clone()),
@@ -181,6 +189,64 @@ impl<R: Runner> Inner<R> {
             }
             Admission::Expired | Admission::Revoked => {
                 self.not_run(request, acker, admission == Admission::Expired, &span);
+            }
+            Admission::EtaTooFar => {
+                tracing::error!(
+                    eta = ?request.eta,
+                    max_days = MAX_ETA_AHEAD.num_days(),
+                    "refusing a task whose eta is too far ahead"
+                );
+                metrics::global().task_ended(&request.name, Outcome::Rejected);
+                let info = ExceptionInfo {
+                    exc_type: "ValueError".to_owned(),
+                    exc_module: "builtins".to_owned(),
+                    message: format!(
+                        "eta {} is more than {} days ahead: this worker does not hold a task \
+                         that long",
+                        request
+                            .eta
+                            .as_ref()
+                            .map(celery::iso8601::format)
+                            .unwrap_or_default(),
+                        MAX_ETA_AHEAD.num_days()
+                    ),
+                    traceback: String::new(),
+                };
+                let confirmed = self.events.emit_final(
+                    &EventKind::TaskFailed {
+                        uuid: request.id.clone(),
+                        exception: info.repr(),
+                        traceback: String::new(),
+                    },
+                    request.reply_to.as_deref(),
+                    &request.id,
+                    &TaskState::Failure(info),
+                );
+                self.spawn_ack(acker, Some(confirmed));
+            }
+            Admission::Requeue => {
+                let n = self.counters.eta_requeued.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        requeued = n,
+                        held = self.config.worker.max_eta_held,
+                        "MAX_ETA_HELD tasks are held for their eta: publishing those that come \
+                         beyond it again at the tail of their queue"
+                    );
+                }
+                tracing::debug!(eta = ?request.eta, "published again at the tail of its queue");
+                let (sent, confirmed) = tokio::sync::oneshot::channel();
+                self.outbox.push(Outgoing {
+                    exchange: delivery.exchange,
+                    routing_key: delivery.routing_key,
+                    body: raw.body,
+                    properties: raw.properties,
+                    keep: true,
+                    confirmed: Some(sent),
+                });
+                // Acked only once the broker has the copy: until then the
+                // message is the broker's to give back.
+                self.spawn_ack(acker, Some(confirmed));
             }
         }
     }
@@ -190,6 +256,7 @@ impl<R: Runner> Inner<R> {
     pub(super) async fn resolve_redelivery(
         self: Arc<Self>,
         request: Arc<TaskRequest>,
+        raw: Raw,
         delivery: DeliveryInfo,
         session: u64,
         link: SessionLink,
@@ -222,7 +289,14 @@ impl<R: Runner> Inner<R> {
                 Some(acker) => {
                     tracing::info!(%why, "running the redelivered task here");
                     metrics::global().redelivery(metrics::Redelivery::RanHere);
-                    self.place(request, acker, delivery, None, tracing::Span::current());
+                    self.place(
+                        request,
+                        raw,
+                        acker,
+                        delivery,
+                        None,
+                        tracing::Span::current(),
+                    );
                     // It was held without a slot, now with one.
                     self.prefetch.settle().await;
                 }
@@ -327,6 +401,13 @@ impl<R: Runner> Inner<R> {
     ) {
         self.tasks.spawn(settle(acker, confirmed, how));
     }
+}
+
+/// A task message as it came: what publishing it again takes. Dropped
+/// once the message is placed, unless it goes back to its queue.
+pub(super) struct Raw {
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
 }
 
 /// What becomes of a task message whose outcome is reported.

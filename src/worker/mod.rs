@@ -116,6 +116,9 @@ impl WorkerError {
 #[derive(Default)]
 struct Counters {
     processed: AtomicU64,
+    /// `eta` messages published again at the tail of their queue, beyond
+    /// MAX_ETA_HELD.
+    eta_requeued: AtomicU64,
 }
 
 /// The running worker. Cheap to clone (an `Arc` inside).

@@ -38,6 +38,27 @@ impl<R: Runner> Inner<R> {
             self.spawn_ack(acker, None);
             return;
         }
+        let delivery = DeliveryInfo {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            priority: *properties.priority(),
+            redelivered,
+        };
+        // A flood of `eta` messages beyond MAX_ETA_HELD goes back to its
+        // queue without its body being read: one header says so (protocol
+        // v2; the decision is made again, in full, under the registry's
+        // lock, for a message that gets that far).
+        let now = chrono::Utc::now();
+        if celery::peek_eta(&properties).is_some_and(|eta| eta > now && eta - now <= MAX_ETA_AHEAD)
+            && self.registry.scheduled() >= self.config.worker.max_eta_held
+        {
+            let raw = Raw {
+                properties,
+                body: data,
+            };
+            self.pass_back(raw, acker, delivery, tracing::Span::current());
+            return;
+        }
         let request = match celery::decode(&properties, &data) {
             Ok(r) => Arc::new(r),
             Err(error) => {
@@ -63,12 +84,6 @@ impl<R: Runner> Inner<R> {
         let raw = Raw {
             properties,
             body: data,
-        };
-        let delivery = DeliveryInfo {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            priority: *raw.properties.priority(),
-            redelivered,
         };
         let span = tracing::info_span!("task", task_id = %request.id);
         self.place(request, raw, acker, delivery, Some(link), span);
@@ -225,30 +240,71 @@ impl<R: Runner> Inner<R> {
                 self.spawn_ack(acker, Some(confirmed));
             }
             Admission::Requeue => {
-                let n = self.counters.eta_requeued.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        requeued = n,
-                        held = self.config.worker.max_eta_held,
-                        "MAX_ETA_HELD tasks are held for their eta: publishing those that come \
-                         beyond it again at the tail of their queue"
-                    );
-                }
-                tracing::debug!(eta = ?request.eta, "published again at the tail of its queue");
-                let (sent, confirmed) = tokio::sync::oneshot::channel();
-                self.outbox.push(Outgoing {
-                    exchange: delivery.exchange,
-                    routing_key: delivery.routing_key,
-                    body: raw.body,
-                    properties: raw.properties,
-                    keep: true,
-                    confirmed: Some(sent),
-                });
-                // Acked only once the broker has the copy: until then the
-                // message is the broker's to give back.
-                self.spawn_ack(acker, Some(confirmed));
+                tracing::debug!(eta = ?request.eta, "no room for one more eta task here");
+                drop(_enter);
+                self.pass_back(raw, acker, delivery, span.clone());
             }
         }
+    }
+
+    /// Publishes an `eta` message again, as it came, to the exchange and
+    /// routing key it came through (the tail of its queue), and acks it
+    /// once the broker confirmed the copy. Up to [`MAX_PASSING`] of them
+    /// are held in the prefetch book meanwhile, holding no slot, so the
+    /// broker sends the next message while they travel: a flood goes by at
+    /// the pace of its copies, not of one broker round trip per message,
+    /// and the tasks behind it come through.
+    fn pass_back(
+        self: &Arc<Self>,
+        raw: Raw,
+        acker: Acker,
+        delivery: DeliveryInfo,
+        span: tracing::Span,
+    ) {
+        let n = self.counters.eta_requeued.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                requeued = n,
+                held = self.config.worker.max_eta_held,
+                "MAX_ETA_HELD tasks are held for their eta: publishing those that come \
+                 beyond it again at the tail of their queue"
+            );
+        }
+        let (sent, confirmed) = tokio::sync::oneshot::channel();
+        self.outbox.push(Outgoing {
+            exchange: delivery.exchange,
+            routing_key: delivery.routing_key,
+            body: raw.body,
+            properties: raw.properties,
+            keep: true,
+            confirmed: Some(sent),
+        });
+        let passing = &self.counters.passing;
+        if passing.fetch_add(1, Ordering::SeqCst) >= MAX_PASSING {
+            passing.fetch_sub(1, Ordering::SeqCst);
+            // Acked only once the broker has the copy: until then the
+            // message is the broker's to give back.
+            self.spawn_ack(acker, Some(confirmed));
+            return;
+        }
+        // Not a task id (those have no `:`): the book cannot mix them up.
+        let key = format!(
+            "passing:{}",
+            self.counters.passed.fetch_add(1, Ordering::Relaxed)
+        );
+        self.prefetch.hold(&key, acker, false);
+        let this = self.clone();
+        self.tasks.spawn(
+            async move {
+                // Room for one more while this one travels.
+                this.prefetch.settle().await;
+                let _ = confirmed.await;
+                // The prefetch lowered first, then the ack (see prefetch).
+                this.prefetch.end(&key).await;
+                this.counters.passing.fetch_sub(1, Ordering::SeqCst);
+            }
+            .instrument(span),
+        );
     }
 
     /// Settles a redelivered message held by [`Inner::place`]: see
@@ -402,6 +458,11 @@ impl<R: Runner> Inner<R> {
         self.tasks.spawn(settle(acker, confirmed, how));
     }
 }
+
+/// Most `eta` messages on their way back to their queue held in the
+/// prefetch book at once (each holds its bytes until the broker has the
+/// copy); more wait for a slot's room instead.
+const MAX_PASSING: usize = 64;
 
 /// A task message as it came: what publishing it again takes. Dropped
 /// once the message is placed, unless it goes back to its queue.

@@ -169,6 +169,17 @@ pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<TaskRequest, 
     }
 }
 
+/// The `eta` of a protocol v2 message, read from its header alone, without
+/// the body; `None` for v1 or when the header is absent or invalid. Only a
+/// hint: [`decode`] checks the whole message.
+pub fn peek_eta(properties: &BasicProperties) -> Option<DateTime<Utc>> {
+    let headers = properties.headers().as_ref()?;
+    if !headers.contains_key("task") {
+        return None;
+    }
+    headers::header_datetime(headers, "eta").ok().flatten()
+}
+
 fn to_repr_list(args: &[Value]) -> String {
     to_repr(&Value::Array(args.to_vec()))
 }

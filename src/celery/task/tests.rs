@@ -1195,3 +1195,17 @@ fn run_task_json_is_read() {
     assert!(request_from_json(r#"{"task": "x"}"#).is_err());
     assert!(request_from_json(r#"{"task": "x", "id": "y", "extra": 1}"#).is_err());
 }
+
+#[test]
+fn the_eta_of_a_v2_message_is_read_from_its_header_alone() {
+    let at = "2026-11-28T06:04:58.545784+00:00";
+    let eta = super::super::iso8601::parse(at);
+    assert!(eta.is_some());
+    assert_eq!(peek_eta(&v2_with("eta", Some(s(at)))), eta);
+    assert_eq!(peek_eta(&v2_with("eta", None)), None);
+    assert_eq!(peek_eta(&v2_with("eta", Some(s("soon")))), None);
+    // Without a `task` header it is v1: the eta is in the body.
+    let v1 = BasicProperties::default().with_headers(table(vec![("eta", s(at))]));
+    assert_eq!(peek_eta(&v1), None);
+    assert_eq!(peek_eta(&BasicProperties::default()), None);
+}

@@ -33,6 +33,6 @@ pub use event::{
 pub use repr::{repr_str, to_repr};
 pub use result::{ExceptionInfo, TaskState, encode_rpc_result};
 pub use task::{
-    DecodeError, DecodeErrorKind, Protocol, TaskRequest, TimeLimit, decode, peek_eta,
+    DecodeError, DecodeErrorKind, Peek, Protocol, TaskRequest, TimeLimit, decode, peek,
     request_from_json,
 };

@@ -45,13 +45,19 @@ impl<R: Runner> Inner<R> {
             redelivered,
         };
         // A flood of `eta` messages beyond MAX_ETA_HELD goes back to its
-        // queue without its body being read: one header says so (protocol
-        // v2; the decision is made again, in full, under the registry's
-        // lock, for a message that gets that far).
+        // queue without its body being read: its headers say so (protocol
+        // v2). Not one that is revoked or expired: that one is decided in
+        // full, under the registry's lock, like any message that gets that
+        // far.
         let now = chrono::Utc::now();
-        if celery::peek_eta(&properties).is_some_and(|eta| eta > now && eta - now <= MAX_ETA_AHEAD)
-            && self.registry.scheduled() >= self.config.worker.max_eta_held
-        {
+        let passes = |peek: &celery::Peek| {
+            peek.eta > now
+                && peek.eta - now <= MAX_ETA_AHEAD
+                && peek.expires.is_none_or(|expires| expires > now)
+                && self.registry.scheduled() >= self.config.worker.max_eta_held
+                && !self.registry.is_revoked(&peek.id)
+        };
+        if celery::peek(&properties).is_some_and(|peek| passes(&peek)) {
             let raw = Raw {
                 properties,
                 body: data,

@@ -185,6 +185,11 @@ impl Registry {
         }
     }
 
+    /// Whether `id` is among the revoked ids remembered.
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.lock().revoked.contains(id, Instant::now())
+    }
+
     /// How many tasks are held here for their `eta`.
     pub fn scheduled(&self) -> usize {
         self.lock().scheduled

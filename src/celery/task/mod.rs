@@ -169,15 +169,34 @@ pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<TaskRequest, 
     }
 }
 
-/// The `eta` of a protocol v2 message, read from its header alone, without
-/// the body; `None` for v1 or when the header is absent or invalid. Only a
-/// hint: [`decode`] checks the whole message.
-pub fn peek_eta(properties: &BasicProperties) -> Option<DateTime<Utc>> {
+/// What the headers of a protocol v2 message say of when it runs, read
+/// without its body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peek {
+    /// A valid task id ([`super::task_id::check`]).
+    pub id: String,
+    pub eta: DateTime<Utc>,
+    pub expires: Option<DateTime<Utc>>,
+}
+
+/// The id, `eta` and `expires` of a protocol v2 message with a valid id and
+/// an `eta`, read from its headers alone; `None` for v1, or when one of
+/// them is absent or invalid. Only a hint: [`decode`] checks the whole
+/// message.
+pub fn peek(properties: &BasicProperties) -> Option<Peek> {
     let headers = properties.headers().as_ref()?;
     if !headers.contains_key("task") {
         return None;
     }
-    headers::header_datetime(headers, "eta").ok().flatten()
+    let id = match headers::header(headers, "id") {
+        Ok(Some(Value::String(id))) if super::task_id::check(&id).is_ok() => id,
+        _ => return None,
+    };
+    Some(Peek {
+        id,
+        eta: headers::header_datetime(headers, "eta").ok().flatten()?,
+        expires: headers::header_datetime(headers, "expires").ok()?,
+    })
 }
 
 fn to_repr_list(args: &[Value]) -> String {

@@ -1197,15 +1197,27 @@ fn run_task_json_is_read() {
 }
 
 #[test]
-fn the_eta_of_a_v2_message_is_read_from_its_header_alone() {
+fn the_eta_of_a_v2_message_is_read_from_its_headers_alone() {
     let at = "2026-11-28T06:04:58.545784+00:00";
-    let eta = super::super::iso8601::parse(at);
-    assert!(eta.is_some());
-    assert_eq!(peek_eta(&v2_with("eta", Some(s(at)))), eta);
-    assert_eq!(peek_eta(&v2_with("eta", None)), None);
-    assert_eq!(peek_eta(&v2_with("eta", Some(s("soon")))), None);
+    let eta = super::super::iso8601::parse(at).expect("a date");
+    let expires = super::super::iso8601::parse("2026-11-28T06:04:58.545784+00:00");
+    assert_eq!(
+        peek(&v2_with("eta", Some(s(at)))),
+        Some(Peek {
+            id: ID.to_owned(),
+            eta,
+            expires
+        })
+    );
+    assert_eq!(peek(&v2_with("eta", None)), None);
+    assert_eq!(peek(&v2_with("eta", Some(s("soon")))), None);
+    let mut headers = celery5_headers();
+    headers.retain(|(k, _)| *k != "eta" && *k != "id");
+    headers.push(("eta", s(at)));
+    headers.push(("id", s("../x")));
+    assert_eq!(peek(&v2_props(headers)), None, "an invalid id");
     // Without a `task` header it is v1: the eta is in the body.
     let v1 = BasicProperties::default().with_headers(table(vec![("eta", s(at))]));
-    assert_eq!(peek_eta(&v1), None);
-    assert_eq!(peek_eta(&BasicProperties::default()), None);
+    assert_eq!(peek(&v1), None);
+    assert_eq!(peek(&BasicProperties::default()), None);
 }

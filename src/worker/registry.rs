@@ -1,8 +1,9 @@
 //! The registry of tasks held or running here, as Celery's
 //! `worker/state.py`: each task's entry (its request, [`TaskPhase`], its
 //! [`Cancellation`], when it started, where its message came from), the
-//! revoked ids ([`RevokedSet`]) and the tasks started by name (`inspect
-//! stats` `total`), behind one lock with named methods.
+//! revoked ids ([`RevokedSet`]), the tasks started by name (`inspect
+//! stats` `total`) and how many tasks are held for their `eta` (bounded by
+//! MAX_ETA_HELD), behind one lock with named methods.
 //!
 //! Owns that state and the rules that read and change it together (a
 //! revoke stops only a task not ending yet; shutdown cancels all but the

@@ -35,8 +35,9 @@
 //!   backend) as none.
 //!
 //! The layouts are in `protocol`, header values in `headers`, the field
-//! rules in `fields`; this file holds the request type, its errors and the
-//! two ways in: [`decode`] and [`request_from_json`].
+//! rules in `fields`; this file holds the request type, its errors, the
+//! two ways in: [`decode`] and [`request_from_json`], and [`peek`], what a
+//! v2 message's headers alone say of when it runs.
 
 mod fields;
 mod headers;

@@ -27,6 +27,21 @@ fn longest_line(text: &str) -> usize {
     text.lines().map(str::len).max().unwrap_or(0)
 }
 
+/// CPU time (user + system) process `pid` used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
 /// Samples the worker's RSS every 100 ms until dropped; the highest seen.
 struct RssWatch {
     stop: Arc<AtomicBool>,
@@ -130,6 +145,10 @@ fn an_eta_flood_neither_fills_memory_nor_blocks_the_queue() {
         .count();
     eprintln!("task-received events: {received}");
 
+    eprintln!(
+        "worker CPU time so far: {:.1} s",
+        cpu_seconds(stack.worker.pid())
+    );
     let peak = rss.peak_kib();
     eprintln!("peak RSS: {peak} KiB");
     assert!(peak > 0, "RSS was read");

@@ -32,4 +32,5 @@ export ZIMFARM_TEST_AMQP="amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672"
 export ZIMFARM_TEST_RABBIT_API="http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api"
 cargo bench --bench throughput
 cargo bench --bench pipeline
+cargo bench --bench revoke
 exec cargo bench --bench upload

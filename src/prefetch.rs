@@ -20,8 +20,10 @@
 //!   count, once in the slots;
 //! - a task whose slot is free again while its final event waits for the
 //!   broker's confirm, an `eta` task held until its time, a redelivery
-//!   of a task already here, or a redelivery held while the farm is asked
-//!   whether another node runs it ([`crate::farm`]): unacked, but holding
+//!   of a task already here, a redelivery held while the farm is asked
+//!   whether another node runs it ([`crate::farm`]), or an `eta` message
+//!   beyond MAX_ETA_HELD while its copy goes back to its queue (a bounded
+//!   number at once, under a key no task id has): unacked, but holding
 //!   no slot. One that turns out to run here is taken back
 //!   ([`Prefetch::take`]) and held again wanting a slot, then settled: like
 //!   an `eta` task whose time came, the broker may have filled its room

@@ -936,8 +936,8 @@ async fn a_journal_vouches_for_its_ranges_but_not_for_another_file() {
     j.confirmed.insert(0..3 << 20);
     j.confirmed.insert(5 << 20..7 << 20);
     j.save(&OwnFile::at(&journal).unwrap()).unwrap();
-    let item =
-        UploadItem::output(local.clone(), "/journaled", "j.bin").with_journal(OwnFile::at(&journal).unwrap());
+    let item = UploadItem::output(local.clone(), "/journaled", "j.bin")
+        .with_journal(OwnFile::at(&journal).unwrap());
     let report = upload(&w, &[item]).await.unwrap().remove(0);
     assert_eq!(report.resumed_from, 5 << 20, "{report:?}");
     assert_eq!(report.bytes_sent, SIZE - (5 << 20), "{report:?}");
@@ -955,8 +955,8 @@ async fn a_journal_vouches_for_its_ranges_but_not_for_another_file() {
     let mut j = Journal::new(stale, "/zim/journaled/k.bin.tmp".to_owned());
     j.confirmed.insert(0..SIZE);
     j.save(&OwnFile::at(&journal).unwrap()).unwrap();
-    let item =
-        UploadItem::output(local.clone(), "/journaled", "k.bin").with_journal(OwnFile::at(&journal).unwrap());
+    let item = UploadItem::output(local.clone(), "/journaled", "k.bin")
+        .with_journal(OwnFile::at(&journal).unwrap());
     let report = upload(&w, &[item]).await.unwrap().remove(0);
     assert_eq!(
         (report.resumed_from, report.bytes_sent),

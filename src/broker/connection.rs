@@ -1,5 +1,5 @@
 //! One live connection to the broker: connecting (with the TLS trust of
-//! BROKER_CA_FILE, a frame size kept small and a timeout), the channels a
+//! BROKER_CA_FILE, the broker's own frame size and a timeout), the channels a
 //! session needs (one consuming, one publishing in confirm mode), and the
 //! order in which a session is set up.
 //!
@@ -19,9 +19,6 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use super::Broker;
 use super::error::{BrokerError, refusal, setup};
 use super::topology::{ControlChannel, TaskQueue, declare_exchanges, set_prefetch};
-
-/// The AMQP frame size asked for, unless BROKER_URL says `?frame_max=`.
-const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
 
 /// How long one connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -83,11 +80,15 @@ impl Broker {
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.connection_name.clone()));
         let url = self.display_url();
-        let mut uri = self.url.uri().clone();
-        // lapin keeps two buffers of 32 frames each: with RabbitMQ's default
-        // 128 KiB frames that is 8 MiB of resident memory for messages that
-        // are a few hundred bytes. Larger messages just take more frames.
-        uri.query.frame_max = uri.query.frame_max.or(Some(DEFAULT_FRAME_MAX));
+        let uri = self.url.uri().clone();
+        // The broker's own frame size (RabbitMQ's default: 128 KiB), unless
+        // BROKER_URL says `?frame_max=`. Not a smaller one, though lapin
+        // keeps two buffers of 32 frames each (8 MiB at 128 KiB): a
+        // message's properties and headers travel in one frame, which the
+        // broker sends whatever size the consumer asked for, and lapin
+        // drops the connection on a frame over its size. A message with
+        // 16 KiB of headers then took every worker on its queue down, again
+        // at each redelivery.
         let connect = async {
             match &self.tls {
                 None => Connection::connect_uri(uri.clone(), props).await,

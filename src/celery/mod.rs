@@ -5,6 +5,8 @@
 //!
 //! - [`task`]: task messages (protocol v1 and v2), and `run-task`'s JSON,
 //!   → [`TaskRequest`];
+//! - [`task_id`]: the rule of task ids, checked at decode, and how a
+//!   refused one may be shown;
 //! - [`event`]: worker and task events for the `celeryev` exchange;
 //! - [`result`]: `rpc://` results and Python-style exceptions;
 //! - [`control`]: pidbox requests and replies;
@@ -21,6 +23,7 @@ mod printable;
 pub mod repr;
 pub mod result;
 pub mod task;
+pub mod task_id;
 
 pub use control::{
     ControlDecodeError, ControlRequest, ReplyTo, decode_control, encode_control_reply,
@@ -33,5 +36,6 @@ pub use log_text::{LogText, MAX_LOG_CHARS, log_text};
 pub use repr::{repr_str, to_repr};
 pub use result::{ExceptionInfo, TaskState, encode_rpc_result};
 pub use task::{
-    DecodeError, DecodeErrorKind, Protocol, TaskRequest, TimeLimit, decode, request_from_json,
+    DecodeError, DecodeErrorKind, Peek, Protocol, TaskRequest, TimeLimit, decode, peek,
+    request_from_json,
 };

@@ -108,6 +108,7 @@ impl Env {
             concurrency,
             shutdown_grace: self.value(&vars::SHUTDOWN_GRACE)?,
             max_message_bytes: self.value(&vars::MAX_MESSAGE_BYTES)?,
+            max_eta_held: self.value(&vars::MAX_ETA_HELD)?,
             log_format: self.value(&vars::LOG_FORMAT)?,
             runner: self.value(&vars::TASK_RUNNER)?,
             metrics_addr,

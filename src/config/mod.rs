@@ -264,6 +264,9 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     /// Largest task message accepted; larger ones are dropped with an error.
     pub max_message_bytes: usize,
+    /// Most task messages held for a future `eta`; more are published
+    /// again at the tail of their queue.
+    pub max_eta_held: usize,
     pub runner: RunnerKind,
     pub log_format: LogFormat,
     /// Where the metrics and health listener binds (`METRICS_ADDR`); off

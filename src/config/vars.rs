@@ -193,6 +193,8 @@ vars! {
         "seconds SIGTERM waits for tasks to stop and events to leave");
     MAX_MESSAGE_BYTES: usize = (Value("1048576"), |v| parse::bounded(v, 1024, 512 * 1024 * 1024).map(|n| n as usize),
         "larger task messages are dropped with an error");
+    MAX_ETA_HELD: usize = (Value("100"), |v| parse::bounded(v, 1, 10_000).map(|n| n as usize),
+        "task messages held for a future eta; more go back to the tail of their queue");
     METRICS_ADDR: SocketAddr = (Means("off"), parse::metrics_addr,
         "IP address and port of the /metrics and /healthz listener");
     LOG_FORMAT: LogFormat = (Value("text"), parse::log_format,

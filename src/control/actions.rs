@@ -9,31 +9,81 @@ use serde_json::Value;
 use super::{ControlledWorker, to_value};
 use crate::broker::TaskQueue;
 use crate::celery::control::{HelloReply, nok, ok};
-use crate::celery::{log_text, repr_str};
+use crate::celery::{log_text, repr_str, task_id};
 use crate::events::EventSink;
+use crate::worker::registry::REVOKES_MAX;
 
-/// `revoke` / `terminate`, replying as Celery 5 does.
+/// Most ids one `revoke` takes: as many as the set of revoked ids keeps.
+pub(super) const MAX_REVOKE_IDS: usize = REVOKES_MAX;
+
+/// Ids a reply or a log line names; the others are counted.
+const MAX_ECHOED_IDS: usize = 10;
+
+/// `revoke` / `terminate`, replying as Celery 5 does. Only task ids are
+/// taken (no other id can match a task, see [`task_id::check`]), at most
+/// [`MAX_REVOKE_IDS`] of them; the reply and the log name at most
+/// [`MAX_ECHOED_IDS`] and count the rest, and say how many were refused.
 pub(super) fn revoke<W: ControlledWorker>(
     worker: &W,
     ids: &[String],
     terminate: Option<i32>,
 ) -> Value {
-    let found = worker.revoke(ids, terminate);
-    tracing::info!(ids = ?ids, ?terminate, found = ?found, "tasks revoked by remote control");
+    let (taken, refused): (Vec<&String>, Vec<&String>) =
+        ids.iter().partition(|id| task_id::check(id).is_ok());
+    let (taken, over) = taken.split_at(taken.len().min(MAX_REVOKE_IDS));
+    let taken: Vec<String> = taken.iter().map(|id| (*id).clone()).collect();
+    let refused_count = refused.len() + over.len();
+    let found = worker.revoke(&taken, terminate);
+    tracing::info!(
+        given = ids.len(),
+        ids = %python_set(&taken),
+        ?terminate,
+        found = %python_set(&found),
+        "tasks revoked by remote control"
+    );
+    if let Some(first) = refused.first().or(over.first()) {
+        tracing::warn!(
+            refused = refused_count,
+            first = %task_id::shown(first),
+            "ignored revoke ids that are not task ids (1 to {} of A-Z a-z 0-9 _ -) or beyond \
+             {MAX_REVOKE_IDS} in one request",
+            task_id::MAX_TASK_ID_LEN,
+        );
+    }
+    let refusal = match refused_count {
+        0 => String::new(),
+        n => format!("; {n} ignored (not task ids, or beyond {MAX_REVOKE_IDS} in one request)"),
+    };
     match terminate {
-        None => ok(format!("tasks {} flagged as revoked", python_set(ids))),
-        Some(_) if found.is_empty() => ok("terminate: tasks unknown"),
-        Some(_) => ok(format!("terminate: {}", found.join(", "))),
+        None => ok(format!(
+            "tasks {} flagged as revoked{refusal}",
+            python_set(&taken)
+        )),
+        Some(_) if found.is_empty() => ok(format!("terminate: tasks unknown{refusal}")),
+        Some(_) => ok(format!("terminate: {}{refusal}", echoed(&found, ", "))),
     }
 }
 
-/// The Python repr of a set of strings: `{'a', 'b'}`, or `set()`.
+/// The Python repr of a set of strings: `{'a', 'b'}`, or `set()`; past
+/// [`MAX_ECHOED_IDS`] items, the others counted: `{'a', ..., 'j', ...
+/// (5 more)}`.
 pub(super) fn python_set(ids: &[String]) -> String {
     if ids.is_empty() {
         return "set()".to_owned();
     }
     let items: Vec<String> = ids.iter().map(|id| repr_str(id)).collect();
-    format!("{{{}}}", items.join(", "))
+    format!("{{{}}}", echoed(&items, ", "))
+}
+
+/// The first [`MAX_ECHOED_IDS`] of `items` joined by `sep`, then how many
+/// more there were.
+fn echoed(items: &[String], sep: &str) -> String {
+    let shown = &items[..items.len().min(MAX_ECHOED_IDS)];
+    let mut text = shown.join(sep);
+    if items.len() > shown.len() {
+        text.push_str(&format!("{sep}... ({} more)", items.len() - shown.len()));
+    }
+    text
 }
 
 pub(super) fn set_task_events(events: &EventSink, enable: bool) -> Value {
@@ -57,6 +107,9 @@ pub(super) fn hello<W: ControlledWorker>(worker: &W, from_node: &str, theirs: &[
         return Value::Null;
     }
     tracing::info!(from = %log_text(from_node), "sync with another node");
+    // Oldest first: the newest are kept, as many as the set keeps (which
+    // takes task ids only).
+    let theirs = &theirs[theirs.len().saturating_sub(REVOKES_MAX)..];
     if !theirs.is_empty() {
         worker.merge_revoked(theirs);
     }

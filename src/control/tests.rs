@@ -729,3 +729,53 @@ fn requests_are_parsed_before_anything_runs() {
     );
     assert_eq!(parse("nope", json!({})), Err(exception("KeyError", "nope")));
 }
+
+/// A revoke of 50,000 ids, twice, with ids that are no task ids and more
+/// than one request takes: the reply and the set stay bounded, and say how
+/// many were ignored.
+#[tokio::test]
+async fn revoke_is_bounded() {
+    let worker = fake(vec![]);
+    let mut ids: Vec<String> = (0..actions::MAX_REVOKE_IDS)
+        .map(|i| format!("{i:024x}"))
+        .collect();
+    for _ in 0..2 {
+        let reply = run(&worker, "revoke", json!({ "task_id": ids })).await;
+        let text = reply["ok"].as_str().expect("an ok reply");
+        assert!(text.len() < 600, "{} bytes: {text}", text.len());
+        assert!(text.contains("... (49990 more)}"), "{text}");
+        assert!(!text.contains("ignored"), "{text}");
+    }
+    assert_eq!(worker.state().revoked.len(), actions::MAX_REVOKE_IDS);
+
+    ids.insert(0, "x".repeat(100_000));
+    ids.insert(1, "a\nfake log line".to_owned());
+    ids.push("one-too-many".to_owned());
+    let reply = run(&worker, "revoke", json!({ "task_id": ids })).await;
+    let text = reply["ok"].as_str().expect("an ok reply");
+    assert!(text.len() < 600, "{} bytes: {text}", text.len());
+    assert!(
+        text.ends_with("; 3 ignored (not task ids, or beyond 50000 in one request)"),
+        "{text}"
+    );
+    let taken = worker.state().revokes.last().expect("a revoke").0.clone();
+    assert_eq!(taken.len(), actions::MAX_REVOKE_IDS);
+    assert!(!taken.iter().any(|id| id.len() > 64 || id.contains('\n')));
+    assert!(
+        !worker
+            .state()
+            .revoked
+            .contains("one-too-many", Instant::now())
+    );
+
+    let reply = run(
+        &worker,
+        "revoke",
+        json!({"task_id": ["a/b", "x"], "terminate": true}),
+    )
+    .await;
+    assert_eq!(
+        reply,
+        json!({"ok": "terminate: tasks unknown; 1 ignored (not task ids, or beyond 50000 in one request)"})
+    );
+}

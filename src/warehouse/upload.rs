@@ -172,14 +172,16 @@ pub(super) async fn upload_one(
             // to be intact here to count as uploaded.
             tracing::info!(file = %item.name, size, "already in the warehouse with this size; reading it back to compare");
             let reading = Instant::now();
-            let (same, intact) =
-                tokio::join!(matching_prefix(sftp, &final_path, item, &source, size), async {
+            let (same, intact) = tokio::join!(
+                matching_prefix(sftp, &final_path, item, &source, size),
+                async {
                     if zim {
                         verify_local_zim(&item.local, &source).await
                     } else {
                         Ok(())
                     }
-                });
+                }
+            );
             let same = same?;
             intact?;
             if same < size {

@@ -6,11 +6,18 @@
 //!
 //! Owns the order of the checks only; it touches nothing.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 use super::registry::TaskPhase;
+use crate::broker::CONSUMER_TIMEOUT_MS;
 use crate::celery::{EventKind, TaskRequest};
 use crate::offliner::Offliner;
+
+/// Furthest `eta` accepted: the delivery timeout the worker asks of the
+/// broker for its consumers (14 days). A message held unacked longer is
+/// taken back by the broker, so the worker could never hold it until its
+/// time; further etas are refused like invalid messages.
+pub(super) const MAX_ETA_AHEAD: TimeDelta = TimeDelta::milliseconds(CONSUMER_TIMEOUT_MS);
 
 /// What the worker knows about a task id when its message arrives.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +31,9 @@ pub(super) struct Known {
     /// A live session through which the farm can be asked about a
     /// redelivery (none when the farm has just answered "run it here").
     pub can_ask_farm: bool,
+    /// Fewer than MAX_ETA_HELD tasks are held for their `eta`: one more may
+    /// be.
+    pub eta_room: bool,
 }
 
 /// The decision.
@@ -43,6 +53,12 @@ pub(super) enum Admission {
     Expired,
     /// Not run: it was revoked before it arrived.
     Revoked,
+    /// Not run: its `eta` is further ahead than [`MAX_ETA_AHEAD`]
+    /// (`task-failed`, acked).
+    EtaTooFar,
+    /// Its `eta` is ahead but MAX_ETA_HELD tasks are held for theirs: the
+    /// message goes back to the tail of its queue, as it came.
+    Requeue,
     /// Taken: run as soon as a slot is free, or held until its `eta`.
     Accept { at_eta: bool },
 }
@@ -50,7 +66,8 @@ pub(super) enum Admission {
 /// Decides what becomes of `request` (delivered again when `redelivered`),
 /// from what is `known` about it at `now`. The checks go in this order:
 /// registered, here, ended here, a redelivery to ask the farm about,
-/// expired, revoked, then accepted.
+/// expired, revoked, an `eta` too far, no room for one more `eta`, then
+/// accepted.
 pub(super) fn admit(
     request: &TaskRequest,
     redelivered: bool,
@@ -75,8 +92,11 @@ pub(super) fn admit(
     if known.revoked {
         return Admission::Revoked;
     }
-    Admission::Accept {
-        at_eta: request.eta.is_some_and(|eta| eta > now),
+    match request.eta {
+        Some(eta) if eta - now > MAX_ETA_AHEAD => Admission::EtaTooFar,
+        Some(eta) if eta > now && !known.eta_room => Admission::Requeue,
+        Some(eta) if eta > now => Admission::Accept { at_eta: true },
+        _ => Admission::Accept { at_eta: false },
     }
 }
 
@@ -110,9 +130,14 @@ mod tests {
         const NOW: i64 = 1_000;
         let now = Utc.timestamp_opt(NOW, 0).single().unwrap();
         let mwoffliner = "offliner.mwoffliner";
-        let nothing = Known::default();
+        let nothing = Known {
+            eta_room: true,
+            ..Known::default()
+        };
+        let full = Known::default();
         let farm = Known {
             can_ask_farm: true,
+            eta_room: true,
             ..Known::default()
         };
         let here = Known {
@@ -120,6 +145,7 @@ mod tests {
             ended: Some(ended()),
             revoked: true,
             can_ask_farm: true,
+            eta_room: true,
         };
         let ended_here = Known {
             ended: Some(ended()),
@@ -129,8 +155,10 @@ mod tests {
         };
         let revoked = Known {
             revoked: true,
+            eta_room: true,
             ..Known::default()
         };
+        let ahead = MAX_ETA_AHEAD.num_seconds();
         #[rustfmt::skip]
         let table: Vec<(&str, TaskRequest, bool, Known, Admission)> = vec![
             ("unregistered, whatever else is known",
@@ -150,9 +178,21 @@ mod tests {
             ("expired comes before revoked",
                 request(mwoffliner, None, Some(NOW - 1)), false, revoked.clone(), Admission::Expired),
             ("revoked before it arrived",
-                request(mwoffliner, None, Some(NOW + 1)), false, revoked, Admission::Revoked),
+                request(mwoffliner, None, Some(NOW + 1)), false, revoked.clone(), Admission::Revoked),
             ("an eta ahead is held for it",
                 request(mwoffliner, Some(NOW + 60), None), false, nothing.clone(), Admission::Accept { at_eta: true }),
+            ("an eta as far as allowed is held",
+                request(mwoffliner, Some(NOW + ahead), None), false, nothing.clone(), Admission::Accept { at_eta: true }),
+            ("an eta further is refused",
+                request(mwoffliner, Some(NOW + ahead + 1), None), false, nothing.clone(), Admission::EtaTooFar),
+            ("an eta further is refused, held full or not",
+                request(mwoffliner, Some(NOW + ahead + 1), None), false, full.clone(), Admission::EtaTooFar),
+            ("revoked comes before an eta too far",
+                request(mwoffliner, Some(NOW + ahead + 1), None), false, revoked, Admission::Revoked),
+            ("an eta ahead with no room goes back to its queue",
+                request(mwoffliner, Some(NOW + 60), None), false, full.clone(), Admission::Requeue),
+            ("an eta passed runs now, held full or not",
+                request(mwoffliner, Some(NOW), None), false, full, Admission::Accept { at_eta: false }),
             ("an eta passed runs now",
                 request(mwoffliner, Some(NOW), None), false, nothing, Admission::Accept { at_eta: false }),
         ];

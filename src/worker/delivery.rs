@@ -1,15 +1,19 @@
 //! What becomes of each delivery: dropped (too large, undecodable,
 //! unregistered), held for a run already here, its final event sent again
 //! (ended here), held while the farm is asked (a redelivery), revoked or
-//! expired, or accepted (now, or at its `eta`); and how a message is
-//! settled once its outcome is confirmed.
+//! expired, refused (an `eta` too far ahead), published again at the tail
+//! of its queue (an `eta` ahead while MAX_ETA_HELD are held), or accepted
+//! (now, or at its `eta`); and how a message is settled once its outcome
+//! is confirmed.
 //!
 //! Owns the decision and the message's hold; what a task does is
 //! [`super::task`]'s and the runner's business.
 
-use super::admission::{Admission, Known, admit};
+use super::admission::{Admission, Known, MAX_ETA_AHEAD, admit};
 use super::*;
+use crate::broker::Outgoing;
 use crate::celery::log_text;
+use lapin::BasicProperties;
 
 impl<R: Runner> Inner<R> {
     /// Looks at one delivery and decides what becomes of it. Never blocks:
@@ -35,6 +39,33 @@ impl<R: Runner> Inner<R> {
             self.spawn_ack(acker, None);
             return;
         }
+        let delivery = DeliveryInfo {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            priority: *properties.priority(),
+            redelivered,
+        };
+        // A flood of `eta` messages beyond MAX_ETA_HELD goes back to its
+        // queue without its body being read: its headers say so (protocol
+        // v2). Not one that is revoked or expired: that one is decided in
+        // full, under the registry's lock, like any message that gets that
+        // far.
+        let now = chrono::Utc::now();
+        let passes = |peek: &celery::Peek| {
+            peek.eta > now
+                && peek.eta - now <= MAX_ETA_AHEAD
+                && peek.expires.is_none_or(|expires| expires > now)
+                && self.registry.scheduled() >= self.config.worker.max_eta_held
+                && !self.registry.is_revoked(&peek.id)
+        };
+        if celery::peek(&properties).is_some_and(|peek| passes(&peek)) {
+            let raw = Raw {
+                properties,
+                body: data,
+            };
+            self.pass_back(raw, acker, delivery, tracing::Span::current());
+            return;
+        }
         let request = match celery::decode(&properties, &data) {
             Ok(r) => Arc::new(r),
             Err(error) => {
@@ -57,16 +88,12 @@ impl<R: Runner> Inner<R> {
                 return;
             }
         };
-        drop(data);
-
-        let delivery = DeliveryInfo {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            priority: *properties.priority(),
-            redelivered,
+        let raw = Raw {
+            properties,
+            body: data,
         };
         let span = tracing::info_span!("task", task_id = %request.id);
-        self.place(request, acker, delivery, Some(link), span);
+        self.place(request, raw, acker, delivery, Some(link), span);
     }
 
     /// Carries out what [`admit`] decides for a decoded task message: from
@@ -77,6 +104,7 @@ impl<R: Runner> Inner<R> {
     pub(super) fn place(
         self: &Arc<Self>,
         request: Arc<TaskRequest>,
+        raw: Raw,
         acker: Acker,
         delivery: DeliveryInfo,
         link: Option<&SessionLink>,
@@ -91,6 +119,7 @@ impl<R: Runner> Inner<R> {
                 ended: self.ended.get(&request.id),
                 revoked: seen.revoked,
                 can_ask_farm: link.is_some(),
+                eta_room: seen.scheduled < self.config.worker.max_eta_held,
             };
             let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
             let Admission::Accept { at_eta } = admission else {
@@ -174,7 +203,7 @@ impl<R: Runner> Inner<R> {
                 self.tasks.spawn(
                     async move {
                         this.prefetch.settle().await;
-                        this.resolve_redelivery(request, delivery, session, link)
+                        this.resolve_redelivery(request, raw, delivery, session, link)
                             .await;
                     }
                     .instrument(span.clone()),
@@ -183,7 +212,106 @@ impl<R: Runner> Inner<R> {
             Admission::Expired | Admission::Revoked => {
                 self.not_run(request, acker, admission == Admission::Expired, &span);
             }
+            Admission::EtaTooFar => {
+                tracing::error!(
+                    eta = ?request.eta,
+                    max_days = MAX_ETA_AHEAD.num_days(),
+                    "refusing a task whose eta is too far ahead"
+                );
+                metrics::global().task_ended(&request.name, Outcome::Rejected);
+                let info = ExceptionInfo {
+                    exc_type: "ValueError".to_owned(),
+                    exc_module: "builtins".to_owned(),
+                    message: format!(
+                        "eta {} is more than {} days ahead: this worker does not hold a task \
+                         that long",
+                        request
+                            .eta
+                            .as_ref()
+                            .map(celery::iso8601::format)
+                            .unwrap_or_default(),
+                        MAX_ETA_AHEAD.num_days()
+                    ),
+                    traceback: String::new(),
+                };
+                let confirmed = self.events.emit_final(
+                    &EventKind::TaskFailed {
+                        uuid: request.id.clone(),
+                        exception: info.repr(),
+                        traceback: String::new(),
+                    },
+                    request.reply_to.as_deref(),
+                    &request.id,
+                    &TaskState::Failure(info),
+                );
+                self.spawn_ack(acker, Some(confirmed));
+            }
+            Admission::Requeue => {
+                tracing::debug!(eta = ?request.eta, "no room for one more eta task here");
+                drop(_enter);
+                self.pass_back(raw, acker, delivery, span.clone());
+            }
         }
+    }
+
+    /// Publishes an `eta` message again, as it came, to the exchange and
+    /// routing key it came through (the tail of its queue), and acks it
+    /// once the broker confirmed the copy. Up to [`MAX_PASSING`] of them
+    /// are held in the prefetch book meanwhile, holding no slot, so the
+    /// broker sends the next message while they travel: a flood goes by at
+    /// the pace of its copies, not of one broker round trip per message,
+    /// and the tasks behind it come through.
+    fn pass_back(
+        self: &Arc<Self>,
+        raw: Raw,
+        acker: Acker,
+        delivery: DeliveryInfo,
+        span: tracing::Span,
+    ) {
+        let n = self.counters.eta_requeued.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                requeued = n,
+                held = self.config.worker.max_eta_held,
+                "MAX_ETA_HELD tasks are held for their eta: publishing those that come \
+                 beyond it again at the tail of their queue"
+            );
+        }
+        let (sent, confirmed) = tokio::sync::oneshot::channel();
+        self.outbox.push(Outgoing {
+            exchange: delivery.exchange,
+            routing_key: delivery.routing_key,
+            body: raw.body,
+            properties: raw.properties,
+            keep: true,
+            confirmed: Some(sent),
+        });
+        let passing = &self.counters.passing;
+        if passing.fetch_add(1, Ordering::SeqCst) >= MAX_PASSING {
+            passing.fetch_sub(1, Ordering::SeqCst);
+            // Acked only once the broker has the copy: until then the
+            // message is the broker's to give back.
+            self.spawn_ack(acker, Some(confirmed));
+            return;
+        }
+        // Not a task id (those have no `:`): the book cannot mix them up.
+        let key = format!(
+            "passing:{}",
+            self.counters.passed.fetch_add(1, Ordering::Relaxed)
+        );
+        self.prefetch.hold(&key, acker, false);
+        let this = self.clone();
+        self.tasks.spawn(
+            async move {
+                // Room for one more while this one travels.
+                this.prefetch.settle().await;
+                let _ = confirmed.await;
+                // The prefetch lowered first, then the ack (see prefetch).
+                this.prefetch.end(&key).await;
+                this.counters.passing.fetch_sub(1, Ordering::SeqCst);
+            }
+            .instrument(span),
+        );
     }
 
     /// Settles a redelivered message held by [`Inner::place`]: see
@@ -191,6 +319,7 @@ impl<R: Runner> Inner<R> {
     pub(super) async fn resolve_redelivery(
         self: Arc<Self>,
         request: Arc<TaskRequest>,
+        raw: Raw,
         delivery: DeliveryInfo,
         session: u64,
         link: SessionLink,
@@ -223,7 +352,14 @@ impl<R: Runner> Inner<R> {
                 Some(acker) => {
                     tracing::info!(%why, "running the redelivered task here");
                     metrics::global().redelivery(metrics::Redelivery::RanHere);
-                    self.place(request, acker, delivery, None, tracing::Span::current());
+                    self.place(
+                        request,
+                        raw,
+                        acker,
+                        delivery,
+                        None,
+                        tracing::Span::current(),
+                    );
                     // It was held without a slot, now with one.
                     self.prefetch.settle().await;
                 }
@@ -328,6 +464,18 @@ impl<R: Runner> Inner<R> {
     ) {
         self.tasks.spawn(settle(acker, confirmed, how));
     }
+}
+
+/// Most `eta` messages on their way back to their queue held in the
+/// prefetch book at once (each holds its bytes until the broker has the
+/// copy); more wait for a slot's room instead.
+const MAX_PASSING: usize = 64;
+
+/// A task message as it came: what publishing it again takes. Dropped
+/// once the message is placed, unless it goes back to its queue.
+pub(super) struct Raw {
+    pub properties: BasicProperties,
+    pub body: Vec<u8>,
 }
 
 /// What becomes of a task message whose outcome is reported.

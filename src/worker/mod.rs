@@ -116,6 +116,13 @@ impl WorkerError {
 #[derive(Default)]
 struct Counters {
     processed: AtomicU64,
+    /// `eta` messages published again at the tail of their queue, beyond
+    /// MAX_ETA_HELD.
+    eta_requeued: AtomicU64,
+    /// Of those, how many are on their way, held in the prefetch book.
+    passing: std::sync::atomic::AtomicUsize,
+    /// Numbers them (their key in the book).
+    passed: AtomicU64,
 }
 
 /// The running worker. Cheap to clone (an `Arc` inside).

@@ -1,8 +1,9 @@
 //! The registry of tasks held or running here, as Celery's
 //! `worker/state.py`: each task's entry (its request, [`TaskPhase`], its
 //! [`Cancellation`], when it started, where its message came from), the
-//! revoked ids ([`RevokedSet`]) and the tasks started by name (`inspect
-//! stats` `total`), behind one lock with named methods.
+//! revoked ids ([`RevokedSet`]), the tasks started by name (`inspect
+//! stats` `total`) and how many tasks are held for their `eta` (bounded by
+//! MAX_ETA_HELD), behind one lock with named methods.
 //!
 //! Owns that state and the rules that read and change it together (a
 //! revoke stops only a task not ending yet; shutdown cancels all but the
@@ -94,6 +95,21 @@ struct Tables {
     revoked: RevokedSet,
     /// Tasks started, by name.
     totals: BTreeMap<String, u64>,
+    /// How many of `tasks` are [`TaskPhase::Scheduled`] (held for their
+    /// `eta`): bounded by MAX_ETA_HELD.
+    scheduled: usize,
+}
+
+impl Tables {
+    /// Moves the entry of `id`, if any, to `phase`, keeping the count of
+    /// scheduled tasks.
+    fn set_phase(&mut self, id: &str, phase: TaskPhase) -> Option<&mut TaskEntry> {
+        let entry = self.tasks.get_mut(id)?;
+        self.scheduled -= usize::from(entry.phase == TaskPhase::Scheduled);
+        self.scheduled += usize::from(phase == TaskPhase::Scheduled);
+        entry.phase = phase;
+        Some(entry)
+    }
 }
 
 /// What the registry knows of a task id when its message arrives.
@@ -103,6 +119,8 @@ pub struct Seen {
     pub here: Option<TaskPhase>,
     /// Its id is among the revoked ids remembered.
     pub revoked: bool,
+    /// How many tasks are held here for their `eta`.
+    pub scheduled: usize,
 }
 
 /// The tasks held or running here, the revoked ids and the totals.
@@ -128,27 +146,28 @@ impl Registry {
         let seen = Seen {
             here: tables.tasks.get(id).map(|entry| entry.phase),
             revoked: tables.revoked.contains(id, Instant::now()),
+            scheduled: tables.scheduled,
         };
         let (decision, entry) = decide(seen);
         if let Some(entry) = entry {
-            tables.tasks.insert(entry.request.id.clone(), entry);
+            tables.scheduled += usize::from(entry.phase == TaskPhase::Scheduled);
+            if let Some(old) = tables.tasks.insert(entry.request.id.clone(), entry) {
+                tables.scheduled -= usize::from(old.phase == TaskPhase::Scheduled);
+            }
         }
         decision
     }
 
     /// Moves task `id` to `phase`.
     pub fn set_phase(&self, id: &str, phase: TaskPhase) {
-        if let Some(entry) = self.lock().tasks.get_mut(id) {
-            entry.phase = phase;
-        }
+        self.lock().set_phase(id, phase);
     }
 
     /// Task `id` starts running now: [`TaskPhase::Active`], its start time
     /// and one more started for its name.
     pub fn start(&self, request: &TaskRequest) {
         let mut tables = self.lock();
-        if let Some(entry) = tables.tasks.get_mut(&request.id) {
-            entry.phase = TaskPhase::Active;
+        if let Some(entry) = tables.set_phase(&request.id, TaskPhase::Active) {
             entry.started = Some(celery::now_timestamp());
         }
         *tables.totals.entry(request.name.clone()).or_default() += 1;
@@ -161,7 +180,20 @@ impl Registry {
 
     /// Forgets task `id`: its message is settled.
     pub fn remove(&self, id: &str) {
-        self.lock().tasks.remove(id);
+        let mut tables = self.lock();
+        if let Some(old) = tables.tasks.remove(id) {
+            tables.scheduled -= usize::from(old.phase == TaskPhase::Scheduled);
+        }
+    }
+
+    /// Whether `id` is among the revoked ids remembered.
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.lock().revoked.contains(id, Instant::now())
+    }
+
+    /// How many tasks are held here for their `eta`.
+    pub fn scheduled(&self) -> usize {
+        self.lock().scheduled
     }
 
     /// Cancels every task not ending yet for `reason` (shutdown).

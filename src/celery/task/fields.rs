@@ -1,5 +1,5 @@
-//! The checks of one decoded field: a non-empty string, an optional
-//! string, `retries`, `timelimit`, an ISO-8601 date-time, `args` and
+//! The checks of one decoded field: a non-empty string, a task id, an
+//! optional string, `retries`, `timelimit`, an ISO-8601 date-time, `args` and
 //! `kwargs`; each error names the field and quotes untrusted text short.
 //!
 //! Owns those rules (listed in the `task` module doc). It must not know
@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::super::iso8601;
+use super::super::{iso8601, task_id};
 use super::{DecodeErrorKind, TimeLimit};
 
 /// Longest untrusted value quoted back in an error message, in characters.
@@ -27,6 +27,29 @@ pub(super) fn non_empty_string(
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(wrong_shape(field, "a string", other)),
     }
+}
+
+/// A task id that follows the rule of task ids (see
+/// [`crate::celery::task_id`]); the error names its length and first bad
+/// character, never the id.
+pub(super) fn task_id(id: String, field: &str) -> Result<String, DecodeErrorKind> {
+    match task_id::check(&id) {
+        Ok(()) => Ok(id),
+        Err(error) => Err(DecodeErrorKind::InvalidValue {
+            field: field.to_owned(),
+            reason: format!("{error}: {}", task_id::shown(&id)),
+        }),
+    }
+}
+
+/// The id a refused message's `task-failed` event names: one read as a
+/// string that is valid, or short and printable
+/// ([`task_id::reportable`]); else none, and no event.
+pub(super) fn reportable_id(id: &Result<String, DecodeErrorKind>) -> Option<String> {
+    id.as_ref()
+        .ok()
+        .filter(|id| task_id::reportable(id))
+        .cloned()
 }
 
 pub(super) fn opt_string(

@@ -28,13 +28,16 @@
 //!   string or null is "not set"; an AMQP timestamp header is epoch seconds;
 //!   a JSON number is an error (Celery itself only ever sends strings and
 //!   fails on numbers);
-//! - wants the task id and name to be non-empty strings;
+//! - wants the task name to be a non-empty string, and the task id to
+//!   follow the rule of task ids ([`super::task_id`]): a message whose id
+//!   breaks it is undecodable, its id reported only if short and printable;
 //! - takes an empty `reply_to` property (what Celery sends without a result
 //!   backend) as none.
 //!
 //! The layouts are in `protocol`, header values in `headers`, the field
-//! rules in `fields`; this file holds the request type, its errors and the
-//! two ways in: [`decode`] and [`request_from_json`].
+//! rules in `fields`; this file holds the request type, its errors, the
+//! two ways in: [`decode`] and [`request_from_json`], and [`peek`], what a
+//! v2 message's headers alone say of when it runs.
 
 mod fields;
 mod headers;
@@ -72,7 +75,8 @@ pub struct TimeLimit {
 /// One decoded task message.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskRequest {
-    /// The task id, untrusted: validate it before using it in a path.
+    /// The task id: a decoded message's follows [`super::task_id::check`];
+    /// one built otherwise (`run-task`) is checked by the planner.
     pub id: String,
     /// The registered task name, e.g. `offliner.mwoffliner`.
     pub name: String,
@@ -119,7 +123,8 @@ impl TaskRequest {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot decode task message{}: {kind}", id_suffix(.task_id.as_deref()))]
 pub struct DecodeError {
-    /// The task id when it could be read (e.g. from the v2 `id` header), so
+    /// The task id when it could be read (e.g. from the v2 `id` header) and
+    /// is valid, or short and printable ([`super::task_id::reportable`]), so
     /// the worker can still report `task-failed` for it.
     pub task_id: Option<String>,
     pub kind: DecodeErrorKind,
@@ -163,6 +168,36 @@ pub fn decode(properties: &BasicProperties, body: &[u8]) -> Result<TaskRequest, 
         Some(headers) if headers.contains_key("task") => decode_v2(properties, headers, body),
         _ => decode_v1(properties, body),
     }
+}
+
+/// What the headers of a protocol v2 message say of when it runs, read
+/// without its body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peek {
+    /// A valid task id ([`super::task_id::check`]).
+    pub id: String,
+    pub eta: DateTime<Utc>,
+    pub expires: Option<DateTime<Utc>>,
+}
+
+/// The id, `eta` and `expires` of a protocol v2 message with a valid id and
+/// an `eta`, read from its headers alone; `None` for v1, or when one of
+/// them is absent or invalid. Only a hint: [`decode`] checks the whole
+/// message.
+pub fn peek(properties: &BasicProperties) -> Option<Peek> {
+    let headers = properties.headers().as_ref()?;
+    if !headers.contains_key("task") {
+        return None;
+    }
+    let id = match headers::header(headers, "id") {
+        Ok(Some(Value::String(id))) if super::task_id::check(&id).is_ok() => id,
+        _ => return None,
+    };
+    Some(Peek {
+        id,
+        eta: headers::header_datetime(headers, "eta").ok().flatten()?,
+        expires: headers::header_datetime(headers, "expires").ok()?,
+    })
 }
 
 fn to_repr_list(args: &[Value]) -> String {

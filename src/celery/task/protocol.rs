@@ -13,8 +13,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde_json::{Map, Value};
 
 use super::fields::{
-    datetime, list_or_null, non_empty_string, object_or_null, opt_string, preview, retries,
-    time_limit, wrong_shape,
+    datetime, list_or_null, non_empty_string, object_or_null, opt_string, preview, reportable_id,
+    retries, task_id, time_limit, wrong_shape,
 };
 use super::headers::{header, header_datetime};
 use super::{DecodeError, DecodeErrorKind, Protocol, TaskRequest, to_repr_list, to_repr_map};
@@ -25,7 +25,8 @@ pub(super) fn decode_v2(
     body: &[u8],
 ) -> Result<TaskRequest, DecodeError> {
     let id = header(headers, "id").and_then(|v| non_empty_string(v.as_ref(), "headers.id"));
-    let known_id = id.as_ref().ok().cloned();
+    let known_id = reportable_id(&id);
+    let id = id.and_then(|id| task_id(id, "headers.id"));
     let decoded = check_content(properties).and_then(|()| {
         let id = id?;
         decode_v2_fields(properties, headers, body, id)
@@ -111,7 +112,8 @@ pub(super) fn decode_v1(
         }
     };
     let id = non_empty_string(fields.get("id"), "body.id");
-    let known_id = id.as_ref().ok().cloned();
+    let known_id = reportable_id(&id);
+    let id = id.and_then(|id| task_id(id, "body.id"));
     decode_v1_fields(properties, fields, id).map_err(|kind| DecodeError {
         task_id: known_id,
         kind,

@@ -542,6 +542,40 @@ fn id_and_task_rules() {
 }
 
 #[test]
+fn ids_that_break_the_rule_are_refused_at_decode() {
+    let invalid = |error: &DecodeError, field: &str| matches!(&error.kind, DecodeErrorKind::InvalidValue { field: f, .. } if f == field);
+    // Short and printable: refused, still named for its task-failed event.
+    let error = decode_v2_header("id", Some(s("../../etc"))).expect_err("a path");
+    assert!(invalid(&error, "headers.id"), "{error}");
+    assert_eq!(error.task_id.as_deref(), Some("../../etc"));
+    let error = decode(
+        &BasicProperties::default(),
+        br#"{"id": "a/b", "task": "offliner.phet"}"#,
+    )
+    .expect_err("v1 path");
+    assert!(invalid(&error, "body.id"), "{error}");
+    assert_eq!(error.task_id.as_deref(), Some("a/b"));
+
+    // A newline, or 100 KB: refused and named nowhere but escaped and cut.
+    let error = decode_v2_header("id", Some(s("a\nfake line"))).expect_err("a newline");
+    assert_eq!(error.task_id, None);
+    let text = error.to_string();
+    assert!(!text.contains('\n') && text.contains("\\n"), "{text}");
+
+    let huge = "x".repeat(100_000);
+    let error = decode_v2_header("id", Some(s(&huge))).expect_err("100 KB");
+    assert!(invalid(&error, "headers.id"), "{error}");
+    assert_eq!(error.task_id, None);
+    let text = error.to_string();
+    assert!(text.len() < 400, "{} bytes: {text}", text.len());
+    assert!(text.contains("100000 bytes"), "{text}");
+    let body = format!(r#"{{"id": "{huge}", "task": "offliner.phet"}}"#);
+    let error = decode(&BasicProperties::default(), body.as_bytes()).expect_err("v1 100 KB");
+    assert_eq!(error.task_id, None);
+    assert!(error.to_string().len() < 400);
+}
+
+#[test]
 fn content_type_and_encoding() {
     let body = CELERY5_BODY.as_bytes();
     let with = |content_type: Option<&str>, encoding: Option<&str>| {
@@ -1028,7 +1062,7 @@ fn leaf_json() -> impl Strategy<Value = Value> {
 fn fields() -> impl Strategy<Value = Fields> {
     (
         (
-            non_empty_text(),
+            "[A-Za-z0-9_-]{1,64}",
             non_empty_text(),
             any::<i64>(),
             prop::option::of(instant()),
@@ -1160,4 +1194,30 @@ fn run_task_json_is_read() {
     assert_eq!(r.name, "offliner.youtube");
     assert!(request_from_json(r#"{"task": "x"}"#).is_err());
     assert!(request_from_json(r#"{"task": "x", "id": "y", "extra": 1}"#).is_err());
+}
+
+#[test]
+fn the_eta_of_a_v2_message_is_read_from_its_headers_alone() {
+    let at = "2026-11-28T06:04:58.545784+00:00";
+    let eta = super::super::iso8601::parse(at).expect("a date");
+    let expires = super::super::iso8601::parse("2026-11-28T06:04:58.545784+00:00");
+    assert_eq!(
+        peek(&v2_with("eta", Some(s(at)))),
+        Some(Peek {
+            id: ID.to_owned(),
+            eta,
+            expires
+        })
+    );
+    assert_eq!(peek(&v2_with("eta", None)), None);
+    assert_eq!(peek(&v2_with("eta", Some(s("soon")))), None);
+    let mut headers = celery5_headers();
+    headers.retain(|(k, _)| *k != "eta" && *k != "id");
+    headers.push(("eta", s(at)));
+    headers.push(("id", s("../x")));
+    assert_eq!(peek(&v2_props(headers)), None, "an invalid id");
+    // Without a `task` header it is v1: the eta is in the body.
+    let v1 = BasicProperties::default().with_headers(table(vec![("eta", s(at))]));
+    assert_eq!(peek(&v1), None);
+    assert_eq!(peek(&BasicProperties::default()), None);
 }

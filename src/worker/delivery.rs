@@ -148,16 +148,7 @@ impl<R: Runner> Inner<R> {
                     message: request.name.clone(),
                     traceback: String::new(),
                 };
-                let confirmed = self.events.emit_final(
-                    &EventKind::TaskFailed {
-                        uuid: request.id.clone(),
-                        exception: info.repr(),
-                        traceback: String::new(),
-                    },
-                    request.reply_to.as_deref(),
-                    &request.id,
-                    &TaskState::Failure(info),
-                );
+                let confirmed = self.refused(&request, info);
                 self.spawn_settle(acker, Some(confirmed), Settle::Reject);
             }
             Admission::AlreadyHere(phase) => {
@@ -234,16 +225,7 @@ impl<R: Runner> Inner<R> {
                     ),
                     traceback: String::new(),
                 };
-                let confirmed = self.events.emit_final(
-                    &EventKind::TaskFailed {
-                        uuid: request.id.clone(),
-                        exception: info.repr(),
-                        traceback: String::new(),
-                    },
-                    request.reply_to.as_deref(),
-                    &request.id,
-                    &TaskState::Failure(info),
-                );
+                let confirmed = self.refused(&request, info);
                 self.spawn_ack(acker, Some(confirmed));
             }
             Admission::Requeue => {
@@ -451,6 +433,21 @@ impl<R: Runner> Inner<R> {
     }
 
     /// Acks once `confirmed` resolves (the final event reached the broker).
+    /// The final `task-failed` (and rpc result) of a task refused before
+    /// it ran; settled once the broker has it.
+    fn refused(&self, request: &TaskRequest, info: ExceptionInfo) -> crate::events::Confirmed {
+        self.events.emit_final(
+            &EventKind::TaskFailed {
+                uuid: request.id.clone(),
+                exception: info.repr(),
+                traceback: String::new(),
+            },
+            request.reply_to.as_deref(),
+            &request.id,
+            &TaskState::Failure(info),
+        )
+    }
+
     pub(super) fn spawn_ack(&self, acker: Acker, confirmed: Option<crate::events::Confirmed>) {
         self.spawn_settle(acker, confirmed, Settle::Ack);
     }

@@ -862,3 +862,36 @@ fn cut_repr_cuts_at_celerys_maxsize_in_characters() {
         format!("{}...", "é".repeat(inspect::REPR_MAXSIZE))
     );
 }
+
+/// Replies that echo what a request carried (an unknown method, a signal
+/// name, a queue name) stay within
+/// [`crate::celery::control::MAX_REPLY_TEXT`] characters.
+#[tokio::test]
+async fn echoing_replies_are_bounded() {
+    use crate::celery::control::MAX_REPLY_TEXT;
+    let worker = fake(vec![]);
+    let long = "Q".repeat(100_000);
+    let replies = [
+        dispatch(&worker, &long, &args(json!({})), true).await.0,
+        run(
+            &worker,
+            "revoke",
+            json!({"task_id": "a", "terminate": true, "signal": long}),
+        )
+        .await,
+        run(&worker, "cancel_consumer", json!({"queue": long})).await,
+    ];
+    for reply in replies {
+        let (_, text) = reply
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .unwrap_or_else(|| panic!("an ok or error reply: {reply}"));
+        let text = text.as_str().expect("a text");
+        assert!(
+            text.chars().count() <= MAX_REPLY_TEXT + 3,
+            "{} chars",
+            text.len()
+        );
+        assert!(text.ends_with("..."), "{text}");
+    }
+}

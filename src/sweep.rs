@@ -22,7 +22,8 @@
 //! direct subdirectories whose name is a valid task id (never `.sockets`
 //! nor the record of ended tasks) and judges their age by the dirs' mtime
 //! (the last file created or removed in them; the newer of the two). It
-//! must not touch anything else in ZIM_DIR.
+//! measures them through descriptors, never following a link a scraper
+//! put in its output. It must not touch anything else in ZIM_DIR.
 
 use std::collections::HashSet;
 use std::io;

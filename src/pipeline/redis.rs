@@ -1,6 +1,7 @@
 //! The task's redis helper: its container, started beside the offliner's
 //! with no network, no capability, as nobody, with memory and pids
-//! limits, and the wait for it to answer on its unix socket.
+//! limits, and the wait for it to answer on its unix socket (a socket,
+//! never reached through a link: the dir is the containers' to write).
 //!
 //! Owns the socket's paths and the PING wait; it must not touch the
 //! offliner's container or the task dir.

@@ -69,6 +69,17 @@ impl DockerRunner {
     }
 }
 
+/// Makes the task's sockets dir afresh: whatever an earlier, interrupted
+/// run's containers left in it (a link, a large file) goes first, links
+/// removed, never followed.
+pub(super) async fn fresh_sockets_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
 /// The bind mount of the task's sockets dir, in both containers.
 pub(super) fn redis_bind(dirs: &TaskDirs) -> String {
     format!("{}:{REDIS_SOCKET_DIR}", dirs.host_sockets.display())
@@ -335,6 +346,21 @@ mod tests {
             message.contains("cannot open the redis helper's socket dir"),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_sockets_dir_is_made_afresh_without_following_links() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("canary"), b"canary").unwrap();
+        let dir = root.path().join(".sockets").join("task1");
+        fresh_sockets_dir(&dir).await.unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("redis.sock")).unwrap();
+        std::fs::write(dir.join("junk"), vec![0u8; 4096]).unwrap();
+        fresh_sockets_dir(&dir).await.unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert_eq!(std::fs::read(outside.join("canary")).unwrap(), b"canary");
     }
 
     #[tokio::test]

@@ -22,11 +22,11 @@
 //! direct subdirectories whose name is a valid task id (never `.sockets`
 //! nor the record of ended tasks) and judges their age by the dirs' mtime
 //! (the last file created or removed in them; the newer of the two). It
-//! must not touch anything else in ZIM_DIR.
+//! measures them through descriptors, never following a link a scraper
+//! put in its output. It must not touch anything else in ZIM_DIR.
 
 use std::collections::HashSet;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -138,24 +138,56 @@ fn remove_all(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Deepest level below a kept dir that [`disk_usage`] descends to (it
+/// holds one descriptor per level); anything deeper is not counted.
+const MAX_WALK_DEPTH: usize = 128;
+
 /// Bytes allocated to the files under `path`, links not followed;
 /// what cannot be read counts as nothing.
+///
+/// A task dir's insides are the scraper's, which may swap a dir for a link
+/// while the worker walks it: each dir is opened relative to its parent's
+/// descriptor with `O_NOFOLLOW | O_DIRECTORY` and each entry measured with
+/// `fstatat(AT_SYMLINK_NOFOLLOW)`, so no name is resolved through a link
+/// and the walk never leaves `path`.
 fn disk_usage(path: &Path) -> u64 {
+    use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let Some(top) = rustix::fs::open(path, flags, Mode::empty())
+        .ok()
+        .and_then(|fd| Dir::new(fd).ok())
+    else {
+        return 0;
+    };
     let mut total = 0u64;
-    let mut stack = vec![path.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    let mut stack = vec![top];
+    loop {
+        let depth = stack.len();
+        let Some(dir) = stack.last_mut() else {
+            break;
+        };
+        let (Some(Ok(entry)), Ok(fd)) = (dir.read(), dir.fd()) else {
+            stack.pop();
             continue;
         };
-        for entry in entries.flatten() {
-            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
-                continue;
-            };
-            total = total.saturating_add(meta.blocks().saturating_mul(512));
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
         }
+        let Ok(stat) = rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let blocks = u64::try_from(stat.st_blocks).unwrap_or(0);
+        total = total.saturating_add(blocks.saturating_mul(512));
+        let is_dir = FileType::from_raw_mode(stat.st_mode) == FileType::Directory;
+        if !is_dir || depth >= MAX_WALK_DEPTH {
+            continue;
+        }
+        // A dir swapped for a link since the stat: ELOOP, not followed.
+        let child = rustix::fs::openat(fd, name, flags, Mode::empty())
+            .ok()
+            .and_then(|fd| Dir::new(fd).ok());
+        stack.extend(child);
     }
     total
 }
@@ -430,5 +462,70 @@ mod tests {
             .map(|d| d.task_id)
             .collect();
         assert_eq!(listed, ["a", "b", "c"]);
+    }
+
+    /// A scraper that swaps a dir of its output with a link to a dir
+    /// outside, again and again, while the worker measures the kept dir:
+    /// the walk never counts what lies outside.
+    #[test]
+    fn disk_usage_never_descends_into_a_link_even_racing() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let root = tempfile::tempdir().unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("big"), vec![7u8; 4 << 20]).unwrap();
+        let task = root.path().join("task");
+        std::fs::create_dir_all(task.join("d")).unwrap();
+        std::fs::write(task.join("d").join("small"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, task.join("alt")).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, d, alt) = (stop.clone(), task.join("d"), task.join("alt"));
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        &d,
+                        rustix::fs::CWD,
+                        &alt,
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let mut most = 0;
+        for _ in 0..3000 {
+            most = most.max(disk_usage(&task));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        assert!(swaps > 100, "only {swaps} swaps");
+        assert!(
+            most < 1 << 20,
+            "counted {most} bytes: the walk followed the link"
+        );
+    }
+
+    #[test]
+    fn disk_usage_counts_nested_files_and_no_link() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("big"), vec![7u8; 4 << 20]).unwrap();
+        let task = root.path().join("task");
+        let deep = task.join("a").join("b").join("c");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), vec![1u8; 256 << 10]).unwrap();
+        std::os::unix::fs::symlink(&outside, deep.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("big"), task.join("big")).unwrap();
+        let bytes = disk_usage(&task);
+        assert!((256 << 10..1 << 20).contains(&bytes), "{bytes} bytes");
+        // The kept dir itself a link: nothing counted.
+        std::os::unix::fs::symlink(&outside, root.path().join("linked")).unwrap();
+        assert_eq!(disk_usage(&root.path().join("linked")), 0);
     }
 }

@@ -190,12 +190,26 @@ pub fn encode_control_reply(
 
 /// Celery's `ok(value)`: `{"ok": value}`.
 pub fn ok(value: impl Into<String>) -> Value {
-    json!({"ok": value.into()})
+    json!({"ok": cut_reply_text(value.into())})
 }
 
 /// Celery's `nok(value)`: `{"error": value}`.
 pub fn nok(value: impl Into<String>) -> Value {
-    json!({"error": value.into()})
+    json!({"error": cut_reply_text(value.into())})
+}
+
+/// Most characters of an `ok` or `error` reply's text: they may echo what a
+/// request carried (a method, a queue name, an argument a type error
+/// quotes), and a request is an attacker's maybe.
+pub const MAX_REPLY_TEXT: usize = 2048;
+
+/// `text` cut at [`MAX_REPLY_TEXT`] characters, then `...`.
+fn cut_reply_text(mut text: String) -> String {
+    if let Some((end, _)) = text.char_indices().nth(MAX_REPLY_TEXT) {
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 /// What kombu replies when a command raised: `{"error": "KeyError('x')"}`

@@ -2,7 +2,16 @@
 //! `query_task`, `registered`, `active_queues`, `stats`, `conf` and
 //! `report`, built from what the worker tells through [`ControlledWorker`].
 //!
+//! Every request's arguments come from a message, an attacker's maybe: a
+//! request's `args`/`kwargs` are echoed whole only up to
+//! [`MAX_ECHOED_ARGS_BYTES`] of JSON, else (and in `safe` replies) as their
+//! reprs cut at [`REPR_MAXSIZE`] characters, as Celery's `saferepr` cuts
+//! `argsrepr`; `query_task` takes at most [`MAX_QUERY_IDS`] ids, task ids
+//! only, and looks each up once.
+//!
 //! Owns the replies' contents only; it changes nothing.
+
+use std::collections::HashSet;
 
 use nix::sys::resource::{UsageWho, getrusage};
 use nix::sys::time::TimeVal;
@@ -16,11 +25,54 @@ use crate::broker::{
 use crate::celery::control::{
     BrokerInfo, PoolInfo, QueueInfo, RequestInfo, Rusage, ScheduledInfo, Stats,
 };
-use crate::celery::iso8601;
+use crate::celery::{iso8601, task_id};
 use crate::config::Config;
 use crate::offliner::Offliner;
 use crate::worker::registry::{REVOKE_EXPIRES, REVOKES_MAX};
 
+/// Most characters of an `argsrepr` or `kwargsrepr` a reply echoes:
+/// Celery's `argsrepr_maxsize` and `kwargsrepr_maxsize`.
+pub(super) const REPR_MAXSIZE: usize = 1024;
+
+/// Most bytes of JSON a request's `args` and `kwargs` may take together to
+/// be echoed whole (a Zimfarm task's take a few hundred); larger ones are
+/// echoed as their cut reprs, the shape of Celery's `safe` replies.
+pub(super) const MAX_ECHOED_ARGS_BYTES: usize = 16 * 1024;
+
+/// Most ids one `query_task` takes: as many as one `revoke` takes.
+pub(super) const MAX_QUERY_IDS: usize = super::actions::MAX_REVOKE_IDS;
+
+/// `repr` cut at [`REPR_MAXSIZE`] characters, then `...`, as Celery's
+/// `saferepr(o, maxlen)` ends a repr it cuts.
+pub(super) fn cut_repr(repr: &str) -> String {
+    match repr.char_indices().nth(REPR_MAXSIZE) {
+        None => repr.to_owned(),
+        Some((end, _)) => format!("{}...", &repr[..end]),
+    }
+}
+
+/// Bytes of the JSON of `value`, counted without building it.
+fn json_len(value: &impl Serialize) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, value) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+/// A request as `inspect` shows it: `args`/`kwargs` whole unless `safe` or
+/// larger than [`MAX_ECHOED_ARGS_BYTES`], else their reprs cut at
+/// [`REPR_MAXSIZE`] characters.
 pub(super) fn request_info(
     task: &TaskSnapshot,
     hostname: &str,
@@ -28,15 +80,18 @@ pub(super) fn request_info(
     safe: bool,
 ) -> RequestInfo {
     let request = &task.request;
-    let (args, kwargs) = if safe {
-        (
-            Value::String(request.argsrepr.clone()),
-            Value::String(request.kwargsrepr.clone()),
-        )
-    } else {
+    let whole = !safe
+        && json_len(&request.args).saturating_add(json_len(&request.kwargs))
+            <= MAX_ECHOED_ARGS_BYTES;
+    let (args, kwargs) = if whole {
         (
             Value::Array(request.args.clone()),
             Value::Object(request.kwargs.clone()),
+        )
+    } else {
+        (
+            Value::String(cut_repr(&request.argsrepr)),
+            Value::String(cut_repr(&request.kwargsrepr)),
         )
     };
     RequestInfo {
@@ -103,12 +158,33 @@ pub(super) fn scheduled<W: ControlledWorker>(worker: &W) -> Vec<ScheduledInfo> {
 /// answers `ready` only while it still has the request in memory; a node
 /// holding a redelivery must learn that the task ended here, see
 /// [`crate::farm`]).
+///
+/// Only task ids are taken (no other id names a task, see
+/// [`task_id::check`]), at most [`MAX_QUERY_IDS`] of them; the others are
+/// counted in a log line, as Celery's reply has no place for them.
 pub(super) fn query_task<W: ControlledWorker>(worker: &W, ids: &[String]) -> Value {
     let hostname = worker.events().hostname();
     let pid = std::process::id();
+    let mut wanted: HashSet<&str> = HashSet::new();
+    let mut ignored = 0usize;
+    for id in ids {
+        if wanted.len() < MAX_QUERY_IDS && task_id::check(id).is_ok() {
+            wanted.insert(id);
+        } else if !wanted.contains(id.as_str()) {
+            ignored += 1;
+        }
+    }
+    if ignored > 0 {
+        tracing::warn!(
+            ignored,
+            "query_task: ignored ids that are not task ids (1 to {} of A-Z a-z 0-9 _ -) or \
+             beyond {MAX_QUERY_IDS} in one request",
+            task_id::MAX_TASK_ID_LEN,
+        );
+    }
     let mut reply = Map::new();
     for task in worker.tasks() {
-        if !ids.contains(&task.request.id) {
+        if !wanted.contains(task.request.id.as_str()) {
             continue;
         }
         let state = match task.phase {
@@ -122,10 +198,10 @@ pub(super) fn query_task<W: ControlledWorker>(worker: &W, ids: &[String]) -> Val
             json!([state, to_value(&request_info(&task, hostname, pid, false))]),
         );
     }
-    for id in ids {
+    for id in wanted {
         if !reply.contains_key(id) && worker.ended(id) {
             reply.insert(
-                id.clone(),
+                id.to_owned(),
                 json!(["ready", {"id": id, "hostname": hostname}]),
             );
         }

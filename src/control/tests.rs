@@ -24,6 +24,8 @@ struct Fake {
     state: Mutex<FakeState>,
     heartbeats: AtomicUsize,
     shutdown: AtomicBool,
+    /// How many times the record of ended tasks was asked.
+    ended_calls: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -81,6 +83,7 @@ fn fake_with(tasks: Vec<TaskSnapshot>, policy: ControlPolicy) -> Fake {
         tasks,
         heartbeats: AtomicUsize::new(0),
         shutdown: AtomicBool::new(false),
+        ended_calls: AtomicUsize::new(0),
     }
 }
 
@@ -104,6 +107,7 @@ impl ControlledWorker for Fake {
         self.tasks.clone()
     }
     fn ended(&self, id: &str) -> bool {
+        self.ended_calls.fetch_add(1, Ordering::Relaxed);
         id == "long-gone"
     }
     fn revoke(&self, ids: &[String], terminate: Option<i32>) -> Vec<String> {
@@ -150,9 +154,14 @@ impl ControlledWorker for Fake {
 }
 
 fn task(id: &str, phase: TaskPhase, time_start: Option<f64>) -> TaskSnapshot {
+    task_with(id, phase, time_start, json!({"flags": {"id": "UC1"}}))
+}
+
+/// [`task`] with these `kwargs`.
+fn task_with(id: &str, phase: TaskPhase, time_start: Option<f64>, kwargs: Value) -> TaskSnapshot {
     let text = json!({
         "task": "offliner.youtube", "id": id,
-        "kwargs": {"flags": {"id": "UC1"}}, "eta": "2030-01-01T00:00:00+00:00",
+        "kwargs": kwargs, "eta": "2030-01-01T00:00:00+00:00",
     })
     .to_string();
     // A protocol 1 message: the whole request in the body.
@@ -778,4 +787,111 @@ async fn revoke_is_bounded() {
         reply,
         json!({"ok": "terminate: tasks unknown; 1 ignored (not task ids, or beyond 50000 in one request)"})
     );
+}
+
+/// A `query_task` of more ids than one request takes, with ids that are no
+/// task ids: each taken id is looked up once, at most
+/// [`inspect::MAX_QUERY_IDS`] of them, and the others are not answered.
+#[tokio::test]
+async fn query_task_is_bounded() {
+    let worker = fake(vec![task("act", TaskPhase::Active, Some(1.0))]);
+    let mut ids: Vec<String> = vec!["x".repeat(100_000), "act".to_owned(), "act".to_owned()];
+    ids.extend((0..inspect::MAX_QUERY_IDS + 10_000).map(|i| format!("{i:024x}")));
+    // Beyond the bound: not looked up.
+    ids.push("long-gone".to_owned());
+    let reply = run(&worker, "query_task", json!({ "ids": ids })).await;
+    let answered: Vec<&String> = reply.as_object().expect("a map").keys().collect();
+    assert_eq!(answered, ["act"]);
+    let calls = worker.ended_calls.load(Ordering::Relaxed);
+    assert!(
+        calls <= inspect::MAX_QUERY_IDS,
+        "{calls} look-ups of the ended record"
+    );
+
+    let reply = run(&worker, "query_task", json!({"ids": ["long-gone", "a\nb"]})).await;
+    assert_eq!(
+        reply,
+        json!({"long-gone": ["ready", {"id": "long-gone", "hostname": "alice@node1"}]})
+    );
+}
+
+/// A held request with 1 MB of kwargs: `scheduled`, `reserved`, `active`
+/// and `query_task` echo its reprs cut as Celery's saferepr cuts them, and
+/// a `safe` reply cuts a repr header of any size too.
+#[tokio::test]
+async fn echoed_arguments_are_bounded() {
+    let big = json!({"flags": {"articleList": "y".repeat(1_000_000)}});
+    let worker = fake(vec![
+        task_with("sch", TaskPhase::Scheduled, None, big.clone()),
+        task_with("res", TaskPhase::Reserved, None, big.clone()),
+        task_with("act", TaskPhase::Active, Some(1.0), big),
+    ]);
+    let bound = 2 * inspect::REPR_MAXSIZE + 1024;
+    for (method, arguments) in [
+        ("scheduled", json!({})),
+        ("reserved", json!({})),
+        ("active", json!({})),
+        ("active", json!({"safe": true})),
+        ("query_task", json!({"ids": ["sch", "res", "act"]})),
+    ] {
+        let reply = run(&worker, method, arguments).await;
+        let size = reply.to_string().len();
+        assert!(size < 3 * bound, "{method}: {size} bytes");
+    }
+    let scheduled = run(&worker, "scheduled", json!({})).await;
+    let kwargs = scheduled[0]["request"]["kwargs"]
+        .as_str()
+        .expect("the repr of kwargs too large to echo whole");
+    assert_eq!(kwargs.chars().count(), inspect::REPR_MAXSIZE + 3);
+    assert!(
+        kwargs.starts_with("{'flags': {'articleList': 'yyy"),
+        "{kwargs}"
+    );
+    assert!(kwargs.ends_with("y..."), "{kwargs}");
+    assert_eq!(scheduled[0]["request"]["args"], "[]");
+}
+
+#[test]
+fn cut_repr_cuts_at_celerys_maxsize_in_characters() {
+    assert_eq!(inspect::cut_repr("'short'"), "'short'");
+    let exact = "é".repeat(inspect::REPR_MAXSIZE);
+    assert_eq!(inspect::cut_repr(&exact), exact);
+    let long = "é".repeat(inspect::REPR_MAXSIZE + 1);
+    assert_eq!(
+        inspect::cut_repr(&long),
+        format!("{}...", "é".repeat(inspect::REPR_MAXSIZE))
+    );
+}
+
+/// Replies that echo what a request carried (an unknown method, a signal
+/// name, a queue name) stay within
+/// [`crate::celery::control::MAX_REPLY_TEXT`] characters.
+#[tokio::test]
+async fn echoing_replies_are_bounded() {
+    use crate::celery::control::MAX_REPLY_TEXT;
+    let worker = fake(vec![]);
+    let long = "Q".repeat(100_000);
+    let replies = [
+        dispatch(&worker, &long, &args(json!({})), true).await.0,
+        run(
+            &worker,
+            "revoke",
+            json!({"task_id": "a", "terminate": true, "signal": long}),
+        )
+        .await,
+        run(&worker, "cancel_consumer", json!({"queue": long})).await,
+    ];
+    for reply in replies {
+        let (_, text) = reply
+            .as_object()
+            .and_then(|o| o.iter().next())
+            .unwrap_or_else(|| panic!("an ok or error reply: {reply}"));
+        let text = text.as_str().expect("a text");
+        assert!(
+            text.chars().count() <= MAX_REPLY_TEXT + 3,
+            "{} chars",
+            text.len()
+        );
+        assert!(text.ends_with("..."), "{text}");
+    }
 }

@@ -409,14 +409,24 @@ impl DockerRunner {
         }
         remove_own(&dirs.zim_dir, &dirs.task_id).await;
         own_dir(dirs).await?;
-        for dir in [&dirs.local_task, &dirs.local_sockets] {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| {
-                failed(format!(
-                    "cannot create {}: {e}; check ZIM_DIR",
-                    dir.display()
-                ))
-            })?;
-        }
+        // The sockets dir afresh: a killed run's containers may have left
+        // anything in it.
+        let made = async {
+            let task = &dirs.local_task;
+            tokio::fs::create_dir_all(task)
+                .await
+                .map_err(|e| (task, e))?;
+            let sockets = &dirs.local_sockets;
+            redis::fresh_sockets_dir(sockets)
+                .await
+                .map_err(|e| (sockets, e))
+        };
+        made.await.map_err(|(dir, e)| {
+            failed(format!(
+                "cannot create {}: {e}; check ZIM_DIR",
+                dir.display()
+            ))
+        })?;
         let shared = async {
             confine::share_task_dir(&dirs.local_task).await?;
             confine::share_dir(&dirs.local_sockets).await

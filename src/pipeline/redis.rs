@@ -1,6 +1,7 @@
 //! The task's redis helper: its container, started beside the offliner's
 //! with no network, no capability, as nobody, with memory and pids
-//! limits, and the wait for it to answer on its unix socket.
+//! limits, and the wait for it to answer on its unix socket (a socket,
+//! never reached through a link: the dir is the containers' to write).
 //!
 //! Owns the socket's paths and the PING wait; it must not touch the
 //! offliner's container or the task dir.
@@ -68,6 +69,17 @@ impl DockerRunner {
     }
 }
 
+/// Makes the task's sockets dir afresh: whatever an earlier, interrupted
+/// run's containers left in it (a link, a large file) goes first, links
+/// removed, never followed.
+pub(super) async fn fresh_sockets_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
 /// The bind mount of the task's sockets dir, in both containers.
 pub(super) fn redis_bind(dirs: &TaskDirs) -> String {
     format!("{}:{REDIS_SOCKET_DIR}", dirs.host_sockets.display())
@@ -75,9 +87,15 @@ pub(super) fn redis_bind(dirs: &TaskDirs) -> String {
 
 /// Waits until the redis helper answers PING on `redis.sock` in `dir`.
 ///
-/// It connects through an open descriptor of the dir
-/// (`/proc/self/fd/N/redis.sock`), so the socket's full path may be longer
-/// than the 107 bytes a unix socket address holds: any ZIM_DIR works.
+/// The dir is mounted read-write into the helper and the scraper, so
+/// `redis.sock` may be a link planted to make the worker connect (as root)
+/// to another socket, the Docker engine's say. Each attempt opens
+/// `redis.sock` relative to the dir's descriptor without following a link
+/// (`O_PATH | O_NOFOLLOW`), checks that what it holds is a socket, and
+/// connects to that very inode through `/proc/self/fd/N`: no name is
+/// resolved again between the check and the connect, and the address stays
+/// far below the 107 bytes a unix socket address holds, so any ZIM_DIR
+/// works. A `redis.sock` that is not a socket fails at once.
 /// Errors that waiting cures (no socket yet, refused, no reply yet) are
 /// retried until [`REDIS_READY_TIMEOUT`]; any other fails at once. Either
 /// way the failure text carries the last OS error.
@@ -87,7 +105,10 @@ async fn wait_for_redis(dir: &Path, timeout: Duration) -> Result<(), RunError> {
     let dir_fd = tokio::task::spawn_blocking(move || {
         rustix::fs::open(
             &owned,
-            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::OFlags::PATH
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
     })
@@ -100,13 +121,10 @@ async fn wait_for_redis(dir: &Path, timeout: Duration) -> Result<(), RunError> {
             std::io::Error::from(e)
         ))
     })?;
-    let short = PathBuf::from(format!(
-        "/proc/self/fd/{}/redis.sock",
-        std::os::fd::AsRawFd::as_raw_fd(&dir_fd)
-    ));
+    let dir_fd = std::sync::Arc::new(dir_fd);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let error = match ping_redis(&short).await {
+        let error = match ping_socket_in(&dir_fd).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
@@ -124,6 +142,48 @@ async fn wait_for_redis(dir: &Path, timeout: Duration) -> Result<(), RunError> {
             )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One PING on the socket `redis.sock` in the dir `dir_fd`, never through
+/// a link (see [`wait_for_redis`]).
+async fn ping_socket_in(dir_fd: &std::sync::Arc<rustix::fd::OwnedFd>) -> std::io::Result<()> {
+    let dir_fd = std::sync::Arc::clone(dir_fd);
+    let socket_fd = tokio::task::spawn_blocking(move || open_socket_beneath(&dir_fd))
+        .await
+        .map_err(std::io::Error::other)??;
+    let address = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&socket_fd)
+    ));
+    ping_redis(&address).await
+}
+
+/// `redis.sock` in `dir_fd` opened as a path only, without following a
+/// link, if it is a socket. `NotFound` while there is none yet.
+fn open_socket_beneath(dir_fd: &rustix::fd::OwnedFd) -> std::io::Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let fd = rustix::fs::openat(
+        dir_fd,
+        "redis.sock",
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let kind = FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode);
+    if kind == FileType::Socket {
+        Ok(fd)
+    } else {
+        Err(std::io::Error::other(format!(
+            "redis.sock is a {}, not a socket: the worker never connects through a link or to anything else",
+            match kind {
+                FileType::Symlink => "symbolic link",
+                FileType::Directory => "directory",
+                FileType::RegularFile => "regular file",
+                FileType::Fifo => "fifo",
+                FileType::CharacterDevice | FileType::BlockDevice => "device",
+                _ => "file of another kind",
+            }
+        )))
     }
 }
 
@@ -243,6 +303,64 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let message = redis_wait_failure_at_once(&file).await;
         assert!(message.contains("Not a directory"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn redis_wait_never_connects_through_a_planted_link() {
+        let root = tempfile::tempdir().unwrap();
+        // Another socket outside the dir, answering as redis would: the
+        // Docker engine's socket in real life.
+        let elsewhere = root.path().join("elsewhere.sock");
+        let listener = tokio::net::UnixListener::bind(&elsewhere).unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut ping = [0u8; 6];
+            stream.read_exact(&mut ping).await.unwrap();
+            stream.write_all(b"+PONG\r\n").await.unwrap();
+        });
+        let dir = root.path().join("sockets");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.join("redis.sock")).unwrap();
+        let message = redis_wait_failure_at_once(&dir).await;
+        assert!(
+            message.contains("redis.sock is a symbolic link, not a socket"),
+            "{message}"
+        );
+        assert!(
+            !server.is_finished(),
+            "the worker connected through the link"
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn redis_wait_refuses_a_sockets_dir_that_is_a_link() {
+        let root = tempfile::tempdir().unwrap();
+        let real = root.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let message = redis_wait_failure_at_once(&link).await;
+        assert!(
+            message.contains("cannot open the redis helper's socket dir"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sockets_dir_is_made_afresh_without_following_links() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("canary"), b"canary").unwrap();
+        let dir = root.path().join(".sockets").join("task1");
+        fresh_sockets_dir(&dir).await.unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("redis.sock")).unwrap();
+        std::fs::write(dir.join("junk"), vec![0u8; 4096]).unwrap();
+        fresh_sockets_dir(&dir).await.unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert_eq!(std::fs::read(outside.join("canary")).unwrap(), b"canary");
     }
 
     #[tokio::test]

@@ -78,6 +78,44 @@ pub enum Step {
     },
 }
 
+impl Step {
+    fn family(&self) -> Family {
+        match self {
+            Self::Chain { family, .. } | Self::Rule { family, .. } => *family,
+        }
+    }
+
+    /// The arguments that look whether the step is in place (exit 1 when
+    /// it is not).
+    fn check_argv(&self) -> Vec<&str> {
+        match self {
+            Self::Chain { chain, .. } => vec!["-w", "-n", "-L", chain],
+            Self::Rule { chain, args, .. } => {
+                let mut argv = vec!["-w", "-C", chain];
+                argv.extend(args.iter().map(String::as_str));
+                argv
+            }
+        }
+    }
+
+    /// The arguments that put the step in place.
+    fn add_argv(&self) -> Vec<&str> {
+        match self {
+            Self::Chain { chain, .. } => vec!["-w", "-N", chain],
+            Self::Rule {
+                chain, args, at, ..
+            } => {
+                let mut argv = match at {
+                    At::End => vec!["-w", "-A", chain],
+                    At::Top => vec!["-w", "-I", chain, "1"],
+                };
+                argv.extend(args.iter().map(String::as_str));
+                argv
+            }
+        }
+    }
+}
+
 /// Why the filter cannot be installed or verified from this process.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
@@ -217,32 +255,18 @@ impl Filter {
     pub fn commands(&self) -> String {
         let mut text = String::new();
         for step in &self.steps {
-            match step {
-                Step::Chain { family, chain } => {
-                    let bin = family.binary();
-                    let _ = writeln!(
-                        text,
-                        "{bin} -w -n -L {chain} >/dev/null 2>&1 || {bin} -w -N {chain}"
-                    );
-                }
-                Step::Rule {
-                    family,
-                    chain,
-                    args,
-                    at,
-                } => {
-                    let bin = family.binary();
-                    let rule = args.join(" ");
-                    let add = match at {
-                        At::End => format!("-A {chain}"),
-                        At::Top => format!("-I {chain} 1"),
-                    };
-                    let _ = writeln!(
-                        text,
-                        "{bin} -w -C {chain} {rule} 2>/dev/null || {bin} -w {add} {rule}"
-                    );
-                }
-            }
+            let bin = step.family().binary();
+            // `-L` lists the chain: its output goes too.
+            let quiet = match step {
+                Step::Chain { .. } => ">/dev/null 2>&1",
+                Step::Rule { .. } => "2>/dev/null",
+            };
+            let _ = writeln!(
+                text,
+                "{bin} {} {quiet} || {bin} {}",
+                step.check_argv().join(" "),
+                step.add_argv().join(" ")
+            );
         }
         text
     }
@@ -254,31 +278,10 @@ impl Filter {
             if present(step).await? {
                 continue;
             }
-            match step {
-                Step::Chain { family, chain } => {
-                    let made = run(*family, &["-w", "-N", chain]).await;
-                    // Another process may have made it meanwhile.
-                    if made.is_err() && !present(step).await? {
-                        made?;
-                    }
-                }
-                Step::Rule {
-                    family,
-                    chain,
-                    args,
-                    at,
-                } => {
-                    let mut argv = vec!["-w".to_owned()];
-                    match at {
-                        At::End => argv.extend(["-A".to_owned(), (*chain).to_owned()]),
-                        At::Top => {
-                            argv.extend(["-I".to_owned(), (*chain).to_owned(), "1".to_owned()])
-                        }
-                    }
-                    argv.extend(args.iter().cloned());
-                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-                    run(*family, &argv).await?;
-                }
+            let made = run(step.family(), &step.add_argv()).await;
+            // Another process may have made the chain meanwhile.
+            if made.is_err() && !(matches!(step, Step::Chain { .. }) && present(step).await?) {
+                made?;
             }
         }
         Ok(backend)
@@ -306,9 +309,7 @@ impl Filter {
     /// backend); returns `iptables --version`'s backend (`nf_tables` or
     /// `legacy`).
     async fn preflight(&self) -> Result<String, FilterError> {
-        let families = self.steps.iter().map(|step| match step {
-            Step::Chain { family, .. } | Step::Rule { family, .. } => *family,
-        });
+        let families = self.steps.iter().map(Step::family);
         for family in [Family::V4, Family::V6] {
             if families.clone().any(|f| f == family) && find_in_path(family.binary()).is_none() {
                 return Err(FilterError::NoBinary {
@@ -355,20 +356,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 /// Whether a step is already in place (`-n -L` for a chain, `-C` for a
 /// rule); a failure other than "not there" is an error.
 async fn present(step: &Step) -> Result<bool, FilterError> {
-    let (family, argv) = match step {
-        Step::Chain { family, chain } => (*family, vec!["-w", "-n", "-L", chain]),
-        Step::Rule {
-            family,
-            chain,
-            args,
-            ..
-        } => {
-            let mut argv = vec!["-w", "-C", chain];
-            argv.extend(args.iter().map(String::as_str));
-            (*family, argv)
-        }
-    };
-    match run(family, &argv).await {
+    match run(step.family(), &step.check_argv()).await {
         Ok(_) => Ok(true),
         // iptables exits 1 for "no such rule / chain"; 2 and up for bad
         // usage, 4 for a missing permission or resource.

@@ -181,23 +181,15 @@ fn an_eta_flood_neither_fills_memory_nor_blocks_the_queue() {
 /// Publishes an mwoffliner task with id `id` to the `small` queue, in
 /// Celery's protocol v2.
 fn publish_v2(stack: &Stack, id: &str) {
-    let file = stack.dir().join(format!("message-{}", task_id()));
     let body = json!([[], simulated_task(0.1), {}]);
-    std::fs::write(&file, body.to_string()).unwrap();
     let headers = json!({"task": "offliner.mwoffliner", "id": id, "lang": "py"}).to_string();
-    let out = celery_client(
+    let out = publish_raw_to(
         &stack.vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "offliner",
-            "--routing-key",
-            "small",
-            "--body-file",
-            &file.display().to_string(),
-            "--headers",
-            &headers,
-        ],
+        stack.dir(),
+        "offliner",
+        "small",
+        body.to_string(),
+        &["--headers", &headers],
     );
     assert!(out.status.success(), "publish-raw failed");
 }

@@ -579,22 +579,14 @@ fn a_bad_control_policy_stops_the_worker_with_one_line() {
 
 /// Publishes a pidbox request with AMQP `headers`, as any broker user can.
 fn publish_pidbox_with(vh: &Vhost, dir: &std::path::Path, body: &Value, headers: &Value) {
-    let file = dir.join(format!("pidbox-{}", task_id()));
-    std::fs::write(&file, body.to_string()).unwrap();
-    let (file, headers) = (file.display().to_string(), headers.to_string());
-    celery_client(
+    let headers = headers.to_string();
+    publish_raw_to(
         vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "celery.pidbox",
-            "--routing-key",
-            "",
-            "--body-file",
-            &file,
-            "--headers",
-            &headers,
-        ],
+        dir,
+        "celery.pidbox",
+        "",
+        body.to_string(),
+        &["--headers", &headers],
     );
 }
 

@@ -209,20 +209,7 @@ fn unknown_task_is_rejected_with_task_failed() {
 
 /// Publishes raw bytes to the `offliner` exchange, routing key `small`.
 fn publish_raw(vh: &Vhost, dir: &std::path::Path, body: &[u8], extra: &[&str]) {
-    let file = dir.join(format!("body-{}", task_id()));
-    std::fs::write(&file, body).unwrap();
-    let file = file.display().to_string();
-    let mut args = vec![
-        "publish-raw",
-        "--exchange",
-        "offliner",
-        "--routing-key",
-        "small",
-        "--body-file",
-        &file,
-    ];
-    args.extend_from_slice(extra);
-    celery_client(vh, &args);
+    publish_raw_to(vh, dir, "offliner", "small", body, extra);
 }
 
 #[test]

@@ -1022,25 +1022,38 @@ pub fn assert_no_containers(node: &str) {
     assert!(left.is_empty(), "containers left: {left:?}");
 }
 
+/// Publishes `body` as it is to `exchange` with `routing_key`, through
+/// the Python client's `publish-raw` (the body goes through a file in
+/// `dir`); `extra` are more of its options, such as `--headers`.
+pub fn publish_raw_to(
+    vh: &Vhost,
+    dir: &Path,
+    exchange: &str,
+    routing_key: &str,
+    body: impl AsRef<[u8]>,
+    extra: &[&str],
+) -> Output {
+    let file = dir.join(format!("body-{}", task_id()));
+    std::fs::write(&file, body).unwrap();
+    let file = file.display().to_string();
+    let mut args = vec![
+        "publish-raw",
+        "--exchange",
+        exchange,
+        "--routing-key",
+        routing_key,
+        "--body-file",
+        &file,
+    ];
+    args.extend_from_slice(extra);
+    celery_client(vh, &args)
+}
+
 /// Publishes `body` to `celery.pidbox`, as a control client
 /// that does not follow the protocol would; the body goes through a file
 /// in `dir`.
 pub fn publish_pidbox(vh: &Vhost, dir: &Path, body: impl AsRef<[u8]>) {
-    let file = dir.join(format!("pidbox-{}", task_id()));
-    std::fs::write(&file, body).unwrap();
-    let file = file.display().to_string();
-    celery_client(
-        vh,
-        &[
-            "publish-raw",
-            "--exchange",
-            "celery.pidbox",
-            "--routing-key",
-            "",
-            "--body-file",
-            &file,
-        ],
-    );
+    publish_raw_to(vh, dir, "celery.pidbox", "", body, &[]);
 }
 
 /// A text field of an event (`exception`, `traceback`, ...); "" if absent.

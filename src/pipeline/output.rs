@@ -64,11 +64,7 @@ impl DockerRunner {
             match generated.early.get(&f.name) {
                 None => items.push(output_item(&task_dir, &own, &plan.warehouse_path, &f.name)),
                 Some(&then) => {
-                    let source = LocalSource::beneath(task_dir.clone(), &f.name);
-                    let now = match source.open().await {
-                        Ok(file) => FileId::of_open(&file).await.ok(),
-                        Err(_) => None,
-                    };
+                    let now = file_id_beneath(&task_dir, &f.name).await;
                     if now != Some(then) {
                         return Err(failed(format!(
                             "{} was uploaded to the warehouse while the offliner ran ({} bytes), \
@@ -181,6 +177,13 @@ pub(super) async fn own_dir(dirs: &TaskDirs) -> Result<OwnDir, RunError> {
         })
 }
 
+/// What file `name` of the task dir is now (opened beneath the dir's
+/// handle, a regular file only); `None` when it cannot be opened so.
+async fn file_id_beneath(dir: &DirHandle, name: &str) -> Option<FileId> {
+    let opened = LocalSource::beneath(dir.clone(), name).open().await.ok()?;
+    FileId::of_open(&opened).await.ok()
+}
+
 async fn exists(file: &OwnFile) -> bool {
     let file = file.clone();
     tokio::task::spawn_blocking(move || file.exists())
@@ -244,15 +247,9 @@ pub(super) async fn read_marker(dirs: &TaskDirs) -> Option<Generated> {
     for file in &generated.files {
         let plain_name = !file.name.contains('/') && file.name != "." && file.name != "..";
         let ok = plain_name
-            && match LocalSource::beneath(task_dir.clone(), &file.name)
-                .open()
+            && file_id_beneath(&task_dir, &file.name)
                 .await
-            {
-                Ok(opened) => FileId::of_open(&opened)
-                    .await
-                    .is_ok_and(|id| id.size == file.size),
-                Err(_) => false,
-            };
+                .is_some_and(|id| id.size == file.size);
         if !ok {
             tracing::warn!(file = %file.name, "a file the generate marker lists is missing or changed; generating again");
             return None;

@@ -315,29 +315,30 @@ impl Sweeper {
             let result = remove_all(&dir.path).and_then(|()| remove_all(&dir.own));
             lock(&self.in_use).remove(&dir.task_id);
             match result {
-                Ok(()) if reason == SweepReason::OldLayout => {
-                    freed += dir.bytes;
-                    metrics::global().kept_dir_swept(reason, dir.bytes);
-                    tracing::warn!(
-                        task_id = %dir.task_id,
-                        age_hours = dir.age.as_secs() / 3600,
-                        bytes_freed = dir.bytes,
-                        reason = reason.label(),
-                        "swept a kept task dir of the layout before ZIM_DIR/.zimfarm: its \
-                         generate marker and upload journals lay within the scraper's reach, so \
-                         nothing in it can be trusted; the task, if it comes back, runs again"
-                    );
-                }
                 Ok(()) => {
                     freed += dir.bytes;
                     metrics::global().kept_dir_swept(reason, dir.bytes);
-                    tracing::info!(
-                        task_id = %dir.task_id,
-                        age_hours = dir.age.as_secs() / 3600,
-                        bytes_freed = dir.bytes,
-                        reason = reason.label(),
-                        "swept a kept task dir"
-                    );
+                    let age_hours = dir.age.as_secs() / 3600;
+                    if reason == SweepReason::OldLayout {
+                        tracing::warn!(
+                            task_id = %dir.task_id,
+                            age_hours,
+                            bytes_freed = dir.bytes,
+                            reason = reason.label(),
+                            "swept a kept task dir of the layout before ZIM_DIR/.zimfarm: its \
+                             generate marker and upload journals lay within the scraper's reach, \
+                             so nothing in it can be trusted; the task, if it comes back, runs \
+                             again"
+                        );
+                    } else {
+                        tracing::info!(
+                            task_id = %dir.task_id,
+                            age_hours,
+                            bytes_freed = dir.bytes,
+                            reason = reason.label(),
+                            "swept a kept task dir"
+                        );
+                    }
                 }
                 Err(error) => tracing::warn!(
                     dir = %dir.path.display(),

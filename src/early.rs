@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::taskfs::{DirHandle, FileKind, LocalSource};
+use crate::taskfs::{DirHandle, LocalSource};
 use crate::warehouse::journal::FileId;
 use crate::warehouse::zim::{check_file, is_zim_name};
 use crate::warehouse::{UploadItem, Warehouse};
@@ -185,7 +185,8 @@ impl Watch {
 }
 
 /// The `.zim` regular files at the top of `dir` (links, fifos and the
-/// like left out, never followed) and their identities. Blocking.
+/// like left out by `open_file`, never followed) and their identities.
+/// Blocking.
 fn regular_zims(dir: &DirHandle) -> Vec<(String, FileId)> {
     let Ok(names) = dir.names() else {
         return Vec::new();
@@ -194,7 +195,6 @@ fn regular_zims(dir: &DirHandle) -> Vec<(String, FileId)> {
         .into_iter()
         .filter_map(|name| name.into_string().ok())
         .filter(|name| is_zim_name(name))
-        .filter(|name| dir.kind(name).is_ok_and(|k| k == FileKind::Regular))
         .filter_map(|name| {
             let file = dir.open_file(&name).ok()?;
             Some((name, FileId::of_file(&file).ok()?))

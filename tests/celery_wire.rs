@@ -128,6 +128,8 @@ fn simple_values_match_python_repr_exactly() {
         json!({}),
         json!([{"name": "x.zim", "size": 123}]),
         json!({"flags": {"mwUrl": "https://en.wikipedia.org", "verbose": true, "n": [1, 2.5, null]}}),
+        json!(1_084_014_901_836_646.0 + 0.25),
+        json!(1_084_014_901_836_646.0 + 0.75),
     ];
     check_against_python(&values);
     // And the exact strings Python prints, for a reader of this test.
@@ -137,6 +139,7 @@ fn simple_values_match_python_repr_exactly() {
     assert_eq!(to_repr(&values[13]), "-0.0");
     assert_eq!(to_repr(&values[18]), "\"it's\"");
     assert_eq!(to_repr(&values[25]), "[{'name': 'x.zim', 'size': 123}]");
+    assert_eq!(to_repr(&values[27]), "1084014901836646.2");
 }
 
 fn text() -> impl Strategy<Value = String> {
@@ -170,6 +173,12 @@ fn float() -> impl Strategy<Value = f64> {
         any::<f64>().prop_map(|f| if f.is_finite() { f } else { 0.5 }),
         (any::<i32>(), -25i32..25).prop_map(|(m, e)| f64::from(m) * 10f64.powi(e)),
         (-400i32..400).prop_map(|e| 10f64.powi(e)),
+        // Floats whose exact value may lie halfway between two shortest
+        // candidates (CPython breaks such ties to even): a quarter or a half
+        // past an integer where the ulp is that small.
+        (1u64 << 49..1u64 << 50, prop_oneof![Just(0.25), Just(0.75)])
+            .prop_map(|(i, frac)| i as f64 + frac),
+        (1u64 << 52..1u64 << 53).prop_map(|i| i as f64 + 0.5),
     ]
 }
 

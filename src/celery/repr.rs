@@ -48,13 +48,42 @@ pub fn repr_float(f: f64) -> String {
         return if f > 0.0 { "inf" } else { "-inf" }.to_owned();
     }
     // Rust's `{:e}` gives the shortest digits that round-trip, as Python's
-    // repr does; only the layout differs.
-    let sci = format!("{:e}", f.abs());
-    let (mantissa, exponent) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-    let exponent: i32 = exponent.parse().unwrap_or(0);
+    // repr does; only the layout and the tie rule differ.
+    let (digits, exponent) = sci_digits(&format!("{:e}", f.abs()));
+    let digits = tie_to_even(digits, exponent, f.abs());
     let sign = if f.is_sign_negative() { "-" } else { "" };
     format!("{sign}{}", layout_float(&digits, exponent))
+}
+
+/// Splits Rust's `d.ddde±x` into its digits and its exponent.
+fn sci_digits(sci: &str) -> (String, i32) {
+    let (mantissa, exponent) = sci.split_once('e').unwrap_or((sci, "0"));
+    let digits = mantissa.chars().filter(char::is_ascii_digit).collect();
+    (digits, exponent.parse().unwrap_or(0))
+}
+
+/// When `f` lies exactly halfway between two shortest candidates, Rust picks
+/// the upper one and CPython's dtoa the even one (1084014901836646.25 is
+/// `1084014901836646.2` in Python, `…646.3` from `{:e}`). A tie is only
+/// possible when the last digit Rust chose is odd, so only then is the
+/// exact expansion (at most 767 significant digits for an f64) looked at.
+fn tie_to_even(digits: String, exponent: i32, f: f64) -> String {
+    let Some(last) = digits.bytes().last().filter(|d| (d - b'0') % 2 == 1) else {
+        return digits;
+    };
+    let (exact, exact_exponent) = sci_digits(&format!("{:.800e}", f));
+    let n = digits.len();
+    let mut lower = digits[..n - 1].to_owned();
+    lower.push(char::from(last - 1));
+    let is_tie = exact_exponent == exponent
+        && exact.len() > n
+        && exact[..n] == lower
+        && exact.as_bytes()[n] == b'5'
+        && exact[n + 1..].bytes().all(|d| d == b'0');
+    let reads_back = format!("{}.{}e{exponent}", &lower[..1], &lower[1..])
+        .parse::<f64>()
+        .is_ok_and(|back| back == f);
+    if is_tie && reads_back { lower } else { digits }
 }
 
 /// Lays out `digits` (d.ddd × 10^exponent) as CPython's `float_repr` does.
@@ -251,6 +280,10 @@ mod tests {
             (100.0, "100.0"),
             (0.3, "0.3"),
             (2.0 / 3.0, "0.6666666666666666"),
+            // Exactly halfway between …646.2 and …646.3: Python rounds to even.
+            (1_084_014_901_836_646.0 + 0.25, "1084014901836646.2"),
+            (1_084_014_901_836_646.0 + 0.75, "1084014901836646.8"),
+            (0.5, "0.5"),
             (f64::NAN, "nan"),
             (f64::INFINITY, "inf"),
             (f64::NEG_INFINITY, "-inf"),

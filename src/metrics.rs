@@ -167,6 +167,8 @@ pub struct Metrics {
     docker_errors: Counter,
     kept_dirs_swept: Family<SweepLabels, Counter>,
     kept_dirs_swept_bytes: Family<SweepLabels, Counter>,
+    kept_tasks_adopted: Counter,
+    kept_tasks_removed: Family<SweepLabels, Counter>,
     last_heartbeat: Gauge<f64, AtomicU64>,
 }
 
@@ -204,6 +206,8 @@ impl Metrics {
         let kept_dirs_swept = Family::<SweepLabels, Counter>::default();
         let kept_dirs_swept_bytes = Family::<SweepLabels, Counter>::default();
         let last_heartbeat = Gauge::<f64, AtomicU64>::default();
+        let kept_tasks_adopted = Counter::default();
+        let kept_tasks_removed = Family::<SweepLabels, Counter>::default();
         registry.register(
             "info",
             "The worker's version and node name (always 1)",
@@ -289,6 +293,18 @@ impl Metrics {
             kept_dirs_swept_bytes.clone(),
         );
         registry.register(
+            "kept_tasks_adopted",
+            "Tasks an earlier run of this worker left running (a restart, an upgrade, a crash) \
+             that this run carried on",
+            kept_tasks_adopted.clone(),
+        );
+        registry.register(
+            "kept_tasks_removed",
+            "Tasks an earlier run of this worker left that this run stopped and removed instead \
+             of carrying on, by reason (no_record, unreadable, not_followable, away_too_long)",
+            kept_tasks_removed.clone(),
+        );
+        registry.register(
             "last_heartbeat_timestamp_seconds",
             "When the broker last confirmed a worker heartbeat (Unix time; 0 before the first)",
             last_heartbeat.clone(),
@@ -311,6 +327,8 @@ impl Metrics {
             docker_errors,
             kept_dirs_swept,
             kept_dirs_swept_bytes,
+            kept_tasks_adopted,
+            kept_tasks_removed,
             last_heartbeat,
         }
     }
@@ -412,6 +430,19 @@ impl Metrics {
     }
 
     /// The broker confirmed a worker heartbeat (or `worker-online`).
+    /// A kept task was adopted at start.
+    pub fn kept_task_adopted(&self) {
+        self.kept_tasks_adopted.inc();
+    }
+
+    /// A kept task was stopped and removed instead of adopted, for
+    /// `reason` (a short snake_case label).
+    pub fn kept_task_removed(&self, reason: &'static str) {
+        self.kept_tasks_removed
+            .get_or_create(&SweepLabels { reason })
+            .inc();
+    }
+
     pub fn heartbeat_confirmed(&self) {
         self.last_heartbeat.set(unix_now());
     }

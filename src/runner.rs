@@ -65,8 +65,16 @@ pub enum CancelReason {
     },
     /// It ran past its hard time limit (s).
     TimeLimit { hard: f64 },
-    /// The worker shuts down: its message goes back to the queue.
+    /// The worker stops for good (SIGQUIT, remote `shutdown`): the runner
+    /// stops and removes what it started; the message goes back to the
+    /// queue.
     Shutdown,
+    /// The worker leaves for a while (SIGTERM, SIGINT: a restart, an
+    /// upgrade): the runner stops *watching* the task and returns
+    /// [`RunError::Cancelled`] at once, leaving what runs (containers, task
+    /// dir, the task's state on disk) for the next start of this node to
+    /// adopt ([`Runner::kept`]). The message goes back to the queue.
+    Leave,
 }
 
 /// A task's cancellation: the token its runner watches and the first
@@ -131,9 +139,18 @@ impl From<CancellationToken> for Cancellation {
 pub struct TaskContext {
     /// Fires on revoke, time limit and shutdown, with its reason. A runner
     /// stops what it started (containers...) and returns
-    /// [`RunError::Cancelled`].
+    /// [`RunError::Cancelled`]; on [`CancelReason::Leave`] it leaves them.
     pub cancel: Cancellation,
     pub task_id: String,
+    /// What the worker needs to carry the task on after a restart (its
+    /// request, where its message came from), opaque to the runner: it
+    /// stores it with the task's state, as is, and hands it back in
+    /// [`KeptTask::carry`]. `None`: nothing to store (`run-task`).
+    pub carry: Option<Arc<Value>>,
+    /// When the task started running, as epoch seconds: now for a fresh
+    /// task, the first run's start for an adopted one. The runner stores a
+    /// fresh task's start with its state.
+    pub started_at: f64,
     events: Arc<dyn TaskEvents>,
 }
 
@@ -152,8 +169,18 @@ impl TaskContext {
         Self {
             cancel,
             task_id,
+            carry: None,
+            started_at: crate::celery::now_timestamp(),
             events,
         }
+    }
+
+    /// This context, with what the worker needs stored with the task's
+    /// state, and when the task started running.
+    pub fn carrying(mut self, carry: Arc<Value>, started_at: f64) -> Self {
+        self.carry = Some(carry);
+        self.started_at = started_at;
+        self
     }
 
     /// Sends an event of the task's container.
@@ -161,6 +188,35 @@ impl TaskContext {
         self.events
             .emit(EventKind::container(&self.task_id, &event));
     }
+}
+
+/// A task an earlier run of this node left running (SIGTERM, a crash), as
+/// [`Runner::kept`] found it on disk and in the engine.
+#[derive(Debug, Clone)]
+pub struct KeptTask {
+    pub task_id: String,
+    /// What the worker stored through [`TaskContext::carry`].
+    pub carry: Value,
+    /// When it started running (epoch seconds, [`TaskContext::started_at`]).
+    pub started_at: f64,
+    /// How long it has run, measured with the boot clock when this boot
+    /// started it (a wall-clock jump cannot change it).
+    pub age: Duration,
+    /// Where it is: `prepare`, `generate` or `upload`.
+    pub stage: &'static str,
+    /// What it runs (the offliner's image), for the start-up line.
+    pub offliner: String,
+}
+
+/// What an earlier run of this node left: the tasks that can be carried
+/// on, and how long the node was away.
+#[derive(Debug, Clone, Default)]
+pub struct KeptTasks {
+    pub tasks: Vec<KeptTask>,
+    /// How long no worker of this node ran: from the alive-time the last
+    /// one kept on disk ([`Runner::alive`]) to now, with the boot id and the
+    /// boot clock when it is the same boot. `None`: no earlier run on record.
+    pub away: Option<Duration>,
 }
 
 /// Decides, from a decoded request and before anything runs, what running
@@ -240,9 +296,46 @@ pub trait Runner: Send + Sync + 'static {
     /// of this node left behind. Not sooner: a second worker started by
     /// mistake with a name in use must not touch the first one's work.
     ///
-    /// The Docker pipeline removes the containers labelled for this node.
-    /// The default does nothing.
-    fn claim_node(&self) -> impl Future<Output = ()> + Send {
+    /// The Docker pipeline removes the containers labelled for this node,
+    /// but those of the tasks in `keep` (adopted, or kept until their
+    /// message says whether they run here), each removal with one log line
+    /// saying why. The default does nothing.
+    fn claim_node(&self, keep: &[String]) -> impl Future<Output = ()> + Send {
+        let _ = keep;
+        std::future::ready(())
+    }
+
+    /// At start, before the worker computes its prefetch or takes a
+    /// message, and before it holds the node's name: the tasks an earlier
+    /// run of this node left that can be carried on (read only: nothing
+    /// is removed or started here), and how long the node was away. The
+    /// worker then runs each adopted one through [`Runner::run`] with its
+    /// plan, and the runner carries it on from the stage its state says.
+    /// The default finds nothing.
+    fn kept(&self) -> impl Future<Output = KeptTasks> + Send {
+        std::future::ready(KeptTasks::default())
+    }
+
+    /// Whether [`CancelReason::Leave`] leaves this runner's tasks running
+    /// for the next start (the Docker pipeline's do; a simulated task just
+    /// stops).
+    fn keeps_on_leave(&self) -> bool {
+        false
+    }
+
+    /// Stops and removes a kept task that is not carried on (the node was
+    /// away too long and its message did not come back here): its
+    /// containers, its dirs and its state. Nothing is sent for it. The
+    /// default does nothing.
+    fn forsake(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let _ = task_id;
+        std::future::ready(())
+    }
+
+    /// Called every few seconds while the worker runs: the runner keeps an
+    /// alive-time on disk, from which the next start measures how long the
+    /// node was away ([`KeptTasks::away`]). The default does nothing.
+    fn alive(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
     }
 }

@@ -503,7 +503,7 @@ impl Runner for DockerRunner {
         async move { this.remove_task_dir(&task_id).await }
     }
 
-    async fn claim_node(&self) {
+    async fn claim_node(&self, _keep: &[String]) {
         match self.remove_orphans().await {
             Ok(0) => {}
             Ok(removed) => tracing::warn!(

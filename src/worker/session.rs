@@ -68,7 +68,7 @@ impl<R: Runner> Inner<R> {
             if first {
                 // The node's name is ours now: what an earlier run of it
                 // left can go, before any task of this run starts.
-                self.runner.claim_node().await;
+                self.runner.claim_node(&[]).await;
             }
             // Before any delivery of this session is read: they are held on
             // this channel.

@@ -1,6 +1,7 @@
 //! The Docker engine, through bollard: images (with the pull policy and
-//! progress), containers (create with a bounded log driver, attach to their
-//! output, start, wait and say how they ended, kill, remove), bridge
+//! progress), containers (create with a bounded log driver, start, read
+//! their output from the log driver, inspect, wait and say how they ended,
+//! kill, remove), bridge
 //! networks (made idempotently, inspected), and clean-up of this node's
 //! containers by label. A `DOCKER_HOST` socket path too
 //! long for a socket address is reached through its dir's descriptor.
@@ -16,8 +17,8 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
-    KillContainerOptions, ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, WaitContainerOptions,
 };
 use futures_util::{Stream, StreamExt};
 
@@ -146,6 +147,29 @@ impl LogLimit {
 pub struct ContainerExit {
     pub code: i64,
     pub oom_killed: bool,
+}
+
+/// A container as the engine has it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerState {
+    /// Running (or paused, restarting): not ended.
+    pub running: bool,
+    /// How it ended, when it is not running.
+    pub exit: ContainerExit,
+    /// When it started (RFC 3339), when it did.
+    pub started_at: Option<String>,
+    /// When it ended (RFC 3339), when it did.
+    pub finished_at: Option<String>,
+    /// The image it runs, as it was named at create.
+    pub image: String,
+}
+
+/// A container found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub name: String,
+    pub running: bool,
+    pub labels: HashMap<String, String>,
 }
 
 /// A bridge network to make: its name, driver options and labels.
@@ -436,37 +460,62 @@ impl DockerClient {
         self.start_created(&spec.name).await
     }
 
-    /// Creates a container, attaches to its stdout and stderr, then starts
-    /// it: the stream holds every byte it prints, from the first.
+    /// A container's output as the log driver keeps it, each chunk one
+    /// line (or part of a long one) prefixed with its RFC 3339 timestamp
+    /// (nanoseconds) and a space: from `since` (epoch seconds, whole: the
+    /// API takes no finer), then, with `follow`, as it is printed until the
+    /// container stops.
     ///
-    /// Attach, not `logs`: `logs` with `follow` reads the log driver's
-    /// files, and loses (or repeats) lines when the driver rotates them
-    /// faster than it reads (measured on Docker 20.10: 12 to 20 MB of 50 MB
-    /// arrived with 1 MB files). Attach reads the container's output pipe
-    /// itself, and a slow reader slows the container rather than losing
-    /// anything.
-    pub async fn start_attached(&self, spec: &ContainerSpec) -> Result<OutputStream, DockerError> {
-        self.create(spec).await?;
-        let attached = self
+    /// `logs`, not attach: attaching freezes the container whenever the
+    /// reader stalls (its output pipe fills) and cannot resume after the
+    /// reader went (measured on this engine), while the log driver's copy
+    /// is there for any later process of the worker to read from where the
+    /// last one stopped. That copy is bounded and rotated
+    /// (`CONTAINER_LOG_LIMIT`): the reader dedups by timestamp, and says
+    /// where rotation took lines it never read.
+    pub fn logs(&self, name: &str, follow: bool, since: i64) -> OutputStream {
+        let options = LogsOptions {
+            follow,
+            stdout: true,
+            stderr: true,
+            timestamps: true,
+            since: i32::try_from(since.max(0)).unwrap_or(i32::MAX),
+            ..Default::default()
+        };
+        Box::pin(self.docker.logs(name, Some(options)))
+    }
+
+    /// How a container is now; `None` when there is no such container.
+    pub async fn state(&self, name: &str) -> Result<Option<ContainerState>, DockerError> {
+        match self
             .docker
-            .attach_container(
-                &spec.name,
-                Some(AttachContainerOptions {
-                    stream: true,
-                    stdout: true,
-                    stderr: true,
-                    logs: false,
-                    ..Default::default()
-                }),
-            )
+            .inspect_container(name, None::<InspectContainerOptions>)
             .await
-            .map_err(|source| DockerError::Container {
-                action: "attach to",
-                name: spec.name.clone(),
+        {
+            Ok(inspect) => {
+                let state = inspect.state.unwrap_or_default();
+                Ok(Some(ContainerState {
+                    running: state.running.unwrap_or(false)
+                        || state.restarting.unwrap_or(false)
+                        || state.paused.unwrap_or(false),
+                    exit: ContainerExit {
+                        code: state.exit_code.unwrap_or(0),
+                        oom_killed: state.oom_killed.unwrap_or(false),
+                    },
+                    started_at: state.started_at.filter(|t| !t.starts_with("0001-")),
+                    finished_at: state.finished_at.filter(|t| !t.starts_with("0001-")),
+                    image: inspect.config.and_then(|c| c.image).unwrap_or_default(),
+                }))
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(source) => Err(DockerError::Container {
+                action: "inspect",
+                name: name.to_owned(),
                 source,
-            })?;
-        self.start_created(&spec.name).await?;
-        Ok(attached.output)
+            }),
+        }
     }
 
     /// Waits for a container to exit; says how it ended.
@@ -625,9 +674,29 @@ impl DockerClient {
         &self,
         labels: &[(&str, &str)],
     ) -> Result<Vec<String>, DockerError> {
+        Ok(self
+            .listed(labels)
+            .await?
+            .into_iter()
+            .map(|c| c.name)
+            .collect())
+    }
+
+    /// The containers (running or not) carrying every given label (`k` or
+    /// `k=v`), with their labels.
+    pub async fn listed(&self, labels: &[(&str, &str)]) -> Result<Vec<Listed>, DockerError> {
         let filters = HashMap::from([(
             "label".to_owned(),
-            labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    if v.is_empty() {
+                        (*k).to_owned()
+                    } else {
+                        format!("{k}={v}")
+                    }
+                })
+                .collect(),
         )]);
         let list = self
             .docker
@@ -643,8 +712,21 @@ impl DockerClient {
             })?;
         Ok(list
             .into_iter()
-            .filter_map(|c| c.names.and_then(|n| n.into_iter().next()))
-            .map(|n| n.trim_start_matches('/').to_owned())
+            .filter_map(|c| {
+                let name = c.names?.into_iter().next()?;
+                Some(Listed {
+                    name: name.trim_start_matches('/').to_owned(),
+                    running: c.state.is_some_and(|s| {
+                        matches!(
+                            s,
+                            bollard::models::ContainerSummaryStateEnum::RUNNING
+                                | bollard::models::ContainerSummaryStateEnum::PAUSED
+                                | bollard::models::ContainerSummaryStateEnum::RESTARTING
+                        )
+                    }),
+                    labels: c.labels.unwrap_or_default(),
+                })
+            })
             .collect())
     }
 

@@ -1,106 +1,21 @@
-//! The offliner's container as it runs: following its output into the log
-//! file and bounded tails, the idle timeout, how it ended (a kill for
-//! memory or by SIGKILL is said as such), and the task's containers
-//! removed on every path, panics included.
+//! The offliner's container as it ends: the bounded tails of its output,
+//! how it ended (a kill for memory or by SIGKILL is said as such), and the
+//! task's containers removed on every path, panics included, unless the
+//! worker leaves them for its next start.
 //!
-//! Owns the containers' lifetime and their output; it must not touch the
-//! task dir, and writes only the log file it is given (in the worker's own
-//! dir of the task, created afresh and exclusively).
+//! Owns the containers' lifetime; it must not touch the task dir (its
+//! output is followed by `follow.rs`).
 
 use std::collections::VecDeque;
 
-use bollard::container::LogOutput;
-use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
-
-use super::{DockerRunner, cancellable, docker_failed, failed};
 use crate::docker::{ContainerExit, DockerClient};
 use crate::metrics;
-use crate::runner::{ContainerEvent, RunError, TaskContext, TaskError};
-use crate::taskfs::OwnFile;
+use crate::runner::TaskError;
 
 /// Lines of stdout and stderr kept for `task-container_finished`.
 const TAIL_LINES: usize = 100;
 /// Longest line kept in a tail (longer ones are cut).
 const TAIL_LINE_MAX: usize = 2000;
-
-impl DockerRunner {
-    /// Streams the container's output to the log file until it exits,
-    /// keeping the tails; kills it when it is silent for the idle timeout.
-    pub(super) async fn follow(
-        &self,
-        name: &str,
-        mut logs: crate::docker::OutputStream,
-        log_file: &OwnFile,
-        ctx: &TaskContext,
-    ) -> Result<ContainerRun, RunError> {
-        let log_path = log_file.path();
-        let creating = log_file.clone();
-        let file = tokio::task::spawn_blocking(move || creating.create_afresh())
-            .await
-            .map_err(|e| failed(format!("cannot write the log {}: {e}", log_path.display())))?
-            .map_err(|e| failed(format!("cannot write the log {}: {e}", log_path.display())))?;
-        let file = tokio::fs::File::from_std(file);
-        let mut log = tokio::io::BufWriter::with_capacity(64 * 1024, file);
-        let mut stdout = Tail::default();
-        let mut stderr = Tail::default();
-        let idle = self.settings.idle_timeout;
-        loop {
-            let next = tokio::select! {
-                _ = ctx.cancel.cancelled() => return Err(RunError::Cancelled),
-                next = tokio::time::timeout(idle, logs.next()) => next,
-            };
-            match next {
-                Err(_) => {
-                    tracing::warn!(
-                        idle_secs = idle.as_secs(),
-                        "no output for IDLE_TIMEOUT; killing the offliner"
-                    );
-                    let _ = self.docker.kill_and_remove(name).await;
-                    ctx.emit(ContainerEvent::Killed {
-                        timeout_s: idle.as_secs(),
-                    });
-                    let _ = log.flush().await;
-                    return Err(failed(format!(
-                        "the offliner printed nothing for {} s (IDLE_TIMEOUT) and was killed",
-                        idle.as_secs()
-                    )));
-                }
-                Ok(None) => break,
-                Ok(Some(Err(error))) => {
-                    tracing::warn!(%error, "lost the container's log stream; waiting for it to exit");
-                    break;
-                }
-                Ok(Some(Ok(chunk))) => {
-                    let (bytes, tail) = match &chunk {
-                        LogOutput::StdErr { message } => (message, &mut stderr),
-                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                            (message, &mut stdout)
-                        }
-                        LogOutput::StdIn { .. } => continue,
-                    };
-                    tail.push(bytes);
-                    log.write_all(bytes).await.map_err(|e| {
-                        failed(format!("cannot write the log {}: {e}", log_path.display()))
-                    })?;
-                }
-            }
-        }
-        log.flush()
-            .await
-            .map_err(|e| failed(format!("cannot write the log: {e}")))?;
-        let exit = cancellable(ctx.cancel.token(), self.docker.wait(name))
-            .await?
-            .map_err(docker_failed)?;
-        stdout.finish();
-        stderr.finish();
-        Ok(ContainerRun {
-            exit,
-            stdout,
-            stderr,
-        })
-    }
-}
 
 /// Why an ended offliner failed the task, in words an operator can act on;
 /// `None` when it succeeded. `memory_limit` is CONTAINER_MEMORY_MB's bytes.
@@ -147,6 +62,12 @@ impl Containers {
         }
     }
 
+    /// Lets go of them, running: the worker leaves them for its next
+    /// start ([`crate::runner::CancelReason::Leave`]).
+    pub(super) fn forget(&mut self) {
+        self.names.clear();
+    }
+
     pub(super) async fn remove_all(&mut self) {
         for name in std::mem::take(&mut self.names).iter().rev() {
             if let Err(error) = self.docker.kill_and_remove(name).await {
@@ -191,7 +112,7 @@ pub(super) struct Tail {
 }
 
 impl Tail {
-    fn push(&mut self, bytes: &[u8]) {
+    pub(super) fn push(&mut self, bytes: &[u8]) {
         let mut joined = std::mem::take(&mut self.split_char);
         joined.extend_from_slice(bytes);
         let cut = complete_utf8_len(&joined);
@@ -221,7 +142,7 @@ impl Tail {
         }
     }
 
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         let rest = std::mem::take(&mut self.split_char);
         self.push_text(&String::from_utf8_lossy(&rest));
         if !self.partial.is_empty() {

@@ -35,6 +35,8 @@
 
 mod confine;
 mod containers;
+mod follow;
+mod kept;
 mod output;
 mod redis;
 
@@ -52,15 +54,20 @@ use crate::early::EarlyUploads;
 use crate::metrics::{self, Stage};
 use crate::offliner::TaskPlan;
 use crate::runner::{
-    ContainerEvent, OfflinerPlanner, RunError, Runner, TaskContext, TaskError, TaskFile,
+    CancelReason, ContainerEvent, KeptTasks, OfflinerPlanner, RunError, Runner, TaskContext,
+    TaskError, TaskFile,
 };
 use crate::scraper_net::ScraperNetwork;
 use crate::sweep::{SWEEP_INTERVAL, Sweeper};
+use crate::taskfs::OwnDir;
+use crate::taskfs::record::{
+    Clock, Generating, LogCursor, Stage as RecordStage, TaskRecord, Uploading,
+};
 use crate::warehouse::Warehouse;
 use containers::{Containers, exit_failure};
-pub use output::{GENERATED_MARKER, Generated};
+pub use output::Generated;
 use output::{
-    compress_log, open_dir, output_item, own_dir, produced_files, read_marker, write_marker,
+    compress_log, is_old_layout, open_dir, output_item, own_dir, produced_files, verify_uploading,
 };
 pub use redis::{REDIS_SOCKET, REDIS_SOCKET_DIR};
 
@@ -121,6 +128,57 @@ struct Job<'a> {
     dirs: &'a TaskDirs,
     ctx: &'a TaskContext,
     containers: Containers,
+    keeper: RecordKeeper,
+}
+
+/// Where a run starts, from what the task's record says.
+enum Start {
+    /// Afresh: no record, or one of a stage that cannot be carried on.
+    Prepare,
+    /// Following an offliner an earlier run started (running or exited).
+    Generate(Generating),
+    /// Uploading what an earlier run generated.
+    Upload(Generated),
+}
+
+/// The task's record as this run keeps it, written into the worker's own
+/// dir of the task at each stage and as the log cursor moves. A record
+/// that cannot be written is logged, not fatal: the task then cannot be
+/// carried on by a later start, and runs again instead.
+pub(crate) struct RecordKeeper {
+    record: TaskRecord,
+    zim_dir: PathBuf,
+    own: Option<OwnDir>,
+}
+
+impl RecordKeeper {
+    async fn save(&mut self) {
+        if self.own.is_none() {
+            match OwnDir::create_async(&self.zim_dir, &self.record.task_id).await {
+                Ok(own) => self.own = Some(own),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot open the worker's own dir of the task to write its record");
+                    return;
+                }
+            }
+        }
+        let Some(own) = &self.own else { return };
+        if let Err(error) = self.record.save_async(own).await {
+            tracing::warn!(%error, "could not write the task record; a restart will not carry this task on");
+        }
+    }
+
+    async fn set_stage(&mut self, stage: RecordStage) {
+        self.record.stage = stage;
+        self.save().await;
+    }
+
+    pub(crate) async fn save_cursor(&mut self, cursor: LogCursor) {
+        if let RecordStage::Generate(g) = &mut self.record.stage {
+            g.cursor = cursor;
+            self.save().await;
+        }
+    }
 }
 
 fn failed(message: impl Into<String>) -> RunError {
@@ -172,15 +230,6 @@ impl DockerRunner {
         &self.docker
     }
 
-    /// Removes the containers an earlier run of this node left behind (a
-    /// crash or kill -9): their tasks come back from the broker and would
-    /// otherwise hit a name conflict.
-    pub async fn remove_orphans(&self) -> Result<usize, crate::docker::DockerError> {
-        self.docker
-            .remove_labelled(&[(LABEL_NODE, &self.settings.node_name)])
-            .await
-    }
-
     fn container_name(&self, task_id: &str, role: &str) -> String {
         format!("zimfarm_{}_{}_{}", self.settings.node_name, task_id, role)
     }
@@ -193,32 +242,88 @@ impl DockerRunner {
         ])
     }
 
-    /// One task, start to end; containers are removed whatever happens.
+    /// One task, start to end, from the stage its record says (a fresh
+    /// task and one an earlier run left run the same code); containers are
+    /// removed whatever happens, unless the worker leaves them for its next
+    /// start.
     async fn run_task(self, plan: TaskPlan, ctx: TaskContext) -> Result<Vec<TaskFile>, RunError> {
         // The sweeper leaves this task's dir alone until the run ends.
         let _claim = self.sweeper.claim(&plan.task_id).await;
         let dirs = TaskDirs::new(&self.settings, &plan.task_id);
-        let generated = match read_marker(&dirs).await {
-            Some(generated) => {
+        let found = self.read_record(&dirs).await;
+        let started = found
+            .as_ref()
+            .and_then(|r| r.started.clone())
+            .unwrap_or_else(|| Clock::before_now(ctx.started_at));
+        let mut keeper = RecordKeeper {
+            record: TaskRecord {
+                version: crate::taskfs::record::VERSION,
+                node: Some(self.settings.node_name.clone()),
+                task_id: plan.task_id.clone(),
+                carry: ctx.carry.as_deref().cloned(),
+                started: Some(started),
+                image: plan.image.to_string(),
+                stage: RecordStage::Prepare,
+            },
+            zim_dir: self.settings.zim_dir.clone(),
+            own: None,
+        };
+        let generated = match self.start_from(&dirs, found).await {
+            Start::Upload(generated) => {
+                // Containers an earlier run left when it stopped between
+                // its generate and their removal.
+                if let Err(error) = self
+                    .docker
+                    .remove_labelled(&[
+                        (LABEL_NODE, &self.settings.node_name),
+                        (LABEL_TASK, &plan.task_id),
+                    ])
+                    .await
+                {
+                    metrics::global().docker_error();
+                    tracing::warn!(%error, "could not remove the containers an earlier run of this task left");
+                }
                 tracing::info!(
                     files = generated.files.len(),
                     "an earlier run of this task generated its files already; going straight to upload"
                 );
+                keeper
+                    .set_stage(RecordStage::Upload(Uploading {
+                        files: generated.files.clone(),
+                        log: generated.log.clone(),
+                    }))
+                    .await;
                 generated
             }
-            None => {
+            start => {
                 let mut job = Job {
                     plan: &plan,
                     dirs: &dirs,
                     ctx: &ctx,
                     containers: Containers::new(self.docker.clone()),
+                    keeper,
                 };
-                let outcome = self.stages(&mut job).await;
+                let outcome = self.stages(&mut job, start).await;
+                if matches!(outcome, Err(RunError::Cancelled))
+                    && ctx.cancel.reason() == Some(CancelReason::Leave)
+                {
+                    job.containers.forget();
+                    tracing::info!(
+                        stage = job.keeper.record.stage.label(),
+                        "the worker leaves: the task's containers, dirs and record stay for its next start"
+                    );
+                    return Err(RunError::Cancelled);
+                }
                 job.containers.remove_all().await;
                 let _ = tokio::fs::remove_dir_all(&dirs.local_sockets).await;
                 match outcome {
                     Ok(generated) => {
-                        write_marker(&dirs, &generated).await;
+                        job.keeper
+                            .set_stage(RecordStage::Upload(Uploading {
+                                files: generated.files.clone(),
+                                log: generated.log.clone(),
+                            }))
+                            .await;
                         generated
                     }
                     Err(e) => {
@@ -246,11 +351,81 @@ impl DockerRunner {
         Ok(generated.files)
     }
 
-    /// Prepare, then generate; a failed generate may have failed for a
-    /// full disk.
-    async fn stages(&self, job: &mut Job<'_>) -> Result<Generated, RunError> {
-        let free_at_start = timed(Stage::Prepare, self.prepare(job)).await?;
-        match timed(Stage::Generate, self.generate(job)).await {
+    /// The task's record, if it has one this worker can use; an
+    /// unreadable one is said and ignored (the task starts afresh).
+    async fn read_record(&self, dirs: &TaskDirs) -> Option<TaskRecord> {
+        let (zim_dir, task_id) = (dirs.zim_dir.clone(), dirs.task_id.clone());
+        let old = {
+            let dirs = TaskDirs::new(&self.settings, &dirs.task_id);
+            tokio::task::spawn_blocking(move || is_old_layout(&dirs))
+                .await
+                .unwrap_or(false)
+        };
+        if old {
+            tracing::warn!(
+                dir = %dirs.local_task.display(),
+                "this task dir is of the layout before ZIM_DIR/.zimfarm: its marker lay within \
+                 the scraper's reach and is not trusted; generating again"
+            );
+            return None;
+        }
+        let loaded = tokio::task::spawn_blocking(move || TaskRecord::load_from(&zim_dir, &task_id))
+            .await
+            .map_err(|e| e.to_string());
+        match loaded {
+            Ok(Ok(record)) => record,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "unreadable task record; generating again");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read the task record; generating again");
+                None
+            }
+        }
+    }
+
+    /// Where the run starts, from the task's record: an offliner still
+    /// there (running or exited) is followed on, files generated are
+    /// uploaded; anything else starts afresh.
+    async fn start_from(&self, dirs: &TaskDirs, found: Option<TaskRecord>) -> Start {
+        match found.map(|r| r.stage) {
+            None | Some(RecordStage::Prepare) => Start::Prepare,
+            Some(RecordStage::Upload(uploading)) => match verify_uploading(dirs, uploading).await {
+                Some(generated) => Start::Upload(generated),
+                None => Start::Prepare,
+            },
+            Some(RecordStage::Generate(g)) => match self.docker.state(&g.offliner).await {
+                Ok(Some(state)) => {
+                    tracing::info!(
+                        container = %g.offliner,
+                        running = state.running,
+                        "an earlier run of this task started its offliner; following it on"
+                    );
+                    Start::Generate(g)
+                }
+                Ok(None) => {
+                    tracing::warn!(container = %g.offliner, "the offliner an earlier run of this task started is gone; generating again");
+                    Start::Prepare
+                }
+                Err(error) => {
+                    metrics::global().docker_error();
+                    tracing::warn!(%error, container = %g.offliner, "cannot inspect the offliner an earlier run of this task started; generating again");
+                    Start::Prepare
+                }
+            },
+        }
+    }
+
+    /// Prepare, then generate; or generate only, following an offliner an
+    /// earlier run started. A failed generate may have failed for a full
+    /// disk.
+    async fn stages(&self, job: &mut Job<'_>, start: Start) -> Result<Generated, RunError> {
+        let (free_at_start, adopted) = match start {
+            Start::Generate(g) => (self.free_disk().await.map_err(RunError::Failed)?, Some(g)),
+            _ => (timed(Stage::Prepare, self.prepare(job)).await?, None),
+        };
+        match timed(Stage::Generate, self.generate(job, adopted)).await {
             Err(RunError::Failed(error)) => Err(RunError::Failed(
                 self.explain_full_disk(error, free_at_start).await,
             )),
@@ -287,6 +462,7 @@ impl DockerRunner {
     /// free in ZIM_DIR.
     async fn prepare(&self, job: &mut Job<'_>) -> Result<u64, RunError> {
         let free = self.prepare_dirs(job.dirs).await?;
+        job.keeper.set_stage(RecordStage::Prepare).await;
         cancellable(
             job.ctx.cancel.token(),
             self.image(&job.plan.image.to_string()),
@@ -298,44 +474,47 @@ impl DockerRunner {
         Ok(free)
     }
 
-    /// The offliner container, its log, its exit code, its files.
-    async fn generate(&self, job: &mut Job<'_>) -> Result<Generated, RunError> {
+    /// The offliner container (started here, or `adopted`: started by an
+    /// earlier run), its log, its exit code, its files.
+    async fn generate(
+        &self,
+        job: &mut Job<'_>,
+        adopted: Option<Generating>,
+    ) -> Result<Generated, RunError> {
         let (plan, dirs, ctx) = (job.plan, job.dirs, job.ctx);
-        let cancel = ctx.cancel.token();
         let name = self.container_name(&plan.task_id, "offliner");
-        job.containers.names.push(name.clone());
-        let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];
-        if plan.needs_redis {
-            binds.push(redis::redis_bind(dirs));
-        }
-        let spec = ContainerSpec {
-            name: name.clone(),
-            image: plan.image.to_string(),
-            cmd: plan.argv.clone(),
-            labels: self.labels(&plan.task_id, "offliner"),
-            binds,
-            no_network: false,
-            network: Some(self.network.name.clone()),
-            cap_add: confine::OFFLINER_CAPS
-                .iter()
-                .map(|c| (*c).to_owned())
-                .collect(),
-            pids_limit: Some(self.settings.container_pids),
-            sysctls: self.network.sysctls(),
-            memory: self.settings.container_memory,
-            nano_cpus: self.settings.container_nano_cpus,
-            log_limit: self.settings.container_log_limit,
-            ..Default::default()
+        let cursor = match adopted {
+            Some(g) => {
+                job.containers.names = g.helpers.clone();
+                job.containers.names.push(g.offliner.clone());
+                let cursor = g.cursor.clone();
+                job.keeper.record.stage = RecordStage::Generate(g);
+                cursor
+            }
+            None => {
+                self.start_offliner(job, &name).await?;
+                let helpers = job
+                    .containers
+                    .names
+                    .iter()
+                    .filter(|n| **n != name)
+                    .cloned()
+                    .collect();
+                job.keeper
+                    .set_stage(RecordStage::Generate(Generating {
+                        offliner: name.clone(),
+                        helpers,
+                        cursor: LogCursor::default(),
+                    }))
+                    .await;
+                LogCursor::default()
+            }
         };
-        let output = cancellable(cancel, self.docker.start_attached(&spec))
-            .await?
-            .map_err(docker_failed)?;
-        tracing::info!(container = %name, image = %spec.image, "offliner started");
-        ctx.emit(ContainerEvent::Started {
-            image: spec.image.clone(),
-            command: plan.argv.join(" "),
-        });
-
+        let offliner = match &job.keeper.record.stage {
+            RecordStage::Generate(g) => g.offliner.clone(),
+            _ => name,
+        };
+        let name = offliner;
         let task_dir = open_dir(&dirs.local_task).await?;
         let own = own_dir(dirs).await?;
         // Each finished ZIM goes to the warehouse while the offliner runs.
@@ -350,7 +529,9 @@ impl DockerRunner {
             )
         });
         let log = own.file(&format!("{name}.log"));
-        let run = self.follow(&name, output, &log, ctx).await?;
+        let run = self
+            .follow(&name, &log, cursor, &mut job.keeper, ctx)
+            .await?;
         let early = match early_uploads {
             Some(early) => early.finish().await,
             None => Default::default(),
@@ -393,11 +574,69 @@ impl DockerRunner {
         })
     }
 
+    /// Creates and starts the offliner container (its output is read from
+    /// the log driver, see `follow.rs`).
+    async fn start_offliner(&self, job: &mut Job<'_>, name: &str) -> Result<(), RunError> {
+        let (plan, dirs, ctx) = (job.plan, job.dirs, job.ctx);
+        job.containers.names.push(name.to_owned());
+        let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];
+        if plan.needs_redis {
+            binds.push(redis::redis_bind(dirs));
+        }
+        let spec = ContainerSpec {
+            name: name.to_owned(),
+            image: plan.image.to_string(),
+            cmd: plan.argv.clone(),
+            labels: self.labels(&plan.task_id, "offliner"),
+            binds,
+            no_network: false,
+            network: Some(self.network.name.clone()),
+            cap_add: confine::OFFLINER_CAPS
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
+            pids_limit: Some(self.settings.container_pids),
+            sysctls: self.network.sysctls(),
+            memory: self.settings.container_memory,
+            nano_cpus: self.settings.container_nano_cpus,
+            log_limit: self.settings.container_log_limit,
+            ..Default::default()
+        };
+        cancellable(ctx.cancel.token(), self.docker.start(&spec))
+            .await?
+            .map_err(docker_failed)?;
+        tracing::info!(container = %name, image = %spec.image, "offliner started");
+        ctx.emit(ContainerEvent::Started {
+            image: spec.image.clone(),
+            command: plan.argv.join(" "),
+        });
+        Ok(())
+    }
+
     /// The task dir and the worker's own dir of the task, created empty;
     /// kept dirs swept by age, and under disk pressure before refusing.
     /// Returns the bytes free in ZIM_DIR.
     async fn prepare_dirs(&self, dirs: &TaskDirs) -> Result<u64, RunError> {
         self.sweeper.sweep_old().await;
+        // Containers an earlier run of this task left (it was left in
+        // prepare, or its offliner is gone): this run starts them afresh.
+        match self
+            .docker
+            .remove_labelled(&[
+                (LABEL_NODE, &self.settings.node_name),
+                (LABEL_TASK, &dirs.task_id),
+            ])
+            .await
+        {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::warn!(
+                    removed,
+                    "removed the containers an earlier run of this task left"
+                )
+            }
+            Err(error) => return Err(docker_failed(error)),
+        }
         // A task dir left by an earlier, interrupted run of this task holds
         // partial output: start afresh.
         if tokio::fs::try_exists(&dirs.local_task)
@@ -503,23 +742,19 @@ impl Runner for DockerRunner {
         async move { this.remove_task_dir(&task_id).await }
     }
 
-    async fn claim_node(&self, _keep: &[String]) {
-        match self.remove_orphans().await {
-            Ok(0) => {}
-            Ok(removed) => tracing::warn!(
-                removed,
-                "removed containers left by an earlier run of this node"
-            ),
-            Err(error) => {
-                metrics::global().docker_error();
-                tracing::error!(%error, "could not remove the containers left by an earlier run of this node");
-            }
-        }
+    async fn claim_node(&self, keep: &[String]) {
+        self.remove_unkept(keep).await;
         // Kept dirs of the layout before ZIM_DIR/.zimfarm cannot be
         // trusted; then kept dirs too old to be worth an upload, at start
-        // and then every SWEEP_INTERVAL (and before every task).
+        // and then every SWEEP_INTERVAL (and before every task). The kept
+        // tasks' dirs are claimed meanwhile: their runs start next.
+        let mut claims = Vec::new();
+        for task_id in keep {
+            claims.push(self.sweeper.claim(task_id).await);
+        }
         self.sweeper.sweep_old_layout().await;
         self.sweeper.sweep_old().await;
+        drop(claims);
         let sweeper = self.sweeper.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(SWEEP_INTERVAL);
@@ -529,6 +764,32 @@ impl Runner for DockerRunner {
                 sweeper.sweep_old().await;
             }
         });
+    }
+
+    async fn kept(&self) -> KeptTasks {
+        self.find_kept().await
+    }
+
+    fn keeps_on_leave(&self) -> bool {
+        true
+    }
+
+    #[allow(clippy::manual_async_fn)]
+    fn forsake(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        let task_id = task_id.to_owned();
+        async move { this.remove_kept(&task_id).await }
+    }
+
+    async fn alive(&self) {
+        let zim_dir = self.settings.zim_dir.clone();
+        let written =
+            tokio::task::spawn_blocking(move || crate::taskfs::record::write_alive(&zim_dir))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(error) = written {
+            tracing::warn!(%error, "could not write the node's alive file in ZIM_DIR/.zimfarm; the next start may take this node for away too long");
+        }
     }
 }
 

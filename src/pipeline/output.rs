@@ -1,12 +1,12 @@
 //! What a task produced and where it goes: the regular files at the top
 //! of the task dir (links, fifos, sockets, devices, dirs and `*.tmp` names
-//! skipped, each with a line), the container log (gzipped), the marker of
-//! a generate stage that succeeded (so a redelivered task goes straight to
-//! upload), the upload journals' names, and the upload of it all to the
-//! warehouse.
+//! skipped, each with a line), the container log (gzipped), the check of
+//! what a task record at stage upload lists (so a redelivered task goes
+//! straight to upload), the upload journals' names, and the upload of it
+//! all to the warehouse.
 //!
 //! The scraper's files are read through the task dir's handle, never by
-//! path ([`crate::taskfs`]); the log, the marker and the journals are the
+//! path ([`crate::taskfs`]); the log, the record and the journals are the
 //! worker's own, in `ZIM_DIR/.zimfarm/<id>/`. A marker or journal in the
 //! task dir itself (the layout before that) is never read.
 //!
@@ -20,20 +20,15 @@ use super::{DockerRunner, FAILED_LOG_UPLOAD_LIMIT, TaskDirs, failed};
 use crate::early::EarlyRecord;
 use crate::offliner::TaskPlan;
 use crate::runner::{RunError, TaskContext, TaskError, TaskFile};
+use crate::taskfs::record::Uploading;
 use crate::taskfs::{
     DirHandle, FileKind, LocalSource, OLD_LAYOUT_MARKER, OpenError, OwnDir, OwnFile,
 };
 use crate::warehouse::journal::FileId;
 use crate::warehouse::{TMP_SUFFIX, UploadItem, Warehouse, WarehouseError};
 
-/// The marker, in the worker's own dir of the task, of a generate stage
-/// that succeeded.
-pub const GENERATED_MARKER: &str = "generated.json";
-/// A marker larger than this is not read.
-const MAX_MARKER_BYTES: u64 = 16 << 20;
-
-/// What generate produced, as the marker records it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What generate produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generated {
     /// The offliner's output files (top level of the task dir).
     pub files: Vec<TaskFile>,
@@ -41,8 +36,8 @@ pub struct Generated {
     /// kept.
     pub log: Option<String>,
     /// The files uploaded while the offliner ran, as they were then (not
-    /// in the marker: a run that resumes checks the warehouse instead).
-    #[serde(skip)]
+    /// in the task record: a run that resumes checks the warehouse
+    /// instead).
     pub early: EarlyRecord,
 }
 
@@ -191,90 +186,40 @@ async fn exists(file: &OwnFile) -> bool {
         .unwrap_or(false)
 }
 
-/// The marker of an earlier successful generate, if it is in the worker's
-/// own dir and every file it lists is still in the task dir, a regular
+/// What an earlier run's generate produced, as its record says (stage
+/// upload), when every file it lists is still in the task dir, a regular
 /// file with its size; `None` otherwise (the task then starts afresh).
-pub(super) async fn read_marker(dirs: &TaskDirs) -> Option<Generated> {
-    let own = crate::taskfs::own_dir_path(&dirs.zim_dir, &dirs.task_id);
-    let task_dir = dirs.local_task.clone();
-    enum Found {
-        Nothing,
-        OldLayout,
-        Marker(Vec<u8>, DirHandle),
-    }
-    let read = tokio::task::spawn_blocking(move || -> std::io::Result<Found> {
-        if !own.is_dir() {
-            let old = task_dir.join(OLD_LAYOUT_MARKER);
-            return Ok(if std::fs::symlink_metadata(old).is_ok() {
-                Found::OldLayout
-            } else {
-                Found::Nothing
-            });
-        }
-        let Some(text) = OwnDir::at(&own)?
-            .file(GENERATED_MARKER)
-            .read(MAX_MARKER_BYTES)?
-        else {
-            return Ok(Found::Nothing);
-        };
-        Ok(Found::Marker(text, DirHandle::open(&task_dir)?))
-    })
-    .await
-    .ok()?;
-    let (text, task_dir) = match read {
-        Ok(Found::Marker(text, dir)) => (text, dir),
-        Ok(Found::Nothing) => return None,
-        Ok(Found::OldLayout) => {
-            tracing::warn!(
-                dir = %dirs.local_task.display(),
-                "this task dir is of the layout before ZIM_DIR/.zimfarm: its marker lay within \
-                 the scraper's reach and is not trusted; generating again"
-            );
-            return None;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "unreadable generate marker; generating again");
+pub(super) async fn verify_uploading(dirs: &TaskDirs, uploading: Uploading) -> Option<Generated> {
+    let task_dir = match open_dir(&dirs.local_task).await {
+        Ok(dir) => dir,
+        Err(_) => {
+            tracing::warn!(dir = %dirs.local_task.display(), "the task dir of an earlier run's output is gone; generating again");
             return None;
         }
     };
-    let generated: Generated = match serde_json::from_slice(&text) {
-        Ok(g) => g,
-        Err(error) => {
-            tracing::warn!(%error, "unreadable generate marker; generating again");
-            return None;
-        }
-    };
-    for file in &generated.files {
+    for file in &uploading.files {
         let plain_name = !file.name.contains('/') && file.name != "." && file.name != "..";
         let ok = plain_name
             && file_id_beneath(&task_dir, &file.name)
                 .await
                 .is_some_and(|id| id.size == file.size);
         if !ok {
-            tracing::warn!(file = %file.name, "a file the generate marker lists is missing or changed; generating again");
+            tracing::warn!(file = %file.name, "a file the task record lists is missing or changed; generating again");
             return None;
         }
     }
-    Some(generated)
+    Some(Generated {
+        files: uploading.files,
+        log: uploading.log,
+        early: Default::default(),
+    })
 }
 
-/// Records a successful generate in the worker's own dir. Without it a
-/// redelivery scrapes again, which is slow but not wrong, so a failure
-/// here is only logged.
-pub(super) async fn write_marker(dirs: &TaskDirs, generated: &Generated) {
-    let text = serde_json::to_vec(generated).unwrap_or_default();
-    let result = match own_dir(dirs).await {
-        Ok(own) => {
-            let marker = own.file(GENERATED_MARKER);
-            tokio::task::spawn_blocking(move || marker.replace(&text, false))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-        }
-        Err(e) => Err(std::io::Error::other(e.to_string())),
-    };
-    if let Err(error) = result {
-        tracing::warn!(%error, "could not write the generate marker");
-    }
+/// Whether the task dir is of the layout before ZIM_DIR/.zimfarm: no own
+/// dir, and the old marker in the task dir. Blocking.
+pub(super) fn is_old_layout(dirs: &TaskDirs) -> bool {
+    let own = crate::taskfs::own_dir_path(&dirs.zim_dir, &dirs.task_id);
+    !own.is_dir() && std::fs::symlink_metadata(dirs.local_task.join(OLD_LAYOUT_MARKER)).is_ok()
 }
 
 /// Gzips the log (a file of the worker's own) next to itself, created

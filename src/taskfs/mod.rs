@@ -14,8 +14,10 @@
 //! - **The worker's own dir** of the task (`ZIM_DIR/.zimfarm/<id>`, mode
 //!   0700 like `ZIM_DIR/.zimfarm`, never mounted into a container, on the
 //!   same filesystem as the task dirs): the container log and its `.gz`,
-//!   the generate marker, the upload journals, and whatever else the worker
-//!   keeps of a task. Files there are created exclusively
+//!   the task record ([`record`]: its stage, its containers, how far their
+//!   output is in the log), the upload journals, and whatever else the
+//!   worker keeps of a task; and, in the root itself, the node's alive
+//!   file. Files there are created exclusively
 //!   (`O_CREAT | O_EXCL | O_NOFOLLOW`) and replaced atomically (a fresh
 //!   temporary file, then a rename) through [`OwnDir`] and [`OwnFile`].
 //!
@@ -28,6 +30,7 @@
 
 mod beneath;
 mod own;
+pub mod record;
 
 pub use beneath::{DirHandle, FileKind, LocalSource, OpenError};
 pub use own::{

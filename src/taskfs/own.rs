@@ -99,6 +99,15 @@ impl OwnDir {
         })
     }
 
+    /// Creates (or opens) the root of the own dirs, `ZIM_DIR/.zimfarm`,
+    /// 0700: for the node's own files (not a task's). Blocking.
+    pub fn root(zim_dir: &Path) -> io::Result<Self> {
+        let zim = DirHandle::open_trusted(zim_dir)?;
+        Ok(Self {
+            dir: own_subdir(&zim, OWN_ROOT)?,
+        })
+    }
+
     /// [`OwnDir::create`], off the async runtime.
     pub async fn create_async(zim_dir: &Path, task_id: &str) -> io::Result<Self> {
         let (zim_dir, task_id) = (zim_dir.to_owned(), task_id.to_owned());
@@ -215,6 +224,34 @@ impl OwnFile {
             let _ = rustix::fs::unlinkat(self.dir.fd(), tmp.as_str(), AtFlags::empty());
         }
         written
+    }
+
+    /// Opens it, an existing regular file (not a link), for writing at
+    /// its end after cutting it to `len` bytes. Blocking.
+    pub fn reopen_at(&self, len: u64) -> io::Result<File> {
+        use std::io::Seek;
+        let fd = rustix::fs::openat(
+            self.dir.fd().as_fd(),
+            self.name.as_str(),
+            OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot open {}: {e}", self.path().display()),
+            )
+        })?;
+        let mut file = File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", self.path().display()),
+            ));
+        }
+        file.set_len(len)?;
+        file.seek(io::SeekFrom::End(0))?;
+        Ok(file)
     }
 
     /// Opens it for reading: a regular file, not a link. Blocking.

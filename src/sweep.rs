@@ -18,7 +18,9 @@
 //!
 //! Owns the set of task dirs in use: the pipeline claims its task's dir for
 //! the task's whole run ([`Sweeper::claim`]), and the sweeper never removes
-//! a claimed dir. It looks only at ZIM_DIR's and `ZIM_DIR/.zimfarm`'s
+//! a claimed dir, nor one whose task record says a scrape is under way in
+//! it (a kept scrape, between a restart and its adoption: see
+//! [`crate::taskfs::record`]). It looks only at ZIM_DIR's and `ZIM_DIR/.zimfarm`'s
 //! direct subdirectories whose name is a valid task id (never `.sockets`
 //! nor the record of ended tasks) and judges their age by the dirs' mtime
 //! (the last file created or removed in them; the newer of the two). It
@@ -96,7 +98,7 @@ pub fn kept_dirs(zim_dir: &Path, in_use: &HashSet<String>) -> io::Result<Vec<Kep
     }
     let dirs = ages
         .into_iter()
-        .filter(|(task_id, _)| !in_use.contains(task_id))
+        .filter(|(task_id, _)| !in_use.contains(task_id) && !scrape_under_way(zim_dir, task_id))
         .map(|(task_id, age)| {
             let (path, own) = (zim_dir.join(&task_id), own_root.join(&task_id));
             KeptDir {
@@ -110,6 +112,22 @@ pub fn kept_dirs(zim_dir: &Path, in_use: &HashSet<String>) -> io::Result<Vec<Kep
     let mut dirs: Vec<KeptDir> = dirs.collect();
     dirs.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.task_id.cmp(&b.task_id)));
     Ok(dirs)
+}
+
+/// Whether task `task_id`'s record says a scrape is under way in its dir
+/// (stage prepare or generate): a kept scrape that a later start of the
+/// worker carries on, whose containers still write there. Its dir goes
+/// with the task (or when `claim_node` or `forsake` remove it), never by
+/// sweep. Blocking.
+fn scrape_under_way(zim_dir: &Path, task_id: &str) -> bool {
+    use crate::taskfs::record::{Stage, TaskRecord};
+    matches!(
+        TaskRecord::load_from(zim_dir, task_id),
+        Ok(Some(TaskRecord {
+            stage: Stage::Prepare | Stage::Generate(_),
+            ..
+        }))
+    )
 }
 
 /// Whether `dir` (a kept task dir) is of the layout before the worker's own
@@ -444,6 +462,45 @@ mod tests {
         assert!(sweeper.sweep_old().await >= 15_000);
         assert_eq!(left(zim.path()), [".zimfarm", "new", "recent"]);
         assert_eq!(left(&own_root), ["new", "recent"]);
+    }
+
+    #[tokio::test]
+    async fn a_dir_whose_record_says_a_scrape_is_under_way_is_never_swept() {
+        use crate::taskfs::record::{Stage, TaskRecord, Uploading};
+        let zim = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        let record = |id: &str, stage| TaskRecord {
+            version: 1,
+            node: Some("n".to_owned()),
+            task_id: id.to_owned(),
+            carry: None,
+            started: None,
+            image: String::new(),
+            stage,
+        };
+        for (id, stage) in [
+            ("scraping", Stage::Prepare),
+            (
+                "uploaded",
+                Stage::Upload(Uploading {
+                    files: Vec::new(),
+                    log: None,
+                }),
+            ),
+        ] {
+            std::fs::create_dir(zim.path().join(id)).unwrap();
+            let own = crate::taskfs::OwnDir::create(zim.path(), id).unwrap();
+            record(id, stage).save(&own).unwrap();
+            aged(&zim.path().join(id), 10 * day);
+            aged(own.path(), 10 * day);
+        }
+        let sweeper = Sweeper::new(zim.path().to_owned(), Some(day));
+        assert!(sweeper.sweep_old().await > 0);
+        assert!(zim.path().join("scraping").exists());
+        assert!(!zim.path().join("uploaded").exists());
+        assert!(sweeper.make_room(u64::MAX).await.is_ok());
+        assert!(zim.path().join("scraping").exists());
+        assert!(crate::taskfs::own_dir_path(zim.path(), "scraping").exists());
     }
 
     #[tokio::test]

@@ -88,6 +88,7 @@ pub async fn check(
                 "scraper network",
                 "warehouse",
                 "disk",
+                "kept scrapes",
             ] {
                 report(
                     name,
@@ -144,7 +145,76 @@ pub async fn check(
         "disk",
         disk_check(&config.pipeline.zim_dir, config.pipeline.min_free_disk).await,
     );
+    report(
+        "kept scrapes",
+        timed(kept_check(
+            &config.pipeline.zim_dir,
+            &config.pipeline.node_name,
+        ))
+        .await,
+    );
     failed
+}
+
+/// The scrapes an earlier run of this node left (adoptable or not, and
+/// why), and the containers labelled for another NODE_NAME, which this
+/// node never adopts: one indented line each.
+async fn kept_check(zim_dir: &Path, node: &str) -> Verdict {
+    use crate::pipeline::kept::{Judged, survey};
+    let docker = match DockerClient::connect().await {
+        Ok(d) => d,
+        Err(e) => return Verdict::Skipped(format!("needs Docker: {e}")),
+    };
+    let found = match survey(&docker, zim_dir, node).await {
+        Ok(found) => found,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    let mut lines = Vec::new();
+    for f in &found {
+        match f.judge(node, zim_dir) {
+            Judged::Kept(task) => lines.push(format!(
+                "{} {} ({}), {} h old: carried on by the next start within RESTART_GRACE",
+                task.task_id,
+                task.stage,
+                task.offliner,
+                task.age.as_secs() / 3600
+            )),
+            Judged::Removed { why, .. } => lines.push(format!(
+                "{}: not adoptable, removed by the next start: {why}",
+                f.task_id
+            )),
+            Judged::Ignored => {}
+        }
+    }
+    let kept = lines.len();
+    let others = match docker.listed(&[(crate::docker::LABEL_NODE, "")]).await {
+        Ok(listed) => listed,
+        Err(e) => return Verdict::Failed(e.to_string()),
+    };
+    let mut other_nodes = 0;
+    for c in &others {
+        let of = c
+            .labels
+            .get(crate::docker::LABEL_NODE)
+            .map_or("", String::as_str);
+        if of == node {
+            continue;
+        }
+        other_nodes += 1;
+        lines.push(format!(
+            "container {} of NODE_NAME {of} (task {}, {}): another node's, never adopted here",
+            c.name,
+            c.labels
+                .get(crate::docker::LABEL_TASK)
+                .map_or("?", String::as_str),
+            if c.running { "running" } else { "stopped" },
+        ));
+    }
+    let listed: String = lines.iter().map(|l| format!("\n    {l}")).collect();
+    Verdict::Ok(format!(
+        "{kept} kept by {node} (a running worker's own tasks show too), {other_nodes} \
+         container(s) of other nodes{listed}"
+    ))
 }
 
 async fn timed(check: impl Future<Output = Verdict>) -> Verdict {

@@ -100,7 +100,7 @@ fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
     // One line per check; the scraper network's commands, when it shows
     // them, are indented under it.
     let lines: Vec<&str> = stdout.lines().filter(|l| !l.starts_with(' ')).collect();
-    assert_eq!(lines.len(), 8, "{report}");
+    assert_eq!(lines.len(), 9, "{report}");
     for (line, name) in lines.iter().zip([
         "config",
         "dispatcher login",
@@ -110,6 +110,7 @@ fn check_passes_on_a_healthy_stack_and_names_the_one_thing_that_breaks() {
         "scraper network",
         "warehouse",
         "disk",
+        "kept scrapes",
     ]) {
         // The filter cannot be verified where the network is not made yet
         // (tests/box_net.rs checks what it says).

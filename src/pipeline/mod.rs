@@ -36,7 +36,7 @@
 mod confine;
 mod containers;
 mod follow;
-mod kept;
+pub mod kept;
 mod output;
 mod redis;
 

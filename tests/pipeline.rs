@@ -436,6 +436,118 @@ async fn revoke_stops_every_container_of_the_task() {
     assert!(task_dir_gone(dir.path(), &id));
 }
 
+/// The Docker runner alone, as the worker drives it across a restart: a
+/// task left on a leave (SIGTERM) keeps its containers and its record, a
+/// new runner finds it kept and carries the same scraper on to its end,
+/// and the log holds each line the scraper printed exactly once, those
+/// printed while no runner followed included.
+#[tokio::test]
+async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
+    use std::sync::Arc;
+    use zimfarm_worker::runner::{CancelReason, Cancellation, RunError, Runner, TaskContext};
+    let dir = tempfile::tempdir().unwrap();
+    let node = "leavelib";
+    let runner = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
+        .await
+        .expect("docker");
+    let recorder = Arc::new(Recorder::default());
+    let id = task_id();
+    let carry = Arc::new(json!({"reply_to": "rpc-q", "id": id}));
+    let started_at = zimfarm_worker::celery::now_timestamp();
+    let cancel = Cancellation::new();
+    let ctx = TaskContext::with_cancellation(id.clone(), cancel.clone(), recorder.clone())
+        .carrying(carry.clone(), started_at);
+    let plan = || {
+        runner
+            .plan(&request(&id, json!({"sleep": 6})))
+            .expect("a plan")
+    };
+    let run = tokio::spawn(runner.run(plan(), ctx));
+    let start = std::time::Instant::now();
+    while !recorder
+        .0
+        .lock()
+        .unwrap()
+        .contains(&"task-container_started".to_owned())
+    {
+        assert!(start.elapsed() < T, "offliner never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cancel.cancel(CancelReason::Leave);
+    let left = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("leaves in seconds")
+        .unwrap();
+    assert_eq!(outcome, Err(RunError::Cancelled));
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        left.elapsed()
+    );
+    // Everything stays: the helper and the offliner, running; the record.
+    let offliner = format!("zimfarm_{node}_{id}_offliner");
+    let running = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Running}}", &offliner])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&running.stdout).trim(), "true");
+    assert_eq!(containers_of(node).len(), 2, "{:?}", containers_of(node));
+    let own = dir.path().join(".zimfarm").join(&id);
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(own.join("task.json")).unwrap()).unwrap();
+    assert_eq!(record["stage"]["name"], "generate", "{record}");
+    assert_eq!(record["carry"], *carry);
+    // No runner follows for a while: the scraper prints on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let next = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
+        .await
+        .expect("docker");
+    let kept = next.kept().await;
+    assert_eq!(kept.tasks.len(), 1, "{kept:?}");
+    let task = &kept.tasks[0];
+    assert_eq!(task.task_id, id);
+    assert_eq!(task.stage, "generate");
+    assert_eq!(task.carry, *carry);
+    assert_eq!(task.started_at, started_at);
+    assert!(task.age >= Duration::from_secs(3), "{:?}", task.age);
+    assert!(task.offliner.contains("mwoffliner"), "{}", task.offliner);
+    next.claim_node(std::slice::from_ref(&id)).await;
+    assert_eq!(
+        containers_of(node).len(),
+        2,
+        "a kept task's containers stay"
+    );
+    let recorder = Arc::new(Recorder::default());
+    let ctx = TaskContext::with_cancellation(id.clone(), Cancellation::new(), recorder.clone())
+        .carrying(carry.clone(), task.started_at);
+    let files = tokio::time::timeout(T, next.run(plan(), ctx))
+        .await
+        .expect("ends")
+        .expect("succeeds");
+    assert!(!files.is_empty());
+    assert_no_containers(node);
+    // The same scraper: no second container start.
+    let events = recorder.0.lock().unwrap().clone();
+    assert!(
+        !events.contains(&"task-container_started".to_owned()),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&"task-container_finished".to_owned()),
+        "{events:?}"
+    );
+    let gz = std::fs::File::open(own.join(format!("{offliner}.log.gz"))).unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz), &mut log).unwrap();
+    let progress: Vec<&str> = log.lines().filter(|l| l.starts_with("progress ")).collect();
+    let want: Vec<String> = (1..=12).map(|i| format!("progress {i}/12")).collect();
+    assert_eq!(progress, want, "{log}");
+    assert!(!log.contains("[zimfarm-worker]"), "no gap: {log}");
+}
+
 #[tokio::test]
 async fn too_little_free_disk_fails_before_anything_runs() {
     use zimfarm_worker::runner::{RunError, Runner, TaskContext};
@@ -563,7 +675,7 @@ fn a_failed_upload_fails_the_task_and_keeps_the_files() {
     // Two days of scraping are not thrown away.
     let task_dir = s.dir().join(&id);
     assert!(task_dir.join("wikipedia_en_test.zim").exists());
-    assert!(own_dir(&task_dir).join("generated.json").exists());
+    assert!(own_dir(&task_dir).join("task.json").exists());
     expect_drained(&s);
 }
 
@@ -629,7 +741,7 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     sv.vh.wait_queue_depth("small", 1, 0, T);
     let local_zim = task_dir.join("wikipedia_en_test.zim");
     let want = std::fs::read(&local_zim).expect("the ZIM is kept for the next run");
-    assert!(own_dir(&task_dir).join("generated.json").exists());
+    assert!(own_dir(&task_dir).join("task.json").exists());
 
     proxy.set_rate(0);
     let second = sv.spawn(node, &env);

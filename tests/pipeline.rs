@@ -443,10 +443,23 @@ async fn revoke_stops_every_container_of_the_task() {
 /// printed while no runner followed included.
 #[tokio::test]
 async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
+    leave_then_carry_on("leavelib", 6, Duration::from_millis(1500), false).await;
+}
+
+/// The same, with a scraper that exits while no runner follows it: it is
+/// carried on as exited, its output read to the end.
+#[tokio::test]
+async fn a_scrape_that_exits_while_no_runner_follows_is_carried_on_as_exited() {
+    leave_then_carry_on("leaveexit", 2, Duration::from_millis(500), true).await;
+}
+
+/// Runs a task printing `sleep_s * 2` numbered lines, leaves it after
+/// `leave_after` (then waits for the scraper to exit when `until_exit`),
+/// and carries it on with a new runner.
+async fn leave_then_carry_on(node: &str, sleep_s: u32, leave_after: Duration, until_exit: bool) {
     use std::sync::Arc;
     use zimfarm_worker::runner::{CancelReason, Cancellation, RunError, Runner, TaskContext};
     let dir = tempfile::tempdir().unwrap();
-    let node = "leavelib";
     let runner = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
         .await
         .expect("docker");
@@ -459,7 +472,7 @@ async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
         .carrying(carry.clone(), started_at);
     let plan = || {
         runner
-            .plan(&request(&id, json!({"sleep": 6})))
+            .plan(&request(&id, json!({ "sleep": sleep_s })))
             .expect("a plan")
     };
     let run = tokio::spawn(runner.run(plan(), ctx));
@@ -473,7 +486,7 @@ async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
         assert!(start.elapsed() < T, "offliner never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(leave_after).await;
     cancel.cancel(CancelReason::Leave);
     let left = std::time::Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(5), run)
@@ -499,8 +512,22 @@ async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
         serde_json::from_slice(&std::fs::read(own.join("task.json")).unwrap()).unwrap();
     assert_eq!(record["stage"]["name"], "generate", "{record}");
     assert_eq!(record["carry"], *carry);
-    // No runner follows for a while: the scraper prints on.
+    // No runner follows for a while: the scraper prints on (and ends).
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    if until_exit {
+        eventually(
+            T,
+            Duration::from_millis(100),
+            || {
+                let out = Command::new("docker")
+                    .args(["inspect", "-f", "{{.State.Running}}", &offliner])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).trim() == "false"
+            },
+            || format!("{offliner} still runs"),
+        );
+    }
 
     let next = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
         .await
@@ -512,7 +539,7 @@ async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
     assert_eq!(task.stage, "generate");
     assert_eq!(task.carry, *carry);
     assert_eq!(task.started_at, started_at);
-    assert!(task.age >= Duration::from_secs(3), "{:?}", task.age);
+    assert!(task.age >= leave_after, "{:?}", task.age);
     assert!(task.offliner.contains("mwoffliner"), "{}", task.offliner);
     next.claim_node(std::slice::from_ref(&id)).await;
     assert_eq!(
@@ -543,7 +570,8 @@ async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
     let mut log = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz), &mut log).unwrap();
     let progress: Vec<&str> = log.lines().filter(|l| l.starts_with("progress ")).collect();
-    let want: Vec<String> = (1..=12).map(|i| format!("progress {i}/12")).collect();
+    let n = sleep_s * 2;
+    let want: Vec<String> = (1..=n).map(|i| format!("progress {i}/{n}")).collect();
     assert_eq!(progress, want, "{log}");
     assert!(!log.contains("[zimfarm-worker]"), "no gap: {log}");
 }

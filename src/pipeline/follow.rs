@@ -30,6 +30,10 @@ const SAVE_EVERY: Duration = Duration::from_secs(5);
 /// How long to wait before opening the output again when it ended while
 /// the container still runs.
 const REOPEN_AFTER: Duration = Duration::from_millis(200);
+/// How long an opening of the output may take to deliver what Docker kept
+/// before the idle timeout can fire: a task carried on after a long
+/// absence has its last line far back, and its backlog still to read.
+const BACKLOG_GRACE: Duration = Duration::from_secs(5);
 
 /// Which of the container's streams a line is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,10 +147,16 @@ impl Dedup {
     }
 }
 
+/// Openings of the output in a row that fail before a line may do so
+/// before the task fails (the engine's log driver cannot be read).
+const LOST_OPENINGS: u32 = 5;
+
 /// How one reading of the output ended.
 enum Read {
     /// The stream ended (the container stopped, or Docker closed it).
     Ended,
+    /// Docker's stream failed, after `chunks` chunks.
+    Lost { error: String, chunks: u64 },
     /// Nothing printed for the idle timeout.
     Idle,
 }
@@ -258,9 +268,13 @@ impl DockerRunner {
         let log_path = log_file.path();
         let file = tokio::task::spawn_blocking(move || {
             if fresh {
-                opening.create_afresh()
-            } else {
-                opening.reopen_at(log_bytes)
+                return opening.create_afresh();
+            }
+            match opening.reopen_at(log_bytes) {
+                // Gone (compressed by a run that died before it recorded
+                // its upload): the lines after the cursor go in a new one.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => opening.create(),
+                other => other,
             }
         })
         .await
@@ -291,6 +305,7 @@ impl DockerRunner {
             saved: cursor,
         };
         let idle = self.settings.idle_timeout;
+        let mut lost = 0;
         let exit = loop {
             match self.read(name, true, &mut f, keeper, ctx).await {
                 Err(e) => return Err(self.stopped(e, &mut f, keeper, ctx).await),
@@ -309,7 +324,18 @@ impl DockerRunner {
                         idle.as_secs()
                     )));
                 }
-                Ok(Read::Ended) => {}
+                Ok(Read::Ended) => lost = 0,
+                Ok(Read::Lost { error, chunks }) => {
+                    lost = if chunks == 0 { lost + 1 } else { 1 };
+                    if lost >= LOST_OPENINGS {
+                        return Err(failed(format!(
+                            "cannot read the offliner's output from Docker ({error}); the \
+                             engine's log driver must be one Docker can read back (json-file, \
+                             local or journald)"
+                        )));
+                    }
+                    tracing::warn!(%error, "lost the container's output stream; opening it again");
+                }
             }
             match self.docker.state(name).await {
                 Ok(Some(state)) if state.running => {
@@ -330,8 +356,12 @@ impl DockerRunner {
             }
         };
         // It exited: what Docker has of it and the log has not yet.
-        if let Err(e) = self.read(name, false, &mut f, keeper, ctx).await {
-            return Err(self.stopped(e, &mut f, keeper, ctx).await);
+        match self.read(name, false, &mut f, keeper, ctx).await {
+            Err(e) => return Err(self.stopped(e, &mut f, keeper, ctx).await),
+            Ok(Read::Lost { error, .. }) => {
+                tracing::warn!(%error, "could not read the end of the offliner's output");
+            }
+            Ok(_) => {}
         }
         f.save(keeper).await?;
         f.stdout.finish();
@@ -358,21 +388,28 @@ impl DockerRunner {
         let mut save = tokio::time::interval(SAVE_EVERY);
         save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         save.tick().await;
+        let backlog_read = tokio::time::Instant::now() + BACKLOG_GRACE;
+        let mut chunks = 0_u64;
         loop {
             let left = f.last_output_ns.saturating_add(idle_ns) - wall_ns();
-            let idle = tokio::time::sleep(Duration::from_nanos(u64::try_from(left).unwrap_or(0)));
+            let idle_at = (tokio::time::Instant::now()
+                + Duration::from_nanos(u64::try_from(left).unwrap_or(0)))
+            .max(backlog_read);
             tokio::select! {
+                biased;
                 _ = ctx.cancel.cancelled() => return Err(RunError::Cancelled),
-                _ = idle, if follow => return Ok(Read::Idle),
                 _ = save.tick() => f.save(keeper).await?,
                 next = logs.next() => match next {
                     None => return Ok(Read::Ended),
                     Some(Err(error)) => {
-                        tracing::warn!(%error, "lost the container's output stream; opening it again");
-                        return Ok(Read::Ended);
+                        return Ok(Read::Lost { error: error.to_string(), chunks });
                     }
-                    Some(Ok(chunk)) => f.line(chunk).await?,
+                    Some(Ok(chunk)) => {
+                        chunks += 1;
+                        f.line(chunk).await?;
+                    }
                 },
+                _ = tokio::time::sleep_until(idle_at), if follow => return Ok(Read::Idle),
             }
         }
     }

@@ -298,12 +298,17 @@ impl DockerRunner {
                 self.remove_dirs(&f.task_id).await;
             }
             metrics::global().kept_task_removed(reason);
+            let what = if f.containers.is_empty() {
+                "removed the dirs of a scrape left by an earlier run of this node"
+            } else {
+                "removed containers left by an earlier run of this node"
+            };
             tracing::warn!(
                 task_id = %f.task_id,
                 containers = f.containers.len(),
                 dirs_removed = dirs,
                 reason,
-                "removed a task an earlier run of this node left, instead of carrying it on: {why}"
+                "{what}, instead of carrying their task on: {why}"
             );
         }
     }

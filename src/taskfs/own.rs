@@ -227,7 +227,8 @@ impl OwnFile {
     }
 
     /// Opens it, an existing regular file (not a link), for writing at
-    /// its end after cutting it to `len` bytes. Blocking.
+    /// its end after cutting it to at most `len` bytes (a shorter one is
+    /// not lengthened). Blocking.
     pub fn reopen_at(&self, len: u64) -> io::Result<File> {
         use std::io::Seek;
         let fd = rustix::fs::openat(
@@ -249,7 +250,9 @@ impl OwnFile {
                 format!("{} is not a regular file", self.path().display()),
             ));
         }
-        file.set_len(len)?;
+        if file.metadata()?.len() > len {
+            file.set_len(len)?;
+        }
         file.seek(io::SeekFrom::End(0))?;
         Ok(file)
     }

@@ -443,24 +443,83 @@ async fn revoke_stops_every_container_of_the_task() {
 /// printed while no runner followed included.
 #[tokio::test]
 async fn a_scrape_left_on_leave_is_carried_on_by_the_next_runner() {
-    leave_then_carry_on("leavelib", 6, Duration::from_millis(1500), false).await;
+    leave_then_carry_on(Leave {
+        node: "leavelib",
+        sleep_s: 6,
+        leave_after: Duration::from_millis(1500),
+        away: Duration::from_millis(1500),
+        until_exit: false,
+        log_limit: None,
+    })
+    .await;
 }
 
 /// The same, with a scraper that exits while no runner follows it: it is
 /// carried on as exited, its output read to the end.
 #[tokio::test]
 async fn a_scrape_that_exits_while_no_runner_follows_is_carried_on_as_exited() {
-    leave_then_carry_on("leaveexit", 2, Duration::from_millis(500), true).await;
+    leave_then_carry_on(Leave {
+        node: "leaveexit",
+        sleep_s: 2,
+        leave_after: Duration::from_millis(500),
+        away: Duration::from_millis(1500),
+        until_exit: true,
+        log_limit: None,
+    })
+    .await;
 }
 
-/// Runs a task printing `sleep_s * 2` numbered lines, leaves it after
-/// `leave_after` (then waits for the scraper to exit when `until_exit`),
-/// and carries it on with a new runner.
-async fn leave_then_carry_on(node: &str, sleep_s: u32, leave_after: Duration, until_exit: bool) {
+/// The same, away long enough for Docker's bounded copy of the output
+/// (2 files of 1 KiB) to rotate lines away before they are read: the log
+/// holds every line up to the leave, one gap line, then every line Docker
+/// still had, each once and in order.
+#[tokio::test]
+async fn output_rotated_away_while_no_runner_follows_is_one_gap_line() {
+    leave_then_carry_on(Leave {
+        node: "leavegap",
+        sleep_s: 20,
+        leave_after: Duration::from_millis(1500),
+        away: Duration::from_secs(15),
+        until_exit: false,
+        log_limit: Some(zimfarm_worker::docker::LogLimit::total(2048, 2)),
+    })
+    .await;
+}
+
+/// How [`leave_then_carry_on`] runs its task.
+struct Leave {
+    node: &'static str,
+    /// The scraper prints `sleep_s * 2` numbered lines, one every 0.5 s.
+    sleep_s: u32,
+    leave_after: Duration,
+    /// How long no runner follows it.
+    away: Duration,
+    /// Then wait for it to exit before carrying it on.
+    until_exit: bool,
+    /// Docker's bound on its copy of the output; with one, lines are
+    /// rotated away while no runner follows and a gap line is expected.
+    log_limit: Option<zimfarm_worker::docker::LogLimit>,
+}
+
+/// Runs a task, leaves it, and carries it on with a new runner (see
+/// [`Leave`]).
+async fn leave_then_carry_on(how: Leave) {
     use std::sync::Arc;
     use zimfarm_worker::runner::{CancelReason, Cancellation, RunError, Runner, TaskContext};
+    let Leave {
+        node,
+        sleep_s,
+        leave_after,
+        away,
+        until_exit,
+        log_limit,
+    } = how;
+    let limited = |dir: &Path| zimfarm_worker::config::PipelineSettings {
+        container_log_limit: log_limit,
+        ..settings(dir, node, 10)
+    };
     let dir = tempfile::tempdir().unwrap();
-    let runner = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
+    let runner = zimfarm_worker::pipeline::DockerRunner::new(limited(dir.path()), None)
         .await
         .expect("docker");
     let recorder = Arc::new(Recorder::default());
@@ -513,7 +572,7 @@ async fn leave_then_carry_on(node: &str, sleep_s: u32, leave_after: Duration, un
     assert_eq!(record["stage"]["name"], "generate", "{record}");
     assert_eq!(record["carry"], *carry);
     // No runner follows for a while: the scraper prints on (and ends).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(away).await;
     if until_exit {
         eventually(
             T,
@@ -529,7 +588,7 @@ async fn leave_then_carry_on(node: &str, sleep_s: u32, leave_after: Duration, un
         );
     }
 
-    let next = zimfarm_worker::pipeline::DockerRunner::new(settings(dir.path(), node, 10), None)
+    let next = zimfarm_worker::pipeline::DockerRunner::new(limited(dir.path()), None)
         .await
         .expect("docker");
     let kept = next.kept().await;
@@ -569,11 +628,33 @@ async fn leave_then_carry_on(node: &str, sleep_s: u32, leave_after: Duration, un
     let gz = std::fs::File::open(own.join(format!("{offliner}.log.gz"))).unwrap();
     let mut log = String::new();
     std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(gz), &mut log).unwrap();
-    let progress: Vec<&str> = log.lines().filter(|l| l.starts_with("progress ")).collect();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("progress ") || l.starts_with("[zimfarm-worker]"))
+        .collect();
     let n = sleep_s * 2;
     let want: Vec<String> = (1..=n).map(|i| format!("progress {i}/{n}")).collect();
-    assert_eq!(progress, want, "{log}");
-    assert!(!log.contains("[zimfarm-worker]"), "no gap: {log}");
+    if log_limit.is_none() {
+        assert_eq!(lines, want, "{log}");
+        return;
+    }
+    let gaps: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("[zimfarm-worker]"))
+        .collect();
+    assert_eq!(gaps.len(), 1, "one gap line: {log}");
+    assert!(
+        lines[gaps[0]].starts_with("[zimfarm-worker] output between ")
+            && lines[gaps[0]].ends_with(" was rotated away by Docker before it could be read"),
+        "{log}"
+    );
+    let (before, after) = (&lines[..gaps[0]], &lines[gaps[0] + 1..]);
+    assert!(!before.is_empty() && !after.is_empty(), "{log}");
+    assert_eq!(before, &want[..before.len()], "{log}");
+    assert_eq!(after, &want[want.len() - after.len()..], "{log}");
+    assert!(
+        before.len() + after.len() < want.len(),
+        "lines were lost: {log}"
+    );
 }
 
 #[tokio::test]

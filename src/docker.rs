@@ -454,7 +454,9 @@ impl DockerClient {
             })
     }
 
-    /// Creates and starts a container whose output nobody reads (helpers).
+    /// Creates and starts a container, attached to nothing: its output is
+    /// read back from the log driver ([`DockerClient::logs`]), so nothing
+    /// the worker does (a stall, a restart) holds the container up.
     pub async fn start(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
         self.create(spec).await?;
         self.start_created(&spec.name).await

@@ -615,6 +615,8 @@ async fn leave_then_carry_on(how: Leave) {
         .expect("succeeds");
     assert!(!files.is_empty());
     assert_no_containers(node);
+    // Ended: no later start carries it on again.
+    assert!(next.kept().await.tasks.is_empty());
     // The same scraper: no second container start.
     let events = recorder.0.lock().unwrap().clone();
     assert!(

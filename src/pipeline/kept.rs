@@ -1,9 +1,9 @@
 //! What an earlier run of this node left: the tasks whose record (in
 //! `ZIM_DIR/.zimfarm/<id>/task.json`) and containers (found by their
 //! labels) let a new run carry them on, and those that cannot be, each with
-//! why. [`DockerRunner::find_kept`] only looks; `claim_node` removes what is
-//! not kept ([`DockerRunner::remove_unkept`]), `forsake` one kept task
-//! ([`DockerRunner::remove_kept`]); `check` lists them ([`survey`]).
+//! why. `find_kept` only looks; `claim_node` removes what is
+//! not kept (`remove_unkept`), `forsake` one kept task
+//! (`remove_kept`); `check` lists them ([`survey`]).
 //!
 //! The evidence a task is still there: its offliner container (running or
 //! exited) at stage generate, its task dir at stage upload; nothing at

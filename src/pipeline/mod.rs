@@ -7,13 +7,20 @@
 //! **cleanup** (every container of the task removed on every path, panics
 //! included; the task dir once its files are uploaded).
 //!
+//! A scrape outlives the worker (SPEC §8): the task's record
+//! ([`crate::taskfs::record`]) says where it is, and a run starts from the
+//! stage it says, for a fresh task and for one an earlier run of this node
+//! left alike: none or prepare → afresh; generate with its offliner still
+//! there (running or exited) → following it on from the log cursor;
+//! upload → upload (the journals make it exact). On
+//! [`CancelReason::Leave`] a run leaves its containers, dirs and record as
+//! they are and returns at once; on any other cancel it removes them.
+//!
 //! The task dir (`ZIM_DIR/<id>`) is the scraper's: it is read only through
 //! its handle, without following links ([`crate::taskfs`]). The worker's
-//! own files of the task (the container log, the marker written when
-//! generate succeeded, which lets a redelivered task go straight to upload
-//! instead of scraping again, the upload journals) live in
-//! `ZIM_DIR/.zimfarm/<id>/`, which no container sees; it goes and stays
-//! with the task dir.
+//! own files of the task (the container log, the task record, the upload
+//! journals) live in `ZIM_DIR/.zimfarm/<id>/`, which no container sees; it
+//! goes and stays with the task dir.
 //!
 //! Free disk: before refusing a task for `MIN_FREE_DISK_MB` it has the
 //! [`Sweeper`] remove kept task dirs (a task's own dir is claimed for its
@@ -21,17 +28,19 @@
 //! is reported as the disk having filled up.
 //!
 //! Here: the runner and its stages. Beside it: `confine.rs` (capabilities,
-//! pids limits and dir modes of the task's containers), `containers.rs`
-//! (following the offliner, its tails, how it ended; the task's containers
-//! removed), `redis.rs` (the redis helper and the wait on its socket) and
-//! `output.rs` (produced files, the marker, the log, journals' names, the
-//! upload).
+//! pids limits and dir modes of the task's containers), `follow.rs` (the
+//! offliner's output into the log, from cursors), `containers.rs` (its
+//! tails, how it ended; the task's containers removed), `kept.rs` (what an
+//! earlier run left: carried on or removed), `redis.rs` (the redis helper
+//! and the wait on its socket) and `output.rs` (produced files, the log,
+//! journals' names, the upload).
 //!
 //! Owns the task dir and the task's containers. It must not decode messages
 //! or publish anything itself (it never imports `celery`): it works from an
 //! offliner [`TaskPlan`], which [`OfflinerPlanner`] made from the request,
 //! and reports through the runner's [`TaskContext`] in the words of
-//! [`crate::report`].
+//! [`crate::report`]; what the worker needs to carry a task on is an opaque
+//! carry it stores as is.
 
 mod confine;
 mod containers;
@@ -128,7 +137,7 @@ struct Job<'a> {
     dirs: &'a TaskDirs,
     ctx: &'a TaskContext,
     containers: Containers,
-    keeper: RecordKeeper,
+    keeper: &'a mut RecordKeeper,
 }
 
 /// Where a run starts, from what the task's record says.
@@ -301,7 +310,7 @@ impl DockerRunner {
                     dirs: &dirs,
                     ctx: &ctx,
                     containers: Containers::new(self.docker.clone()),
-                    keeper,
+                    keeper: &mut keeper,
                 };
                 let outcome = self.stages(&mut job, start).await;
                 if matches!(outcome, Err(RunError::Cancelled))
@@ -341,14 +350,25 @@ impl DockerRunner {
                 }
             }
         };
-        if let Some(warehouse) = &self.warehouse {
-            timed(
-                Stage::Upload,
-                self.upload(warehouse, &plan, &dirs, &generated, &ctx),
-            )
-            .await?;
+        let uploaded = match &self.warehouse {
+            Some(warehouse) => {
+                timed(
+                    Stage::Upload,
+                    self.upload(warehouse, &plan, &dirs, &generated, &ctx),
+                )
+                .await
+            }
+            None => Ok(()),
+        };
+        if !(matches!(uploaded, Err(RunError::Cancelled))
+            && ctx.cancel.reason() == Some(CancelReason::Leave))
+        {
+            // The task ends here: no later start may carry it on (a
+            // redelivery still goes straight to upload from the record).
+            keeper.record.carry = None;
+            keeper.save().await;
         }
-        Ok(generated.files)
+        uploaded.map(|()| generated.files)
     }
 
     /// The task's record, if it has one this worker can use; an
@@ -529,9 +549,7 @@ impl DockerRunner {
             )
         });
         let log = own.file(&format!("{name}.log"));
-        let run = self
-            .follow(&name, &log, cursor, &mut job.keeper, ctx)
-            .await?;
+        let run = self.follow(&name, &log, cursor, job.keeper, ctx).await?;
         let early = match early_uploads {
             Some(early) => early.finish().await,
             None => Default::default(),

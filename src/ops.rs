@@ -171,7 +171,7 @@ async fn kept_check(zim_dir: &Path, node: &str) -> Verdict {
     };
     let mut lines = Vec::new();
     for f in &found {
-        match f.judge(node, zim_dir) {
+        match f.judge(node) {
             Judged::Kept(task) => lines.push(format!(
                 "{} {} ({}), {} h old: carried on by the next start within RESTART_GRACE",
                 task.task_id,

@@ -30,6 +30,8 @@ pub struct Found {
     pub record: Result<Option<TaskRecord>, String>,
     /// Its containers labelled for this node.
     pub containers: Vec<Listed>,
+    /// Whether its task dir (`ZIM_DIR/<id>`) is there.
+    pub task_dir: bool,
 }
 
 /// What becomes of a task found.
@@ -50,8 +52,8 @@ pub enum Judged {
 }
 
 impl Found {
-    /// What becomes of it, for node `node`, with ZIM_DIR at `zim_dir`.
-    pub fn judge(&self, node: &str, zim_dir: &Path) -> Judged {
+    /// What becomes of it, for node `node`.
+    pub fn judge(&self, node: &str) -> Judged {
         let containers = !self.containers.is_empty();
         let removed = |reason, why: String, dirs| Judged::Removed { reason, why, dirs };
         let record = match &self.record {
@@ -103,7 +105,7 @@ impl Found {
                     true,
                 );
             }
-            Stage::Upload(_) if !zim_dir.join(&self.task_id).is_dir() => {
+            Stage::Upload(_) if !self.task_dir => {
                 return removed(
                     "not_followable",
                     "its task dir, with the files to upload, is gone".to_owned(),
@@ -137,14 +139,7 @@ pub async fn survey(
         .await
         .unwrap_or_default()
         .into_iter()
-        .map(|(task_id, record)| {
-            let f = Found {
-                task_id: task_id.clone(),
-                record,
-                containers: Vec::new(),
-            };
-            (task_id, f)
-        })
+        .map(|f| (f.task_id.clone(), f))
         .collect();
     let unrecorded: Vec<String> = listed
         .iter()
@@ -159,23 +154,24 @@ pub async fn survey(
         unrecorded
             .into_iter()
             .map(|id| {
-                let record = if crate::offliner::validate_task_id(&id).is_ok() {
-                    TaskRecord::load_from(&dir, &id).map_err(|e| e.to_string())
-                } else {
-                    Ok(None)
-                };
-                (id, record)
+                let valid = crate::offliner::validate_task_id(&id).is_ok();
+                Found {
+                    record: if valid {
+                        TaskRecord::load_from(&dir, &id).map_err(|e| e.to_string())
+                    } else {
+                        Ok(None)
+                    },
+                    task_dir: valid && dir.join(&id).is_dir(),
+                    task_id: id,
+                    containers: Vec::new(),
+                }
             })
             .collect::<Vec<_>>()
     })
     .await
     .unwrap_or_default();
-    for (task_id, record) in late {
-        found.entry(task_id.clone()).or_insert(Found {
-            task_id,
-            record,
-            containers: Vec::new(),
-        });
+    for f in late {
+        found.entry(f.task_id.clone()).or_insert(f);
     }
     for container in listed {
         let task_id = container
@@ -189,6 +185,7 @@ pub async fn survey(
                 task_id,
                 record: Ok(None),
                 containers: Vec::new(),
+                task_dir: false,
             })
             .containers
             .push(container);
@@ -196,8 +193,8 @@ pub async fn survey(
     Ok(found.into_values().collect())
 }
 
-/// The records in `ZIM_DIR/.zimfarm`, by task id. Blocking.
-fn records(zim_dir: &Path) -> Vec<(String, Result<Option<TaskRecord>, String>)> {
+/// The tasks with a record in `ZIM_DIR/.zimfarm`. Blocking.
+fn records(zim_dir: &Path) -> Vec<Found> {
     let root = zim_dir.join(crate::taskfs::OWN_ROOT);
     let Ok(entries) = std::fs::read_dir(&root) else {
         return Vec::new();
@@ -218,8 +215,12 @@ fn records(zim_dir: &Path) -> Vec<(String, Result<Option<TaskRecord>, String>)> 
         if !has_record {
             continue;
         }
-        let record = TaskRecord::load_from(zim_dir, &task_id).map_err(|e| e.to_string());
-        out.push((task_id, record));
+        out.push(Found {
+            record: TaskRecord::load_from(zim_dir, &task_id).map_err(|e| e.to_string()),
+            task_dir: zim_dir.join(&task_id).is_dir(),
+            task_id,
+            containers: Vec::new(),
+        });
     }
     out
 }
@@ -252,12 +253,10 @@ impl DockerRunner {
         };
         let tasks = found
             .iter()
-            .filter_map(
-                |f| match f.judge(&self.settings.node_name, &self.settings.zim_dir) {
-                    Judged::Kept(task) => Some(task),
-                    _ => None,
-                },
-            )
+            .filter_map(|f| match f.judge(&self.settings.node_name) {
+                Judged::Kept(task) => Some(task),
+                _ => None,
+            })
             .collect();
         KeptTasks { tasks, away }
     }
@@ -279,7 +278,7 @@ impl DockerRunner {
             if keep.contains(&f.task_id) {
                 continue;
             }
-            let (reason, why, dirs) = match f.judge(node, &self.settings.zim_dir) {
+            let (reason, why, dirs) = match f.judge(node) {
                 Judged::Ignored => continue,
                 Judged::Removed { reason, why, dirs } => (reason, why, dirs),
                 Judged::Kept(_) => (
@@ -388,11 +387,12 @@ mod tests {
             task_id: "t1".to_owned(),
             record,
             containers: containers.iter().map(|n| container(n)).collect(),
+            task_dir: false,
         }
     }
 
-    fn verdict(f: &Found, zim: &Path) -> (Option<&'static str>, &'static str) {
-        match f.judge("n1", zim) {
+    fn verdict(f: &Found) -> (Option<&'static str>, &'static str) {
+        match f.judge("n1") {
             Judged::Kept(k) => (Some(k.stage), "kept"),
             Judged::Removed { reason, .. } => (None, reason),
             Judged::Ignored => (None, "ignored"),
@@ -401,7 +401,6 @@ mod tests {
 
     #[test]
     fn a_task_is_kept_only_with_its_record_carry_and_evidence() {
-        let zim = tempfile::tempdir().unwrap();
         let generating = Stage::Generate(Generating {
             offliner: "off".to_owned(),
             helpers: vec!["redis".to_owned()],
@@ -413,59 +412,44 @@ mod tests {
         });
         let gen_rec = || Ok(Some(record(generating.clone())));
         assert_eq!(
-            verdict(&found(gen_rec(), &["redis", "off"]), zim.path()),
+            verdict(&found(gen_rec(), &["redis", "off"])),
             (Some("generate"), "kept")
         );
         assert_eq!(
-            verdict(&found(gen_rec(), &["redis"]), zim.path()),
+            verdict(&found(gen_rec(), &["redis"])),
             (None, "not_followable")
         );
         assert_eq!(
-            verdict(&found(Ok(Some(record(Stage::Prepare))), &[]), zim.path()),
+            verdict(&found(Ok(Some(record(Stage::Prepare))), &[])),
             (Some("prepare"), "kept")
         );
         let up = || Ok(Some(record(uploading.clone())));
-        assert_eq!(
-            verdict(&found(up(), &[]), zim.path()),
-            (None, "not_followable")
-        );
-        std::fs::create_dir(zim.path().join("t1")).unwrap();
-        assert_eq!(
-            verdict(&found(up(), &[]), zim.path()),
-            (Some("upload"), "kept")
-        );
+        assert_eq!(verdict(&found(up(), &[])), (None, "not_followable"));
+        let with_dir = Found {
+            task_dir: true,
+            ..found(up(), &[])
+        };
+        assert_eq!(verdict(&with_dir), (Some("upload"), "kept"));
         // No record, an unreadable one, one without a carry.
+        assert_eq!(verdict(&found(Ok(None), &["off"])), (None, "no_record"));
+        assert_eq!(verdict(&found(Ok(None), &[])), (None, "ignored"));
         assert_eq!(
-            verdict(&found(Ok(None), &["off"]), zim.path()),
-            (None, "no_record")
-        );
-        assert_eq!(
-            verdict(&found(Ok(None), &[]), zim.path()),
-            (None, "ignored")
-        );
-        assert_eq!(
-            verdict(&found(Err("bad".to_owned()), &["off"]), zim.path()),
+            verdict(&found(Err("bad".to_owned()), &["off"])),
             (None, "unreadable")
         );
         let mut no_carry = record(generating.clone());
         no_carry.carry = None;
         assert_eq!(
-            verdict(&found(Ok(Some(no_carry)), &["off"]), zim.path()),
+            verdict(&found(Ok(Some(no_carry)), &["off"])),
             (None, "no_record")
         );
         // A v0 marker's task, with nothing running: the sweeper's.
         let mut v0 = record(uploading);
         (v0.carry, v0.node, v0.started) = (None, None, None);
-        assert_eq!(
-            verdict(&found(Ok(Some(v0)), &[]), zim.path()),
-            (None, "ignored")
-        );
+        assert_eq!(verdict(&found(Ok(Some(v0)), &[])), (None, "ignored"));
         // Another node's record is not this node's to judge.
         let mut other = record(generating);
         other.node = Some("n2".to_owned());
-        assert_eq!(
-            verdict(&found(Ok(Some(other)), &[]), zim.path()),
-            (None, "ignored")
-        );
+        assert_eq!(verdict(&found(Ok(Some(other)), &[])), (None, "ignored"));
     }
 }

@@ -199,6 +199,9 @@ impl DockerRunner {
         settings: PipelineSettings,
         warehouse: Option<Warehouse>,
     ) -> Result<Self, crate::scraper_net::NetError> {
+        // The boot id, read once, off the runtime: every record's clock
+        // uses it.
+        let _ = tokio::task::spawn_blocking(crate::taskfs::record::Clock::now).await;
         let docker = DockerClient::connect().await?;
         let network = ScraperNetwork::prepare(&docker, settings.scraper_network.as_deref()).await?;
         network.install_filter().await;

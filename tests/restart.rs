@@ -40,8 +40,8 @@ struct Farm {
     events: EventsProc,
     env: WorkerEnv,
     node: String,
-    /// When the test began (epoch seconds), for `docker events`.
-    since: f64,
+    /// Docker's `create` events of the node's containers.
+    creates: ContainerCreates,
 }
 
 impl Farm {
@@ -57,7 +57,7 @@ impl Farm {
 
     /// With `sshd` as the warehouse and `env` as the workers' environment.
     fn on(node: &str, sshd: Sshd, env: WorkerEnv) -> Self {
-        let since = unix_now();
+        let creates = ContainerCreates::watch(node);
         let sv = Services::new(node);
         let events = sv.events(300);
         Self {
@@ -66,7 +66,7 @@ impl Farm {
             events,
             env,
             node: node.to_owned(),
-            since,
+            creates,
         }
     }
 
@@ -128,7 +128,7 @@ impl Farm {
             "no second task-started for an adopted task"
         );
         assert_eq!(
-            offliner_creates(id, self.since),
+            self.creates.offliners_of(id),
             1,
             "the offliner container of {id} was created once"
         );
@@ -500,7 +500,8 @@ fn lines_docker_rotated_away_while_no_worker_ran_leave_one_gap_marker() {
 
 #[test]
 fn a_node_away_longer_than_restart_grace_lets_another_run_the_task_and_removes_its_stale_scrape() {
-    let since = unix_now();
+    let creates = ContainerCreates::watch("grace-a");
+    let creates_b = ContainerCreates::watch("grace-b");
     let sshd = Sshd::start();
     let sv = Services::new("grace");
     let events = sv.events(400);
@@ -582,9 +583,10 @@ fn a_node_away_longer_than_restart_grace_lets_another_run_the_task_and_removes_i
         from_a2.is_empty(),
         "A's new life spoke of the task: {from_a2:?}"
     );
-    assert!(
-        offliner_creates(&id, since) == 2,
-        "A's scrape and B's, no third"
+    assert_eq!(
+        (creates.offliners_of(&id), creates_b.offliners_of(&id)),
+        (1, 1),
+        "A's scrape and B's, no other"
     );
     wait_no_containers("grace-b");
     sv.vh.wait_queue_depth("small", 0, 0, T);
@@ -616,7 +618,7 @@ fn sigquit_mid_scrape_stops_it_for_good_and_the_next_worker_starts_afresh() {
         second.log_text()
     );
     assert_eq!(farm.count("task-started", &id), 2);
-    assert_eq!(offliner_creates(&id, farm.since), 2);
+    assert_eq!(farm.creates.offliners_of(&id), 2);
     wait_no_containers(&farm.node);
     farm.sv.vh.wait_queue_depth("small", 0, 0, T);
 }

@@ -1095,33 +1095,71 @@ pub fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// How many times the engine created an offliner container of task `id`
-/// from `since` (epoch seconds) to now, from `docker events`: a scrape
-/// carried on across a restart is created once, a scrape redone twice.
-pub fn offliner_creates(id: &str, since: f64) -> usize {
-    let out = run_ok(
-        Command::new("docker").args([
-            "events",
-            "--since",
-            &format!("{since:.3}"),
-            "--until",
-            &format!("{:.3}", unix_now()),
-            "--filter",
-            "type=container",
-            "--filter",
-            "event=create",
-            "--filter",
-            &format!("label=org.openzim.zimfarm.task={id}"),
-            "--format",
-            "{{json .}}",
-        ]),
-        "docker events",
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["Actor"]["Attributes"]["org.openzim.zimfarm.role"] == "offliner")
-        .count()
+/// Docker's `create` events of the containers labelled for a node,
+/// followed live from the moment it is made (the engine replays only its
+/// last 256 events, so a later `docker events --since` may miss some on a
+/// busy engine). A scrape carried on across a restart is created once, a
+/// scrape redone twice.
+pub struct ContainerCreates {
+    child: Child,
+    events: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ContainerCreates {
+    pub fn watch(node: &str) -> Self {
+        let mut child = Command::new("docker")
+            .args([
+                "events",
+                "--since",
+                &format!("{:.3}", unix_now()),
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=create",
+                "--filter",
+                &format!("label=org.openzim.zimfarm.node={node}"),
+                "--format",
+                "{{json .}}",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("docker runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// How many offliner containers of task `id` were created so far.
+    pub fn offliners_of(&self, id: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                let labels = &e["Actor"]["Attributes"];
+                labels["org.openzim.zimfarm.task"] == id
+                    && labels["org.openzim.zimfarm.role"] == "offliner"
+            })
+            .count()
+    }
+}
+
+impl Drop for ContainerCreates {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The state (`running`, `exited`, ...) of the offliner container of task

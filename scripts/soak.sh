@@ -6,12 +6,19 @@
 # fault injector, at random times drawn from SOAK_SEED: closes a worker's
 # broker connections, stops and restarts sshd mid-upload, kill -9s and
 # restarts a worker, `docker kill`s a running offliner from outside, fills
-# the workers' disk (a tmpfs) briefly, and delays the dispatcher while a
-# worker restarts behind it. Then it drains and prints a table: tasks sent,
-# succeeded, failed (reasons tallied), lost, doubled, ZIMs byte-identical to
-# what the scraper wrote, RSS and open descriptors of each worker life, and a
-# last `N passed, M failed` line (exit 1 when a check failed). soak-d1 is
-# never killed, so that one worker life spans the soak: its RSS and open
+# the workers' disk (a tmpfs) briefly, delays the dispatcher while a worker
+# restarts behind it, restarts a Docker worker mid-scrape with SIGTERM (as
+# `docker restart` does) and kill -9s one mid-scrape with a restart within
+# 10 s. Then it drains and prints a table: tasks sent, succeeded, failed
+# (reasons tallied), lost, doubled, scrapes redone (a task whose offliner
+# container Docker's events show created more than once), ZIMs
+# byte-identical to what the scraper wrote, RSS and open descriptors of each
+# worker life, the SIGTERM-to-exit times, and a last `N passed, M failed`
+# line (exit 1 when a check failed). On the farm the scrapes redone are
+# reported (a holder still runs a task after 10 s of silence); with
+# SOAK_NODES=1 (one Docker worker and the simulate one) 0 scrapes redone is
+# a check. soak-d1 is never killed on the farm (the simulate worker on one
+# node), so that one worker life spans the soak: its RSS and open
 # descriptors, taken once the warm-up tasks ended and each worker's broker
 # connection was cut once, and again after the drain (both idle moments),
 # are the ones judged; the descriptors that grew are named by kind.
@@ -20,9 +27,10 @@
 #   SOAK_SECONDS   how long tasks are sent and faults injected (default 600)
 #   SOAK_SEED      the fault and task schedule (default: random; printed)
 #   SOAK_PROFILE   release (default) or dev (reuses the test build; CI)
+#   SOAK_NODES     Docker workers: 2 (default, a farm) or 1
 #   SOAK_FAULTS    all (default), none, or a comma-separated list of
 #                  close_connections,sshd_restart,kill_worker,docker_kill,
-#                  fill_disk,slow_dispatcher
+#                  fill_disk,slow_dispatcher,sigterm_restart,kill9_restart
 #   SOAK_KEEP      set: keep the logs, events, trace.csv and warehouse
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,13 +40,15 @@ seconds="${SOAK_SECONDS:-600}"
 seed="${SOAK_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
 case "$seconds" in '' | *[!0-9]*) echo "SOAK_SECONDS is '$seconds'; give a whole number of seconds" >&2; exit 2 ;; esac
 case "$seed" in '' | *[!0-9]*) echo "SOAK_SEED is '$seed'; give a whole number" >&2; exit 2 ;; esac
+nodes="${SOAK_NODES:-2}"
+case "$nodes" in 1 | 2) ;; *) echo "SOAK_NODES is '$nodes'; use 1 or 2" >&2; exit 2 ;; esac
 profile="${SOAK_PROFILE:-release}"
 case "$profile" in
   release) bin="${CARGO_TARGET_DIR:-target}/release" ;;
   dev) bin="${CARGO_TARGET_DIR:-target}/debug" ;;
   *) echo "SOAK_PROFILE is '$profile'; use release or dev" >&2; exit 2 ;;
 esac
-echo "==> soak: SOAK_SECONDS=$seconds SOAK_SEED=$seed ($profile build)"
+echo "==> soak: SOAK_SECONDS=$seconds SOAK_SEED=$seed SOAK_NODES=$nodes ($profile build)"
 
 bash scripts/test-env.sh >/dev/null
 # shellcheck source=scripts/lib/farm-services.sh
@@ -58,6 +68,10 @@ cleanup() {
   for pid in "${FARM_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   pkill -f "$work/sshd_config" 2>/dev/null || true
   wait 2>/dev/null || true
+  # A worker killed here may have left scrapes running for its next start.
+  for node in soak-d1 soak-d2; do
+    docker ps -aq --filter "label=org.openzim.zimfarm.node=$node" | xargs -r docker rm -f >/dev/null 2>&1 || true
+  done
   mountpoint -q "$disk" && umount -l "$disk"
   curl -fsS -X DELETE "$api/vhosts/$vhost" >/dev/null 2>&1 || true
   if [ -n "${SOAK_KEEP:-}" ]; then
@@ -88,7 +102,7 @@ set +e
   --broker "amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672/$vhost" --api "$api" --vhost "$vhost" \
   --work "$work" --disk "$disk" --warehouse "$warehouse" --sftp-port "$FARM_SFTP_PORT" \
   --dispatcher "$FARM_DISPATCHER_URL" --user zimfarm-sftp --password soak \
-  --faults "${SOAK_FAULTS:-all}"
+  --nodes "$nodes" --faults "${SOAK_FAULTS:-all}"
 status=$?
 set -e
 exit "$status"

@@ -3,11 +3,12 @@
 //! sshd as the warehouse (`tests/common/sshd.rs`): a Celery-sent task runs
 //! the stand-in mwoffliner through prepare, generate and upload; flags
 //! reach the container as argv exactly; refusals happen before anything
-//! runs; idle timeout, non-zero exit and hard time limit; orphans after
-//! kill -9; revoke; a failed upload keeps the files; a task stopped during
-//! its upload goes straight to upload when it comes back; a warehouse the
-//! worker cannot trust or log in to stops it at start. After every test no
-//! container and no task dir is left behind, unless the test keeps one.
+//! runs; idle timeout, non-zero exit and hard time limit; an orphan after
+//! kill -9 that cannot be adopted; SIGQUIT; revoke; a failed upload keeps
+//! the files; a task stopped during its upload goes straight to upload
+//! when it comes back; a warehouse the worker cannot trust or log in to
+//! stops it at start. After every test no container and no task dir is
+//! left behind, unless the test keeps one.
 
 mod common;
 
@@ -256,8 +257,11 @@ fn large_container_output_keeps_the_worker_small() {
     wait_no_containers(node);
 }
 
+/// kill -9 leaves the scrape running and the next start adopts it
+/// (tests/restart.rs); one it cannot adopt, here one whose task record is
+/// gone, is removed with a line saying why, and its task runs again.
 #[test]
-fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
+fn kill_9_leaves_an_orphan_that_the_next_worker_removes_when_it_cannot_adopt_it() {
     let sshd = Sshd::start();
     let sv = Services::new("orphan");
     let node = "orphan";
@@ -269,10 +273,18 @@ fn kill_9_leaves_an_orphan_that_the_next_worker_removes() {
     first.signal("KILL");
     first.wait_exit(T);
     assert!(!containers_of(node).is_empty(), "the orphan is still there");
+    let record = own_dir(&sv.dir.path().join(&id)).join("task.json");
+    std::fs::remove_file(&record)
+        .unwrap_or_else(|e| panic!("the task record {}: {e}", record.display()));
     let second = sv.spawn(node, &WorkerEnv::docker(&sshd));
     second.wait_connected();
-    second.wait_log("removed containers left by an earlier run", T);
     events.wait_task_event("task-succeeded", &id, T);
+    let log = second.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&id) && l.contains("removed")),
+        "one line saying why the orphan of {id} was removed:\n{log}"
+    );
     assert_eq!(events.count("task-succeeded", &id), 1);
     assert_eq!(events.count("task-started", &id), 2);
     wait_no_containers(node);
@@ -320,14 +332,16 @@ fn an_offliner_that_writes_nothing_fails_the_task() {
     wait_no_containers(node);
 }
 
+/// SIGQUIT stops for good (SIGTERM leaves the scrape running for the
+/// next start: tests/restart.rs).
 #[test]
-fn sigterm_stops_the_task_containers() {
+fn sigquit_stops_the_task_containers() {
     let sshd = Sshd::start();
-    let node = "termdocker";
+    let node = "quitdockerp";
     let mut s = Stack::start(node, WorkerEnv::docker(&sshd)).within(T);
     let id = s.submit(Task::mw(json!({"sleep": 60, "ignoreTerm": true})));
     s.expect_event("task-container_started", &id);
-    s.worker.signal("TERM");
+    s.worker.signal("QUIT");
     assert!(s.worker.wait_exit(Duration::from_secs(15)).success());
     assert!(
         containers_of(node).is_empty(),
@@ -846,7 +860,10 @@ fn a_task_stopped_during_its_upload_goes_straight_to_upload_when_it_comes_back()
     // in the task dir says so.
     let task_dir = sv.dir.path().join(&id);
     wait_journal_claims(&task_dir, T);
-    first.signal("TERM");
+    // SIGQUIT: stopped for good, the task is not kept for this node (a
+    // SIGTERM'd or killed one is adopted: tests/restart.rs); the files
+    // are, and a fresh run of the task here goes straight to upload.
+    first.signal("QUIT");
     assert!(first.wait_exit(Duration::from_secs(15)).success());
     assert_eq!(events.count("task-succeeded", &id), 0);
     sv.vh.wait_queue_depth("small", 1, 0, T);

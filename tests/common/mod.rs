@@ -1084,3 +1084,156 @@ pub fn redeliveries_held(metrics: &str, verdict: &str) -> f64 {
     )
     .unwrap_or(0.0)
 }
+
+// ------------------------------------------ restarts (tests/restart.rs)
+
+/// Now, as seconds since the epoch (for `docker events --since`).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs_f64()
+}
+
+/// Docker's `create` events of the containers labelled for a node,
+/// followed live from the moment it is made (the engine replays only its
+/// last 256 events, so a later `docker events --since` may miss some on a
+/// busy engine). A scrape carried on across a restart is created once, a
+/// scrape redone twice.
+pub struct ContainerCreates {
+    child: Child,
+    events: Arc<Mutex<Vec<Value>>>,
+}
+
+impl ContainerCreates {
+    pub fn watch(node: &str) -> Self {
+        let mut child = Command::new("docker")
+            .args([
+                "events",
+                "--since",
+                &format!("{:.3}", unix_now()),
+                "--filter",
+                "type=container",
+                "--filter",
+                "event=create",
+                "--filter",
+                &format!("label=org.openzim.zimfarm.node={node}"),
+                "--format",
+                "{{json .}}",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("docker runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Self { child, events }
+    }
+
+    /// How many offliner containers of task `id` were created so far.
+    pub fn offliners_of(&self, id: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                let labels = &e["Actor"]["Attributes"];
+                labels["org.openzim.zimfarm.task"] == id
+                    && labels["org.openzim.zimfarm.role"] == "offliner"
+            })
+            .count()
+    }
+}
+
+impl Drop for ContainerCreates {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The state (`running`, `exited`, ...) of the offliner container of task
+/// `id`, or `None` when there is none.
+pub fn offliner_state(id: &str) -> Option<String> {
+    let out = run_ok(
+        Command::new("docker").args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=org.openzim.zimfarm.task={id}"),
+            "--format",
+            "{{.Label \"org.openzim.zimfarm.role\"}} {{.State}}",
+        ]),
+        "docker ps",
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("offliner ").map(str::to_owned))
+}
+
+/// Waits until the offliner container of task `id` is in `state`.
+pub fn wait_offliner_state(id: &str, state: &str, timeout: Duration) {
+    eventually(
+        timeout,
+        Duration::from_millis(100),
+        || offliner_state(id).as_deref() == Some(state),
+        || {
+            format!(
+                "the offliner of {id} is {:?}, not {state}",
+                offliner_state(id)
+            )
+        },
+    );
+}
+
+/// The name of the offliner container of task `id`, if there is one.
+pub fn offliner_name(id: &str) -> Option<String> {
+    let out = run_ok(
+        Command::new("docker").args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=org.openzim.zimfarm.task={id}"),
+            "--format",
+            "{{.Label \"org.openzim.zimfarm.role\"}} {{.Names}}",
+        ]),
+        "docker ps",
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("offliner ").map(str::to_owned))
+}
+
+/// The last `tail` lines of what Docker kept of the output of task `id`'s
+/// offliner (stdout and stderr), "" when it has none.
+pub fn offliner_output(id: &str, tail: usize) -> String {
+    let Some(name) = offliner_name(id) else {
+        return String::new();
+    };
+    let out = Command::new("docker")
+        .args(["logs", "--tail", &tail.to_string(), &name])
+        .output()
+        .expect("docker runs");
+    output_text(&out)
+}
+
+/// Waits until task `id`'s offliner printed the line `line` (the scrape
+/// is under way that far), as Docker's copy of its output shows.
+pub fn wait_offliner_line(id: &str, line: &str, timeout: Duration) {
+    eventually(
+        timeout,
+        Duration::from_millis(100),
+        || offliner_output(id, 200).lines().any(|l| l == line),
+        || format!("the offliner of {id} never printed {line:?}"),
+    );
+}

@@ -15,6 +15,12 @@
 #                      anything but PONG within 5 s exits 3
 #   --spam=MB          print about MB megabytes (decimal allowed) of log lines
 #   --sleep=SECONDS    print a progress line every 0.5 s for SECONDS
+#   --count=N[:RATE]   print "line 1" .. "line N", RATE lines a second
+#                      (default 20; 0: as fast as it can)
+#   --countStderr      (with --count) even-numbered lines go to stderr
+#   --burst=LINES:FILE (with --count) once OUTPUT/FILE exists, the next
+#                      LINES numbered lines are printed at once, then the
+#                      count goes on at its rate
 #   --silent=SECONDS   sleep SECONDS without printing anything
 #   --eatMemory=MB     hold about MB megabytes of memory (a memory-limit or
 #                      OOM-killer test), then go on
@@ -101,7 +107,7 @@ pause() {
 
 # ------------------------------------------------------------------- flags
 
-sh_before='' sh_after='' zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
+count_n='' count_rate=20 count_stderr=0 burst_lines='' burst_file='' sh_before='' sh_after='' zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
 for arg do
     case $arg in
     --*=*)
@@ -129,6 +135,15 @@ for arg do
     argvDump) argv_dump=1 ;;
     sleep) sleep_s=$val ;;
     silent) silent_s=$val ;;
+    count)
+        count_n=${val%%:*}
+        case $val in *:*) count_rate=${val#*:} ;; esac
+        ;;
+    countStderr) count_stderr=1 ;;
+    burst)
+        burst_lines=${val%%:*}
+        case $val in *:?*) burst_file=${val#*:} ;; *) burst_file='' ;; esac
+        ;;
     spam) spam_mb=$val ;;
     eatMemory) eat_mb=$val ;;
     fill) fill_mb=$val ;;
@@ -154,6 +169,10 @@ fi
 case $rewrite_first in '' | bad | good) ;; *) fail 2 "--rewriteFirst wants bad or good, not '$rewrite_first'" ;; esac
 [ -z "$sleep_s" ] || is_number "$sleep_s" || fail 2 "--sleep wants seconds, not '$sleep_s'"
 [ -z "$silent_s" ] || is_number "$silent_s" || fail 2 "--silent wants seconds, not '$silent_s'"
+[ -z "$count_n" ] || is_uint "$count_n" || fail 2 "--count wants a whole number of lines, not '$count_n'"
+is_uint "$count_rate" || fail 2 "--count wants whole lines a second after the colon, not '$count_rate'"
+[ -z "$burst_lines" ] || { is_uint "$burst_lines" && [ -n "$burst_file" ]; } \
+    || fail 2 "--burst wants LINES:FILE (a whole number, a file name), not '$burst_lines:$burst_file'"
 [ -z "$spam_mb" ] || is_number "$spam_mb" || fail 2 "--spam wants megabytes, not '$spam_mb'"
 [ -z "$eat_mb" ] || is_uint "$eat_mb" || fail 2 "--eatMemory wants whole megabytes, not '$eat_mb'"
 [ -z "$fill_mb" ] || is_uint "$fill_mb" || fail 2 "--fill wants whole megabytes, not '$fill_mb'"
@@ -200,6 +219,39 @@ if [ -n "$sleep_s" ]; then
         pause 0.5
         i=$((i + 1))
     done
+fi
+
+# Numbered lines: a test checks that each reaches the task log once, in
+# order, across restarts of the worker that follows them.
+count_line() { # NUMBER
+    if [ "$count_stderr" -eq 1 ] && [ $(($1 % 2)) -eq 0 ]; then
+        echo "line $1" >&2
+    else
+        echo "line $1"
+    fi
+}
+if [ -n "$count_n" ]; then
+    gap=0
+    [ "$count_rate" -eq 0 ] || gap=$(awk -v r="$count_rate" 'BEGIN { printf "%.4f", 1 / r }')
+    i=1
+    while [ "$i" -le "$count_n" ]; do
+        if [ -n "$burst_lines" ] && [ -e "$out/$burst_file" ]; then
+            last=$((i + burst_lines - 1))
+            [ "$last" -le "$count_n" ] || last=$count_n
+            if [ "$count_stderr" -eq 1 ]; then
+                awk -v a="$i" -v b="$last" 'BEGIN { for (k = a; k <= b; k++) if (k % 2) print "line " k; else print "line " k > "/dev/stderr" }'
+            else
+                awk -v a="$i" -v b="$last" 'BEGIN { for (k = a; k <= b; k++) print "line " k }'
+            fi
+            i=$((last + 1))
+            burst_lines=''
+            continue
+        fi
+        count_line "$i"
+        [ "$count_rate" -eq 0 ] || pause "$gap"
+        i=$((i + 1))
+    done
+    echo "counted to $count_n"
 fi
 
 [ -z "$silent_s" ] || pause "$silent_s"

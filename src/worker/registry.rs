@@ -86,6 +86,23 @@ impl TaskEntry {
             delivery,
         }
     }
+
+    /// A task an earlier run of this node left running, adopted: running
+    /// since `started` (epoch seconds).
+    pub fn adopted(
+        request: Arc<TaskRequest>,
+        cancel: Cancellation,
+        delivery: DeliveryInfo,
+        started: f64,
+    ) -> Self {
+        Self {
+            request,
+            phase: TaskPhase::Active,
+            cancel,
+            started: Some(started),
+            delivery,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -164,13 +181,31 @@ impl Registry {
     }
 
     /// Task `id` starts running now: [`TaskPhase::Active`], its start time
-    /// and one more started for its name.
-    pub fn start(&self, request: &TaskRequest) {
+    /// and one more started for its name. Returns its start time (epoch
+    /// seconds).
+    pub fn start(&self, request: &TaskRequest) -> f64 {
+        let now = celery::now_timestamp();
         let mut tables = self.lock();
         if let Some(entry) = tables.set_phase(&request.id, TaskPhase::Active) {
-            entry.started = Some(celery::now_timestamp());
+            entry.started = Some(now);
         }
         *tables.totals.entry(request.name.clone()).or_default() += 1;
+        now
+    }
+
+    /// Enters a task adopted at start (see [`TaskEntry::adopted`]). It is
+    /// not counted in the totals: this run of the worker did not start it.
+    pub fn adopt(&self, entry: TaskEntry) {
+        let mut tables = self.lock();
+        tables.scheduled += usize::from(entry.phase == TaskPhase::Scheduled);
+        if let Some(old) = tables.tasks.insert(entry.request.id.clone(), entry) {
+            tables.scheduled -= usize::from(old.phase == TaskPhase::Scheduled);
+        }
+    }
+
+    /// Whether a run of task `id` is here (held, running or ending).
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().tasks.contains_key(id)
     }
 
     /// When task `id` started running (epoch seconds), if it did.
@@ -203,6 +238,29 @@ impl Registry {
                 entry.cancel.cancel(reason);
             }
         }
+    }
+
+    /// The worker leaves (a restart): every running task not cancelled yet
+    /// is cancelled for [`CancelReason::Leave`], every task not running yet
+    /// for [`CancelReason::Shutdown`] (it never started: nothing is left
+    /// behind). Returns the ids of the tasks left running.
+    pub fn leave(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for (id, entry) in &self.lock().tasks {
+            match entry.phase {
+                TaskPhase::Ending => {}
+                TaskPhase::Active => {
+                    if entry.cancel.cancel(CancelReason::Leave) {
+                        left.push(id.clone());
+                    }
+                }
+                TaskPhase::Scheduled | TaskPhase::Reserved => {
+                    entry.cancel.cancel(CancelReason::Shutdown);
+                }
+            }
+        }
+        left.sort();
+        left
     }
 
     /// Remembers `ids` as revoked and stops those held here (not ending,

@@ -546,31 +546,84 @@ fn a_task_that_ended_is_answered_from_the_disk_record_after_a_restart() {
     );
 }
 
-#[test]
-fn sigterm_requeues_unfinished_tasks_and_says_offline() {
-    let mut s = Stack::start("term", WorkerEnv::new()).within(T);
+/// Stops the worker of `s` with `stop` while a task runs: it exits 0
+/// quickly, its `worker-offline` lists no kept task (the simulate runner
+/// keeps nothing, whatever the mode), the task sends no outcome and its
+/// message is back in the queue, whole.
+fn stops_requeuing_and_says_offline(node: &str, stop: impl FnOnce(&Stack), said: &str) {
+    let mut s = Stack::start(node, WorkerEnv::new()).within(T);
     let id = s.submit(Task::new(
         "offliner.mwoffliner",
         kwargs(json!({"sleep": 30.0})),
     ));
     s.expect_event("task-started", &id);
     let start = Instant::now();
-    s.worker.signal("TERM");
+    stop(&s);
     let status = s.worker.wait_exit(Duration::from_secs(15));
-    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
+    assert!(status.success(), "{node}: exit 0, got {status}");
     assert!(
         start.elapsed() < Duration::from_secs(8),
-        "within the grace period"
+        "{node}: within the grace period"
     );
-    s.events.wait_for(
-        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@term",
+    let hostname = format!("tester@{node}");
+    let offline = s.events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == hostname.as_str(),
         T,
         "worker-offline",
     );
+    assert_eq!(offline["kept"], json!([]), "{node}: {offline}");
     assert_eq!(s.count("task-succeeded", &id), 0);
     assert_eq!(s.count("task-failed", &id), 0);
+    assert_eq!(s.count("task-revoked", &id), 0);
     // The message went back to the queue, whole.
     s.expect_queue(1, 0);
+    let log = s.worker.log_text();
+    assert!(log.contains(said), "{node}: {log}");
+    assert!(
+        log.contains("task stopped by shutdown; its message goes back to the queue"),
+        "{node}: {log}"
+    );
+}
+
+#[test]
+fn sigterm_requeues_unfinished_tasks_and_says_offline() {
+    // A leave; the simulate runner keeps nothing, so its task stops as on
+    // a stop for good.
+    stops_requeuing_and_says_offline(
+        "term",
+        |s| s.worker.signal("TERM"),
+        "SIGTERM received; leaving",
+    );
+}
+
+#[test]
+fn sigint_leaves_as_sigterm_does() {
+    stops_requeuing_and_says_offline(
+        "sigint",
+        |s| s.worker.signal("INT"),
+        "SIGINT received; leaving",
+    );
+}
+
+#[test]
+fn sigquit_stops_for_good_as_sigterm_did() {
+    stops_requeuing_and_says_offline(
+        "quit",
+        |s| s.worker.signal("QUIT"),
+        "SIGQUIT received; stopping for good",
+    );
+}
+
+#[test]
+fn remote_shutdown_stops_for_good() {
+    stops_requeuing_and_says_offline(
+        "remoteoff",
+        |s| {
+            let reply = broadcast(&s.vh, "tester@remoteoff", "shutdown", json!({}));
+            assert_eq!(reply, json!({"ok": "shutting down"}), "{reply}");
+        },
+        "mode=ForGood",
+    );
 }
 
 #[test]

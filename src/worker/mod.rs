@@ -270,6 +270,9 @@ impl<R: Runner> Worker<R> {
                 }
             }
         };
+        // The session loop may have returned on its own (a node name in
+        // use, a refused login): what waits for the stop stops now.
+        inner.stop.stop_for_good();
         let (session, fatal) = match session {
             Ok(session) => (session, None),
             Err(error) => (None, Some(error)),

@@ -804,3 +804,398 @@ fn amqps_verifies_the_broker_certificate() {
     let id = Task::new("offliner.mwoffliner", kwargs(Value::Null)).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
 }
+
+/// A runner that reports the tasks an earlier run "left" (as the Docker
+/// runner does from its records) and carries each on by running the
+/// simulation of its carried request, recording what the worker asked of
+/// it: the node claimed (and what it kept), each run's carry and start,
+/// the tasks forsaken.
+mod keeping {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serde_json::Value;
+    use zimfarm_worker::runner::{
+        KeptTask, KeptTasks, RunError, Runner, SimulatePlanner, SimulateRunner, Simulation,
+        TaskContext, TaskFile,
+    };
+
+    #[derive(Debug, Default)]
+    pub struct Seen {
+        pub claimed: Option<Vec<String>>,
+        /// Task id, carry, started_at.
+        pub runs: Vec<(String, Option<Value>, f64)>,
+        pub forsaken: Vec<String>,
+        pub alive: usize,
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Keeping {
+        pub tasks: Vec<KeptTask>,
+        pub away: Option<Duration>,
+        pub seen: Arc<Mutex<Seen>>,
+    }
+
+    impl Runner for Keeping {
+        type Planner = SimulatePlanner;
+
+        fn planner(&self) -> &SimulatePlanner {
+            &SimulatePlanner
+        }
+
+        fn run(
+            &self,
+            sim: Simulation,
+            ctx: TaskContext,
+        ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
+            self.seen.lock().unwrap().runs.push((
+                ctx.task_id.clone(),
+                ctx.carry.as_deref().cloned(),
+                ctx.started_at,
+            ));
+            SimulateRunner.run(sim, ctx)
+        }
+
+        async fn claim_node(&self, keep: &[String]) {
+            let mut keep = keep.to_vec();
+            keep.sort();
+            self.seen.lock().unwrap().claimed = Some(keep);
+        }
+
+        async fn kept(&self) -> KeptTasks {
+            KeptTasks {
+                tasks: self.tasks.clone(),
+                away: self.away,
+            }
+        }
+
+        fn keeps_on_leave(&self) -> bool {
+            true
+        }
+
+        fn forsake(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
+            self.seen.lock().unwrap().forsaken.push(task_id.to_owned());
+            std::future::ready(())
+        }
+
+        async fn alive(&self) {
+            self.seen.lock().unwrap().alive += 1;
+        }
+    }
+}
+
+/// A kept task `id` of the simulate runner: runs `simulate` (its kwarg),
+/// started `age` ago, with the worker's carry of a message routed to
+/// `small`, with `hard` as its hard time limit.
+fn kept_task(
+    id: &str,
+    simulate: Value,
+    age: f64,
+    hard: Option<f64>,
+) -> zimfarm_worker::runner::KeptTask {
+    use zimfarm_worker::celery::TaskRequest;
+    use zimfarm_worker::celery::control::DeliveryInfo;
+    let serde_json::Value::Object(kwargs) = kwargs(simulate) else {
+        unreachable!("kwargs are an object")
+    };
+    let mut request = TaskRequest::new(
+        id.to_owned(),
+        "offliner.mwoffliner".to_owned(),
+        vec![],
+        kwargs,
+    );
+    request.time_limit.hard = hard;
+    request.root_id = Some(id.to_owned());
+    let delivery = DeliveryInfo {
+        exchange: "offliner".to_owned(),
+        routing_key: "small".to_owned(),
+        priority: None,
+        redelivered: false,
+    };
+    zimfarm_worker::runner::KeptTask {
+        task_id: id.to_owned(),
+        carry: zimfarm_worker::worker::carry::carry(&request, &delivery),
+        started_at: zimfarm_worker::celery::now_timestamp() - age,
+        age: Duration::from_secs_f64(age),
+        stage: "generate",
+        offliner: "openzim/mwoffliner:1.9".to_owned(),
+    }
+}
+
+/// A worker in this process with `runner`, on its own thread and runtime,
+/// until `shutdown` fires; joined for its result.
+fn in_process(
+    sv: &Services,
+    node: &str,
+    env: &WorkerEnv,
+    runner: keeping::Keeping,
+    shutdown: zimfarm_worker::worker::Shutdown,
+) -> std::thread::JoinHandle<Result<(), String>> {
+    let vars = env
+        .vars(&sv.vh, sv.dir.path(), node)
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()));
+    let config = zimfarm_worker::config::Config::from_vars(vars).expect("a valid config");
+    let dir = sv.dir.path().to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async move {
+            let ended = zimfarm_worker::ended::EndedLog::open(&dir)
+                .await
+                .map_err(|e| e.to_string())?;
+            zimfarm_worker::worker::Worker::new(config, runner, ended)
+                .map_err(|e| e.to_string())?
+                .run(shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    })
+}
+
+#[test]
+fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_them() {
+    let sv = Services::new("adopt");
+    let events = sv.events(120);
+    // Two kept tasks, one slot (CONCURRENCY lowered across the restart):
+    // `a` ends in 10 s, `b` runs on until the leave.
+    let (a, b) = (task_id(), task_id());
+    let runner = keeping::Keeping {
+        tasks: vec![
+            kept_task(&a, json!({"sleep": 10.0}), 100.0, Some(3600.0)),
+            kept_task(&b, json!({"sleep": 120.0}), 50.0, None),
+        ],
+        away: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let env = WorkerEnv::new().set("CONCURRENCY", 1);
+    let worker = in_process(&sv, "adopt", &env, runner, shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@adopt",
+        T,
+        "worker-online",
+    );
+    // Both adopted: kept at the claim, running with their carry and their
+    // first start, shown by `inspect active`.
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(seen.lock().unwrap().claimed.as_ref(), Some(&both));
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || seen.lock().unwrap().runs.len() == 2,
+        || format!("{:?}", seen.lock().unwrap()),
+    );
+    for (id, carry, started_at) in &seen.lock().unwrap().runs {
+        let carry = carry.as_ref().expect("the carry is handed back");
+        assert_eq!(carry["request"]["id"], json!(id));
+        assert_eq!(carry["delivery"]["routing_key"], json!("small"));
+        let age = zimfarm_worker::celery::now_timestamp() - started_at;
+        let expected = if *id == a { 100.0 } else { 50.0 };
+        assert!((age - expected).abs() < 30.0, "{id}: started {age} s ago");
+    }
+    let active = broadcast(&sv.vh, "tester@adopt", "active", json!({}));
+    let listed: Vec<&str> = active
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert!(
+        listed.contains(&a.as_str()) && listed.contains(&b.as_str()),
+        "{active}"
+    );
+    let stats = broadcast(&sv.vh, "tester@adopt", "stats", json!({}));
+    assert_eq!(stats["prefetch_count"], json!(1), "{stats}");
+
+    // `a`'s message comes back to this node: held for that run, acked at
+    // its end, never run again. A new task waits: both adopted tasks hold
+    // the node's one slot in turn.
+    Task::simulated(4.0).with_id(&a).send(&sv.vh);
+    sv.vh.wait_queue_depth("small", 0, 1, T);
+    assert_eq!(events.count("task-succeeded", &a), 0, "held while a runs");
+    let c = Task::simulated(0.5).send(&sv.vh);
+    let done = events.wait_task_event("task-succeeded", &a, T);
+    assert!(done["runtime"].as_f64().unwrap_or(0.0) >= 100.0, "{done}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        events.count("task-started", &c),
+        0,
+        "no slot for c while b runs"
+    );
+    assert_eq!(
+        events.count("task-started", &a),
+        0,
+        "no second task-started"
+    );
+    assert_eq!(events.count("task-received", &a), 0);
+    assert_eq!(events.count("task-succeeded", &a), 1);
+    sv.vh.wait_queue_depth("small", 0, 1, T);
+
+    // The leave: `b` is left running for the next start, `c` (not
+    // started) goes back to the queue.
+    let start = Instant::now();
+    shutdown.leave();
+    worker.join().expect("the worker thread").expect("exit 0");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    let offline = events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@adopt",
+        T,
+        "worker-offline",
+    );
+    assert_eq!(offline["kept"], json!([b]), "{offline}");
+    assert_eq!(events.count("task-succeeded", &b), 0);
+    assert_eq!(events.count("task-failed", &b), 0);
+    sv.vh.wait_queue_depth("small", 1, 0, T);
+    let seen = seen.lock().unwrap();
+    assert!(seen.forsaken.is_empty(), "{seen:?}");
+    assert!(seen.alive >= 2, "at start and at the leave: {seen:?}");
+}
+
+#[test]
+fn an_adopted_task_past_its_hard_limit_fails_at_once() {
+    let sv = Services::new("adoptlimit");
+    let events = sv.events(60);
+    let a = task_id();
+    let runner = keeping::Keeping {
+        tasks: vec![kept_task(&a, json!({"sleep": 60.0}), 100.0, Some(90.0))],
+        away: None,
+        ..Default::default()
+    };
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let worker = in_process(
+        &sv,
+        "adoptlimit",
+        &WorkerEnv::new(),
+        runner,
+        shutdown.clone(),
+    );
+    let failed = events.wait_task_event("task-failed", &a, Duration::from_secs(15));
+    assert!(
+        failed["exception"]
+            .as_str()
+            .unwrap_or("")
+            .contains("TimeLimitExceeded"),
+        "{failed}"
+    );
+    shutdown.stop_for_good();
+    worker.join().expect("the worker thread").expect("exit 0");
+}
+
+#[test]
+fn kept_tasks_of_a_node_away_too_long_are_not_adopted_and_forsaken_after_stale_wait() {
+    let sv = Services::new("stale");
+    let events = sv.events(120);
+    let a = task_id();
+    let runner = keeping::Keeping {
+        tasks: vec![kept_task(&a, json!({"sleep": 60.0}), 700.0, None)],
+        away: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let env = WorkerEnv::new().set("RESTART_GRACE", 20);
+    let worker = in_process(&sv, "stale", &env, runner, shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@stale",
+        T,
+        "worker-online",
+    );
+    let online = Instant::now();
+    // Kept at the claim (its message may still come back here), not run.
+    assert_eq!(
+        seen.lock().unwrap().claimed.as_ref(),
+        Some(&vec![a.clone()])
+    );
+    let active = broadcast(&sv.vh, "tester@stale", "active", json!({}));
+    assert_eq!(active, json!([]), "{active}");
+    std::thread::sleep(Duration::from_secs(50));
+    assert!(
+        seen.lock().unwrap().forsaken.is_empty(),
+        "not before STALE_WAIT"
+    );
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || !seen.lock().unwrap().forsaken.is_empty(),
+        || format!("{:?}", seen.lock().unwrap()),
+    );
+    assert!(
+        online.elapsed() >= Duration::from_secs(55),
+        "{:?}",
+        online.elapsed()
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.forsaken, vec![a.clone()]);
+        assert!(seen.runs.is_empty(), "{seen:?}");
+    }
+    assert_eq!(events.count("task-started", &a), 0);
+    assert_eq!(events.count("task-failed", &a), 0);
+    shutdown.leave();
+    worker.join().expect("the worker thread").expect("exit 0");
+    let offline = events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@stale",
+        T,
+        "worker-offline",
+    );
+    assert_eq!(offline["kept"], json!([]), "{offline}");
+}
+
+#[test]
+fn a_kept_task_whose_carry_cannot_be_read_is_forsaken_once_the_node_is_claimed() {
+    let sv = Services::new("unreadable");
+    let events = sv.events(60);
+    let (a, broken) = (task_id(), task_id());
+    let mut unreadable = kept_task(&broken, json!({"sleep": 60.0}), 10.0, None);
+    unreadable.carry = json!({"version": 99});
+    let runner = keeping::Keeping {
+        tasks: vec![kept_task(&a, json!({"sleep": 6.0}), 10.0, None), unreadable],
+        away: None,
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let env = WorkerEnv::new().set("CONCURRENCY", 3);
+    let worker = in_process(&sv, "unreadable", &env, runner, shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@unreadable",
+        T,
+        "worker-online",
+    );
+    // The adopted task holds one of the three slots from the first
+    // prefetch on; the forsaken one holds none.
+    let stats = broadcast(&sv.vh, "tester@unreadable", "stats", json!({}));
+    assert_eq!(stats["prefetch_count"], json!(2), "{stats}");
+    let active = broadcast(&sv.vh, "tester@unreadable", "active", json!({}));
+    let time_start = active[0]["time_start"].as_f64().unwrap_or_default();
+    let age = zimfarm_worker::celery::now_timestamp() - time_start;
+    assert!(
+        (10.0..40.0).contains(&age),
+        "started at its first start: {active}"
+    );
+    events.wait_task_event("task-succeeded", &a, T);
+    let stats = broadcast(&sv.vh, "tester@unreadable", "stats", json!({}));
+    assert_eq!(stats["prefetch_count"], json!(3), "{stats}");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.claimed.as_ref(), Some(&vec![a.clone()]));
+        assert_eq!(seen.forsaken, vec![broken.clone()]);
+        assert_eq!(seen.runs.len(), 1, "{seen:?}");
+    }
+    assert_eq!(
+        events.count("task-failed", &broken),
+        0,
+        "nothing is sent for it"
+    );
+    shutdown.stop_for_good();
+    worker.join().expect("the worker thread").expect("exit 0");
+}

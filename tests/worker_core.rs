@@ -3,10 +3,12 @@
 //! `eta`, time limits, faults (connection cut, kill -9) and shutdown.
 
 mod common;
+mod keeping;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use keeping::{Keeping, in_process, kept_task};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
@@ -805,156 +807,6 @@ fn amqps_verifies_the_broker_certificate() {
     events.wait_task_event("task-succeeded", &id, T);
 }
 
-/// A runner that reports the tasks an earlier run "left" (as the Docker
-/// runner does from its records) and carries each on by running the
-/// simulation of its carried request, recording what the worker asked of
-/// it: the node claimed (and what it kept), each run's carry and start,
-/// the tasks forsaken.
-mod keeping {
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    use serde_json::Value;
-    use zimfarm_worker::runner::{
-        KeptTask, KeptTasks, RunError, Runner, SimulatePlanner, SimulateRunner, Simulation,
-        TaskContext, TaskFile,
-    };
-
-    #[derive(Debug, Default)]
-    pub struct Seen {
-        pub claimed: Option<Vec<String>>,
-        /// Task id, carry, started_at.
-        pub runs: Vec<(String, Option<Value>, f64)>,
-        pub forsaken: Vec<String>,
-        pub alive: usize,
-    }
-
-    #[derive(Clone, Default)]
-    pub struct Keeping {
-        pub tasks: Vec<KeptTask>,
-        pub away: Option<Duration>,
-        pub seen: Arc<Mutex<Seen>>,
-    }
-
-    impl Runner for Keeping {
-        type Planner = SimulatePlanner;
-
-        fn planner(&self) -> &SimulatePlanner {
-            &SimulatePlanner
-        }
-
-        fn run(
-            &self,
-            sim: Simulation,
-            ctx: TaskContext,
-        ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
-            self.seen.lock().unwrap().runs.push((
-                ctx.task_id.clone(),
-                ctx.carry.as_deref().cloned(),
-                ctx.started_at,
-            ));
-            SimulateRunner.run(sim, ctx)
-        }
-
-        async fn claim_node(&self, keep: &[String]) {
-            let mut keep = keep.to_vec();
-            keep.sort();
-            self.seen.lock().unwrap().claimed = Some(keep);
-        }
-
-        async fn kept(&self) -> KeptTasks {
-            KeptTasks {
-                tasks: self.tasks.clone(),
-                away: self.away,
-            }
-        }
-
-        fn keeps_on_leave(&self) -> bool {
-            true
-        }
-
-        fn forsake(&self, task_id: &str) -> impl Future<Output = ()> + Send + 'static {
-            self.seen.lock().unwrap().forsaken.push(task_id.to_owned());
-            std::future::ready(())
-        }
-
-        async fn alive(&self) {
-            self.seen.lock().unwrap().alive += 1;
-        }
-    }
-}
-
-/// A kept task `id` of the simulate runner: runs `simulate` (its kwarg),
-/// started `age` ago, with the worker's carry of a message routed to
-/// `small`, with `hard` as its hard time limit.
-fn kept_task(
-    id: &str,
-    simulate: Value,
-    age: f64,
-    hard: Option<f64>,
-) -> zimfarm_worker::runner::KeptTask {
-    use zimfarm_worker::celery::TaskRequest;
-    use zimfarm_worker::celery::control::DeliveryInfo;
-    let serde_json::Value::Object(kwargs) = kwargs(simulate) else {
-        unreachable!("kwargs are an object")
-    };
-    let mut request = TaskRequest::new(
-        id.to_owned(),
-        "offliner.mwoffliner".to_owned(),
-        vec![],
-        kwargs,
-    );
-    request.time_limit.hard = hard;
-    request.root_id = Some(id.to_owned());
-    let delivery = DeliveryInfo {
-        exchange: "offliner".to_owned(),
-        routing_key: "small".to_owned(),
-        priority: None,
-        redelivered: false,
-    };
-    zimfarm_worker::runner::KeptTask {
-        task_id: id.to_owned(),
-        carry: zimfarm_worker::worker::carry::carry(&request, &delivery),
-        started_at: zimfarm_worker::celery::now_timestamp() - age,
-        age: Duration::from_secs_f64(age),
-        stage: "generate",
-        offliner: "openzim/mwoffliner:1.9".to_owned(),
-    }
-}
-
-/// A worker in this process with `runner`, on its own thread and runtime,
-/// until `shutdown` fires; joined for its result.
-fn in_process(
-    sv: &Services,
-    node: &str,
-    env: &WorkerEnv,
-    runner: keeping::Keeping,
-    shutdown: zimfarm_worker::worker::Shutdown,
-) -> std::thread::JoinHandle<Result<(), String>> {
-    let vars = env
-        .vars(&sv.vh, sv.dir.path(), node)
-        .into_iter()
-        .map(|(k, v)| (k.into(), v.into()));
-    let config = zimfarm_worker::config::Config::from_vars(vars).expect("a valid config");
-    let dir = sv.dir.path().to_owned();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        runtime.block_on(async move {
-            let ended = zimfarm_worker::ended::EndedLog::open(&dir)
-                .await
-                .map_err(|e| e.to_string())?;
-            zimfarm_worker::worker::Worker::new(config, runner, ended)
-                .map_err(|e| e.to_string())?
-                .run(shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        })
-    })
-}
-
 #[test]
 fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_them() {
     let sv = Services::new("adopt");
@@ -962,7 +814,7 @@ fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_t
     // Two kept tasks, one slot (CONCURRENCY lowered across the restart):
     // `a` ends in 10 s, `b` runs on until the leave.
     let (a, b) = (task_id(), task_id());
-    let runner = keeping::Keeping {
+    let runner = Keeping {
         tasks: vec![
             kept_task(&a, json!({"sleep": 10.0}), 100.0, Some(3600.0)),
             kept_task(&b, json!({"sleep": 120.0}), 50.0, None),
@@ -1065,7 +917,7 @@ fn an_adopted_task_past_its_hard_limit_fails_at_once() {
     let sv = Services::new("adoptlimit");
     let events = sv.events(60);
     let a = task_id();
-    let runner = keeping::Keeping {
+    let runner = Keeping {
         tasks: vec![kept_task(&a, json!({"sleep": 60.0}), 100.0, Some(90.0))],
         away: None,
         ..Default::default()
@@ -1095,7 +947,7 @@ fn kept_tasks_of_a_node_away_too_long_are_not_adopted_and_forsaken_after_stale_w
     let sv = Services::new("stale");
     let events = sv.events(120);
     let a = task_id();
-    let runner = keeping::Keeping {
+    let runner = Keeping {
         tasks: vec![kept_task(&a, json!({"sleep": 60.0}), 700.0, None)],
         away: Some(Duration::from_secs(30)),
         ..Default::default()
@@ -1157,7 +1009,7 @@ fn a_kept_task_whose_carry_cannot_be_read_is_forsaken_once_the_node_is_claimed()
     let (a, broken) = (task_id(), task_id());
     let mut unreadable = kept_task(&broken, json!({"sleep": 60.0}), 10.0, None);
     unreadable.carry = json!({"version": 99});
-    let runner = keeping::Keeping {
+    let runner = Keeping {
         tasks: vec![kept_task(&a, json!({"sleep": 6.0}), 10.0, None), unreadable],
         away: None,
         ..Default::default()

@@ -14,7 +14,9 @@
 //! (pure, table-tested) and `delivery` carrying it out; `task` an accepted
 //! task's life, ended as `conclusion` decides (pure, table-tested);
 //! `heartbeat` the heartbeats; `controlled` the [`ControlledWorker`]
-//! remote control acts through.
+//! remote control acts through; `stopping` how it is asked to stop (leave
+//! or for good, [`Shutdown`]); `carry` what it stores with a task's state
+//! to carry it on after a restart, and `adoption` the start that does.
 //!
 //! Remote control ([`crate::control`]) runs beside the session loop, in its
 //! own task per session, and acts on the worker through that

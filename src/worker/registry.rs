@@ -341,3 +341,91 @@ impl Registry {
         self.lock().totals.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery() -> DeliveryInfo {
+        DeliveryInfo {
+            exchange: String::new(),
+            routing_key: "q".to_owned(),
+            priority: None,
+            redelivered: false,
+        }
+    }
+
+    fn request(id: &str) -> Arc<TaskRequest> {
+        Arc::new(TaskRequest::new(
+            id.to_owned(),
+            "t".to_owned(),
+            vec![],
+            Default::default(),
+        ))
+    }
+
+    /// Enters task `id` in `phase`; its cancellation.
+    fn enter(registry: &Registry, id: &str, phase: TaskPhase) -> Cancellation {
+        let cancel = Cancellation::new();
+        let entry = TaskEntry::new(
+            request(id),
+            phase == TaskPhase::Scheduled,
+            cancel.clone(),
+            delivery(),
+        );
+        registry.admit(id, |_| ((), Some(entry)));
+        registry.set_phase(id, phase);
+        cancel
+    }
+
+    #[test]
+    fn a_leave_leaves_the_running_tasks_and_stops_the_others() {
+        let registry = Registry::default();
+        let running = enter(&registry, "run", TaskPhase::Active);
+        let waiting = enter(&registry, "wait", TaskPhase::Reserved);
+        let eta = enter(&registry, "eta", TaskPhase::Scheduled);
+        let ending = enter(&registry, "end", TaskPhase::Ending);
+        let revoked = enter(&registry, "gone", TaskPhase::Active);
+        revoked.cancel(CancelReason::Revoked {
+            terminated: true,
+            signum: Some(15),
+        });
+        let adopted = Cancellation::new();
+        registry.adopt(TaskEntry::adopted(
+            request("old"),
+            adopted.clone(),
+            delivery(),
+            1_700_000_000.0,
+        ));
+        assert_eq!(registry.leave(), ["old", "run"]);
+        assert_eq!(running.reason(), Some(CancelReason::Leave));
+        assert_eq!(adopted.reason(), Some(CancelReason::Leave));
+        assert_eq!(waiting.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(eta.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(ending.reason(), None);
+        assert!(matches!(
+            revoked.reason(),
+            Some(CancelReason::Revoked { .. })
+        ));
+    }
+
+    #[test]
+    fn an_adopted_task_is_active_since_its_first_start_and_not_in_the_totals() {
+        let registry = Registry::default();
+        registry.adopt(TaskEntry::adopted(
+            request("old"),
+            Cancellation::new(),
+            delivery(),
+            1_700_000_000.0,
+        ));
+        assert!(registry.contains("old"));
+        assert_eq!(registry.active(), 1);
+        assert_eq!(registry.started("old"), Some(1_700_000_000.0));
+        let listed = registry.snapshot();
+        assert_eq!(listed[0].phase, TaskPhase::Active);
+        assert_eq!(listed[0].time_start, Some(1_700_000_000.0));
+        assert!(registry.totals().is_empty());
+        registry.remove("old");
+        assert!(!registry.contains("old"));
+    }
+}

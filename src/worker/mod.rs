@@ -317,7 +317,10 @@ impl<R: Runner> Worker<R> {
             .await
             .is_err()
         {
-            tracing::warn!("tasks did not stop within SHUTDOWN_GRACE; exiting anyway");
+            tracing::warn!(
+                wait_s = (tasks_deadline - began).as_secs(),
+                "tasks did not return in time (SHUTDOWN_GRACE, at most 6 s on a leave); exiting anyway"
+            );
         }
         // The tasks that ended meanwhile are not kept.
         let kept: Vec<String> = (left.into_iter())

@@ -1051,3 +1051,57 @@ fn a_kept_task_whose_carry_cannot_be_read_is_forsaken_once_the_node_is_claimed()
     shutdown.stop_for_good();
     worker.join().expect("the worker thread").expect("exit 0");
 }
+
+#[test]
+fn a_kept_task_that_already_ended_here_is_not_run_again() {
+    let sv = Services::new("keptended");
+    let events = sv.events(60);
+    let (done, fresh) = (task_id(), task_id());
+    // The earlier run recorded the end, then died before letting go.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let ended = zimfarm_worker::ended::EndedLog::open(sv.dir.path())
+            .await
+            .expect("the record of ended tasks");
+        let event = zimfarm_worker::celery::EventKind::TaskSucceeded {
+            uuid: done.clone(),
+            result: "[]".to_owned(),
+            runtime: 12.0,
+        };
+        ended.record(&done, &event).await.expect("recorded");
+    });
+    let runner = Keeping {
+        tasks: vec![
+            kept_task(&done, json!({"sleep": 30.0}), 20.0, None),
+            kept_task(&fresh, json!({"sleep": 1.0}), 20.0, None),
+        ],
+        away: None,
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let worker = in_process(
+        &sv,
+        "keptended",
+        &WorkerEnv::new(),
+        runner,
+        shutdown.clone(),
+    );
+    events.wait_task_event("task-succeeded", &fresh, T);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.claimed.as_ref(),
+            Some(&vec![fresh.clone()]),
+            "{seen:?}"
+        );
+        let ran: Vec<&str> = seen.runs.iter().map(|(id, _, _)| id.as_str()).collect();
+        assert_eq!(ran, [fresh.as_str()], "{seen:?}");
+    }
+    assert_eq!(events.count("task-succeeded", &done), 0, "no second end");
+    shutdown.stop_for_good();
+    worker.join().expect("the worker thread").expect("exit 0");
+}

@@ -80,6 +80,10 @@ pub(super) struct Adoption {
     adopted: Vec<Adopted>,
     stale: Vec<String>,
     unreadable: Vec<String>,
+    /// Kept tasks that ended here already (the earlier run died between
+    /// recording the end and letting go of the task): not run again; with
+    /// whether what they left can go.
+    ended: Vec<(String, bool)>,
 }
 
 impl Adoption {
@@ -150,6 +154,18 @@ impl<R: Runner> Inner<R> {
             adoption.unreadable.push(task.task_id);
         }
         for (task, carried) in decision.adopt {
+            if let Some(event) = self.ended.get(&task.task_id) {
+                tracing::warn!(
+                    task_id = %task.task_id,
+                    offliner = %log_text(&task.offliner),
+                    stage = task.stage,
+                    event = event.event_type(),
+                    "a kept task already ended here (its end is on record): not carrying it on; \
+                     what it left is removed once this node's name is ours"
+                );
+                adoption.ended.push((task.task_id, releasable(&event)));
+                continue;
+            }
             let Carried { request, delivery } = carried;
             let request = Arc::new(request);
             let cancel = Cancellation::new();
@@ -212,6 +228,15 @@ impl<R: Runner> Inner<R> {
     pub(super) fn carry_on(self: &Arc<Self>, adoption: Adoption) {
         for id in adoption.unreadable {
             self.forsake(id, "unreadable_carry");
+        }
+        for (id, releasable) in adoption.ended {
+            // Not kept at the claim: its containers are gone; its files go
+            // as any ended task's do (a failed one's stay).
+            metrics::global().kept_task_removed("ended_here");
+            if releasable {
+                let span = tracing::info_span!("task", task_id = %id);
+                self.tasks.spawn(self.runner.release(&id).instrument(span));
+            }
         }
         for adopted in adoption.adopted {
             let span = tracing::info_span!("task", task_id = %adopted.request.id);

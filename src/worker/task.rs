@@ -251,7 +251,7 @@ mod tests {
         assert_eq!(remaining(600.0, 100.0), Duration::from_secs(500));
         // Adopted past its limit: it is stopped at once.
         assert_eq!(remaining(600.0, 900.0), Duration::ZERO);
-        // A wall clock that went back gives it no extra time.
+        // A start in the future (the wall clock went back): no time gone.
         assert_eq!(remaining(600.0, -50.0), Duration::from_secs(600));
         assert_eq!(remaining(600.0, f64::NAN), Duration::from_secs(600));
         assert_eq!(remaining(1e12, 0.0), Duration::from_secs(1_000_000_000));

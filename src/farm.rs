@@ -17,7 +17,10 @@
 //!   the task is `ready`. It is run here only when that node, still
 //!   answering, no longer has it and no final event came (it was stopped
 //!   by a shutdown, or the node restarted), or when the node stops beating
-//!   and answering for [`ORPHAN_AFTER`];
+//!   and answering for [`ORPHAN_AFTER`]. A `worker-offline` of that node
+//!   whose `kept` lists the task (it left its scrape running for its next
+//!   start, SIGTERM) is not a let-go: the node is taken as still running it,
+//!   its silence counted from that goodbye;
 //! - nobody (asked again for [`CLAIM_GRACE`], so a node that is slow to
 //!   answer or reconnecting is heard): it runs here, as before.
 //!
@@ -161,6 +164,10 @@ struct Seen {
     hostname: String,
     #[serde(default)]
     uuid: Option<String>,
+    /// `worker-offline`: the tasks the node left running for its next
+    /// start.
+    #[serde(default)]
+    kept: Vec<String>,
 }
 
 /// What one event says about the held task and its node.
@@ -174,8 +181,13 @@ pub enum Sign {
     Beat {
         node: String,
     },
-    /// `node` said goodbye.
+    /// `node` said goodbye, letting the held task go.
     Offline {
+        node: String,
+    },
+    /// `node` said goodbye but keeps the held task running for its next
+    /// start.
+    Leaving {
         node: String,
     },
     Other,
@@ -193,6 +205,9 @@ pub fn read_event(body: &[u8], id: &str) -> Sign {
             }
         }
         "worker-heartbeat" => Sign::Beat {
+            node: seen.hostname,
+        },
+        "worker-offline" if seen.kept.iter().any(|k| k == id) => Sign::Leaving {
             node: seen.hostname,
         },
         "worker-offline" => Sign::Offline {
@@ -438,6 +453,14 @@ impl Probe {
                         return Ok(Verdict::EndedElsewhere { node: from });
                     }
                     Sign::Beat { node: from } if from == node => alive = Instant::now(),
+                    Sign::Leaving { node: from } if from == node => {
+                        tracing::info!(
+                            node = %node,
+                            "the node running the task went offline keeping it for its next start; \
+                             still holding its redelivered message"
+                        );
+                        alive = Instant::now();
+                    }
                     Sign::Offline { node: from } if from == node => {
                         // Its final events went before its goodbye; a
                         // last look for one, then nobody runs it.
@@ -611,6 +634,34 @@ mod tests {
             }
         );
         assert_eq!(read_event(b"[1]", "t1"), Sign::Other);
+    }
+
+    #[test]
+    fn a_goodbye_that_keeps_the_held_task_is_no_let_go() {
+        let keeps = br#"{"type": "worker-offline", "hostname": "a@x", "kept": ["t0", "t1"]}"#;
+        assert_eq!(
+            read_event(keeps, "t1"),
+            Sign::Leaving {
+                node: "a@x".to_owned()
+            }
+        );
+        // Another task kept, or none: the held one is let go.
+        assert_eq!(
+            read_event(keeps, "t2"),
+            Sign::Offline {
+                node: "a@x".to_owned()
+            }
+        );
+        let none = br#"{"type": "worker-offline", "hostname": "a@x", "kept": []}"#;
+        assert_eq!(
+            read_event(none, "t1"),
+            Sign::Offline {
+                node: "a@x".to_owned()
+            }
+        );
+        // A malformed list reads as no event at all, never as a let-go.
+        let odd = br#"{"type": "worker-offline", "hostname": "a@x", "kept": "t1"}"#;
+        assert_eq!(read_event(odd, "t1"), Sign::Other);
     }
 
     #[test]

@@ -13,7 +13,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use zimfarm_worker::celery::{EventKind, ExceptionInfo, request_from_json};
@@ -23,7 +22,9 @@ use zimfarm_worker::config::{
 use zimfarm_worker::monitor;
 use zimfarm_worker::ops;
 use zimfarm_worker::pipeline::DockerRunner;
-use zimfarm_worker::runner::{RunError, Runner, TaskContext, TaskEvents};
+use zimfarm_worker::runner::{
+    CancelReason, Cancellation, RunError, Runner, TaskContext, TaskEvents,
+};
 use zimfarm_worker::startup::{self, RunTaskError, StartupError};
 use zimfarm_worker::warehouse::{ClientKey, Warehouse};
 
@@ -199,15 +200,24 @@ fn run_task_command(file: &Path, upload: bool) -> Result<ExitCode, StartupError>
         let runner = DockerRunner::new(settings, warehouse)
             .await
             .map_err(RunTaskError::Network)?;
-        let cancel = CancellationToken::new();
-        tokio::spawn(startup::watch_signals(cancel.clone()));
-        let ctx = TaskContext::new(request.id.clone(), cancel, Arc::new(PrintEvents));
+        // Every signal stops the task for good: nothing adopts it later.
+        let cancel = Cancellation::new();
+        let on_signal = cancel.clone();
+        let signals = tokio::spawn(async move {
+            if let Some((signal, _)) = startup::stop_signal().await {
+                tracing::info!("{signal} received; stopping the task");
+                on_signal.cancel(CancelReason::Shutdown);
+            }
+        });
+        let ctx =
+            TaskContext::with_cancellation(request.id.clone(), cancel, Arc::new(PrintEvents));
         let request = Arc::new(request);
         let span = tracing::info_span!("task", task_id = %request.id);
         let outcome = match runner.plan(&request) {
             Ok(plan) => runner.run(plan, ctx).instrument(span).await,
             Err(refused) => Err(refused.into()),
         };
+        signals.abort();
         Ok(match outcome {
             Ok(files) => {
                 // Uploaded (or kept, with --no-upload): the task dir can go.

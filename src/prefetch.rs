@@ -342,6 +342,21 @@ impl Prefetch {
         session
     }
 
+    /// Holds a slot for task `id`, adopted at start from an earlier run of
+    /// this node, before its message is here: the broker gave that message
+    /// back when the earlier run went. When it comes to this node,
+    /// [`Prefetch::hold_again`] holds it; [`Prefetch::end`] acks what came.
+    /// Entered before the first session, so its prefetch counts the slot.
+    pub fn adopt(&self, id: &str) {
+        self.book().held.insert(
+            id.to_owned(),
+            Held {
+                wants_slot: true,
+                ackers: Vec::new(),
+            },
+        );
+    }
+
     /// Takes back the message of task `id` held in `session`, if that is
     /// still the current session (else its message is back with the
     /// broker): to hold it again as a task that runs here.
@@ -489,6 +504,20 @@ mod tests {
         // a's message came back on the new channel: held for that run.
         let back = book(2, vec![("a", held(true, &[1, 2])), ("b", held(true, &[1]))]);
         assert_eq!(back.wanted(3), 2);
+    }
+
+    #[test]
+    fn an_adopted_task_holds_a_slot_before_its_message_comes() {
+        // Adopted, no message yet: one slot of two taken.
+        let adopted = book(1, vec![("a", held(true, &[]))]);
+        assert_eq!(adopted.wanted(2), 1);
+        // More adopted than slots (CONCURRENCY lowered across the
+        // restart): still 1, never 0 (no limit).
+        let over = book(1, vec![("a", held(true, &[])), ("b", held(true, &[]))]);
+        assert_eq!(over.wanted(1), 1);
+        // Its message came back here: held for that run.
+        let back = book(1, vec![("a", held(true, &[1]))]);
+        assert_eq!(back.wanted(2), 2);
     }
 
     #[test]

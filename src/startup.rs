@@ -13,8 +13,6 @@ use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::config::{Config, ConfigError, EXIT_CONFIG, LogFormat, RunnerKind};
 use crate::dispatcher::{Dispatcher, DispatcherError};
 use crate::docker::DockerError;
@@ -26,7 +24,7 @@ use crate::pipeline::DockerRunner;
 use crate::runner::SimulateRunner;
 use crate::scraper_net::NetError;
 use crate::warehouse::{ClientKey, KeyError, Warehouse, WarehouseError};
-use crate::worker::{Worker, WorkerError};
+use crate::worker::{Shutdown, StopMode, Worker, WorkerError};
 
 /// Why a command could not do its work. Each variant says its exit code
 /// ([`StartupError::exit_code`]: 2 for configuration to fix, as the
@@ -182,26 +180,31 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, StartupError> {
 }
 
 /// The worker from its validated configuration to its shutdown: opens the
-/// record of ended tasks in ZIM_DIR, watches SIGTERM/SIGINT, starts the
-/// metrics listener, logs in, then serves until shutdown.
+/// record of ended tasks in ZIM_DIR, watches SIGTERM/SIGINT (leave) and
+/// SIGQUIT (stop for good), starts the metrics listener, logs in, then
+/// serves until shutdown.
 pub async fn run_worker(config: Config) -> Result<(), StartupError> {
     let ended = EndedLog::open(&config.pipeline.zim_dir)
         .await
         .map_err(StartupError::ZimDir)?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    let shutdown = Shutdown::new();
+    let signals = tokio::spawn(watch_signals(shutdown.clone()));
     metrics::global().set_info(&config.pipeline.node_name);
     let monitor = match config.worker.metrics_addr {
         Some(addr) => {
             let listener = monitor::bind(addr).await?;
-            Some(tokio::spawn(monitor::serve(listener, shutdown.clone())))
+            Some(tokio::spawn(monitor::serve(
+                listener,
+                shutdown.token().clone(),
+            )))
         }
         None => None,
     };
     let dispatcher = login(&config).await?;
-    let keeper = dispatcher.spawn_keeper(shutdown.clone());
+    let keeper = dispatcher.spawn_keeper(shutdown.token().clone());
     let result = serve(config, dispatcher, ended, shutdown.clone()).await;
-    shutdown.cancel();
+    shutdown.stop_for_good();
+    signals.abort();
     let _ = keeper.await;
     if let Some(monitor) = monitor {
         let _ = monitor.await;
@@ -232,7 +235,7 @@ async fn serve(
     config: Config,
     dispatcher: Dispatcher,
     ended: EndedLog,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> Result<(), StartupError> {
     match config.worker.runner {
         RunnerKind::Docker => {
@@ -307,21 +310,43 @@ async fn check_warehouse(warehouse: &Warehouse) -> Result<(), WarehouseError> {
     }
 }
 
-/// Fires `shutdown` on SIGTERM or SIGINT.
-pub async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; use SIGKILL to stop");
+/// Fires `shutdown` on the first of SIGTERM or SIGINT (leave: a restart,
+/// an upgrade; running scrapes are left for the next start) or SIGQUIT
+/// (stop for good).
+pub async fn watch_signals(shutdown: Shutdown) {
+    let Some((signal, mode)) = stop_signal().await else {
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+    match mode {
+        StopMode::Leave => tracing::info!(
+            "{signal} received; leaving: running scrapes carry on at the next start of this \
+             node (SIGQUIT stops them)"
+        ),
+        StopMode::ForGood => tracing::info!(
+            "{signal} received; stopping for good: every task is stopped, its message goes back \
+             to the queue"
+        ),
     }
-    shutdown.cancel();
+    shutdown.fire(mode);
+}
+
+/// The first of SIGTERM, SIGINT (leave) or SIGQUIT (stop for good) to
+/// arrive, named; `None` when the handlers cannot be installed (logged).
+pub async fn stop_signal() -> Option<(&'static str, StopMode)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) else {
+        tracing::error!("cannot install signal handlers; use SIGKILL to stop");
+        return None;
+    };
+    Some(tokio::select! {
+        _ = term.recv() => ("SIGTERM", StopMode::Leave),
+        _ = int.recv() => ("SIGINT", StopMode::Leave),
+        _ = quit.recv() => ("SIGQUIT", StopMode::ForGood),
+    })
 }
 
 /// The log filter `LOG_LEVEL` says, or `default` when it is unset or not a

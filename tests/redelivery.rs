@@ -7,11 +7,13 @@
 //! does the second node start.
 
 mod common;
+mod keeping;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use keeping::{Keeping, in_process, kept_task};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -125,4 +127,68 @@ fn a_redelivery_nobody_runs_runs_here_after_the_grace() {
         second.log_text()
     );
     s.expect_queue(0, 0);
+}
+
+#[test]
+fn a_node_that_leaves_keeping_the_held_task_is_waited_for_and_carries_it_on() {
+    let sv = Services::new("redeliv-kept");
+    let events = sv.events(180);
+    let first = "tester@redeliv-kept";
+    let id = task_id();
+    let runner = || Keeping {
+        tasks: vec![kept_task(&id, json!({"sleep": 8.0}), 30.0, None)],
+        away: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let env = WorkerEnv::new().set("CONCURRENCY", "1");
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let a = in_process(&sv, "redeliv-kept", &env, runner(), shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == first,
+        T,
+        "worker-online",
+    );
+    stop_consuming(&sv.vh, first);
+    // The task's message, given back to the broker by the earlier run's
+    // restart, reaches another node, redelivered.
+    Task::simulated(8.0).with_id(&id).send(&sv.vh);
+    take_and_drop(&sv.vh, "small");
+    let (_dir2, _metrics, second) = second_node(&sv.vh, "redeliv-kept-2");
+    second.wait_log("holding it without running it", T);
+
+    // The first node restarts: it leaves, keeping the task...
+    shutdown.leave();
+    a.join().expect("the worker thread").expect("exit 0");
+    let offline = events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == first,
+        T,
+        "worker-offline",
+    );
+    assert_eq!(offline["kept"], json!([id]), "{offline}");
+    second.wait_log("went offline keeping it for its next start", T);
+    // ...and comes back within ORPHAN_AFTER, carrying it on.
+    let again = zimfarm_worker::worker::Shutdown::new();
+    let a = in_process(&sv, "redeliv-kept", &env, runner(), again.clone());
+    let done = events.wait_task_event("task-succeeded", &id, T);
+    assert_eq!(done["hostname"], first, "{done}");
+    // The held message is acked on that final event, never run there.
+    sv.vh.wait_queue_depth("small", 0, 0, T);
+    std::thread::sleep(Duration::from_secs(1));
+    let all = events.events();
+    assert_eq!(
+        events.count("task-started", &id),
+        0,
+        "{}",
+        dump_task_events(&all)
+    );
+    assert_eq!(events.count("task-succeeded", &id), 1);
+    assert!(
+        !second
+            .log_text()
+            .contains("running the redelivered task here"),
+        "{}",
+        second.log_text()
+    );
+    again.stop_for_good();
+    a.join().expect("the worker thread").expect("exit 0");
 }

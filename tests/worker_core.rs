@@ -3,10 +3,12 @@
 //! `eta`, time limits, faults (connection cut, kill -9) and shutdown.
 
 mod common;
+mod keeping;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use keeping::{Keeping, in_process, kept_task};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
@@ -546,31 +548,84 @@ fn a_task_that_ended_is_answered_from_the_disk_record_after_a_restart() {
     );
 }
 
-#[test]
-fn sigterm_requeues_unfinished_tasks_and_says_offline() {
-    let mut s = Stack::start("term", WorkerEnv::new()).within(T);
+/// Stops the worker of `s` with `stop` while a task runs: it exits 0
+/// quickly, its `worker-offline` lists no kept task (the simulate runner
+/// keeps nothing, whatever the mode), the task sends no outcome and its
+/// message is back in the queue, whole.
+fn stops_requeuing_and_says_offline(node: &str, stop: impl FnOnce(&Stack), said: &str) {
+    let mut s = Stack::start(node, WorkerEnv::new()).within(T);
     let id = s.submit(Task::new(
         "offliner.mwoffliner",
         kwargs(json!({"sleep": 30.0})),
     ));
     s.expect_event("task-started", &id);
     let start = Instant::now();
-    s.worker.signal("TERM");
+    stop(&s);
     let status = s.worker.wait_exit(Duration::from_secs(15));
-    assert!(status.success(), "exit 0 on SIGTERM, got {status}");
+    assert!(status.success(), "{node}: exit 0, got {status}");
     assert!(
         start.elapsed() < Duration::from_secs(8),
-        "within the grace period"
+        "{node}: within the grace period"
     );
-    s.events.wait_for(
-        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@term",
+    let hostname = format!("tester@{node}");
+    let offline = s.events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == hostname.as_str(),
         T,
         "worker-offline",
     );
+    assert_eq!(offline["kept"], json!([]), "{node}: {offline}");
     assert_eq!(s.count("task-succeeded", &id), 0);
     assert_eq!(s.count("task-failed", &id), 0);
+    assert_eq!(s.count("task-revoked", &id), 0);
     // The message went back to the queue, whole.
     s.expect_queue(1, 0);
+    let log = s.worker.log_text();
+    assert!(log.contains(said), "{node}: {log}");
+    assert!(
+        log.contains("task stopped by shutdown; its message goes back to the queue"),
+        "{node}: {log}"
+    );
+}
+
+#[test]
+fn sigterm_requeues_unfinished_tasks_and_says_offline() {
+    // A leave; the simulate runner keeps nothing, so its task stops as on
+    // a stop for good.
+    stops_requeuing_and_says_offline(
+        "term",
+        |s| s.worker.signal("TERM"),
+        "SIGTERM received; leaving",
+    );
+}
+
+#[test]
+fn sigint_leaves_as_sigterm_does() {
+    stops_requeuing_and_says_offline(
+        "sigint",
+        |s| s.worker.signal("INT"),
+        "SIGINT received; leaving",
+    );
+}
+
+#[test]
+fn sigquit_stops_for_good_as_sigterm_did() {
+    stops_requeuing_and_says_offline(
+        "quit",
+        |s| s.worker.signal("QUIT"),
+        "SIGQUIT received; stopping for good",
+    );
+}
+
+#[test]
+fn remote_shutdown_stops_for_good() {
+    stops_requeuing_and_says_offline(
+        "remoteoff",
+        |s| {
+            let reply = broadcast(&s.vh, "tester@remoteoff", "shutdown", json!({}));
+            assert_eq!(reply, json!({"ok": "shutting down"}), "{reply}");
+        },
+        "mode=ForGood",
+    );
 }
 
 #[test]
@@ -750,4 +805,303 @@ fn amqps_verifies_the_broker_certificate() {
     worker.wait_connected();
     let id = Task::new("offliner.mwoffliner", kwargs(Value::Null)).send(&vh);
     events.wait_task_event("task-succeeded", &id, T);
+}
+
+#[test]
+fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_them() {
+    let sv = Services::new("adopt");
+    let events = sv.events(120);
+    // Two kept tasks, one slot (CONCURRENCY lowered across the restart):
+    // `a` ends in 10 s, `b` runs on until the leave.
+    let (a, b) = (task_id(), task_id());
+    let runner = Keeping {
+        tasks: vec![
+            kept_task(&a, json!({"sleep": 10.0}), 100.0, Some(3600.0)),
+            kept_task(&b, json!({"sleep": 120.0}), 50.0, None),
+        ],
+        away: Some(Duration::from_secs(5)),
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let env = WorkerEnv::new().set("CONCURRENCY", 1);
+    let worker = in_process(&sv, "adopt", &env, runner, shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@adopt",
+        T,
+        "worker-online",
+    );
+    // Both adopted: kept at the claim, running with their carry and their
+    // first start, shown by `inspect active`.
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(seen.lock().unwrap().claimed.as_ref(), Some(&both));
+    eventually(
+        T,
+        Duration::from_millis(50),
+        || seen.lock().unwrap().runs.len() == 2,
+        || format!("{:?}", seen.lock().unwrap()),
+    );
+    for (id, carry, started_at) in &seen.lock().unwrap().runs {
+        let carry = carry.as_ref().expect("the carry is handed back");
+        assert_eq!(carry["request"]["id"], json!(id));
+        assert_eq!(carry["delivery"]["routing_key"], json!("small"));
+        let age = zimfarm_worker::celery::now_timestamp() - started_at;
+        let expected = if *id == a { 100.0 } else { 50.0 };
+        assert!((age - expected).abs() < 30.0, "{id}: started {age} s ago");
+    }
+    let active = broadcast(&sv.vh, "tester@adopt", "active", json!({}));
+    let listed: Vec<&str> = active
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|t| t["id"].as_str())
+        .collect();
+    assert!(
+        listed.contains(&a.as_str()) && listed.contains(&b.as_str()),
+        "{active}"
+    );
+    let stats = broadcast(&sv.vh, "tester@adopt", "stats", json!({}));
+    assert_eq!(stats["prefetch_count"], json!(1), "{stats}");
+
+    // `a`'s message comes back to this node: held for that run, acked at
+    // its end, never run again. A new task waits: both adopted tasks hold
+    // the node's one slot in turn.
+    Task::simulated(4.0).with_id(&a).send(&sv.vh);
+    sv.vh.wait_queue_depth("small", 0, 1, T);
+    assert_eq!(events.count("task-succeeded", &a), 0, "held while a runs");
+    let c = Task::simulated(0.5).send(&sv.vh);
+    let done = events.wait_task_event("task-succeeded", &a, T);
+    assert!(done["runtime"].as_f64().unwrap_or(0.0) >= 100.0, "{done}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        events.count("task-started", &c),
+        0,
+        "no slot for c while b runs"
+    );
+    assert_eq!(
+        events.count("task-started", &a),
+        0,
+        "no second task-started"
+    );
+    assert_eq!(events.count("task-received", &a), 0);
+    assert_eq!(events.count("task-succeeded", &a), 1);
+    sv.vh.wait_queue_depth("small", 0, 1, T);
+
+    // The leave: `b` is left running for the next start, `c` (not
+    // started) goes back to the queue.
+    let start = Instant::now();
+    shutdown.leave();
+    worker.join().expect("the worker thread").expect("exit 0");
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    let offline = events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@adopt",
+        T,
+        "worker-offline",
+    );
+    assert_eq!(offline["kept"], json!([b]), "{offline}");
+    assert_eq!(events.count("task-succeeded", &b), 0);
+    assert_eq!(events.count("task-failed", &b), 0);
+    sv.vh.wait_queue_depth("small", 1, 0, T);
+    let seen = seen.lock().unwrap();
+    assert!(seen.forsaken.is_empty(), "{seen:?}");
+    assert!(seen.alive >= 2, "at start and at the leave: {seen:?}");
+}
+
+#[test]
+fn an_adopted_task_past_its_hard_limit_fails_at_once() {
+    let sv = Services::new("adoptlimit");
+    let events = sv.events(60);
+    let a = task_id();
+    let runner = Keeping {
+        tasks: vec![kept_task(&a, json!({"sleep": 60.0}), 100.0, Some(90.0))],
+        away: None,
+        ..Default::default()
+    };
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let worker = in_process(
+        &sv,
+        "adoptlimit",
+        &WorkerEnv::new(),
+        runner,
+        shutdown.clone(),
+    );
+    let failed = events.wait_task_event("task-failed", &a, Duration::from_secs(15));
+    assert!(
+        failed["exception"]
+            .as_str()
+            .unwrap_or("")
+            .contains("TimeLimitExceeded"),
+        "{failed}"
+    );
+    shutdown.stop_for_good();
+    worker.join().expect("the worker thread").expect("exit 0");
+}
+
+#[test]
+fn kept_tasks_of_a_node_away_too_long_are_not_adopted_and_forsaken_after_stale_wait() {
+    let sv = Services::new("stale");
+    let events = sv.events(120);
+    let a = task_id();
+    let runner = Keeping {
+        tasks: vec![kept_task(&a, json!({"sleep": 60.0}), 700.0, None)],
+        away: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let env = WorkerEnv::new().set("RESTART_GRACE", 20);
+    let worker = in_process(&sv, "stale", &env, runner, shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@stale",
+        T,
+        "worker-online",
+    );
+    let online = Instant::now();
+    // Kept at the claim (its message may still come back here), not run.
+    assert_eq!(
+        seen.lock().unwrap().claimed.as_ref(),
+        Some(&vec![a.clone()])
+    );
+    let active = broadcast(&sv.vh, "tester@stale", "active", json!({}));
+    assert_eq!(active, json!([]), "{active}");
+    std::thread::sleep(Duration::from_secs(50));
+    assert!(
+        seen.lock().unwrap().forsaken.is_empty(),
+        "not before STALE_WAIT"
+    );
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || !seen.lock().unwrap().forsaken.is_empty(),
+        || format!("{:?}", seen.lock().unwrap()),
+    );
+    assert!(
+        online.elapsed() >= Duration::from_secs(55),
+        "{:?}",
+        online.elapsed()
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.forsaken, vec![a.clone()]);
+        assert!(seen.runs.is_empty(), "{seen:?}");
+    }
+    assert_eq!(events.count("task-started", &a), 0);
+    assert_eq!(events.count("task-failed", &a), 0);
+    shutdown.leave();
+    worker.join().expect("the worker thread").expect("exit 0");
+    let offline = events.wait_for(
+        |v| v["type"] == "worker-offline" && v["hostname"] == "tester@stale",
+        T,
+        "worker-offline",
+    );
+    assert_eq!(offline["kept"], json!([]), "{offline}");
+}
+
+#[test]
+fn a_kept_task_whose_carry_cannot_be_read_is_forsaken_once_the_node_is_claimed() {
+    let sv = Services::new("unreadable");
+    let events = sv.events(60);
+    let (a, broken) = (task_id(), task_id());
+    let mut unreadable = kept_task(&broken, json!({"sleep": 60.0}), 10.0, None);
+    unreadable.carry = json!({"version": 99});
+    let runner = Keeping {
+        tasks: vec![kept_task(&a, json!({"sleep": 6.0}), 10.0, None), unreadable],
+        away: None,
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let env = WorkerEnv::new().set("CONCURRENCY", 3);
+    let worker = in_process(&sv, "unreadable", &env, runner, shutdown.clone());
+    events.wait_for(
+        |v| v["type"] == "worker-online" && v["hostname"] == "tester@unreadable",
+        T,
+        "worker-online",
+    );
+    // The adopted task holds one of the three slots from the first
+    // prefetch on; the forsaken one holds none.
+    let stats = broadcast(&sv.vh, "tester@unreadable", "stats", json!({}));
+    assert_eq!(stats["prefetch_count"], json!(2), "{stats}");
+    let active = broadcast(&sv.vh, "tester@unreadable", "active", json!({}));
+    let time_start = active[0]["time_start"].as_f64().unwrap_or_default();
+    let age = zimfarm_worker::celery::now_timestamp() - time_start;
+    assert!(
+        (10.0..40.0).contains(&age),
+        "started at its first start: {active}"
+    );
+    events.wait_task_event("task-succeeded", &a, T);
+    let stats = broadcast(&sv.vh, "tester@unreadable", "stats", json!({}));
+    assert_eq!(stats["prefetch_count"], json!(3), "{stats}");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.claimed.as_ref(), Some(&vec![a.clone()]));
+        assert_eq!(seen.forsaken, vec![broken.clone()]);
+        assert_eq!(seen.runs.len(), 1, "{seen:?}");
+    }
+    assert_eq!(
+        events.count("task-failed", &broken),
+        0,
+        "nothing is sent for it"
+    );
+    shutdown.stop_for_good();
+    worker.join().expect("the worker thread").expect("exit 0");
+}
+
+#[test]
+fn a_kept_task_that_already_ended_here_is_not_run_again() {
+    let sv = Services::new("keptended");
+    let events = sv.events(60);
+    let (done, fresh) = (task_id(), task_id());
+    // The earlier run recorded the end, then died before letting go.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let ended = zimfarm_worker::ended::EndedLog::open(sv.dir.path())
+            .await
+            .expect("the record of ended tasks");
+        let event = zimfarm_worker::celery::EventKind::TaskSucceeded {
+            uuid: done.clone(),
+            result: "[]".to_owned(),
+            runtime: 12.0,
+        };
+        ended.record(&done, &event).await.expect("recorded");
+    });
+    let runner = Keeping {
+        tasks: vec![
+            kept_task(&done, json!({"sleep": 30.0}), 20.0, None),
+            kept_task(&fresh, json!({"sleep": 1.0}), 20.0, None),
+        ],
+        away: None,
+        ..Default::default()
+    };
+    let seen = runner.seen.clone();
+    let shutdown = zimfarm_worker::worker::Shutdown::new();
+    let worker = in_process(
+        &sv,
+        "keptended",
+        &WorkerEnv::new(),
+        runner,
+        shutdown.clone(),
+    );
+    events.wait_task_event("task-succeeded", &fresh, T);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.claimed.as_ref(),
+            Some(&vec![fresh.clone()]),
+            "{seen:?}"
+        );
+        let ran: Vec<&str> = seen.runs.iter().map(|(id, _, _)| id.as_str()).collect();
+        assert_eq!(ran, [fresh.as_str()], "{seen:?}");
+    }
+    assert_eq!(events.count("task-succeeded", &done), 0, "no second end");
+    shutdown.stop_for_good();
+    worker.join().expect("the worker thread").expect("exit 0");
 }

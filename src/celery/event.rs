@@ -103,7 +103,13 @@ pub struct WorkerStats {
 pub enum EventKind {
     WorkerOnline(WorkerStats),
     WorkerHeartbeat(WorkerStats),
-    WorkerOffline(WorkerStats),
+    /// The goodbye; `kept`: the ids of the running tasks this node left
+    /// running for its next start (an extra field, which Celery ignores;
+    /// see [`crate::farm`]).
+    WorkerOffline {
+        stats: WorkerStats,
+        kept: Vec<String>,
+    },
     TaskReceived {
         uuid: String,
         name: String,
@@ -188,7 +194,7 @@ impl EventKind {
         match self {
             Self::WorkerOnline(_) => "worker-online",
             Self::WorkerHeartbeat(_) => "worker-heartbeat",
-            Self::WorkerOffline(_) => "worker-offline",
+            Self::WorkerOffline { .. } => "worker-offline",
             Self::TaskReceived { .. } => "task-received",
             Self::TaskStarted { .. } => "task-started",
             Self::TaskSucceeded { .. } => "task-succeeded",
@@ -209,7 +215,7 @@ impl EventKind {
     /// The task this event is about, for task events.
     pub fn task_id(&self) -> Option<&str> {
         match self {
-            Self::WorkerOnline(_) | Self::WorkerHeartbeat(_) | Self::WorkerOffline(_) => None,
+            Self::WorkerOnline(_) | Self::WorkerHeartbeat(_) | Self::WorkerOffline { .. } => None,
             Self::TaskReceived { uuid, .. }
             | Self::TaskStarted { uuid }
             | Self::TaskSucceeded { uuid, .. }
@@ -245,7 +251,7 @@ pub fn encode_event(
     match kind {
         EventKind::WorkerOnline(stats)
         | EventKind::WorkerHeartbeat(stats)
-        | EventKind::WorkerOffline(stats) => {
+        | EventKind::WorkerOffline { stats, .. } => {
             body.insert("freq".into(), json!(stats.freq));
             body.insert("active".into(), json!(stats.active));
             body.insert("processed".into(), json!(stats.processed));
@@ -253,6 +259,9 @@ pub fn encode_event(
             body.insert("sw_ident".into(), json!(identity.sw_ident));
             body.insert("sw_ver".into(), json!(identity.sw_ver));
             body.insert("sw_sys".into(), json!(identity.sw_sys));
+            if let EventKind::WorkerOffline { kept, .. } = kind {
+                body.insert("kept".into(), json!(kept));
+            }
         }
         EventKind::TaskReceived {
             uuid,
@@ -430,11 +439,6 @@ mod tests {
                 "worker-heartbeat",
                 "worker.heartbeat",
             ),
-            (
-                EventKind::WorkerOffline(stats()),
-                "worker-offline",
-                "worker.offline",
-            ),
         ];
         for (kind, event_type, routing_key) in cases {
             let (encoded, value) = body(&kind);
@@ -448,6 +452,30 @@ mod tests {
             assert_eq!(value, expected);
             assert_eq!(encoded.event_type, event_type);
             assert_eq!(encoded.routing_key, routing_key);
+            assert!(!encoded.is_final);
+            assert_eq!(encoded.task_id, None);
+        }
+    }
+
+    #[test]
+    fn worker_offline_lists_the_tasks_it_keeps() {
+        for kept in [vec![], vec!["t1".to_owned(), "t2".to_owned()]] {
+            let kind = EventKind::WorkerOffline {
+                stats: stats(),
+                kept: kept.clone(),
+            };
+            let (encoded, value) = body(&kind);
+            let expected = with(
+                common("worker-offline"),
+                json!({
+                    "freq": 2.0, "active": 1, "processed": 7, "loadavg": [0.5, 0.25, 0.1],
+                    "sw_ident": "zimfarm-worker", "sw_ver": "0.1.0", "sw_sys": "Linux",
+                    "kept": kept,
+                }),
+            );
+            assert_eq!(value, expected);
+            assert_eq!(encoded.event_type, "worker-offline");
+            assert_eq!(encoded.routing_key, "worker.offline");
             assert!(!encoded.is_final);
             assert_eq!(encoded.task_id, None);
         }

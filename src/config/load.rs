@@ -107,6 +107,7 @@ impl Env {
         let worker = WorkerSettings {
             concurrency,
             shutdown_grace: self.value(&vars::SHUTDOWN_GRACE)?,
+            restart_grace: self.value(&vars::RESTART_GRACE)?,
             max_message_bytes: self.value(&vars::MAX_MESSAGE_BYTES)?,
             max_eta_held: self.value(&vars::MAX_ETA_HELD)?,
             log_format: self.value(&vars::LOG_FORMAT)?,

@@ -262,6 +262,9 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// How long SIGTERM waits for events to be flushed before exiting.
     pub shutdown_grace: Duration,
+    /// How long a node may be away (stopped, crashed) and still adopt the
+    /// scrapes it left running when it starts again (`RESTART_GRACE`).
+    pub restart_grace: Duration,
     /// Largest task message accepted; larger ones are dropped with an error.
     pub max_message_bytes: usize,
     /// Most task messages held for a future `eta`; more are published

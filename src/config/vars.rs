@@ -191,6 +191,8 @@ vars! {
         "an operator-made Docker network for offliners instead of the worker's own");
     SHUTDOWN_GRACE: Duration = (Value("8"), |v| parse::bounded(v, 0, 3600).map(Duration::from_secs),
         "seconds SIGTERM waits for tasks to stop and events to leave");
+    RESTART_GRACE: Duration = (Value("600"), |v| parse::bounded(v, 0, 30 * 86_400).map(Duration::from_secs),
+        "seconds a node may be away and still carry on the scrapes it left running");
     MAX_MESSAGE_BYTES: usize = (Value("1048576"), |v| parse::bounded(v, 1024, 512 * 1024 * 1024).map(|n| n as usize),
         "larger task messages are dropped with an error");
     MAX_ETA_HELD: usize = (Value("100"), |v| parse::bounded(v, 1, 10_000).map(|n| n as usize),

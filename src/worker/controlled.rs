@@ -127,11 +127,11 @@ impl<R: Runner> ControlledWorker for Worker<R> {
     }
 
     fn shutdown(&self) {
-        self.inner.stop.cancel();
+        self.inner.stop.stop_for_good();
     }
 
     fn node_in_use(&self) {
         self.inner.node_taken.store(true, Ordering::SeqCst);
-        self.inner.stop.cancel();
+        self.inner.stop.stop_for_good();
     }
 }

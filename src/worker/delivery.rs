@@ -134,7 +134,7 @@ impl<R: Runner> Inner<R> {
             (admission, Some(entry))
         });
         let Some(acker) = acker else {
-            self.received(request, cancel, &span);
+            self.received(request, cancel, delivery, &span);
             return;
         };
         match admission {
@@ -411,6 +411,7 @@ impl<R: Runner> Inner<R> {
         self: &Arc<Self>,
         request: Arc<TaskRequest>,
         cancel: Cancellation,
+        delivery: DeliveryInfo,
         span: &tracing::Span,
     ) {
         self.events.emit(&EventKind::TaskReceived {
@@ -427,7 +428,7 @@ impl<R: Runner> Inner<R> {
         tracing::info!(task = %log_text(&request.name), "task received");
         self.tasks.spawn(
             self.clone()
-                .task_life(request, cancel)
+                .task_life(request, cancel, delivery)
                 .instrument(span.clone()),
         );
     }

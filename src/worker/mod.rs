@@ -14,7 +14,9 @@
 //! (pure, table-tested) and `delivery` carrying it out; `task` an accepted
 //! task's life, ended as `conclusion` decides (pure, table-tested);
 //! `heartbeat` the heartbeats; `controlled` the [`ControlledWorker`]
-//! remote control acts through.
+//! remote control acts through; `stopping` how it is asked to stop (leave
+//! or for good, [`Shutdown`]); `carry` what it stores with a task's state
+//! to carry it on after a restart, and `adoption` the start that does.
 //!
 //! Remote control ([`crate::control`]) runs beside the session loop, in its
 //! own task per session, and acts on the worker through that
@@ -56,14 +58,18 @@ use crate::metrics::{self, Outcome};
 use crate::prefetch::{NotHeld, Prefetch, ack};
 use crate::retry::Retry;
 use crate::runner::{
-    CancelReason, Cancellation, RunError, Runner, TaskContext, TaskError, TaskFile,
+    CancelReason, Cancellation, RunError, Runner, TaskContext, TaskError, TaskFile, TaskPlan,
 };
+use adoption::Adoption;
 use heartbeat::heartbeat_confirmed;
 use registry::{Registry, TaskEntry, TaskPhase, TaskSnapshot};
+pub use stopping::{Shutdown, StopMode};
 use task::{record_failed, releasable};
 use topology::{LiveSession, Topology};
 
 mod admission;
+mod adoption;
+pub mod carry;
 mod conclusion;
 mod controlled;
 mod delivery;
@@ -71,6 +77,7 @@ mod heartbeat;
 pub mod registry;
 mod revoked;
 mod session;
+mod stopping;
 mod task;
 mod topology;
 
@@ -83,6 +90,10 @@ const OUTBOX_CAPACITY: usize = 10_000;
 /// drops a dead connection (and its exclusive queue) within about two
 /// heartbeat intervals.
 const NODE_LOCK_PATIENCE: Duration = Duration::from_secs(180);
+/// Longest a leave waits for the running tasks to return (a runner that
+/// leaves its tasks returns within about a second): with the events after
+/// them, the worker exits well within Docker's default 10 s stop timeout.
+const LEAVE_WAIT: Duration = Duration::from_secs(6);
 
 /// Errors that stop the worker.
 #[derive(Debug, thiserror::Error)]
@@ -159,8 +170,9 @@ struct Inner<R> {
     started_at: Instant,
     /// The queues consumed and the live session they are consumed on.
     topology: Topology,
-    /// Fired by remote control's `shutdown` (and by `run`'s own token).
-    stop: CancellationToken,
+    /// Fired by remote control's `shutdown` (for good) and by `run`'s own
+    /// [`Shutdown`] (in its mode).
+    stop: Shutdown,
     /// Set by remote control when another worker took this node's pidbox
     /// queue: `run` then returns [`WorkerError::NodeInUse`]. It is set
     /// while a session is live, so before the session loop can return an
@@ -213,7 +225,7 @@ impl<R: Runner> Worker<R> {
                 tasks: TaskTracker::new(),
                 started_at: Instant::now(),
                 topology: Topology::new(queues),
-                stop: CancellationToken::new(),
+                stop: Shutdown::new(),
                 node_taken: AtomicBool::new(false),
             }),
         })
@@ -222,10 +234,22 @@ impl<R: Runner> Worker<R> {
     /// Runs until `shutdown` fires (or remote control's `shutdown`), then
     /// shuts down as SPEC §8 says: stops consuming, stops the tasks (their
     /// messages stay unacked and go back to the broker), sends
-    /// `worker-offline` and returns. Returns [`WorkerError::NodeInUse`]
-    /// when another worker holds this node's name.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    /// `worker-offline` and returns. A [`StopMode::Leave`] leaves the
+    /// running tasks running when the runner keeps them
+    /// ([`Runner::keeps_on_leave`]), for the next start to adopt; a
+    /// [`CancellationToken`] fired from outside stops for good. Returns
+    /// [`WorkerError::NodeInUse`] when another worker holds this node's
+    /// name.
+    ///
+    /// At start, before the first connect (so that the first prefetch
+    /// counts them), the tasks an earlier run of this node left running
+    /// are adopted (see `adoption`).
+    pub async fn run(self, shutdown: impl Into<Shutdown>) -> Result<(), WorkerError> {
+        let shutdown = shutdown.into();
         let inner = self.inner;
+        let kept = inner.runner.kept().await;
+        inner.runner.alive().await;
+        let adoption = inner.adopt(kept);
         let (channel_tx, channel_rx) = watch::channel(None);
         let publisher_stop = CancellationToken::new();
         let publisher = tokio::spawn(run_publisher(
@@ -235,37 +259,81 @@ impl<R: Runner> Worker<R> {
         ));
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(inner.clone().heartbeats(heartbeat_stop.clone()));
+        let alive = tokio::spawn(inner.clone().alive(heartbeat_stop.clone()));
 
         let session = {
-            let session_loop = inner.session_loop(&channel_tx, &inner.stop);
+            let session_loop = inner.session_loop(&channel_tx, inner.stop.token(), adoption);
             tokio::pin!(session_loop);
             tokio::select! {
                 session = &mut session_loop => session,
                 _ = shutdown.cancelled() => {
-                    inner.stop.cancel();
+                    inner.stop.fire(shutdown.mode());
                     session_loop.await
                 }
             }
         };
+        // The session loop may have returned on its own (a node name in
+        // use, a refused login): what waits for the stop stops now.
+        inner.stop.stop_for_good();
         let (session, fatal) = match session {
             Ok(session) => (session, None),
             Err(error) => (None, Some(error)),
         };
 
         // Shutdown: stop consuming (the session loop has returned), stop
-        // every task, then say goodbye while the connection is still up.
-        let deadline = tokio::time::Instant::now() + inner.config.worker.shutdown_grace;
+        // every task (or leave the running ones), then say goodbye while
+        // the connection is still up.
+        let began = tokio::time::Instant::now();
+        let deadline = began + inner.config.worker.shutdown_grace;
         heartbeat_stop.cancel();
         let _ = heartbeat.await;
-        inner.registry.cancel_all(CancelReason::Shutdown);
+        let _ = alive.await;
+        let leave = inner.stop.mode() == StopMode::Leave && inner.runner.keeps_on_leave();
+        let left = if leave {
+            inner.registry.leave()
+        } else {
+            inner.registry.cancel_all(CancelReason::Shutdown);
+            Vec::new()
+        };
+        tracing::info!(
+            mode = ?inner.stop.mode(),
+            left = left.len(),
+            "stopping: {}",
+            if leave {
+                "running tasks are left running for the next start of this node"
+            } else {
+                "every task is stopped; their messages go back to the queue"
+            }
+        );
+        // A leave must end well within `docker stop`'s 10 s: the tasks get
+        // at most LEAVE_WAIT to return, the events the rest of the grace.
+        let tasks_deadline = if leave {
+            deadline.min(began + LEAVE_WAIT)
+        } else {
+            deadline
+        };
         inner.tasks.close();
-        if tokio::time::timeout_at(deadline, inner.tasks.wait())
+        if tokio::time::timeout_at(tasks_deadline, inner.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!("tasks did not stop within SHUTDOWN_GRACE; exiting anyway");
+            tracing::warn!(
+                wait_s = (tasks_deadline - began).as_secs(),
+                "tasks did not return in time (SHUTDOWN_GRACE, at most 6 s on a leave); exiting anyway"
+            );
         }
-        inner.events.emit(&EventKind::WorkerOffline(inner.stats()));
+        // The tasks that ended meanwhile are not kept.
+        let kept: Vec<String> = (left.into_iter())
+            .filter(|id| inner.ended.get(id).is_none())
+            .collect();
+        if leave {
+            // The node is away from now on, as the next start measures it.
+            inner.runner.alive().await;
+        }
+        inner.events.emit(&EventKind::WorkerOffline {
+            stats: inner.stats(),
+            kept,
+        });
         // Without a session the publisher has no channel: nothing more can
         // leave.
         if session.is_some() && !inner.outbox.drained(deadline).await {

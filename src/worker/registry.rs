@@ -86,6 +86,23 @@ impl TaskEntry {
             delivery,
         }
     }
+
+    /// A task an earlier run of this node left running, adopted: running
+    /// since `started` (epoch seconds).
+    pub fn adopted(
+        request: Arc<TaskRequest>,
+        cancel: Cancellation,
+        delivery: DeliveryInfo,
+        started: f64,
+    ) -> Self {
+        Self {
+            request,
+            phase: TaskPhase::Active,
+            cancel,
+            started: Some(started),
+            delivery,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -164,13 +181,31 @@ impl Registry {
     }
 
     /// Task `id` starts running now: [`TaskPhase::Active`], its start time
-    /// and one more started for its name.
-    pub fn start(&self, request: &TaskRequest) {
+    /// and one more started for its name. Returns its start time (epoch
+    /// seconds).
+    pub fn start(&self, request: &TaskRequest) -> f64 {
+        let now = celery::now_timestamp();
         let mut tables = self.lock();
         if let Some(entry) = tables.set_phase(&request.id, TaskPhase::Active) {
-            entry.started = Some(celery::now_timestamp());
+            entry.started = Some(now);
         }
         *tables.totals.entry(request.name.clone()).or_default() += 1;
+        now
+    }
+
+    /// Enters a task adopted at start (see [`TaskEntry::adopted`]). It is
+    /// not counted in the totals: this run of the worker did not start it.
+    pub fn adopt(&self, entry: TaskEntry) {
+        let mut tables = self.lock();
+        tables.scheduled += usize::from(entry.phase == TaskPhase::Scheduled);
+        if let Some(old) = tables.tasks.insert(entry.request.id.clone(), entry) {
+            tables.scheduled -= usize::from(old.phase == TaskPhase::Scheduled);
+        }
+    }
+
+    /// Whether a run of task `id` is here (held, running or ending).
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().tasks.contains_key(id)
     }
 
     /// When task `id` started running (epoch seconds), if it did.
@@ -203,6 +238,29 @@ impl Registry {
                 entry.cancel.cancel(reason);
             }
         }
+    }
+
+    /// The worker leaves (a restart): every running task not cancelled yet
+    /// is cancelled for [`CancelReason::Leave`], every task not running yet
+    /// for [`CancelReason::Shutdown`] (it never started: nothing is left
+    /// behind). Returns the ids of the tasks left running.
+    pub fn leave(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for (id, entry) in &self.lock().tasks {
+            match entry.phase {
+                TaskPhase::Ending => {}
+                TaskPhase::Active => {
+                    if entry.cancel.cancel(CancelReason::Leave) {
+                        left.push(id.clone());
+                    }
+                }
+                TaskPhase::Scheduled | TaskPhase::Reserved => {
+                    entry.cancel.cancel(CancelReason::Shutdown);
+                }
+            }
+        }
+        left.sort();
+        left
     }
 
     /// Remembers `ids` as revoked and stops those held here (not ending,
@@ -281,5 +339,93 @@ impl Registry {
     /// Tasks started since the worker started, by name.
     pub fn totals(&self) -> BTreeMap<String, u64> {
         self.lock().totals.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery() -> DeliveryInfo {
+        DeliveryInfo {
+            exchange: String::new(),
+            routing_key: "q".to_owned(),
+            priority: None,
+            redelivered: false,
+        }
+    }
+
+    fn request(id: &str) -> Arc<TaskRequest> {
+        Arc::new(TaskRequest::new(
+            id.to_owned(),
+            "t".to_owned(),
+            vec![],
+            Default::default(),
+        ))
+    }
+
+    /// Enters task `id` in `phase`; its cancellation.
+    fn enter(registry: &Registry, id: &str, phase: TaskPhase) -> Cancellation {
+        let cancel = Cancellation::new();
+        let entry = TaskEntry::new(
+            request(id),
+            phase == TaskPhase::Scheduled,
+            cancel.clone(),
+            delivery(),
+        );
+        registry.admit(id, |_| ((), Some(entry)));
+        registry.set_phase(id, phase);
+        cancel
+    }
+
+    #[test]
+    fn a_leave_leaves_the_running_tasks_and_stops_the_others() {
+        let registry = Registry::default();
+        let running = enter(&registry, "run", TaskPhase::Active);
+        let waiting = enter(&registry, "wait", TaskPhase::Reserved);
+        let eta = enter(&registry, "eta", TaskPhase::Scheduled);
+        let ending = enter(&registry, "end", TaskPhase::Ending);
+        let revoked = enter(&registry, "gone", TaskPhase::Active);
+        revoked.cancel(CancelReason::Revoked {
+            terminated: true,
+            signum: Some(15),
+        });
+        let adopted = Cancellation::new();
+        registry.adopt(TaskEntry::adopted(
+            request("old"),
+            adopted.clone(),
+            delivery(),
+            1_700_000_000.0,
+        ));
+        assert_eq!(registry.leave(), ["old", "run"]);
+        assert_eq!(running.reason(), Some(CancelReason::Leave));
+        assert_eq!(adopted.reason(), Some(CancelReason::Leave));
+        assert_eq!(waiting.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(eta.reason(), Some(CancelReason::Shutdown));
+        assert_eq!(ending.reason(), None);
+        assert!(matches!(
+            revoked.reason(),
+            Some(CancelReason::Revoked { .. })
+        ));
+    }
+
+    #[test]
+    fn an_adopted_task_is_active_since_its_first_start_and_not_in_the_totals() {
+        let registry = Registry::default();
+        registry.adopt(TaskEntry::adopted(
+            request("old"),
+            Cancellation::new(),
+            delivery(),
+            1_700_000_000.0,
+        ));
+        assert!(registry.contains("old"));
+        assert_eq!(registry.active(), 1);
+        assert_eq!(registry.started("old"), Some(1_700_000_000.0));
+        let listed = registry.snapshot();
+        assert_eq!(listed[0].phase, TaskPhase::Active);
+        assert_eq!(listed[0].time_start, Some(1_700_000_000.0));
+        assert!(registry.totals().is_empty());
+        registry.remove("old");
+        assert!(!registry.contains("old"));
     }
 }

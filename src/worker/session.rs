@@ -13,12 +13,15 @@ impl<R: Runner> Inner<R> {
     /// Connects (with backoff), consumes, and reconnects on loss until
     /// `shutdown` fires. Returns the live session, if any, for the goodbye;
     /// [`WorkerError::NodeInUse`] when another worker holds this node's
-    /// name.
+    /// name. The tasks `adoption` adopted start once the first connect
+    /// made the node's name ours.
     pub(super) async fn session_loop(
         self: &Arc<Self>,
         channels: &watch::Sender<Option<lapin::Channel>>,
         shutdown: &CancellationToken,
+        adoption: Adoption,
     ) -> Result<Option<Session>, WorkerError> {
+        let mut adoption = Some(adoption);
         let mut retry = Retry::broker();
         let mut first = true;
         let mut locked_since: Option<Instant> = None;
@@ -65,10 +68,12 @@ impl<R: Runner> Inner<R> {
             };
             retry.reset();
             locked_since = None;
-            if first {
+            if let Some(adoption) = adoption.take() {
                 // The node's name is ours now: what an earlier run of it
-                // left can go, before any task of this run starts.
-                self.runner.claim_node(&[]).await;
+                // left can go, but the tasks kept, before any task of this
+                // run starts; then the adopted ones carry on.
+                self.runner.claim_node(&adoption.keep()).await;
+                self.carry_on(adoption);
             }
             // Before any delivery of this session is read: they are held on
             // this channel.

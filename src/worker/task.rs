@@ -13,6 +13,7 @@ impl<R: Runner> Inner<R> {
         self: Arc<Self>,
         request: Arc<TaskRequest>,
         cancel: Cancellation,
+        delivery: DeliveryInfo,
     ) {
         if let Some(eta) = request.eta {
             let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
@@ -43,13 +44,22 @@ impl<R: Runner> Inner<R> {
             _ if cancel.is_cancelled() => (Err(RunError::Cancelled), None),
             None => (Err(RunError::Cancelled), None),
             Some(permit) => {
-                self.registry.start(&request);
+                let started_at = self.registry.start(&request);
                 self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
                 tracing::info!("task started");
                 let active = metrics::global().task_running();
-                let outcome = self.run_guarded(&request, &cancel).await;
+                // Planned as it starts: a refusal fails the task before
+                // anything runs.
+                let outcome = match self.runner.plan(&request) {
+                    Ok(plan) => {
+                        let carry = Arc::new(carry::carry(&request, &delivery));
+                        self.run_guarded(&request, plan, &cancel, carry, started_at)
+                            .await
+                    }
+                    Err(refused) => Err(refused.into()),
+                };
                 drop(active);
                 (outcome, Some(permit))
             }
@@ -57,17 +67,21 @@ impl<R: Runner> Inner<R> {
         self.finish(&request, outcome, cancel.reason(), slot).await;
     }
 
-    /// Runs the runner in its own tokio task (a panic fails the task, not the
-    /// worker), with the message's hard time limit.
+    /// Runs the runner on `plan` in its own tokio task (a panic fails the
+    /// task, not the worker), with the message's hard time limit counted
+    /// from `started_at` (epoch seconds: now for a fresh task, the first
+    /// run's start for an adopted one), handing it the worker's `carry`.
     pub(super) async fn run_guarded(
         &self,
         request: &Arc<TaskRequest>,
+        plan: TaskPlan<R>,
         cancel: &Cancellation,
+        carry: Arc<serde_json::Value>,
+        started_at: f64,
     ) -> Result<Vec<TaskFile>, RunError> {
-        // Planned as it starts: a refusal fails the task before anything runs.
-        let plan = self.runner.plan(request)?;
         let ctx =
-            TaskContext::with_cancellation(request.id.clone(), cancel.clone(), self.events.clone());
+            TaskContext::with_cancellation(request.id.clone(), cancel.clone(), self.events.clone())
+                .carrying(carry, started_at);
         let mut handle = tokio::spawn(
             self.runner
                 .run(plan, ctx)
@@ -77,9 +91,10 @@ impl<R: Runner> Inner<R> {
             .time_limit
             .hard
             .filter(|h| h.is_finite() && *h > 0.0);
+        let elapsed = celery::now_timestamp() - started_at;
         let limit = async {
             match hard {
-                Some(h) => tokio::time::sleep(Duration::from_secs_f64(h.min(1e9))).await,
+                Some(h) => tokio::time::sleep(remaining(h, elapsed)).await,
                 None => std::future::pending().await,
             }
         };
@@ -197,6 +212,17 @@ impl<R: Runner> Inner<R> {
     }
 }
 
+/// What is left of a hard time limit of `hard` s after `elapsed` s of run
+/// (a clock that went back counts as no time gone): at least nothing.
+pub(super) fn remaining(hard: f64, elapsed: f64) -> Duration {
+    let elapsed = if elapsed.is_finite() {
+        elapsed.max(0.0)
+    } else {
+        0.0
+    };
+    Duration::from_secs_f64((hard.min(1e9) - elapsed).max(0.0))
+}
+
 /// A task's end could not be written to the record of ended tasks.
 pub(super) fn record_failed(error: &crate::ended::EndedError) {
     tracing::error!(
@@ -213,4 +239,21 @@ pub(super) fn releasable(event: &EventKind) -> bool {
         event,
         EventKind::TaskSucceeded { .. } | EventKind::TaskRevoked { .. }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hard_limit_counts_from_the_first_start() {
+        assert_eq!(remaining(600.0, 0.0), Duration::from_secs(600));
+        assert_eq!(remaining(600.0, 100.0), Duration::from_secs(500));
+        // Adopted past its limit: it is stopped at once.
+        assert_eq!(remaining(600.0, 900.0), Duration::ZERO);
+        // A start in the future (the wall clock went back): no time gone.
+        assert_eq!(remaining(600.0, -50.0), Duration::from_secs(600));
+        assert_eq!(remaining(600.0, f64::NAN), Duration::from_secs(600));
+        assert_eq!(remaining(1e12, 0.0), Duration::from_secs(1_000_000_000));
+    }
 }

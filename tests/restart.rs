@@ -276,10 +276,11 @@ fn expect_left(worker: &mut WorkerProc) -> Duration {
     took
 }
 
-/// Whether some line of `log` names `id` and says it was adopted.
+/// Whether some line of `log` names `id` and says it is adopted (the
+/// worker's start-up line for it; its module's name has "adopt" too).
 fn says_adopted(log: &str, id: &str) -> bool {
     log.lines()
-        .any(|l| l.contains(id) && l.to_lowercase().contains("adopt"))
+        .any(|l| l.contains(id) && l.contains("adopting a task"))
 }
 
 // ------------------------------------------------------------------ tests

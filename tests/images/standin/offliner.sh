@@ -20,7 +20,8 @@
 #   --countStderr      (with --count) even-numbered lines go to stderr
 #   --burst=LINES:FILE (with --count) once OUTPUT/FILE exists, the next
 #                      LINES numbered lines are printed at once, then the
-#                      count goes on at its rate
+#                      count goes on at its rate (FILE is removed, so that
+#                      it is not taken for output)
 #   --silent=SECONDS   sleep SECONDS without printing anything
 #   --eatMemory=MB     hold about MB megabytes of memory (a memory-limit or
 #                      OOM-killer test), then go on
@@ -236,6 +237,7 @@ if [ -n "$count_n" ]; then
     i=1
     while [ "$i" -le "$count_n" ]; do
         if [ -n "$burst_lines" ] && [ -e "$out/$burst_file" ]; then
+            rm -f "$out/$burst_file"
             last=$((i + burst_lines - 1))
             [ "$last" -le "$count_n" ] || last=$count_n
             if [ "$count_stderr" -eq 1 ]; then

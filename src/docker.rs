@@ -1,7 +1,7 @@
 //! The Docker engine, through bollard: images (with the pull policy and
-//! progress), containers (create with a bounded log driver, start, read
-//! their output from the log driver, inspect, wait and say how they ended,
-//! kill, remove), bridge
+//! progress), containers (create with a bounded log driver, attach to their
+//! output, start, read back the log driver's copy, pause, inspect, wait and
+//! say how they ended, kill, remove), bridge
 //! networks (made idempotently, inspected), and clean-up of this node's
 //! containers by label. A `DOCKER_HOST` socket path too
 //! long for a socket address is reached through its dir's descriptor.
@@ -17,8 +17,9 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, WaitContainerOptions,
+    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions,
+    KillContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    WaitContainerOptions,
 };
 use futures_util::{Stream, StreamExt};
 
@@ -454,27 +455,74 @@ impl DockerClient {
             })
     }
 
-    /// Creates and starts a container, attached to nothing: its output is
-    /// read back from the log driver ([`DockerClient::logs`]), so nothing
-    /// the worker does (a stall, a restart) holds the container up.
+    /// Creates and starts a container whose output nobody reads (helpers).
     pub async fn start(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
         self.create(spec).await?;
         self.start_created(&spec.name).await
+    }
+
+    /// Creates a container, attaches to its stdout and stderr, then starts
+    /// it: the stream holds every byte it prints, from the first.
+    ///
+    /// Attach, not `logs(follow)`: following the log driver's files loses
+    /// whole files of output when the driver rotates them faster than it
+    /// reads (measured on Docker 20.10: 3.8 to 20 MB of a 50 MB burst
+    /// arrived with 1 MB kept, 9.9 MB with 50 MB kept), silently. Attach
+    /// reads the container's output pipe itself, and a slow reader slows
+    /// the container rather than losing anything.
+    pub async fn start_attached(&self, spec: &ContainerSpec) -> Result<OutputStream, DockerError> {
+        self.create(spec).await?;
+        let output = self.attach(&spec.name).await?;
+        self.start_created(&spec.name).await?;
+        Ok(output)
+    }
+
+    /// Attaches to a container's stdout and stderr: what it prints from now
+    /// on (nothing of the past).
+    pub async fn attach(&self, name: &str) -> Result<OutputStream, DockerError> {
+        let attached = self
+            .docker
+            .attach_container(
+                name,
+                Some(AttachContainerOptions {
+                    stream: true,
+                    stdout: true,
+                    stderr: true,
+                    logs: false,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|source| DockerError::Container {
+                action: "attach to",
+                name: name.to_owned(),
+                source,
+            })?;
+        Ok(attached.output)
+    }
+
+    /// Freezes a running container's processes (the cgroup freezer), or
+    /// thaws them (`pause == false`).
+    pub async fn set_paused(&self, name: &str, pause: bool) -> Result<(), DockerError> {
+        let done = if pause {
+            self.docker.pause_container(name).await
+        } else {
+            self.docker.unpause_container(name).await
+        };
+        done.map_err(|source| DockerError::Container {
+            action: if pause { "pause" } else { "unpause" },
+            name: name.to_owned(),
+            source,
+        })
     }
 
     /// A container's output as the log driver keeps it, each chunk one
     /// line (or part of a long one) prefixed with its RFC 3339 timestamp
     /// (nanoseconds) and a space: from `since` (epoch seconds, whole: the
     /// API takes no finer), then, with `follow`, as it is printed until the
-    /// container stops.
-    ///
-    /// `logs`, not attach: attaching freezes the container whenever the
-    /// reader stalls (its output pipe fills) and cannot resume after the
-    /// reader went (measured on this engine), while the log driver's copy
-    /// is there for any later process of the worker to read from where the
-    /// last one stopped. That copy is bounded and rotated
-    /// (`CONTAINER_LOG_LIMIT`): the reader dedups by timestamp, and says
-    /// where rotation took lines it never read.
+    /// container stops. The worker reads it only to carry a task on: what
+    /// the container printed while no worker read its output, up to what
+    /// the bounded copy (`CONTAINER_LOG_MAX_MB`) still holds.
     pub fn logs(&self, name: &str, follow: bool, since: i64) -> OutputStream {
         let options = LogsOptions {
             follow,

@@ -506,23 +506,19 @@ impl DockerRunner {
     ) -> Result<Generated, RunError> {
         let (plan, dirs, ctx) = (job.plan, job.dirs, job.ctx);
         let name = self.container_name(&plan.task_id, "offliner");
-        let cursor = match adopted {
+        let (cursor, live) = match adopted {
             Some(g) => {
                 job.containers.names = g.helpers.clone();
                 job.containers.names.push(g.offliner.clone());
                 let cursor = g.cursor.clone();
                 job.keeper.record.stage = RecordStage::Generate(g);
-                cursor
+                (cursor, None)
             }
             None => {
-                self.start_offliner(job, &name).await?;
-                let helpers = job
-                    .containers
-                    .names
-                    .iter()
-                    .filter(|n| **n != name)
-                    .cloned()
-                    .collect();
+                // On record before the container exists: a worker that dies
+                // in between leaves a record whose container is missing,
+                // never a scraper that no record names.
+                let helpers = job.containers.names.clone();
                 job.keeper
                     .set_stage(RecordStage::Generate(Generating {
                         offliner: name.clone(),
@@ -530,7 +526,8 @@ impl DockerRunner {
                         cursor: LogCursor::default(),
                     }))
                     .await;
-                LogCursor::default()
+                let live = self.start_offliner(job, &name).await?;
+                (LogCursor::default(), Some(live))
             }
         };
         let offliner = match &job.keeper.record.stage {
@@ -552,7 +549,9 @@ impl DockerRunner {
             )
         });
         let log = own.file(&format!("{name}.log"));
-        let run = self.follow(&name, &log, cursor, job.keeper, ctx).await?;
+        let run = self
+            .follow(&name, &log, cursor, live, job.keeper, ctx)
+            .await?;
         let early = match early_uploads {
             Some(early) => early.finish().await,
             None => Default::default(),
@@ -595,9 +594,13 @@ impl DockerRunner {
         })
     }
 
-    /// Creates and starts the offliner container (its output is read from
-    /// the log driver, see `follow.rs`).
-    async fn start_offliner(&self, job: &mut Job<'_>, name: &str) -> Result<(), RunError> {
+    /// Creates the offliner container, attaches to its output and starts
+    /// it (see `follow.rs`).
+    async fn start_offliner(
+        &self,
+        job: &mut Job<'_>,
+        name: &str,
+    ) -> Result<crate::docker::OutputStream, RunError> {
         let (plan, dirs, ctx) = (job.plan, job.dirs, job.ctx);
         job.containers.names.push(name.to_owned());
         let mut binds = vec![format!("{}:{}", dirs.host_task.display(), plan.output_dir)];
@@ -623,7 +626,7 @@ impl DockerRunner {
             log_limit: self.settings.container_log_limit,
             ..Default::default()
         };
-        cancellable(ctx.cancel.token(), self.docker.start(&spec))
+        let live = cancellable(ctx.cancel.token(), self.docker.start_attached(&spec))
             .await?
             .map_err(docker_failed)?;
         tracing::info!(container = %name, image = %spec.image, "offliner started");
@@ -631,7 +634,7 @@ impl DockerRunner {
             image: spec.image.clone(),
             command: plan.argv.join(" "),
         });
-        Ok(())
+        Ok(live)
     }
 
     /// The task dir and the worker's own dir of the task, created empty;

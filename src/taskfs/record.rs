@@ -148,19 +148,34 @@ fn boot_id() -> &'static str {
     })
 }
 
-/// How far the container's output is in the task log: per stream, the
-/// Docker timestamp (epoch ns) of the last line written to the log; the
-/// log's length then; when the last line was printed.
+/// How far the container's output is in the task log: the log's length,
+/// and per stream the last lines written to it (as hashes) and when the
+/// last of them was read, from which a later run finds its place in
+/// Docker's copy of the output; when the last output came.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogCursor {
-    pub stdout_ns: Option<i64>,
-    pub stderr_ns: Option<i64>,
     /// The log's length in bytes when the cursor was taken (the log is cut
     /// back to it when the task is carried on).
     pub log_bytes: u64,
-    /// The Docker timestamp (epoch ns) of the last line, of either stream:
+    #[serde(default)]
+    pub stdout: StreamCursor,
+    #[serde(default)]
+    pub stderr: StreamCursor,
+    /// When the last output came (epoch ns, wall clock), of either stream:
     /// the idle timeout counts from it.
     pub last_output_ns: Option<i64>,
+}
+
+/// Where the log is in one of the container's streams.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamCursor {
+    /// Hashes of the last lines of the stream written to the log, oldest
+    /// first (a few; see the pipeline's `follow.rs`).
+    #[serde(default)]
+    pub last_lines: Vec<String>,
+    /// When the last of them was read (epoch ns, wall clock): Docker
+    /// stamped it at or before this.
+    pub read_ns: Option<i64>,
 }
 
 /// Where generate is: its containers, its image, its log.
@@ -374,9 +389,12 @@ mod tests {
             offliner: "zimfarm_n_abc_offliner".to_owned(),
             helpers: vec!["zimfarm_n_abc_redis".to_owned()],
             cursor: LogCursor {
-                stdout_ns: Some(1_700_000_000_123_456_789),
-                stderr_ns: None,
                 log_bytes: 42,
+                stdout: StreamCursor {
+                    last_lines: vec!["0123456789abcdef".to_owned()],
+                    read_ns: Some(1_700_000_000_123_456_789),
+                },
+                stderr: StreamCursor::default(),
                 last_output_ns: Some(1_700_000_000_123_456_789),
             },
         })
@@ -523,8 +541,9 @@ mod tests {
         let Stage::Generate(g) = generate.stage else {
             panic!("generate")
         };
-        assert_eq!(g.cursor.stdout_ns, Some(1_796_000_100_000_000_001));
-        assert_eq!(g.cursor.stderr_ns, None);
+        assert_eq!(g.cursor.stdout.read_ns, Some(1_796_000_100_000_000_001));
+        assert_eq!(g.cursor.stdout.last_lines.len(), 2);
+        assert_eq!(g.cursor.stderr, StreamCursor::default());
         assert_eq!(g.cursor.log_bytes, 5120);
         assert_eq!(g.helpers, ["zimfarm_node1_0a1b2c3d_redis"]);
     }

@@ -182,6 +182,9 @@ struct Index {
     keep: usize,
     order: VecDeque<String>,
     outcomes: HashMap<String, Outcome>,
+    /// Of those, the tasks whose final event the broker confirmed to this
+    /// process (not on disk: another process cannot know it).
+    confirmed: std::collections::HashSet<String>,
 }
 
 impl Index {
@@ -190,6 +193,7 @@ impl Index {
             keep,
             order: VecDeque::new(),
             outcomes: HashMap::new(),
+            confirmed: std::collections::HashSet::new(),
         }
     }
 
@@ -201,6 +205,7 @@ impl Index {
         while self.order.len() > self.keep {
             if let Some(old) = self.order.pop_front() {
                 self.outcomes.remove(&old);
+                self.confirmed.remove(&old);
             }
         }
     }
@@ -293,6 +298,23 @@ impl EndedLog {
     /// [`KEEP`]). A failure's traceback may be cut to its last 4 KiB.
     pub fn get(&self, id: &str) -> Option<EventKind> {
         lock(&self.index).outcomes.get(id).map(|o| o.to_event(id))
+    }
+
+    /// The broker confirmed task `id`'s final event to this process: a
+    /// redelivery of its message (its ack lost with a channel the broker
+    /// closed) is then acked without sending that event again. Only for a
+    /// task on record.
+    pub fn confirmed(&self, id: &str) {
+        let mut index = lock(&self.index);
+        if index.outcomes.contains_key(id) {
+            index.confirmed.insert(id.to_owned());
+        }
+    }
+
+    /// Whether the broker confirmed task `id`'s final event to this
+    /// process ([`EndedLog::confirmed`]).
+    pub fn is_confirmed(&self, id: &str) -> bool {
+        lock(&self.index).confirmed.contains(id)
     }
 
     /// Records that task `id` ended with `event` (`task-succeeded`,
@@ -634,6 +656,24 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(&read_lines(log.path())[0]).unwrap();
         assert_eq!(first["id"], "a");
         assert_eq!(first["event"], "task-succeeded");
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_end_is_known_to_this_process_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EndedLog::open(dir.path()).await.unwrap();
+        // Not on record: nothing to confirm.
+        log.confirmed("a");
+        assert!(!log.is_confirmed("a"));
+        log.record("a", &succeeded("a", 7)).await.unwrap();
+        assert!(!log.is_confirmed("a"));
+        log.confirmed("a");
+        assert!(log.is_confirmed("a"));
+        drop(log);
+        // Another life of the worker cannot know the broker has it.
+        let again = EndedLog::open(dir.path()).await.unwrap();
+        assert!(again.get("a").is_some());
+        assert!(!again.is_confirmed("a"));
     }
 
     #[tokio::test]

@@ -167,18 +167,29 @@ impl<R: Runner> Inner<R> {
                 }
             }
             Admission::EndedHere(event) => {
-                tracing::info!(
-                    event = event.event_type(),
-                    "redelivered message for a task that already ended here; sending its final event again"
-                );
-                let confirmed = self.events.emit_confirmed(&event);
+                // Sent again only when this process does not know that the
+                // broker has it (it ended in an earlier life of the worker,
+                // or its confirm never came): one final event per task.
+                let confirmed = if self.ended.is_confirmed(&request.id) {
+                    tracing::info!(
+                        event = event.event_type(),
+                        "redelivered message for a task that already ended here, its final event confirmed; acking it"
+                    );
+                    None
+                } else {
+                    tracing::info!(
+                        event = event.event_type(),
+                        "redelivered message for a task that already ended here; sending its final event again"
+                    );
+                    Some(self.events.emit_confirmed(&event))
+                };
                 if releasable(&event) {
                     // The worker may have died between the record and the
                     // release: release again (it is idempotent).
                     self.tasks
                         .spawn(self.runner.release(&request.id).instrument(span.clone()));
                 }
-                self.spawn_ack(acker, Some(confirmed));
+                self.spawn_ack(acker, confirmed);
             }
             Admission::AskFarm => {
                 // Not here, not ended here: the broker gave it back, maybe

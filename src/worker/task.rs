@@ -205,7 +205,9 @@ impl<R: Runner> Inner<R> {
         // Ack only once the final event is safely with the broker: if the
         // connection drops first, the redelivery finds the task in `ended`
         // and sends its final event again.
-        let _ = confirmed.await;
+        if confirmed.await.is_ok() {
+            self.ended.confirmed(&id);
+        }
         self.registry.remove(&id);
         self.counters.processed.fetch_add(1, Ordering::Relaxed);
         self.prefetch.end(&id).await;

@@ -413,6 +413,14 @@ fn wall_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
 
+/// Docker's copy of the output could not be read (either of the two
+/// readings of [`DockerRunner::backlog`]).
+fn copy_unreadable(error: bollard::errors::Error) -> RunError {
+    failed(format!(
+        "cannot read the offliner's output from Docker: {error}"
+    ))
+}
+
 /// One line of Docker's copy: its stream, timestamp and bytes.
 fn docker_line(chunk: &LogOutput) -> Option<(Stream, i64, &[u8])> {
     let (stream, bytes) = match chunk {
@@ -610,11 +618,7 @@ impl DockerRunner {
         let mut seen: [Vec<(i64, u64)>; 2] = [Vec::new(), Vec::new()];
         let mut copy = self.docker.logs(name, false, 0);
         while let Some(chunk) = copy.next().await {
-            let chunk = chunk.map_err(|e| {
-                failed(format!(
-                    "cannot read the offliner's output from Docker: {e}"
-                ))
-            })?;
+            let chunk = chunk.map_err(copy_unreadable)?;
             if let Some((stream, ns, line)) = docker_line(&chunk) {
                 seen[stream.at()].push((ns, line_hash(line)));
             }
@@ -640,11 +644,7 @@ impl DockerRunner {
         let mut copied = 0_u64;
         let mut copy = self.docker.logs(name, false, 0);
         while let Some(chunk) = copy.next().await {
-            let chunk = chunk.map_err(|e| {
-                failed(format!(
-                    "cannot read the offliner's output from Docker: {e}"
-                ))
-            })?;
+            let chunk = chunk.map_err(copy_unreadable)?;
             let Some((stream, ns, line)) = docker_line(&chunk) else {
                 continue;
             };

@@ -36,6 +36,6 @@ pub use log_text::{LogText, MAX_LOG_CHARS, log_text};
 pub use repr::{repr_str, to_repr};
 pub use result::{ExceptionInfo, TaskState, encode_rpc_result};
 pub use task::{
-    DecodeError, DecodeErrorKind, Peek, Protocol, TaskRequest, TimeLimit, decode, peek,
-    request_from_json,
+    DecodeError, DecodeErrorKind, Peek, Protocol, TaskRequest, TimeLimit, decode, headers_only,
+    peek, request_from_json,
 };

@@ -36,8 +36,9 @@
 //!
 //! The layouts are in `protocol`, header values in `headers`, the field
 //! rules in `fields`; this file holds the request type, its errors, the
-//! two ways in: [`decode`] and [`request_from_json`], and [`peek`], what a
-//! v2 message's headers alone say of when it runs.
+//! two ways in: [`decode`] and [`request_from_json`], and what a v2
+//! message's headers alone say: [`peek`], of when it runs, and
+//! [`headers_only`], of which task it is.
 
 mod fields;
 mod headers;
@@ -197,6 +198,35 @@ pub fn peek(properties: &BasicProperties) -> Option<Peek> {
         id,
         eta: headers::header_datetime(headers, "eta").ok().flatten()?,
         expires: headers::header_datetime(headers, "expires").ok()?,
+    })
+}
+
+/// The request a protocol v2 message's headers alone describe, its body
+/// never read: its id, task name (empty when the header is not a string),
+/// `reply_to` and `correlation_id`, nothing else (no arguments, times or
+/// limits). For a message too large to decode, so that its task can still
+/// be told apart and reported. `None` for v1 (the id is in the body) or
+/// when the `id` header is absent or not a valid task id.
+pub fn headers_only(properties: &BasicProperties) -> Option<TaskRequest> {
+    let headers = properties.headers().as_ref()?;
+    if !headers.contains_key("task") {
+        return None;
+    }
+    let id = match headers::header(headers, "id") {
+        Ok(Some(Value::String(id))) if super::task_id::check(&id).is_ok() => id,
+        _ => return None,
+    };
+    let name = match headers::header(headers, "task") {
+        Ok(Some(Value::String(name))) => name,
+        _ => String::new(),
+    };
+    Some(TaskRequest {
+        id,
+        name,
+        reply_to: protocol::reply_to(properties),
+        correlation_id: protocol::correlation_id(properties),
+        protocol: Protocol::V2,
+        ..TaskRequest::default()
     })
 }
 

@@ -205,10 +205,10 @@ fn non_empty_property(value: Option<&ShortString>) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn reply_to(properties: &BasicProperties) -> Option<String> {
+pub(super) fn reply_to(properties: &BasicProperties) -> Option<String> {
     non_empty_property(properties.reply_to().as_ref())
 }
 
-fn correlation_id(properties: &BasicProperties) -> Option<String> {
+pub(super) fn correlation_id(properties: &BasicProperties) -> Option<String> {
     non_empty_property(properties.correlation_id().as_ref())
 }

@@ -1221,3 +1221,35 @@ fn the_eta_of_a_v2_message_is_read_from_its_headers_alone() {
     assert_eq!(peek(&v1), None);
     assert_eq!(peek(&BasicProperties::default()), None);
 }
+
+#[test]
+fn the_task_of_a_v2_message_is_read_from_its_headers_alone() {
+    let request = headers_only(&v2_props(celery5_headers())).expect("a v2 message");
+    assert_eq!(
+        request,
+        TaskRequest {
+            id: ID.into(),
+            name: "offliner.mwoffliner".into(),
+            reply_to: Some("c6a1e5d0-0b9f-3b1e-9c4e-aa11bb22cc33".into()),
+            correlation_id: Some(ID.into()),
+            protocol: Protocol::V2,
+            ..TaskRequest::default()
+        },
+        "the id, name and reply only: nothing of the body"
+    );
+    // Other headers broken: still the task it is.
+    let request = headers_only(&v2_with("timelimit", Some(s("never")))).expect("a v2 message");
+    assert_eq!(request.id, ID);
+    let request = headers_only(&v2_with("task", Some(AMQPValue::LongInt(3)))).expect("an id");
+    assert_eq!(request.name, "");
+    assert_eq!(headers_only(&v2_with("id", None)), None, "no id");
+    assert_eq!(
+        headers_only(&v2_with("id", Some(s("../x")))),
+        None,
+        "an invalid id"
+    );
+    // v1: the id is in the body.
+    let v1 = BasicProperties::default().with_headers(table(vec![("id", s(ID))]));
+    assert_eq!(headers_only(&v1), None);
+    assert_eq!(headers_only(&BasicProperties::default()), None);
+}

@@ -258,7 +258,8 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
     let mut big = b"[[], {\"flags\": {\"x\": \"".to_vec();
     big.extend(std::iter::repeat_n(b'a', 50 * 1024 * 1024));
     big.extend_from_slice(b"\"}}, {}]");
-    publish_v2(&big, &task_id());
+    let big_id = task_id();
+    publish_v2(&big, &big_id);
     drop(big);
 
     let next = s.submit(Task::new("offliner.mwoffliner", kwargs(Value::Null)));
@@ -273,6 +274,13 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
         "{log}"
     );
     assert!(log.contains("larger than MAX_MESSAGE_BYTES"), "{log}");
+    // Its id is in its headers: its task is failed, its body never read.
+    let failed = s.expect_event("task-failed", &big_id);
+    let exception = text_of(&failed, "exception");
+    assert!(
+        exception.starts_with("ValueError(") && exception.contains("MAX_MESSAGE_BYTES"),
+        "{failed}"
+    );
     assert!(
         s.worker.rss_kib() < 200 * 1024,
         "RSS after a 50 MB message: {} KiB",
@@ -285,6 +293,76 @@ fn bad_messages_are_dropped_and_the_worker_serves_the_next_task() {
             .filter(|v| v["type"] == "task-started")
             .count(),
         1
+    );
+}
+
+/// A message over MAX_MESSAGE_BYTES goes through admission by the id in
+/// its headers: a copy of a task running here is held until that run ends
+/// and fails nothing, a copy of a task ended here gets that task's end, a
+/// task of its own is failed; a v1 one (its id in its body) is dropped
+/// with an error in the log only.
+#[test]
+fn an_oversized_message_fails_only_a_task_run_nowhere() {
+    let s = Stack::start("oversized", WorkerEnv::new().set("MAX_MESSAGE_BYTES", 1024)).within(T);
+    let d = s.dir();
+    let oversized = |id: &str, protocol_1: bool| {
+        let mut body = json!([[], {"pad": "x".repeat(2048)}, {}]).to_string();
+        let mut options = vec!["--content-type".to_owned(), "application/json".to_owned()];
+        if protocol_1 {
+            body = json!({"task": "offliner.mwoffliner", "id": id, "pad": "x".repeat(2048)})
+                .to_string();
+        } else {
+            options.push("--headers".to_owned());
+            options
+                .push(json!({"task": "offliner.mwoffliner", "id": id, "lang": "py"}).to_string());
+        }
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        publish_raw(&s.vh, d, body.as_bytes(), &options);
+    };
+    let running = s.submit(Task::new(
+        "offliner.mwoffliner",
+        kwargs(json!({"sleep": 4.0})),
+    ));
+    s.expect_event("task-started", &running);
+    oversized(&running, false);
+    s.worker.wait_log(
+        "redelivered message for a task already here",
+        Duration::from_secs(10),
+    );
+    s.expect_event("task-succeeded", &running);
+    // Held, then acked once its run ended.
+    s.expect_queue(0, 0);
+    oversized(&running, false);
+    let alone = task_id();
+    oversized(&alone, false);
+    let v1 = task_id();
+    oversized(&v1, true);
+    let failed = s.expect_event("task-failed", &alone);
+    assert!(
+        text_of(&failed, "exception").contains("MAX_MESSAGE_BYTES"),
+        "{failed}"
+    );
+    s.worker
+        .wait_log("its task id is not in its headers", Duration::from_secs(10));
+    s.expect_queue(0, 0);
+    // Its run's end was confirmed to this process: not sent again.
+    s.worker.wait_log(
+        "redelivered message for a task that already ended here, its final event confirmed",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(s.count("task-failed", &running), 0);
+    assert_eq!(s.count("task-succeeded", &running), 1);
+    assert_eq!(s.count("task-started", &running), 1);
+    assert_eq!(s.count("task-failed", &alone), 1);
+    assert_eq!(s.count("task-started", &alone), 0);
+    assert_eq!(
+        s.events
+            .events()
+            .iter()
+            .filter(|e| e["uuid"] == v1.as_str())
+            .count(),
+        0
     );
 }
 

@@ -27,7 +27,6 @@ use crate::celery::control::{
 };
 use crate::celery::{iso8601, task_id};
 use crate::config::Config;
-use crate::offliner::Offliner;
 use crate::worker::registry::{REVOKE_EXPIRES, REVOKES_MAX};
 
 /// Most characters of an `argsrepr` or `kwargsrepr` a reply echoes:
@@ -212,7 +211,7 @@ pub(super) fn query_task<W: ControlledWorker>(worker: &W, ids: &[String]) -> Val
 /// The registered task names, sorted (Celery lists its own built-ins only
 /// on request).
 pub(super) fn registered() -> Vec<&'static str> {
-    let mut names: Vec<&'static str> = Offliner::ALL.iter().map(|o| o.task_name()).collect();
+    let mut names: Vec<&'static str> = crate::offliner::registered().collect();
     names.sort_unstable();
     names
 }

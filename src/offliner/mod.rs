@@ -1,10 +1,12 @@
 //! The offliners this worker knows, and the plan for running one task.
 //!
 //! Owns the task table of SPEC §3 (task name → image, command, output
-//! directory) and turns a decoded [`TaskRequest`] into a validated,
-//! allow-listed [`TaskPlan`]: the task id, the image, the container's argv
-//! and the warehouse path, each checked before anything uses them. It is
-//! pure: it must not call Docker, touch the filesystem or decode messages.
+//! directory; [`registered`] names them, with a test-only extra one in a
+//! build with the `test-extra-task` feature) and turns a decoded
+//! [`TaskRequest`] into a validated, allow-listed [`TaskPlan`]: the task
+//! id, the image, the container's argv and the warehouse path, each
+//! checked before anything uses them. It is pure: it must not call Docker,
+//! touch the filesystem or decode messages.
 //!
 //! - [`ImageRef`], [`AllowList`]: image references (tags bounded by
 //!   Docker's grammar, digests refused) and the image allow-list: a task
@@ -117,6 +119,27 @@ impl Offliner {
             Offliner::Gutenberg | Offliner::Phet => &[],
         }
     }
+}
+
+/// The task name only a build with the test-only cargo feature
+/// `test-extra-task` knows (it runs as any task does under the simulate
+/// runner; the Docker runner has no plan for it): a farm of two versions
+/// in the tests, one knowing a task the other does not.
+#[cfg(feature = "test-extra-task")]
+pub const EXTRA_TEST_TASK: &str = "offliner.extra_test_task";
+
+/// The task names this build runs: the offliners', and with the
+/// `test-extra-task` feature [`EXTRA_TEST_TASK`].
+pub fn registered() -> impl Iterator<Item = &'static str> {
+    let names = Offliner::ALL.into_iter().map(Offliner::task_name);
+    #[cfg(feature = "test-extra-task")]
+    let names = names.chain(std::iter::once(EXTRA_TEST_TASK));
+    names
+}
+
+/// Whether this build runs tasks named `name` (see [`registered`]).
+pub fn is_registered(name: &str) -> bool {
+    registered().any(|n| n == name)
 }
 
 impl fmt::Display for Offliner {

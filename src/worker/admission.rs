@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use super::registry::TaskPhase;
 use crate::broker::CONSUMER_TIMEOUT_MS;
 use crate::celery::{EventKind, TaskRequest};
-use crate::offliner::Offliner;
+use crate::offliner;
 
 /// Furthest `eta` accepted: the delivery timeout the worker asks of the
 /// broker for its consumers (14 days). A message held unacked longer is
@@ -19,7 +19,8 @@ use crate::offliner::Offliner;
 /// time; further etas are refused like invalid messages.
 pub(super) const MAX_ETA_AHEAD: TimeDelta = TimeDelta::milliseconds(CONSUMER_TIMEOUT_MS);
 
-/// What the worker knows about a task id when its message arrives.
+/// What the worker knows about a task id when its message arrives, and
+/// about the message itself.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Known {
     /// The task is in the registry here, in this phase.
@@ -34,13 +35,21 @@ pub(super) struct Known {
     /// Fewer than MAX_ETA_HELD tasks are held for their `eta`: one more may
     /// be.
     pub eta_room: bool,
+    /// The message is larger than MAX_MESSAGE_BYTES: its body was never
+    /// read, the request is what its headers say (see [`Admission::TooLarge`]).
+    pub too_large: bool,
 }
 
 /// The decision.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Admission {
-    /// No offliner has this task name: it can run nowhere (rejected, with
-    /// Celery's `NotRegistered`).
+    /// Larger than MAX_MESSAGE_BYTES, and neither here nor ended here nor
+    /// held for the farm: not run (`task-failed`, acked).
+    TooLarge,
+    /// No offliner has this task name: it runs nowhere here (rejected,
+    /// with Celery's `NotRegistered`). Decided only once this node knows
+    /// the task is not running elsewhere: in a farm of mixed versions a
+    /// newer node may run a task an older one does not know.
     Unregistered,
     /// A run of it is here: its message is held until that run ends.
     AlreadyHere(TaskPhase),
@@ -65,18 +74,17 @@ pub(super) enum Admission {
 
 /// Decides what becomes of `request` (delivered again when `redelivered`),
 /// from what is `known` about it at `now`. The checks go in this order:
-/// registered, here, ended here, a redelivery to ask the farm about,
-/// expired, revoked, an `eta` too far, no room for one more `eta`, then
-/// accepted.
+/// here, ended here, a redelivery to ask the farm about, too large,
+/// registered, expired, revoked, an `eta` too far, no room for one more
+/// `eta`, then accepted. What the message's id says of a run in the farm
+/// comes first: a message this node cannot take (too large, a task it does
+/// not know) is failed only when no run of its task is here or elsewhere.
 pub(super) fn admit(
     request: &TaskRequest,
     redelivered: bool,
     known: Known,
     now: DateTime<Utc>,
 ) -> Admission {
-    if Offliner::from_task_name(&request.name).is_none() {
-        return Admission::Unregistered;
-    }
     if let Some(phase) = known.here {
         return Admission::AlreadyHere(phase);
     }
@@ -85,6 +93,12 @@ pub(super) fn admit(
     }
     if redelivered && known.can_ask_farm {
         return Admission::AskFarm;
+    }
+    if known.too_large {
+        return Admission::TooLarge;
+    }
+    if !offliner::is_registered(&request.name) {
+        return Admission::Unregistered;
     }
     if request.expires.is_some_and(|expires| expires <= now) {
         return Admission::Expired;
@@ -146,6 +160,7 @@ mod tests {
             revoked: true,
             can_ask_farm: true,
             eta_room: true,
+            too_large: true,
         };
         let ended_here = Known {
             ended: Some(ended()),
@@ -158,15 +173,50 @@ mod tests {
             eta_room: true,
             ..Known::default()
         };
+        let large = Known {
+            too_large: true,
+            ..nothing.clone()
+        };
+        let large_farm = Known {
+            too_large: true,
+            ..farm.clone()
+        };
+        let large_ended = Known {
+            too_large: true,
+            ..ended_here.clone()
+        };
+        let unknown = "offliner.newer";
         let ahead = MAX_ETA_AHEAD.num_seconds();
         #[rustfmt::skip]
         let table: Vec<(&str, TaskRequest, bool, Known, Admission)> = vec![
-            ("unregistered, whatever else is known",
-                request("offliner.nope", None, None), true, here.clone(), Admission::Unregistered),
             ("a run here comes before its record",
                 request(mwoffliner, None, None), true, here.clone(), Admission::AlreadyHere(TaskPhase::Active)),
+            ("a run here of a task unknown here is held",
+                request(unknown, None, None), true, here.clone(), Admission::AlreadyHere(TaskPhase::Active)),
             ("ended here comes before the farm and revoked",
-                request(mwoffliner, None, Some(NOW - 1)), true, ended_here, Admission::EndedHere(ended())),
+                request(mwoffliner, None, Some(NOW - 1)), true, ended_here.clone(), Admission::EndedHere(ended())),
+            ("ended here, a task unknown here",
+                request(unknown, None, None), false, ended_here, Admission::EndedHere(ended())),
+            ("an older node asks the farm about a redelivery of a task it does not know",
+                request(unknown, None, None), true, farm.clone(), Admission::AskFarm),
+            ("a task unknown here, the farm answered: not registered",
+                request(unknown, None, None), true, nothing.clone(), Admission::Unregistered),
+            ("a first delivery of a task unknown here: not registered",
+                request(unknown, None, None), false, farm.clone(), Admission::Unregistered),
+            ("not registered comes before expired and revoked",
+                request(unknown, None, Some(NOW - 1)), false, revoked.clone(), Admission::Unregistered),
+            ("too large: a run here holds it",
+                request(mwoffliner, None, None), true, here.clone(), Admission::AlreadyHere(TaskPhase::Active)),
+            ("too large: ended here sends its final event again",
+                request(mwoffliner, None, None), true, large_ended, Admission::EndedHere(ended())),
+            ("too large: a redelivery asks the farm",
+                request(mwoffliner, None, None), true, large_farm.clone(), Admission::AskFarm),
+            ("too large: a first delivery fails",
+                request(mwoffliner, None, None), false, large_farm, Admission::TooLarge),
+            ("too large: the farm answered, it fails",
+                request(mwoffliner, None, None), true, large.clone(), Admission::TooLarge),
+            ("too large comes before not registered, expired and an eta",
+                request(unknown, Some(NOW + 60), Some(NOW - 1)), false, large, Admission::TooLarge),
             ("a redelivery with a session asks the farm, even expired",
                 request(mwoffliner, None, Some(NOW - 1)), true, farm.clone(), Admission::AskFarm),
             ("a first delivery does not ask the farm",

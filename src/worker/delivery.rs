@@ -1,5 +1,6 @@
-//! What becomes of each delivery: dropped (too large, undecodable,
-//! unregistered), held for a run already here, its final event sent again
+//! What becomes of each delivery: dropped (undecodable, unregistered, or
+//! too large with no task id in its headers), failed unread (too large,
+//! its task run neither here nor elsewhere), held for a run already here, its final event sent again
 //! (ended here), held while the farm is asked (a redelivery), revoked or
 //! expired, refused (an `eta` too far ahead), published again at the tail
 //! of its queue (an `eta` ahead while MAX_ETA_HELD are held), or accepted
@@ -28,23 +29,40 @@ impl<R: Runner> Inner<R> {
             redelivered,
             ..
         } = delivery;
-        if data.len() > self.config.worker.max_message_bytes {
-            tracing::error!(
-                bytes = data.len(),
-                limit = self.config.worker.max_message_bytes,
-                routing_key = %routing_key,
-                "dropping a task message larger than MAX_MESSAGE_BYTES"
-            );
-            metrics::global().task_ended("", Outcome::Rejected);
-            self.spawn_ack(acker, None);
-            return;
-        }
         let delivery = DeliveryInfo {
             exchange: exchange.to_string(),
             routing_key: routing_key.to_string(),
             priority: *properties.priority(),
             redelivered,
         };
+        if data.len() > self.config.worker.max_message_bytes {
+            // Its body is never read nor kept. A v2 message names its task
+            // in its headers: it goes through admission like any other
+            // (held for a run here or elsewhere, its final event sent
+            // again, or failed). A v1 message's id is in its body.
+            let bytes = data.len();
+            drop(data);
+            let Some(request) = celery::headers_only(&properties) else {
+                tracing::error!(
+                    bytes,
+                    limit = self.config.worker.max_message_bytes,
+                    routing_key = %delivery.routing_key,
+                    "dropping a task message larger than MAX_MESSAGE_BYTES; its task id is not in \
+                     its headers (protocol v1, or none valid), so no event is sent"
+                );
+                metrics::global().task_ended("", Outcome::Rejected);
+                self.spawn_ack(acker, None);
+                return;
+            };
+            let raw = Raw {
+                properties,
+                body: Vec::new(),
+                too_large: Some(bytes),
+            };
+            let span = tracing::info_span!("task", task_id = %request.id);
+            self.place(Arc::new(request), raw, acker, delivery, Some(link), span);
+            return;
+        }
         // A flood of `eta` messages beyond MAX_ETA_HELD goes back to its
         // queue without its body being read: its headers say so (protocol
         // v2). Not one that is revoked or expired: that one is decided in
@@ -62,6 +80,7 @@ impl<R: Runner> Inner<R> {
             let raw = Raw {
                 properties,
                 body: data,
+                too_large: None,
             };
             self.pass_back(raw, acker, delivery, tracing::Span::current());
             return;
@@ -91,6 +110,7 @@ impl<R: Runner> Inner<R> {
         let raw = Raw {
             properties,
             body: data,
+            too_large: None,
         };
         let span = tracing::info_span!("task", task_id = %request.id);
         self.place(request, raw, acker, delivery, Some(link), span);
@@ -120,6 +140,7 @@ impl<R: Runner> Inner<R> {
                 revoked: seen.revoked,
                 can_ask_farm: link.is_some(),
                 eta_room: seen.scheduled < self.config.worker.max_eta_held,
+                too_large: raw.too_large.is_some(),
             };
             let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
             let Admission::Accept { at_eta } = admission else {
@@ -139,6 +160,10 @@ impl<R: Runner> Inner<R> {
         };
         match admission {
             Admission::Accept { .. } => unreachable!("accepted above, its message held"),
+            Admission::TooLarge => {
+                let bytes = raw.too_large.unwrap_or_default();
+                self.too_large(request, acker, bytes, &span);
+            }
             Admission::Unregistered => {
                 tracing::error!(task = %log_text(&request.name), "received an unregistered task; rejecting it");
                 metrics::global().task_ended(&request.name, Outcome::Rejected);
@@ -416,6 +441,56 @@ impl<R: Runner> Inner<R> {
         );
     }
 
+    /// A task whose message is larger than MAX_MESSAGE_BYTES, run neither
+    /// here nor elsewhere: failed (`task-failed`, a `ValueError` naming the
+    /// size and the limit) without its body read. Recorded as ended like
+    /// every outcome, so that a redelivery (its ack lost) finds its final
+    /// event here; then acked.
+    fn too_large(
+        self: &Arc<Self>,
+        request: Arc<TaskRequest>,
+        acker: Acker,
+        bytes: usize,
+        span: &tracing::Span,
+    ) {
+        let limit = self.config.worker.max_message_bytes;
+        tracing::error!(
+            bytes,
+            limit,
+            task = %log_text(&request.name),
+            "failing a task whose message is larger than MAX_MESSAGE_BYTES"
+        );
+        metrics::global().task_ended(&request.name, Outcome::Rejected);
+        let info = ExceptionInfo {
+            exc_type: "ValueError".to_owned(),
+            exc_module: "builtins".to_owned(),
+            message: format!(
+                "the task message is {bytes} bytes, more than MAX_MESSAGE_BYTES ({limit}): \
+                 this worker does not read it"
+            ),
+            traceback: String::new(),
+        };
+        let event = EventKind::TaskFailed {
+            uuid: request.id.clone(),
+            exception: info.repr(),
+            traceback: String::new(),
+        };
+        // Visible to the next delivery at once; on disk before the event
+        // leaves, like every outcome (see `finish`).
+        let recorded = self.ended.record(&request.id, &event);
+        let this = self.clone();
+        self.tasks.spawn(
+            async move {
+                if let Err(error) = recorded.await {
+                    record_failed(&error);
+                }
+                let confirmed = this.refused(&request, info);
+                settle(acker, Some(confirmed), Settle::Ack).await;
+            }
+            .instrument(span.clone()),
+        );
+    }
+
     /// Starts the life of a task just accepted (in the registry, its
     /// message held): held until its `eta`, or started.
     fn received(
@@ -485,6 +560,10 @@ const MAX_PASSING: usize = 64;
 pub(super) struct Raw {
     pub properties: BasicProperties,
     pub body: Vec<u8>,
+    /// The size of a body larger than MAX_MESSAGE_BYTES, which is not kept
+    /// (`body` is then empty): such a message is never run nor published
+    /// again.
+    pub too_large: Option<usize>,
 }
 
 /// What becomes of a task message whose outcome is reported.

@@ -18,4 +18,11 @@ export ZIMFARM_TEST_AMQP="${ZIMFARM_TEST_AMQP:-amqp://zimfarm-test:zimfarm-test@
 export ZIMFARM_TEST_RABBIT_API="${ZIMFARM_TEST_RABBIT_API:-http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api}"
 
 cd "$REPO"
+# The mixed-version farm test (tests/ack_timeout.rs) runs a second build
+# that knows one more task name (the test-only feature test-extra-task):
+# built first and copied aside; `cargo test` below relinks the normal
+# binary (the dependencies are shared).
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+cargo build --locked --quiet --features test-extra-task --bin zimfarm-worker
+cp "$TARGET_DIR/debug/zimfarm-worker" "$TARGET_DIR/debug/zimfarm-worker-extra-task"
 exec cargo test --locked --features services "$@"

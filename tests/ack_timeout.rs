@@ -10,10 +10,13 @@
 //! With two nodes the requeued message reaches the idle node while the
 //! first one still runs the task: the idle node must hold it without
 //! running it (asking the farm with `query_task`), ack it once the task
-//! ended there, and run it only if the running node dies.
+//! ended there, and run it only if the running node dies. The same holds
+//! in a farm of mixed versions: a node that does not know a task a newer
+//! node runs, or cannot read its message, never fails its redelivery.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -275,4 +278,101 @@ fn a_held_task_runs_on_the_holder_when_its_node_dies() {
         "the holder ran the task {:.1} s after its node was killed",
         took_over.as_secs_f64()
     );
+}
+
+/// The build of the worker that knows one more task name (cargo feature
+/// `test-extra-task`), which scripts/test.sh puts next to the worker binary.
+fn extra_task_binary() -> PathBuf {
+    let path = Path::new(worker_binary()).with_file_name("zimfarm-worker-extra-task");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with scripts/test.sh, which builds it \
+         (cargo build --features test-extra-task --bin zimfarm-worker, copied there) \
+         before the normal build",
+        path.display()
+    );
+    path
+}
+
+/// The task name only the extra build knows (`offliner::EXTRA_TEST_TASK`).
+const EXTRA_TEST_TASK: &str = "offliner.extra_test_task";
+
+#[test]
+fn a_farm_of_mixed_versions_never_fails_a_redelivery_a_newer_node_runs() {
+    let extra = extra_task_binary();
+    let _short = ShortDeliveryTimeout::set(3_000, 1_000);
+    let vh = Vhost::new("acktimeout-mixed");
+    let events = EventsProc::start(&vh, 180);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // The newer node takes both tasks before the older one is up: one of a
+    // name only it knows, one whose message is too large for the older.
+    let newer = WorkerProc::start_binary(
+        &extra,
+        &vh,
+        dirs[0].path(),
+        "ackt-newer",
+        &WorkerEnv::new().set("CONCURRENCY", 2),
+    );
+    newer.wait_connected();
+    let unknown = task_id();
+    send_task(&vh, EXTRA_TEST_TASK, &unknown, &simulated_task(15.0), &[]);
+    let large = task_id();
+    let mut padded = simulated_task(15.0);
+    padded["pad"] = json!("x".repeat(2048));
+    send_task(&vh, "offliner.mwoffliner", &large, &padded, &[]);
+    for id in [&unknown, &large] {
+        events.wait_task_event("task-started", id, Duration::from_secs(30));
+    }
+    let older = WorkerProc::start(
+        &vh,
+        dirs[1].path(),
+        "ackt-older",
+        &WorkerEnv::new()
+            .set("CONCURRENCY", 1)
+            .set("MAX_MESSAGE_BYTES", 1024),
+    );
+    older.wait_connected();
+    // Their messages go past the delivery timeout and reach the older node.
+    for id in [&unknown, &large] {
+        eventually(
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || {
+                older
+                    .log_text()
+                    .lines()
+                    .any(|line| line.contains(id.as_str()) && line.contains("asking the farm"))
+            },
+            || format!("the older node never held {id}:\n{}", older.log_text()),
+        );
+    }
+    for id in [&unknown, &large] {
+        events.wait_task_event("task-succeeded", id, Duration::from_secs(90));
+    }
+    vh.wait_queue_depth("small", 0, 0, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let report = dump_task_events(&events.events());
+    for id in [&unknown, &large] {
+        let starts: Vec<serde_json::Value> = events
+            .events()
+            .into_iter()
+            .filter(|e| e["type"] == "task-started" && e["uuid"] == id.as_str())
+            .collect();
+        assert_eq!(starts.len(), 1, "one run of {id}:\n{report}");
+        assert!(
+            starts[0]["hostname"]
+                .as_str()
+                .is_some_and(|h| h.ends_with("ackt-newer")),
+            "{report}"
+        );
+        assert_eq!(events.count("task-succeeded", id), 1, "{report}");
+        assert_eq!(events.count("task-failed", id), 0, "{report}");
+    }
+    older.assert_log_lacks("unregistered task");
+    older.assert_log_lacks("failing a task whose message is larger");
+    let moved: usize = [&newer, &older]
+        .iter()
+        .map(|n| n.log_text().matches("past its consumer_timeout").count())
+        .sum();
+    eprintln!("two 15 s tasks on the newer node, consumer_timeout 3 s: {moved} channel closes");
 }

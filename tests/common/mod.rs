@@ -224,13 +224,25 @@ pub fn worker_env(
 
 impl WorkerProc {
     pub fn start(vhost: &Vhost, dir: &Path, node: &str, env: &WorkerEnv) -> Self {
+        Self::start_binary(Path::new(worker_binary()), vhost, dir, node, env)
+    }
+
+    /// [`WorkerProc::start`] with another build of the worker (a farm of
+    /// mixed versions).
+    pub fn start_binary(
+        binary: &Path,
+        vhost: &Vhost,
+        dir: &Path,
+        node: &str,
+        env: &WorkerEnv,
+    ) -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let log = dir.join(format!(
             "worker-{node}-{}.log",
             SEQ.fetch_add(1, Ordering::SeqCst)
         ));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(worker_binary())
+        let child = Command::new(binary)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env.vars(vhost, dir, node))

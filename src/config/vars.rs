@@ -194,7 +194,7 @@ vars! {
     RESTART_GRACE: Duration = (Value("600"), |v| parse::bounded(v, 0, 30 * 86_400).map(Duration::from_secs),
         "seconds a node may be away and still carry on the scrapes it left running");
     MAX_MESSAGE_BYTES: usize = (Value("1048576"), |v| parse::bounded(v, 1024, 512 * 1024 * 1024).map(|n| n as usize),
-        "larger task messages are dropped with an error");
+        "larger task messages are never read: one naming its task in its headers fails it (unless it runs here or elsewhere), another is dropped with an error");
     MAX_ETA_HELD: usize = (Value("100"), |v| parse::bounded(v, 1, 10_000).map(|n| n as usize),
         "task messages held for a future eta; more go back to the tail of their queue");
     METRICS_ADDR: SocketAddr = (Means("off"), parse::metrics_addr,

@@ -8,16 +8,22 @@
 # restarts a worker, `docker kill`s a running offliner from outside, fills
 # the workers' disk (a tmpfs) briefly, delays the dispatcher while a worker
 # restarts behind it, restarts a Docker worker mid-scrape with SIGTERM (as
-# `docker restart` does) and kill -9s one mid-scrape with a restart within
-# 10 s. Then it drains and prints a table: tasks sent, succeeded, failed
-# (reasons tallied), lost, doubled, scrapes redone (a task whose offliner
-# container Docker's events show created more than once), ZIMs
-# byte-identical to what the scraper wrote, RSS and open descriptors of each
-# worker life, the SIGTERM-to-exit times, and a last `N passed, M failed`
-# line (exit 1 when a check failed). On the farm the scrapes redone are
-# reported (a holder still runs a task after 10 s of silence); with
-# SOAK_NODES=1 (one Docker worker and the simulate one) 0 scrapes redone is
-# a check. soak-d1 is never killed on the farm (the simulate worker on one
+# `docker restart` does), kill -9s one mid-scrape with a restart within
+# 10 s, freezes a Docker worker (SIGSTOP for 15-60 s, shorter in a short
+# run, then SIGCONT) and raises a RabbitMQ memory alarm for 15 s (every
+# publisher blocked; the watermark is restored after it, and at the soak's
+# start and end). Faults are dealt from a deck holding each kind asked for
+# once; a run too short for a whole deck goes on (up to 120 s more) until
+# every kind was injected. The workers get RESTART_GRACE=120, longer than
+# the longest stall plus a restart (printed with the table). Then it drains
+# and prints a table: tasks sent, succeeded, failed (reasons tallied),
+# lost, doubled, scrapes redone (a task whose offliner container Docker's
+# events show created more than once), ZIMs byte-identical to what the
+# scraper wrote, RSS and open descriptors of each worker life, the
+# SIGTERM-to-exit times, and a last `N passed, M failed` line (exit 1 when
+# a check failed). 0 lost, 0 doubled and 0 scrapes redone are checks, on
+# the farm as on one node (SOAK_NODES=1: one Docker worker and the
+# simulate one). soak-d1 is never killed on the farm (the simulate worker on one
 # node), so that one worker life spans the soak: its RSS and open
 # descriptors, taken once the warm-up tasks ended and each worker's broker
 # connection was cut once, and again after the drain (both idle moments),
@@ -30,7 +36,8 @@
 #   SOAK_NODES     Docker workers: 2 (default, a farm) or 1
 #   SOAK_FAULTS    all (default), none, or a comma-separated list of
 #                  close_connections,sshd_restart,kill_worker,docker_kill,
-#                  fill_disk,slow_dispatcher,sigterm_restart,kill9_restart
+#                  fill_disk,slow_dispatcher,sigterm_restart,kill9_restart,
+#                  stall,broker_alarm
 #   SOAK_KEEP      set: keep the logs, events, trace.csv and warehouse
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -73,6 +80,10 @@ cleanup() {
     docker ps -aq --filter "label=org.openzim.zimfarm.node=$node" | xargs -r docker rm -f >/dev/null 2>&1 || true
   done
   mountpoint -q "$disk" && umount -l "$disk"
+  # A memory alarm the soak raised and could not lower (it was killed).
+  case "${SOAK_FAULTS:-all}" in
+    all | *broker_alarm*) rabbitmqctl -q set_vm_memory_high_watermark 0.4 >/dev/null 2>&1 || true ;;
+  esac
   curl -fsS -X DELETE "$api/vhosts/$vhost" >/dev/null 2>&1 || true
   if [ -n "${SOAK_KEEP:-}" ]; then
     echo "==> kept $work and $warehouse (SOAK_KEEP)"

@@ -5,7 +5,9 @@
 #   1. Debian packages the tests use are installed (apt-get update only when
 #      one is missing).
 #   2. RabbitMQ runs, listening on 127.0.0.1 only (AMQP 5672, management API
-#      15672), with an administrator user zimfarm-test/zimfarm-test.
+#      15672), with an administrator user zimfarm-test/zimfarm-test, and no
+#      memory alarm left by a test or soak that was killed while it held one
+#      (vm_memory_high_watermark back to 0.4).
 #   3. The Docker engine answers (dockerd is started if it does not).
 #   4. <repo>/.venv holds the Python packages of tests/py/requirements.txt
 #      (rebuilt only when that file changes).
@@ -257,6 +259,25 @@ ensure_rabbitmq() {
     log "RabbitMQ ready on 127.0.0.1:5672 (management API on 127.0.0.1:15672)"
 }
 
+# A test or soak that raises a memory alarm (a tiny vm_memory_high_watermark:
+# every publisher blocked) restores it when it ends; one that was killed
+# first leaves the broker blocking every test. Back to RabbitMQ's default
+# 0.4 when the management API shows an alarm or a limit under 64 MiB (one
+# rabbitmqctl call, ~1 s, only then).
+reset_memory_watermark() {
+    local nodes limit
+    nodes=$(curl -fs -m 5 -u "$RABBIT_USER:$RABBIT_PASS" \
+        "$RABBIT_API/nodes?columns=mem_limit,mem_alarm") \
+        || die "the management API does not list RabbitMQ's nodes"
+    limit=$(grep -o '"mem_limit":[0-9]*' <<<"$nodes" | head -n 1 | cut -d: -f2)
+    if [[ $nodes == *'"mem_alarm":true'* ]] || [ "${limit:-0}" -lt $((64 * 1024 * 1024)) ]; then
+        require_root "reset RabbitMQ's vm_memory_high_watermark"
+        log "resetting RabbitMQ's vm_memory_high_watermark to 0.4 (a memory alarm was left on)"
+        rabbitmqctl -q set_vm_memory_high_watermark 0.4 >/dev/null \
+            || die "could not reset RabbitMQ's vm_memory_high_watermark"
+    fi
+}
+
 # ------------------------------------------------------------------ Docker
 
 ensure_docker() {
@@ -342,6 +363,7 @@ ensure_sftp_warehouse() {
 main() {
     install_packages
     ensure_rabbitmq
+    reset_memory_watermark
     ensure_docker
     ensure_venv
     ensure_test_images

@@ -70,8 +70,29 @@
 //! After a reconnect the new channel holds none of the old messages: the
 //! tasks still running count as slots wanted with no message here, so the
 //! node asks only for its free slots. AMQP reads a prefetch of 0 as "no
-//! limit", so with every slot busy it asks for 1: the broker usually hands
-//! back a running task's own message, which is then held for that run.
+//! limit", so with every slot busy it would ask for 1; it consumes nothing
+//! then instead.
+//!
+//! # A full node consumes nothing
+//!
+//! The prefetch alone cannot say "none": RabbitMQ has no client flow
+//! control for consumers. So the book also says when every slot is wanted
+//! ([`Prefetch::full`], a `watch` updated on every change of the book), and
+//! the worker cancels its task consumers while it is (`basic.cancel`) and
+//! consumes again when a slot frees; a session that starts full starts
+//! without consumers. A delivery that crossed the cancel finds no free slot
+//! and goes back to the broker at once (the worker's admission).
+//!
+//! # A message is acked only on the channel it came on, while it is open
+//!
+//! [`Prefetch::take`] refuses a message whose channel is not open any more
+//! (lapin wakes every consumer with a dead connection's error, and a task
+//! started on such a message would run while the broker gives the message
+//! to another node). A prefetch change the broker refuses, or does not
+//! answer within 30 s, ends the session ([`Prefetch::attach`]'s `broken`):
+//! the tasks that ended meanwhile are not acked (their messages go back
+//! with the channel, and the record of ended tasks answers their
+//! redeliveries), and the next session gets a prefetch in line again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -80,7 +101,8 @@ use std::time::Duration;
 
 use lapin::options::BasicAckOptions;
 use lapin::{Acker, Channel};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::set_prefetch;
 
@@ -99,6 +121,8 @@ pub struct Prefetch {
     gate: OnceLock<mpsc::UnboundedSender<Turn>>,
     /// The prefetch last set on the channel (`inspect stats`).
     in_force: Arc<AtomicU16>,
+    /// Whether every slot is wanted (see [`Prefetch::full`]).
+    full: Arc<watch::Sender<bool>>,
 }
 
 /// The held messages (`A`: how one is acked).
@@ -110,6 +134,9 @@ struct Book<A> {
     /// Tasks over, whose messages the next holder of the gate acks (one
     /// prefetch change for all the tasks that ended meanwhile).
     ending: Vec<String>,
+    /// The current session's consuming channel, once attached: a message
+    /// is taken back ([`Prefetch::take`]) only while it is open.
+    channel: Option<Channel>,
 }
 
 impl<A> Default for Book<A> {
@@ -118,6 +145,7 @@ impl<A> Default for Book<A> {
             session: 0,
             held: HashMap::new(),
             ending: Vec::new(),
+            channel: None,
         }
     }
 }
@@ -131,6 +159,12 @@ struct Held<A> {
 }
 
 impl<A> Book<A> {
+    /// Whether every slot is wanted: by a task running, adopted, or
+    /// waiting for one.
+    fn full(&self, concurrency: usize) -> bool {
+        self.held.values().filter(|held| held.wants_slot).count() >= concurrency
+    }
+
     fn wanted(&self, concurrency: usize) -> u16 {
         let mut credit = i64::try_from(concurrency).unwrap_or(i64::MAX);
         for held in self.held.values() {
@@ -156,6 +190,14 @@ fn lock<A>(book: &Mutex<Book<A>>) -> MutexGuard<'_, Book<A>> {
     book.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Tells the watchers of [`Prefetch::full`] what `book` says now, if that
+/// changed. Called with the book's lock held, after each change: the
+/// watch's own lock is a leaf.
+fn tell_full<A>(book: &Book<A>, concurrency: usize, full: &watch::Sender<bool>) {
+    let now = book.full(concurrency);
+    full.send_if_modified(|was| std::mem::replace(was, now) != now);
+}
+
 /// What the gate is asked to do, and where it says it is done.
 enum Turn {
     /// A new broker session: no channel until the next `Attach`; answers
@@ -164,6 +206,7 @@ enum Turn {
     Attach {
         channel: Channel,
         applied: u16,
+        broken: CancellationToken,
         done: oneshot::Sender<()>,
     },
     /// Brings the prefetch in line and acks the tasks that ended.
@@ -176,9 +219,13 @@ struct Gate {
     concurrency: usize,
     book: Arc<Mutex<Book<Acker>>>,
     in_force: Arc<AtomicU16>,
+    full: Arc<watch::Sender<bool>>,
     channel: Option<Channel>,
     /// What `channel` has in force.
     applied: u16,
+    /// Fired when the channel cannot take a prefetch change: the session
+    /// is over.
+    broken: CancellationToken,
 }
 
 impl Gate {
@@ -189,15 +236,19 @@ impl Gate {
                     self.channel = None;
                     let mut book = lock(&self.book);
                     book.session += 1;
+                    book.channel = None;
                     let _ = done.send(book.wanted(self.concurrency));
                 }
                 Turn::Attach {
                     channel,
                     applied,
+                    broken,
                     done,
                 } => {
+                    lock(&self.book).channel = Some(channel.clone());
                     self.channel = Some(channel);
                     self.applied = applied;
+                    self.broken = broken;
                     self.in_force.store(applied, Ordering::Relaxed);
                     self.apply().await;
                     let _ = done.send(());
@@ -211,50 +262,71 @@ impl Gate {
     }
 
     /// The prefetch first, then the acks of every task that ended since
-    /// the last turn (see the module doc for why in that order).
+    /// the last turn (see the module doc for why in that order). Without a
+    /// channel in line (between sessions, or a prefetch change that
+    /// failed) nothing is acked: those messages went back, or go back,
+    /// with their channel.
     async fn settle(&mut self) {
         let ended: Vec<Held<Acker>> = {
             let mut book = lock(&self.book);
             let ending = std::mem::take(&mut book.ending);
-            ending
+            let ended = ending
                 .iter()
                 .filter_map(|id| book.held.remove(id))
-                .collect()
+                .collect();
+            tell_full(&book, self.concurrency, &self.full);
+            ended
         };
-        self.apply().await;
+        if !self.apply().await {
+            let unacked = ended.iter().map(|h| h.ackers.len()).sum::<usize>();
+            if unacked > 0 {
+                tracing::debug!(
+                    unacked,
+                    "not acking: the consuming channel is gone; the messages go back to the broker"
+                );
+            }
+            return;
+        }
         for (acker, _) in ended.iter().flat_map(|h| &h.ackers) {
             ack(acker).await;
         }
     }
 
     /// Sets the prefetch the book asks for, if it differs from the one in
-    /// force.
-    async fn apply(&mut self) {
+    /// force. Returns whether the channel is there and in line; a change
+    /// refused or unanswered for [`QOS_TIMEOUT`] lets the channel go and
+    /// ends the session (`broken`).
+    async fn apply(&mut self) -> bool {
+        let Some(channel) = self.channel.as_ref() else {
+            return false;
+        };
         let wanted = lock(&self.book).wanted(self.concurrency);
         if wanted == self.applied {
-            return;
+            return true;
         }
-        let Some(channel) = self.channel.as_ref() else {
-            return;
-        };
         match tokio::time::timeout(QOS_TIMEOUT, set_prefetch(channel, wanted)).await {
             Ok(Ok(())) => {
                 tracing::trace!(prefetch = wanted, "prefetch changed");
                 self.applied = wanted;
                 self.in_force.store(wanted, Ordering::Relaxed);
+                return true;
             }
             Ok(Err(error)) => {
-                tracing::debug!(%error, "could not change prefetch; the session is ending");
-                self.channel = None;
+                tracing::debug!(%error, "could not change prefetch; ending the session");
             }
             Err(_) => {
                 tracing::warn!(
                     secs = QOS_TIMEOUT.as_secs(),
-                    "the broker did not answer a prefetch change; not changing it again until the next session"
+                    "the broker did not answer a prefetch change; reconnecting (the tasks that \
+                     ended meanwhile are not acked: their redeliveries are answered from the \
+                     record of ended tasks)"
                 );
-                self.channel = None;
             }
         }
+        self.channel = None;
+        lock(&self.book).channel = None;
+        self.broken.cancel();
+        false
     }
 }
 
@@ -271,11 +343,29 @@ impl Prefetch {
             book: Arc::new(Mutex::new(Book::default())),
             gate: OnceLock::new(),
             in_force: Arc::new(AtomicU16::new(first)),
+            full: Arc::new(watch::Sender::new(concurrency == 0)),
         }
     }
 
     fn book(&self) -> MutexGuard<'_, Book<Acker>> {
         lock(&self.book)
+    }
+
+    /// Tells the watchers of [`Prefetch::full`] what the book says now.
+    fn tell(&self, book: &Book<Acker>) {
+        tell_full(book, self.concurrency, &self.full);
+    }
+
+    /// Whether every slot is wanted (running, adopted, or waiting for one),
+    /// watched: updated on every change of the book. A full node consumes
+    /// nothing: the worker cancels its consumers while this is true.
+    pub fn full(&self) -> watch::Receiver<bool> {
+        self.full.subscribe()
+    }
+
+    /// Whether every slot is wanted now.
+    pub fn is_full(&self) -> bool {
+        self.book().full(self.concurrency)
     }
 
     /// Asks the gate for a turn and waits for it to be done; `None` only if
@@ -287,8 +377,10 @@ impl Prefetch {
                 concurrency: self.concurrency,
                 book: self.book.clone(),
                 in_force: self.in_force.clone(),
+                full: self.full.clone(),
                 channel: None,
                 applied: self.in_force.load(Ordering::Relaxed),
+                broken: CancellationToken::new(),
             };
             tokio::spawn(gate.run(asked));
             turns
@@ -314,11 +406,13 @@ impl Prefetch {
 
     /// Hands over the new session's consuming channel, opened with
     /// `applied`, and brings its prefetch up to date (tasks may have ended
-    /// while it opened).
-    pub async fn attach(&self, channel: Channel, applied: u16) {
+    /// while it opened). `broken` fires when the channel refuses a
+    /// prefetch change or does not answer one: the session must end.
+    pub async fn attach(&self, channel: Channel, applied: u16, broken: CancellationToken) {
         self.turn(|done| Turn::Attach {
             channel,
             applied,
+            broken,
             done,
         })
         .await;
@@ -339,6 +433,7 @@ impl Prefetch {
                 ackers: vec![(acker, session)],
             },
         );
+        self.tell(&book);
         session
     }
 
@@ -348,28 +443,41 @@ impl Prefetch {
     /// [`Prefetch::hold_again`] holds it; [`Prefetch::end`] acks what came.
     /// Entered before the first session, so its prefetch counts the slot.
     pub fn adopt(&self, id: &str) {
-        self.book().held.insert(
+        let mut book = self.book();
+        book.held.insert(
             id.to_owned(),
             Held {
                 wants_slot: true,
                 ackers: Vec::new(),
             },
         );
+        self.tell(&book);
     }
 
     /// Takes back the message of task `id` held in `session`, if that is
-    /// still the current session (else its message is back with the
-    /// broker): to hold it again as a task that runs here.
+    /// still the current session and its channel is open (else its message
+    /// is back with the broker, or on its way: lapin wakes every consumer
+    /// with a dead connection's error before the session loop sees it): to
+    /// hold it again as a task that runs here. A message refused is let go.
     pub fn take(&self, id: &str, session: u64) -> Option<Acker> {
         let mut book = self.book();
         if book.session != session {
             return None;
         }
+        let open = (book.channel.as_ref()).is_some_and(|channel| channel.status().connected());
         let held = book.held.get_mut(id)?;
         let at = held.ackers.iter().position(|(_, s)| *s == session)?;
         let (acker, _) = held.ackers.remove(at);
         if held.ackers.is_empty() {
             book.held.remove(id);
+        }
+        self.tell(&book);
+        if !open || !acker.usable() {
+            tracing::debug!(
+                channel_open = open,
+                "not taking back a held message: its channel is closed, the broker has it again"
+            );
+            return None;
         }
         Some(acker)
     }
@@ -385,6 +493,7 @@ impl Prefetch {
                 book.held.remove(id);
             }
         }
+        self.tell(&book);
     }
 
     /// Holds a redelivery of task `id` until it ends;
@@ -415,9 +524,11 @@ impl Prefetch {
     }
 
     fn set_wants_slot(&self, id: &str, wants: bool) {
-        if let Some(held) = self.book().held.get_mut(id) {
+        let mut book = self.book();
+        if let Some(held) = book.held.get_mut(id) {
             held.wants_slot = wants;
         }
+        self.tell(&book);
     }
 
     /// Brings the channel's prefetch in line with what is held, and acks
@@ -438,9 +549,12 @@ impl Prefetch {
     }
 
     /// Lets task `id` go without an ack: its message goes back to the
-    /// queue when the channel closes (shutdown).
+    /// queue when the channel closes (shutdown), or went back with its
+    /// session.
     pub fn forget(&self, id: &str) {
-        self.book().held.remove(id);
+        let mut book = self.book();
+        book.held.remove(id);
+        self.tell(&book);
     }
 }
 
@@ -468,6 +582,7 @@ mod tests {
             session,
             held: held.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             ending: Vec::new(),
+            channel: None,
         }
     }
 
@@ -526,5 +641,46 @@ mod tests {
         assert_eq!(orphans.wanted(2), 1);
         assert_eq!(prefetch_of(-5), 1);
         assert_eq!(prefetch_of(1 << 40), u16::MAX);
+    }
+
+    #[test]
+    fn a_node_is_full_when_every_slot_is_wanted() {
+        assert!(!book(1, vec![]).full(1));
+        // Running, or waiting for a slot: both want one.
+        let one = book(1, vec![("a", held(true, &[1]))]);
+        assert!(one.full(1));
+        assert!(!one.full(2));
+        // A held message that wants no slot (an eta, a redelivery asked
+        // about, a task ending) leaves the slot free.
+        let eta = book(1, vec![("a", held(true, &[1])), ("e", held(false, &[1]))]);
+        assert!(!eta.full(2));
+        // Adopted, its message not here: it holds its slot.
+        let adopted = book(1, vec![("a", held(true, &[])), ("b", held(true, &[1]))]);
+        assert!(adopted.full(2));
+        // After a reconnect with every slot busy: full, whatever the
+        // prefetch floor says.
+        let orphans = book(2, vec![("a", held(true, &[1])), ("b", held(true, &[1]))]);
+        assert!(orphans.full(2));
+        assert_eq!(orphans.wanted(2), 1);
+        // More adopted than slots.
+        let over = book(1, vec![("a", held(true, &[])), ("b", held(true, &[]))]);
+        assert!(over.full(1));
+    }
+
+    #[test]
+    fn the_full_watch_changes_only_when_fullness_does() {
+        let (full, mut seen) = watch::channel(false);
+        let mut b = book(1, vec![("a", held(true, &[1]))]);
+        tell_full(&b, 2, &full);
+        assert!(!seen.has_changed().unwrap());
+        b.held.insert("b".into(), held(true, &[1]));
+        tell_full(&b, 2, &full);
+        assert!(seen.has_changed().unwrap());
+        assert!(*seen.borrow_and_update());
+        tell_full(&b, 2, &full);
+        assert!(!seen.has_changed().unwrap());
+        b.held.get_mut("a").unwrap().wants_slot = false;
+        tell_full(&b, 2, &full);
+        assert!(!*seen.borrow_and_update());
     }
 }

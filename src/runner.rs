@@ -75,6 +75,11 @@ pub enum CancelReason {
     /// dir, the task's state on disk) for the next start of this node to
     /// adopt ([`Runner::kept`]). The message goes back to the queue.
     Leave,
+    /// The task had not started and its message went back to the broker
+    /// with the session it came on (a lost connection): it is dropped here,
+    /// without an event, for whichever node the broker gives the message
+    /// to. Never fired on a running task.
+    MessageReturned,
 }
 
 /// A task's cancellation: the token its runner watches and the first
@@ -115,6 +120,11 @@ impl Cancellation {
 
     pub fn is_cancelled(&self) -> bool {
         self.token.is_cancelled()
+    }
+
+    /// Whether `other` is a clone of this one (the same task's).
+    pub fn same_as(&self, other: &Cancellation) -> bool {
+        Arc::ptr_eq(&self.reason, &other.reason)
     }
 
     /// The token to hand to what watches it (an upload, a helper task).

@@ -436,8 +436,9 @@ fn broadcast_to_all(vh: &Vhost, node: &str, method: &str, arguments: Value) -> V
 }
 
 /// The vhost's queues and their bindings, from the management API:
-/// `(queue, exchange, routing key)`, sorted; the pidbox and event queues
-/// left out (they come and go with clients).
+/// `(queue, exchange, routing key)`, sorted; the pidbox and event queues,
+/// and the server-named ones (a worker's task-channel watch), left out
+/// (they come and go with clients).
 fn task_bindings(vh: &Vhost) -> Vec<(String, String, String)> {
     let bindings = rabbit_api_call("GET", &format!("/bindings/{}", vh.name), None);
     let mut out: Vec<(String, String, String)> = bindings
@@ -449,7 +450,7 @@ fn task_bindings(vh: &Vhost) -> Vec<(String, String, String)> {
             let field = |f: &str| b[f].as_str().unwrap_or_default().to_owned();
             (field("destination"), field("source"), field("routing_key"))
         })
-        .filter(|(queue, _, _)| !queue.contains("pidbox") && !queue.starts_with("celeryev"))
+        .filter(|(queue, _, _)| !client_queue(queue))
         .collect();
     out.sort();
     out
@@ -462,10 +463,16 @@ fn queue_names(vh: &Vhost) -> Vec<String> {
         .expect("queues are a list")
         .iter()
         .filter_map(|q| q["name"].as_str().map(str::to_owned))
-        .filter(|name| !name.contains("pidbox") && !name.starts_with("celeryev"))
+        .filter(|name| !client_queue(name))
         .collect();
     names.sort();
     names
+}
+
+/// A queue that comes and goes with a client: a pidbox, an event
+/// receiver's, a server-named one.
+fn client_queue(name: &str) -> bool {
+    name.contains("pidbox") || name.starts_with("celeryev") || name.starts_with("amq.gen-")
 }
 
 #[test]

@@ -886,7 +886,7 @@ fn amqps_verifies_the_broker_certificate() {
 }
 
 #[test]
-fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_them() {
+fn adopted_tasks_carry_on_hold_their_slots_take_nothing_while_full_and_a_leave_keeps_them() {
     let sv = Services::new("adopt");
     let events = sv.events(120);
     // Two kept tasks, one slot (CONCURRENCY lowered across the restart):
@@ -942,15 +942,16 @@ fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_t
     let stats = broadcast(&sv.vh, "tester@adopt", "stats", json!({}));
     assert_eq!(stats["prefetch_count"], json!(1), "{stats}");
 
-    // `a`'s message comes back to this node: held for that run, acked at
-    // its end, never run again. A new task waits: both adopted tasks hold
-    // the node's one slot in turn.
+    // Both adopted tasks hold the node's one slot in turn: the node is
+    // full from its start and consumes nothing (issue 27). `a`'s message,
+    // back in the queue, stays there for a node with a free slot (which
+    // asks the farm about it), and so does a new task.
     Task::simulated(4.0).with_id(&a).send(&sv.vh);
-    sv.vh.wait_queue_depth("small", 0, 1, T);
-    assert_eq!(events.count("task-succeeded", &a), 0, "held while a runs");
     let c = Task::simulated(0.5).send(&sv.vh);
+    sv.vh.wait_queue_depth("small", 2, 0, T);
     let done = events.wait_task_event("task-succeeded", &a, T);
     assert!(done["runtime"].as_f64().unwrap_or(0.0) >= 100.0, "{done}");
+    // `b` takes the slot `a` left: still full, still nothing taken.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         events.count("task-started", &c),
@@ -963,11 +964,12 @@ fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_t
         "no second task-started"
     );
     assert_eq!(events.count("task-received", &a), 0);
+    assert_eq!(events.count("task-received", &c), 0, "nothing taken");
     assert_eq!(events.count("task-succeeded", &a), 1);
-    sv.vh.wait_queue_depth("small", 0, 1, T);
+    sv.vh.wait_queue_depth("small", 2, 0, T);
 
-    // The leave: `b` is left running for the next start, `c` (not
-    // started) goes back to the queue.
+    // The leave: `b` is left running for the next start; `a`'s message and
+    // `c` were never taken.
     let start = Instant::now();
     shutdown.leave();
     worker.join().expect("the worker thread").expect("exit 0");
@@ -984,7 +986,7 @@ fn adopted_tasks_carry_on_hold_their_slots_and_their_message_and_a_leave_keeps_t
     assert_eq!(offline["kept"], json!([b]), "{offline}");
     assert_eq!(events.count("task-succeeded", &b), 0);
     assert_eq!(events.count("task-failed", &b), 0);
-    sv.vh.wait_queue_depth("small", 1, 0, T);
+    sv.vh.wait_queue_depth("small", 2, 0, T);
     let seen = seen.lock().unwrap();
     assert!(seen.forsaken.is_empty(), "{seen:?}");
     assert!(seen.alive >= 2, "at start and at the leave: {seen:?}");

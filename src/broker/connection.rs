@@ -34,7 +34,7 @@ impl Broker {
             .iter()
             .map(|q| TaskQueue::zimfarm(q.as_str()))
             .collect();
-        self.open_session(prefetch, &queues, false).await
+        self.open_session(prefetch, &queues, true, false).await
     }
 
     /// For `check`: connects and declares the exchanges and the task
@@ -42,7 +42,7 @@ impl Broker {
     /// having consumed nothing and without the control queue, which a
     /// running worker of this node holds exclusively.
     pub async fn check(&self) -> Result<(), BrokerError> {
-        let session = self.open_session(1, &[], false).await?;
+        let session = self.open_session(1, &[], true, false).await?;
         let mut result = Ok(());
         for queue in &self.queues {
             result = self
@@ -59,22 +59,26 @@ impl Broker {
         result
     }
 
-    /// The worker's session: [`Broker::connect`] consuming `queues`, plus
-    /// the remote-control channel. The node's pidbox queue is declared
-    /// before any task queue is consumed, so a worker whose node name is
-    /// taken ([`BrokerError::NodeInUse`]) never takes a task.
+    /// The worker's session: [`Broker::connect`] declaring `queues`, and
+    /// consuming them if `consume` (a node whose every slot is busy takes
+    /// nothing), plus the consuming channel's watch and the remote-control
+    /// channel. The node's pidbox queue
+    /// is declared before any task queue is consumed, so a worker whose
+    /// node name is taken ([`BrokerError::NodeInUse`]) never takes a task.
     pub async fn connect_with(
         &self,
         prefetch: u16,
         queues: &[TaskQueue],
+        consume: bool,
     ) -> Result<Session, BrokerError> {
-        self.open_session(prefetch, queues, true).await
+        self.open_session(prefetch, queues, consume, true).await
     }
 
     async fn open_session(
         &self,
         prefetch: u16,
         queues: &[TaskQueue],
+        consume: bool,
         control: bool,
     ) -> Result<Session, BrokerError> {
         let props = ConnectionProperties::default()
@@ -152,8 +156,13 @@ impl Broker {
         set_prefetch(&consume_channel, prefetch)
             .await
             .map_err(setup("prefetch settings"))?;
+        let watch = if control.is_some() {
+            Some(self.watch_channel(&consume_channel).await?)
+        } else {
+            None
+        };
         let mut deliveries = SelectAll::new();
-        for queue in queues {
+        for queue in queues.iter().filter(|_| consume) {
             deliveries.push(self.consume_queue(&consume_channel, &queue.name).await?);
         }
         Ok(Session {
@@ -161,6 +170,7 @@ impl Broker {
             consume_channel,
             publish_channel,
             deliveries,
+            watch,
             control,
         })
     }
@@ -174,16 +184,21 @@ pub struct Session {
     pub publish_channel: Channel,
     /// Deliveries from every task queue, merged.
     pub deliveries: SelectAll<Consumer>,
+    /// The worker's session: the consuming channel's watch (see
+    /// [`Broker::watch_channel`]), so that its end is seen while no task
+    /// queue is consumed.
+    pub watch: Option<Consumer>,
     /// The pidbox consumer, until the worker takes it for remote control.
     pub control: Option<ControlChannel>,
 }
 
 impl Session {
     /// Closes the connection; unacked deliveries go back to their queues.
+    /// A broker that does not answer the close within [`CONNECT_TIMEOUT`]
+    /// (the one that left a prefetch change unanswered, say) is left: the
+    /// connection is dropped with the session.
     pub async fn close(&self) {
-        let _ = self
-            .connection
-            .close(200, "worker shutting down".into())
-            .await;
+        let close = self.connection.close(200, "worker shutting down".into());
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, close).await;
     }
 }

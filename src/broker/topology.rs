@@ -1,8 +1,9 @@
 //! The SPEC §2 topology and the consumers on it: the `offliner` and
 //! `celeryev` exchanges, the task queues (declared, bound, consumed and
-//! cancelled one by one for remote control), the node's pidbox queue (SPEC
-//! §6), consumer tags and arguments, the channel's prefetch and the
-//! publishing of remote-control replies.
+//! cancelled one by one for remote control and while every slot is busy),
+//! the task channel's watch queue, the node's pidbox queue (SPEC §6),
+//! consumer tags and arguments, the channel's prefetch and the publishing
+//! of remote-control replies.
 //!
 //! Owns what is declared on the broker and how it is consumed. It must not
 //! open connections (see `connection`) nor read or build messages.
@@ -260,6 +261,40 @@ impl Broker {
             )
             .await
             .map_err(setup(&format!("consuming queue {queue}")))
+    }
+
+    /// Consumes, on `channel`, an exclusive queue of its own that nothing
+    /// is routed to (server-named, auto-delete): its consumer delivers
+    /// nothing, but its stream carries the channel's end (the connection
+    /// lost, or the channel closed by the broker, with the broker's reason)
+    /// to a session that consumes no task queue while every slot is busy.
+    pub async fn watch_channel(&self, channel: &Channel) -> Result<Consumer, BrokerError> {
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup("the task channel's watch queue"))?;
+        let name = queue.name().as_str();
+        channel
+            .basic_consume(
+                name.into(),
+                self.consumer_tag(name).into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(setup("consuming the task channel's watch queue"))
     }
 
     /// Stops consuming a task queue on `channel`; its consumer's stream

@@ -89,7 +89,9 @@ pub trait ControlledWorker: Send + Sync + 'static {
     fn revoked(&self) -> Vec<String>;
     /// Adds ids revoked elsewhere (mingle's `hello`).
     fn merge_revoked(&self, ids: &[String]);
-    /// The task queues consumed now.
+    /// The task queues this node consumes: the operator's view, listed
+    /// even while a node whose every slot is busy has paused its consumers
+    /// (it consumes them again when a slot frees).
     fn queues(&self) -> Vec<TaskQueue>;
     /// Starts consuming a queue (declared first); `Ok(false)` when it was
     /// consumed already.

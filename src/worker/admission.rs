@@ -38,6 +38,9 @@ pub(super) struct Known {
     /// The message is larger than MAX_MESSAGE_BYTES: its body was never
     /// read, the request is what its headers say (see [`Admission::TooLarge`]).
     pub too_large: bool,
+    /// A slot is free for a task that runs now (the node stops consuming
+    /// when none is, but a delivery may cross that cancel).
+    pub slot_free: bool,
 }
 
 /// The decision.
@@ -70,13 +73,18 @@ pub(super) enum Admission {
     Requeue,
     /// Taken: run as soon as a slot is free, or held until its `eta`.
     Accept { at_eta: bool },
+    /// It would run now, but every slot is busy: the message goes back to
+    /// the broker at once (`basic.reject`, requeued) for a node with a free
+    /// slot.
+    NoSlot,
 }
 
 /// Decides what becomes of `request` (delivered again when `redelivered`),
 /// from what is `known` about it at `now`. The checks go in this order:
 /// here, ended here, a redelivery to ask the farm about, too large,
 /// registered, expired, revoked, an `eta` too far, no room for one more
-/// `eta`, then accepted. What the message's id says of a run in the farm
+/// `eta`, then accepted: held for its `eta`, or run now if a slot is free
+/// (else given back). What the message's id says of a run in the farm
 /// comes first: a message this node cannot take (too large, a task it does
 /// not know) is failed only when no run of its task is here or elsewhere.
 pub(super) fn admit(
@@ -110,6 +118,7 @@ pub(super) fn admit(
         Some(eta) if eta - now > MAX_ETA_AHEAD => Admission::EtaTooFar,
         Some(eta) if eta > now && !known.eta_room => Admission::Requeue,
         Some(eta) if eta > now => Admission::Accept { at_eta: true },
+        _ if !known.slot_free => Admission::NoSlot,
         _ => Admission::Accept { at_eta: false },
     }
 }
@@ -146,12 +155,21 @@ mod tests {
         let mwoffliner = "offliner.mwoffliner";
         let nothing = Known {
             eta_room: true,
+            slot_free: true,
             ..Known::default()
         };
-        let full = Known::default();
+        let full = Known {
+            slot_free: true,
+            ..Known::default()
+        };
+        let no_slot = Known {
+            eta_room: true,
+            ..Known::default()
+        };
         let farm = Known {
             can_ask_farm: true,
             eta_room: true,
+            slot_free: true,
             ..Known::default()
         };
         let here = Known {
@@ -161,6 +179,7 @@ mod tests {
             can_ask_farm: true,
             eta_room: true,
             too_large: true,
+            slot_free: false,
         };
         let ended_here = Known {
             ended: Some(ended()),
@@ -186,6 +205,10 @@ mod tests {
             ..ended_here.clone()
         };
         let unknown = "offliner.newer";
+        let ended_no_slot = Known {
+            ended: Some(ended()),
+            ..Known::default()
+        };
         let ahead = MAX_ETA_AHEAD.num_seconds();
         #[rustfmt::skip]
         let table: Vec<(&str, TaskRequest, bool, Known, Admission)> = vec![
@@ -244,7 +267,23 @@ mod tests {
             ("an eta passed runs now, held full or not",
                 request(mwoffliner, Some(NOW), None), false, full, Admission::Accept { at_eta: false }),
             ("an eta passed runs now",
-                request(mwoffliner, Some(NOW), None), false, nothing, Admission::Accept { at_eta: false }),
+                request(mwoffliner, Some(NOW), None), false, nothing.clone(), Admission::Accept { at_eta: false }),
+            ("no free slot: a task that would run now goes back",
+                request(mwoffliner, None, None), false, no_slot.clone(), Admission::NoSlot),
+            ("no free slot: an eta passed goes back too",
+                request(mwoffliner, Some(NOW), None), false, no_slot.clone(), Admission::NoSlot),
+            ("no free slot: a redelivery the farm said to run here goes back",
+                request(mwoffliner, None, None), true, no_slot.clone(), Admission::NoSlot),
+            ("no free slot: an eta ahead is still held for it",
+                request(mwoffliner, Some(NOW + 60), None), false, no_slot.clone(), Admission::Accept { at_eta: true }),
+            ("no free slot: a redelivery still asks the farm",
+                request(mwoffliner, None, None), true, Known { can_ask_farm: true, ..no_slot.clone() }, Admission::AskFarm),
+            ("no free slot: expired is still reported",
+                request(mwoffliner, None, Some(NOW)), false, no_slot.clone(), Admission::Expired),
+            ("no free slot: ended here still answers",
+                request(mwoffliner, None, None), true, ended_no_slot, Admission::EndedHere(ended())),
+            ("no free slot: a run here still holds its redelivery",
+                request(mwoffliner, None, None), true, here.clone(), Admission::AlreadyHere(TaskPhase::Active)),
         ];
         for (case, request, redelivered, known, expected) in table {
             assert_eq!(admit(&request, redelivered, known, now), expected, "{case}");

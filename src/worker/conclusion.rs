@@ -23,8 +23,9 @@ pub(super) struct Ending {
 
 /// Concludes task `id` from how its run ended (`outcome`), why it was
 /// cancelled (`reason`, when it was) and how long it ran (`runtime`, s).
-/// `None`: stopped by shutdown, so nothing is reported and its message goes
-/// back to the queue (a node runs it again).
+/// `None`: stopped by shutdown, or dropped when its message went back with
+/// its session before it started, so nothing is reported and a node runs
+/// it again.
 pub(super) fn conclude(
     id: &str,
     outcome: &Result<Vec<TaskFile>, RunError>,
@@ -57,7 +58,8 @@ pub(super) fn conclude(
                 },
             ),
             Some(CancelReason::TimeLimit { hard }) => failure(id, TaskError::TimeLimit { hard }),
-            Some(CancelReason::Shutdown | CancelReason::Leave) | None => return None,
+            Some(CancelReason::Shutdown | CancelReason::Leave | CancelReason::MessageReturned)
+            | None => return None,
         },
     };
     let outcome = match event {
@@ -172,6 +174,7 @@ mod tests {
             ("past its hard time limit", Err(RunError::Cancelled), limit,
                 failed("TimeLimitExceeded", "celery.exceptions", "60", "the task ran past its hard time limit of 60 s")),
             ("stopped by shutdown", Err(RunError::Cancelled), Some(CancelReason::Shutdown), None),
+            ("dropped, its message gone with its session", Err(RunError::Cancelled), Some(CancelReason::MessageReturned), None),
             ("cancelled for no known reason", Err(RunError::Cancelled), None, None),
         ];
         for (case, outcome, reason, expected) in table {

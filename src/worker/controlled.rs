@@ -75,6 +75,9 @@ impl<R: Runner> ControlledWorker for Worker<R> {
     }
 
     async fn add_queue(&self, queue: TaskQueue) -> Result<bool, BrokerError> {
+        // In turn with the pausing of a full node: a queue added while it
+        // is paused is declared now and consumed on resume.
+        let _turn = self.inner.topology.turn().await;
         let Some(live) = self.inner.topology.add(&queue) else {
             return Ok(false);
         };
@@ -88,16 +91,23 @@ impl<R: Runner> ControlledWorker for Worker<R> {
                 .broker
                 .declare_queue_apart(&live.connection, &queue)
                 .await?;
+            if !live.consuming {
+                return Ok(None);
+            }
             self.inner
                 .broker
                 .consume_queue(&live.consume_channel, &queue.name)
                 .await
+                .map(Some)
         };
         match consumed.await {
             Ok(consumer) => {
                 // A session that ended meanwhile took its consumers along;
                 // the next one consumes every listed queue.
-                let _ = live.consumers.send(consumer);
+                if let Some(consumer) = consumer {
+                    let made_in = self.inner.topology.generation();
+                    let _ = live.consumers.send((consumer, made_in));
+                }
                 Ok(true)
             }
             Err(error) => {
@@ -108,10 +118,12 @@ impl<R: Runner> ControlledWorker for Worker<R> {
     }
 
     async fn cancel_queue(&self, name: &str) -> Result<bool, BrokerError> {
+        let _turn = self.inner.topology.turn().await;
         let Some(live) = self.inner.topology.remove(name) else {
             return Ok(false);
         };
-        if let Some(live) = live {
+        // A paused session has no consumer to cancel.
+        if let Some(live) = live.filter(|live| live.consuming) {
             self.inner
                 .broker
                 .cancel_queue(&live.consume_channel, name)

@@ -3,9 +3,11 @@
 //! its task run neither here nor elsewhere), held for a run already here, its final event sent again
 //! (ended here), held while the farm is asked (a redelivery), revoked or
 //! expired, refused (an `eta` too far ahead), published again at the tail
-//! of its queue (an `eta` ahead while MAX_ETA_HELD are held), or accepted
-//! (now, or at its `eta`); and how a message is settled once its outcome
-//! is confirmed.
+//! of its queue (an `eta` ahead while MAX_ETA_HELD are held), given back
+//! to the broker at once (it would run now but no slot is free: it crossed
+//! the cancel of a node that filled up, or the farm said to run it here
+//! on a full node), or accepted (now, or at its `eta`); and how a message
+//! is settled once its outcome is confirmed.
 //!
 //! Owns the decision and the message's hold; what a task does is
 //! [`super::task`]'s and the runner's business.
@@ -121,6 +123,7 @@ impl<R: Runner> Inner<R> {
     /// say of it (read under the registry's lock, which an accepted task
     /// enters, its message held, before the lock goes), and whether the
     /// farm can be asked (`link`; none once the farm said to run it here).
+    /// Returns what was decided.
     pub(super) fn place(
         self: &Arc<Self>,
         request: Arc<TaskRequest>,
@@ -129,7 +132,7 @@ impl<R: Runner> Inner<R> {
         delivery: DeliveryInfo,
         link: Option<&SessionLink>,
         span: tracing::Span,
-    ) {
+    ) -> Admission {
         let _enter = span.enter();
         let cancel = Cancellation::new();
         let mut acker = Some(acker);
@@ -141,6 +144,7 @@ impl<R: Runner> Inner<R> {
                 can_ask_farm: link.is_some(),
                 eta_room: seen.scheduled < self.config.worker.max_eta_held,
                 too_large: raw.too_large.is_some(),
+                slot_free: !self.prefetch.is_full(),
             };
             let admission = admit(&request, delivery.redelivered, known, chrono::Utc::now());
             let Admission::Accept { at_eta } = admission else {
@@ -156,13 +160,19 @@ impl<R: Runner> Inner<R> {
         });
         let Some(acker) = acker else {
             self.received(request, cancel, delivery, &span);
-            return;
+            return admission;
         };
-        match admission {
+        match &admission {
             Admission::Accept { .. } => unreachable!("accepted above, its message held"),
             Admission::TooLarge => {
                 let bytes = raw.too_large.unwrap_or_default();
                 self.too_large(request, acker, bytes, &span);
+            }
+            Admission::NoSlot => {
+                tracing::debug!(
+                    "every slot is busy: giving the message back to the broker for a node with a free slot"
+                );
+                self.spawn_settle(acker, None, Settle::Requeue);
             }
             Admission::Unregistered => {
                 tracing::error!(task = %log_text(&request.name), "received an unregistered task; rejecting it");
@@ -178,7 +188,7 @@ impl<R: Runner> Inner<R> {
             }
             Admission::AlreadyHere(phase) => {
                 tracing::info!(
-                    ?phase,
+                    phase = ?*phase,
                     "redelivered message for a task already here; acking it when that run ends"
                 );
                 match self.prefetch.hold_again(&request.id, acker) {
@@ -206,9 +216,9 @@ impl<R: Runner> Inner<R> {
                         event = event.event_type(),
                         "redelivered message for a task that already ended here; sending its final event again"
                     );
-                    Some(self.events.emit_confirmed(&event))
+                    Some(self.events.emit_confirmed(event))
                 };
-                if releasable(&event) {
+                if releasable(event) {
                     // The worker may have died between the record and the
                     // release: release again (it is idempotent).
                     self.tasks
@@ -270,6 +280,7 @@ impl<R: Runner> Inner<R> {
                 self.pass_back(raw, acker, delivery, span.clone());
             }
         }
+        admission
     }
 
     /// Publishes an `eta` message again, as it came, to the exchange and
@@ -368,9 +379,7 @@ impl<R: Runner> Inner<R> {
             }
             Verdict::RunHere { why } => match self.prefetch.take(&id, session) {
                 Some(acker) => {
-                    tracing::info!(%why, "running the redelivered task here");
-                    metrics::global().redelivery(metrics::Redelivery::RanHere);
-                    self.place(
+                    let placed = self.place(
                         request,
                         raw,
                         acker,
@@ -378,7 +387,17 @@ impl<R: Runner> Inner<R> {
                         None,
                         tracing::Span::current(),
                     );
-                    // It was held without a slot, now with one.
+                    if placed == Admission::NoSlot {
+                        tracing::info!(
+                            %why,
+                            "the redelivered task may run, but not here: every slot is busy; the broker has it again"
+                        );
+                        metrics::global().redelivery(metrics::Redelivery::Returned);
+                    } else {
+                        tracing::info!(%why, "running the redelivered task here");
+                        metrics::global().redelivery(metrics::Redelivery::RanHere);
+                    }
+                    // It was held without a slot, now with one, or gone.
                     self.prefetch.settle().await;
                 }
                 None => {
@@ -573,6 +592,9 @@ pub(super) enum Settle {
     Ack,
     /// Never to run anywhere (an unregistered task): rejected, not requeued.
     Reject,
+    /// Not for this node now (no free slot): rejected and requeued, for
+    /// another node (the broker marks it redelivered).
+    Requeue,
 }
 
 /// Like every final outcome: the report is confirmed by the broker first
@@ -585,8 +607,9 @@ pub(super) async fn settle(acker: Acker, confirmed: Option<crate::events::Confir
     }
     match how {
         Settle::Ack => ack(&acker).await,
-        Settle::Reject => {
-            if let Err(error) = acker.reject(BasicRejectOptions { requeue: false }).await {
+        Settle::Reject | Settle::Requeue => {
+            let requeue = matches!(how, Settle::Requeue);
+            if let Err(error) = acker.reject(BasicRejectOptions { requeue }).await {
                 tracing::debug!(%error, "reject failed; the broker will redeliver");
             }
         }

@@ -1,6 +1,6 @@
 //! The worker: CONCURRENCY slots, the registry of tasks held or running
-//! here, the broker session loop (connect, consume, reconnect), heartbeats
-//! and shutdown.
+//! here, the broker session loop (connect, consume while a slot is free,
+//! reconnect), heartbeats and shutdown.
 //!
 //! Owns the life of each task from delivery to ack. It must not parse wire
 //! formats (the `celery` module does) nor know what a task does (a
@@ -26,10 +26,13 @@
 //! Locks: the worker's own state is behind two locks, each in its own type
 //! with named methods that never await: the [`Registry`]'s and the
 //! `Topology`'s (`topology`), never held together. Under the registry's
-//! lock, and only while a message is admitted, the leaf locks of
-//! [`EndedLog`] and [`Prefetch`] may be taken (they never call back into
-//! the worker). Why the worker stops on its own is set once, without a
-//! lock.
+//! lock, and only while a message is admitted or a lost session's unstarted
+//! tasks are dropped, the leaf locks of [`EndedLog`] and [`Prefetch`] may
+//! be taken (they never call back into the worker). One async lock, the
+//! topology's turn, is held across the broker's answers while the task
+//! consumers change (the session's pacer, `add_consumer`,
+//! `cancel_consumer`), and only ever taken before the topology's lock. Why
+//! the worker stops on its own is set once, without a lock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

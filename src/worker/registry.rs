@@ -7,11 +7,13 @@
 //!
 //! Owns that state and the rules that read and change it together (a
 //! revoke stops only a task not ending yet; shutdown cancels all but the
-//! ending ones). It must not await, publish or ack: every method takes the
-//! lock and lets it go before it returns, so the lock is never held across
-//! an await. Only [`Registry::admit`] runs a caller's code under it, and
-//! that code may take the leaf locks of the record of ended tasks and of
-//! the prefetch book, which never call back here; firing a cancellation
+//! ending ones; a session's end drops the tasks not started whose message
+//! went with it, and such a task never starts). It must not await, publish
+//! or ack: every method takes the lock and lets it go before it returns, so
+//! the lock is never held across an await. Only [`Registry::admit`] and
+//! [`Registry::drop_unstarted`] run a caller's code under it, and that code
+//! may take the leaf locks of the record of ended tasks and of the
+//! prefetch book, which never call back here; firing a cancellation
 //! under it takes only tokio-util's own. The worker's other lock (its
 //! topology) is never held with this one.
 //!
@@ -118,6 +120,11 @@ struct Tables {
 }
 
 impl Tables {
+    /// Whether the entry of `id` is the one cancelled through `cancel`.
+    fn is(&self, id: &str, cancel: &Cancellation) -> bool {
+        (self.tasks.get(id)).is_some_and(|entry| entry.cancel.same_as(cancel))
+    }
+
     /// Moves the entry of `id`, if any, to `phase`, keeping the count of
     /// scheduled tasks.
     fn set_phase(&mut self, id: &str, phase: TaskPhase) -> Option<&mut TaskEntry> {
@@ -180,17 +187,62 @@ impl Registry {
         self.lock().set_phase(id, phase);
     }
 
+    /// Task `id`'s `eta` came: it waits for a slot now
+    /// ([`TaskPhase::Reserved`]). `false` when its entry (the one
+    /// cancelled through `cancel`) is no longer here: it was dropped.
+    pub fn due(&self, id: &str, cancel: &Cancellation) -> bool {
+        let mut tables = self.lock();
+        if !tables.is(id, cancel) {
+            return false;
+        }
+        tables.set_phase(id, TaskPhase::Reserved);
+        true
+    }
+
     /// Task `id` starts running now: [`TaskPhase::Active`], its start time
     /// and one more started for its name. Returns its start time (epoch
-    /// seconds).
-    pub fn start(&self, request: &TaskRequest) -> f64 {
+    /// seconds); `None`, and nothing changed, when its entry (the one
+    /// cancelled through `cancel`) is no longer here: it was dropped
+    /// ([`Registry::drop_unstarted`]) and must not start.
+    pub fn start(&self, request: &TaskRequest, cancel: &Cancellation) -> Option<f64> {
         let now = celery::now_timestamp();
         let mut tables = self.lock();
+        if !tables.is(&request.id, cancel) {
+            return None;
+        }
         if let Some(entry) = tables.set_phase(&request.id, TaskPhase::Active) {
             entry.started = Some(now);
         }
         *tables.totals.entry(request.name.clone()).or_default() += 1;
-        now
+        Some(now)
+    }
+
+    /// A session ended: every task not started yet (waiting for a slot, or
+    /// held for its `eta`) came on it or an earlier one, and its message
+    /// went back to the broker with it. Each is cancelled for
+    /// [`CancelReason::MessageReturned`] and removed, and `forget` (the
+    /// prefetch book's) is called with its id, all under the lock: a task
+    /// dropped never starts ([`Registry::start`]), and a redelivery of it
+    /// admitted after this finds nothing here. Adopted, running and ending
+    /// tasks stay, and so do tasks cancelled already (a revoke): they end
+    /// their own way. Returns the ids dropped.
+    pub fn drop_unstarted(&self, forget: impl Fn(&str)) -> Vec<String> {
+        let mut tables = self.lock();
+        let dropped: Vec<String> = (tables.tasks.iter())
+            .filter(|(_, entry)| {
+                matches!(entry.phase, TaskPhase::Reserved | TaskPhase::Scheduled)
+                    && !entry.cancel.is_cancelled()
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &dropped {
+            if let Some(entry) = tables.tasks.remove(id) {
+                tables.scheduled -= usize::from(entry.phase == TaskPhase::Scheduled);
+                entry.cancel.cancel(CancelReason::MessageReturned);
+            }
+            forget(id);
+        }
+        dropped
     }
 
     /// Enters a task adopted at start (see [`TaskEntry::adopted`]). It is
@@ -427,5 +479,63 @@ mod tests {
         assert!(registry.totals().is_empty());
         registry.remove("old");
         assert!(!registry.contains("old"));
+    }
+
+    #[test]
+    fn a_sessions_end_drops_the_tasks_not_started_and_only_those() {
+        let registry = Registry::default();
+        let running = enter(&registry, "run", TaskPhase::Active);
+        let waiting = enter(&registry, "wait", TaskPhase::Reserved);
+        let eta = enter(&registry, "eta", TaskPhase::Scheduled);
+        let ending = enter(&registry, "end", TaskPhase::Ending);
+        let revoked = enter(&registry, "gone", TaskPhase::Reserved);
+        let revoke = CancelReason::Revoked {
+            terminated: false,
+            signum: None,
+        };
+        revoked.cancel(revoke);
+        assert_eq!(registry.scheduled(), 1);
+        let forgotten = Mutex::new(Vec::new());
+        let mut dropped =
+            registry.drop_unstarted(|id| forgotten.lock().unwrap().push(id.to_owned()));
+        dropped.sort();
+        assert_eq!(dropped, ["eta", "wait"]);
+        let mut forgotten = forgotten.into_inner().unwrap();
+        forgotten.sort();
+        assert_eq!(forgotten, dropped);
+        for cancel in [&waiting, &eta] {
+            assert_eq!(cancel.reason(), Some(CancelReason::MessageReturned));
+        }
+        assert!(!running.is_cancelled() && !ending.is_cancelled());
+        assert!(!registry.contains("wait") && !registry.contains("eta"));
+        assert!(registry.contains("run") && registry.contains("end"));
+        // Revoked while waiting: it ends as revoked, not dropped.
+        assert!(registry.contains("gone"));
+        assert_eq!(revoked.reason(), Some(revoke));
+        assert_eq!(registry.scheduled(), 0);
+        // Nothing left to drop.
+        assert!(registry.drop_unstarted(|_| {}).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_task_never_starts_even_when_its_slot_came_at_that_moment() {
+        let registry = Registry::default();
+        let cancel = enter(&registry, "t", TaskPhase::Reserved);
+        registry.drop_unstarted(|_| {});
+        // task_life got its slot just before the drop: start refuses.
+        assert_eq!(registry.start(&request("t"), &cancel), None);
+        assert!(!registry.contains("t"));
+        assert!(registry.totals().is_empty());
+        // A redelivery of it accepted meanwhile is another entry: the old
+        // life neither starts it nor moves it.
+        let again = enter(&registry, "t", TaskPhase::Scheduled);
+        assert_eq!(registry.start(&request("t"), &cancel), None);
+        assert!(!registry.due("t", &cancel));
+        assert_eq!(registry.snapshot()[0].phase, TaskPhase::Scheduled);
+        // Its own life does.
+        assert!(registry.due("t", &again));
+        assert_eq!(registry.snapshot()[0].phase, TaskPhase::Reserved);
+        assert!(registry.start(&request("t"), &again).is_some());
+        assert_eq!(registry.active(), 1);
     }
 }

@@ -25,13 +25,10 @@ impl<R: Runner> Inner<R> {
                     _ = tokio::time::sleep(wait) => {}
                     _ = cancel.cancelled() => {}
                 }
-                if !cancel.is_cancelled() {
-                    self.registry.set_phase(&request.id, TaskPhase::Reserved);
-                    self.prefetch.want_slot(&request.id).await;
-                }
-            } else {
-                // Its eta passed on the way here: it wants a slot now.
-                self.registry.set_phase(&request.id, TaskPhase::Reserved);
+            }
+            // Its eta came (or passed on the way here): it wants a slot
+            // now, unless it was cancelled or dropped meanwhile.
+            if !cancel.is_cancelled() && self.registry.due(&request.id, &cancel) {
                 self.prefetch.want_slot(&request.id).await;
             }
         }
@@ -39,12 +36,17 @@ impl<R: Runner> Inner<R> {
             permit = self.slots.clone().acquire_owned() => permit.ok(),
             _ = cancel.cancelled() => None,
         };
-        let (outcome, slot) = match permit {
-            // Cancelled while waiting (a revoke, or shutdown): it never ran.
-            _ if cancel.is_cancelled() => (Err(RunError::Cancelled), None),
-            None => (Err(RunError::Cancelled), None),
-            Some(permit) => {
-                let started_at = self.registry.start(&request);
+        // Started under the registry's lock, unless it was dropped (its
+        // message went back with its session) at that very moment.
+        let started_at = match &permit {
+            Some(_) if !cancel.is_cancelled() => self.registry.start(&request, &cancel),
+            _ => None,
+        };
+        let (outcome, slot) = match (permit, started_at) {
+            // Cancelled while waiting (a revoke, shutdown, its message gone
+            // with its session): it never ran.
+            (None, _) | (Some(_), None) => (Err(RunError::Cancelled), None),
+            (Some(permit), Some(started_at)) => {
                 self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
@@ -154,6 +156,14 @@ impl<R: Runner> Inner<R> {
             outcome: ended_as,
         } = match conclude(&id, &outcome, reason, runtime) {
             Some(ending) => ending,
+            // Dropped at its session's end, out of the registry and the
+            // book already (a redelivery may be there now, under its id).
+            None if reason == Some(CancelReason::MessageReturned) => {
+                tracing::info!(
+                    "dropping the task before it started: its message went back to the broker with the lost session"
+                );
+                return;
+            }
             None => {
                 tracing::info!("task stopped by shutdown; its message goes back to the queue");
                 self.registry.remove(&id);

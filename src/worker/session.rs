@@ -111,6 +111,12 @@ impl<R: Runner> Inner<R> {
                     session_over.clone(),
                 ))
             });
+            // Who runs what, heard on this session.
+            self.tasks.spawn(
+                self.farm
+                    .clone()
+                    .watch(session.connection.clone(), session_over.clone()),
+            );
             let link = SessionLink {
                 connection: session.connection.clone(),
                 over: session_over.clone(),

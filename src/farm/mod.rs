@@ -54,6 +54,7 @@
 //! itself: the worker does, from the [`Verdict`].
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -676,20 +677,36 @@ async fn hold_on(
     }
 }
 
+/// Whether a task that runs here is still this node's to end, as
+/// [`taken_over`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Go on: no deaf episode since the task started, or the farm says
+    /// nobody else has it.
+    Ours,
+    /// `node` holds or ended it: drop it here.
+    TakenOver { node: String },
+    /// The worker stops before the farm could be asked.
+    Unknown,
+}
+
 /// Whether another node took task `id` over while this node could not
-/// hear the farm: asked before a task that started here (when the view
-/// noted `noted` deaf episodes) uploads or sends its final event. Nothing
-/// is asked unless a deaf episode happened since (or one is open); then it
-/// waits until this node hears the farm again and asks `query_task` once,
-/// again every [`RETRY_EVERY`] while that fails. `Some(node)`: `node` holds
-/// or ended the task. `None` as well when `stop` fires first.
+/// hear the farm: asked before a task that runs here uploads or sends its
+/// final event. `noted`: the deaf episodes the view had counted when the
+/// task started. Nothing is asked unless a deaf episode happened since (or
+/// one is open); then it waits until this node hears the farm again and
+/// asks `query_task` once, again every [`RETRY_EVERY`] while that fails,
+/// until `stop` fires. When the task is still ours, `noted` moves on to the
+/// episodes counted now (the next check asks only after another one).
 pub async fn taken_over(
     view: &FarmView,
     id: &str,
-    noted: u64,
+    noted: &AtomicU64,
     stop: &CancellationToken,
-) -> Option<String> {
-    let deaf = view.deaf_since(noted)?;
+) -> Ownership {
+    let Some(deaf) = view.deaf_since(noted.load(Ordering::SeqCst)) else {
+        return Ownership::Ours;
+    };
     tracing::warn!(
         deaf_s = deaf.as_secs(),
         "this node could not hear the farm for a long while since the task started; asking the farm \
@@ -708,8 +725,14 @@ pub async fn taken_over(
                 Ok(answers) => {
                     view.answered(answers.keys());
                     return match claim(&answers, view.me()) {
-                        Claim::Ended { node } | Claim::Held { node } => Some(node),
-                        Claim::Nobody => None,
+                        Claim::Ended { node } | Claim::Held { node } => {
+                            Ownership::TakenOver { node }
+                        }
+                        Claim::Nobody => {
+                            tracing::info!("no other node has the task; going on");
+                            noted.store(view.episodes(), Ordering::SeqCst);
+                            Ownership::Ours
+                        }
                     };
                 }
                 Err(error) => {
@@ -720,8 +743,8 @@ pub async fn taken_over(
         }
     };
     tokio::select! {
-        _ = stop.cancelled() => None,
-        node = ask => node,
+        _ = stop.cancelled() => Ownership::Unknown,
+        ownership = ask => ownership,
     }
 }
 

@@ -57,7 +57,9 @@ pub(super) fn conclude(
                 },
             ),
             Some(CancelReason::TimeLimit { hard }) => failure(id, TaskError::TimeLimit { hard }),
-            Some(CancelReason::Shutdown | CancelReason::Leave) | None => return None,
+            Some(CancelReason::Shutdown | CancelReason::Leave | CancelReason::TakenOver) | None => {
+                return None;
+            }
         },
     };
     let outcome = match event {

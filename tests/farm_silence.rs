@@ -224,12 +224,11 @@ fn a_holder_whose_reply_queue_is_deleted_keeps_holding() {
         .map(str::to_owned)
         .collect();
     assert!(!replies.is_empty(), "the holder's reply queue: {queues}");
+    // Exclusive queues: the management API refuses to delete them,
+    // rabbitmqctl does (the broker cancels their consumer, as when an
+    // operator or a policy removes them).
     for q in &replies {
-        rabbit_api_call(
-            "DELETE",
-            &format!("/queues/{}/{}", vhost_path(&p.vh), url_encode(q)),
-            None,
-        );
+        rabbitmqctl(&["delete_queue", "-p", &p.vh.name, q]);
     }
     p.nodes[hold].wait_log("still holding the redelivered message", T);
     p.expect_ended_once(&id, 1, run);
@@ -243,9 +242,22 @@ fn a_holder_whose_connection_is_closed_20_times_runs_nothing() {
     let (id, run, hold) = p.run_until_held(55.0);
     let holder = format!("cut-hold-{}", if hold == 0 { "a" } else { "b" });
     let connected = |n: &WorkerProc| n.log_text().matches("connected to the broker").count();
+    let mut closed: Vec<String> = Vec::new();
     for _ in 0..20 {
         let before = connected(&p.nodes[hold]);
-        let names = connections_of(&p.vh, &holder);
+        // The management API lists a new connection a moment after it
+        // opens.
+        let mut names = Vec::new();
+        eventually(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                names = connections_of(&p.vh, &holder);
+                names.retain(|n| !closed.contains(n));
+                !names.is_empty()
+            },
+            || format!("no new connection of {holder} listed"),
+        );
         for name in &names {
             let _ = std::process::Command::new("curl")
                 .args([
@@ -255,6 +267,7 @@ fn a_holder_whose_connection_is_closed_20_times_runs_nothing() {
                     &format!("{}/connections/{}", rabbit_api(), url_encode(name)),
                 ])
                 .output();
+            closed.push(name.clone());
         }
         eventually(
             Duration::from_secs(30),

@@ -4,7 +4,9 @@
 //! first (see `zimfarm_worker::farm`); then a fault that makes a node
 //! silent or its probe fail without anybody dying. Each test asserts one
 //! `task-started` per run that should happen and exactly one final event
-//! per task id, from the node that should send it.
+//! per task id, from the node that should send it. The last one, with
+//! Docker and a warehouse, kills a node mid-scrape and brings it back
+//! within RESTART_GRACE while an idle node holds the task's message.
 //!
 //! The delivery timeout and the memory alarm are settings of the whole
 //! broker: the tests of this file take it one at a time
@@ -12,11 +14,13 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::broker_wide::BrokerWide;
+use common::sshd::Sshd;
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(120);
 /// What a holder logs when it holds a redelivery (either rule).
@@ -302,5 +306,71 @@ fn a_running_node_frozen_past_restart_grace_drops_the_task_its_holder_took_over(
             &[]
         ),
         Some(1.0)
+    );
+}
+
+#[test]
+fn a_node_killed_mid_scrape_and_back_20_s_later_keeps_its_task_while_an_idle_node_waits() {
+    let creates_a = ContainerCreates::watch("back-a");
+    let creates_b = ContainerCreates::watch("back-b");
+    let sshd = Sshd::start();
+    let sv = Services::new("back");
+    let events = sv.events(400);
+    let env = WorkerEnv::docker(&sshd).set("RESTART_GRACE", 60);
+    let dir_of = |node: &str| -> PathBuf {
+        let dir = sv.dir.path().join(node);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let (dir_a, dir_b) = (dir_of("back-a"), dir_of("back-b"));
+    let mut a = WorkerProc::start(&sv.vh, &dir_a, "back-a", &env);
+    a.wait_connected();
+    let id = Task::mw(json!({"count": "400:20"})).send(&sv.vh);
+    wait_offliner_line(&id, "line 20", T);
+    // B is idle, and hears A's heartbeats list the task.
+    let b = WorkerProc::start(&sv.vh, &dir_b, "back-b", &env);
+    b.wait_connected();
+    std::thread::sleep(Duration::from_secs(3));
+    a.signal("KILL");
+    a.wait_exit(T);
+    let killed = Instant::now();
+    // The broker gives A's message to B, which finds A silent but last
+    // seen running it: it waits.
+    b.wait_log("last seen running on another node", T);
+    if let Some(left) = Duration::from_secs(20).checked_sub(killed.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let a2 = WorkerProc::start(&sv.vh, &dir_a, "back-a", &env);
+    a2.wait_connected();
+    let done = events.wait_task_event("task-succeeded", &id, Duration::from_secs(180));
+    assert_eq!(
+        done["hostname"],
+        format!("{}@back-a", sshd.user()),
+        "{done}"
+    );
+    sv.vh.wait_queue_depth("small", 0, 0, T);
+    std::thread::sleep(Duration::from_secs(3));
+    let all = events.events();
+    let report = dump_task_events(&all);
+    assert_eq!(events.count("task-started", &id), 1, "{report}");
+    let finals = all
+        .iter()
+        .filter(|e| e["uuid"] == id.as_str() && e["type"].as_str().is_some_and(is_final_event))
+        .count();
+    assert_eq!(finals, 1, "{report}");
+    assert_eq!(
+        (creates_a.offliners_of(&id), creates_b.offliners_of(&id)),
+        (1, 0),
+        "A's scrape only"
+    );
+    b.assert_log_lacks("running the redelivered task here");
+    let landed: Vec<String> = std::fs::read_dir(sshd.chroot().join("zim/wikipedia"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(landed, ["wikipedia_en_test.zim"], "one ZIM");
+    eprintln!(
+        "A back {:.0} s after its kill; the task ended on A, B never ran it",
+        killed.elapsed().as_secs_f64()
     );
 }

@@ -24,7 +24,8 @@ pub(super) struct Ending {
 /// Concludes task `id` from how its run ended (`outcome`), why it was
 /// cancelled (`reason`, when it was) and how long it ran (`runtime`, s).
 /// `None`: stopped by shutdown, so nothing is reported and its message goes
-/// back to the queue (a node runs it again).
+/// back to the queue (a node runs it again); or taken over by another node
+/// (it runs there).
 pub(super) fn conclude(
     id: &str,
     outcome: &Result<Vec<TaskFile>, RunError>,
@@ -174,6 +175,7 @@ mod tests {
             ("past its hard time limit", Err(RunError::Cancelled), limit,
                 failed("TimeLimitExceeded", "celery.exceptions", "60", "the task ran past its hard time limit of 60 s")),
             ("stopped by shutdown", Err(RunError::Cancelled), Some(CancelReason::Shutdown), None),
+            ("taken over by another node", Err(RunError::Cancelled), Some(CancelReason::TakenOver), None),
             ("cancelled for no known reason", Err(RunError::Cancelled), None, None),
         ];
         for (case, outcome, reason, expected) in table {

@@ -3,7 +3,8 @@
 //! lost or shutdown, reconnect.
 //!
 //! Owns the session's life only: what a delivery becomes is
-//! [`super::delivery`]'s business, remote control [`crate::control`]'s.
+//! [`super::delivery`]'s business, remote control [`crate::control`]'s,
+//! and the farm watcher it starts per session [`crate::farm`]'s.
 
 use super::topology::Drift;
 use super::*;

@@ -1,6 +1,10 @@
 //! One accepted task's life: the `eta` hold, a slot, the run (with its time
 //! limits and cancellation), and the end: recorded in `ended`, reported
-//! (final event, rpc result), then acked.
+//! (final event, rpc result), then acked; or, when this node could not
+//! hear the farm for a long while and another node took the task over
+//! meanwhile (asked before the upload and before the end, see
+//! [`crate::farm::taken_over`]), dropped: nothing reported or recorded,
+//! its message requeued.
 //!
 //! Owns the order of those steps; how a task runs is the [`Runner`]'s.
 

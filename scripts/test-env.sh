@@ -7,7 +7,8 @@
 #   2. RabbitMQ runs, listening on 127.0.0.1 only (AMQP 5672, management API
 #      15672), with an administrator user zimfarm-test/zimfarm-test, and no
 #      memory alarm left by a test or soak that was killed while it held one
-#      (vm_memory_high_watermark back to 0.4).
+#      (vm_memory_high_watermark back to 0.4), nor a delivery timeout left
+#      lowered (consumer_timeout back to 30 min).
 #   3. The Docker engine answers (dockerd is started if it does not).
 #   4. <repo>/.venv holds the Python packages of tests/py/requirements.txt
 #      (rebuilt only when that file changes).
@@ -278,6 +279,24 @@ reset_memory_watermark() {
     fi
 }
 
+# The tests that lower the delivery timeout (tests/common/broker_wide.rs)
+# restore what they found; one killed first, or two overlapping in two
+# processes, leaves a short timeout that closes every long test's channel.
+# Back to RabbitMQ's defaults (30 min, checked every 60 s) when it differs.
+reset_delivery_timeout() {
+    local now
+    now=$(rabbitmqctl -q eval 'application:get_env(rabbit, consumer_timeout).' 2>/dev/null) || return 0
+    case "$now" in
+        '{ok,1800000}' | undefined) ;;
+        *)
+            require_root "reset RabbitMQ's consumer_timeout"
+            log "resetting RabbitMQ's consumer_timeout to 30 min (it was $now)"
+            rabbitmqctl -q eval 'application:set_env(rabbit, consumer_timeout, 1800000).' >/dev/null
+            rabbitmqctl -q eval 'application:set_env(rabbit, channel_tick_interval, 60000).' >/dev/null
+            ;;
+    esac
+}
+
 # ------------------------------------------------------------------ Docker
 
 ensure_docker() {
@@ -364,6 +383,7 @@ main() {
     install_packages
     ensure_rabbitmq
     reset_memory_watermark
+    reset_delivery_timeout
     ensure_docker
     ensure_venv
     ensure_test_images

@@ -168,6 +168,7 @@ pub struct Metrics {
     kept_dirs_swept: Family<SweepLabels, Counter>,
     kept_dirs_swept_bytes: Family<SweepLabels, Counter>,
     kept_tasks_adopted: Counter,
+    tasks_taken_over: Counter,
     kept_tasks_removed: Family<SweepLabels, Counter>,
     last_heartbeat: Gauge<f64, AtomicU64>,
 }
@@ -207,6 +208,7 @@ impl Metrics {
         let kept_dirs_swept_bytes = Family::<SweepLabels, Counter>::default();
         let last_heartbeat = Gauge::<f64, AtomicU64>::default();
         let kept_tasks_adopted = Counter::default();
+        let tasks_taken_over = Counter::default();
         let kept_tasks_removed = Family::<SweepLabels, Counter>::default();
         registry.register(
             "info",
@@ -299,6 +301,11 @@ impl Metrics {
             kept_tasks_adopted.clone(),
         );
         registry.register(
+            "tasks_taken_over",
+            "Tasks dropped here because another node took them over while this node could not hear the farm",
+            tasks_taken_over.clone(),
+        );
+        registry.register(
             "kept_tasks_removed",
             "Tasks an earlier run of this worker left that this run stopped and removed instead \
              of carrying on, by reason (no_record, unreadable, not_followable, away_too_long)",
@@ -328,6 +335,7 @@ impl Metrics {
             kept_dirs_swept,
             kept_dirs_swept_bytes,
             kept_tasks_adopted,
+            tasks_taken_over,
             kept_tasks_removed,
             last_heartbeat,
         }
@@ -433,6 +441,12 @@ impl Metrics {
     /// A kept task was adopted at start.
     pub fn kept_task_adopted(&self) {
         self.kept_tasks_adopted.inc();
+    }
+
+    /// A task was dropped here: another node took it over while this node
+    /// could not hear the farm (see [`crate::farm`]).
+    pub fn task_taken_over(&self) {
+        self.tasks_taken_over.inc();
     }
 
     /// A kept task was stopped and removed instead of adopted, for

@@ -548,6 +548,22 @@ impl Prefetch {
         self.settle().await;
     }
 
+    /// Lets task `id` go and hands back the ackers of its messages held
+    /// in the current session, for the caller to requeue at once (another
+    /// node took the task over); those of older sessions went back with
+    /// their channel.
+    pub fn give_back(&self, id: &str) -> Vec<Acker> {
+        let mut book = self.book();
+        let session = book.session;
+        let Some(held) = book.held.remove(id) else {
+            return Vec::new();
+        };
+        (held.ackers.into_iter())
+            .filter(|(_, s)| *s == session)
+            .map(|(acker, _)| acker)
+            .collect()
+    }
+
     /// Lets task `id` go without an ack: its message goes back to the
     /// queue when the channel closes (shutdown), or went back with its
     /// session.

@@ -14,6 +14,7 @@
 //! terminal).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -80,6 +81,11 @@ pub enum CancelReason {
     /// without an event, for whichever node the broker gives the message
     /// to. Never fired on a running task.
     MessageReturned,
+    /// Another node took the task over while this node could not hear the
+    /// farm (see [`crate::farm`]): the runner stops and removes what it
+    /// started, as for [`CancelReason::Shutdown`]; nothing is reported and
+    /// the message goes back to the broker.
+    TakenOver,
 }
 
 /// A task's cancellation: the token its runner watches and the first
@@ -162,7 +168,15 @@ pub struct TaskContext {
     /// fresh task's start with its state.
     pub started_at: f64,
     events: Arc<dyn TaskEvents>,
+    /// What the worker checks before the task uploads (see
+    /// [`TaskContext::before_upload`]).
+    before_upload: Option<BeforeUpload>,
 }
+
+/// The worker's check before a task uploads: `Err(RunError::Cancelled)`
+/// when the task must not upload (its cancellation fired, with its reason).
+pub type BeforeUpload =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), RunError>> + Send>> + Send + Sync>;
 
 impl TaskContext {
     /// A context cancelled by firing `cancel` (no reason is carried).
@@ -182,6 +196,26 @@ impl TaskContext {
             carry: None,
             started_at: crate::celery::now_timestamp(),
             events,
+            before_upload: None,
+        }
+    }
+
+    /// This context, with the worker's check before an upload.
+    pub fn checking_uploads(mut self, check: BeforeUpload) -> Self {
+        self.before_upload = Some(check);
+        self
+    }
+
+    /// Awaited by a runner right before it uploads what the task made:
+    /// the worker may hold it there (this node could not hear the farm for
+    /// a long while and asks whether another node took the task over).
+    /// `Err(RunError::Cancelled)`: do not upload; the cancellation fired
+    /// ([`CancelReason::TakenOver`]) and the runner stops as it does on
+    /// any cancellation. Without a check (`run-task`, tests): `Ok` at once.
+    pub async fn before_upload(&self) -> Result<(), RunError> {
+        match &self.before_upload {
+            Some(check) => check().await,
+            None => Ok(()),
         }
     }
 

@@ -59,7 +59,10 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     let vh = Vhost::new("farm");
     let events = EventsProc::start(&vh, 300);
     let dirs: Vec<tempfile::TempDir> = NODES.iter().map(|_| tempfile::tempdir().unwrap()).collect();
-    let env = WorkerEnv::docker(&sshd).set("CONCURRENCY", 1);
+    // A node's silence hands its task over after RESTART_GRACE of it.
+    let env = WorkerEnv::docker(&sshd)
+        .set("CONCURRENCY", 1)
+        .set("RESTART_GRACE", 15);
     let mut workers: Vec<WorkerProc> = NODES
         .iter()
         .zip(&dirs)
@@ -103,7 +106,8 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     );
 
     // Its task is taken by another node once the broker sees the
-    // connection gone; then farm-b comes back while the others run.
+    // connection gone and farm-b was silent for RESTART_GRACE; then farm-b
+    // comes back while the others run.
     events.wait_until("the killed task started on another node", T, |all| {
         all.iter().any(|e| {
             e["type"] == "task-started"
@@ -133,8 +137,8 @@ fn three_nodes_run_nine_tasks_once_each_through_a_kill_9() {
     // farm-b was away longer than its RESTART_GRACE (its task ran
     // elsewhere meanwhile): it does not adopt its kept scrape, and removes
     // it once the task's message did not come back to it (60 s), sending
-    // nothing for it. (Back within the grace, it would adopt it while
-    // another node runs it: the holder's side is the next issue's.)
+    // nothing for it. (Back within the grace, its heartbeats list the task
+    // again and the holder waits for it: tests/farm_silence.rs.)
     let away = env.clone().set("RESTART_GRACE", 5);
     workers[1] = WorkerProc::start(&vh, dirs[1].path(), "farm-b", &away);
     workers[1].wait_connected();

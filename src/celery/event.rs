@@ -86,7 +86,7 @@ pub struct Identity {
 }
 
 /// The worker's state carried by worker events.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerStats {
     /// Heartbeat interval in seconds.
     pub freq: f64,
@@ -96,7 +96,15 @@ pub struct WorkerStats {
     pub processed: u64,
     /// 1, 5 and 15 minute load averages.
     pub loadavg: [f64; 3],
+    /// The ids of the tasks this node runs or keeps (at most
+    /// [`MAX_LISTED_TASKS`]): sent as `task_ids` in `worker-online` and
+    /// `worker-heartbeat`, an extra field that Celery and Flower ignore,
+    /// from which the farm knows who runs what (see [`crate::farm`]).
+    pub task_ids: Vec<String>,
 }
+
+/// Most task ids a worker event lists.
+pub const MAX_LISTED_TASKS: usize = 64;
 
 /// One event to send.
 #[derive(Debug, Clone, PartialEq)]
@@ -261,6 +269,8 @@ pub fn encode_event(
             body.insert("sw_sys".into(), json!(identity.sw_sys));
             if let EventKind::WorkerOffline { kept, .. } = kind {
                 body.insert("kept".into(), json!(kept));
+            } else {
+                body.insert("task_ids".into(), json!(stats.task_ids));
             }
         }
         EventKind::TaskReceived {
@@ -399,6 +409,7 @@ mod tests {
             active: 1,
             processed: 7,
             loadavg: [0.5, 0.25, 0.1],
+            task_ids: vec!["t1".into()],
         }
     }
 
@@ -447,6 +458,7 @@ mod tests {
                 json!({
                     "freq": 2.0, "active": 1, "processed": 7, "loadavg": [0.5, 0.25, 0.1],
                     "sw_ident": "zimfarm-worker", "sw_ver": "0.1.0", "sw_sys": "Linux",
+                    "task_ids": ["t1"],
                 }),
             );
             assert_eq!(value, expected);

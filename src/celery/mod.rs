@@ -29,8 +29,8 @@ pub use control::{
     ControlDecodeError, ControlRequest, ReplyTo, decode_control, encode_control_reply,
 };
 pub use event::{
-    EncodedEvent, EventKind, Identity, LamportClock, WorkerStats, encode_event, event_properties,
-    now_timestamp, utcoffset_now,
+    EncodedEvent, EventKind, Identity, LamportClock, MAX_LISTED_TASKS, WorkerStats, encode_event,
+    event_properties, now_timestamp, utcoffset_now,
 };
 pub use log_text::{LogText, MAX_LOG_CHARS, log_text};
 pub use repr::{repr_str, to_repr};

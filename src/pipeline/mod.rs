@@ -354,6 +354,9 @@ impl DockerRunner {
             }
         };
         let uploaded = match &self.warehouse {
+            // The worker's word first: another node may have taken the
+            // task over while this node could not hear the farm.
+            Some(_) if let Err(e) = ctx.before_upload().await => Err(e),
             Some(warehouse) => {
                 timed(
                     Stage::Upload,

@@ -285,13 +285,16 @@ impl<R: Runner> Inner<R> {
             slot,
         } = adopted;
         let active = metrics::global().task_running();
+        // Noted at its (re)start: an absence long enough is an open deaf
+        // episode, and the task asks the farm before it ends.
+        let noted = Arc::new(AtomicU64::new(self.farm.episodes()));
         let mut refused = false;
         let outcome = if cancel.is_cancelled() {
             Err(RunError::Cancelled)
         } else {
             match self.runner.plan(&request) {
                 Ok(plan) => {
-                    self.run_guarded(&request, plan, &cancel, carry, started_at)
+                    self.run_guarded(&request, plan, &cancel, carry, started_at, &noted)
                         .await
                 }
                 Err(error) => {
@@ -310,7 +313,7 @@ impl<R: Runner> Inner<R> {
                 permit.try_recv().ok()
             }
         };
-        self.finish(&request, outcome, cancel.reason(), permit)
+        self.finish(&request, outcome, &cancel, permit, Some(&noted))
             .await;
         if refused {
             self.runner.forsake(&request.id).await;

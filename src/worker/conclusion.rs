@@ -25,7 +25,7 @@ pub(super) struct Ending {
 /// cancelled (`reason`, when it was) and how long it ran (`runtime`, s).
 /// `None`: stopped by shutdown, or dropped when its message went back with
 /// its session before it started, so nothing is reported and a node runs
-/// it again.
+/// it again; or taken over by another node (it runs there).
 pub(super) fn conclude(
     id: &str,
     outcome: &Result<Vec<TaskFile>, RunError>,
@@ -58,7 +58,12 @@ pub(super) fn conclude(
                 },
             ),
             Some(CancelReason::TimeLimit { hard }) => failure(id, TaskError::TimeLimit { hard }),
-            Some(CancelReason::Shutdown | CancelReason::Leave | CancelReason::MessageReturned)
+            Some(
+                CancelReason::Shutdown
+                | CancelReason::Leave
+                | CancelReason::MessageReturned
+                | CancelReason::TakenOver,
+            )
             | None => return None,
         },
     };
@@ -175,6 +180,7 @@ mod tests {
                 failed("TimeLimitExceeded", "celery.exceptions", "60", "the task ran past its hard time limit of 60 s")),
             ("stopped by shutdown", Err(RunError::Cancelled), Some(CancelReason::Shutdown), None),
             ("dropped, its message gone with its session", Err(RunError::Cancelled), Some(CancelReason::MessageReturned), None),
+            ("taken over by another node", Err(RunError::Cancelled), Some(CancelReason::TakenOver), None),
             ("cancelled for no known reason", Err(RunError::Cancelled), None, None),
         ];
         for (case, outcome, reason, expected) in table {

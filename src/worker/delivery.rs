@@ -354,23 +354,14 @@ impl<R: Runner> Inner<R> {
         link: SessionLink,
     ) {
         let id = request.id.clone();
-        let verdict = match Probe::open(&link.connection, self.events.hostname()).await {
-            Ok(probe) => probe.resolve(&id, &link.over).await,
-            Err(error) => Err(error),
-        };
-        let verdict = match verdict {
-            Ok(verdict) => verdict,
-            Err(_) if link.over.is_cancelled() => Verdict::Returned,
-            Err(error) => {
-                // The session lives but the farm cannot be asked: do what
-                // a node that cannot ask would, rather than hold it until
-                // the broker's timeout moves it on.
-                tracing::warn!(%error, "running the redelivered task here without the farm's answer");
-                Verdict::RunHere {
-                    why: error.to_string(),
-                }
-            }
-        };
+        let verdict = crate::farm::resolve(
+            &link.connection,
+            &self.farm,
+            &id,
+            self.config.worker.restart_grace,
+            &link.over,
+        )
+        .await;
         match verdict {
             Verdict::EndedElsewhere { node } => {
                 tracing::info!(node = %node, "the task ended on another node; acking its redelivered message without running it");

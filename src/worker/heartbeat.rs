@@ -1,6 +1,7 @@
 //! `worker-heartbeat` every [`HEARTBEAT_SECS`] (the session loop sends
 //! `worker-online` when it goes live), and the worker figures both carry
-//! (Celery's `WorkerStats`).
+//! (Celery's `WorkerStats`, and the ids of the tasks running here, which
+//! the farm reads: see [`crate::farm`]).
 //!
 //! Owns the heartbeat and its figures; it decides nothing about tasks.
 
@@ -8,11 +9,21 @@ use super::*;
 
 impl<R: Runner> Inner<R> {
     pub(super) fn stats(&self) -> WorkerStats {
+        let mut task_ids = self.registry.running_ids();
+        if task_ids.len() > celery::MAX_LISTED_TASKS {
+            tracing::debug!(
+                running = task_ids.len(),
+                listed = celery::MAX_LISTED_TASKS,
+                "more tasks run here than a heartbeat lists; the rest are left out"
+            );
+            task_ids.truncate(celery::MAX_LISTED_TASKS);
+        }
         WorkerStats {
             freq: HEARTBEAT_SECS,
             active: self.registry.active(),
             processed: self.counters.processed.load(Ordering::Relaxed),
             loadavg: loadavg(),
+            task_ids,
         }
     }
 

@@ -56,7 +56,7 @@ use crate::config::Config;
 use crate::control::{ControlSession, ControlledWorker, WorkerFacts};
 use crate::ended::EndedLog;
 use crate::events::EventSink;
-use crate::farm::{Probe, Verdict};
+use crate::farm::{FarmView, Verdict};
 use crate::metrics::{self, Outcome};
 use crate::prefetch::{NotHeld, Prefetch, ack};
 use crate::retry::Retry;
@@ -173,6 +173,9 @@ struct Inner<R> {
     started_at: Instant,
     /// The queues consumed and the live session they are consumed on.
     topology: Topology,
+    /// Who runs what in the farm, and who has been silent while this node
+    /// heard it (fed by a watcher per session; see [`crate::farm`]).
+    farm: Arc<FarmView>,
     /// Fired by remote control's `shutdown` (for good) and by `run`'s own
     /// [`Shutdown`] (in its mode).
     stop: Shutdown,
@@ -207,6 +210,11 @@ impl<R: Runner> Worker<R> {
         };
         let events = Arc::new(EventSink::new(identity, outbox.clone()));
         let prefetch = Prefetch::new(config.worker.concurrency);
+        let farm = Arc::new(FarmView::new(
+            &config.hostname(),
+            Duration::from_secs_f64(HEARTBEAT_SECS),
+            config.worker.restart_grace,
+        ));
         let queues = config
             .broker
             .queues
@@ -228,6 +236,7 @@ impl<R: Runner> Worker<R> {
                 tasks: TaskTracker::new(),
                 started_at: Instant::now(),
                 topology: Topology::new(queues),
+                farm,
                 stop: Shutdown::new(),
                 node_taken: AtomicBool::new(false),
             }),
@@ -251,6 +260,11 @@ impl<R: Runner> Worker<R> {
         let shutdown = shutdown.into();
         let inner = self.inner;
         let kept = inner.runner.kept().await;
+        if let Some(away) = kept.away {
+            // Not heard while away: a task adopted after a long absence
+            // asks the farm before it ends (see `crate::farm`).
+            inner.farm.away_for(away);
+        }
         inner.runner.alive().await;
         let adoption = inner.adopt(kept);
         let (channel_tx, channel_rx) = watch::channel(None);

@@ -388,6 +388,16 @@ impl Registry {
             .count()
     }
 
+    /// The ids of the tasks running here (adopted ones included), sorted.
+    pub fn running_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = (self.lock().tasks.iter())
+            .filter(|(_, entry)| entry.phase == TaskPhase::Active)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Tasks started since the worker started, by name.
     pub fn totals(&self) -> BTreeMap<String, u64> {
         self.lock().totals.clone()

@@ -11,7 +11,8 @@
 //!
 //! Owns the session's life and its consumers' pausing only: what a
 //! delivery becomes is [`super::delivery`]'s business, remote control
-//! [`crate::control`]'s.
+//! [`crate::control`]'s, and the farm watcher it starts per session
+//! [`crate::farm`]'s.
 
 use futures_util::stream::{BoxStream, SelectAll};
 
@@ -132,6 +133,12 @@ impl<R: Runner> Inner<R> {
                     session_over.clone(),
                 ))
             });
+            // Who runs what, heard on this session.
+            self.tasks.spawn(
+                self.farm
+                    .clone()
+                    .watch(session.connection.clone(), session_over.clone()),
+            );
             let link = SessionLink {
                 connection: session.connection.clone(),
                 over: session_over.clone(),

@@ -1,11 +1,16 @@
 //! One accepted task's life: the `eta` hold, a slot, the run (with its time
 //! limits and cancellation), and the end: recorded in `ended`, reported
-//! (final event, rpc result), then acked.
+//! (final event, rpc result), then acked; or, when this node could not
+//! hear the farm for a long while and another node took the task over
+//! meanwhile (asked before the upload and before the end, see
+//! [`crate::farm::taken_over`]), dropped: nothing reported or recorded,
+//! its message requeued.
 //!
 //! Owns the order of those steps; how a task runs is the [`Runner`]'s.
 
 use super::conclusion::{Ending, conclude};
 use super::*;
+use crate::farm::Ownership;
 
 impl<R: Runner> Inner<R> {
     /// One task from acceptance to ack: eta hold, slot, run, final event.
@@ -47,6 +52,9 @@ impl<R: Runner> Inner<R> {
             // with its session): it never ran.
             (None, _) | (Some(_), None) => (Err(RunError::Cancelled), None),
             (Some(permit), Some(started_at)) => {
+                // The deaf episodes so far: one after this makes the task
+                // ask the farm before it uploads or ends (`crate::farm`).
+                let noted = Arc::new(AtomicU64::new(self.farm.episodes()));
                 self.events.emit(&EventKind::TaskStarted {
                     uuid: request.id.clone(),
                 });
@@ -57,22 +65,26 @@ impl<R: Runner> Inner<R> {
                 let outcome = match self.runner.plan(&request) {
                     Ok(plan) => {
                         let carry = Arc::new(carry::carry(&request, &delivery));
-                        self.run_guarded(&request, plan, &cancel, carry, started_at)
+                        self.run_guarded(&request, plan, &cancel, carry, started_at, &noted)
                             .await
                     }
                     Err(refused) => Err(refused.into()),
                 };
                 drop(active);
-                (outcome, Some(permit))
+                (outcome, Some((permit, noted)))
             }
         };
-        self.finish(&request, outcome, cancel.reason(), slot).await;
+        let (slot, noted) = slot.unzip();
+        self.finish(&request, outcome, &cancel, slot, noted.as_deref())
+            .await;
     }
 
     /// Runs the runner on `plan` in its own tokio task (a panic fails the
     /// task, not the worker), with the message's hard time limit counted
     /// from `started_at` (epoch seconds: now for a fresh task, the first
-    /// run's start for an adopted one), handing it the worker's `carry`.
+    /// run's start for an adopted one), handing it the worker's `carry`
+    /// and the check before an upload (see [`crate::farm::taken_over`];
+    /// `noted`: the deaf episodes counted when the task started).
     pub(super) async fn run_guarded(
         &self,
         request: &Arc<TaskRequest>,
@@ -80,10 +92,12 @@ impl<R: Runner> Inner<R> {
         cancel: &Cancellation,
         carry: Arc<serde_json::Value>,
         started_at: f64,
+        noted: &Arc<AtomicU64>,
     ) -> Result<Vec<TaskFile>, RunError> {
         let ctx =
             TaskContext::with_cancellation(request.id.clone(), cancel.clone(), self.events.clone())
-                .carrying(carry, started_at);
+                .carrying(carry, started_at)
+                .checking_uploads(self.upload_check(&request.id, cancel, noted));
         let mut handle = tokio::spawn(
             self.runner
                 .run(plan, ctx)
@@ -131,18 +145,93 @@ impl<R: Runner> Inner<R> {
         }
     }
 
-    /// Reports how the task ended (cancelled for `reason`, if it was),
-    /// then acks its message(s) once the broker confirmed the report. A
-    /// task stopped by shutdown is not acked: its message goes back to the
-    /// queue for another worker.
+    /// The check a task's runner awaits before it uploads: whether another
+    /// node took the task over while this node could not hear the farm.
+    /// Taken over: its cancellation fires ([`CancelReason::TakenOver`]).
+    /// The worker stopping meanwhile: it waits for the stop's own reason.
+    fn upload_check(
+        &self,
+        id: &str,
+        cancel: &Cancellation,
+        noted: &Arc<AtomicU64>,
+    ) -> crate::runner::BeforeUpload {
+        let (farm, id, cancel, noted) = (
+            self.farm.clone(),
+            id.to_owned(),
+            cancel.clone(),
+            noted.clone(),
+        );
+        let stop = self.stop.token().clone();
+        Arc::new(move || {
+            let (farm, id, cancel, noted, stop) = (
+                farm.clone(),
+                id.clone(),
+                cancel.clone(),
+                noted.clone(),
+                stop.clone(),
+            );
+            Box::pin(
+                async move {
+                    match crate::farm::taken_over(&farm, &id, &noted, &stop).await {
+                        Ownership::Ours => Ok(()),
+                        Ownership::TakenOver { node } => {
+                            tracing::warn!(node = %node, "another node took this task over while this node could not hear the farm; not uploading");
+                            cancel.cancel(CancelReason::TakenOver);
+                            Err(RunError::Cancelled)
+                        }
+                        Ownership::Unknown => {
+                            cancel.cancelled().await;
+                            Err(RunError::Cancelled)
+                        }
+                    }
+                }
+                .in_current_span(),
+            )
+        })
+    }
+
+    /// Reports how the task ended (cancelled, with `cancel`'s reason, if it
+    /// was), then acks its message(s) once the broker confirmed the report.
+    /// A task stopped by shutdown is not acked: its message goes back to the
+    /// queue for another worker. A task that ran here (`noted`: the deaf
+    /// episodes counted when it started) first checks that no other node
+    /// took it over while this node could not hear the farm; one taken
+    /// over is dropped, nothing reported.
     pub(super) async fn finish(
         self: &Arc<Self>,
         request: &TaskRequest,
         outcome: Result<Vec<TaskFile>, RunError>,
-        reason: Option<CancelReason>,
+        cancel: &Cancellation,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        noted: Option<&AtomicU64>,
     ) {
         let id = request.id.clone();
+        let mut reason = cancel.reason();
+        let mut outcome = outcome;
+        let leaving = matches!(
+            reason,
+            Some(CancelReason::Shutdown | CancelReason::Leave | CancelReason::TakenOver)
+        );
+        if let (Some(noted), false) = (noted, leaving) {
+            match crate::farm::taken_over(&self.farm, &id, noted, self.stop.token()).await {
+                Ownership::Ours => {}
+                Ownership::TakenOver { node } => {
+                    tracing::warn!(node = %node, "another node took this task over while this node could not hear the farm; not ending it here");
+                    cancel.cancel(CancelReason::TakenOver);
+                }
+                Ownership::Unknown => {
+                    // The worker stops: the task goes back to the broker
+                    // unreported, as any task a shutdown stops.
+                    cancel.cancel(CancelReason::Shutdown);
+                    outcome = Err(RunError::Cancelled);
+                }
+            }
+            reason = cancel.reason();
+        }
+        if reason == Some(CancelReason::TakenOver) {
+            self.taken_over(&id, slot).await;
+            return;
+        }
         let started = self.registry.started(&id);
         let runtime = started.map_or(0.0, |s| (celery::now_timestamp() - s).max(0.0));
         match &outcome {
@@ -221,6 +310,32 @@ impl<R: Runner> Inner<R> {
         self.registry.remove(&id);
         self.counters.processed.fetch_add(1, Ordering::Relaxed);
         self.prefetch.end(&id).await;
+    }
+}
+
+impl<R: Runner> Inner<R> {
+    /// Drops a task another node took over while this node could not hear
+    /// the farm: what it left is stopped and removed, nothing is reported
+    /// or recorded, and its messages held here go back to the broker.
+    async fn taken_over(
+        self: &Arc<Self>,
+        id: &str,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        tracing::warn!(
+            "another node took this task over while this node could not hear the farm; dropping it"
+        );
+        metrics::global().task_taken_over();
+        self.tasks
+            .spawn(self.runner.forsake(id).instrument(tracing::Span::current()));
+        self.registry.remove(id);
+        drop(slot);
+        for acker in self.prefetch.give_back(id) {
+            if let Err(error) = acker.reject(BasicRejectOptions { requeue: true }).await {
+                tracing::debug!(%error, "requeue failed; the message goes back with its channel");
+            }
+        }
+        self.prefetch.settle().await;
     }
 }
 

@@ -15,6 +15,7 @@
 //! (`tests/without_services.rs` says which).
 #![allow(dead_code)]
 
+pub mod broker_wide;
 pub mod dispatcher;
 pub mod sshd;
 mod stack;
@@ -48,7 +49,7 @@ fn amqp_base() -> String {
         .unwrap_or_else(|_| "amqp://zimfarm-test:zimfarm-test@127.0.0.1:5672".to_owned())
 }
 
-fn rabbit_api() -> String {
+pub fn rabbit_api() -> String {
     std::env::var("ZIMFARM_TEST_RABBIT_API")
         .unwrap_or_else(|_| "http://zimfarm-test:zimfarm-test@127.0.0.1:15672/api".to_owned())
 }

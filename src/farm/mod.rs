@@ -1,40 +1,60 @@
-//! What the rest of the farm does with a task: asked when a *redelivered*
-//! message arrives for a task this node neither runs nor ended, so that a
-//! task runs once in the farm however often the broker redelivers it.
+//! What the rest of the farm does with a task, so that a task runs once in
+//! the farm however often the broker redelivers it and whatever a node
+//! goes through (a freeze, a stall, a cut link, a broker alarm, a restart).
 //!
 //! RabbitMQ requeues a message whose delivery stayed unacked past its
 //! `consumer_timeout` (30 min by default) while the node that got it keeps
-//! running the task; any idle node may then receive it. The receiver holds
-//! it without starting it and asks the farm, with Celery's own
-//! `query_task` broadcast (nothing new on the wire), whether a live node
-//! has that id:
+//! running the task; any idle node may then receive it. The receiver (the
+//! *holder*) holds it without starting it and asks the farm, with Celery's
+//! own `query_task` broadcast, whether a live node has that id. Every node
+//! also lists, in its `worker-heartbeat` and `worker-online` (an extra
+//! field `task_ids`, which Celery and Flower ignore), the ids it runs or
+//! keeps: the [`FarmView`] remembers who runs what, and how long each node
+//! has been silent *while this node heard the farm* (see [`silence`]).
 //!
-//! - a node that ended it (`ready`: ending, or in its record of ended
-//!   tasks): the message is acked here, the task is not run again;
-//! - a node that runs it (or holds it for its `eta`): the message stays
-//!   held here while that node lives. It is acked when that task's final
-//!   event passes on `celeryev`, or when that node, still answering, says
-//!   the task is `ready`. It is run here only when that node, still
-//!   answering, no longer has it and no final event came (it was stopped
-//!   by a shutdown, or the node restarted), or when the node stops beating
-//!   and answering for [`ORPHAN_AFTER`]. A `worker-offline` of that node
-//!   whose `kept` lists the task (it left its scrape running for its next
-//!   start, SIGTERM) is not a let-go: the node is taken as still running it,
-//!   its silence counted from that goodbye;
-//! - nobody (asked again for [`CLAIM_GRACE`], so a node that is slow to
-//!   answer or reconnecting is heard): it runs here, as before.
+//! The hold rules ([`Hold`]):
 //!
-//! Holding is itself subject to the timeout: when this node's channel is
-//! closed the held message goes back to the broker (nothing is lost), and
-//! the next receiver applies the same rule.
+//! - a node ended it (`ready`, or its final event passes): ack here, the
+//!   task is not run again;
+//! - a node answers that it holds it (`active`, `reserved`, `scheduled`):
+//!   watch that node;
+//! - nobody answers, but a node's last list has the id: the task was last
+//!   seen there; watch that node (it may be frozen, cut off or restarting);
+//! - nobody, and no node was seen running it: asked again for
+//!   [`CLAIM_GRACE`] (a node reconnecting is heard), then run here.
 //!
-//! Owns the probe: one channel per held message on the session's
+//! Watching node N (asked again every [`POLL_EVERY`]): the task's final
+//! event → ack; N answers that it no longer has it (after a second for a
+//! final event on its way) → run here at once (N is back without it, e.g.
+//! its host rebooted); N's `worker-offline` without keeping it → a last
+//! look, then run here; N silent for RESTART_GRACE while this node heard
+//! the farm → run here. A `worker-offline` whose `kept` lists the task
+//! (a restart) is a sign of life: N's silence counts from it.
+//!
+//! An error is never a verdict: a probe that fails is opened again after
+//! 2 s, the hold going on where it was ([`resolve`]); only the rules above
+//! run a task here. When the holder's session ends, the held message is
+//! back with the broker and the hold is given up ([`Verdict::Returned`]).
+//!
+//! The running node's side ([`taken_over`]): a node that did not hear
+//! itself for RESTART_GRACE less a quarter of it (a *deaf episode*, since
+//! the task started here, see [`silence`]) asks the farm before it uploads
+//! or sends the task's final event; if another node holds or ended it, it
+//! drops the task. The margins: a holder counts N's silence only while it
+//! hears its own heartbeats, so N, whose heartbeats did not reach the
+//! broker all that time, was deaf for at least as long, less two heartbeat
+//! intervals; a quarter of RESTART_GRACE covers that and the 3 s a
+//! heartbeat may take to be fresh. The previous issue's rule (a node away
+//! longer than RESTART_GRACE does not adopt its kept tasks) completes it.
+//!
+//! Owns the probe (one channel per held message on the session's
 //! connection, with a reply queue for `query_task` and an exclusive queue
-//! of the farm's final task events and worker heartbeats. It must not ack,
-//! run or decide anything about the held message itself: the worker does,
-//! from the [`Verdict`].
+//! of the farm's final task events and goodbyes), the view and its
+//! watcher. It must not ack, run or decide anything about the held message
+//! itself: the worker does, from the [`Verdict`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -51,6 +71,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{CONTROL_EXCHANGE, EVENT_EXCHANGE};
 
+pub mod silence;
+mod view;
+
+pub use view::FarmView;
+
 /// kombu's reply exchange for remote control (direct, transient).
 const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 /// How long replies to one `query_task` are collected (Celery's `inspect`
@@ -62,25 +87,25 @@ pub const QUERY_WINDOW: Duration = Duration::from_secs(2);
 pub const CLAIM_GRACE: Duration = Duration::from_secs(10);
 /// Between two direct questions to the node running a held task.
 pub const POLL_EVERY: Duration = Duration::from_secs(5);
-/// A node that neither beats nor answers for this long is taken for dead:
-/// five missed heartbeats (Celery's own expiry is two; a node that
-/// reconnects after a broker blip must not lose its task to a holder).
-pub const ORPHAN_AFTER: Duration = Duration::from_secs(10);
+/// Between two probes after one failed, and between two one-shot
+/// questions that failed.
+pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// The routing keys of `celeryev` the probe listens to.
-const WATCHED_EVENTS: [&str; 5] = [
+/// The routing keys of `celeryev` the probe listens to (heartbeats are the
+/// view's).
+const WATCHED_EVENTS: [&str; 4] = [
     "task.succeeded",
     "task.failed",
     "task.revoked",
-    "worker.heartbeat",
     "worker.offline",
 ];
 
 /// What became of a held redelivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// No live node has the task, or its node let it go unfinished: run it
-    /// here.
+    /// No node has the task, its node let it go unfinished or answers
+    /// without it, or was silent for RESTART_GRACE while this node heard
+    /// the farm: run it here.
     RunHere { why: String },
     /// The task ended on `node`: ack the message, do not run it.
     EndedElsewhere { node: String },
@@ -99,6 +124,15 @@ pub enum ProbeError {
     },
     #[error("cannot ask the farm about a redelivered task: the broker ended its {what} consumer")]
     ConsumerEnded { what: &'static str },
+}
+
+impl ProbeError {
+    /// What failed, to say each kind once.
+    fn what(&self) -> &'static str {
+        match self {
+            Self::Broker { what, .. } | Self::ConsumerEnded { what } => what,
+        }
+    }
 }
 
 fn probe_error(what: &'static str) -> impl FnOnce(lapin::Error) -> ProbeError {
@@ -177,10 +211,6 @@ pub enum Sign {
     Ended {
         node: String,
     },
-    /// `node` is alive.
-    Beat {
-        node: String,
-    },
     /// `node` said goodbye, letting the held task go.
     Offline {
         node: String,
@@ -204,9 +234,6 @@ pub fn read_event(body: &[u8], id: &str) -> Sign {
                 node: seen.hostname,
             }
         }
-        "worker-heartbeat" => Sign::Beat {
-            node: seen.hostname,
-        },
         "worker-offline" if seen.kept.iter().any(|k| k == id) => Sign::Leaving {
             node: seen.hostname,
         },
@@ -224,14 +251,13 @@ pub struct Probe {
     replies: Consumer,
     /// Our reply routing key (kombu's mailbox `oid`).
     oid: String,
-    me: String,
 }
 
 impl Probe {
-    /// Opens the probe on `connection` for node `me`: the event queue is
+    /// Opens the probe on `connection`: the event queue is
     /// bound before any question is asked, so no final event sent after
     /// the first answer can pass unseen.
-    pub async fn open(connection: &Connection, me: &str) -> Result<Self, ProbeError> {
+    pub async fn open(connection: &Connection) -> Result<Self, ProbeError> {
         let channel = connection
             .create_channel()
             .await
@@ -312,14 +338,13 @@ impl Probe {
             events,
             replies,
             oid,
-            me: me.to_owned(),
         })
     }
 
     /// Asks `query_task` about `id` of every node, or of `node` only, and
     /// collects answers for [`QUERY_WINDOW`] (or until `node` answered).
     /// Events that arrive meanwhile go to `signs`.
-    async fn ask(
+    pub async fn ask(
         &mut self,
         id: &str,
         node: Option<&str>,
@@ -393,123 +418,188 @@ impl Probe {
         }
     }
 
-    /// Decides what to do with a held redelivery of task `id`: see the
-    /// module doc. `session_over` fires when the message went back to the
-    /// broker (this node's session ended, or it shuts down).
-    pub async fn resolve(
-        mut self,
-        id: &str,
-        session_over: &CancellationToken,
-    ) -> Result<Verdict, ProbeError> {
-        let verdict = tokio::select! {
-            _ = session_over.cancelled() => Ok(Verdict::Returned),
-            verdict = self.decide(id) => verdict,
-        };
+    /// Closes the probe's channel (its queues go with it).
+    pub async fn close(self) {
         if self.channel.status().connected() {
             let _ = self.channel.close(200, "done".into()).await;
         }
-        verdict
     }
 
-    async fn decide(&mut self, id: &str) -> Result<Verdict, ProbeError> {
+    /// Collects the events that arrive for `wait` into `signs`.
+    async fn gather(
+        &mut self,
+        id: &str,
+        wait: Duration,
+        signs: &mut Vec<Sign>,
+    ) -> Result<(), ProbeError> {
+        let settle = tokio::time::sleep(wait);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => return Ok(()),
+                event = self.events.next() => {
+                    let sign = self.sign(event, id)?;
+                    signs.push(sign);
+                }
+            }
+        }
+    }
+}
+
+/// One held redelivery's state, kept across the probes opened for it (a
+/// probe that fails is replaced; the hold goes on).
+#[derive(Debug)]
+pub struct Hold {
+    id: String,
+    me: String,
+    /// RESTART_GRACE: how long a watched node may be silent while this
+    /// node hears the farm.
+    grace: Duration,
+    /// The node watched, once one was found running the task.
+    watching: Option<String>,
+    /// When a task nobody claims runs here.
+    claim_until: Option<Instant>,
+}
+
+impl Hold {
+    /// The hold of task `id` on node `me`.
+    pub fn new(id: &str, me: &str, grace: Duration) -> Self {
+        Self {
+            id: id.to_owned(),
+            me: me.to_owned(),
+            grace,
+            watching: None,
+            claim_until: None,
+        }
+    }
+
+    /// The node watched, if any.
+    pub fn watching(&self) -> Option<&str> {
+        self.watching.as_deref()
+    }
+
+    /// Applies the hold rules (see the module doc) with `probe` until a
+    /// verdict; an error of the probe leaves the hold where it was.
+    pub async fn decide(
+        &mut self,
+        probe: &mut Probe,
+        view: &FarmView,
+    ) -> Result<Verdict, ProbeError> {
+        let id = self.id.clone();
         let me = self.me.clone();
         let mut signs = Vec::new();
-        // Who has it? Asked again while nobody claims it, for CLAIM_GRACE.
-        let grace = Instant::now() + CLAIM_GRACE;
-        let node = loop {
-            let answers = self.ask(id, None, &mut signs).await?;
+        while self.watching.is_none() {
+            let answers = probe.ask(&id, None, &mut signs).await?;
+            view.answered(answers.keys());
             if let Some(node) = ended_in(&signs, &me) {
                 return Ok(Verdict::EndedElsewhere { node });
             }
             match claim(&answers, &me) {
                 Claim::Ended { node } => return Ok(Verdict::EndedElsewhere { node }),
-                Claim::Held { node } => break node,
-                Claim::Nobody if Instant::now() >= grace => {
-                    return Ok(Verdict::RunHere {
-                        why: format!(
-                            "no live node has it ({} answered in {} s)",
-                            answers.len(),
-                            CLAIM_GRACE.as_secs()
-                        ),
-                    });
+                Claim::Held { node } => {
+                    tracing::info!(
+                        node = %node,
+                        "redelivered message for a task running on another node; holding it without running it \
+                         until that task ends there"
+                    );
+                    self.watching = Some(node);
                 }
-                Claim::Nobody => tokio::time::sleep(Duration::from_secs(1)).await,
+                Claim::Nobody => match view.who_runs(&id).filter(|n| *n != me) {
+                    Some(node) => {
+                        tracing::info!(
+                            node = %node,
+                            silent_s = view.silence_of(&node).as_secs(),
+                            restart_grace_s = self.grace.as_secs(),
+                            "redelivered message for a task last seen running on another node, which is \
+                             silent; holding it without running it unless that node stays silent for \
+                             RESTART_GRACE while this node hears the farm"
+                        );
+                        self.watching = Some(node);
+                    }
+                    None => {
+                        let until = *self.claim_until.get_or_insert(Instant::now() + CLAIM_GRACE);
+                        if Instant::now() >= until {
+                            return Ok(Verdict::RunHere {
+                                why: format!(
+                                    "no node has it or was seen running it ({} answered, asked for {} s)",
+                                    answers.len(),
+                                    CLAIM_GRACE.as_secs()
+                                ),
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                },
             }
-        };
-        tracing::info!(
-            node = %node,
-            "redelivered message for a task running on another node; holding it without running it \
-             until that task ends there"
-        );
-        // Watch that node: its final event, its heartbeats, its answers.
-        let mut alive = Instant::now();
+        }
+        let node = self.watching.clone().expect("a node is watched");
+        // Watch that node: the task's final event, its answers, its
+        // goodbye, and its silence as the view counts it.
         let mut poll = tokio::time::interval(POLL_EVERY);
-        poll.tick().await;
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut look = tokio::time::interval(Duration::from_secs(1));
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let pending = std::mem::take(&mut signs);
-            for sign in pending {
+            let mut offline = view.let_go(&node);
+            for sign in std::mem::take(&mut signs) {
                 match sign {
                     Sign::Ended { node: from } if from != me => {
                         return Ok(Verdict::EndedElsewhere { node: from });
                     }
-                    Sign::Beat { node: from } if from == node => alive = Instant::now(),
                     Sign::Leaving { node: from } if from == node => {
                         tracing::info!(
                             node = %node,
                             "the node running the task went offline keeping it for its next start; \
                              still holding its redelivered message"
                         );
-                        alive = Instant::now();
                     }
-                    Sign::Offline { node: from } if from == node => {
-                        // Its final events went before its goodbye; a
-                        // last look for one, then nobody runs it.
-                        let answers = self.ask(id, Some(&node), &mut signs).await?;
-                        if let Some(ended) = ended_in(&signs, &me) {
-                            return Ok(Verdict::EndedElsewhere { node: ended });
-                        }
-                        if let Some(Whereabouts::Ended) = answers.get(&node) {
-                            return Ok(Verdict::EndedElsewhere { node });
-                        }
+                    Sign::Offline { node: from } if from == node => offline = true,
+                    _ => {}
+                }
+            }
+            if offline {
+                // Its final events went before its goodbye; a last look
+                // for one, then nobody runs it.
+                let answers = probe.ask(&id, Some(&node), &mut signs).await?;
+                if let Some(ended) = ended_in(&signs, &me) {
+                    return Ok(Verdict::EndedElsewhere { node: ended });
+                }
+                match answers.get(&node) {
+                    Some(Whereabouts::Ended) => return Ok(Verdict::EndedElsewhere { node }),
+                    // Back already, with the task.
+                    Some(Whereabouts::Held { .. }) => view.answered([&node]),
+                    _ => {
                         return Ok(Verdict::RunHere {
                             why: format!("{node} went offline without ending it"),
                         });
                     }
-                    _ => {}
                 }
             }
-            if alive.elapsed() >= ORPHAN_AFTER {
+            let silent = view.silence_of(&node);
+            if silent >= self.grace {
                 return Ok(Verdict::RunHere {
                     why: format!(
-                        "{node} neither beat nor answered for {} s",
-                        ORPHAN_AFTER.as_secs()
+                        "{node} was silent for {} s (RESTART_GRACE {} s) while this node heard the farm",
+                        silent.as_secs(),
+                        self.grace.as_secs()
                     ),
                 });
             }
             tokio::select! {
-                event = self.events.next() => {
-                    let sign = self.sign(event, id)?;
+                event = probe.events.next() => {
+                    let sign = probe.sign(event, &id)?;
                     signs.push(sign);
                 }
+                _ = look.tick() => {}
                 _ = poll.tick() => {
-                    let answers = self.ask(id, Some(&node), &mut signs).await?;
+                    let answers = probe.ask(&id, Some(&node), &mut signs).await?;
+                    view.answered(answers.keys());
                     match answers.get(&node) {
-                        Some(Whereabouts::Held { .. }) => alive = Instant::now(),
                         Some(Whereabouts::Ended) => return Ok(Verdict::EndedElsewhere { node }),
                         Some(Whereabouts::Absent) => {
                             // A final event sent just before the answer may
                             // still be on its way.
-                            let settle = tokio::time::sleep(Duration::from_secs(1));
-                            tokio::pin!(settle);
-                            loop {
-                                tokio::select! {
-                                    _ = &mut settle => break,
-                                    event = self.events.next() => {
-                                        let sign = self.sign(event, id)?;
-                                        signs.push(sign);
-                                    }
-                                }
-                            }
+                            probe.gather(&id, Duration::from_secs(1), &mut signs).await?;
                             if let Some(ended) = ended_in(&signs, &me) {
                                 return Ok(Verdict::EndedElsewhere { node: ended });
                             }
@@ -517,11 +607,144 @@ impl Probe {
                                 why: format!("{node} answers but no longer has it, and never ended it"),
                             });
                         }
-                        None => {}
+                        Some(Whereabouts::Held { .. }) | None => {}
                     }
                 }
             }
         }
+    }
+}
+
+/// Decides what to do with a held redelivery of task `id` on node `me`
+/// (see the module doc), asking the farm on `connection`. `over` fires
+/// when the message went back to the broker (this node's session ended,
+/// or it shuts down). A probe that fails is opened again after
+/// [`RETRY_EVERY`], the hold going on where it was: an error is never a
+/// verdict.
+pub async fn resolve(
+    connection: &Connection,
+    view: &FarmView,
+    id: &str,
+    grace: Duration,
+    over: &CancellationToken,
+) -> Verdict {
+    let mut hold = Hold::new(id, view.me(), grace);
+    let mut said: HashSet<&'static str> = HashSet::new();
+    loop {
+        if over.is_cancelled() {
+            return Verdict::Returned;
+        }
+        let attempt = async {
+            let mut probe = Probe::open(connection).await?;
+            let verdict = hold_on(&mut hold, &mut probe, view, over).await;
+            probe.close().await;
+            verdict
+        };
+        let error = match attempt.await {
+            Ok(verdict) => return verdict,
+            Err(error) => error,
+        };
+        if over.is_cancelled() {
+            return Verdict::Returned;
+        }
+        if said.insert(error.what()) {
+            tracing::warn!(
+                %error,
+                watching = hold.watching().unwrap_or("-"),
+                "still holding the redelivered message; asking the farm again in 2 s"
+            );
+        } else {
+            tracing::debug!(%error, "asking the farm failed again; retrying");
+        }
+        tokio::select! {
+            _ = over.cancelled() => return Verdict::Returned,
+            _ = tokio::time::sleep(RETRY_EVERY) => {}
+        }
+    }
+}
+
+/// The hold's rules until a verdict, or [`Verdict::Returned`] when `over`
+/// fires first.
+async fn hold_on(
+    hold: &mut Hold,
+    probe: &mut Probe,
+    view: &FarmView,
+    over: &CancellationToken,
+) -> Result<Verdict, ProbeError> {
+    tokio::select! {
+        _ = over.cancelled() => Ok(Verdict::Returned),
+        verdict = hold.decide(probe, view) => verdict,
+    }
+}
+
+/// Whether a task that runs here is still this node's to end, as
+/// [`taken_over`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Go on: no deaf episode since the task started, or the farm says
+    /// nobody else has it.
+    Ours,
+    /// `node` holds or ended it: drop it here.
+    TakenOver { node: String },
+    /// The worker stops before the farm could be asked.
+    Unknown,
+}
+
+/// Whether another node took task `id` over while this node could not
+/// hear the farm: asked before a task that runs here uploads or sends its
+/// final event. `noted`: the deaf episodes the view had counted when the
+/// task started. Nothing is asked unless a deaf episode happened since (or
+/// one is open); then it waits until this node hears the farm again and
+/// asks `query_task` once, again every [`RETRY_EVERY`] while that fails,
+/// until `stop` fires. When the task is still ours, `noted` moves on to the
+/// episodes counted now (the next check asks only after another one).
+pub async fn taken_over(
+    view: &FarmView,
+    id: &str,
+    noted: &AtomicU64,
+    stop: &CancellationToken,
+) -> Ownership {
+    let Some(deaf) = view.deaf_since(noted.load(Ordering::SeqCst)) else {
+        return Ownership::Ours;
+    };
+    tracing::warn!(
+        deaf_s = deaf.as_secs(),
+        "this node could not hear the farm for a long while since the task started; asking the farm \
+         whether another node took it over before going on"
+    );
+    let ask = async {
+        loop {
+            let connection = view.hearing().await;
+            let asked = async {
+                let mut probe = Probe::open(&connection).await?;
+                let answers = probe.ask(id, None, &mut Vec::new()).await;
+                probe.close().await;
+                answers
+            };
+            match asked.await {
+                Ok(answers) => {
+                    view.answered(answers.keys());
+                    return match claim(&answers, view.me()) {
+                        Claim::Ended { node } | Claim::Held { node } => {
+                            Ownership::TakenOver { node }
+                        }
+                        Claim::Nobody => {
+                            tracing::info!("no other node has the task; going on");
+                            noted.store(view.episodes(), Ordering::SeqCst);
+                            Ownership::Ours
+                        }
+                    };
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot ask the farm about the task yet; retrying in 2 s");
+                    tokio::time::sleep(RETRY_EVERY).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => Ownership::Unknown,
+        ownership = ask => ownership,
     }
 }
 
@@ -619,13 +842,9 @@ mod tests {
             }
         );
         assert_eq!(read_event(done, "t2"), Sign::Other);
+        // Heartbeats are the view's, not the probe's.
         let beat = br#"{"type": "worker-heartbeat", "hostname": "a@x"}"#;
-        assert_eq!(
-            read_event(beat, "t1"),
-            Sign::Beat {
-                node: "a@x".to_owned()
-            }
-        );
+        assert_eq!(read_event(beat, "t1"), Sign::Other);
         let bye = br#"{"type": "worker-offline", "hostname": "a@x"}"#;
         assert_eq!(
             read_event(bye, "t1"),
@@ -670,9 +889,7 @@ mod tests {
             Sign::Ended {
                 node: "me@x".to_owned(),
             },
-            Sign::Beat {
-                node: "a@x".to_owned(),
-            },
+            Sign::Other,
         ];
         assert_eq!(ended_in(&signs, "me@x"), None);
         assert_eq!(ended_in(&signs, "b@x"), Some("me@x".to_owned()));

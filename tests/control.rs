@@ -470,9 +470,9 @@ fn queue_names(vh: &Vhost) -> Vec<String> {
 }
 
 /// A queue that comes and goes with a client: a pidbox, an event
-/// receiver's, a server-named one.
+/// receiver's (a worker's task-channel watch is named like one).
 fn client_queue(name: &str) -> bool {
-    name.contains("pidbox") || name.starts_with("celeryev") || name.starts_with("amq.gen-")
+    name.contains("pidbox") || name.starts_with("celeryev")
 }
 
 #[test]
@@ -784,16 +784,15 @@ fn celery_events_dump_shows_worker_and_task_events() {
     );
 }
 
-/// The `celeryev.*` queues of the vhost: one per event receiver.
+/// The queues of the vhost that take every event (bound to `celeryev` with
+/// `#`): one per event receiver. The worker's own `celeryev.*` queues (its
+/// view of the farm, bound to worker events only, and its task channel's
+/// watch, bound to nothing) are not receivers.
 fn event_queues(vh: &Vhost) -> usize {
-    let queues = rabbit_api_call("GET", &format!("/queues/{}", vh.name), None);
-    queues.as_array().map_or(0, |qs| {
-        qs.iter()
-            .filter(|q| {
-                q["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("celeryev."))
-            })
+    let bindings = rabbit_api_call("GET", &format!("/bindings/{}", vh.name), None);
+    bindings.as_array().map_or(0, |bs| {
+        bs.iter()
+            .filter(|b| b["source"] == "celeryev" && b["routing_key"] == "#")
             .count()
     })
 }

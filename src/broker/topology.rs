@@ -264,14 +264,18 @@ impl Broker {
     }
 
     /// Consumes, on `channel`, an exclusive queue of its own that nothing
-    /// is routed to (server-named, auto-delete): its consumer delivers
-    /// nothing, but its stream carries the channel's end (the connection
-    /// lost, or the channel closed by the broker, with the broker's reason)
-    /// to a session that consumes no task queue while every slot is busy.
+    /// is routed to (auto-delete): its consumer delivers nothing, but its
+    /// stream carries the channel's end (the connection lost, or the
+    /// channel closed by the broker, with the broker's reason) to a session
+    /// that consumes no task queue while every slot is busy. Named as
+    /// Celery's own event receivers name theirs (`celeryev.<uuid>`), not
+    /// by the server (`amq.gen-…`): a farm account whose permissions allow
+    /// what a Celery worker declares allows this one.
     pub async fn watch_channel(&self, channel: &Channel) -> Result<Consumer, BrokerError> {
+        let name = format!("celeryev.{}", uuid::Uuid::new_v4());
         let queue = channel
             .queue_declare(
-                "".into(),
+                name.as_str().into(),
                 QueueDeclareOptions {
                     exclusive: true,
                     auto_delete: true,

@@ -455,6 +455,12 @@ impl DockerClient {
             })
     }
 
+    /// Starts a container that was created and never started (a worker
+    /// killed between the two steps of [`Docker::start_attached`]).
+    pub async fn start_existing(&self, name: &str) -> Result<(), DockerError> {
+        self.start_created(name).await
+    }
+
     /// Creates and starts a container whose output nobody reads (helpers).
     pub async fn start(&self, spec: &ContainerSpec) -> Result<(), DockerError> {
         self.create(spec).await?;

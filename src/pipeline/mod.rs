@@ -422,6 +422,28 @@ impl DockerRunner {
                 None => Start::Prepare,
             },
             Some(RecordStage::Generate(g)) => match self.docker.state(&g.offliner).await {
+                // Created, never started: the earlier run died between the
+                // two. Started now and followed on like any kept offliner
+                // (Docker's copy of its output holds it from its first
+                // line); taken as exited, it would read as exit code 0
+                // with no file, and a scrape lost.
+                Ok(Some(state)) if !state.running && state.started_at.is_none() => {
+                    tracing::info!(
+                        container = %g.offliner,
+                        "an earlier run of this task created its offliner but died before starting it; starting it now"
+                    );
+                    match self.docker.start_existing(&g.offliner).await {
+                        Ok(()) => Start::Generate(g),
+                        Err(error) => {
+                            metrics::global().docker_error();
+                            tracing::warn!(%error, container = %g.offliner, "cannot start the offliner an earlier run of this task created; generating again");
+                            if let Err(error) = self.docker.kill_and_remove(&g.offliner).await {
+                                tracing::warn!(%error, container = %g.offliner, "cannot remove it");
+                            }
+                            Start::Prepare
+                        }
+                    }
+                }
                 Ok(Some(state)) => {
                     tracing::info!(
                         container = %g.offliner,

@@ -273,7 +273,7 @@ impl Broker {
     /// what a Celery worker declares allows this one.
     pub async fn watch_channel(&self, channel: &Channel) -> Result<Consumer, BrokerError> {
         let name = format!("celeryev.{}", uuid::Uuid::new_v4());
-        let queue = channel
+        channel
             .queue_declare(
                 name.as_str().into(),
                 QueueDeclareOptions {
@@ -285,11 +285,10 @@ impl Broker {
             )
             .await
             .map_err(setup("the task channel's watch queue"))?;
-        let name = queue.name().as_str();
         channel
             .basic_consume(
-                name.into(),
-                self.consumer_tag(name).into(),
+                name.as_str().into(),
+                self.consumer_tag(&name).into(),
                 BasicConsumeOptions {
                     no_ack: true,
                     exclusive: true,

@@ -181,19 +181,25 @@ pub struct Peek {
     pub expires: Option<DateTime<Utc>>,
 }
 
+/// The task id of a protocol v2 message (one with a `task` header), from
+/// its `id` header, when that is a valid task id.
+fn v2_task_id(headers: &lapin::types::FieldTable) -> Option<String> {
+    if !headers.contains_key("task") {
+        return None;
+    }
+    match headers::header(headers, "id") {
+        Ok(Some(Value::String(id))) if super::task_id::check(&id).is_ok() => Some(id),
+        _ => None,
+    }
+}
+
 /// The id, `eta` and `expires` of a protocol v2 message with a valid id and
 /// an `eta`, read from its headers alone; `None` for v1, or when one of
 /// them is absent or invalid. Only a hint: [`decode`] checks the whole
 /// message.
 pub fn peek(properties: &BasicProperties) -> Option<Peek> {
     let headers = properties.headers().as_ref()?;
-    if !headers.contains_key("task") {
-        return None;
-    }
-    let id = match headers::header(headers, "id") {
-        Ok(Some(Value::String(id))) if super::task_id::check(&id).is_ok() => id,
-        _ => return None,
-    };
+    let id = v2_task_id(headers)?;
     Some(Peek {
         id,
         eta: headers::header_datetime(headers, "eta").ok().flatten()?,
@@ -209,13 +215,7 @@ pub fn peek(properties: &BasicProperties) -> Option<Peek> {
 /// when the `id` header is absent or not a valid task id.
 pub fn headers_only(properties: &BasicProperties) -> Option<TaskRequest> {
     let headers = properties.headers().as_ref()?;
-    if !headers.contains_key("task") {
-        return None;
-    }
-    let id = match headers::header(headers, "id") {
-        Ok(Some(Value::String(id))) if super::task_id::check(&id).is_ok() => id,
-        _ => return None,
-    };
+    let id = v2_task_id(headers)?;
     let name = match headers::header(headers, "task") {
         Ok(Some(Value::String(name))) => name,
         _ => String::new(),

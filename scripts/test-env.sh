@@ -266,12 +266,20 @@ ensure_rabbitmq() {
 # 0.4 when the management API shows an alarm or a limit under 64 MiB (one
 # rabbitmqctl call, ~1 s, only then).
 reset_memory_watermark() {
-    local nodes limit
-    nodes=$(curl -fs -m 5 -u "$RABBIT_USER:$RABBIT_PASS" \
-        "$RABBIT_API/nodes?columns=mem_limit,mem_alarm") \
-        || die "the management API does not list RabbitMQ's nodes"
-    limit=$(grep -o '"mem_limit":[0-9]*' <<<"$nodes" | head -n 1 | cut -d: -f2)
-    if [[ $nodes == *'"mem_alarm":true'* ]] || [ "${limit:-0}" -lt $((64 * 1024 * 1024)) ]; then
+    local nodes limit='' deadline=$((SECONDS + 30))
+    # A broker that has just started lists its node with no figures yet
+    # ("[[]]") until its first statistics tick: wait for mem_limit.
+    while :; do
+        nodes=$(curl -fs -m 5 -u "$RABBIT_USER:$RABBIT_PASS" \
+            "$RABBIT_API/nodes?columns=mem_limit,mem_alarm") \
+            || die "the management API does not list RabbitMQ's nodes"
+        limit=$(grep -o '"mem_limit":[0-9]*' <<<"$nodes" | head -n 1 | cut -d: -f2 || true)
+        [ -n "$limit" ] && break
+        [ "$SECONDS" -lt "$deadline" ] \
+            || die "the management API gave no mem_limit for RabbitMQ's node within 30s (it said: $nodes)"
+        sleep 0.5
+    done
+    if [[ $nodes == *'"mem_alarm":true'* ]] || [ "$limit" -lt $((64 * 1024 * 1024)) ]; then
         require_root "reset RabbitMQ's vm_memory_high_watermark"
         log "resetting RabbitMQ's vm_memory_high_watermark to 0.4 (a memory alarm was left on)"
         rabbitmqctl -q set_vm_memory_high_watermark 0.4 >/dev/null \

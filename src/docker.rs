@@ -196,6 +196,40 @@ const DOCKER_TIMEOUT_SECS: u64 = 120;
 /// NUL) holds.
 pub const SUN_PATH_MAX: usize = 107;
 
+/// One reading of a running container's memory and CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ContainerUsage {
+    /// Bytes in use, without the inactive page cache (what `docker stats`
+    /// shows).
+    pub memory: u64,
+    /// CPU time used since the container started, in nanoseconds.
+    pub cpu_ns: u64,
+}
+
+impl ContainerUsage {
+    /// `None` for a container that is not running (Docker then gives no
+    /// memory figure).
+    fn from_stats(stats: &bollard::models::ContainerStatsResponse) -> Option<Self> {
+        let memory = stats.memory_stats.as_ref()?;
+        let usage = memory.usage?;
+        let inactive = memory.stats.as_ref().and_then(|s| {
+            s.get("inactive_file")
+                .or_else(|| s.get("total_inactive_file"))
+                .copied()
+        });
+        let cpu_ns = stats
+            .cpu_stats
+            .as_ref()
+            .and_then(|c| c.cpu_usage.as_ref())
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0);
+        Some(Self {
+            memory: usage.saturating_sub(inactive.unwrap_or(0)),
+            cpu_ns,
+        })
+    }
+}
+
 /// A connected Docker engine.
 #[derive(Clone)]
 pub struct DockerClient {
@@ -568,6 +602,31 @@ impl DockerClient {
             }) => Ok(None),
             Err(source) => Err(DockerError::Container {
                 action: "inspect",
+                name: name.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// One reading of a container's memory and CPU (a one-shot stats
+    /// call: no stream is held open). `None` when there is no such
+    /// container or it is not running.
+    pub async fn usage(&self, name: &str) -> Result<Option<ContainerUsage>, DockerError> {
+        use futures_util::StreamExt;
+        let options = bollard::query_parameters::StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let mut stream = self.docker.stats(name, Some(options));
+        match stream.next().await {
+            None => Ok(None),
+            Some(Ok(stats)) => Ok(ContainerUsage::from_stats(&stats)),
+            Some(Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            })) => Ok(None),
+            Some(Err(source)) => Err(DockerError::Container {
+                action: "read the stats of",
                 name: name.to_owned(),
                 source,
             }),

@@ -20,6 +20,7 @@ pub mod offliner;
 pub mod ops;
 pub mod pipeline;
 pub mod prefetch;
+pub mod progress;
 #[cfg(test)]
 pub(crate) mod proptest_config;
 pub mod report;

@@ -138,6 +138,18 @@ struct StageLabels {
     stage: &'static str,
 }
 
+/// A running task's series: its id is a label only while it runs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskIdLabels {
+    task_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskStageLabels {
+    task_id: String,
+    stage: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InfoLabels {
     version: &'static str,
@@ -171,6 +183,9 @@ pub struct Metrics {
     tasks_taken_over: Counter,
     kept_tasks_removed: Family<SweepLabels, Counter>,
     last_heartbeat: Gauge<f64, AtomicU64>,
+    task_progress_ratio: Family<TaskIdLabels, Gauge<f64, AtomicU64>>,
+    task_stage: Family<TaskStageLabels, Gauge>,
+    task_uploaded_bytes: Family<TaskIdLabels, Gauge>,
 }
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -210,6 +225,26 @@ impl Metrics {
         let kept_tasks_adopted = Counter::default();
         let tasks_taken_over = Counter::default();
         let kept_tasks_removed = Family::<SweepLabels, Counter>::default();
+        let task_progress_ratio = Family::<TaskIdLabels, Gauge<f64, AtomicU64>>::default();
+        let task_stage = Family::<TaskStageLabels, Gauge>::default();
+        let task_uploaded_bytes = Family::<TaskIdLabels, Gauge>::default();
+        registry.register(
+            "task_progress_ratio",
+            "A running task's progress between 0 and 1: the scraper's done/total in generate, \
+             bytes sent of the total in upload (series removed when the task ends)",
+            task_progress_ratio.clone(),
+        );
+        registry.register(
+            "task_stage",
+            "1 for the stage a running task is in (prepare, generate, upload; series removed \
+             when the task ends)",
+            task_stage.clone(),
+        );
+        registry.register(
+            "task_uploaded_bytes",
+            "Bytes of a running task's files the warehouse has (series removed when the task ends)",
+            task_uploaded_bytes.clone(),
+        );
         registry.register(
             "info",
             "The worker's version and node name (always 1)",
@@ -338,6 +373,50 @@ impl Metrics {
             tasks_taken_over,
             kept_tasks_removed,
             last_heartbeat,
+            task_progress_ratio,
+            task_stage,
+            task_uploaded_bytes,
+        }
+    }
+
+    /// A running task's progress, as its last `task-progress` event said.
+    pub fn task_progress(&self, task_id: &str, snapshot: &crate::progress::Snapshot) {
+        let id = || TaskIdLabels {
+            task_id: task_id.to_owned(),
+        };
+        if let Some(ratio) = snapshot.progress {
+            self.task_progress_ratio.get_or_create(&id()).set(ratio);
+        }
+        for stage in crate::progress::Stage::ALL {
+            let labels = TaskStageLabels {
+                task_id: task_id.to_owned(),
+                stage: stage.label(),
+            };
+            if snapshot.stage == Some(stage) {
+                self.task_stage.get_or_create(&labels).set(1);
+            } else {
+                self.task_stage.remove(&labels);
+            }
+        }
+        if let Some(sent) = snapshot.upload_sent {
+            self.task_uploaded_bytes
+                .get_or_create(&id())
+                .set(i64::try_from(sent).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A task's run is over: its series go.
+    pub fn task_progress_ended(&self, task_id: &str) {
+        let id = TaskIdLabels {
+            task_id: task_id.to_owned(),
+        };
+        self.task_progress_ratio.remove(&id);
+        self.task_uploaded_bytes.remove(&id);
+        for stage in crate::progress::Stage::ALL {
+            self.task_stage.remove(&TaskStageLabels {
+                task_id: task_id.to_owned(),
+                stage: stage.label(),
+            });
         }
     }
 

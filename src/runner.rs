@@ -25,6 +25,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use crate::celery::{EventKind, TaskRequest};
 use crate::events::EventSink;
 use crate::offliner::{self, AllowList};
+use crate::progress::{Stage, TaskProgress};
 pub use crate::report::{ContainerEvent, TaskError};
 
 /// One file a task produced (and, with the warehouse, uploaded).
@@ -167,6 +168,10 @@ pub struct TaskContext {
     /// task, the first run's start for an adopted one. The runner stores a
     /// fresh task's start with its state.
     pub started_at: f64,
+    /// Where the task is and how it goes, written by the runner (its
+    /// stage, its readings), read by the worker (`task-progress` events,
+    /// `inspect`, `ps`, metrics). See [`crate::progress`].
+    pub progress: TaskProgress,
     events: Arc<dyn TaskEvents>,
     /// What the worker checks before the task uploads (see
     /// [`TaskContext::before_upload`]).
@@ -190,11 +195,13 @@ impl TaskContext {
         cancel: Cancellation,
         events: Arc<dyn TaskEvents>,
     ) -> Self {
+        let started_at = crate::celery::now_timestamp();
         Self {
             cancel,
             task_id,
             carry: None,
-            started_at: crate::celery::now_timestamp(),
+            started_at,
+            progress: TaskProgress::new(started_at),
             events,
             before_upload: None,
         }
@@ -224,7 +231,25 @@ impl TaskContext {
     pub fn carrying(mut self, carry: Arc<Value>, started_at: f64) -> Self {
         self.carry = Some(carry);
         self.started_at = started_at;
+        self.progress.set_started(started_at);
         self
+    }
+
+    /// This context, reporting into `progress` (the worker's handle on
+    /// the task's progress), which takes the context's start.
+    pub fn with_progress(mut self, progress: TaskProgress) -> Self {
+        progress.set_started(self.started_at);
+        self.progress = progress;
+        self
+    }
+
+    /// Sends `task-progress` events of the task's progress (see
+    /// [`crate::progress::report`]) until dropped.
+    pub fn report_progress(&self, interval: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let (events, task_id) = (self.events.clone(), self.task_id.clone());
+        crate::progress::report(self.progress.clone(), interval, move |snapshot| {
+            events.emit(EventKind::progress(&task_id, &snapshot));
+        })
     }
 
     /// Sends an event of the task's container.
@@ -433,6 +458,7 @@ impl Runner for SimulateRunner {
         ctx: TaskContext,
     ) -> impl Future<Output = Result<Vec<TaskFile>, RunError>> + Send + 'static {
         async move {
+            ctx.progress.set_stage(Stage::Generate);
             if sim.sleep.is_finite() && sim.sleep > 0.0 {
                 let nap = Duration::from_secs_f64(sim.sleep.min(86_400.0));
                 tokio::select! {

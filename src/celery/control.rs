@@ -248,6 +248,10 @@ pub struct RequestInfo {
     pub delivery_info: DeliveryInfo,
     /// The process running the task; null until it starts.
     pub worker_pid: Option<u32>,
+    /// Where a running task is and how it goes (SPEC §10); absent until
+    /// it runs (an extra key, which Celery's clients pass through).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<crate::progress::Snapshot>,
 }
 
 /// One item of `inspect scheduled`: a task held for its `eta`.

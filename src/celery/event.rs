@@ -197,6 +197,20 @@ impl EventKind {
         }
     }
 
+    /// Task `uuid`'s `task-progress` event (SPEC §10): the snapshot's
+    /// fields, nulls included, so a reader finds every field in every
+    /// event. Celery derives the task's state `PROGRESS` from its type.
+    pub fn progress(uuid: &str, snapshot: &crate::progress::Snapshot) -> Self {
+        Self::Custom {
+            event_type: "task-progress".to_owned(),
+            uuid: uuid.to_owned(),
+            fields: match serde_json::to_value(snapshot) {
+                Ok(Value::Object(fields)) => fields,
+                _ => Map::new(),
+            },
+        }
+    }
+
     /// The Celery event type, e.g. `task-succeeded`.
     pub fn event_type(&self) -> &str {
         match self {

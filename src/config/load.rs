@@ -114,6 +114,7 @@ impl Env {
             runner: self.value(&vars::TASK_RUNNER)?,
             metrics_addr,
             control_policy: self.value(&vars::CONTROL_POLICY)?,
+            progress_interval: self.value(&vars::PROGRESS_INTERVAL)?,
         };
         Ok(Config {
             dispatcher,

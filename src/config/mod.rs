@@ -277,6 +277,9 @@ pub struct WorkerSettings {
     pub metrics_addr: Option<SocketAddr>,
     /// Which remote-control commands may act on this node (`CONTROL_POLICY`).
     pub control_policy: ControlPolicy,
+    /// Most time between two `task-progress` events of a running task
+    /// (`PROGRESS_INTERVAL`).
+    pub progress_interval: Duration,
 }
 
 /// The whole configuration, validated, in the groups of the SPEC.

@@ -173,6 +173,8 @@ vars! {
         "image of mwoffliner's per-task redis helper");
     IDLE_TIMEOUT: Duration = (Value("7200"), |v| parse::bounded(v, 1, 30 * 86_400).map(Duration::from_secs),
         "seconds an offliner may print nothing before it is killed");
+    PROGRESS_INTERVAL: Duration = (Value("60"), |v| parse::bounded(v, 1, 86_400).map(Duration::from_secs),
+        "seconds between two task-progress events of a task (1 to 86400)");
     MIN_FREE_DISK_MB: u64 = (Value("1024"), |v| parse::bounded(v, 0, u64::MAX >> 20).map(|mb| mb << 20),
         "free space in ZIM_DIR a task needs to start (MB)");
     KEPT_DIR_MAX_AGE: Option<Duration> = (Value("168"), parse::kept_dir_max_age,

@@ -104,6 +104,7 @@ pub(super) fn request_info(
         acknowledged: false,
         delivery_info: task.delivery.clone(),
         worker_pid: task.time_start.map(|_| pid),
+        progress: task.progress.clone(),
     }
 }
 

@@ -179,6 +179,7 @@ fn task_with(id: &str, phase: TaskPhase, time_start: Option<f64>, kwargs: Value)
             priority: None,
             redelivered: false,
         },
+        progress: None,
     }
 }
 

@@ -168,6 +168,9 @@ pub struct TaskPlan {
     pub warehouse_path: String,
     /// Whether the task needs a per-task redis (mwoffliner only).
     pub needs_redis: bool,
+    /// Whether the offliner writes openZIM's progress file (it is given
+    /// `--stats-filename`, see [`crate::progress::STATS_FILE_NAME`]).
+    pub writes_progress: bool,
 }
 
 /// Checks that a task id is 1 to 64 characters of `[A-Za-z0-9_-]`: the
@@ -231,6 +234,12 @@ pub fn plan(
             let mut argv = vec!["youtube2zim".to_owned()];
             argv.extend(task_flags(offliner, params.flags)?);
             argv.push(format!("--output={OUTPUT_DIR}"));
+            // Last, so that it wins over any such flag of the message
+            // (argparse keeps the last value, abbreviations included).
+            argv.push(format!(
+                "--stats-filename={OUTPUT_DIR}/{}",
+                crate::progress::STATS_FILE_NAME
+            ));
             argv
         }
         Offliner::Gutenberg => [
@@ -255,6 +264,7 @@ pub fn plan(
         output_dir: offliner.output_dir(),
         warehouse_path: params.warehouse_path,
         needs_redis: offliner.needs_redis(),
+        writes_progress: offliner == Offliner::Youtube,
     })
 }
 

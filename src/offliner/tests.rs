@@ -137,6 +137,7 @@ fn mwoffliner_plan() {
             output_dir: "/output",
             warehouse_path: "/wikipedia".into(),
             needs_redis: true,
+            writes_progress: false,
         }
     );
 }
@@ -164,10 +165,12 @@ fn youtube_plan() {
                 "--id=UC123".into(),
                 "--type=channel".into(),
                 "--output=/output".into(),
+                "--stats-filename=/output/.zimfarm-progress.json".into(),
             ],
             output_dir: "/output",
             warehouse_path: "/videos".into(),
             needs_redis: false,
+            writes_progress: true,
         }
     );
 }
@@ -201,6 +204,7 @@ fn gutenberg_plan_has_a_fixed_command_and_ignores_flags() {
             output_dir: "/output",
             warehouse_path: "/gutenberg".into(),
             needs_redis: false,
+            writes_progress: false,
         }
     );
 }
@@ -222,6 +226,7 @@ fn phet_plan_runs_the_image_command() {
             output_dir: "/phet/dist",
             warehouse_path: "/phet".into(),
             needs_redis: false,
+            writes_progress: false,
         }
     );
 }
@@ -252,7 +257,15 @@ fn positional_parameters() {
     )
     .unwrap();
     assert_eq!(plan.image, image("openzim/youtube", "dev"));
-    assert_eq!(plan.argv, ["youtube2zim", "--id=UC1", "--output=/output"]);
+    assert_eq!(
+        plan.argv,
+        [
+            "youtube2zim",
+            "--id=UC1",
+            "--output=/output",
+            "--stats-filename=/output/.zimfarm-progress.json"
+        ]
+    );
     assert_eq!(plan.warehouse_path, "/videos");
 }
 
@@ -265,7 +278,15 @@ fn positional_and_named_parameters_mix() {
     )
     .unwrap();
     assert_eq!(plan.image, image("openzim/youtube", "dev"));
-    assert_eq!(plan.argv, ["youtube2zim", "--id=UC1", "--output=/output"]);
+    assert_eq!(
+        plan.argv,
+        [
+            "youtube2zim",
+            "--id=UC1",
+            "--output=/output",
+            "--stats-filename=/output/.zimfarm-progress.json"
+        ]
+    );
     assert_eq!(plan.warehouse_path, "/videos");
 }
 
@@ -278,7 +299,14 @@ fn positional_nulls_are_defaults() {
     )
     .unwrap();
     assert_eq!(plan.image, image("openzim/youtube", "latest"));
-    assert_eq!(plan.argv, ["youtube2zim", "--output=/output"]);
+    assert_eq!(
+        plan.argv,
+        [
+            "youtube2zim",
+            "--output=/output",
+            "--stats-filename=/output/.zimfarm-progress.json"
+        ]
+    );
 }
 
 #[test]
@@ -358,7 +386,14 @@ fn older_form_defaults() {
     )
     .unwrap();
     assert_eq!(plan.image, image("openzim/youtube", "latest"));
-    assert_eq!(plan.argv, ["youtube2zim", "--output=/output"]);
+    assert_eq!(
+        plan.argv,
+        [
+            "youtube2zim",
+            "--output=/output",
+            "--stats-filename=/output/.zimfarm-progress.json"
+        ]
+    );
     let plan = named(
         "offliner.youtube",
         json!({"offliner": {"image_tag": null, "flags": null}, "warehouse_path": "/v"}),
@@ -517,7 +552,14 @@ fn extra_kwargs_are_ignored() {
     )
     .unwrap();
     assert_eq!(plan.image, image("openzim/youtube", "1"));
-    assert_eq!(plan.argv, ["youtube2zim", "--output=/output"]);
+    assert_eq!(
+        plan.argv,
+        [
+            "youtube2zim",
+            "--output=/output",
+            "--stats-filename=/output/.zimfarm-progress.json"
+        ]
+    );
 }
 
 #[test]

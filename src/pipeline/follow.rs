@@ -272,6 +272,8 @@ struct Follower<'a> {
     written: u64,
     streams: [StreamState; 2],
     last_output_ns: i64,
+    /// The task's progress, told of each line's time.
+    progress: crate::progress::TaskProgress,
     stdout: Tail,
     stderr: Tail,
     saved: LogCursor,
@@ -343,6 +345,7 @@ impl Follower<'_> {
         };
         let now = wall_ns();
         self.last_output_ns = now;
+        self.progress.output_at(now);
         self.tail(stream).push(bytes);
         let mut complete = self.streams[stream.at()].lines.push(bytes);
         let overlap = std::mem::take(&mut self.overlap[stream.at()]);
@@ -372,6 +375,7 @@ impl Follower<'_> {
         self.write(line).await?;
         self.streams[stream.at()].wrote(line, ns);
         self.last_output_ns = self.last_output_ns.max(ns);
+        self.progress.output_at(ns);
         Ok(())
     }
 
@@ -472,6 +476,9 @@ impl DockerRunner {
         } else {
             file.metadata().map_or(0, |m| m.len())
         };
+        if let Some(ns) = cursor.last_output_ns {
+            ctx.progress.output_at(ns);
+        }
         let mut f = Follower {
             log: tokio::io::BufWriter::with_capacity(64 * 1024, tokio::fs::File::from_std(file)),
             log_file,
@@ -481,6 +488,7 @@ impl DockerRunner {
                 StreamState::from_cursor(&cursor.stderr),
             ],
             last_output_ns: cursor.last_output_ns.unwrap_or_else(wall_ns),
+            progress: ctx.progress.clone(),
             stdout: Tail::default(),
             stderr: Tail::default(),
             saved: cursor,

@@ -30,7 +30,8 @@
 //! Here: the runner and its stages. Beside it: `confine.rs` (capabilities,
 //! pids limits and dir modes of the task's containers), `follow.rs` (the
 //! offliner's output into the log, from cursors), `containers.rs` (its
-//! tails, how it ended; the task's containers removed), `kept.rs` (what an
+//! tails, how it ended; the task's containers removed), `sample.rs` (the
+//! generate stage's progress readings), `kept.rs` (what an
 //! earlier run left: carried on or removed), `redis.rs` (the redis helper
 //! and the wait on its socket) and `output.rs` (produced files, the log,
 //! journals' names, the upload).
@@ -48,6 +49,7 @@ mod follow;
 pub mod kept;
 mod output;
 mod redis;
+mod sample;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -62,6 +64,7 @@ use crate::docker::{ContainerSpec, DockerClient, LABEL_NODE, LABEL_ROLE, LABEL_T
 use crate::early::EarlyUploads;
 use crate::metrics::{self, Stage};
 use crate::offliner::TaskPlan;
+use crate::progress::Stage as ProgressStage;
 use crate::runner::{
     CancelReason, ContainerEvent, KeptTasks, OfflinerPlanner, RunError, Runner, TaskContext,
     TaskError, TaskFile,
@@ -358,6 +361,7 @@ impl DockerRunner {
             // task over while this node could not hear the farm.
             Some(_) if let Err(e) = ctx.before_upload().await => Err(e),
             Some(warehouse) => {
+                ctx.progress.set_stage(ProgressStage::Upload);
                 timed(
                     Stage::Upload,
                     self.upload(warehouse, &plan, &dirs, &generated, &ctx),
@@ -509,6 +513,7 @@ impl DockerRunner {
     /// Task dir, free disk, images, the redis helper; returns the bytes
     /// free in ZIM_DIR.
     async fn prepare(&self, job: &mut Job<'_>) -> Result<u64, RunError> {
+        job.ctx.progress.set_stage(ProgressStage::Prepare);
         let free = self.prepare_dirs(job.dirs).await?;
         job.keeper.set_stage(RecordStage::Prepare).await;
         cancellable(
@@ -562,6 +567,15 @@ impl DockerRunner {
         let name = offliner;
         let task_dir = open_dir(&dirs.local_task).await?;
         let own = own_dir(dirs).await?;
+        ctx.progress.set_stage(ProgressStage::Generate);
+        ctx.progress.set_container(&name);
+        let _sampling = sample::Sampling::start(
+            &ctx.progress,
+            self.docker.clone(),
+            &name,
+            task_dir.clone(),
+            plan.writes_progress,
+        );
         // Each finished ZIM goes to the warehouse while the offliner runs.
         let early_uploads = self.warehouse.clone().map(|warehouse| {
             let (task_dir, own, warehouse_path) =

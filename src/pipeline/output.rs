@@ -91,7 +91,10 @@ impl DockerRunner {
             "uploading to the warehouse"
         );
         let started = std::time::Instant::now();
-        match warehouse.upload(&items, ctx.cancel.token()).await {
+        match warehouse
+            .upload_telling(&items, ctx.cancel.token(), Some(ctx.progress.clone()))
+            .await
+        {
             Ok(reports) => {
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
@@ -333,6 +336,11 @@ fn list_outputs(dir: &DirHandle) -> Result<(Vec<TaskFile>, Vec<Skipped>), RunErr
                 )));
             }
         };
+        // The scraper's progress file is the worker's to read, never an
+        // output (and a scraper that is not given one may not make one).
+        if name == crate::progress::STATS_FILE_NAME {
+            continue;
+        }
         if name.ends_with(TMP_SUFFIX) {
             skipped.push(Skipped {
                 name,

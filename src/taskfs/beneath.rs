@@ -108,6 +108,13 @@ impl std::fmt::Debug for DirHandle {
     }
 }
 
+/// Its descriptor, for a walk beneath it (see [`crate::progress`]).
+impl AsFd for DirHandle {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl DirHandle {
     /// Opens the directory at `path`; its last component must not be a
     /// link (the ones above it are the operator's). Blocking.

@@ -268,6 +268,17 @@ impl Warehouse {
         items: &[UploadItem],
         cancel: &CancellationToken,
     ) -> Result<Vec<UploadReport>, WarehouseError> {
+        self.upload_telling(items, cancel, None).await
+    }
+
+    /// [`Warehouse::upload`], telling `task` (a task's progress) how far
+    /// the batch is as it goes.
+    pub async fn upload_telling(
+        &self,
+        items: &[UploadItem],
+        cancel: &CancellationToken,
+        task: Option<crate::progress::TaskProgress>,
+    ) -> Result<Vec<UploadReport>, WarehouseError> {
         for item in items {
             item.validate()?;
         }
@@ -286,7 +297,7 @@ impl Warehouse {
                 largest = largest.max(size);
             }
         }
-        let mut progress = Progress::new(total);
+        let mut progress = Progress::new(total).telling(task);
         let mut reports: Vec<UploadReport> = Vec::with_capacity(items.len());
         let mut extras = Extras::none();
         if let Some(rtt) = self.rtt_hint() {

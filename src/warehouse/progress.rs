@@ -23,6 +23,8 @@ pub(super) struct Progress {
     streams: usize,
     started: Instant,
     last_log: Instant,
+    /// The task's progress, told of every step (see [`crate::progress`]).
+    task: Option<crate::progress::TaskProgress>,
 }
 
 impl Progress {
@@ -36,6 +38,22 @@ impl Progress {
             streams: 0,
             started: now,
             last_log: now,
+            task: None,
+        }
+    }
+
+    /// This batch's progress, told to the task's too.
+    pub(super) fn telling(mut self, task: Option<crate::progress::TaskProgress>) -> Self {
+        if let Some(task) = &task {
+            task.set_upload(0, self.total);
+        }
+        self.task = task;
+        self
+    }
+
+    fn tell(&self) {
+        if let Some(task) = &self.task {
+            task.set_upload(self.finished + self.current, self.total);
         }
     }
 
@@ -50,12 +68,14 @@ impl Progress {
 
     pub(super) fn start_file(&mut self, offset: u64) {
         self.current = offset;
+        self.tell();
     }
 
     pub(super) fn add(&mut self, name: &str, n: u64) {
         self.current += n;
         self.sent += n;
         crate::metrics::global().uploaded(n);
+        self.tell();
         if self.last_log.elapsed() >= PROGRESS_EVERY {
             self.last_log = Instant::now();
             let done = self.finished + self.current;
@@ -88,5 +108,6 @@ impl Progress {
     pub(super) fn finish_file(&mut self, size: u64) {
         self.finished += size;
         self.current = 0;
+        self.tell();
     }
 }

@@ -28,6 +28,7 @@ use std::time::Instant;
 
 pub use super::revoked::{REVOKE_EXPIRES, REVOKES_MAX, RevokedSet};
 use crate::celery::{self, TaskRequest, control::DeliveryInfo};
+use crate::progress::{Snapshot, TaskProgress};
 use crate::runner::{CancelReason, Cancellation};
 
 /// Where a task held here is in its life, in Celery's words.
@@ -53,6 +54,8 @@ pub struct TaskSnapshot {
     /// Epoch seconds when it started running.
     pub time_start: Option<f64>,
     pub delivery: DeliveryInfo,
+    /// Where it is and how it goes, once it runs.
+    pub progress: Option<Snapshot>,
 }
 
 /// A task taken here, from acceptance until its message is settled.
@@ -65,6 +68,8 @@ pub struct TaskEntry {
     started: Option<f64>,
     /// Where its message came from (`inspect active`).
     delivery: DeliveryInfo,
+    /// Its progress, once its run started.
+    progress: Option<TaskProgress>,
 }
 
 impl TaskEntry {
@@ -86,6 +91,7 @@ impl TaskEntry {
             cancel,
             started: None,
             delivery,
+            progress: None,
         }
     }
 
@@ -103,6 +109,7 @@ impl TaskEntry {
             cancel,
             started: Some(started),
             delivery,
+            progress: None,
         }
     }
 }
@@ -215,6 +222,17 @@ impl Registry {
         }
         *tables.totals.entry(request.name.clone()).or_default() += 1;
         Some(now)
+    }
+
+    /// Task `id`'s run reports into `progress` (the entry cancelled
+    /// through `cancel` only).
+    pub fn set_progress(&self, id: &str, cancel: &Cancellation, progress: TaskProgress) {
+        let mut tables = self.lock();
+        if tables.is(id, cancel)
+            && let Some(entry) = tables.tasks.get_mut(id)
+        {
+            entry.progress = Some(progress);
+        }
     }
 
     /// A session ended: every task not started yet (waiting for a slot, or
@@ -375,6 +393,7 @@ impl Registry {
                 phase: entry.phase,
                 time_start: entry.started,
                 delivery: entry.delivery.clone(),
+                progress: entry.progress.as_ref().map(TaskProgress::snapshot),
             })
             .collect()
     }

@@ -11,6 +11,7 @@
 use super::conclusion::{Ending, conclude};
 use super::*;
 use crate::farm::Ownership;
+use crate::progress::TaskProgress;
 
 impl<R: Runner> Inner<R> {
     /// One task from acceptance to ack: eta hold, slot, run, final event.
@@ -94,10 +95,30 @@ impl<R: Runner> Inner<R> {
         started_at: f64,
         noted: &Arc<AtomicU64>,
     ) -> Result<Vec<TaskFile>, RunError> {
+        let progress = TaskProgress::new(started_at);
+        self.registry
+            .set_progress(&request.id, cancel, progress.clone());
         let ctx =
             TaskContext::with_cancellation(request.id.clone(), cancel.clone(), self.events.clone())
                 .carrying(carry, started_at)
-                .checking_uploads(self.upload_check(&request.id, cancel, noted));
+                .checking_uploads(self.upload_check(&request.id, cancel, noted))
+                .with_progress(progress.clone());
+        // Its `task-progress` events, until the run returns (or panics).
+        let _reporter = {
+            let (events, id) = (self.events.clone(), request.id.clone());
+            let report = crate::progress::report(
+                progress,
+                self.config.worker.progress_interval,
+                move |snapshot| {
+                    events.emit(&EventKind::progress(&id, &snapshot));
+                    metrics::global().task_progress(&id, &snapshot);
+                },
+            );
+            Reporter {
+                handle: tokio::spawn(report.instrument(tracing::Span::current())),
+                task_id: request.id.clone(),
+            }
+        };
         let mut handle = tokio::spawn(
             self.runner
                 .run(plan, ctx)
@@ -366,6 +387,20 @@ pub(super) fn releasable(event: &EventKind) -> bool {
         event,
         EventKind::TaskSucceeded { .. } | EventKind::TaskRevoked { .. }
     )
+}
+
+/// A task's progress reporter: stopped, and its metrics series removed,
+/// when the run is over, on every path.
+struct Reporter {
+    handle: tokio::task::JoinHandle<()>,
+    task_id: String,
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.handle.abort();
+        metrics::global().task_progress_ended(&self.task_id);
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub mod prefetch;
 pub mod progress;
 #[cfg(test)]
 pub(crate) mod proptest_config;
+pub mod ps;
 pub mod report;
 pub mod retry;
 pub mod runner;

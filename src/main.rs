@@ -69,6 +69,16 @@ enum Command {
     /// healthy: exit 0 if it is, 1 if not. With METRICS_ADDR unset there is
     /// nothing to ask: exit 0. The Docker image's HEALTHCHECK runs this.
     Healthcheck,
+    /// List this host's tasks, one line each: id, offliner, state, stage,
+    /// progress, age, memory, container. Asks the running worker (over
+    /// its socket in ZIM_DIR/.zimfarm); when none runs, lists what the
+    /// task records and Docker say was left for the next start. Needs the
+    /// worker's environment (WORKING_DIR, NODE_NAME, ZIM_DIR).
+    Ps {
+        /// Print a JSON array instead, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +104,7 @@ fn run(command: Command) -> Result<ExitCode, StartupError> {
         Command::Check => check_command(),
         Command::RegisterKey { name } => register_key_command(name),
         Command::Healthcheck => healthcheck_command(),
+        Command::Ps { json } => ps_command(json),
     }
 }
 
@@ -176,9 +187,44 @@ fn healthcheck_command() -> Result<ExitCode, StartupError> {
     })
 }
 
+/// `ps`: this host's tasks, from the running worker or what was left.
+fn ps_command(json: bool) -> Result<ExitCode, StartupError> {
+    let settings = PipelineSettings::from_env()?;
+    startup::init_logging_to_stderr_quietly();
+    let runtime = startup::runtime()?;
+    let listed = runtime.block_on(async {
+        match zimfarm_worker::ps::ask(&settings.zim_dir).await? {
+            Some(rows) => Ok((rows, true)),
+            None => zimfarm_worker::ps::left_behind(&settings)
+                .await
+                .map(|rows| (rows, false)),
+        }
+    });
+    let (rows, running) = match listed {
+        Ok(listed) => listed,
+        Err(error) => {
+            eprintln!("zimfarm-worker ps: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&rows).unwrap_or_default());
+    } else {
+        if !running {
+            eprintln!(
+                "no worker runs with ZIM_DIR={}: listing what the last one left for the next start",
+                settings.zim_dir.display()
+            );
+        }
+        print!("{}", zimfarm_worker::ps::table(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `run-task FILE`: one task through the pipeline, no broker.
 fn run_task_command(file: &Path, upload: bool) -> Result<ExitCode, StartupError> {
     let settings = PipelineSettings::from_env()?;
+    let progress_interval = config::progress_interval_from_env()?;
     let warehouse_settings = if upload {
         Some(WarehouseSettings::from_env().map_err(StartupError::UploadConfig)?)
     } else {
@@ -212,12 +258,15 @@ fn run_task_command(file: &Path, upload: bool) -> Result<ExitCode, StartupError>
         let ctx =
             TaskContext::with_cancellation(request.id.clone(), cancel, Arc::new(PrintEvents));
         let request = Arc::new(request);
+        // Its task-progress events, printed like the others.
+        let reporter = tokio::spawn(ctx.report_progress(progress_interval));
         let span = tracing::info_span!("task", task_id = %request.id);
         let outcome = match runner.plan(&request) {
             Ok(plan) => runner.run(plan, ctx).instrument(span).await,
             Err(refused) => Err(refused.into()),
         };
         signals.abort();
+        reporter.abort();
         Ok(match outcome {
             Ok(files) => {
                 // Uploaded (or kept, with --no-upload): the task dir can go.

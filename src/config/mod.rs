@@ -343,6 +343,12 @@ pub fn metrics_addr_from_env() -> Result<Option<SocketAddr>, ConfigError> {
     Env::from_process()?.get(&vars::METRICS_ADDR)
 }
 
+/// `PROGRESS_INTERVAL` alone, for `run-task` (which needs no other worker
+/// setting).
+pub fn progress_interval_from_env() -> Result<Duration, ConfigError> {
+    Env::from_process()?.value(&vars::PROGRESS_INTERVAL)
+}
+
 /// `LOG_LEVEL`, read before anything else so that the start-up is logged:
 /// `tracing` filter directives such as `warn` or `info,zimfarm_worker=debug`;
 /// `None` when unset or not UTF-8 (the caller's default level then).

@@ -123,6 +123,11 @@ impl OwnDir {
         })
     }
 
+    /// Its handle, to reach what is beneath it without a path.
+    pub fn handle(&self) -> &DirHandle {
+        &self.dir
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -186,6 +186,46 @@ struct Inner<R> {
     node_taken: AtomicBool,
 }
 
+impl<R: Runner> Inner<R> {
+    /// The tasks held or running here, as `zimfarm-worker ps` lists them.
+    fn ps_rows(&self) -> Vec<crate::ps::PsTask> {
+        let now = celery::now_timestamp();
+        let mut rows: Vec<crate::ps::PsTask> = self
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|task| {
+                let detail = task.progress;
+                crate::ps::PsTask {
+                    id: task.request.id.clone(),
+                    offliner: task.request.name.clone(),
+                    state: match task.phase {
+                        TaskPhase::Active => "running",
+                        TaskPhase::Reserved => "reserved",
+                        TaskPhase::Scheduled => "scheduled",
+                        TaskPhase::Ending => "ending",
+                    }
+                    .to_owned(),
+                    stage: detail.as_ref().and_then(|d| d.stage),
+                    progress: detail.as_ref().and_then(|d| d.progress),
+                    age: task.time_start.map(|t| (now - t).max(0.0)),
+                    memory: detail.as_ref().and_then(|d| d.memory),
+                    container: detail.as_ref().and_then(|d| d.container.clone()),
+                    note: None,
+                    detail,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.age
+                .partial_cmp(&a.age)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        rows
+    }
+}
+
 /// What a held redelivery needs of the session it came on: the connection
 /// to ask the farm on, and the token that fires when the session ends (its
 /// messages went back to the broker).
@@ -277,6 +317,22 @@ impl<R: Runner> Worker<R> {
         let heartbeat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(inner.clone().heartbeats(heartbeat_stop.clone()));
         let alive = tokio::spawn(inner.clone().alive(heartbeat_stop.clone()));
+        // `zimfarm-worker ps` asks here while the worker runs.
+        let ps = {
+            let listed = inner.clone();
+            let zim_dir = &inner.config.pipeline.zim_dir;
+            match crate::ps::Server::start(zim_dir, move || listed.ps_rows()).await {
+                Ok(server) => Some(server),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        socket = %crate::ps::socket_path(zim_dir).display(),
+                        "cannot serve `zimfarm-worker ps` on its socket; `ps` will list what the task records say"
+                    );
+                    None
+                }
+            }
+        };
 
         let session = {
             let session_loop = inner.session_loop(&channel_tx, inner.stop.token(), adoption);
@@ -339,6 +395,7 @@ impl<R: Runner> Worker<R> {
                 "tasks did not return in time (SHUTDOWN_GRACE, at most 6 s on a leave); exiting anyway"
             );
         }
+        drop(ps);
         // The tasks that ended meanwhile are not kept.
         let kept: Vec<String> = (left.into_iter())
             .filter(|id| inner.ended.get(id).is_none())

@@ -637,6 +637,40 @@ mod tests {
     }
 
     #[test]
+    fn a_task_has_its_progress_series_only_while_it_runs() {
+        use crate::progress::{Snapshot, Stage as Progress};
+        let m = Metrics::new();
+        let generating = Snapshot {
+            stage: Some(Progress::Generate),
+            progress: Some(0.25),
+            ..Snapshot::default()
+        };
+        m.task_progress("t1", &generating);
+        let text = m.encode();
+        for line in [
+            "zimfarm_worker_task_progress_ratio{task_id=\"t1\"} 0.25",
+            "zimfarm_worker_task_stage{task_id=\"t1\",stage=\"generate\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
+        let uploading = Snapshot {
+            stage: Some(Progress::Upload),
+            progress: Some(0.5),
+            upload_sent: Some(2048),
+            ..Snapshot::default()
+        };
+        m.task_progress("t1", &uploading);
+        let text = m.encode();
+        assert!(!text.contains("stage=\"generate\""), "{text}");
+        assert!(
+            text.contains("zimfarm_worker_task_uploaded_bytes{task_id=\"t1\"} 2048"),
+            "{text}"
+        );
+        m.task_progress_ended("t1");
+        assert!(!m.encode().contains("t1"), "{}", m.encode());
+    }
+
+    #[test]
     fn encoding_names_every_metric_with_its_labels() {
         let m = Metrics::new();
         m.set_info("node1");

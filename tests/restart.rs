@@ -75,6 +75,27 @@ impl Farm {
         format!("{}@{}", self.sshd.user(), self.node)
     }
 
+    /// `zimfarm-worker ps --json` with the workers' environment: its rows.
+    fn ps_json(&self) -> Vec<Value> {
+        let out = run_worker(&["ps", "--json"], &self.vars());
+        assert!(out.status.success(), "{}", output_text(&out));
+        match serde_json::from_slice(&out.stdout) {
+            Ok(Value::Array(rows)) => rows,
+            other => panic!("ps --json: {other:?}\n{}", output_text(&out)),
+        }
+    }
+
+    /// `zimfarm-worker ps` with the workers' environment: its table.
+    fn ps(&self) -> String {
+        let out = run_worker(&["ps"], &self.vars());
+        assert!(out.status.success(), "{}", output_text(&out));
+        output_text(&out)
+    }
+
+    fn vars(&self) -> Vec<(String, String)> {
+        self.env.vars(&self.sv.vh, self.dir(), &self.node)
+    }
+
     /// A worker of this node, connected.
     fn worker(&self) -> WorkerProc {
         self.sv.start(&self.node, &self.env)
@@ -292,6 +313,26 @@ fn sigterm_mid_scrape_then_a_new_worker_carries_the_same_scraper_on() {
     // 300 lines at 20 a second, odd ones on stdout, even ones on stderr.
     let id = farm.send(json!({"count": "300:20", "countStderr": true}));
     wait_offliner_line(&id, "line 60", T);
+    // `ps` asks the running worker: the task runs, generating.
+    let rows = farm.ps_json();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (&rows[0]["id"], &rows[0]["state"], &rows[0]["stage"]),
+        (&json!(id), &json!("running"), &json!("generate")),
+        "{rows:?}"
+    );
+    assert_eq!(
+        rows[0]["container"],
+        json!(format!("zimfarm_{}_{id}_offliner", farm.node))
+    );
+    let table = farm.ps();
+    assert_contains(&table, "STAGE");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("generate")),
+        "{table}"
+    );
     first.signal("TERM");
     let took = expect_left(&mut first);
     eprintln!("SIGTERM to exit: {took:?}");
@@ -301,6 +342,27 @@ fn sigterm_mid_scrape_then_a_new_worker_carries_the_same_scraper_on() {
     assert_eq!(farm.count("task-succeeded", &id), 0);
     assert_eq!(farm.count("task-failed", &id), 0);
     assert!(farm.dir().join(&id).exists(), "the task dir is left");
+    // No worker runs: `ps` lists the scrape kept for the next start, from
+    // its record and Docker.
+    let rows = farm.ps_json();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (&rows[0]["id"], &rows[0]["state"], &rows[0]["stage"]),
+        (&json!(id), &json!("kept"), &json!("generate")),
+        "{rows:?}"
+    );
+    assert!(
+        rows[0]["memory"].as_u64().is_some_and(|m| m > 0),
+        "{rows:?}"
+    );
+    let table = farm.ps();
+    assert_contains(&table, "no worker runs");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("kept")),
+        "{table}"
+    );
 
     // Lines printed while no worker runs reach the log too.
     std::thread::sleep(Duration::from_secs(2));

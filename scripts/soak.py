@@ -860,6 +860,20 @@ class Soak:
                 creates[attributes.get(TASK_LABEL)] += 1
         return creates
 
+    def creation_times(self, task_id):
+        """When the engine created task `task_id`'s offliners (epoch s)."""
+        times = []
+        with open(self.creates_path) as f:
+            for line in f:
+                try:
+                    event = json.loads(line)
+                    attributes = event["Actor"]["Attributes"]
+                except (ValueError, KeyError):
+                    continue
+                if attributes.get(ROLE_LABEL) == "offliner" and attributes.get(TASK_LABEL) == task_id:
+                    times.append(event.get("timeNano", 0) / 1e9)
+        return times
+
     def judge(self, events_path, depth, elapsed):
         events = self.read_events(events_path)
         by_task = collections.defaultdict(list)
@@ -966,6 +980,16 @@ class Soak:
             for i, life in enumerate(w.lives[1:], start=1):
                 for line in adopted_lines(life.log_path):
                     print(f"{w.node}#{i} adopted: {line}")
+        # A scrape redone is traced: what each worker life said of it, and
+        # when Docker created its offliners.
+        for t in redone[:3]:
+            print(f"trace of the redone scrape {t}:")
+            for w in self.workers:
+                for i, life in enumerate(w.lives):
+                    for line in lines_naming(life.log_path, t):
+                        print(f"  {w.node}#{i}: {line}")
+            for when in self.creation_times(t):
+                print(f"  docker: offliner created at {when}")
         print()
         print("| worker life | how it ended | ran s | RSS start → end MiB | growth | fds start → end |")
         print("|---|---|---|---|---|---|")
@@ -1028,6 +1052,15 @@ def offliners_of(node):
         capture_output=True, text=True,
     ).stdout
     return out.split()
+
+
+def lines_naming(path, task_id, most=40):
+    """The last lines of a worker life's log that name `task_id`."""
+    try:
+        with open(path, errors="replace") as f:
+            return [l.strip() for l in f if task_id in l][-most:]
+    except OSError:
+        return []
 
 
 def adopted_lines(path):

@@ -33,4 +33,5 @@ export ZIMFARM_TEST_RABBIT_API="http://zimfarm-test:zimfarm-test@127.0.0.1:15672
 cargo bench --bench throughput
 cargo bench --bench pipeline
 cargo bench --bench revoke
+cargo bench --bench progress
 exec cargo bench --bench upload

@@ -12,14 +12,15 @@
 /// step with Cargo.toml.
 const NEED_SERVICES: &str = "ack_timeout box_bounds box_files box_net container_limits control \
                              disk farm farm_silence full_nodes limits monitor operator pipeline \
-                             prefetch redelivery restart sshd_fixture warehouse worker_core";
+                             prefetch progress redelivery restart sshd_fixture warehouse \
+                             worker_core";
 
 #[cfg(not(feature = "services"))]
 #[test]
 #[ignore = "not built without the services: ack_timeout box_bounds box_files box_net \
             container_limits control disk farm farm_silence full_nodes limits monitor operator \
-            pipeline prefetch redelivery restart sshd_fixture warehouse worker_core need RabbitMQ, sshd, \
-            Docker and tests/py's venv; run them with scripts/test.sh (cargo test --features \
+            pipeline prefetch progress redelivery restart sshd_fixture warehouse worker_core need \
+            RabbitMQ, sshd, Docker and tests/py's venv; run them with scripts/test.sh (cargo test --features \
             services)"]
 fn integration_tests_need_scripts_test_sh() {
     panic!(

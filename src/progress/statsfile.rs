@@ -59,11 +59,13 @@ pub enum StatsFileError {
 }
 
 impl StatsFileError {
-    /// A short name of the kind of problem, to say each kind once.
+    /// A short name of the kind of problem, to say each kind once; a
+    /// file that is not regular is named by what it is, so that a link
+    /// that becomes a fifo is said again.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Missing => "missing",
-            Self::NotRegular(_) => "not_regular",
+            Self::NotRegular(what) => what,
             Self::Escapes => "link",
             Self::TooLarge(_) => "too_large",
             Self::Malformed(_) => "malformed",
@@ -219,10 +221,13 @@ mod tests {
         // A fifo: refused without being opened (an open would block).
         std::fs::remove_file(&path).unwrap();
         nix_mkfifo(&path);
-        assert!(matches!(
-            read_stats_file(&dir),
-            Err(StatsFileError::NotRegular(_))
-        ));
+        let fifo = read_stats_file(&dir).unwrap_err();
+        assert!(matches!(fifo, StatsFileError::NotRegular(_)), "{fifo}");
+        assert_ne!(
+            fifo.kind(),
+            error.kind(),
+            "a fifo and a link are said apart"
+        );
         // A huge (sparse) file: refused from its size, never read.
         std::fs::remove_file(&path).unwrap();
         let file = std::fs::File::create(&path).unwrap();

@@ -106,10 +106,16 @@ impl<R: Runner> Inner<R> {
         // Its `task-progress` events, until the run returns (or panics).
         let _reporter = {
             let (events, id) = (self.events.clone(), request.id.clone());
+            let ended = Arc::new(std::sync::Mutex::new(false));
+            let stop = ended.clone();
             let report = crate::progress::report(
                 progress,
                 self.config.worker.progress_interval,
                 move |snapshot| {
+                    let ended = stop.lock().unwrap_or_else(|p| p.into_inner());
+                    if *ended {
+                        return;
+                    }
                     events.emit(&EventKind::progress(&id, &snapshot));
                     metrics::global().task_progress(&id, &snapshot);
                 },
@@ -117,6 +123,7 @@ impl<R: Runner> Inner<R> {
             Reporter {
                 handle: tokio::spawn(report.instrument(tracing::Span::current())),
                 task_id: request.id.clone(),
+                ended,
             }
         };
         let mut handle = tokio::spawn(
@@ -394,10 +401,17 @@ pub(super) fn releasable(event: &EventKind) -> bool {
 struct Reporter {
     handle: tokio::task::JoinHandle<()>,
     task_id: String,
+    /// Set when the run is over: an abort does not stop a reporter that
+    /// another thread is running right then, and its emit must not put the
+    /// task's series back (a label left for good) nor follow the final
+    /// event.
+    ended: Arc<std::sync::Mutex<bool>>,
 }
 
 impl Drop for Reporter {
     fn drop(&mut self) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        *ended = true;
         self.handle.abort();
         metrics::global().task_progress_ended(&self.task_id);
     }

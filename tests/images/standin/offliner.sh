@@ -15,6 +15,12 @@
 #                      anything but PONG within 5 s exits 3
 #   --spam=MB          print about MB megabytes (decimal allowed) of log lines
 #   --sleep=SECONDS    print a progress line every 0.5 s for SECONDS
+#   --stats-filename=PATH  (with --sleep) openZIM's progress file: write
+#                      {"done": I, "total": N} to PATH before the first
+#                      0.5 s step (I = 0) and after each (I = the step), N
+#                      the number of steps; rewritten in place as a real
+#                      scraper does, so a reader may find it half-written;
+#                      a failed write exits 1. Without --sleep, not written
 #   --count=N[:RATE]   print "line 1" .. "line N", RATE lines a second
 #                      (default 20; 0: as fast as it can)
 #   --countStderr      (with --count) even-numbered lines go to stderr
@@ -108,7 +114,7 @@ pause() {
 
 # ------------------------------------------------------------------- flags
 
-count_n='' count_rate=20 count_stderr=0 burst_lines='' burst_file='' sh_before='' sh_after='' zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
+stats_file='' count_n='' count_rate=20 count_stderr=0 burst_lines='' burst_file='' sh_before='' sh_after='' zim_mb='' zim_every='' grow_for='' rewrite_first='' argv_dump=0 zims='' sleep_s='' silent_s='' spam_mb='' eat_mb='' fill_mb='' exit_code=0 redis='' positional=''
 for arg do
     case $arg in
     --*=*)
@@ -135,6 +141,7 @@ for arg do
     rewriteFirst) rewrite_first=$val ;;
     argvDump) argv_dump=1 ;;
     sleep) sleep_s=$val ;;
+    stats-filename) stats_file=$val ;;
     silent) silent_s=$val ;;
     count)
         count_n=${val%%:*}
@@ -212,12 +219,22 @@ if [ -n "$spam_mb" ]; then
     echo "spammed $bytes bytes"
 fi
 
+# The progress file, truncated and written in two steps, in place: a
+# reader may find it empty or half-written, as a real scraper's.
+write_stats() { # DONE TOTAL
+    [ -n "$stats_file" ] || return 0
+    { printf '{"done": %d, ' "$1" && printf '"total": %d}\n' "$2"; } >"$stats_file" \
+        || fail 1 "cannot write $stats_file"
+}
+
 if [ -n "$sleep_s" ]; then
     steps=$(awk -v s="$sleep_s" 'BEGIN { n = s * 2; printf "%d", (n == int(n)) ? n : int(n) + 1 }')
+    write_stats 0 "$steps"
     i=1
     while [ "$i" -le "$steps" ]; do
         echo "progress $i/$steps"
         pause 0.5
+        write_stats "$i" "$steps"
         i=$((i + 1))
     done
 fi

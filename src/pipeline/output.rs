@@ -311,6 +311,11 @@ fn list_outputs(dir: &DirHandle) -> Result<(Vec<TaskFile>, Vec<Skipped>), RunErr
     let mut files = Vec::new();
     let mut skipped = Vec::new();
     for raw in names {
+        // The scraper's progress file is the worker's to read, never an
+        // output, whatever it is (a fifo is said once, by the reader).
+        if raw == crate::progress::STATS_FILE_NAME {
+            continue;
+        }
         let shown = raw.to_string_lossy().into_owned();
         let kind = match dir.kind(&raw) {
             Ok(kind) => kind,
@@ -336,11 +341,6 @@ fn list_outputs(dir: &DirHandle) -> Result<(Vec<TaskFile>, Vec<Skipped>), RunErr
                 )));
             }
         };
-        // The scraper's progress file is the worker's to read, never an
-        // output (and a scraper that is not given one may not make one).
-        if name == crate::progress::STATS_FILE_NAME {
-            continue;
-        }
         if name.ends_with(TMP_SUFFIX) {
             skipped.push(Skipped {
                 name,

@@ -71,7 +71,14 @@ struct Reader {
 }
 
 impl Reader {
+    /// The engine's figures and the task dir's at once: Docker's one-shot
+    /// stats take about a second of waiting (no CPU), which must not delay
+    /// the file's reading past a short interval.
     async fn read(&self) {
+        tokio::join!(self.read_usage(), self.read_dir());
+    }
+
+    async fn read_usage(&self) {
         match self.docker.usage(&self.container).await {
             Ok(Some(usage)) => self
                 .progress
@@ -79,6 +86,9 @@ impl Reader {
             Ok(None) => {}
             Err(error) => tracing::debug!(%error, "could not read the offliner's memory and CPU"),
         }
+    }
+
+    async fn read_dir(&self) {
         let (dir, progress_file) = (self.task_dir.clone(), self.progress_file);
         let read = tokio::task::spawn_blocking(move || {
             let file = progress_file.then(|| read_stats_file(&dir));

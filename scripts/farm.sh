@@ -106,7 +106,8 @@ for line in sys.stdin:
     t = e.get("type")
     if t is None or t == "worker-heartbeat":
         continue
-    extra = {k: e[k] for k in ("uuid", "name", "image", "command", "exit_code", "result", "exception", "runtime", "expired") if k in e}
+    extra = {k: e[k] for k in ("uuid", "name", "image", "command", "exit_code", "result", "exception", "runtime", "expired",
+                               "stage", "done", "total", "upload_sent", "upload_total") if e.get(k) is not None}
     host = e.get("hostname", "")
     print(f"    event {t:<16} {host} {json.dumps(extra)}", flush=True)
 ' &

@@ -27,8 +27,8 @@ use tokio::sync::Semaphore;
 use crate::config::PipelineSettings;
 use crate::docker::{DockerClient, DockerError, LABEL_ROLE};
 use crate::pipeline::kept::{Judged, survey};
-use crate::progress::{Snapshot, Stage};
-use crate::taskfs::OwnDir;
+use crate::progress::{Snapshot, Stage, read_stats_file};
+use crate::taskfs::{DirHandle, OwnDir};
 
 /// The socket's name in `ZIM_DIR/.zimfarm`.
 pub const SOCKET_NAME: &str = "worker.sock";
@@ -253,19 +253,40 @@ pub async fn left_behind(settings: &PipelineSettings) -> Result<Vec<PsTask>, PsE
                 Some(why),
             ),
         };
+        // A scrape that writes a progress file says how far it is, read
+        // as any file of the task dir: beneath its handle, no link.
+        let scraper = match stage {
+            Some(Stage::Generate) if f.task_dir => {
+                let dir = settings.zim_dir.join(&f.task_id);
+                tokio::task::spawn_blocking(move || {
+                    let dir = DirHandle::open(&dir).ok()?;
+                    read_stats_file(&dir).ok()
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            _ => None,
+        };
         rows.push(PsTask {
             id: f.task_id.clone(),
             offliner: record.map(|r| r.image.clone()).unwrap_or_default(),
             state: state.to_owned(),
             stage,
-            progress: None,
+            progress: scraper.and_then(|s| s.ratio()),
             age: record
                 .and_then(|r| r.started.as_ref())
                 .map(|s| (now - s.wall).max(0.0)),
             memory,
             container,
             note,
-            detail: None,
+            detail: scraper.map(|s| Snapshot {
+                stage,
+                done: Some(s.done),
+                total: Some(s.total),
+                progress: s.ratio(),
+                ..Snapshot::default()
+            }),
         });
     }
     Ok(rows)

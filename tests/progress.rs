@@ -5,7 +5,9 @@
 //! `EventReceiver` and `State` (the dispatcher's monitor) with the task's
 //! result unchanged; a progress file that is a fifo, a link or 1 GB
 //! changes nothing but a log line; an upload over a throttled link reports
-//! its bytes and ETA; Flower 2 shows the running task as PROGRESS.
+//! its bytes and ETA; Flower 2 shows the running task as PROGRESS;
+//! `zimfarm-worker ps` shows a scrape's own progress from the running
+//! worker and, once it left, from the kept scrape's file.
 
 mod common;
 
@@ -440,4 +442,84 @@ fn flower_shows_a_running_task_as_progress_until_its_end() {
         "the task succeeded in flower",
     );
     assert!(s.count("task-progress", &id) > 0);
+}
+
+/// `zimfarm-worker ps --json` with a worker's environment: its rows.
+fn ps_json(env: &[(String, String)]) -> Vec<Value> {
+    let out = run_worker(&["ps", "--json"], env);
+    assert!(out.status.success(), "{}", output_text(&out));
+    match serde_json::from_slice(&out.stdout) {
+        Ok(Value::Array(rows)) => rows,
+        other => panic!("ps --json: {other:?}\n{}", output_text(&out)),
+    }
+}
+
+#[test]
+fn ps_shows_a_scrapes_own_progress_while_it_runs_and_once_it_is_kept() {
+    let sshd = Sshd::start();
+    let node = "progressps";
+    let sv = Services::new(node);
+    let events = sv.events(120);
+    let env = WorkerEnv::docker(&sshd).set("PROGRESS_INTERVAL", 1);
+    let vars = env.vars(&sv.vh, sv.dir.path(), node);
+    let mut worker = sv.start(node, &env);
+    let id = youtube(json!({"sleep": 30})).send(&sv.vh);
+    events.wait_for(
+        |e| e["type"] == "task-progress" && e["uuid"] == id && e["done"].as_u64() >= Some(2),
+        T,
+        "a task-progress event with the file's done",
+    );
+    // From the running worker, over its socket.
+    let rows = ps_json(&vars);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (&row["id"], &row["state"]),
+        (&json!(id), &json!("running")),
+        "{row}"
+    );
+    assert_eq!(row["stage"], "generate", "{row}");
+    assert!(row["progress"].as_f64().is_some_and(|p| p > 0.0), "{row}");
+    assert_eq!(row["detail"]["total"], 60, "{row}");
+
+    // No worker: the kept scrape, with what its own file says now.
+    worker.signal("TERM");
+    assert!(worker.wait_exit(Duration::from_secs(20)).success());
+    std::thread::sleep(Duration::from_secs(1));
+    let rows = ps_json(&vars);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (&row["id"], &row["state"]),
+        (&json!(id), &json!("kept")),
+        "{row}"
+    );
+    assert_eq!(row["stage"], "generate", "{row}");
+    assert!(
+        row["detail"]["done"].as_u64() >= Some(2) && row["detail"]["total"] == 60,
+        "{row}"
+    );
+    let out = run_worker(&["ps"], &vars);
+    let table = output_text(&out);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(id.as_str()) && l.contains("kept") && l.contains("/60)")),
+        "{table}"
+    );
+    assert_contains(&table, "no worker runs");
+    // The scrape is not carried on here: its containers go.
+    let _ = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=org.openzim.zimfarm.node={node}"),
+        ])
+        .output()
+        .map(|out| {
+            for c in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", c]).output();
+            }
+        });
 }

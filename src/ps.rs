@@ -186,10 +186,26 @@ impl Server {
 /// answers on the socket of `zim_dir`.
 pub async fn ask(zim_dir: &Path) -> Result<Option<Vec<PsTask>>, PsError> {
     let socket = socket_path(zim_dir);
-    let root = own_root(zim_dir).await.map_err(|source| PsError::OwnDir {
-        dir: zim_dir.join(crate::taskfs::OWN_ROOT),
-        source,
-    })?;
+    // Opened, never made: a `ps` run as another user must not leave the
+    // worker a dir it cannot write.
+    let opened = {
+        let zim_dir = zim_dir.to_owned();
+        tokio::task::spawn_blocking(move || OwnDir::existing_root(&zim_dir))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+    };
+    let root = match opened {
+        Ok(root) => root,
+        // No worker ever ran here: nothing to ask.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(PsError::OwnDir {
+                dir: zim_dir.join(crate::taskfs::OWN_ROOT),
+                source,
+            });
+        }
+    };
     let Ok(Ok(stream)) =
         tokio::time::timeout(TIMEOUT, UnixStream::connect(through_fd(&root))).await
     else {
@@ -474,6 +490,10 @@ mod tests {
         let zim_dir = tmp.path().join("z".repeat(120));
         std::fs::create_dir(&zim_dir).unwrap();
         assert_eq!(ask(&zim_dir).await.unwrap(), None);
+        assert!(
+            !zim_dir.join(crate::taskfs::OWN_ROOT).exists(),
+            "ps makes nothing in ZIM_DIR"
+        );
         let server = Server::start(&zim_dir, || vec![row("t1")]).await.unwrap();
         let socket = socket_path(&zim_dir);
         let mode = std::fs::symlink_metadata(&socket).unwrap();

@@ -108,6 +108,23 @@ impl OwnDir {
         })
     }
 
+    /// Opens the root of the own dirs, `ZIM_DIR/.zimfarm`, only if it is
+    /// there (a directory, not a link): for a reader that must not make
+    /// it (`ps` may run as another user than the worker). Blocking.
+    pub fn existing_root(zim_dir: &Path) -> io::Result<Self> {
+        let zim = DirHandle::open_trusted(zim_dir)?;
+        let fd = rustix::fs::openat(
+            zim.fd(),
+            OWN_ROOT,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(os)?;
+        Ok(Self {
+            dir: DirHandle::from_fd(fd, &zim_dir.join(OWN_ROOT)),
+        })
+    }
+
     /// [`OwnDir::create`], off the async runtime.
     pub async fn create_async(zim_dir: &Path, task_id: &str) -> io::Result<Self> {
         let (zim_dir, task_id) = (zim_dir.to_owned(), task_id.to_owned());

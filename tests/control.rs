@@ -7,6 +7,7 @@ mod common;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::flower::Flower;
 use common::*;
 use serde_json::{Value, json};
 
@@ -821,104 +822,11 @@ fn wait_output(child: &mut Child, timeout: Duration) -> Output {
     out
 }
 
-/// Flower 2 as a child process, on a free port of 127.0.0.1.
-struct Flower {
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-impl Flower {
-    fn start(vh: &Vhost, dir: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let log = dir.join("flower.log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(python())
-            .args(["-m", "celery", "-b", &vh.url(), "flower"])
-            .arg(format!("--port={port}"))
-            .arg("--address=127.0.0.1")
-            .env("FLOWER_UNAUTHENTICATED_API", "true")
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("flower starts");
-        let flower = Self { child, port, log };
-        eventually(
-            T,
-            Duration::from_millis(200),
-            || flower.get("/healthcheck").0 == 200,
-            || format!("flower never answered: {}", flower.log_text()),
-        );
-        flower
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// GET `path`: (HTTP status, body).
-    fn get(&self, path: &str) -> (u16, String) {
-        self.request("GET", path)
-    }
-
-    /// `method` `path` without a body: (HTTP status, body).
-    fn request(&self, method: &str, path: &str) -> (u16, String) {
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "-m",
-                "20",
-                "-X",
-                method,
-                "-o",
-                "-",
-                "-w",
-                "\n%{http_code}",
-            ])
-            .arg(format!("http://127.0.0.1:{}{path}", self.port))
-            .output()
-            .expect("curl runs");
-        let body = text(&out.stdout);
-        let (body, code) = body.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
-    }
-
-    /// Polls `path` until `ok` holds for its JSON body.
-    fn wait_json(&self, path: &str, ok: impl Fn(&Value) -> bool, what: &str) -> Value {
-        let start = Instant::now();
-        loop {
-            let (code, body) = self.get(path);
-            if code == 200
-                && let Ok(value) = serde_json::from_str::<Value>(&body)
-                && ok(&value)
-            {
-                return value;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{what}: GET {path} gave {code} {body}\nflower log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
-impl Drop for Flower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn flower_shows_the_worker_its_queues_and_tasks() {
     let s = Stack::start("flower", WorkerEnv::new()).within(T);
     let node = "tester@flower";
-    let flower = Flower::start(&s.vh, s.dir());
+    let flower = Flower::start(&s.vh, s.dir(), T);
 
     // Online, from the events (Flower's own receiver wakes the worker up
     // with a `heartbeat` broadcast).

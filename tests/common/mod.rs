@@ -17,6 +17,7 @@
 
 pub mod broker_wide;
 pub mod dispatcher;
+pub mod flower;
 pub mod sshd;
 mod stack;
 
